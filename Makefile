@@ -1,0 +1,78 @@
+# evcharging — the commands a user needs. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CPS ?= 2
+DRIVERS ?= 1
+ARGS ?=
+COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcard .env),.env,.env.example)
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-unit test-integration test-e2e lint format bench \
+        broker-start broker-stop broker-status up down logs clean
+
+help: ## list the commands
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (done by the other targets too)
+
+run: $(STAMP) ## start the whole system locally: broker, Central, CPS engines+monitors, DRIVERS drivers
+	$(PY) -m evcharging run --cps $(CPS) --drivers $(DRIVERS) $(ARGS)
+
+test: $(STAMP) ## unit, integration and end-to-end tests (starts its own Kafka broker)
+	$(PY) -m evcharging.devtools.kafka_broker fetch
+	$(PY) -m pytest $(ARGS)
+
+test-unit: $(STAMP) ## only the unit tests (no broker)
+	$(PY) -m pytest tests/unit $(ARGS)
+
+test-integration: $(STAMP) ## only the integration tests (real broker)
+	$(PY) -m pytest tests/integration $(ARGS)
+
+test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes)
+	$(PY) -m pytest tests/e2e $(ARGS)
+
+lint: $(STAMP) ## ruff and mypy
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+format: $(STAMP) ## format the code with ruff
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP) ## request→ACCEPTED latency over a real broker (see benchmarks/)
+	$(PY) benchmarks/accept_latency.py $(ARGS)
+
+broker-start: $(STAMP) ## start a local Kafka broker on 127.0.0.1:9092 in the background
+	$(PY) -m evcharging.devtools.kafka_broker start --port 9092
+
+broker-stop: $(STAMP) ## stop the local Kafka broker
+	$(PY) -m evcharging.devtools.kafka_broker stop --port 9092
+
+broker-status: $(STAMP) ## is the local Kafka broker running?
+	$(PY) -m evcharging.devtools.kafka_broker status --port 9092
+
+up: ## Docker Compose: build and start Kafka and every service
+	$(COMPOSE) up --build -d
+	@echo "Dashboard: http://localhost:$${CENTRAL_HTTP_PORT:-8000}/"
+
+down: ## Docker Compose: stop everything
+	$(COMPOSE) down
+
+logs: ## Docker Compose: follow the logs
+	$(COMPOSE) logs -f
+
+clean: ## remove the venv, caches, databases and local broker data (not the jar cache)
+	-$(COMPOSE) down -v 2>/dev/null
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .cache/kafka/run
+	rm -f ev_charging.db ev_charging.db-wal ev_charging.db-shm
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

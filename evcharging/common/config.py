@@ -1,0 +1,176 @@
+"""Settings of every service (SPEC §1): pydantic-settings classes plus their CLI flags.
+
+Precedence: a command-line flag beats the environment variable, which beats ``.env``,
+which beats the default. Each field ``some_name`` of a settings class has the flag
+``--some-name`` and the variable ``<PREFIX>SOME_NAME``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, StringConstraints, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from evcharging.common.messages import ID_PATTERN
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Positive = Annotated[float, Field(gt=0)]
+LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ServiceSettings(BaseSettings):
+    """What every Kafka-connected service shares."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    kafka_bootstrap: str = Field("localhost:9092", description="Kafka broker list host:port[,...]")
+    topic_prefix: str = Field(
+        "", description="prefix for every topic name (isolates several systems on one broker)"
+    )
+    topic_partitions: int = Field(3, ge=1, description="partitions of each topic created at start")
+    log_level: LogLevel = Field("INFO", description="log level")
+    log_json: bool = Field(False, description="write logs as JSON lines")
+
+
+class CentralSettings(ServiceSettings):
+    """EV Central: the controller."""
+
+    model_config = SettingsConfigDict(env_prefix="CENTRAL_")
+
+    http_host: str = Field("0.0.0.0", description="address of the dashboard and HTTP API")
+    http_port: Port = Field(8000, description="port of the dashboard and HTTP API")
+    listen_host: str = Field("0.0.0.0", description="address of the TCP control plane")
+    listen_port: Port = Field(9999, description="port of the TCP control plane")
+    db_path: Path = Field(Path("ev_charging.db"), description="SQLite file")
+    api_token: SecretStr | None = Field(
+        None, description="when set, mutating HTTP calls and the TCP plane need it"
+    )
+    start_timeout: Positive = Field(5.0, description="seconds for a CP to confirm START_SUPPLY")
+    breaker_failure_threshold: int = Field(
+        3, ge=1, description="failed starts that open a CP's circuit breaker"
+    )
+    breaker_reset_timeout: Positive = Field(
+        30.0, description="seconds after which an open breaker lets one trial through"
+    )
+    health_snapshot_interval: Positive = Field(
+        5.0, description="seconds between CP health snapshots in the database"
+    )
+    request_max_age: Positive = Field(
+        120.0, description="requests older than this (e.g. replayed after downtime) are refused"
+    )
+    group_id: str = Field("ev-central", description="Kafka consumer group of Central")
+
+
+class CPEngineSettings(ServiceSettings):
+    """CP Engine: one charging point."""
+
+    model_config = SettingsConfigDict(env_prefix="CP_ENGINE_")
+
+    cp_id: Identifier = Field(description="charging point id")
+    health_host: str = Field("0.0.0.0", description="address of the health endpoint")
+    health_port: Port = Field(8001, description="port of the health endpoint")
+    kw_rate: Annotated[float, Field(gt=0)] = Field(22.0, description="power while supplying (kW)")
+    euro_rate: Annotated[float, Field(ge=0)] = Field(0.30, description="price per kWh (€)")
+    session_seconds: Positive = Field(10.0, description="simulated session length (s)")
+    telemetry_interval: Positive = Field(1.0, description="seconds between telemetry messages")
+    status_interval: Positive = Field(
+        5.0, description="seconds between heartbeats that re-announce the CP's state"
+    )
+
+
+class CPMonitorSettings(BaseSettings):
+    """CP Monitor: the watchdog of one CP. It speaks HTTP only (no Kafka)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CP_MONITOR_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    cp_id: Identifier = Field(description="charging point id")
+    cp_e_host: str = Field("localhost", description="host of the CP Engine's health endpoint")
+    cp_e_port: Port = Field(8001, description="port of the CP Engine's health endpoint")
+    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_port: Port = Field(8000, description="port of Central's HTTP API")
+    health_interval: Positive = Field(5.0, description="seconds between health checks")
+    health_timeout: Positive = Field(2.0, description="timeout of one health check (s)")
+    failure_threshold: int = Field(3, ge=1, description="consecutive failures that make a fault")
+    api_token: SecretStr | None = Field(None, description="token sent to Central when it has one")
+    log_level: LogLevel = Field("INFO", description="log level")
+    log_json: bool = Field(False, description="write logs as JSON lines")
+
+
+class DriverSettings(ServiceSettings):
+    """EV Driver: a client that charges at the CPs listed in a requests file."""
+
+    model_config = SettingsConfigDict(env_prefix="DRIVER_")
+
+    driver_id: Identifier = Field(description="driver id")
+    requests_file: Path = Field(Path("requests.txt"), description="file of CP ids, one per line")
+    request_interval: Annotated[float, Field(ge=0)] = Field(
+        4.0, description="seconds between requests"
+    )
+    request_timeout: Positive = Field(60.0, description="give up on a request with no final status")
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+def _env_name(cls: type[BaseSettings], field: str) -> str:
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    return f"{prefix}{field}".upper()
+
+
+def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per settings field; absent flags stay absent."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog="Every flag can also be set by its environment variable or in .env; "
+        "a flag beats the variable, the variable beats the default.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, info in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = _env_name(cls, name)
+        required = info.is_required()
+        default = "required" if required else f"default: {_show_default(info.default)}"
+        help_text = f"{info.description or name} [{env}; {default}]"
+        if info.annotation is bool:
+            parser.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        return str(value)
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def load_settings(
+    cls: type[S], argv: Sequence[str] | None, prog: str, description: str
+) -> S:
+    """Parse flags over the environment into a validated settings object.
+
+    Invalid settings end the program with a clear message (exit code 2), like a bad flag.
+    """
+    parser = build_parser(cls, prog, description)
+    flags = vars(parser.parse_args(argv))
+    try:
+        return cls(**flags)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'} "
+            f"({_env_name(cls, str(err['loc'][0])) if err['loc'] else ''}): {err['msg']}"
+            for err in exc.errors()
+        )
+        parser.error(f"invalid settings: {problems}")

@@ -1,0 +1,409 @@
+"""The message bus: Kafka topics of SPEC §2 through aiokafka.
+
+* :class:`KafkaBus` owns one producer and creates the topics at start (idempotently).
+* :class:`KafkaConsumerLoop` consumes some topics, validates each message with its model,
+  hands it to the handler registered for its topic and commits offsets after handling.
+
+A message that fails validation is logged with topic, partition and offset, counted in
+:class:`BusStats` and skipped; a handler that raises is logged and counted too. Neither
+stops a consumer. While the broker is unreachable, starting retries with backoff and says
+so in one log line (then once more every ``_RETRY_LOG_EVERY`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from loguru import logger
+from pydantic import ValidationError
+
+from evcharging.common.messages import (
+    CentralCommand,
+    CPStatus,
+    CPTelemetry,
+    DriverRequest,
+    DriverUpdate,
+    Message,
+    decode,
+    encode,
+)
+
+_RETRY_LOG_EVERY = 30.0
+_TOPIC_ALREADY_EXISTS = 36
+
+
+class Topic(StrEnum):
+    DRIVER_REQUESTS = "driver.requests"
+    DRIVER_UPDATES = "driver.updates"
+    CENTRAL_COMMANDS = "central.commands"
+    CP_STATUS = "cp.status"
+    CP_TELEMETRY = "cp.telemetry"
+
+
+TOPIC_MODELS: dict[Topic, type[Message]] = {
+    Topic.DRIVER_REQUESTS: DriverRequest,
+    Topic.DRIVER_UPDATES: DriverUpdate,
+    Topic.CENTRAL_COMMANDS: CentralCommand,
+    Topic.CP_STATUS: CPStatus,
+    Topic.CP_TELEMETRY: CPTelemetry,
+}
+
+TOPIC_KEYS: dict[Topic, str] = {
+    Topic.DRIVER_REQUESTS: "cp_id",
+    Topic.DRIVER_UPDATES: "driver_id",
+    Topic.CENTRAL_COMMANDS: "cp_id",
+    Topic.CP_STATUS: "cp_id",
+    Topic.CP_TELEMETRY: "cp_id",
+}
+"""The field of each topic's message that is its Kafka key."""
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Any], Awaitable[None]]
+T = TypeVar("T")
+
+
+class BusError(Exception):
+    """The bus could not do what was asked (e.g. the broker stayed unreachable)."""
+
+
+@dataclass
+class BusStats:
+    """Counters a service can show on its health endpoint."""
+
+    produced: int = 0
+    consumed: int = 0
+    invalid: int = 0
+    handler_errors: int = 0
+    invalid_by_topic: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "produced": self.produced,
+            "consumed": self.consumed,
+            "invalid": self.invalid,
+            "handler_errors": self.handler_errors,
+            "invalid_by_topic": dict(self.invalid_by_topic),
+        }
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str
+    client_id: str
+    topic_prefix: str = ""
+    partitions: int = 3
+    connect_timeout: float = 300.0
+    """How long start() keeps retrying an unreachable broker before BusError."""
+
+    def topic_name(self, topic: Topic) -> str:
+        return f"{self.topic_prefix}{topic.value}"
+
+
+async def retry(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    timeout: float,
+    first_delay: float = 0.25,
+    max_delay: float = 5.0,
+) -> T:
+    """Run `attempt` until it succeeds, backing off; BusError once `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    delay = first_delay
+    last_log = -_RETRY_LOG_EVERY
+    while True:
+        try:
+            return await attempt()
+        except (KafkaError, OSError) as exc:
+            now = time.monotonic()
+            if now >= deadline:
+                raise BusError(f"{what}: gave up after {timeout:.0f}s: {exc!r}") from exc
+            if now - last_log >= _RETRY_LOG_EVERY:
+                logger.warning("{} failed ({!r}); retrying with backoff", what, exc)
+                last_log = now
+            await asyncio.sleep(min(delay, max(deadline - now, 0.0)))
+            delay = min(delay * 2, max_delay)
+
+
+async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[str, list[int]]:
+    """Create the topics that do not exist yet (existing ones are left as they are).
+
+    Returns the partition ids of each topic, once the broker reports them all.
+    """
+    names = [config.topic_name(t) for t in topics]
+
+    async def attempt() -> dict[str, list[int]]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap, client_id=config.client_id)
+        await admin.start()
+        try:
+            existing = set(await admin.list_topics())
+            missing = [n for n in names if n not in existing]
+            if missing:
+                response = await admin.create_topics(
+                    [NewTopic(n, num_partitions=config.partitions, replication_factor=1)
+                     for n in missing]
+                )
+                for error in response.topic_errors:
+                    name, code = error[0], error[1]
+                    if code not in (0, _TOPIC_ALREADY_EXISTS):
+                        raise BusError(f"could not create topic {name}: error code {code}")
+                logger.info("created topics {}", ", ".join(missing))
+            for _ in range(100):
+                described = await admin.describe_topics(names)
+                partitions = {
+                    t["topic"]: sorted(p["partition"] for p in t["partitions"])
+                    for t in described
+                    if t["error_code"] == 0 and t["partitions"]
+                }
+                if all(n in partitions for n in names):
+                    return partitions
+                await asyncio.sleep(0.1)
+            raise BusError(f"topics {names} have no partitions after creation")
+        finally:
+            await admin.close()
+
+    return await retry(
+        f"reaching Kafka at {config.bootstrap}", attempt, timeout=config.connect_timeout
+    )
+
+
+class KafkaBus:
+    """A producer of typed messages, keyed as SPEC §2 says. An async context manager."""
+
+    def __init__(self, config: KafkaConfig, stats: BusStats | None = None) -> None:
+        self.config = config
+        self.stats = stats or BusStats()
+        self._producer: AIOKafkaProducer | None = None
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def start(self, topics: Iterable[Topic] = tuple(Topic)) -> None:
+        await ensure_topics(self.config, topics)
+
+        async def attempt() -> AIOKafkaProducer:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.config.bootstrap,
+                client_id=self.config.client_id,
+                acks=1,
+                linger_ms=0,
+                request_timeout_ms=15000,
+            )
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+            return producer
+
+        self._producer = await retry(
+            f"connecting a producer to {self.config.bootstrap}",
+            attempt,
+            timeout=self.config.connect_timeout,
+        )
+        self._connected = True
+        logger.info("Kafka producer connected to {}", self.config.bootstrap)
+
+    async def stop(self) -> None:
+        """Flush and close; safe to call twice."""
+        producer, self._producer = self._producer, None
+        self._connected = False
+        if producer is not None:
+            await producer.stop()
+
+    async def __aenter__(self) -> KafkaBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def publish(self, topic: Topic, message: Message) -> None:
+        """Send one message and wait for the broker's acknowledgement."""
+        if self._producer is None:
+            raise BusError("the bus is not started")
+        expected = TOPIC_MODELS[topic]
+        if not isinstance(message, expected):
+            raise TypeError(f"{topic.value} carries {expected.__name__}, not {type(message)}")
+        key = str(getattr(message, TOPIC_KEYS[topic])).encode()
+        try:
+            await self._producer.send_and_wait(
+                self.config.topic_name(topic), encode(message), key=key
+            )
+        except KafkaError as exc:
+            raise BusError(f"could not publish to {topic.value}: {exc!r}") from exc
+        self.stats.produced += 1
+
+
+StartAt = Literal["earliest", "latest"]
+
+
+class KafkaConsumerLoop:
+    """Consume `handlers`' topics; each message is validated, handled, then committed.
+
+    With a ``group_id`` the loop joins a consumer group and resumes from the group's
+    committed offsets (``start_at`` applies when the group has none). Without one it
+    reads every partition itself, from ``start_at``, and commits nothing: that suits a
+    client that only wants what happens from now on (a driver, a CP engine).
+    """
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        handlers: Mapping[Topic, Handler],
+        *,
+        group_id: str | None = None,
+        start_at: StartAt = "latest",
+        stats: BusStats | None = None,
+        fetch_max_wait_ms: int = 100,
+    ) -> None:
+        if not handlers:
+            raise ValueError("a consumer needs at least one topic")
+        self.config = config
+        self.handlers = dict(handlers)
+        self.group_id = group_id
+        self.start_at = start_at
+        self.stats = stats or BusStats()
+        self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._names = {config.topic_name(t): t for t in self.handlers}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._assigned = asyncio.Event()
+
+    @property
+    def topics(self) -> Sequence[Topic]:
+        return list(self.handlers)
+
+    async def start(self) -> None:
+        partitions = await ensure_topics(self.config, self.handlers)
+
+        async def attempt() -> AIOKafkaConsumer:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.config.bootstrap,
+                client_id=self.config.client_id,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset=self.start_at,
+                fetch_max_wait_ms=self._fetch_max_wait_ms,
+                session_timeout_ms=10000,
+                heartbeat_interval_ms=1000,
+            )
+            try:
+                await consumer.start()
+                if self.group_id is None:
+                    await self._assign_all(consumer, partitions)
+                else:
+                    consumer.subscribe(list(self._names))
+            except BaseException:
+                await consumer.stop()
+                raise
+            return consumer
+
+        self._consumer = await retry(
+            f"connecting a consumer to {self.config.bootstrap}",
+            attempt,
+            timeout=self.config.connect_timeout,
+        )
+        if self.group_id is None:
+            self._assigned.set()
+
+    async def _assign_all(
+        self, consumer: AIOKafkaConsumer, known: Mapping[str, Sequence[int]]
+    ) -> None:
+        partitions = [TopicPartition(name, p) for name in self._names for p in known[name]]
+        consumer.assign(partitions)
+        if self.start_at == "latest":
+            await consumer.seek_to_end(*partitions)
+        else:
+            await consumer.seek_to_beginning(*partitions)
+        # Resolve the positions now, so that nothing published after start() is missed.
+        for tp in partitions:
+            await consumer.position(tp)
+
+    async def wait_assigned(self, timeout: float = 30.0) -> None:
+        """Wait until this consumer has partitions to read (a group member got its share)."""
+        await asyncio.wait_for(self._assigned.wait(), timeout)
+
+    async def stop(self) -> None:
+        """Close; safe to call twice."""
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+
+    async def __aenter__(self) -> KafkaConsumerLoop:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Consume until cancelled."""
+        consumer = self._consumer
+        if consumer is None:
+            raise BusError("the consumer is not started")
+        failing_since: float | None = None
+        while True:
+            try:
+                batch = await consumer.getmany(timeout_ms=1000)
+            except KafkaError as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    logger.warning("consuming {} failed ({!r}); retrying", list(self._names), exc)
+                elif time.monotonic() - failing_since > self.config.connect_timeout:
+                    raise BusError(f"consuming failed for too long: {exc!r}") from exc
+                await asyncio.sleep(1.0)
+                continue
+            if failing_since is not None:
+                logger.info("consuming {} again", list(self._names))
+                failing_since = None
+            if consumer.assignment():
+                self._assigned.set()
+            if not batch:
+                continue
+            offsets: dict[TopicPartition, int] = {}
+            for tp, records in batch.items():
+                for record in records:
+                    await self._handle(record.topic, record.partition, record.offset, record.value)
+                    offsets[tp] = record.offset + 1
+            if self.group_id is not None:
+                try:
+                    await consumer.commit(offsets)
+                except KafkaError as exc:
+                    logger.warning("could not commit offsets {}: {!r}", offsets, exc)
+
+    async def _handle(self, name: str, partition: int, offset: int, value: bytes | None) -> None:
+        topic = self._names[name]
+        self.stats.consumed += 1
+        try:
+            message = decode(TOPIC_MODELS[topic], value or b"")
+        except ValidationError as exc:
+            self.stats.invalid += 1
+            self.stats.invalid_by_topic[topic.value] = (
+                self.stats.invalid_by_topic.get(topic.value, 0) + 1
+            )
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "message"
+            logger.warning(
+                "skipped invalid message on {} partition {} offset {}: {}: {} ({} error(s))",
+                name, partition, offset, where, first["msg"], exc.error_count(),
+            )
+            return
+        try:
+            await self.handlers[topic](message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one bad message must not stop the consumer
+            self.stats.handler_errors += 1
+            logger.exception(
+                "handler for {} failed on partition {} offset {}", name, partition, offset
+            )

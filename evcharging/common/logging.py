@@ -1,0 +1,67 @@
+"""Logging for every service: loguru, configured once, with service context.
+
+Each line carries the service name and, where bound, the CP or driver it is about.
+``json=True`` writes one JSON object per line (loguru's ``serialize``) for log shippers.
+Standard-library loggers (aiokafka, uvicorn) are routed into the same sink.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from loguru import logger
+
+TEXT_FORMAT = (
+    "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> "
+    "<level>{level: <7}</level> "
+    "<cyan>{extra[service]}</cyan>{extra[context]} "
+    "<level>{message}</level>"
+)
+
+
+class _InterceptHandler(logging.Handler):
+    """Send standard-library log records to loguru."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level: str | int = logger.level(record.levelname).name
+        except ValueError:
+            level = record.levelno
+        logger.opt(depth=6, exception=record.exc_info).bind(lib=record.name).log(
+            level, record.getMessage()
+        )
+
+
+def _add_context(record: Any) -> None:
+    extra = record["extra"]
+    extra.setdefault("service", "evcharging")
+    parts = [f" {key}={extra[key]}" for key in ("cp_id", "driver_id") if extra.get(key)]
+    extra["context"] = "".join(parts)
+
+
+def setup_logging(
+    service: str, level: str = "INFO", json: bool = False, **context: str
+) -> None:
+    """Configure loguru for one service process; safe to call again."""
+    logger.remove()
+    logger.configure(extra={"service": service, "context": "", **context}, patcher=_add_context)
+    colorize = None if not json else False
+    logger.add(
+        sys.stderr,
+        level=level,
+        format=TEXT_FORMAT,
+        serialize=json,
+        colorize=colorize,
+        backtrace=False,
+        diagnose=False,
+        enqueue=False,
+    )
+    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    for noisy in ("aiokafka", "kafka", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aiokafka logs an ERROR on every failed connection attempt; the bus's own retry says
+    # so once per outage instead (evcharging.common.kafka.retry).
+    logging.getLogger("aiokafka.client").setLevel(logging.CRITICAL)
+    logging.getLogger("uvicorn.error").setLevel(logging.INFO)

@@ -1,0 +1,228 @@
+"""The messages of SPEC §2 and the HTTP bodies of SPEC §5, one Pydantic model each.
+
+Messages are UTF-8 JSON. Unknown fields are ignored; a missing or ill-typed required field
+makes a message invalid (:class:`pydantic.ValidationError`). Timestamps are timezone-aware
+UTC and are written with a ``Z`` suffix.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Self, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from evcharging.common.states import CPState, SessionResult
+
+__all__ = [
+    "ID_PATTERN",
+    "CPFaultReport",
+    "CPRegistration",
+    "CPState",
+    "CPStatus",
+    "CPTelemetry",
+    "CentralCommand",
+    "CommandPayload",
+    "CommandType",
+    "DriverRequest",
+    "DriverStatus",
+    "DriverUpdate",
+    "Identifier",
+    "Message",
+    "SessionResult",
+    "ValidationError",
+    "decode",
+    "dump",
+    "encode",
+    "new_id",
+    "utcnow",
+]
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+"""A CP, driver, session or request id: 1-64 of letters, digits, '.', '_' and '-'."""
+
+Reason = Annotated[str, StringConstraints(max_length=500)]
+
+
+def _require_utc(value: datetime) -> datetime:
+    offset = value.utcoffset()
+    if offset is None:
+        raise ValueError("timestamp must carry a timezone (Z or +00:00)")
+    if offset != timedelta(0):
+        raise ValueError("timestamp must be UTC (Z or +00:00)")
+    return value.astimezone(UTC)
+
+
+def _format_utc(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+UtcDatetime = Annotated[
+    datetime,
+    AfterValidator(_require_utc),
+    PlainSerializer(_format_utc, return_type=str, when_used="json"),
+]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A fresh request or session id."""
+    return uuid.uuid4().hex
+
+
+class DriverStatus(StrEnum):
+    ACCEPTED = "ACCEPTED"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    DENIED = "DENIED"
+    FAILED = "FAILED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (DriverStatus.COMPLETED, DriverStatus.DENIED, DriverStatus.FAILED)
+
+
+class CommandType(StrEnum):
+    START_SUPPLY = "START_SUPPLY"
+    STOP_SUPPLY = "STOP_SUPPLY"
+    STOP_CP = "STOP_CP"
+    RESUME_CP = "RESUME_CP"
+    SHUTDOWN = "SHUTDOWN"
+
+
+class Message(BaseModel):
+    """Base of every wire message: strict types, unknown fields ignored, immutable."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+
+class DriverRequest(Message):
+    """driver.requests, keyed by cp_id: a driver asks to charge at a CP."""
+
+    request_id: Identifier
+    driver_id: Identifier
+    cp_id: Identifier
+    ts: UtcDatetime = Field(default_factory=utcnow)
+
+
+class DriverUpdate(Message):
+    """driver.updates, keyed by driver_id: what happened to a driver's request."""
+
+    request_id: Identifier
+    driver_id: Identifier
+    cp_id: Identifier
+    status: DriverStatus
+    reason: Reason | None = None
+    session_id: Identifier | None = None
+    kw: NonNegative | None = None
+    euros: NonNegative | None = None
+    kwh: NonNegative | None = None
+    ts: UtcDatetime | None = Field(default_factory=utcnow)
+
+
+class CommandPayload(Message):
+    driver_id: Identifier | None = None
+    session_id: Identifier | None = None
+    reason: Reason | None = None
+
+
+class CentralCommand(Message):
+    """central.commands, keyed by cp_id: Central tells one CP what to do."""
+
+    cp_id: Identifier
+    cmd: CommandType
+    payload: CommandPayload = Field(default_factory=CommandPayload)
+    ts: UtcDatetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _start_needs_session(self) -> Self:
+        if self.cmd is CommandType.START_SUPPLY and not (
+            self.payload.driver_id and self.payload.session_id
+        ):
+            raise ValueError("START_SUPPLY needs payload.driver_id and payload.session_id")
+        return self
+
+
+class CPStatus(Message):
+    """cp.status, keyed by cp_id: a CP's state, and its totals when a session ends."""
+
+    cp_id: Identifier
+    state: CPState
+    reason: Reason | None = None
+    session_id: Identifier | None = None
+    driver_id: Identifier | None = None
+    kwh: NonNegative | None = None
+    euros: NonNegative | None = None
+    session_result: SessionResult | None = None
+    ts: UtcDatetime = Field(default_factory=utcnow)
+
+
+class CPTelemetry(Message):
+    """cp.telemetry, keyed by cp_id: power and running totals of a session."""
+
+    cp_id: Identifier
+    kw: NonNegative
+    kwh: NonNegative
+    euros: NonNegative
+    driver_id: Identifier | None = None
+    session_id: Identifier | None = None
+    ts: UtcDatetime = Field(default_factory=utcnow)
+
+
+class HttpBody(BaseModel):
+    """Base of HTTP bodies: lax JSON types are fine, unknown fields ignored."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class CPRegistration(HttpBody):
+    """POST /cp/register: a monitor (or operator) registers or updates a CP."""
+
+    cp_id: Identifier
+    location: Reason | None = None
+    kw_rate: NonNegative | None = None
+    euro_rate: NonNegative | None = None
+    health_url: Annotated[str, StringConstraints(max_length=300)] | None = None
+
+
+class CPFaultReport(HttpBody):
+    """POST /cp/fault: a monitor reports a fault (is_faulty) or a recovery (not is_faulty)."""
+
+    cp_id: Identifier
+    is_faulty: bool
+    reason: Reason = ""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def encode(message: BaseModel) -> bytes:
+    """The UTF-8 JSON bytes of a message."""
+    return message.model_dump_json().encode()
+
+
+def decode(model: type[M], data: bytes | str) -> M:
+    """Parse and validate one message; raises pydantic.ValidationError when invalid."""
+    return model.model_validate_json(data)
+
+
+def dump(message: BaseModel) -> dict[str, Any]:
+    """A JSON-ready dict of a message (timestamps as strings)."""
+    return message.model_dump(mode="json")

@@ -1,0 +1,115 @@
+"""What every service process shares: stop signals and an embedded HTTP server.
+
+A service's ``main`` parses its settings and calls :func:`run_service` with a coroutine
+function ``main(stop)`` (usually ``lambda stop: run(settings, stop)``), where ``stop`` is an
+:class:`asyncio.Event` that SIGINT or SIGTERM sets. ``run`` starts its parts, awaits
+the event, then shuts down in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any
+
+import uvicorn
+from loguru import logger
+
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
+    """Run `main(stop)` in a fresh event loop; SIGINT/SIGTERM set `stop`. Returns an exit code."""
+
+    async def runner() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if stop.is_set():
+                logger.warning("second {} received; still shutting down", sig.name)
+                return
+            logger.info("{} received; shutting down", sig.name)
+            stop.set()
+
+        for sig in HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return (await main(stop)) or 0
+        finally:
+            for sig in HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
+
+    try:
+        return asyncio.run(runner())
+    except KeyboardInterrupt:
+        return 130
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: the service owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class HttpServer:
+    """An ASGI app served by uvicorn inside the service's event loop."""
+
+    def __init__(self, app: Any, host: str, port: int, name: str = "http") -> None:
+        self.name = name
+        self.host = host
+        self._config = uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=3,
+            ws_ping_interval=20.0,
+        )
+        self._server = _Server(self._config)
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful when 0 asked for a free one)."""
+        if self._socket is None:
+            return int(self._config.port)
+        return int(self._socket.getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind (raising OSError if the port is taken) and serve in a background task."""
+        self._socket = self._config.bind_socket()
+        self._task = asyncio.create_task(
+            self._server.serve(sockets=[self._socket]), name=f"{self.name}-server"
+        )
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise OSError(f"{self.name} server on {self.host}:{self.port} did not start")
+            await asyncio.sleep(0.01)
+        logger.info("{} listening on {}:{}", self.name, self.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop serving; safe to call twice."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(task, timeout=5)
+        except TimeoutError:
+            self._server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -1,0 +1,123 @@
+"""Message models: strict validation and JSON bytes in and out."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandPayload,
+    CommandType,
+    CPFaultReport,
+    CPState,
+    CPStatus,
+    CPTelemetry,
+    DriverRequest,
+    DriverStatus,
+    DriverUpdate,
+    ValidationError,
+    decode,
+    encode,
+)
+
+TS = '"ts": "2026-01-02T03:04:05Z"'
+
+
+def test_round_trip_and_z_suffix() -> None:
+    request = DriverRequest(request_id="r1", driver_id="driver-alice", cp_id="CP-001")
+    data = encode(request)
+    assert json.loads(data)["ts"].endswith("Z")
+    assert decode(DriverRequest, data) == request
+
+
+def test_plus_zero_offset_is_accepted_and_unknown_fields_ignored() -> None:
+    raw = b'{"request_id": "r", "driver_id": "d", "cp_id": "c", "ts": "2026-01-01T00:00:00+00:00",'
+    raw += b' "extra": {"nested": true}}'
+    message = decode(DriverRequest, raw)
+    assert message.ts == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"driver_id": "d", "cp_id": "c"}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": "has space"}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": ""}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": "' + b"x" * 65 + b'"}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": 7}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": "c", "ts": "2026-01-01T00:00:00"}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": "c", "ts": "2026-01-01T02:00:00+02:00"}',
+        b'{"request_id": "r", "driver_id": "d", "cp_id": "c", "ts": "yesterday"}',
+    ],
+)
+def test_invalid_requests(raw: bytes) -> None:
+    with pytest.raises(ValidationError):
+        decode(DriverRequest, raw)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        '"kw": -1, "kwh": 0, "euros": 0',
+        '"kw": 1, "kwh": -0.1, "euros": 0',
+        '"kw": 1, "kwh": 0, "euros": -5',
+        '"kw": "22", "kwh": 0, "euros": 0',
+        '"kw": NaN, "kwh": 0, "euros": 0',
+        '"kwh": 0, "euros": 0',
+    ],
+)
+def test_invalid_telemetry(fields: str) -> None:
+    with pytest.raises(ValidationError):
+        decode(CPTelemetry, f'{{"cp_id": "CP-001", {fields}, {TS}}}'.encode())
+
+
+def test_status_and_update_enums() -> None:
+    status = decode(CPStatus, f'{{"cp_id": "CP-1", "state": "SUPPLYING", {TS}}}'.encode())
+    assert status.state is CPState.SUPPLYING
+    with pytest.raises(ValidationError):
+        decode(CPStatus, f'{{"cp_id": "CP-1", "state": "CHARGING", {TS}}}'.encode())
+    update = decode(
+        DriverUpdate,
+        f'{{"request_id": "r", "driver_id": "d", "cp_id": "c", "status": "DENIED", {TS}}}'.encode(),
+    )
+    assert update.status is DriverStatus.DENIED and update.status.is_final
+    assert not DriverStatus.IN_PROGRESS.is_final
+
+
+def test_start_supply_needs_driver_and_session() -> None:
+    with pytest.raises(ValidationError, match="START_SUPPLY"):
+        CentralCommand(cp_id="CP-1", cmd=CommandType.START_SUPPLY)
+    command = CentralCommand(
+        cp_id="CP-1", cmd=CommandType.START_SUPPLY,
+        payload=CommandPayload(driver_id="d", session_id="s"),
+    )
+    assert decode(CentralCommand, encode(command)) == command
+    stop = decode(CentralCommand, f'{{"cp_id": "CP-1", "cmd": "STOP_CP", {TS}}}'.encode())
+    assert stop.payload == CommandPayload()
+
+
+def test_http_bodies_are_lax_json() -> None:
+    report = CPFaultReport.model_validate({"cp_id": "CP-1", "is_faulty": True})
+    assert report.reason == ""
+    with pytest.raises(ValidationError):
+        CPFaultReport.model_validate({"cp_id": "CP-1"})
+
+
+ids = st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z")
+amounts = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@given(cp_id=ids, kw=amounts, kwh=amounts, euros=amounts, session=st.none() | ids)
+def test_any_valid_telemetry_round_trips(
+    cp_id: str, kw: float, kwh: float, euros: float, session: str | None
+) -> None:
+    message = CPTelemetry(cp_id=cp_id, kw=kw, kwh=kwh, euros=euros, session_id=session)
+    assert decode(CPTelemetry, encode(message)) == message
