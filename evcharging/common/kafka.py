@@ -161,7 +161,9 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[st
                 partitions = {
                     t["topic"]: sorted(p["partition"] for p in t["partitions"])
                     for t in described
-                    if t["error_code"] == 0 and t["partitions"]
+                    if t["error_code"] == 0
+                    and t["partitions"]
+                    and all(p["leader"] >= 0 for p in t["partitions"])
                 }
                 if all(n in partitions for n in names):
                     return partitions

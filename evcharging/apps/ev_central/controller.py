@@ -1,0 +1,699 @@
+"""Central's decisions (SPEC §4): assignment, sessions, faults and the breaker per CP.
+
+The controller is the one place where Central decides. It holds a view of every CP,
+moves that view only through the shared state machine, and talks to the outside only
+through its ports: a publisher (Kafka in the product) and a repository (SQLite).
+
+Messages are handled one at a time by the Kafka consumer; HTTP and TCP calls come in
+between. Every decision that reserves a CP is taken before the first ``await``, so two
+requests can never both get the same CP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from loguru import logger
+
+from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
+from evcharging.apps.ev_central.events import EventHub
+from evcharging.apps.ev_central.repository import (
+    CPRecord,
+    HealthSnapshot,
+    Repository,
+    SessionRecord,
+)
+from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
+from evcharging.common.kafka import BusError, Topic
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandPayload,
+    CommandType,
+    CPRegistration,
+    CPStatus,
+    CPTelemetry,
+    DriverRequest,
+    DriverStatus,
+    DriverUpdate,
+    Message,
+    dump,
+    new_id,
+    utcnow,
+)
+from evcharging.common.states import (
+    CPEvent,
+    CPState,
+    InvalidTransition,
+    SessionResult,
+    next_state,
+    path,
+)
+
+SEEN_REQUESTS_KEPT = 100_000
+
+
+class Publisher(Protocol):
+    async def publish(self, topic: Topic, message: Message) -> None: ...
+
+
+@dataclass(frozen=True)
+class CentralOptions:
+    start_timeout: float = 5.0
+    breaker_failure_threshold: int = 3
+    breaker_reset_timeout: float = 30.0
+    request_max_age: float = 120.0
+
+
+@dataclass
+class ActiveSession:
+    """A session from ACCEPTED until its end: pending until the CP confirms SUPPLYING."""
+
+    session_id: str
+    request_id: str
+    driver_id: str
+    cp_id: str
+    started_at: datetime
+    trial: bool = False
+    confirmed: bool = False
+    kw: float = 0.0
+    kwh: float = 0.0
+    euros: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "request_id": self.request_id,
+            "driver_id": self.driver_id,
+            "started_at": dump_ts(self.started_at),
+            "confirmed": self.confirmed,
+            "kw": self.kw,
+            "kwh": self.kwh,
+            "euros": self.euros,
+        }
+
+
+@dataclass
+class CPView:
+    """What Central knows of one CP."""
+
+    cp_id: str
+    breaker: CircuitBreaker
+    state: CPState = CPState.DISCONNECTED
+    is_faulty: bool = False
+    fault_reason: str | None = None
+    location: str | None = None
+    kw_rate: float | None = None
+    euro_rate: float | None = None
+    health_url: str | None = None
+    registered_at: datetime | None = None
+    last_seen: datetime | None = None
+    session: ActiveSession | None = None
+    last_telemetry: CPTelemetry | None = None
+    state_reason: str | None = None
+
+    def record(self) -> CPRecord:
+        return CPRecord(
+            cp_id=self.cp_id,
+            state=self.state,
+            location=self.location,
+            kw_rate=self.kw_rate,
+            euro_rate=self.euro_rate,
+            health_url=self.health_url,
+            is_faulty=self.is_faulty,
+            fault_reason=self.fault_reason,
+            registered_at=self.registered_at,
+            updated_at=utcnow(),
+        )
+
+    def snapshot(self) -> HealthSnapshot:
+        return HealthSnapshot(
+            cp_id=self.cp_id,
+            state=self.state,
+            is_faulty=self.is_faulty,
+            breaker_state=self.breaker.state.value,
+            ts=utcnow(),
+            session_id=self.session.session_id if self.session else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        session = self.session
+        return {
+            "cp_id": self.cp_id,
+            "state": self.state.value,
+            "state_reason": self.state_reason,
+            "is_faulty": self.is_faulty,
+            "fault_reason": self.fault_reason,
+            "circuit_breaker_state": self.breaker.state.value,
+            "circuit_breaker_reason": self.breaker.reason,
+            "location": self.location,
+            "kw_rate": self.kw_rate,
+            "euro_rate": self.euro_rate,
+            "health_url": self.health_url,
+            "current_driver": session.driver_id if session else None,
+            "current_session": session.session_id if session else None,
+            "session": session.as_dict() if session else None,
+            "last_telemetry": dump(self.last_telemetry) if self.last_telemetry else None,
+            "last_seen": dump_ts(self.last_seen),
+            "registered_at": dump_ts(self.registered_at),
+        }
+
+
+def dump_ts(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+class Controller:
+    def __init__(
+        self,
+        bus: Publisher,
+        repo: Repository,
+        options: CentralOptions | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        hub: EventHub | None = None,
+    ) -> None:
+        self.bus = bus
+        self.repo = repo
+        self.options = options or CentralOptions()
+        self.clock = clock
+        self.hub = hub or EventHub()
+        self.cps: dict[str, CPView] = {}
+        self.stats: Counter[str] = Counter()
+        self._seen_requests: OrderedDict[str, None] = OrderedDict()
+        self._watchdogs: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def load(self) -> None:
+        """Reload the registry and close the sessions a crash left ACTIVE."""
+        for record in await self.repo.load_cps():
+            cp = self._new_view(record.cp_id)
+            cp.state = record.state
+            cp.is_faulty = record.is_faulty
+            cp.fault_reason = record.fault_reason
+            cp.location = record.location
+            cp.kw_rate = record.kw_rate
+            cp.euro_rate = record.euro_rate
+            cp.health_url = record.health_url
+            cp.registered_at = record.registered_at
+            if cp.is_faulty:
+                cp.breaker.trip(cp.fault_reason)
+        orphans = await self.repo.close_active_sessions(
+            "Central restarted while the session was running", utcnow()
+        )
+        for session in orphans:
+            logger.warning(
+                "closed session {} of {} on {} as FAILED: Central restarted",
+                session.session_id, session.driver_id, session.cp_id,
+            )
+            self._remember_request(session.request_id)
+            await self._send_update(
+                DriverUpdate(
+                    request_id=session.request_id,
+                    driver_id=session.driver_id,
+                    cp_id=session.cp_id,
+                    status=DriverStatus.FAILED,
+                    reason="Central restarted while the session was running",
+                    session_id=session.session_id,
+                    kwh=session.kwh,
+                    euros=session.euros,
+                )
+            )
+            await self._send_command(
+                session.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
+                reason="Central restarted",
+            )
+        logger.info("loaded {} CP(s); closed {} orphaned session(s)", len(self.cps), len(orphans))
+
+    async def close(self) -> None:
+        """Cancel the start watchdogs; safe to call twice."""
+        tasks = list(self._watchdogs.values())
+        self._watchdogs.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, cp_id: str) -> CPView:
+        cp = self.cps.get(cp_id)
+        if cp is None:
+            raise UnknownCP(cp_id)
+        return cp
+
+    def all_cps(self) -> list[CPView]:
+        return [self.cps[k] for k in sorted(self.cps)]
+
+    def decide(self, cp_id: str) -> str | None:
+        """Why a request for this CP would be DENIED now, or None when it would be ACCEPTED."""
+        cp = self.cps.get(cp_id)
+        if cp is None:
+            return "unknown CP"
+        if cp.is_faulty or cp.state is CPState.FAULT:
+            return "CP faulty"
+        if cp.state is CPState.STOPPED:
+            return "CP stopped"
+        if cp.state is CPState.DISCONNECTED:
+            return "CP disconnected"
+        if cp.session is not None or cp.state is CPState.SUPPLYING:
+            return "CP busy"
+        if not cp.breaker.allows():
+            return "circuit open"
+        return None
+
+    # ------------------------------------------------------------------ driver requests
+
+    async def handle_request(self, request: DriverRequest) -> None:
+        self.stats["requests"] += 1
+        if request.request_id in self._seen_requests or (
+            await self.repo.get_session_by_request(request.request_id)
+        ):
+            self.stats["duplicate_requests"] += 1
+            logger.warning(
+                "duplicate request {} from {} ignored", request.request_id, request.driver_id
+            )
+            return
+        self._remember_request(request.request_id)
+        age = (utcnow() - request.ts).total_seconds()
+        reason = (
+            f"request expired ({age:.0f}s old)"
+            if age > self.options.request_max_age
+            else self.decide(request.cp_id)
+        )
+        if reason is not None:
+            await self._deny(request, reason)
+            return
+        cp = self.cps[request.cp_id]
+        trial = cp.breaker.state is BreakerState.HALF_OPEN
+        cp.breaker.try_acquire()
+        session = ActiveSession(
+            session_id=new_id(),
+            request_id=request.request_id,
+            driver_id=request.driver_id,
+            cp_id=cp.cp_id,
+            started_at=utcnow(),
+            trial=trial,
+        )
+        cp.session = session  # reserved before the first await
+        record = SessionRecord(
+            session_id=session.session_id,
+            request_id=session.request_id,
+            cp_id=session.cp_id,
+            driver_id=session.driver_id,
+            status="ACTIVE",
+            started_at=session.started_at,
+        )
+        if not await self.repo.start_session(record):
+            cp.session = None
+            cp.breaker.release()
+            self.stats["duplicate_requests"] += 1
+            logger.warning("duplicate request {} ignored (already in the database)",
+                           request.request_id)
+            return
+        self.stats["accepted"] += 1
+        logger.info(
+            "ACCEPTED request {} of {} on {} (session {})",
+            request.request_id, request.driver_id, cp.cp_id, session.session_id,
+        )
+        await self._send_update(self._update(session, DriverStatus.ACCEPTED))
+        self._watchdogs[session.session_id] = asyncio.create_task(
+            self._start_watchdog(cp, session), name=f"start-watchdog-{session.session_id}"
+        )
+        await self._send_command(
+            cp.cp_id, CommandType.START_SUPPLY,
+            driver_id=session.driver_id, session_id=session.session_id,
+        )
+        self._changed(cp)
+
+    async def _deny(self, request: DriverRequest, reason: str) -> None:
+        self.stats["denied"] += 1
+        self.stats[f"denied:{reason.split(' (')[0]}"] += 1
+        logger.info(
+            "DENIED request {} of {} on {}: {}",
+            request.request_id, request.driver_id, request.cp_id, reason,
+        )
+        await self._send_update(
+            DriverUpdate(
+                request_id=request.request_id,
+                driver_id=request.driver_id,
+                cp_id=request.cp_id,
+                status=DriverStatus.DENIED,
+                reason=reason,
+            )
+        )
+
+    async def _start_watchdog(self, cp: CPView, session: ActiveSession) -> None:
+        try:
+            await asyncio.sleep(self.options.start_timeout)
+            if cp.session is session and not session.confirmed:
+                reason = (
+                    f"CP did not confirm the start within {self.options.start_timeout:g}s"
+                )
+                self.stats["start_timeouts"] += 1
+                await self._end_session(cp, SessionResult.FAILED, reason, breaker_failure=True)
+                await self._send_command(
+                    cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
+                    reason="start not confirmed in time",
+                )
+        finally:
+            if self._watchdogs.get(session.session_id) is asyncio.current_task():
+                del self._watchdogs[session.session_id]
+
+    # ------------------------------------------------------------------ CP reports
+
+    async def handle_status(self, status: CPStatus) -> None:
+        cp = self.cps.get(status.cp_id)
+        if cp is None:
+            cp = self._new_view(status.cp_id)
+            logger.info("CP {} registered by its first status message", status.cp_id)
+        cp.last_seen = utcnow()
+        before = cp.state
+        session = cp.session
+        if session is not None and status.session_id == session.session_id:
+            await self._follow_own_session(cp, session, status)
+        elif session is not None and session.confirmed and status.state is not CPState.SUPPLYING:
+            await self._end_session(
+                cp, SessionResult.FAILED,
+                f"CP {status.state.value.lower()} without the session "
+                f"({status.reason or 'no reason given'})",
+                breaker_failure=True,
+            )
+        elif (
+            session is None
+            and status.state is CPState.SUPPLYING
+            and status.session_id is not None
+        ):
+            logger.warning("CP {} supplies unknown session {}; stopping it",
+                           cp.cp_id, status.session_id)
+            await self._send_command(
+                cp.cp_id, CommandType.STOP_SUPPLY, session_id=status.session_id,
+                reason="session unknown to Central",
+            )
+        self._follow_state(cp, status.state, status.reason, status.session_result)
+        if cp.state is not before:
+            await self._persist(cp)
+        self._changed(cp)
+
+    async def _follow_own_session(
+        self, cp: CPView, session: ActiveSession, status: CPStatus
+    ) -> None:
+        if status.session_result is not None:
+            if status.kwh is not None:
+                session.kwh = status.kwh
+            if status.euros is not None:
+                session.euros = status.euros
+            reason = {
+                SessionResult.COMPLETED: None,
+                SessionResult.STOPPED: f"session stopped: {status.reason or 'stopped'}",
+                SessionResult.FAILED: f"CP fault: {status.reason or 'unknown fault'}",
+            }[status.session_result]
+            await self._end_session(
+                cp, status.session_result, reason,
+                breaker_failure=status.session_result is SessionResult.FAILED,
+            )
+        elif status.state is CPState.SUPPLYING:
+            if not session.confirmed:
+                session.confirmed = True
+                self._cancel_watchdog(session.session_id)
+                logger.info("CP {} confirmed session {}", cp.cp_id, session.session_id)
+        else:
+            why = status.reason or f"CP is {status.state.value}"
+            await self._end_session(
+                cp, SessionResult.FAILED, f"CP refused the session: {why}",
+                breaker_failure=True,
+            )
+
+    def _follow_state(
+        self,
+        cp: CPView,
+        target: CPState,
+        reason: str | None,
+        result: SessionResult | None = None,
+    ) -> None:
+        """Move Central's view to the CP's reported state, one allowed event at a time."""
+        if cp.state is target:
+            return
+        events = path(cp.state, target)
+        if (
+            result is not None
+            and cp.state is CPState.SUPPLYING
+            and target is CPState.ACTIVATED
+        ):
+            events = [
+                CPEvent.SESSION_COMPLETE if result is SessionResult.COMPLETED
+                else CPEvent.STOP_SUPPLY
+            ]
+        for event in events:
+            self._apply(cp, event, reason)
+
+    def _apply(self, cp: CPView, event: CPEvent, reason: str | None) -> None:
+        session = cp.session
+        new = next_state(
+            cp.state, event,
+            driver_id=session.driver_id if session else "unknown",
+            session_id=session.session_id if session else "unknown",
+        )
+        logger.info("CP {}: {} --{}--> {}{}", cp.cp_id, cp.state.value, event.value,
+                    new.value, f" ({reason})" if reason else "")
+        cp.state = new
+        cp.state_reason = reason
+
+    # ------------------------------------------------------------------ telemetry
+
+    async def handle_telemetry(self, telemetry: CPTelemetry) -> None:
+        cp = self.cps.get(telemetry.cp_id)
+        if cp is None:
+            self.stats["telemetry_unknown_cp"] += 1
+            logger.debug("telemetry from unknown CP {} ignored", telemetry.cp_id)
+            return
+        cp.last_seen = utcnow()
+        cp.last_telemetry = telemetry
+        session = cp.session
+        if session is None or telemetry.session_id != session.session_id:
+            self.stats["telemetry_stale"] += 1
+            self.hub.publish({"type": "telemetry", "telemetry": dump(telemetry)})
+            return
+        if not session.confirmed:
+            session.confirmed = True
+            self._cancel_watchdog(session.session_id)
+        session.kw, session.kwh, session.euros = telemetry.kw, telemetry.kwh, telemetry.euros
+        await self._send_update(self._update(session, DriverStatus.IN_PROGRESS))
+        self.hub.publish({"type": "telemetry", "telemetry": dump(telemetry)})
+
+    # ------------------------------------------------------------------ monitors, operators
+
+    async def register(self, registration: CPRegistration) -> CPView:
+        cp = self.cps.get(registration.cp_id)
+        created = cp is None
+        if cp is None:
+            cp = self._new_view(registration.cp_id)
+        for name in ("location", "kw_rate", "euro_rate", "health_url"):
+            value = getattr(registration, name)
+            if value is not None:
+                setattr(cp, name, value)
+        await self._persist(cp)
+        logger.info("CP {} {}", cp.cp_id, "registered" if created else "re-registered")
+        self._changed(cp)
+        return cp
+
+    async def report_fault(self, cp_id: str, is_faulty: bool, reason: str) -> CPView:
+        cp = self.get(cp_id)
+        if is_faulty:
+            await self._mark_faulty(cp, reason or "fault reported")
+        else:
+            await self._mark_recovered(cp, reason or "recovered")
+        return cp
+
+    async def _mark_faulty(self, cp: CPView, reason: str) -> None:
+        was_faulty = cp.is_faulty
+        cp.is_faulty = True
+        cp.fault_reason = reason
+        cp.breaker.trip(reason)
+        if cp.session is not None:
+            session_id = cp.session.session_id
+            await self._end_session(cp, SessionResult.FAILED, f"CP fault: {reason}")
+            await self._send_command(
+                cp.cp_id, CommandType.STOP_SUPPLY, session_id=session_id, reason=reason
+            )
+        if cp.state is not CPState.FAULT:
+            self._apply(cp, CPEvent.FAULT, reason)
+        if not was_faulty:
+            self.stats["faults"] += 1
+            logger.warning("CP {} is faulty: {}", cp.cp_id, reason)
+            await self.repo.record_fault_event(cp.cp_id, "FAULT", reason, utcnow())
+            self.hub.publish({"type": "fault", "cp_id": cp.cp_id, "reason": reason,
+                              "ts": dump_ts(utcnow())})
+        await self._persist(cp)
+        self._changed(cp)
+
+    async def _mark_recovered(self, cp: CPView, reason: str) -> None:
+        if not cp.is_faulty:
+            logger.debug("recovery report for {} which is not faulty", cp.cp_id)
+            return
+        cp.is_faulty = False
+        cp.fault_reason = None
+        cp.breaker.recover()
+        self.stats["recoveries"] += 1
+        logger.info("CP {} recovered: {} (breaker {})", cp.cp_id, reason, cp.breaker.state.value)
+        await self.repo.record_fault_event(cp.cp_id, "RECOVERY", reason, utcnow())
+        self.hub.publish({"type": "recovery", "cp_id": cp.cp_id, "reason": reason,
+                          "ts": dump_ts(utcnow())})
+        await self._persist(cp)
+        self._changed(cp)
+
+    async def stop_cp(self, cp_id: str, reason: str = "stopped by operator") -> CPView:
+        return await self._operator_command(cp_id, CPEvent.STOP_CP, CommandType.STOP_CP, reason)
+
+    async def resume_cp(self, cp_id: str, reason: str = "resumed by operator") -> CPView:
+        return await self._operator_command(
+            cp_id, CPEvent.RESUME_CP, CommandType.RESUME_CP, reason
+        )
+
+    async def _operator_command(
+        self, cp_id: str, event: CPEvent, command: CommandType, reason: str
+    ) -> CPView:
+        cp = self.get(cp_id)
+        try:
+            next_state(cp.state, event)
+        except InvalidTransition as exc:
+            raise NotAllowed(f"{cp_id}: {exc}") from exc
+        logger.info("operator: {} {} ({})", command.value, cp_id, reason)
+        await self._send_command(cp_id, command, reason=reason)
+        return cp
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def snapshot_health(self) -> int:
+        rows = [cp.snapshot() for cp in self.cps.values()]
+        if rows:
+            await self.repo.record_health_many(rows)
+        return len(rows)
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_view(self, cp_id: str) -> CPView:
+        cp = CPView(
+            cp_id=cp_id,
+            breaker=CircuitBreaker(
+                failure_threshold=self.options.breaker_failure_threshold,
+                reset_timeout=self.options.breaker_reset_timeout,
+                clock=self.clock,
+            ),
+            registered_at=utcnow(),
+        )
+        self.cps[cp_id] = cp
+        return cp
+
+    def _remember_request(self, request_id: str) -> None:
+        self._seen_requests[request_id] = None
+        while len(self._seen_requests) > SEEN_REQUESTS_KEPT:
+            self._seen_requests.popitem(last=False)
+
+    def _cancel_watchdog(self, session_id: str) -> None:
+        task = self._watchdogs.pop(session_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _end_session(
+        self,
+        cp: CPView,
+        result: SessionResult,
+        reason: str | None,
+        *,
+        breaker_failure: bool = False,
+    ) -> None:
+        session = cp.session
+        if session is None:
+            return
+        cp.session = None  # released before the first await
+        self._cancel_watchdog(session.session_id)
+        if result is SessionResult.COMPLETED:
+            cp.breaker.record_success()
+        elif breaker_failure:
+            cp.breaker.record_failure(reason)
+        elif session.trial:
+            cp.breaker.release()
+        status = DriverStatus.COMPLETED if result is SessionResult.COMPLETED else (
+            DriverStatus.FAILED
+        )
+        self.stats[f"sessions_{result.value.lower()}"] += 1
+        log = logger.info if result is SessionResult.COMPLETED else logger.warning
+        log("session {} on {} ended {}: {:.3f} kWh, {:.2f} €{}", session.session_id, cp.cp_id,
+            result.value, session.kwh, session.euros, f" ({reason})" if reason else "")
+        ended = utcnow()
+        await self.repo.finish_session(
+            session.session_id, result.value,
+            kwh=session.kwh, euros=session.euros, reason=reason, ended_at=ended,
+        )
+        update = self._update(session, status, reason=reason)
+        await self._send_update(update)
+        self.hub.publish({
+            "type": "session", "result": result.value, "cp_id": cp.cp_id,
+            "driver_id": session.driver_id, "session_id": session.session_id,
+            "kwh": session.kwh, "euros": session.euros, "reason": reason,
+            "ts": dump_ts(ended),
+        })
+        self._changed(cp)
+
+    def _update(
+        self, session: ActiveSession, status: DriverStatus, reason: str | None = None
+    ) -> DriverUpdate:
+        with_totals = status in (DriverStatus.IN_PROGRESS, DriverStatus.COMPLETED,
+                                 DriverStatus.FAILED)
+        return DriverUpdate(
+            request_id=session.request_id,
+            driver_id=session.driver_id,
+            cp_id=session.cp_id,
+            status=status,
+            reason=reason,
+            session_id=session.session_id,
+            kw=session.kw if status is DriverStatus.IN_PROGRESS else None,
+            kwh=session.kwh if with_totals else None,
+            euros=session.euros if with_totals else None,
+        )
+
+    async def _send_update(self, update: DriverUpdate) -> None:
+        try:
+            await self.bus.publish(Topic.DRIVER_UPDATES, update)
+        except BusError as exc:
+            self.stats["publish_errors"] += 1
+            logger.error("could not tell {} about {}: {}", update.driver_id, update.status, exc)
+
+    async def _send_command(
+        self,
+        cp_id: str,
+        cmd: CommandType,
+        *,
+        driver_id: str | None = None,
+        session_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        command = CentralCommand(
+            cp_id=cp_id,
+            cmd=cmd,
+            payload=CommandPayload(driver_id=driver_id, session_id=session_id, reason=reason),
+        )
+        try:
+            await self.bus.publish(Topic.CENTRAL_COMMANDS, command)
+        except BusError as exc:
+            self.stats["publish_errors"] += 1
+            logger.error("could not send {} to {}: {}", cmd.value, cp_id, exc)
+
+    async def _persist(self, cp: CPView) -> None:
+        await self.repo.upsert_cp(cp.record())
+        await self.repo.record_health(
+            cp.cp_id, cp.state, cp.is_faulty, cp.breaker.state, utcnow(),
+            session_id=cp.session.session_id if cp.session else None,
+        )
+
+    def _changed(self, cp: CPView) -> None:
+        self.hub.publish({"type": "cp", "cp": cp.as_dict()})

@@ -1,0 +1,484 @@
+"""One charging point: its state, its charging session and what it tells Central.
+
+:class:`ChargingPoint` holds no process-global state, so one process can host many. It
+changes state only through :func:`evcharging.common.states.next_state`, and announces
+every change on ``cp.status``; while it supplies, it sends ``cp.telemetry``.
+
+Concurrency. Every change (a command, a fault, a recovery, the end of a session, the
+heartbeat, shutdown) runs under one per-CP :class:`asyncio.Lock` and publishes while
+holding it. So the messages of one CP leave in the order of its state changes: no
+telemetry follows the status that ended its session, and no heartbeat repeats a state
+that was already left.
+
+Messages.
+
+* On every state change: ``CPStatus(state, reason, session_id, driver_id)``; when the
+  change ends a session, also its totals ``kwh``, ``euros`` and ``session_result``.
+* A heartbeat every ``status_interval`` seconds repeats the current state, the reason of
+  that state, and the running session if any (never totals or a session result, so a
+  heartbeat cannot count a session twice). Central uses it to resynchronise.
+* A refused command changes nothing and is answered at once with
+  ``CPStatus(current state, reason="refused <CMD>: <why>", session_id=<the command's>)``.
+
+Shutdown. :meth:`ChargingPoint.stop` ends a running session as ``STOPPED`` and, from
+ACTIVATED, disconnects (``DISCONNECTED``, reason ``shutdown``). The state machine has no
+DISCONNECT from STOPPED or FAULT, so from there the CP only announces its current state
+with the reason ``shutting down`` and stays in it: Central keeps knowing that it was
+stopped or faulty, which is what an operator needs to see when it comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from loguru import logger
+
+from evcharging.common.kafka import BusError, Topic
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandType,
+    CPStatus,
+    CPTelemetry,
+    Message,
+)
+from evcharging.common.states import (
+    CPEvent,
+    CPState,
+    InvalidTransition,
+    SessionResult,
+    next_state,
+    session_result,
+)
+
+if TYPE_CHECKING:
+    from evcharging.common.config import CPEngineSettings
+
+__all__ = ["ChargingPoint", "Publisher"]
+
+MAX_REASON = 500
+"""The longest reason a status message may carry (SPEC §2, ``Reason``)."""
+
+_REMEMBERED_SESSIONS = 64
+"""How many ended session ids a CP remembers, to ignore a late duplicate START_SUPPLY."""
+
+_SECONDS_PER_HOUR = 3600.0
+
+
+class Publisher(Protocol):
+    """Where a charging point sends its messages (``KafkaBus`` in production)."""
+
+    async def publish(self, topic: Topic, message: Message) -> None: ...
+
+
+@dataclass
+class _Session:
+    """A charging session in progress."""
+
+    session_id: str
+    driver_id: str
+    started_at: float
+    """Clock reading at the start, for the energy delivered so far."""
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def _clip(reason: str) -> str:
+    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
+
+
+class ChargingPoint:
+    """The simulated hardware and firmware of one charging point.
+
+    ``clock`` (seconds, monotonic) measures the energy delivered; the pacing of telemetry
+    and of the session's end follows the event loop's own timers.
+    """
+
+    def __init__(
+        self,
+        cp_id: str,
+        publisher: Publisher,
+        *,
+        kw_rate: float = 22.0,
+        euro_rate: float = 0.30,
+        session_seconds: float = 10.0,
+        telemetry_interval: float = 1.0,
+        status_interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if kw_rate <= 0 or euro_rate < 0:
+            raise ValueError("kw_rate must be > 0 and euro_rate >= 0")
+        if min(session_seconds, telemetry_interval, status_interval) <= 0:
+            raise ValueError("session_seconds and the intervals must be > 0")
+        self.cp_id = cp_id
+        self.kw_rate = kw_rate
+        self.euro_rate = euro_rate
+        self.session_seconds = session_seconds
+        self.telemetry_interval = telemetry_interval
+        self.status_interval = status_interval
+        self._publisher = publisher
+        self._clock = clock
+        self._state = CPState.DISCONNECTED
+        self._reason: str | None = None
+        self._session: _Session | None = None
+        self._ended_sessions: deque[str] = deque(maxlen=_REMEMBERED_SESSIONS)
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._started = False
+        self._closed = False
+        self._log = logger.bind(cp_id=cp_id)
+        self.shutdown_requested = asyncio.Event()
+        """Set once a SHUTDOWN command has shut the CP down: the process should exit."""
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: CPEngineSettings,
+        publisher: Publisher,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> ChargingPoint:
+        return cls(
+            settings.cp_id,
+            publisher,
+            kw_rate=settings.kw_rate,
+            euro_rate=settings.euro_rate,
+            session_seconds=settings.session_seconds,
+            telemetry_interval=settings.telemetry_interval,
+            status_interval=settings.status_interval,
+            clock=clock,
+        )
+
+    # ---------------------------------------------------------------- read-only view
+
+    @property
+    def state(self) -> CPState:
+        return self._state
+
+    @property
+    def reason(self) -> str | None:
+        """Why the CP is in its current state (e.g. the fault's reason)."""
+        return self._reason
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session.session_id if self._session else None
+
+    @property
+    def driver_id(self) -> str | None:
+        return self._session.driver_id if self._session else None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The CP at a glance, for the health endpoint."""
+        session = self._session
+        kwh, euros = self._totals(session) if session else (None, None)
+        return {
+            "cp_id": self.cp_id,
+            "state": self._state.value,
+            "session_id": session.session_id if session else None,
+            "driver_id": session.driver_id if session else None,
+            "kw": self.kw_rate if session else 0.0,
+            "kwh": kwh,
+            "euros": euros,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Connect (DISCONNECTED → ACTIVATED), announce it and start the heartbeat."""
+        if self._started or self._closed:
+            raise RuntimeError(f"charging point {self.cp_id} was already started or stopped")
+        async with self._lock:
+            await self._change(CPEvent.CONNECT, "connected")
+            self._started = True
+            self._heartbeat = self._spawn(self._heartbeat_loop(), "heartbeat")
+
+    async def stop(self) -> None:
+        """Shut down cleanly; safe to call twice (the second call only awaits the tasks).
+
+        A running session ends as STOPPED; from ACTIVATED the CP disconnects. From
+        STOPPED or FAULT (no DISCONNECT in the state machine) it re-announces its state
+        with the reason ``shutting down``.
+        """
+        async with self._lock:
+            if not self._closed:
+                self._closed = True
+                if self._heartbeat is not None:
+                    self._heartbeat.cancel()
+                await self._shut_down()
+        await self._cancel_tasks()
+
+    async def _shut_down(self) -> None:
+        if self._state is CPState.SUPPLYING:
+            await self._change(CPEvent.STOP_SUPPLY, "CP shutting down")
+        if self._state is CPState.ACTIVATED:
+            await self._change(CPEvent.DISCONNECT, "shutdown")
+        elif self._state in (CPState.STOPPED, CPState.FAULT):
+            self._log.info("shutting down in state {}", self._state.value)
+            await self._publish_status(reason="shutting down")
+        # DISCONNECTED: never connected (or already disconnected), nothing to announce.
+
+    async def __aenter__(self) -> ChargingPoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    # ---------------------------------------------------------------- Central's commands
+
+    async def handle_command(self, cmd: CentralCommand) -> None:
+        """Carry out one command from Central (commands for other CPs are ignored)."""
+        if cmd.cp_id != self.cp_id:
+            self._log.debug("ignoring {} for {}", cmd.cmd.value, cmd.cp_id)
+            return
+        if self._closed:
+            self._log.info("ignoring {}: the CP is shutting down", cmd.cmd.value)
+            return
+        self._log.info("command {} {}", cmd.cmd.value, cmd.payload.model_dump(exclude_none=True))
+        if cmd.cmd is CommandType.SHUTDOWN:
+            await self.stop()
+            self._log.info("SHUTDOWN done; asking the process to exit")
+            self.shutdown_requested.set()
+            return
+        async with self._lock:
+            if self._closed:  # stop() ran while this command waited for the lock
+                self._log.info("ignoring {}: the CP is shutting down", cmd.cmd.value)
+                return
+            try:
+                await self._apply_command(cmd)
+            except InvalidTransition as exc:
+                await self._refuse(cmd, str(exc))
+
+    async def _apply_command(self, cmd: CentralCommand) -> None:
+        payload = cmd.payload
+        match cmd.cmd:
+            case CommandType.START_SUPPLY:
+                await self._start_supply(cmd)
+            case CommandType.STOP_SUPPLY:
+                running = self._session
+                if payload.session_id and running and payload.session_id != running.session_id:
+                    await self._refuse(
+                        cmd, f"session {payload.session_id} is not the running session"
+                    )
+                    return
+                await self._change(CPEvent.STOP_SUPPLY, payload.reason or "supply stopped")
+            case CommandType.STOP_CP:
+                await self._change(CPEvent.STOP_CP, payload.reason or "stopped by operator")
+            case CommandType.RESUME_CP:
+                await self._change(CPEvent.RESUME_CP, payload.reason or "resumed by operator")
+            case CommandType.SHUTDOWN:  # pragma: no cover - handled before taking the lock
+                raise AssertionError("SHUTDOWN is handled by handle_command")
+
+    async def _start_supply(self, cmd: CentralCommand) -> None:
+        session_id, driver_id = cmd.payload.session_id, cmd.payload.driver_id
+        running = self._session
+        if running is not None and running.session_id == session_id:
+            self._log.info("duplicate START_SUPPLY for running session {} ignored", session_id)
+            return
+        if session_id in self._ended_sessions:
+            self._log.warning("START_SUPPLY for ended session {} ignored", session_id)
+            return
+        await self._change(
+            CPEvent.START_SUPPLY, "supplying", driver_id=driver_id, session_id=session_id
+        )
+
+    async def _refuse(self, cmd: CentralCommand, why: str) -> None:
+        reason = f"refused {cmd.cmd.value}: {why}"
+        self._log.warning("{} (state stays {})", reason, self._state.value)
+        await self._publish(
+            Topic.CP_STATUS,
+            CPStatus(
+                cp_id=self.cp_id,
+                state=self._state,
+                reason=_clip(reason),
+                session_id=cmd.payload.session_id,
+            ),
+        )
+
+    # ---------------------------------------------------------------- the monitor's hooks
+
+    async def fault(self, reason: str) -> None:
+        """A hardware fault: any state but FAULT → FAULT; a running session FAILS.
+
+        Raises InvalidTransition when refused (already in FAULT, or shutting down).
+        """
+        async with self._lock:
+            self._refuse_when_closed(CPEvent.FAULT)
+            await self._change(CPEvent.FAULT, reason or "fault")
+
+    async def recover(self) -> None:
+        """The fault is repaired: FAULT → ACTIVATED. Raises InvalidTransition otherwise."""
+        async with self._lock:
+            self._refuse_when_closed(CPEvent.RECOVER)
+            await self._change(CPEvent.RECOVER, "recovered")
+
+    def _refuse_when_closed(self, event: CPEvent) -> None:
+        if self._closed:
+            raise InvalidTransition(self._state, event, "the CP is shutting down")
+
+    # ---------------------------------------------------------------- state changes
+
+    async def _change(
+        self,
+        event: CPEvent,
+        reason: str,
+        *,
+        driver_id: str | None = None,
+        session_id: str | None = None,
+    ) -> None:
+        """Apply `event` through the state machine and announce it (hold the lock).
+
+        Raises InvalidTransition, having changed nothing, when the machine refuses.
+        """
+        old = self._state
+        new = next_state(old, event, driver_id=driver_id, session_id=session_id)
+        result = session_result(old, event)
+        ended = self._session if result is not None else None
+        reason = _clip(reason)
+        kwh = euros = 0.0
+        if ended is not None:
+            elapsed = self.session_seconds if result is SessionResult.COMPLETED else None
+            kwh, euros = self._totals(ended, elapsed)
+            status = CPStatus(
+                cp_id=self.cp_id,
+                state=new,
+                reason=reason,
+                session_id=ended.session_id,
+                driver_id=ended.driver_id,
+                kwh=kwh,
+                euros=euros,
+                session_result=result,
+            )
+        else:
+            status = CPStatus(
+                cp_id=self.cp_id,
+                state=new,
+                reason=reason,
+                session_id=session_id,
+                driver_id=driver_id,
+            )
+        # Nothing below can be refused: commit the change.
+        self._state = new
+        self._reason = reason
+        if ended is not None:
+            self._end_session(ended)
+            self._log.info(
+                "{} --{}--> {} ({}); session {} of {} {}: {:.4f} kWh, {:.4f} €",
+                old.value, event.value, new.value, reason, ended.session_id,
+                ended.driver_id, result, kwh, euros,
+            )
+        else:
+            self._log.info("{} --{}--> {} ({})", old.value, event.value, new.value, reason)
+        if event is CPEvent.START_SUPPLY:
+            assert driver_id is not None and session_id is not None  # the guard saw them
+            self._begin_session(session_id, driver_id)
+        await self._publish(Topic.CP_STATUS, status)
+
+    def _begin_session(self, session_id: str, driver_id: str) -> None:
+        session = _Session(session_id, driver_id, started_at=self._clock())
+        self._session = session
+        session.task = self._spawn(self._run_session(session), f"session-{session_id}")
+
+    def _end_session(self, session: _Session) -> None:
+        self._session = None
+        self._ended_sessions.append(session.session_id)
+        task = session.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()  # stop() awaits it, as it awaits every task
+
+    def _totals(self, session: _Session, elapsed: float | None = None) -> tuple[float, float]:
+        """kWh and € of `session` after `elapsed` seconds (default: as of now)."""
+        if elapsed is None:
+            elapsed = self._clock() - session.started_at
+        elapsed = min(max(elapsed, 0.0), self.session_seconds)
+        kwh = self.kw_rate * elapsed / _SECONDS_PER_HOUR
+        return kwh, kwh * self.euro_rate
+
+    # ---------------------------------------------------------------- background tasks
+
+    async def _run_session(self, session: _Session) -> None:
+        """Send telemetry every telemetry_interval; complete after session_seconds."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + self.session_seconds
+        tick = loop.time()
+        while True:
+            tick += self.telemetry_interval
+            now = loop.time()
+            if tick <= now:  # fell behind (a slow publish): skip the missed ticks
+                tick = now + self.telemetry_interval
+            if tick >= end:
+                await asyncio.sleep(end - now)
+                break
+            await asyncio.sleep(tick - now)
+            async with self._lock:
+                if self._session is not session:
+                    return
+                kwh, euros = self._totals(session)
+                await self._publish(
+                    Topic.CP_TELEMETRY,
+                    CPTelemetry(
+                        cp_id=self.cp_id,
+                        kw=self.kw_rate,
+                        kwh=kwh,
+                        euros=euros,
+                        driver_id=session.driver_id,
+                        session_id=session.session_id,
+                    ),
+                )
+        async with self._lock:
+            if self._session is session:
+                await self._change(CPEvent.SESSION_COMPLETE, "session completed")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.status_interval)
+            async with self._lock:
+                self._log.debug("heartbeat {}", self._state.value)
+                await self._publish_status(reason=self._reason)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.cp_id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self._log.opt(exception=exc).error("task {} crashed", task.get_name())
+
+    async def _cancel_tasks(self) -> None:
+        current = asyncio.current_task()
+        tasks = [t for t in self._tasks if t is not current]
+        for task in tasks:
+            task.cancel()
+        # Crashes were logged by _task_done; here they only must not stop the shutdown.
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- publishing
+
+    async def _publish_status(self, *, reason: str | None) -> None:
+        """Announce the current state and running session (no totals)."""
+        session = self._session
+        await self._publish(
+            Topic.CP_STATUS,
+            CPStatus(
+                cp_id=self.cp_id,
+                state=self._state,
+                reason=reason,
+                session_id=session.session_id if session else None,
+                driver_id=session.driver_id if session else None,
+            ),
+        )
+
+    async def _publish(self, topic: Topic, message: Message) -> None:
+        """Publish; a bus failure is logged, never raised (the next heartbeat repairs it)."""
+        try:
+            await self._publisher.publish(topic, message)
+        except BusError as exc:
+            self._log.error("could not publish to {}: {}", topic.value, exc)

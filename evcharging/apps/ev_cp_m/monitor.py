@@ -1,0 +1,487 @@
+"""CP Monitor: the watchdog of one charging point. It speaks HTTP only (no Kafka).
+
+Two owned tasks run side by side:
+
+* the **checker** GETs the CP Engine's ``/health`` every ``health_interval`` seconds. A
+  check fails on a connection error, a timeout (``health_timeout``, for the whole call) or
+  any answer but 200 (the engine answers 503 while in FAULT). After ``failure_threshold``
+  consecutive failures the CP is declared faulty and one fault report is queued; the first
+  check that passes after that queues one recovery report.
+* the **Central link** registers the CP (``POST /cp/register``) and delivers the queued
+  reports (``POST /cp/fault``). Every call is retried with exponential backoff (0.5 s
+  doubling up to 10 s) until Central takes it. Only the newest undelivered report is kept:
+  when the CP recovers before its fault report got through, Central is told the latest
+  truth. A 404 (Central does not know the CP, e.g. it lost its registry) makes the monitor
+  register again and then retry; a 401/403 is logged as an error about the API token and
+  retried (Central may be restarted with the right token). Other 4xx answers to a report
+  are logged and the report is dropped, since sending it again cannot help.
+
+While Central is unreachable the monitor keeps checking and logs one warning per outage,
+plus one line when Central answers again. State changes of its view of the CP
+(healthy → failing → FAULT → recovered) are logged at INFO (the fault itself at WARNING);
+each check is logged at DEBUG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+from typing import Any
+
+import httpx
+from loguru import logger
+
+from evcharging.common.config import CPMonitorSettings
+from evcharging.common.messages import CPFaultReport, CPRegistration
+
+__all__ = ["HealthView", "Monitor", "MonitorStats"]
+
+RECOVERY_REASON = "health checks pass again"
+_MAX_REASON = 500
+_MAX_DETAIL = 200
+
+
+class HealthView(StrEnum):
+    """What the monitor currently believes about its CP."""
+
+    UNKNOWN = "UNKNOWN"
+    """No check has finished yet."""
+    HEALTHY = "HEALTHY"
+    FAILING = "FAILING"
+    """Some consecutive checks failed, fewer than the threshold."""
+    FAULT = "FAULT"
+    """The threshold was reached and a fault report was queued."""
+
+
+@dataclass
+class MonitorStats:
+    """Counters of one monitor (read them, do not write them)."""
+
+    checks: int = 0
+    failures: int = 0
+    """Failed health checks, in total."""
+    reports_sent: int = 0
+    """Fault and recovery reports that Central accepted."""
+    fault_reports_sent: int = 0
+    recovery_reports_sent: int = 0
+    report_attempts: int = 0
+    registrations: int = 0
+    """Successful registrations (more than one when Central forgot the CP)."""
+    central_errors: int = 0
+    """Calls to Central that failed or were refused."""
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class _Failure:
+    reason: str
+    cp_reports_fault: bool = False
+
+
+class _Outcome(Enum):
+    OK = "ok"
+    RETRY = "retry"
+    """Central is down, answered 5xx or refused the token: try again after a backoff."""
+    UNKNOWN_CP = "unknown CP"
+    """404: Central does not know the CP; register again."""
+    REJECTED = "rejected"
+    """Another 4xx: the request itself is wrong."""
+
+
+class Monitor:
+    """Watch one CP Engine and report its faults and recoveries to Central.
+
+    ``client`` may be injected (tests pass one with an ``httpx.MockTransport``); the monitor
+    closes only a client it created itself. ``retry_initial``/``retry_max`` bound the
+    backoff of calls to Central. Use ``start()``/``stop()``, ``async with``, or ``run(stop)``.
+    """
+
+    def __init__(
+        self,
+        settings: CPMonitorSettings,
+        client: httpx.AsyncClient | None = None,
+        *,
+        retry_initial: float = 0.5,
+        retry_max: float = 10.0,
+        central_timeout: float = 5.0,
+    ) -> None:
+        if retry_initial <= 0 or retry_max < retry_initial:
+            raise ValueError("need 0 < retry_initial <= retry_max")
+        self.settings = settings
+        self.stats = MonitorStats()
+        self.view = HealthView.UNKNOWN
+        self.consecutive_failures = 0
+        self.health_url = f"http://{settings.cp_e_host}:{settings.cp_e_port}/health"
+        self.central_url = f"http://{settings.central_host}:{settings.central_port}"
+        self._owns_client = client is None
+        self._client = client if client is not None else httpx.AsyncClient()
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._central_timeout = central_timeout
+        self._headers: dict[str, str] = {}
+        if settings.api_token is not None:
+            self._headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
+        self._registered = False
+        self._pending: CPFaultReport | None = None
+        self._central_believes_faulty: bool | None = None
+        """What Central was last told with success; None when uncertain."""
+        self._wake = asyncio.Event()
+        self._central_problem: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    @property
+    def pending_report(self) -> CPFaultReport | None:
+        """The newest report Central has not accepted yet, if any."""
+        return self._pending
+
+    @property
+    def running(self) -> bool:
+        return any(not task.done() for task in self._tasks)
+
+    async def start(self) -> None:
+        """Start the checker and the Central link; returns at once."""
+        if self._tasks:
+            raise RuntimeError("the monitor is already started")
+        if self._stopped:
+            raise RuntimeError("a stopped monitor cannot start again")
+        s = self.settings
+        logger.info(
+            "monitoring {} at {} every {:g} s (timeout {:g} s, fault after {} failures); "
+            "reporting to Central at {}",
+            s.cp_id, self.health_url, s.health_interval, s.health_timeout,
+            s.failure_threshold, self.central_url,
+        )
+        self._tasks = {
+            asyncio.create_task(self._check_loop(), name=f"monitor-{s.cp_id}-checks"),
+            asyncio.create_task(self._central_loop(), name=f"monitor-{s.cp_id}-central"),
+        }
+
+    async def stop(self) -> None:
+        """Cancel and await both tasks, then close the client if it is ours. Idempotent."""
+        self._stopped = True
+        tasks, self._tasks = self._tasks, set()
+        await _cancel_and_wait(tasks)
+        if self._pending is not None:
+            logger.warning(
+                "stopping with an undelivered {} report", _kind(self._pending)
+            )
+        if self._owns_client and not self._client.is_closed:
+            await self._client.aclose()
+        if tasks:
+            logger.info("monitor stopped ({})", self.stats.as_dict())
+
+    async def __aenter__(self) -> Monitor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Monitor until `stop` is set; raises if a task of the monitor died."""
+        await self.start()
+        try:
+            stop_waiter = asyncio.create_task(stop.wait(), name="monitor-stop-waiter")
+            try:
+                done, _ = await asyncio.wait(
+                    {stop_waiter, *self._tasks}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                await _cancel_and_wait({stop_waiter})
+            for task in done - {stop_waiter}:
+                exc = task.exception()
+                if exc is not None:
+                    raise exc
+                raise RuntimeError(f"monitor task {task.get_name()} ended unexpectedly")
+        finally:
+            await self.stop()
+
+    # ----------------------------------------------------------------- health checks
+
+    async def _check_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.settings.health_interval
+        next_at = loop.time()
+        while True:
+            await self.check_once()
+            next_at += interval
+            now = loop.time()
+            if next_at < now:  # a slow check: do not fire the missed ones in a burst
+                next_at = now
+            await asyncio.sleep(next_at - now)
+
+    async def check_once(self) -> bool:
+        """Run one health check, update the view and queue a report if needed."""
+        self.stats.checks += 1
+        failure = await self._probe()
+        if failure is None:
+            self._on_success()
+            return True
+        self.stats.failures += 1
+        self._on_failure(failure)
+        return False
+
+    async def _probe(self) -> _Failure | None:
+        timeout = self.settings.health_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.get(self.health_url, timeout=timeout)
+        except (TimeoutError, httpx.TimeoutException):
+            return _Failure(f"timed out after {timeout:g} s")
+        except httpx.ConnectError as exc:
+            return _Failure(_connect_reason(exc))
+        except httpx.HTTPError as exc:
+            return _Failure(_describe(exc))
+        if response.status_code == 200:
+            logger.debug("health check ok: {}", _clip(response.text, 120))
+            return None
+        return _unhealthy(response)
+
+    def _on_success(self) -> None:
+        previous, failures = self.view, self.consecutive_failures
+        self.consecutive_failures = 0
+        self.view = HealthView.HEALTHY
+        if previous is HealthView.FAULT:
+            logger.info("CP {} recovered: {}; reporting the recovery to Central",
+                        self.settings.cp_id, RECOVERY_REASON)
+            self._queue_report(is_faulty=False, reason=RECOVERY_REASON)
+        elif previous is HealthView.FAILING:
+            logger.info("health checks pass again after {} failure(s); no fault reported",
+                        failures)
+        elif previous is HealthView.UNKNOWN:
+            logger.info("CP {} is healthy", self.settings.cp_id)
+
+    def _on_failure(self, failure: _Failure) -> None:
+        self.consecutive_failures += 1
+        count, threshold = self.consecutive_failures, self.settings.failure_threshold
+        if self.view is HealthView.FAULT:
+            # Already reported: one report per fault.
+            logger.debug("health check failed again ({} in a row): {}", count, failure.reason)
+            return
+        if count >= threshold:
+            reason = (
+                failure.reason
+                if failure.cp_reports_fault
+                else f"health check failed {count} times: {failure.reason}"
+            )
+            self.view = HealthView.FAULT
+            logger.warning("CP {} is faulty ({}); reporting the fault to Central",
+                           self.settings.cp_id, reason)
+            self._queue_report(is_faulty=True, reason=reason)
+        elif self.view is not HealthView.FAILING:
+            self.view = HealthView.FAILING
+            logger.info("health check failed ({}/{}): {}", count, threshold, failure.reason)
+        else:
+            logger.debug("health check failed ({}/{}): {}", count, threshold, failure.reason)
+
+    def _queue_report(self, *, is_faulty: bool, reason: str) -> None:
+        report = CPFaultReport(
+            cp_id=self.settings.cp_id, is_faulty=is_faulty, reason=_clip(reason, _MAX_REASON)
+        )
+        superseded = self._pending
+        if superseded is not None:
+            logger.info("the undelivered {} report is superseded by a {} report",
+                        _kind(superseded), _kind(report))
+        if self._central_believes_faulty is is_faulty:
+            # Central already holds this truth (the opposite report never got through).
+            self._pending = None
+            return
+        self._pending = report
+        self._wake.set()
+
+    # ----------------------------------------------------------------- Central link
+
+    async def _central_loop(self) -> None:
+        delay = self._retry_initial
+        while True:
+            report = self._pending
+            if not self._registered:
+                outcome = await self._register()
+                if outcome is _Outcome.OK:
+                    self._registered = True
+                    continue  # deliver what is pending now, without a pause
+            elif report is not None:
+                outcome = await self._report(report)
+                if outcome is _Outcome.UNKNOWN_CP:
+                    self._registered = False
+                elif outcome is not _Outcome.RETRY:
+                    if self._pending is report:
+                        self._pending = None
+                    delay = self._retry_initial
+                    continue
+            else:
+                delay = self._retry_initial
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            logger.debug("next call to Central in {:g} s", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._retry_max)
+
+    async def _register(self) -> _Outcome:
+        body = CPRegistration(cp_id=self.settings.cp_id, health_url=self.health_url)
+        outcome = await self._post("/cp/register", body.model_dump(mode="json", exclude_none=True),
+                                   "registering the CP")
+        if outcome is _Outcome.OK:
+            self.stats.registrations += 1
+            logger.info("registered {} at Central {}", self.settings.cp_id, self.central_url)
+        elif outcome is _Outcome.UNKNOWN_CP:
+            self._problem("register-404", "error",
+                          f"Central at {self.central_url} has no /cp/register (HTTP 404); "
+                          "retrying with backoff")
+        return outcome
+
+    async def _report(self, report: CPFaultReport) -> _Outcome:
+        self.stats.report_attempts += 1
+        kind = _kind(report)
+        outcome = await self._post("/cp/fault", report.model_dump(mode="json"),
+                                   f"sending a {kind} report")
+        if outcome is _Outcome.OK:
+            self._central_believes_faulty = report.is_faulty
+            self.stats.reports_sent += 1
+            if report.is_faulty:
+                self.stats.fault_reports_sent += 1
+            else:
+                self.stats.recovery_reports_sent += 1
+            logger.info("{} report delivered to Central: {}", kind, report.reason)
+            return outcome
+        self._central_believes_faulty = None  # it may or may not have arrived
+        if outcome is _Outcome.UNKNOWN_CP:
+            logger.warning("Central does not know {} (HTTP 404); registering it again",
+                           self.settings.cp_id)
+        elif outcome is _Outcome.REJECTED:
+            logger.error("Central rejected the {} report; dropping it", kind)
+        return outcome
+
+    async def _post(self, path: str, body: dict[str, Any], what: str) -> _Outcome:
+        url = f"{self.central_url}{path}"
+        try:
+            response = await self._client.post(
+                url, json=body, headers=self._headers, timeout=self._central_timeout
+            )
+        except httpx.HTTPError as exc:
+            self.stats.central_errors += 1
+            detail = (
+                f"timed out after {self._central_timeout:g} s"
+                if isinstance(exc, httpx.TimeoutException)
+                else _describe(exc)
+            )
+            self._problem("down", "warning",
+                          f"Central at {self.central_url} is unreachable while {what} "
+                          f"({detail}); retrying with backoff up to {self._retry_max:g} s")
+            return _Outcome.RETRY
+        code = response.status_code
+        if code < 300:
+            self._central_answered(ok=True)
+            return _Outcome.OK
+        self.stats.central_errors += 1
+        if code >= 500:
+            self._problem("down", "warning",
+                          f"Central at {self.central_url} answered HTTP {code} while {what}; "
+                          f"retrying with backoff up to {self._retry_max:g} s")
+            return _Outcome.RETRY
+        self._central_answered(ok=False)
+        if code in (401, 403):
+            hint = (
+                "check that CP_MONITOR_API_TOKEN (--api-token) matches CENTRAL_API_TOKEN"
+                if self._headers
+                else "Central requires an API token: set CP_MONITOR_API_TOKEN (--api-token)"
+            )
+            self._problem(f"auth-{code}", "error",
+                          f"Central refused our credentials (HTTP {code}) while {what}: "
+                          f"{hint}; retrying with backoff")
+            return _Outcome.RETRY
+        if code == 404:
+            return _Outcome.UNKNOWN_CP
+        self._problem(f"rejected-{code}", "error",
+                      f"Central rejected {what} with HTTP {code}: {_clip(response.text)}")
+        return _Outcome.REJECTED
+
+    def _problem(self, kind: str, level: str, message: str) -> None:
+        """Log a problem with Central once, until it changes or Central works again."""
+        if self._central_problem != kind:
+            self._central_problem = kind
+            logger.log(level.upper(), "{}", message)
+
+    def _central_answered(self, *, ok: bool) -> None:
+        """Central answered (2xx when `ok`): an outage is over; a refusal ends on success."""
+        if self._central_problem == "down":
+            logger.info("Central at {} answers again", self.central_url)
+            self._central_problem = None
+        elif ok:
+            self._central_problem = None
+
+
+async def _cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel `tasks` and wait until they have ended; their failures are logged at DEBUG."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, result in zip(tasks, results, strict=True):
+        if isinstance(result, Exception):
+            logger.opt(exception=result).debug("task {} had failed", task.get_name())
+
+
+def _kind(report: CPFaultReport) -> str:
+    return "fault" if report.is_faulty else "recovery"
+
+
+def _clip(text: str, limit: int = _MAX_DETAIL) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return _connect_reason(exc)
+    text = str(exc)
+    return _clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """A short cause of a failed connection, from the exception and its causes."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host ({cause.strerror or cause})"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if "refused" in text.lower():
+        return "connection refused"
+    return f"cannot connect ({_clip(text)})" if text else "cannot connect"
+
+
+def _unhealthy(response: httpx.Response) -> _Failure:
+    """Why a non-200 health answer failed; uses the engine's body when it has one."""
+    state: object = None
+    reason: object = None
+    with contextlib.suppress(ValueError):
+        body = response.json()
+        if isinstance(body, dict):
+            state = body.get("state")
+            reason = body.get("reason") or body.get("fault_reason") or body.get("detail")
+    if state == "FAULT":
+        text = "CP reports FAULT" + (f": {_clip(str(reason))}" if reason else "")
+        return _Failure(text, cp_reports_fault=True)
+    text = f"HTTP {response.status_code}"
+    if state:
+        text += f" (state {_clip(str(state), 40)})"
+    return _Failure(text)

@@ -1,0 +1,165 @@
+"""EV Driver entry point: ``python -m evcharging.apps.ev_driver.main --driver-id ... ``.
+
+Reads the requests file, connects to Kafka (a producer for ``driver.requests`` and a
+group-less consumer of ``driver.updates`` that starts at the end, started before the first
+request so that no answer is missed) and runs a :class:`Driver` over the file.
+
+Exit codes: 0 when every request of the file was tried, 130 when SIGINT/SIGTERM stopped
+the driver early (it logs the summary so far), 1 when the bus failed (Kafka unreachable,
+a request could not be published, or the consumer died), 2 for invalid flags or a requests
+file that cannot be read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+from loguru import logger
+
+from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_requests, plan_text
+from evcharging.common.config import DriverSettings, load_settings
+from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
+from evcharging.common.logging import setup_logging
+from evcharging.common.service import run_service
+
+PROG = "python -m evcharging.apps.ev_driver.main"
+DESCRIPTION = (
+    "EV Driver: asks EV Central over Kafka to charge at each CP listed in a requests file "
+    "(one CP id per line, # comments) and follows every request to its end."
+)
+
+EXIT_OK = 0
+EXIT_BUS = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
+    """Run the driver over its requests file until done or `stop`; returns the exit code."""
+    path = settings.requests_file
+    try:
+        cp_ids = load_requests(path)
+    except FileNotFoundError:
+        logger.error("requests file {} not found", path)
+        return EXIT_USAGE
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.error("cannot read requests file {}: {}", path, exc)
+        return EXIT_USAGE
+    if not cp_ids:
+        logger.warning("requests file {} lists no valid CP id; nothing to do", path)
+        return EXIT_OK
+    logger.info("{} request(s) to make: {}", len(cp_ids), plan_text(cp_ids))
+
+    config = KafkaConfig(
+        bootstrap=settings.kafka_bootstrap,
+        client_id=f"driver-{settings.driver_id}",
+        topic_prefix=settings.topic_prefix,
+        partitions=settings.topic_partitions,
+    )
+    bus = KafkaBus(config)
+    driver = Driver(
+        settings.driver_id,
+        bus,
+        request_timeout=settings.request_timeout,
+        request_interval=settings.request_interval,
+    )
+    consumer = KafkaConsumerLoop(
+        config, {Topic.DRIVER_UPDATES: driver.handle_update}, group_id=None, start_at="latest"
+    )
+    try:
+        started = await _unless_stopped(_start(bus, consumer), stop)
+        if not started:
+            logger.info("stopped while connecting to Kafka; no request was sent")
+            return EXIT_INTERRUPTED
+        summary, consumer_failed = await _drive(driver, consumer, cp_ids, stop)
+    except BusError as exc:
+        logger.error("the message bus failed: {}", exc)
+        return EXIT_BUS
+    except Exception:  # noqa: BLE001 - the process boundary: log it and exit 1
+        logger.exception("the driver failed")
+        return EXIT_BUS
+    finally:
+        await _close(consumer, bus)
+    if consumer_failed or summary.bus_error is not None:
+        return EXIT_BUS
+    return EXIT_OK if summary.finished else EXIT_INTERRUPTED
+
+
+async def _start(bus: KafkaBus, consumer: KafkaConsumerLoop) -> bool:
+    await bus.start()
+    await consumer.start()  # positions are resolved here: nothing published later is missed
+    return True
+
+
+async def _drive(
+    driver: Driver, consumer: KafkaConsumerLoop, cp_ids: Sequence[str], stop: asyncio.Event
+) -> tuple[DriverSummary, bool]:
+    """Run the consumer and the driver side by side; returns (summary, consumer failed)."""
+    if stop.is_set():
+        driver.stop()
+    consumer_task = asyncio.create_task(consumer.run(), name="driver-updates-consumer")
+    driver_task = asyncio.create_task(driver.run(cp_ids), name="driver-requests")
+    stop_task = asyncio.create_task(stop.wait(), name="driver-stop-waiter")
+    consumer_failed = False
+    try:
+        done, _ = await asyncio.wait(
+            {consumer_task, driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
+        )
+        if driver_task not in done:
+            if consumer_task in done:
+                consumer_failed = True
+                exc = None if consumer_task.cancelled() else consumer_task.exception()
+                logger.opt(exception=exc).critical(
+                    "the driver.updates consumer died ({!r}); no update can arrive any more, "
+                    "stopping the driver",
+                    exc,
+                )
+            driver.stop()
+        summary = await driver_task
+    finally:
+        await _cancel_and_wait(consumer_task, driver_task, stop_task)
+    return summary, consumer_failed
+
+
+async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """Await `work`, or cancel it and return None when `stop` is set first."""
+    work_task: asyncio.Task[T] = asyncio.ensure_future(work)
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set() or not work_task.done():
+            return None
+        return work_task.result()
+    finally:
+        await _cancel_and_wait(work_task, stop_task)
+
+
+async def _cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _close(consumer: KafkaConsumerLoop, bus: KafkaBus) -> None:
+    for name, closing in (("consumer", consumer.stop), ("producer", bus.stop)):
+        try:
+            await closing()
+        except Exception:  # noqa: BLE001 - close the rest anyway
+            logger.opt(exception=True).warning("closing the Kafka {} failed", name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = load_settings(DriverSettings, argv, PROG, DESCRIPTION)
+    setup_logging(
+        "ev_driver", settings.log_level, settings.log_json, driver_id=settings.driver_id
+    )
+    return run_service(lambda stop: run(settings, stop))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Shared fixtures: a real Kafka broker for integration and end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from evcharging.devtools.kafka_broker import KafkaBroker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a Kafka broker: ``$KAFKA_BOOTSTRAP``, else one started for the session.
+
+    The broker is real (see ``evcharging.devtools.kafka_broker``); if it cannot be started the
+    fixture raises, so the tests using it fail loudly instead of being skipped.
+    """
+    external = os.environ.get("KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    with KafkaBroker(work_dir=tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker.bootstrap

@@ -1,0 +1,379 @@
+"""Central's decisions, with a recording publisher and an in-memory SQLite repository."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from evcharging.apps.ev_central.controller import CentralOptions, Controller
+from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
+from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.common.circuit_breaker import BreakerState
+from evcharging.common.kafka import Topic
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandType,
+    CPRegistration,
+    CPState,
+    CPStatus,
+    CPTelemetry,
+    DriverRequest,
+    DriverStatus,
+    DriverUpdate,
+    SessionResult,
+    new_id,
+    utcnow,
+)
+from tests.unit.fakes import RecordingPublisher
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def repo() -> AsyncIterator[SqliteRepository]:
+    async with SqliteRepository(":memory:") as repository:
+        yield repository
+
+
+@pytest.fixture
+def bus() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def central(
+    bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
+) -> AsyncIterator[Controller]:
+    controller = Controller(
+        bus, repo, CentralOptions(start_timeout=0.2, breaker_failure_threshold=2), clock=clock
+    )
+    yield controller
+    await controller.close()
+
+
+async def activate(central: Controller, cp_id: str = "CP-001") -> None:
+    await central.register(CPRegistration(cp_id=cp_id))
+    await central.handle_status(CPStatus(cp_id=cp_id, state=CPState.ACTIVATED))
+
+
+async def request(central: Controller, cp_id: str = "CP-001", request_id: str | None = None,
+                  driver_id: str = "driver-alice") -> DriverRequest:
+    message = DriverRequest(request_id=request_id or new_id(), driver_id=driver_id, cp_id=cp_id)
+    await central.handle_request(message)
+    return message
+
+
+def updates(bus: RecordingPublisher, request_id: str) -> list[DriverUpdate]:
+    return [u for u in bus.of(DriverUpdate) if u.request_id == request_id]
+
+
+def commands(bus: RecordingPublisher, cmd: CommandType) -> list[CentralCommand]:
+    return [c for c in bus.of(CentralCommand) if c.cmd is cmd]
+
+
+async def start_session(central: Controller, bus: RecordingPublisher,
+                        cp_id: str = "CP-001") -> tuple[DriverRequest, str]:
+    req = await request(central, cp_id)
+    (accepted,) = updates(bus, req.request_id)
+    assert accepted.status is DriverStatus.ACCEPTED and accepted.session_id
+    await central.handle_status(CPStatus(
+        cp_id=cp_id, state=CPState.SUPPLYING, session_id=accepted.session_id,
+        driver_id=req.driver_id,
+    ))
+    return req, accepted.session_id
+
+
+async def test_accept_sends_start_supply_and_records_the_session(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    req = await request(central)
+    (accepted,) = updates(bus, req.request_id)
+    assert accepted.status is DriverStatus.ACCEPTED
+    (start,) = commands(bus, CommandType.START_SUPPLY)
+    assert start.cp_id == "CP-001"
+    assert start.payload.session_id == accepted.session_id
+    assert start.payload.driver_id == "driver-alice"
+    assert [t for t, _ in bus.messages] == [Topic.DRIVER_UPDATES, Topic.CENTRAL_COMMANDS]
+    row = await repo.get_session_by_request(req.request_id)
+    assert row is not None and row.status == "ACTIVE"
+    assert central.get("CP-001").session is not None
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [
+        ("unknown", "unknown CP"),
+        ("disconnected", "CP disconnected"),
+        ("stopped", "CP stopped"),
+        ("fault_state", "CP faulty"),
+        ("faulty_flag", "CP faulty"),
+        ("busy", "CP busy"),
+    ],
+)
+async def test_denied_reasons(
+    central: Controller, bus: RecordingPublisher, setup: str, reason: str
+) -> None:
+    if setup != "unknown":
+        await central.register(CPRegistration(cp_id="CP-001"))
+    if setup in ("stopped", "fault_state", "faulty_flag", "busy"):
+        await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    if setup == "stopped":
+        await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED))
+    if setup == "fault_state":
+        await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.FAULT))
+    if setup == "faulty_flag":
+        await central.report_fault("CP-001", True, "monitor lost it")
+    if setup == "busy":
+        await request(central)
+    req = await request(central)
+    (update,) = updates(bus, req.request_id)
+    assert (update.status, update.reason) == (DriverStatus.DENIED, reason)
+
+
+async def test_circuit_open_after_failed_starts(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    for _ in range(2):
+        req = await request(central)
+        session_id = updates(bus, req.request_id)[0].session_id
+        await central.handle_status(CPStatus(
+            cp_id="CP-001", state=CPState.ACTIVATED, session_id=session_id,
+            reason="refused START_SUPPLY",
+        ))
+        assert updates(bus, req.request_id)[-1].status is DriverStatus.FAILED
+    assert central.get("CP-001").breaker.state is BreakerState.OPEN
+    denied = await request(central)
+    assert updates(bus, denied.request_id)[0].reason == "circuit open"
+
+
+async def test_start_timeout_fails_the_request(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    req = await request(central)
+    failed = await bus.wait_for(
+        DriverUpdate, lambda u: u.request_id == req.request_id and u.status.is_final
+    )
+    assert failed.status is DriverStatus.FAILED
+    assert failed.reason and "did not confirm" in failed.reason
+    assert central.get("CP-001").session is None
+    assert central.get("CP-001").breaker.failures == 1
+    assert commands(bus, CommandType.STOP_SUPPLY)
+
+
+async def test_telemetry_becomes_in_progress_and_completion_completes(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    req, session_id = await start_session(central, bus)
+    for kwh in (0.1, 0.2):
+        await central.handle_telemetry(CPTelemetry(
+            cp_id="CP-001", kw=22, kwh=kwh, euros=kwh * 0.3, session_id=session_id,
+        ))
+    await central.handle_telemetry(CPTelemetry(
+        cp_id="CP-001", kw=22, kwh=9, euros=9, session_id="someone-else",
+    ))
+    progress = [u for u in updates(bus, req.request_id) if u.status is DriverStatus.IN_PROGRESS]
+    assert [u.kwh for u in progress] == [0.1, 0.2]
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, session_id=session_id, kwh=0.25, euros=0.075,
+        session_result=SessionResult.COMPLETED,
+    ))
+    final = updates(bus, req.request_id)[-1]
+    assert (final.status, final.kwh, final.euros) == (DriverStatus.COMPLETED, 0.25, 0.075)
+    row = await repo.get_session(session_id)
+    assert row is not None and (row.status, row.kwh, row.euros) == ("COMPLETED", 0.25, 0.075)
+    cp = central.get("CP-001")
+    assert cp.state is CPState.ACTIVATED and cp.session is None
+
+
+async def test_duplicate_request_id_starts_one_session(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    req = await request(central, request_id="same")
+    await request(central, request_id="same")
+    assert len(updates(bus, req.request_id)) == 1
+    assert len(commands(bus, CommandType.START_SUPPLY)) == 1
+    assert central.stats["duplicate_requests"] == 1
+
+
+async def test_expired_request_is_denied(central: Controller, bus: RecordingPublisher) -> None:
+    await activate(central)
+    old = DriverRequest(request_id="old", driver_id="d", cp_id="CP-001",
+                        ts=utcnow() - timedelta(hours=1))
+    await central.handle_request(old)
+    assert updates(bus, "old")[0].reason.startswith("request expired")  # type: ignore[union-attr]
+
+
+async def test_monitor_fault_fails_the_session_and_recovery_half_opens(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    req, _session_id = await start_session(central, bus)
+    await central.report_fault("CP-001", True, "health check failed 3 times")
+    final = updates(bus, req.request_id)[-1]
+    assert final.status is DriverStatus.FAILED
+    assert final.reason == "CP fault: health check failed 3 times"
+    cp = central.get("CP-001")
+    assert (cp.state, cp.is_faulty, cp.breaker.state) == (
+        CPState.FAULT, True, BreakerState.OPEN
+    )
+    await central.report_fault("CP-001", True, "again")  # idempotent
+    await central.report_fault("CP-001", False, "health checks pass again")
+    assert not cp.is_faulty and cp.breaker.state is BreakerState.HALF_OPEN
+    events = await repo.list_faults(cp_id="CP-001")
+    assert [e.event_type for e in events] == ["RECOVERY", "FAULT"]
+
+    # The engine comes back; the trial session closes the breaker.
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    assert cp.state is CPState.ACTIVATED
+    _, trial = await start_session(central, bus)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, session_id=trial, kwh=1, euros=0.3,
+        session_result=SessionResult.COMPLETED,
+    ))
+    assert cp.breaker.state is BreakerState.CLOSED
+
+
+async def test_failed_trial_reopens_the_breaker(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    await central.report_fault("CP-001", True, "down")
+    await central.report_fault("CP-001", False, "up")
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    _, trial = await start_session(central, bus)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.FAULT, session_id=trial, kwh=0.1, euros=0.03,
+        session_result=SessionResult.FAILED, reason="overheated",
+    ))
+    assert central.get("CP-001").breaker.state is BreakerState.OPEN
+
+
+async def test_engine_restart_mid_session_fails_it(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    req, _ = await start_session(central, bus)
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED,
+                                         reason="connected"))
+    final = updates(bus, req.request_id)[-1]
+    assert final.status is DriverStatus.FAILED
+    assert central.get("CP-001").state is CPState.ACTIVATED
+
+
+async def test_unknown_session_on_a_cp_is_stopped(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.SUPPLYING, session_id="orphan", driver_id="d",
+    ))
+    (stop,) = commands(bus, CommandType.STOP_SUPPLY)
+    assert stop.payload.session_id == "orphan"
+    assert central.get("CP-001").state is CPState.SUPPLYING
+    assert central.decide("CP-001") == "CP busy"
+
+
+async def test_operator_stop_and_resume(central: Controller, bus: RecordingPublisher) -> None:
+    await activate(central)
+    await central.stop_cp("CP-001", "maintenance")
+    (stop,) = commands(bus, CommandType.STOP_CP)
+    assert stop.payload.reason == "maintenance"
+    with pytest.raises(NotAllowed):
+        await central.resume_cp("CP-001")
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED))
+    await central.resume_cp("CP-001")
+    assert commands(bus, CommandType.RESUME_CP)
+    with pytest.raises(UnknownCP):
+        await central.stop_cp("CP-404")
+
+
+async def test_operator_stop_mid_session_reports_it_stopped(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    req, session_id = await start_session(central, bus)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.STOPPED, session_id=session_id, kwh=0.1, euros=0.03,
+        session_result=SessionResult.STOPPED, reason="maintenance",
+    ))
+    final = updates(bus, req.request_id)[-1]
+    assert (final.status, final.reason) == (DriverStatus.FAILED, "session stopped: maintenance")
+    assert central.get("CP-001").breaker.state is BreakerState.CLOSED
+    assert central.get("CP-001").breaker.failures == 0
+
+
+async def test_state_follows_reports_through_the_machine(central: Controller) -> None:
+    await central.register(CPRegistration(cp_id="CP-001"))
+    cp = central.get("CP-001")
+    for state in (CPState.STOPPED, CPState.DISCONNECTED, CPState.FAULT, CPState.SUPPLYING,
+                  CPState.ACTIVATED):
+        await central.handle_status(CPStatus(cp_id="CP-001", state=state))
+        assert cp.state is state
+
+
+async def test_restart_reloads_the_registry_and_closes_orphans(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    first = Controller(bus, repo)
+    await activate(first)
+    await first.report_fault("CP-001", True, "down")
+    await first.report_fault("CP-001", False, "up")
+    await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    await activate(first, "CP-002")
+    req, _ = await start_session(first, bus, "CP-002")
+    await first.close()
+
+    second = Controller(bus, repo)
+    await second.load()
+    try:
+        assert set(second.cps) == {"CP-001", "CP-002"}
+        assert second.get("CP-002").state is CPState.SUPPLYING
+        assert await repo.active_sessions() == []
+        final = updates(bus, req.request_id)[-1]
+        assert final.status is DriverStatus.FAILED and "restarted" in (final.reason or "")
+        assert commands(bus, CommandType.STOP_SUPPLY)[-1].cp_id == "CP-002"
+        again = await request(second, request_id=req.request_id, cp_id="CP-002")
+        assert len(updates(bus, again.request_id)) == 2  # no new answer for a replay
+    finally:
+        await second.close()
+
+
+async def test_status_from_an_unknown_cp_registers_it(central: Controller) -> None:
+    await central.handle_status(CPStatus(cp_id="CP-NEW", state=CPState.ACTIVATED))
+    assert central.get("CP-NEW").state is CPState.ACTIVATED
+    assert central.decide("CP-NEW") is None
+
+
+async def test_publish_failures_are_counted_not_raised(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    bus.fail = True
+    await request(central)
+    assert central.stats["publish_errors"] >= 1
+
+
+async def test_snapshots_write_history(central: Controller, repo: SqliteRepository) -> None:
+    await activate(central)
+    await activate(central, "CP-002")
+    assert await central.snapshot_health() == 2
+    history = await repo.cp_history("CP-002")
+    assert history[0].state is CPState.ACTIVATED
