@@ -13,6 +13,7 @@ so in one log line (then once more every ``_RETRY_LOG_EVERY`` seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,7 +205,8 @@ class KafkaBus:
             try:
                 await producer.start()
             except BaseException:
-                await producer.stop()
+                with contextlib.suppress(Exception):
+                    await producer.stop()
                 raise
             return producer
 
@@ -306,7 +308,8 @@ class KafkaConsumerLoop:
                 else:
                     consumer.subscribe(list(self._names))
             except BaseException:
-                await consumer.stop()
+                with contextlib.suppress(Exception):
+                    await consumer.stop()
                 raise
             return consumer
 

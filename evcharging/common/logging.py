@@ -34,6 +34,11 @@ class _InterceptHandler(logging.Handler):
         )
 
 
+class _DropConnectRetries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unable connect to")
+
+
 def _add_context(record: Any) -> None:
     extra = record["extra"]
     extra.setdefault("service", "evcharging")
@@ -63,5 +68,7 @@ def setup_logging(
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # aiokafka logs an ERROR on every failed connection attempt; the bus's own retry says
     # so once per outage instead (evcharging.common.kafka.retry).
-    logging.getLogger("aiokafka.client").setLevel(logging.CRITICAL)
+    aiokafka_logger = logging.getLogger("aiokafka")
+    if not any(isinstance(f, _DropConnectRetries) for f in aiokafka_logger.filters):
+        aiokafka_logger.addFilter(_DropConnectRetries())
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)

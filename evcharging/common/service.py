@@ -13,12 +13,13 @@ import contextlib
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from loguru import logger
 
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+T = TypeVar("T")
 
 
 def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
@@ -47,6 +48,41 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
         return asyncio.run(runner())
     except KeyboardInterrupt:
         return 130
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket; OSError (not uvicorn's sys.exit) when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    return sock
+
+
+class Stopped(Exception):
+    """A stop signal came while the service was still starting."""
+
+
+async def until_stopped(stop: asyncio.Event, starting: Awaitable[T]) -> T:
+    """Await `starting` (e.g. waiting for the broker); raise Stopped if `stop` is set first."""
+    work = asyncio.ensure_future(starting)
+    stopped = asyncio.create_task(stop.wait(), name="stop-signal")
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not work.done():
+            work.cancel()
+        await asyncio.gather(stopped, work, return_exceptions=True)
+    if work.cancelled():
+        raise Stopped
+    return work.result()
 
 
 class _Server(uvicorn.Server):
@@ -86,7 +122,7 @@ class HttpServer:
 
     async def start(self) -> None:
         """Bind (raising OSError if the port is taken) and serve in a background task."""
-        self._socket = self._config.bind_socket()
+        self._socket = _bind(self.host, int(self._config.port))
         self._task = asyncio.create_task(
             self._server.serve(sockets=[self._socket]), name=f"{self.name}-server"
         )

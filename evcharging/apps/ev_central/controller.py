@@ -420,6 +420,13 @@ class Controller:
                 cp, status.session_result, reason,
                 breaker_failure=status.session_result is SessionResult.FAILED,
             )
+        elif status.reason is not None and status.reason.startswith("refused"):
+            if not session.confirmed:
+                await self._end_session(
+                    cp, SessionResult.FAILED, f"CP refused the session: {status.reason}",
+                    breaker_failure=True,
+                )
+            return
         elif status.state is CPState.SUPPLYING:
             if not session.confirmed:
                 session.confirmed = True

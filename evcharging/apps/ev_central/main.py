@@ -22,7 +22,7 @@ from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
 from evcharging.common.kafka import BusStats, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import HttpServer, run_service
+from evcharging.common.service import HttpServer, Stopped, run_service, until_stopped
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
 
@@ -46,9 +46,12 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     async with SqliteRepository(settings.db_path) as repo:
-        logger.info("database {}", settings.db_path)
         bus = KafkaBus(kafka, stats)
-        await bus.start()
+        try:
+            await until_stopped(stop, bus.start())
+        except Stopped:
+            logger.info("stopped before Kafka was reached")
+            return 0
         controller = Controller(
             bus,
             repo,
@@ -92,7 +95,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             await controller.load()
             await http.start()
             await tcp.start()
-            await consumer.start()
+            await until_stopped(stop, consumer.start())
             tasks.append(asyncio.create_task(consumer.run(), name="consumer"))
             tasks.append(asyncio.create_task(
                 _snapshots(controller, settings.health_snapshot_interval), name="snapshots"
@@ -106,6 +109,11 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 exc = task.exception()
                 logger.critical("{} stopped unexpectedly: {!r}", task.get_name(), exc)
             return 1 if failed else 0
+        except OSError as exc:
+            logger.critical("{} (change --http-port / --listen-port)", exc)
+            return 1
+        except Stopped:
+            return 0
         finally:
             logger.info("shutting down")
             await tcp.stop()
