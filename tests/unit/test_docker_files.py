@@ -1,0 +1,574 @@
+"""docker/: the compose file and the Dockerfile agree with the code (no Docker needed).
+
+These checks read the files and compare them with the settings classes of
+``evcharging.common.config``: a renamed flag, a service that points at a host that does
+not exist or a port that nothing listens on fails here instead of at ``make up``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from pydantic_settings import BaseSettings
+
+from evcharging.common.config import (
+    CentralSettings,
+    CPEngineSettings,
+    CPMonitorSettings,
+    DriverSettings,
+    ServiceSettings,
+    load_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER_DIR = ROOT / "docker"
+COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+
+KAFKA = "kafka"
+SETTINGS_BY_MODULE: dict[str, type[BaseSettings]] = {
+    "evcharging.apps.ev_central.main": CentralSettings,
+    "evcharging.apps.ev_cp_e.main": CPEngineSettings,
+    "evcharging.apps.ev_cp_m.main": CPMonitorSettings,
+    "evcharging.apps.ev_driver.main": DriverSettings,
+}
+# SPEC §1: the seed flags each service must be started with.
+SEED_FLAGS: dict[type[BaseSettings], set[str]] = {
+    CentralSettings: {"--kafka-bootstrap", "--http-port", "--listen-port"},
+    CPEngineSettings: {"--kafka-bootstrap", "--cp-id", "--health-port"},
+    CPMonitorSettings: {
+        "--cp-id",
+        "--cp-e-host",
+        "--cp-e-port",
+        "--central-host",
+        "--central-port",
+    },
+    DriverSettings: {"--driver-id", "--kafka-bootstrap", "--requests-file"},
+}
+# The ports a service listens on (the others in its settings are ports it connects to).
+LISTEN_PORT_FIELDS: dict[type[BaseSettings], tuple[str, ...]] = {
+    CentralSettings: ("http_port", "listen_port"),
+    CPEngineSettings: ("health_port",),
+}
+# Variables a service may set that are not evcharging settings: Python's own.
+ENV_EXCEPTIONS = frozenset({"PYTHONUNBUFFERED"})
+EXPECTED_SERVICES = frozenset(
+    {
+        KAFKA,
+        "ev-central",
+        "cp-engine-1",
+        "cp-engine-2",
+        "cp-monitor-1",
+        "cp-monitor-2",
+        "ev-driver",
+    }
+)
+DEPENDS_CONDITIONS = frozenset(
+    {"service_started", "service_healthy", "service_completed_successfully"}
+)
+_INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
+
+
+# --- reading the files ------------------------------------------------------------------
+
+
+@cache
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict), "the compose file is not a mapping"
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    return dict(compose()["services"])
+
+
+def _app_service_names() -> list[str]:
+    """The services that run evcharging code (every one but the broker); [] if unreadable."""
+    try:
+        found = services()
+    except (OSError, yaml.YAMLError, AssertionError, KeyError):
+        return []
+    return sorted(name for name in found if name != KAFKA)
+
+
+APP_SERVICES = _app_service_names()
+
+
+def interpolate(text: str) -> str:
+    """Compose's ``${VAR:-default}`` with the default: the file must work with no ``.env``."""
+
+    def default(match: re.Match[str]) -> str:
+        if match.group("default") is None:
+            pytest.fail(f"${{{match.group('name')}}} in {text!r} has no default")
+        return match.group("default")
+
+    return _INTERPOLATION.sub(default, text)
+
+
+def argv(service: str) -> list[str]:
+    command = services()[service].get("command")
+    assert command, f"{service} has no command"
+    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+
+
+def module_of(service: str) -> str:
+    args = argv(service)
+    assert args[:2] == ["python", "-m"], f"{service}: expected `python -m <module>`: {args}"
+    return args[2]
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    module = module_of(service)
+    assert module in SETTINGS_BY_MODULE, f"{service} runs {module}, not an evcharging service"
+    return SETTINGS_BY_MODULE[module]
+
+
+def cli_args(service: str) -> list[str]:
+    return argv(service)[3:]
+
+
+def flag_values(service: str) -> dict[str, str | None]:
+    """``--flag value`` / ``--flag=value`` / a boolean ``--flag`` of the command."""
+    cls = settings_class(service)
+    booleans = {
+        f
+        for name, info in cls.model_fields.items()
+        if info.annotation is bool
+        for f in (_flag(name), "--no-" + name.replace("_", "-"))
+    }
+    args = cli_args(service)
+    values: dict[str, str | None] = {}
+    i = 0
+    while i < len(args):
+        token = args[i]
+        assert token.startswith("--"), f"{service}: unexpected positional argument {token!r}"
+        if "=" in token:
+            name, value = token.split("=", 1)
+            values[name] = value
+        elif token in booleans:
+            values[token] = None
+        else:
+            assert i + 1 < len(args), f"{service}: {token} has no value"
+            values[token] = args[i + 1]
+            i += 1
+        i += 1
+    return values
+
+
+def environment(service: str) -> dict[str, str]:
+    env = services()[service].get("environment") or {}
+    if isinstance(env, list):
+        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _env_name(cls: type[BaseSettings], field: str) -> str:
+    return (str(cls.model_config.get("env_prefix", "")) + field).upper()
+
+
+def container_settings(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> BaseSettings:
+    """The settings the container would start with: its flags over its `environment:`."""
+    cls = settings_class(service)
+    prefix = str(cls.model_config.get("env_prefix", "")).upper()
+    monkeypatch.chdir(tmp_path)  # no .env of the developer's
+    for name in list(os.environ):
+        if name.upper().startswith(prefix):
+            monkeypatch.delenv(name)
+    for name, value in environment(service).items():
+        monkeypatch.setenv(name, value)
+    try:
+        return load_settings(cls, cli_args(service), module_of(service), "")
+    except SystemExit:
+        pytest.fail(f"{service}: its command or environment is rejected (see stderr)")
+
+
+def depends_on(service: str) -> dict[str, str]:
+    """Target → condition (the short list form means service_started)."""
+    deps = services()[service].get("depends_on") or {}
+    if isinstance(deps, list):
+        return dict.fromkeys(deps, "service_started")
+    return {name: (spec or {}).get("condition", "service_started") for name, spec in deps.items()}
+
+
+def host_ports(service: str) -> Iterator[tuple[str, str]]:
+    """(host port, protocol) of every published port with a fixed host port."""
+    for entry in services()[service].get("ports") or []:
+        if isinstance(entry, dict):
+            if entry.get("published"):
+                yield interpolate(str(entry["published"])), entry.get("protocol", "tcp")
+            continue
+        spec, _, protocol = interpolate(str(entry)).partition("/")
+        parts = spec.split(":")
+        if len(parts) >= 2:
+            yield parts[-2], protocol or "tcp"
+
+
+def container_ports(service: str) -> set[int]:
+    ports = set()
+    for entry in services()[service].get("ports") or []:
+        if isinstance(entry, dict):
+            ports.add(int(entry["target"]))
+        else:
+            ports.add(int(interpolate(str(entry)).partition("/")[0].split(":")[-1]))
+    return ports
+
+
+def volumes(service: str) -> list[dict[str, Any]]:
+    """Every volume of a service in the long form (type, source, target, read_only)."""
+    found = []
+    for entry in services()[service].get("volumes") or []:
+        if isinstance(entry, dict):
+            found.append(entry)
+            continue
+        source, target, *mode = str(entry).split(":")
+        kind = "bind" if source.startswith((".", "/", "~")) else "volume"
+        found.append(
+            {
+                "type": kind,
+                "source": source,
+                "target": target,
+                "read_only": "ro" in (mode[0].split(",") if mode else []),
+            }
+        )
+    return found
+
+
+def seconds(duration: str | int | float) -> float:
+    """A compose duration (``20s``, ``1m30s``) in seconds."""
+    if isinstance(duration, int | float):
+        return float(duration)
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us)", duration)
+    assert parts, f"not a duration: {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    found = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            keyword, _, rest = stripped.partition(" ")
+            found.append((keyword.upper(), rest.strip()))
+    return found
+
+
+def kafka_env() -> dict[str, str]:
+    return {k: interpolate(v) for k, v in environment(KAFKA).items()}
+
+
+def internal_listener() -> tuple[str, int]:
+    """host and port the broker advertises to the other containers."""
+    names = {KAFKA, services()[KAFKA].get("hostname", KAFKA)}
+    for listener in kafka_env()["KAFKA_ADVERTISED_LISTENERS"].split(","):
+        _, _, address = listener.partition("://")
+        host, _, port = address.rpartition(":")
+        if host in names:
+            return host, int(port)
+    pytest.fail("Kafka advertises no listener on its service name for the other containers")
+
+
+# --- the compose file -------------------------------------------------------------------
+
+
+def test_compose_file_parses_and_has_every_service() -> None:
+    assert isinstance(services(), dict)
+    missing = EXPECTED_SERVICES - services().keys()
+    assert not missing, f"services missing from the compose file: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_command_runs_an_existing_module(service: str) -> None:
+    module = module_of(service)
+    assert importlib.util.find_spec(module) is not None, f"{service}: no module {module}"
+    settings_class(service)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_command_flags_are_real_and_include_the_seed_flags(service: str) -> None:
+    cls = settings_class(service)
+    known = {_flag(name) for name in cls.model_fields}
+    known |= {
+        "--no-" + name.replace("_", "-")
+        for name, info in cls.model_fields.items()
+        if info.annotation is bool
+    }
+    passed = set(flag_values(service))
+    assert passed <= known, f"{service}: unknown flags {sorted(passed - known)}"
+    assert SEED_FLAGS[cls] <= passed, f"{service}: seed flags missing: {SEED_FLAGS[cls] - passed}"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_command_and_environment_make_valid_settings(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    container_settings(service, monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_environment_variables_are_settings_of_the_service(service: str) -> None:
+    cls = settings_class(service)
+    known = {_env_name(cls, name) for name in cls.model_fields} | ENV_EXCEPTIONS
+    unknown = set(environment(service)) - known
+    assert not unknown, f"{service}: {sorted(unknown)} are not settings of {cls.__name__}"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_dotenv_is_optional_and_is_the_repository_one(service: str) -> None:
+    entries = services()[service].get("env_file")
+    assert entries, f"{service} does not read .env"
+    for entry in entries if isinstance(entries, list) else [entries]:
+        assert isinstance(entry, dict), f"{service}: use the long form, a missing .env fails"
+        assert entry.get("required") is False, f"{service}: .env must be optional"
+        assert (DOCKER_DIR / entry["path"]).resolve() == ROOT / ".env"
+
+
+def test_no_two_services_publish_the_same_host_port() -> None:
+    owners: dict[tuple[str, str], str] = {}
+    for service in services():
+        for port in host_ports(service):
+            assert port not in owners, f"{service} and {owners[port]} both publish {port}"
+            owners[port] = service
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_published_and_checked_ports_are_the_ones_the_service_listens_on(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    settings = container_settings(service, monkeypatch, tmp_path)
+    listening = {getattr(settings, f) for f in LISTEN_PORT_FIELDS.get(type(settings), ())}
+    published = container_ports(service)
+    assert published <= listening, f"{service} publishes {published}, listens on {listening}"
+    check = services()[service].get("healthcheck")
+    if check and not check.get("disable"):
+        test = check["test"]
+        words = shlex.split(test) if isinstance(test, str) else [str(w) for w in test]
+        if "-c" in words:  # a `python -c` check: it must at least compile
+            compile(words[words.index("-c") + 1], f"{service} healthcheck", "exec")
+        assert any(str(port) in " ".join(words) for port in listening), (
+            f"{service}: the healthcheck does not ask any port the service listens on"
+        )
+
+
+@pytest.mark.parametrize("service", [s for s in APP_SERVICES if s.startswith("cp-monitor")])
+def test_monitor_points_at_its_engine_and_at_central(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monitor = container_settings(service, monkeypatch, tmp_path)
+    assert isinstance(monitor, CPMonitorSettings)
+    engine_service = monitor.cp_e_host
+    assert engine_service in services(), f"{service}: no service {engine_service}"
+    assert settings_class(engine_service) is CPEngineSettings, f"{engine_service} is no engine"
+    engine = container_settings(engine_service, monkeypatch, tmp_path)
+    assert isinstance(engine, CPEngineSettings)
+    assert monitor.cp_id == engine.cp_id, f"{service} watches {engine.cp_id} as {monitor.cp_id}"
+    assert monitor.cp_e_port == engine.health_port
+
+    assert monitor.central_host in services(), f"{service}: no service {monitor.central_host}"
+    assert settings_class(monitor.central_host) is CentralSettings
+    central = container_settings(monitor.central_host, monkeypatch, tmp_path)
+    assert isinstance(central, CentralSettings)
+    assert monitor.central_port == central.http_port
+    assert {engine_service, monitor.central_host} <= depends_on(service).keys()
+
+
+def test_each_engine_has_its_own_cp_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    engines = [s for s in APP_SERVICES if settings_class(s) is CPEngineSettings]
+    assert engines
+    ids = []
+    for service in engines:
+        engine = container_settings(service, monkeypatch, tmp_path)
+        assert isinstance(engine, CPEngineSettings)
+        ids.append(engine.cp_id)
+    assert len(ids) == len(set(ids)), f"two engines share a CP id: {ids}"
+
+
+def test_depends_on_targets_exist_and_healthy_means_a_healthcheck() -> None:
+    for service in services():
+        for target, condition in depends_on(service).items():
+            assert target in services(), f"{service} depends on a missing service {target}"
+            assert condition in DEPENDS_CONDITIONS, f"{service}: bad condition {condition}"
+            if condition == "service_healthy":
+                check = services()[target].get("healthcheck")
+                assert check and not check.get("disable"), (
+                    f"{service} waits for {target} to be healthy, but it has no healthcheck"
+                )
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_services_wait_for_a_healthy_kafka(service: str) -> None:
+    assert depends_on(service).get(KAFKA) == "service_healthy"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_restart_and_stop_policies(service: str) -> None:
+    spec = services()[service]
+    is_driver = settings_class(service) is DriverSettings
+    if is_driver:  # it goes through its file once and exits
+        assert spec.get("restart") == "no"
+    else:
+        assert spec.get("restart") in {"unless-stopped", "on-failure", "always"}
+    # SIGTERM is handled: give the service time to drain before SIGKILL.
+    assert seconds(spec.get("stop_grace_period", "10s")) >= 10
+
+
+def test_kafka_is_apache_kafka_4_in_kraft_mode_with_a_real_healthcheck() -> None:
+    kafka = services()[KAFKA]
+    assert re.fullmatch(r"apache/kafka:4\.\d+(\.\d+)?", kafka["image"]), kafka["image"]
+    env = kafka_env()
+    assert set(env["KAFKA_PROCESS_ROLES"].split(",")) == {"broker", "controller"}
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith(f"{env['KAFKA_NODE_ID']}@")
+    assert env.get("CLUSTER_ID")
+    for name, value in env.items():
+        if name.endswith(("_REPLICATION_FACTOR", "_MIN_ISR")):
+            assert value == "1", f"a single broker needs {name}=1"
+    test = kafka["healthcheck"]["test"]
+    words = " ".join(test if isinstance(test, list) else [test])
+    assert re.search(r"kafka-(broker-api-versions|topics)\.sh", words), words
+    _, port = internal_listener()
+    assert f"localhost:{port}" in words, "the healthcheck should ask the services' listener"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_kafka_bootstrap_is_the_internal_listener(service: str) -> None:
+    bootstrap = flag_values(service).get("--kafka-bootstrap")
+    if bootstrap is None:
+        assert not issubclass(settings_class(service), ServiceSettings), (
+            f"{service} uses Kafka but its command does not say where the broker is"
+        )
+        return
+    host, port = internal_listener()
+    for address in bootstrap.split(","):
+        assert address == f"{host}:{port}", f"{service}: --kafka-bootstrap {bootstrap}"
+
+
+def test_named_volumes_are_declared_and_central_keeps_its_database_on_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    declared = set(compose().get("volumes") or {})
+    for service in services():
+        for volume in volumes(service):
+            if volume["type"] == "volume":
+                assert volume["source"] in declared, f"{service}: {volume['source']} undeclared"
+    centrals = [s for s in APP_SERVICES if settings_class(s) is CentralSettings]
+    assert centrals
+    for service in centrals:
+        settings = container_settings(service, monkeypatch, tmp_path)
+        assert isinstance(settings, CentralSettings)
+        db = PurePosixPath(str(settings.db_path))
+        assert db.is_absolute(), f"{service}: the database is not on a volume: {db}"
+        targets = {PurePosixPath(v["target"]) for v in volumes(service) if v["type"] == "volume"}
+        assert db.parent in targets, f"{service}: {db} is not on a named volume"
+
+
+def test_driver_requests_file_is_mounted_from_the_repository(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    drivers = [s for s in APP_SERVICES if settings_class(s) is DriverSettings]
+    assert drivers
+    for service in drivers:
+        settings = container_settings(service, monkeypatch, tmp_path)
+        assert isinstance(settings, DriverSettings)
+        mounts = [
+            v
+            for v in volumes(service)
+            if PurePosixPath(v["target"]) == PurePosixPath(str(settings.requests_file))
+        ]
+        assert mounts, f"{service}: nothing is mounted at {settings.requests_file}"
+        (mount,) = mounts
+        assert mount["type"] == "bind" and mount.get("read_only") is True
+        source = (DOCKER_DIR / mount["source"]).resolve()
+        assert source.is_file(), f"{service}: the requests file {source} does not exist"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_build_context_and_dockerfile(service: str) -> None:
+    build = services()[service].get("build")
+    assert isinstance(build, dict), f"{service}: build the one evcharging image"
+    assert (DOCKER_DIR / build["context"]).resolve() == ROOT
+    assert (ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+
+
+# --- the Dockerfile ---------------------------------------------------------------------
+
+
+def test_dockerfile_base_user_workdir_env_and_cmd() -> None:
+    instructions = dockerfile_instructions()
+    keywords = [k for k, _ in instructions]
+    assert instructions[0] == ("FROM", "python:3.11-slim")
+    users = [args for k, args in instructions if k == "USER"]
+    assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must not run as root"
+    assert ("WORKDIR", "/app") in instructions
+    env: dict[str, str] = {}
+    for k, args in instructions:
+        if k == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(args) if "=" in pair)
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    assert "CMD" in keywords
+
+
+def _copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY from the build context."""
+    found = []
+    for keyword, args in dockerfile_instructions():
+        if keyword in {"COPY", "ADD"}:
+            words = shlex.split(args)
+            if any(w.startswith("--from=") for w in words):
+                continue
+            words = [w for w in words if not w.startswith("--")]
+            found.append((words[:-1], words[-1]))
+    return found
+
+
+def test_dockerfile_copy_sources_exist_and_are_not_ignored() -> None:
+    ignored = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for sources, _ in _copies():
+        for source in sources:
+            path = source.rstrip("/")
+            assert (ROOT / path).exists(), f"COPY {source}: no such file in the build context"
+            hits = [p for p in ignored if not p.startswith("!") and fnmatch.fnmatch(path, p)]
+            assert not hits, f"COPY {source} is excluded by .dockerignore ({hits})"
+
+
+def test_dockerfile_installs_requirements_before_copying_the_code() -> None:
+    instructions = dockerfile_instructions()
+    install = next(
+        i
+        for i, (k, args) in enumerate(instructions)
+        if k == "RUN" and re.search(r"pip install .*-r requirements\.txt", args)
+    )
+    assert "--no-cache-dir" in instructions[install][1]
+    copies = [i for i, (k, args) in enumerate(instructions) if k == "COPY"]
+    requirements = next(i for i in copies if "requirements.txt" in instructions[i][1])
+    code = next(i for i in copies if "evcharging" in instructions[i][1])
+    assert requirements < install < code, "requirements first, in their own layer"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
+    ignored = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
+    for entry in (".venv", ".cache", ".git", ".pytest_cache", "*.db", ".env"):
+        assert entry in ignored, f".dockerignore should exclude {entry}"
