@@ -30,6 +30,7 @@ run: $(STAMP) ## start the whole system locally: broker, Central, CPS engines+mo
 
 test: $(STAMP) ## unit, integration and end-to-end tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest $(ARGS)
 
 test-unit: $(STAMP) ## only the unit tests (no broker)
@@ -38,7 +39,8 @@ test-unit: $(STAMP) ## only the unit tests (no broker)
 test-integration: $(STAMP) ## only the integration tests (real broker)
 	$(PY) -m pytest tests/integration $(ARGS)
 
-test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes)
+test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Chromium)
+	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest tests/e2e $(ARGS)
 
 lint: $(STAMP) ## ruff and mypy

@@ -8,6 +8,7 @@ Standard-library loggers (aiokafka, uvicorn) are routed into the same sink.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -35,8 +36,12 @@ class _InterceptHandler(logging.Handler):
 
 
 class _DropConnectRetries(logging.Filter):
+    """Drop aiokafka's per-attempt errors that the bus reports once in its own words."""
+
+    NOISE = ("Unable connect to", "Group Coordinator Request failed")
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Unable connect to")
+        return not str(record.msg).startswith(self.NOISE)
 
 
 def _add_context(record: Any) -> None:
@@ -52,7 +57,11 @@ def setup_logging(
     """Configure loguru for one service process; safe to call again."""
     logger.remove()
     logger.configure(extra={"service": service, "context": "", **context}, patcher=_add_context)
-    colorize = None if not json else False
+    colorize: bool | None = None  # loguru decides: colour on a terminal
+    if json or os.environ.get("NO_COLOR"):
+        colorize = False
+    elif os.environ.get("FORCE_COLOR"):
+        colorize = True
     logger.add(
         sys.stderr,
         level=level,

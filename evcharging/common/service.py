@@ -107,6 +107,9 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=3,
+            # Longer than any monitor's check interval, so a pooled connection is not
+            # closed by the server just as the client reuses it.
+            timeout_keep_alive=75,
             ws_ping_interval=20.0,
         )
         self._server = _Server(self._config)

@@ -1,0 +1,310 @@
+"""`python -m evcharging run` as a user runs it: start, charge, Ctrl-C, nothing left behind.
+
+The launcher runs in its own process with its output in a file. Its children are collected
+from /proc while it runs; after it exits none of them may be alive, no process may carry
+the test's unique topic prefix in its environment, and every port must be free again.
+Everything is waited for by polling with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import pytest
+
+from evcharging.devtools.kafka_broker import run_dir
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], timeout: float, what: str, poll: float = 0.2) -> T:
+    """Poll `probe` until it returns something truthy; fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while True:
+        try:
+            last = probe()
+        except (httpx.HTTPError, OSError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last  # type: ignore[return-value]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+        time.sleep(poll)
+
+
+def port_free(port: int) -> bool:
+    """Whether a server could listen on `port` (SO_REUSEADDR, as the services bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+        return True
+
+
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            base = int(sock.getsockname()[1])
+        if base + count <= 65535 and all(port_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+def children_of(pid: int) -> set[int]:
+    found: set[int] = set()
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found.update(int(part) for part in path.read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Every live process whose environment contains `marker` (this test's children)."""
+    needle = marker.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes() and alive(int(entry.name)):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+class Launcher:
+    """`python -m evcharging run ...` in its own process, its output in a file."""
+
+    def __init__(self, tmp: Path, args: list[str], env: dict[str, str]) -> None:
+        self.log_path = tmp / "launcher.log"
+        with self.log_path.open("wb") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "evcharging", "run", *args],
+                cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self.seen: dict[int, str] = {}
+
+    def output(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def collect_children(self) -> dict[int, str]:
+        for pid in children_of(self.popen.pid):
+            # read again: right after fork a child still shows the launcher's command line
+            self.seen[pid] = cmdline(pid) or self.seen.get(pid, "")
+        return self.seen
+
+    def wait_output(self, pattern: str, timeout: float) -> re.Match[str]:
+        regex = re.compile(pattern, re.MULTILINE)
+
+        def probe() -> re.Match[str] | None:
+            self.collect_children()
+            if self.popen.poll() is not None:
+                raise AssertionError(f"launcher exited ({self.popen.returncode}):\n{self.output()}")
+            return regex.search(self.output())
+
+        return wait_for(probe, timeout, f"launcher output {pattern!r}")
+
+    def wait_exit(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"launcher still running after {timeout} s:\n{self.output()}"
+            ) from None
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(10)
+        for pid in self.seen:  # the test failed: leave nothing behind anyway
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def base_env(prefix: str, tmp: Path) -> dict[str, str]:
+    """The user's environment without service settings or a broker, plus fast services."""
+    env = {
+        key: value for key, value in os.environ.items()
+        if not key.startswith(("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_"))
+        and key != "KAFKA_BOOTSTRAP"
+    }
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+        "NO_COLOR": "1",
+        "CP_ENGINE_SESSION_SECONDS": "2",
+        "CP_ENGINE_TELEMETRY_INTERVAL": "0.5",
+        "CP_ENGINE_STATUS_INTERVAL": "1",
+        "DRIVER_REQUEST_INTERVAL": "0.5",
+        "CENTRAL_TOPIC_PREFIX": prefix,
+        "CP_ENGINE_TOPIC_PREFIX": prefix,
+        "DRIVER_TOPIC_PREFIX": prefix,
+        "CENTRAL_GROUP_ID": f"{prefix}central",
+        "CENTRAL_DB_PATH": str(tmp / "ignored.db"),  # the flag must win
+    })
+    return env
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"e2e-launcher-{uuid.uuid4().hex[:8]}."
+
+
+@pytest.fixture
+def launchers(request: pytest.FixtureRequest) -> Iterator[list[Launcher]]:
+    started: list[Launcher] = []
+    yield started
+    report = getattr(request.node, "rep_call", None)
+    for launcher in started:
+        if report is not None and report.failed:
+            sys.stderr.write(f"===== launcher output\n{launcher.output()[-20000:]}\n")
+        launcher.kill()
+
+
+def assert_nothing_left(launcher: Launcher, prefix: str, ports: list[int]) -> None:
+    survivors = {pid: cmd for pid, cmd in launcher.seen.items() if alive(pid)}
+    assert survivors == {}, f"children still alive after the launcher exited: {survivors}"
+    stray = processes_with_env(prefix)
+    assert stray == [], f"processes of this run still alive: {[cmdline(p) for p in stray]}"
+    busy = [port for port in ports if not port_free(port)]
+    assert busy == [], f"ports still taken: {busy}"
+
+
+def test_run_charges_restarts_and_stops_cleanly(
+    kafka_bootstrap: str, tmp_path: Path, prefix: str, launchers: list[Launcher]
+) -> None:
+    http, listen, health = free_ports(1), free_ports(1), free_ports(2)
+    db_path = tmp_path / "central.db"
+    requests = tmp_path / "requests.txt"
+    requests.write_text("# two charges\nCP-001\nCP-002\n")
+    launcher = Launcher(
+        tmp_path,
+        ["--cps", "2", "--drivers", "1", "--kafka-bootstrap", kafka_bootstrap,
+         "--http-port", str(http), "--listen-port", str(listen), "--base-health-port",
+         str(health), "--db-path", str(db_path), "--requests-file", str(requests), "--restart"],
+        base_env(prefix, tmp_path),
+    )
+    launchers.append(launcher)
+
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 90)
+    out = launcher.output()
+    assert f"API docs:  http://localhost:{http}/docs" in out
+    assert f"localhost:{listen}" in out
+    assert "Ctrl-C" in out
+    assert re.search(r"^central +\| .*EV Central ready", out, re.MULTILINE)
+    assert re.search(r"^cp-e CP-001 \| ", out, re.MULTILINE)
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:
+        assert client.get("/").status_code == 200
+        cps = {cp["cp_id"]: cp["state"] for cp in client.get("/cp").json()}
+        assert set(cps) == {"CP-001", "CP-002"}
+        assert set(cps.values()) <= {"ACTIVATED", "SUPPLYING"}, cps
+
+        def completed() -> list[object] | None:
+            launcher.collect_children()
+            rows = client.get("/sessions", params={"status": "COMPLETED"}).json()
+            return rows or None
+
+        rows = wait_for(completed, 60, "a COMPLETED session")
+        assert rows
+    assert db_path.exists()
+    assert not (tmp_path / "ignored.db").exists()
+
+    # A monitor that dies is reported and, with --restart, started again.
+    monitors = {
+        pid: cmd for pid, cmd in launcher.collect_children().items()
+        if "ev_cp_m.main" in cmd and "CP-002" in cmd
+    }
+    assert len(monitors) == 1, launcher.seen
+    (old_monitor,) = monitors
+    os.kill(old_monitor, signal.SIGKILL)
+    launcher.wait_output(r"cp-m CP-002 DIED: killed by SIGKILL", 20)
+    launcher.wait_output(r"restarting cp-m CP-002 in 1 s", 20)
+
+    def new_monitor() -> int | None:
+        for pid in children_of(launcher.popen.pid):
+            if pid != old_monitor and "ev_cp_m.main" in cmdline(pid) and "CP-002" in cmdline(pid):
+                return pid
+        return None
+
+    wait_for(new_monitor, 20, "the restarted monitor")
+    launcher.wait_output(r"driver-1 finished its requests file", 60)
+
+    children = launcher.collect_children()
+    assert len([cmd for cmd in children.values() if "evcharging.apps" in cmd]) == 7, children
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(60) == 0
+    out = launcher.output()
+    order = [out.index(f"stopping {what}") for what in
+             ("CP monitors", "CP engines", "EV Central")]
+    assert order == sorted(order)
+    assert "all 6 processes have stopped" in out  # the restarted monitor counts once
+    assert "killed (SIGKILL)" not in out
+    assert_nothing_left(launcher, prefix, [http, listen, health, health + 1])
+
+
+def test_run_starts_and_stops_its_own_broker(
+    tmp_path: Path, prefix: str, launchers: list[Launcher]
+) -> None:
+    """No broker named anywhere: the launcher starts one (on a random port here, so that it
+    keeps no data) and stops it on Ctrl-C."""
+    http, listen, health = free_ports(1), free_ports(1), free_ports(1)
+    launcher = Launcher(
+        tmp_path,
+        ["--cps", "1", "--no-drivers", "--kafka-port", "0", "--http-port", str(http),
+         "--listen-port", str(listen), "--base-health-port", str(health),
+         "--db-path", str(tmp_path / "central.db")],
+        base_env(prefix, tmp_path),
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 120)
+    match = re.search(r"Kafka: +127\.0\.0\.1:(\d+) \(started by the launcher", launcher.output())
+    assert match, launcher.output()
+    kafka = int(match[1])
+    work_dir = run_dir(kafka)
+    assert work_dir.is_dir()
+    brokers = [pid for pid, cmd in launcher.collect_children().items() if "kafka.Kafka" in cmd]
+    assert len(brokers) == 1, launcher.seen
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(90) == 0
+    assert "the Kafka broker has stopped" in launcher.output()
+    assert not alive(brokers[0])
+    assert_nothing_left(launcher, prefix, [http, listen, health, kafka])
+    assert not work_dir.exists()

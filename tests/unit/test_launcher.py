@@ -1,0 +1,528 @@
+"""The launcher's pure parts, `.env.example` and `requests.txt` (no broker, no process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from evcharging.__main__ import build_parser, main
+from evcharging.apps.ev_driver.driver import load_requests
+from evcharging.common.config import (
+    CentralSettings,
+    CPEngineSettings,
+    CPMonitorSettings,
+    DriverSettings,
+)
+from evcharging.launcher import (
+    RESTART_FIRST_DELAY,
+    RESTART_MAX_DELAY,
+    Child,
+    ChildSpec,
+    Console,
+    KafkaChoice,
+    LaunchError,
+    LaunchOptions,
+    PortPlan,
+    Role,
+    Supervisor,
+    busy_ports,
+    child_env,
+    child_specs,
+    cp_ids,
+    describe_exit,
+    driver_ids,
+    format_line,
+    next_delay,
+    options_from_args,
+    plan_ports,
+    port_free,
+    prefix_width,
+    resolve_bootstrap,
+    run_command,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+SETTINGS: tuple[type[BaseSettings], ...] = (
+    CentralSettings, CPEngineSettings, CPMonitorSettings, DriverSettings,
+)
+REQUIRED = {CPEngineSettings: {"cp_id": "CP-001"}, CPMonitorSettings: {"cp_id": "CP-001"},
+            DriverSettings: {"driver_id": "driver-1"}}
+LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP"}
+"""Not a service setting: the broker `make run` should use (documented in .env.example)."""
+COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT"}
+"""Not a service setting: host ports of docker/docker-compose.yml."""
+SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_")
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No service variable and no .env: the launcher sees only what a test sets."""
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith(SERVICE_PREFIXES) or name in LAUNCHER_VARIABLES | {"NO_COLOR"}:
+            monkeypatch.delenv(name)
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["run", *argv])
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "COMMAND" in out
+    assert re.search(r"^\s+run\s+start the whole system", out, re.MULTILINE)
+
+
+def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_run_defaults_are_the_services_defaults(clean_env: Path) -> None:
+    options = options_from_args(parse(), {}, {})
+    assert options == LaunchOptions(
+        cps=2, drivers=1, http_port=8000, listen_port=9999, base_health_port=8001,
+        requests_file=Path("requests.txt"), db_path=Path("ev_charging.db"), kafka=None,
+        kafka_port=None, restart=False, start_timeout=60.0, stop_timeout=10.0, colour="auto",
+    )
+
+
+def test_run_flags(clean_env: Path) -> None:
+    args = parse(
+        "--cps", "3", "--drivers", "2", "--kafka-bootstrap", "broker:9093", "--http-port", "8100",
+        "--listen-port", "9100", "--base-health-port", "8200", "--requests-file", "r.txt",
+        "--db-path", "x.db", "--restart", "--start-timeout", "5", "--stop-timeout", "2.5",
+        "--kafka-port", "0", "--color", "never",
+    )
+    options = options_from_args(args, {}, {})
+    assert options == LaunchOptions(
+        cps=3, drivers=2, http_port=8100, listen_port=9100, base_health_port=8200,
+        requests_file=Path("r.txt"), db_path=Path("x.db"),
+        kafka=KafkaChoice("broker:9093", "--kafka-bootstrap"), kafka_port=0, restart=True,
+        start_timeout=5.0, stop_timeout=2.5, colour="never",
+    )
+
+
+def test_no_drivers(clean_env: Path) -> None:
+    assert options_from_args(parse("--no-drivers"), {}, {}).drivers == 0
+    assert options_from_args(parse("--drivers", "0"), {}, {}).drivers == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cps", "-1"], ["--cps", "1000"], ["--cps", "two"], ["--drivers", "-2"],
+        ["--http-port", "0"], ["--http-port", "65536"], ["--listen-port", "x"],
+        ["--start-timeout", "0"], ["--stop-timeout", "-1"], ["--drivers", "1", "--no-drivers"],
+        ["--color", "blue"], ["--kafka-port", "70000"],
+    ],
+)
+def test_bad_flags_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_defaults_follow_the_environment_and_dotenv(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_env / ".env").write_text(
+        "CENTRAL_HTTP_PORT=8100\nCP_ENGINE_HEALTH_PORT=8300\nDRIVER_REQUESTS_FILE=mine.txt\n"
+    )
+    monkeypatch.setenv("CENTRAL_LISTEN_PORT", "9100")
+    monkeypatch.setenv("CENTRAL_DB_PATH", "other.db")
+    options = options_from_args(parse(), {}, {})
+    assert (options.http_port, options.listen_port, options.base_health_port) == (
+        8100, 9100, 8300,
+    )
+    assert (options.requests_file, options.db_path) == (Path("mine.txt"), Path("other.db"))
+    flagged = options_from_args(parse("--http-port", "8500", "--db-path", "f.db"), {}, {})
+    assert (flagged.http_port, flagged.db_path) == (8500, Path("f.db"))
+
+
+def test_invalid_settings_in_the_environment(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CENTRAL_HTTP_PORT", "eighty")
+    with pytest.raises(LaunchError, match="http_port"):
+        options_from_args(parse(), {}, {})
+
+
+def test_bootstrap_precedence() -> None:
+    env = {"KAFKA_BOOTSTRAP": "a:1", "CENTRAL_KAFKA_BOOTSTRAP": "b:2"}
+    dotenv: dict[str, str | None] = {"KAFKA_BOOTSTRAP": "c:3", "CENTRAL_KAFKA_BOOTSTRAP": "d:4"}
+    assert resolve_bootstrap("f:0", env, dotenv) == KafkaChoice("f:0", "--kafka-bootstrap")
+    assert resolve_bootstrap(None, env, dotenv) == KafkaChoice(
+        "a:1", "KAFKA_BOOTSTRAP in the environment"
+    )
+    assert resolve_bootstrap(None, {"CENTRAL_KAFKA_BOOTSTRAP": "b:2"}, dotenv) == KafkaChoice(
+        "b:2", "CENTRAL_KAFKA_BOOTSTRAP in the environment"
+    )
+    assert resolve_bootstrap(None, {}, dotenv) == KafkaChoice("c:3", "KAFKA_BOOTSTRAP in the .env")
+    assert resolve_bootstrap(None, {"KAFKA_BOOTSTRAP": " "}, {"CENTRAL_KAFKA_BOOTSTRAP": "d:4"}) \
+        == KafkaChoice("d:4", "CENTRAL_KAFKA_BOOTSTRAP in the .env")
+    assert resolve_bootstrap(None, {"CP_ENGINE_KAFKA_BOOTSTRAP": "x:1"}, {"X": None}) is None
+    assert resolve_bootstrap("", {}, {}) is None
+
+
+# --------------------------------------------------------------------------- ports
+
+
+def test_port_plan() -> None:
+    plan = plan_ports(8000, 9999, 8001, 3)
+    assert plan == PortPlan(8000, 9999, (8001, 8002, 8003))
+    assert [(u.port, u.flag) for u in plan.uses()] == [
+        (8000, "--http-port"), (9999, "--listen-port"), (8001, "--base-health-port"),
+        (8002, "--base-health-port"), (8003, "--base-health-port"),
+    ]
+    assert "CP-003" in plan.uses()[-1].what
+    assert plan_ports(8000, 9999, 8001, 0).health == ()
+
+
+@pytest.mark.parametrize(
+    ("ports", "message"),
+    [
+        ((8000, 8000, 8001, 1),
+         r"port 8000 .*HTTP API.*TCP control plane.*--listen-port or --http-port"),
+        ((8002, 9999, 8001, 2),
+         r"port 8002 .*HTTP API.*CP-002.*--base-health-port or --http-port"),
+        ((8000, 9999, 65535, 2),
+         r"port 65536 .*CP-002.* not a valid TCP port; change --base-health-port"),
+    ],
+)
+def test_port_plan_refuses_collisions_and_bad_ports(
+    ports: tuple[int, int, int, int], message: str
+) -> None:
+    with pytest.raises(LaunchError, match=message):
+        plan_ports(*ports)
+
+
+def test_busy_ports_name_the_port_and_the_flag() -> None:
+    plan = plan_ports(8000, 9999, 8001, 2)
+    problems = busy_ports(plan, is_free=lambda port: port not in {9999, 8002})
+    assert problems == [
+        "port 9999 (Central's TCP control plane) is already in use; choose another with "
+        "--listen-port",
+        "port 8002 (the /health endpoint of CP-002) is already in use; choose another with "
+        "--base-health-port",
+    ]
+    assert busy_ports(plan, is_free=lambda port: True) == []
+
+
+def test_port_free_sees_a_listener() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert not port_free(port)
+    assert port_free(port)
+
+
+def test_a_busy_port_stops_the_launcher_before_anything_starts(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (clean_env / "requests.txt").write_text("CP-001\n")
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = run_command(parse("--http-port", str(port), "--kafka-bootstrap", "nowhere:1"))
+    assert code == 2
+    out = capsys.readouterr().out
+    assert f"port {port} (Central's dashboard and HTTP API) is already in use" in out
+    assert "--http-port" in out
+    assert "Kafka" not in out  # nothing was started
+
+
+def test_a_missing_requests_file_stops_the_launcher(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    http, listen = free_port(), free_port()
+    code = run_command(parse("--requests-file", "nope.txt", "--kafka-bootstrap", "nowhere:1",
+                             "--http-port", str(http), "--listen-port", str(listen), "--cps", "0"))
+    assert code == 2
+    out = capsys.readouterr().out
+    assert "the requests file nope.txt does not exist" in out
+    assert "--requests-file" in out
+
+
+# --------------------------------------------------------------------------- children
+
+
+def test_children_get_the_seed_flags() -> None:
+    options = LaunchOptions(cps=2, drivers=2, http_port=8100, listen_port=9100,
+                            base_health_port=8201, requests_file=Path("r.txt"),
+                            db_path=Path("c.db"))
+    specs = child_specs(options, "127.0.0.1:9092")
+    assert [(s.name, s.role) for s in specs] == [
+        ("central", Role.CENTRAL),
+        ("cp-e CP-001", Role.ENGINE), ("cp-m CP-001", Role.MONITOR),
+        ("cp-e CP-002", Role.ENGINE), ("cp-m CP-002", Role.MONITOR),
+        ("driver-1", Role.DRIVER), ("driver-2", Role.DRIVER),
+    ]
+    by_name = {s.name: s for s in specs}
+    assert by_name["central"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_central.main", "--kafka-bootstrap", "127.0.0.1:9092",
+        "--http-port", "8100", "--listen-port", "9100", "--db-path", "c.db",
+    ]
+    assert by_name["cp-e CP-002"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_cp_e.main", "--kafka-bootstrap", "127.0.0.1:9092",
+        "--cp-id", "CP-002", "--health-port", "8202",
+    ]
+    assert by_name["cp-m CP-002"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_cp_m.main", "--cp-id", "CP-002", "--cp-e-host",
+        "localhost", "--cp-e-port", "8202", "--central-host", "localhost", "--central-port",
+        "8100",
+    ]
+    assert by_name["driver-2"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_driver.main", "--driver-id", "driver-2",
+        "--kafka-bootstrap", "127.0.0.1:9092", "--requests-file", "r.txt",
+    ]
+    assert by_name["cp-m CP-001"].cp_id == "CP-001"
+
+
+def test_every_child_module_parses_its_seed_flags() -> None:
+    """The flags the launcher passes are flags the services know (their own parsers)."""
+    from evcharging.common.config import build_parser as settings_parser
+
+    classes = {Role.CENTRAL: CentralSettings, Role.ENGINE: CPEngineSettings,
+               Role.MONITOR: CPMonitorSettings, Role.DRIVER: DriverSettings}
+    for spec in child_specs(LaunchOptions(cps=1, drivers=1), "localhost:9092"):
+        parsed = vars(settings_parser(classes[spec.role], "x", "").parse_args(list(spec.args)))
+        assert len(parsed) * 2 == len(spec.args), spec
+
+
+def test_ids() -> None:
+    assert cp_ids(3) == ["CP-001", "CP-002", "CP-003"]
+    assert cp_ids(12)[-1] == "CP-012"
+    assert cp_ids(0) == []
+    assert driver_ids(2) == ["driver-1", "driver-2"]
+
+
+def test_child_env_is_unbuffered_and_keeps_the_rest() -> None:
+    env = child_env({"CP_ENGINE_SESSION_SECONDS": "2", "PYTHONUNBUFFERED": "0"})
+    assert env == {"CP_ENGINE_SESSION_SECONDS": "2", "PYTHONUNBUFFERED": "1"}
+
+
+def test_restart_backoff() -> None:
+    delays = [RESTART_FIRST_DELAY]
+    for _ in range(7):
+        delays.append(next_delay(delays[-1]))
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+    assert RESTART_MAX_DELAY == 30
+
+
+def test_describe_exit() -> None:
+    assert describe_exit(1) == "exit code 1"
+    assert describe_exit(0) == "exit code 0"
+    assert describe_exit(-9) == "killed by SIGKILL"
+    assert describe_exit(None) == "no exit code"
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_prefixes_have_a_fixed_width() -> None:
+    names = ["central", "cp-e CP-001", "driver-1", "launcher"]
+    width = prefix_width(names)
+    assert width == len("cp-e CP-001")
+    lines = [format_line(name, "hello", width) for name in names]
+    assert lines[0] == "central     | hello"
+    assert lines[1] == "cp-e CP-001 | hello"
+    assert {line.index("|") for line in lines} == {width + 1}
+    assert format_line("central", "", width) == "central     |"
+
+
+def test_prefix_colours() -> None:
+    line = format_line("central", "x", 8, "\033[35m", "\033[31m")
+    assert line == "\033[35mcentral  |\033[0m \033[31mx\033[0m"
+
+
+def test_console_writes_whole_lines() -> None:
+    out = io.StringIO()
+    console = Console(out, colour=False, width=11)
+    console.line("cp-m CP-001", "checking", "\033[32m")
+    console.error("boom")
+    assert out.getvalue() == "cp-m CP-001 | checking\nlauncher    | boom\n"
+
+
+async def test_relay_prefixes_each_line_and_keeps_the_tail() -> None:
+    out = io.StringIO()
+    supervisor = Supervisor(LaunchOptions(), "x:1", Console(out, colour=False, width=8), {}, "")
+    child = Child(ChildSpec("driver-1", Role.DRIVER, ()))
+    stream = asyncio.StreamReader(limit=16)
+    stream.feed_data("one\r\ntwo € \n".encode() + b"x" * 40 + b"\nlast without newline")
+    stream.feed_eof()
+    await supervisor._relay(child, stream)
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["driver-1 | one", "driver-1 | two € "]
+    assert "".join(line.removeprefix("driver-1 | ") for line in lines[2:-1]) == "x" * 40
+    assert lines[-1] == "driver-1 | last without newline"
+    assert list(child.tail)[-1] == "last without newline"
+
+
+# --------------------------------------------------------------------------- files
+
+
+ASSIGNMENT = re.compile(r"^#\s?([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def example_assignments() -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        match = ASSIGNMENT.match(line)
+        if match:
+            assert match[1] not in found, f"{match[1]} appears twice in .env.example"
+            found[match[1]] = match[2].strip()
+    return found
+
+
+def test_env_example_names_every_setting_and_nothing_else() -> None:
+    settings = {env_name(cls, field) for cls in SETTINGS for field in cls.model_fields}
+    named = set(example_assignments())
+    assert settings - named == set(), "settings missing from .env.example"
+    assert named - settings - LAUNCHER_VARIABLES - COMPOSE_VARIABLES == set(), (
+        "names in .env.example that are no setting"
+    )
+
+
+def test_env_example_sets_nothing_when_copied() -> None:
+    """Every line is a comment: a copied .env changes nothing until a line is uncommented
+    (an active KAFKA_BOOTSTRAP would also stop `make run` from starting its own broker)."""
+    for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        assert not line.strip() or line.lstrip().startswith("#"), line
+
+
+@pytest.mark.parametrize("cls", SETTINGS, ids=lambda cls: cls.__name__)
+def test_env_example_shows_the_defaults(
+    cls: type[BaseSettings], clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    required = REQUIRED.get(cls, {})
+    defaults = cls(**required).model_dump()
+    examples = example_assignments()
+    for field in cls.model_fields:
+        value = examples[env_name(cls, field)]
+        if value:
+            monkeypatch.setenv(env_name(cls, field), value)
+        else:  # shown empty: required (given by a flag) or unset by default
+            assert field in required or cls.model_fields[field].default in (None, ""), field
+    assert cls(**required).model_dump() == defaults
+
+
+def test_requests_txt_parses_with_the_drivers_parser() -> None:
+    path = ROOT / "requests.txt"
+    assert load_requests(path) == ["CP-001", "CP-002", "CP-001", "CP-003", "CP-002"]
+    assert path.read_text(encoding="utf-8").startswith("#")
+
+
+# --------------------------------------------------------------------------- supervision
+# Real but tiny children: stdlib modules run with `python -m`, no service, no broker.
+
+CRASHING = ("json.tool", ("/nonexistent/file.json",))  # argparse error on stderr, exit 2
+FINISHING = ("this", ())  # prints the Zen of Python, exit 0
+
+
+def spec(name: str, role: Role, program: tuple[str, tuple[str, ...]]) -> ChildSpec:
+    return ChildSpec(name, role, program[1], module_override=program[0])
+
+
+async def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.02)
+
+
+def supervisor(out: io.StringIO, restart: bool = False) -> Supervisor:
+    return Supervisor(LaunchOptions(restart=restart, stop_timeout=5), "x:1",
+                      Console(out, colour=False, width=11), os.environ, "")
+
+
+async def test_a_dead_child_is_reported_with_its_last_lines() -> None:
+    out = io.StringIO()
+    sup = supervisor(out)
+    child = sup._launch(spec("cp-e CP-009", Role.ENGINE, CRASHING))
+    await wait_until(lambda: child.ended)
+    text = out.getvalue()
+    assert "cp-e CP-009 | usage:" in text  # relayed, with its prefix
+    assert "!!! cp-e CP-009 DIED: exit code 2" in text
+    assert re.search(r"launcher    \|     .*can't open '/nonexistent/file.json'", text)
+    assert child.failed and child.runs == 1 and child.last_code == 2
+    assert "restarting" not in text
+    await sup.shutdown()
+
+
+async def test_central_dying_after_start_is_loud() -> None:
+    out = io.StringIO()
+    sup = supervisor(out)
+    sup.started = True
+    child = sup._launch(spec("central", Role.CENTRAL, CRASHING))
+    await wait_until(lambda: child.ended)
+    assert "EV CENTRAL IS DOWN" in out.getvalue()
+    await sup.shutdown()
+
+
+async def test_restart_with_backoff_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("evcharging.launcher.RESTART_FIRST_DELAY", 0.05)
+    out = io.StringIO()
+    sup = supervisor(out, restart=True)
+    child = sup._launch(spec("cp-m CP-001", Role.MONITOR, CRASHING))
+    await wait_until(lambda: child.runs >= 3)
+    await sup.shutdown()
+    assert child.ended
+    text = out.getvalue()
+    assert "restarting cp-m CP-001 in 0.05 s (--restart; restart #1)" in text
+    assert "restarting cp-m CP-001 in 0.1 s (--restart; restart #2)" in text
+    assert text.count("DIED") >= 2
+
+
+async def test_a_driver_that_exits_0_has_finished_and_is_not_restarted() -> None:
+    out = io.StringIO()
+    sup = supervisor(out, restart=True)
+    child = sup._launch(spec("driver-1", Role.DRIVER, FINISHING))
+    await wait_until(lambda: child.ended)
+    text = out.getvalue()
+    assert "driver-1    | Beautiful is better than ugly." in text
+    assert "driver-1 finished its requests file (exit code 0)" in text
+    assert "DIED" not in text and "restarting" not in text
+    assert child.runs == 1 and not child.failed
+    await sup.shutdown()
+
+
+async def test_banner_shows_the_urls_and_how_to_stop() -> None:
+    out = io.StringIO()
+    Supervisor(LaunchOptions(cps=3), "x:1", Console(out, colour=False), {}, "x:1 (mine)")._banner()
+    text = out.getvalue()
+    assert "Dashboard: http://localhost:8000/" in text
+    assert "API docs:  http://localhost:8000/docs" in text
+    assert "TCP control plane: localhost:9999" in text
+    assert "port 8003 for CP-003" in text
+    assert "Ctrl-C" in text
