@@ -256,7 +256,9 @@ class KafkaConsumerLoop:
     """Consume `handlers`' topics; each message is validated, handled, then committed.
 
     With a ``group_id`` the loop joins a consumer group and resumes from the group's
-    committed offsets (``start_at`` applies when the group has none). Without one it
+    committed offsets (``start_at`` applies when the group has none). A
+    ``group_instance_id`` makes it a static member: a restart after a crash takes the
+    place of the dead member at once instead of waiting for its session to time out. Without one it
     reads every partition itself, from ``start_at``, and commits nothing: that suits a
     client that only wants what happens from now on (a driver, a CP engine).
     """
@@ -267,6 +269,7 @@ class KafkaConsumerLoop:
         handlers: Mapping[Topic, Handler],
         *,
         group_id: str | None = None,
+        group_instance_id: str | None = None,
         start_at: StartAt = "latest",
         stats: BusStats | None = None,
         fetch_max_wait_ms: int = 100,
@@ -276,6 +279,7 @@ class KafkaConsumerLoop:
         self.config = config
         self.handlers = dict(handlers)
         self.group_id = group_id
+        self.group_instance_id = group_instance_id
         self.start_at = start_at
         self.stats = stats or BusStats()
         self._fetch_max_wait_ms = fetch_max_wait_ms
@@ -295,6 +299,7 @@ class KafkaConsumerLoop:
                 bootstrap_servers=self.config.bootstrap,
                 client_id=self.config.client_id,
                 group_id=self.group_id,
+                group_instance_id=self.group_instance_id,
                 enable_auto_commit=False,
                 auto_offset_reset=self.start_at,
                 fetch_max_wait_ms=self._fetch_max_wait_ms,

@@ -70,6 +70,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 Topic.CP_TELEMETRY: controller.handle_telemetry,
             },
             group_id=settings.group_id,
+            group_instance_id=f"{settings.group_id}-central",
             start_at="earliest",
             stats=stats,
         )
