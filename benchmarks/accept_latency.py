@@ -63,7 +63,7 @@ async def measure(bootstrap: str, requests: int, cps: int, work: Path) -> list[f
         "CENTRAL_LOG_LEVEL": "WARNING",
         "CP_ENGINE_LOG_LEVEL": "WARNING",
         "CP_ENGINE_SESSION_SECONDS": "0.2",
-        "CP_ENGINE_TELEMETRY_INTERVAL": "0.1",
+        "CP_ENGINE_TELEMETRY_INTERVAL": os.environ.get("BENCH_TELEMETRY_INTERVAL", "0.1"),
     }
     log = (work / "services.log").open("ab")
     procs = [subprocess.Popen(

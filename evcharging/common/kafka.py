@@ -83,6 +83,7 @@ class BusStats:
     consumed: int = 0
     invalid: int = 0
     handler_errors: int = 0
+    publish_errors: int = 0
     invalid_by_topic: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -91,6 +92,7 @@ class BusStats:
             "consumed": self.consumed,
             "invalid": self.invalid,
             "handler_errors": self.handler_errors,
+            "publish_errors": self.publish_errors,
             "invalid_by_topic": dict(self.invalid_by_topic),
         }
 
@@ -232,8 +234,14 @@ class KafkaBus:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def publish(self, topic: Topic, message: Message) -> None:
-        """Send one message and wait for the broker's acknowledgement."""
+    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
+        """Send one message.
+
+        With ``wait`` (the default) this returns once the broker has acknowledged it and
+        raises BusError when it could not be delivered. Without, it returns as soon as the
+        message is queued in the producer (which keeps the order per partition); a failed
+        delivery is then logged and counted in ``stats.publish_errors``.
+        """
         if self._producer is None:
             raise BusError("the bus is not started")
         expected = TOPIC_MODELS[topic]
@@ -241,12 +249,25 @@ class KafkaBus:
             raise TypeError(f"{topic.value} carries {expected.__name__}, not {type(message)}")
         key = str(getattr(message, TOPIC_KEYS[topic])).encode()
         try:
-            await self._producer.send_and_wait(
+            delivery = await self._producer.send(
                 self.config.topic_name(topic), encode(message), key=key
             )
+            if wait:
+                await delivery
+            else:
+                delivery.add_done_callback(lambda done: self._delivered(topic, done))
         except KafkaError as exc:
+            self.stats.publish_errors += 1
             raise BusError(f"could not publish to {topic.value}: {exc!r}") from exc
         self.stats.produced += 1
+
+    def _delivered(self, topic: Topic, delivery: asyncio.Future[Any]) -> None:
+        if delivery.cancelled():
+            return
+        exc = delivery.exception()
+        if exc is not None:
+            self.stats.publish_errors += 1
+            logger.error("a message to {} was not delivered: {!r}", topic.value, exc)
 
 
 StartAt = Literal["earliest", "latest"]

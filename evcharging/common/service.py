@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Generator
@@ -45,9 +46,21 @@ def run_service(main: Callable[[asyncio.Event], Awaitable[int | None]]) -> int:
                 loop.remove_signal_handler(sig)
 
     try:
-        return asyncio.run(runner())
+        with asyncio.Runner(loop_factory=_loop_factory()) as loop_runner:
+            return loop_runner.run(runner())
     except KeyboardInterrupt:
         return 130
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's faster event loop when it is installed (it comes with uvicorn[standard])."""
+    if os.environ.get("EVCHARGING_NO_UVLOOP"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _bind(host: str, port: int) -> socket.socket:

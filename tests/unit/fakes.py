@@ -24,7 +24,7 @@ class RecordingPublisher:
         self.failures = 0
         self._changed = asyncio.Condition()
 
-    async def publish(self, topic: Topic, message: Message) -> None:
+    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
         if self.fail:
             self.failures += 1
             raise BusError(f"simulated outage publishing to {topic.value}")

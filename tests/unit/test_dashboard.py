@@ -55,7 +55,7 @@ class FakePublisher:
     def __init__(self) -> None:
         self.calls: list[tuple[Topic, Message]] = []
 
-    async def publish(self, topic: Topic, message: Message) -> None:
+    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
         self.calls.append((topic, message))
 
 

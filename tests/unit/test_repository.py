@@ -554,3 +554,15 @@ async def test_a_cancelled_write_leaves_no_open_transaction(
     # No transaction was left open: the next write works.
     assert await repo.start_session(session(1))
     assert await repo.get_session("S-1") == session(1)
+
+
+async def test_recent_request_ids(tmp_path: Path) -> None:
+    async with SqliteRepository(tmp_path / "recent.db") as repo:
+        base = datetime(2026, 1, 1, tzinfo=UTC)
+        for n in range(3):
+            await repo.start_session(SessionRecord(
+                session_id=f"s{n}", request_id=f"r{n}", cp_id="CP-1", driver_id="d",
+                status="ACTIVE", started_at=base + timedelta(minutes=n),
+            ))
+        assert await repo.recent_request_ids(base + timedelta(minutes=1)) == ["r1", "r2"]
+        assert await repo.recent_request_ids(base + timedelta(hours=1)) == []

@@ -17,7 +17,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from loguru import logger
@@ -60,7 +60,7 @@ SEEN_REQUESTS_KEPT = 100_000
 
 
 class Publisher(Protocol):
-    async def publish(self, topic: Topic, message: Message) -> None: ...
+    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -205,6 +205,11 @@ class Controller:
             cp.registered_at = record.registered_at
             if cp.is_faulty:
                 cp.breaker.trip(cp.fault_reason)
+        # Requests older than request_max_age are refused anyway, so remembering the ids
+        # of younger sessions is enough to keep a replayed request from starting twice.
+        since = utcnow() - timedelta(seconds=self.options.request_max_age)
+        for request_id in await self.repo.recent_request_ids(since):
+            self._remember_request(request_id)
         orphans = await self.repo.close_active_sessions(
             "Central restarted while the session was running", utcnow()
         )
@@ -274,9 +279,7 @@ class Controller:
 
     async def handle_request(self, request: DriverRequest) -> None:
         self.stats["requests"] += 1
-        if request.request_id in self._seen_requests or (
-            await self.repo.get_session_by_request(request.request_id)
-        ):
+        if request.request_id in self._seen_requests:
             self.stats["duplicate_requests"] += 1
             logger.warning(
                 "duplicate request {} from {} ignored", request.request_id, request.driver_id
@@ -670,7 +673,7 @@ class Controller:
 
     async def _send_update(self, update: DriverUpdate) -> None:
         try:
-            await self.bus.publish(Topic.DRIVER_UPDATES, update)
+            await self.bus.publish(Topic.DRIVER_UPDATES, update, wait=False)
         except BusError as exc:
             self.stats["publish_errors"] += 1
             logger.error("could not tell {} about {}: {}", update.driver_id, update.status, exc)
@@ -690,7 +693,7 @@ class Controller:
             payload=CommandPayload(driver_id=driver_id, session_id=session_id, reason=reason),
         )
         try:
-            await self.bus.publish(Topic.CENTRAL_COMMANDS, command)
+            await self.bus.publish(Topic.CENTRAL_COMMANDS, command, wait=False)
         except BusError as exc:
             self.stats["publish_errors"] += 1
             logger.error("could not send {} to {}: {}", cmd.value, cp_id, exc)

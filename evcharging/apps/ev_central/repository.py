@@ -405,6 +405,7 @@ class Repository(Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
     async def get_session_by_request(self, request_id: str) -> SessionRecord | None: ...
     async def active_sessions(self) -> list[SessionRecord]: ...
+    async def recent_request_ids(self, since: datetime) -> list[str]: ...
     async def close_active_sessions(
         self, reason: str, ended_at: datetime
     ) -> list[SessionRecord]: ...
@@ -613,6 +614,15 @@ class SqliteRepository:
             (SESSION_ACTIVE,),
         )
         return [_session_from_row(row) for row in rows]
+
+    async def recent_request_ids(self, since: datetime) -> list[str]:
+        """The request ids of the sessions started at `since` or later, oldest first."""
+        rows = await self._fetchall(
+            "SELECT request_id FROM charging_sessions WHERE start_time >= ? "
+            "ORDER BY start_time, rowid",
+            (_ts_text(since),),
+        )
+        return [str(row[0]) for row in rows]
 
     async def close_active_sessions(self, reason: str, ended_at: datetime) -> list[SessionRecord]:
         """Mark every ACTIVE session FAILED with `reason` (e.g. at start-up after a crash);
