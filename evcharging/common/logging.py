@@ -36,7 +36,11 @@ class _InterceptHandler(logging.Handler):
 
 
 class _DropConnectRetries(logging.Filter):
-    """Drop aiokafka's per-attempt errors that the bus reports once in its own words."""
+    """Drop aiokafka's per-attempt errors that the bus reports once in its own words.
+
+    aiokafka logs an ERROR on every failed connection attempt and while a new broker
+    elects its group coordinator; evcharging.common.kafka.retry says so once per outage.
+    """
 
     NOISE = ("Unable connect to", "Group Coordinator Request failed")
 
@@ -72,12 +76,9 @@ def setup_logging(
         diagnose=False,
         enqueue=False,
     )
-    logging.basicConfig(handlers=[_InterceptHandler()], level=logging.WARNING, force=True)
+    handler = _InterceptHandler()
+    handler.addFilter(_DropConnectRetries())
+    logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)
     for noisy in ("aiokafka", "kafka", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # aiokafka logs an ERROR on every failed connection attempt; the bus's own retry says
-    # so once per outage instead (evcharging.common.kafka.retry).
-    aiokafka_logger = logging.getLogger("aiokafka")
-    if not any(isinstance(f, _DropConnectRetries) for f in aiokafka_logger.filters):
-        aiokafka_logger.addFilter(_DropConnectRetries())
     logging.getLogger("uvicorn.error").setLevel(logging.INFO)
