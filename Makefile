@@ -14,13 +14,14 @@ COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcar
         broker-start broker-stop broker-status up down logs clean
 
 help: ## list the commands
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | \
+	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
 	  awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-17s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install everything (done by the other targets too)
@@ -61,7 +62,7 @@ broker-stop: $(STAMP) ## stop the local Kafka broker
 	$(PY) -m evcharging.devtools.kafka_broker stop --port 9092
 
 broker-status: $(STAMP) ## is the local Kafka broker running?
-	$(PY) -m evcharging.devtools.kafka_broker status --port 9092
+	@$(PY) -m evcharging.devtools.kafka_broker status --port 9092 || true
 
 up: ## Docker Compose: build and start Kafka and every service
 	$(COMPOSE) up --build -d

@@ -461,11 +461,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("--cps", type=_count(MAX_CPS), default=2, metavar="N",
                         help="charging points CP-001..CP-N, engine + monitor each (default: 2)")
-    drivers = parser.add_mutually_exclusive_group()
-    drivers.add_argument("--drivers", type=_count(MAX_DRIVERS), default=None, metavar="M",
-                         help="drivers driver-1..driver-M over the requests file (default: 1)")
-    drivers.add_argument("--no-drivers", dest="drivers", action="store_const", const=0,
-                         help="start no driver (same as --drivers 0)")
+    # Not exclusive: the last one given wins, so `make run ARGS=--no-drivers` works although
+    # the Makefile passes --drivers first.
+    parser.add_argument("--drivers", type=_count(MAX_DRIVERS), default=None, metavar="M",
+                        help="drivers driver-1..driver-M over the requests file (default: 1)")
+    parser.add_argument("--no-drivers", dest="drivers", action="store_const", const=0,
+                        help="start no driver (same as --drivers 0)")
     parser.add_argument(
         "--kafka-bootstrap", metavar="HOST:PORT", default=None,
         help="use this broker (default: $KAFKA_BOOTSTRAP or $CENTRAL_KAFKA_BOOTSTRAP, also "

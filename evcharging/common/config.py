@@ -60,6 +60,11 @@ class CentralSettings(ServiceSettings):
     health_snapshot_interval: Positive = Field(
         5.0, description="seconds between CP health snapshots in the database"
     )
+    cp_silence_timeout: Positive = Field(
+        30.0,
+        description="a CP not heard from for this long is taken as DISCONNECTED "
+        "(keep it above the engines' status interval)",
+    )
     request_max_age: Positive = Field(
         120.0, description="requests older than this (e.g. replayed after downtime) are refused"
     )

@@ -261,6 +261,11 @@ class KafkaBus:
             raise BusError(f"could not publish to {topic.value}: {exc!r}") from exc
         self.stats.produced += 1
 
+    async def flush(self) -> None:
+        """Wait until every message sent so far has been delivered (or has failed)."""
+        if self._producer is not None:
+            await self._producer.flush()
+
     def _delivered(self, topic: Topic, delivery: asyncio.Future[Any]) -> None:
         if delivery.cancelled():
             return
@@ -279,7 +284,9 @@ class KafkaConsumerLoop:
     With a ``group_id`` the loop joins a consumer group and resumes from the group's
     committed offsets (``start_at`` applies when the group has none). A
     ``group_instance_id`` makes it a static member: a restart after a crash takes the
-    place of the dead member at once instead of waiting for its session to time out. Without one it
+    place of the dead member at once instead of waiting for its session to time out.
+    ``before_commit`` runs before each commit: Central flushes its producer there, so the
+    answers to the messages it commits have reached the broker. Without one it
     reads every partition itself, from ``start_at``, and commits nothing: that suits a
     client that only wants what happens from now on (a driver, a CP engine).
     """
@@ -294,6 +301,7 @@ class KafkaConsumerLoop:
         start_at: StartAt = "latest",
         stats: BusStats | None = None,
         fetch_max_wait_ms: int = 100,
+        before_commit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if not handlers:
             raise ValueError("a consumer needs at least one topic")
@@ -304,6 +312,7 @@ class KafkaConsumerLoop:
         self.start_at = start_at
         self.stats = stats or BusStats()
         self._fetch_max_wait_ms = fetch_max_wait_ms
+        self._before_commit = before_commit
         self._names = {config.topic_name(t): t for t in self.handlers}
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = asyncio.Event()
@@ -402,15 +411,27 @@ class KafkaConsumerLoop:
             if not batch:
                 continue
             offsets: dict[TopicPartition, int] = {}
-            for tp, records in batch.items():
-                for record in records:
-                    await self._handle(record.topic, record.partition, record.offset, record.value)
-                    offsets[tp] = record.offset + 1
-            if self.group_id is not None:
-                try:
-                    await consumer.commit(offsets)
-                except KafkaError as exc:
-                    logger.warning("could not commit offsets {}: {!r}", offsets, exc)
+            try:
+                for tp, records in batch.items():
+                    for record in records:
+                        await self._handle(
+                            record.topic, record.partition, record.offset, record.value
+                        )
+                        offsets[tp] = record.offset + 1
+            finally:
+                # Also when cancelled mid-batch (shutdown): what was handled is committed,
+                # so a restart does not handle it a second time.
+                await self._commit(consumer, offsets)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+        if self.group_id is None or not offsets:
+            return
+        try:
+            if self._before_commit is not None:
+                await self._before_commit()
+            await consumer.commit(offsets)
+        except KafkaError as exc:
+            logger.warning("could not commit offsets {}: {!r}", offsets, exc)
 
     async def _handle(self, name: str, partition: int, offset: int, value: bytes | None) -> None:
         topic = self._names[name]

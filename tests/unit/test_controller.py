@@ -9,7 +9,7 @@ import pytest
 
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
-from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.repository import SessionRecord, SqliteRepository
 from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import (
@@ -377,3 +377,89 @@ async def test_snapshots_write_history(central: Controller, repo: SqliteReposito
     assert await central.snapshot_health() == 2
     history = await repo.cp_history("CP-002")
     assert history[0].state is CPState.ACTIVATED
+
+
+async def test_denied_request_replayed_after_restart_is_not_decided_again(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    first = Controller(bus, repo)
+    await activate(first)
+    await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED))
+    req = await request(first, request_id="replayed")
+    assert updates(bus, "replayed")[0].reason == "CP stopped"
+    await first.close()
+
+    second = Controller(bus, repo)
+    await second.load()
+    try:
+        await second.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+        await second.handle_request(req)  # the same message, replayed by Kafka
+        assert [u.status for u in updates(bus, "replayed")] == [DriverStatus.DENIED]
+        assert not commands(bus, CommandType.START_SUPPLY)
+    finally:
+        await second.close()
+
+
+async def test_start_timeout_stops_the_old_session_before_a_new_start(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    first = await request(central)
+    await bus.wait_for(DriverUpdate, lambda u: u.request_id == first.request_id
+                       and u.status is DriverStatus.FAILED)
+    await request(central)
+    sequence = [(c.cmd, c.payload.session_id) for c in bus.of(CentralCommand)]
+    first_session = updates(bus, first.request_id)[0].session_id
+    assert sequence[:2] == [(CommandType.START_SUPPLY, first_session),
+                            (CommandType.STOP_SUPPLY, first_session)]
+    assert sequence[2][0] is CommandType.START_SUPPLY
+
+
+async def test_fault_during_acceptance_does_not_start_a_ghost_session(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    original = repo.start_session
+
+    async def slow_start(record: SessionRecord) -> bool:
+        await central.report_fault("CP-001", True, "monitor lost it")  # arrives meanwhile
+        return await original(record)
+
+    repo.start_session = slow_start  # type: ignore[method-assign]
+    req = await request(central)
+    assert [u.status for u in updates(bus, req.request_id)] == [DriverStatus.FAILED]
+    assert not commands(bus, CommandType.START_SUPPLY)
+    assert await repo.active_sessions() == []
+
+
+async def test_a_restarted_cp_stays_stopped(central: Controller, bus: RecordingPublisher) -> None:
+    await activate(central)
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED,
+                                         reason="maintenance"))
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED,
+                                         reason="connected"))
+    (again,) = commands(bus, CommandType.STOP_CP)
+    assert again.payload.reason == "maintenance"
+    assert central.get("CP-001").state is CPState.STOPPED
+    assert central.decide("CP-001") == "CP stopped"
+
+
+async def test_a_silent_cp_is_disconnected_and_its_session_failed(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    central = Controller(bus, repo, CentralOptions(cp_silence_timeout=0.05))
+    try:
+        await activate(central)
+        req, _ = await start_session(central, bus)
+        assert await central.check_silent_cps() == []
+        central.get("CP-001").last_seen = utcnow() - timedelta(seconds=1)
+        assert await central.check_silent_cps() == ["CP-001"]
+        final = updates(bus, req.request_id)[-1]
+        assert final.status is DriverStatus.FAILED and "CP lost" in (final.reason or "")
+        assert central.decide("CP-001") == "CP disconnected"
+        assert await repo.active_sessions() == []
+        # It speaks again: Central follows it back.
+        await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+        assert central.decide("CP-001") is None
+    finally:
+        await central.close()

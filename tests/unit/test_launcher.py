@@ -133,6 +133,8 @@ def test_run_flags(clean_env: Path) -> None:
 
 def test_no_drivers(clean_env: Path) -> None:
     assert options_from_args(parse("--no-drivers"), {}, {}).drivers == 0
+    # make run passes --drivers first; a later --no-drivers (ARGS) wins.
+    assert options_from_args(parse("--drivers", "1", "--no-drivers"), {}, {}).drivers == 0
     assert options_from_args(parse("--drivers", "0"), {}, {}).drivers == 0
 
 
@@ -141,7 +143,7 @@ def test_no_drivers(clean_env: Path) -> None:
     [
         ["--cps", "-1"], ["--cps", "1000"], ["--cps", "two"], ["--drivers", "-2"],
         ["--http-port", "0"], ["--http-port", "65536"], ["--listen-port", "x"],
-        ["--start-timeout", "0"], ["--stop-timeout", "-1"], ["--drivers", "1", "--no-drivers"],
+        ["--start-timeout", "0"], ["--stop-timeout", "-1"],
         ["--color", "blue"], ["--kafka-port", "70000"],
     ],
 )

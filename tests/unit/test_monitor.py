@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from loguru import logger
 
-from evcharging.apps.ev_cp_m.monitor import HealthView, Monitor
+from evcharging.apps.ev_cp_m.monitor import STARTUP_HEALTHY_REASON, HealthView, Monitor
 from evcharging.common.config import CPMonitorSettings
 from tests.unit.fakes_http import (
     CENTRAL_HOST,
@@ -83,17 +83,22 @@ async def net() -> AsyncIterator[FakeNetwork]:
     yield FakeNetwork(FakeEngine(), FakeCentral())
 
 
-async def test_healthy_cp_registers_and_reports_nothing(net: FakeNetwork) -> None:
+async def test_healthy_cp_registers_and_says_so_once(net: FakeNetwork) -> None:
     async with Started(net) as monitor:
         await net.wait_for(lambda: monitor.stats.checks >= 10, what="10 checks")
+        await net.wait_for(lambda: monitor.stats.reports_sent >= 1, what="the first report")
         assert monitor.registered
         assert monitor.view is HealthView.HEALTHY
         assert net.central.registrations == [
             {"cp_id": CP_ID, "health_url": f"http://{ENGINE_HOST}:{ENGINE_PORT}/health"}
         ]
-        assert net.central.reports == []
+        # One "healthy" report at start, so that a fault left by an earlier run of the
+        # monitor is cleared; nothing after it while the CP stays healthy.
+        assert net.central.reports == [
+            {"cp_id": CP_ID, "is_faulty": False, "reason": STARTUP_HEALTHY_REASON}
+        ]
         assert monitor.stats.failures == 0
-        assert monitor.stats.reports_sent == 0
+        assert monitor.stats.reports_sent == 1
 
 
 async def test_threshold_reached_sends_exactly_one_fault_report(
@@ -210,9 +215,10 @@ async def test_registration_retries_until_success(net: FakeNetwork) -> None:
         net.central.up = True
         await net.wait_for(lambda: len(net.central.registrations) == 1, what="registration")
         await net.wait_for(lambda: monitor.registered, what="registered")
+        await net.wait_for(lambda: len(net.central.reports) == 1, what="the startup report")
         assert monitor.stats.registrations == 1
-        assert all(c.url.path == "/cp/register" for c in net.central.calls)
-        assert len(net.central.calls) == net.central.refused + 1
+        paths = [c.url.path for c in net.central.calls]
+        assert paths == ["/cp/register"] * (net.central.refused + 1) + ["/cp/fault"]
 
 
 async def test_token_header_sent_to_central_only() -> None:
@@ -239,15 +245,15 @@ async def test_wrong_token_logs_one_error_and_keeps_trying(
 
 async def test_404_from_central_triggers_registration_then_retry(net: FakeNetwork) -> None:
     async with Started(net) as monitor:
-        await net.wait_for(lambda: monitor.registered, what="registered")
+        await net.wait_for(lambda: monitor.stats.reports_sent == 1, what="the startup report")
         net.central.forget()  # e.g. Central restarted with an empty registry
         net.engine.mode = "refused"
-        await net.wait_for(lambda: len(net.central.reports) == 1, what="the fault report")
+        await net.wait_for(lambda: monitor.stats.fault_reports_sent == 1, what="the fault report")
         assert len(net.central.registrations) == 2
         assert monitor.stats.registrations == 2
-        assert monitor.stats.fault_reports_sent == 1
+        assert [r["is_faulty"] for r in net.central.reports] == [False, True]
     paths = [c.url.path for c in net.central.calls]
-    assert paths == ["/cp/register", "/cp/fault", "/cp/register", "/cp/fault"]
+    assert paths == ["/cp/register", "/cp/fault", "/cp/fault", "/cp/register", "/cp/fault"]
 
 
 async def test_slow_engine_counts_as_a_timeout(net: FakeNetwork) -> None:

@@ -96,7 +96,8 @@ async def test_schema_is_created_once_and_reopening_is_fine(db_path: Path) -> No
         async with SqliteRepository(db_path) as repo:
             assert await repo.ping()
 
-    assert await query(db_path, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+    versions = await query(db_path, "SELECT version FROM schema_version ORDER BY version")
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     tables = {
         name
         for (name,) in await query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")
@@ -107,6 +108,7 @@ async def test_schema_is_created_once_and_reopening_is_fine(db_path: Path) -> No
         "charging_sessions",
         "fault_events",
         "cp_health_history",
+        "request_log",
     } <= tables
     index_sql = await query(
         db_path, "SELECT tbl_name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
@@ -556,13 +558,13 @@ async def test_a_cancelled_write_leaves_no_open_transaction(
     assert await repo.get_session("S-1") == session(1)
 
 
-async def test_recent_request_ids(tmp_path: Path) -> None:
+async def test_request_log_refuses_a_second_decision(tmp_path: Path) -> None:
     async with SqliteRepository(tmp_path / "recent.db") as repo:
         base = datetime(2026, 1, 1, tzinfo=UTC)
         for n in range(3):
-            await repo.start_session(SessionRecord(
-                session_id=f"s{n}", request_id=f"r{n}", cp_id="CP-1", driver_id="d",
-                status="ACTIVE", started_at=base + timedelta(minutes=n),
-            ))
+            assert await repo.record_request(
+                f"r{n}", "d", "CP-1", "DENIED", "CP busy", base + timedelta(minutes=n)
+            )
+        assert not await repo.record_request("r1", "d", "CP-1", "ACCEPTED", None, base)
         assert await repo.recent_request_ids(base + timedelta(minutes=1)) == ["r1", "r2"]
         assert await repo.recent_request_ids(base + timedelta(hours=1)) == []

@@ -69,6 +69,7 @@ class CentralOptions:
     breaker_failure_threshold: int = 3
     breaker_reset_timeout: float = 30.0
     request_max_age: float = 120.0
+    cp_silence_timeout: float = 30.0
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Controller:
         self.stats: Counter[str] = Counter()
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
+        self._started_at = utcnow()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -293,7 +295,8 @@ class Controller:
             else self.decide(request.cp_id)
         )
         if reason is not None:
-            await self._deny(request, reason)
+            if await self._log_decision(request, DriverStatus.DENIED, reason):
+                await self._deny(request, reason)
             return
         cp = self.cps[request.cp_id]
         trial = cp.breaker.state is BreakerState.HALF_OPEN
@@ -307,6 +310,10 @@ class Controller:
             trial=trial,
         )
         cp.session = session  # reserved before the first await
+        if not await self._log_decision(request, DriverStatus.ACCEPTED, None):
+            cp.session = None
+            cp.breaker.release()
+            return
         record = SessionRecord(
             session_id=session.session_id,
             request_id=session.request_id,
@@ -322,12 +329,21 @@ class Controller:
             logger.warning("duplicate request {} ignored (already in the database)",
                            request.request_id)
             return
+        if cp.session is not session:
+            # A fault report ended it while the rows were written; its driver was told.
+            await self.repo.finish_session(
+                session.session_id, SessionResult.FAILED.value, kwh=0.0, euros=0.0,
+                reason="the CP failed before the session started", ended_at=utcnow(),
+            )
+            return
         self.stats["accepted"] += 1
         logger.info(
             "ACCEPTED request {} of {} on {} (session {})",
             request.request_id, request.driver_id, cp.cp_id, session.session_id,
         )
         await self._send_update(self._update(session, DriverStatus.ACCEPTED))
+        if cp.session is not session:
+            return
         self._watchdogs[session.session_id] = asyncio.create_task(
             self._start_watchdog(cp, session), name=f"start-watchdog-{session.session_id}"
         )
@@ -336,6 +352,20 @@ class Controller:
             driver_id=session.driver_id, session_id=session.session_id,
         )
         self._changed(cp)
+
+    async def _log_decision(
+        self, request: DriverRequest, decision: DriverStatus, reason: str | None
+    ) -> bool:
+        """Write the decision down; False when the request was decided before."""
+        if await self.repo.record_request(
+            request.request_id, request.driver_id, request.cp_id, decision.value, reason,
+            utcnow(),
+        ):
+            return True
+        self.stats["duplicate_requests"] += 1
+        logger.warning("duplicate request {} from {} ignored (decided before)",
+                       request.request_id, request.driver_id)
+        return False
 
     async def _deny(self, request: DriverRequest, reason: str) -> None:
         self.stats["denied"] += 1
@@ -362,10 +392,9 @@ class Controller:
                     f"CP did not confirm the start within {self.options.start_timeout:g}s"
                 )
                 self.stats["start_timeouts"] += 1
-                await self._end_session(cp, SessionResult.FAILED, reason, breaker_failure=True)
-                await self._send_command(
-                    cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
-                    reason="start not confirmed in time",
+                await self._end_session(
+                    cp, SessionResult.FAILED, reason, breaker_failure=True,
+                    stop_reason="start not confirmed in time",
                 )
         finally:
             if self._watchdogs.get(session.session_id) is asyncio.current_task():
@@ -381,6 +410,17 @@ class Controller:
         cp.last_seen = utcnow()
         before = cp.state
         session = cp.session
+        if (
+            cp.state is CPState.STOPPED
+            and status.state is CPState.ACTIVATED
+            and status.reason == "connected"
+        ):
+            # The CP restarted and came back ACTIVATED; the operator's stop still holds.
+            reason = cp.state_reason or "stopped by operator"
+            logger.info("CP {} restarted while stopped; stopping it again", cp.cp_id)
+            await self._send_command(cp.cp_id, CommandType.STOP_CP, reason=reason)
+            self._changed(cp)
+            return
         if session is not None and status.session_id == session.session_id:
             await self._follow_own_session(cp, session, status)
         elif session is not None and session.confirmed and status.state is not CPState.SUPPLYING:
@@ -529,10 +569,8 @@ class Controller:
         cp.fault_reason = reason
         cp.breaker.trip(reason)
         if cp.session is not None:
-            session_id = cp.session.session_id
-            await self._end_session(cp, SessionResult.FAILED, f"CP fault: {reason}")
-            await self._send_command(
-                cp.cp_id, CommandType.STOP_SUPPLY, session_id=session_id, reason=reason
+            await self._end_session(
+                cp, SessionResult.FAILED, f"CP fault: {reason}", stop_reason=reason
             )
         if cp.state is not CPState.FAULT:
             self._apply(cp, CPEvent.FAULT, reason)
@@ -580,6 +618,32 @@ class Controller:
         await self._send_command(cp_id, command, reason=reason)
         return cp
 
+    # ------------------------------------------------------------------ silent CPs
+
+    async def check_silent_cps(self) -> list[str]:
+        """Take CPs not heard from for ``cp_silence_timeout`` as DISCONNECTED.
+
+        An engine re-announces its state every few seconds, so silence means it is gone
+        (e.g. killed with no monitor to report it). A session it was running ends FAILED.
+        Returns the ids of the CPs that were marked.
+        """
+        now = utcnow()
+        limit = timedelta(seconds=self.options.cp_silence_timeout)
+        marked = []
+        for cp in list(self.cps.values()):
+            heard = cp.last_seen or self._started_at
+            if now - heard < limit or cp.state in (CPState.DISCONNECTED, CPState.FAULT):
+                continue
+            reason = f"no message from the CP for {self.options.cp_silence_timeout:g}s"
+            logger.warning("CP {} is silent: {}", cp.cp_id, reason)
+            await self._end_session(cp, SessionResult.FAILED, f"CP lost: {reason}",
+                                    breaker_failure=True)
+            self._follow_state(cp, CPState.DISCONNECTED, reason)
+            await self._persist(cp)
+            self._changed(cp)
+            marked.append(cp.cp_id)
+        return marked
+
     # ------------------------------------------------------------------ snapshots
 
     async def snapshot_health(self) -> int:
@@ -609,9 +673,11 @@ class Controller:
             self._seen_requests.popitem(last=False)
 
     def _cancel_watchdog(self, session_id: str) -> None:
-        task = self._watchdogs.pop(session_id, None)
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        task = self._watchdogs.get(session_id)
+        if task is None or task is asyncio.current_task():
+            return  # a watchdog that fires removes itself when it is done
+        del self._watchdogs[session_id]
+        task.cancel()
 
     async def _end_session(
         self,
@@ -620,12 +686,23 @@ class Controller:
         reason: str | None,
         *,
         breaker_failure: bool = False,
+        stop_reason: str | None = None,
     ) -> None:
+        """End the CP's session; with `stop_reason`, tell the CP to stop supplying it.
+
+        The STOP_SUPPLY is queued before anything else is awaited, so no START_SUPPLY of a
+        next session can overtake it.
+        """
         session = cp.session
         if session is None:
             return
         cp.session = None  # released before the first await
         self._cancel_watchdog(session.session_id)
+        if stop_reason is not None:
+            await self._send_command(
+                cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
+                reason=stop_reason,
+            )
         if result is SessionResult.COMPLETED:
             cp.breaker.record_success()
         elif breaker_failure:

@@ -20,20 +20,29 @@ from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
-from evcharging.common.kafka import BusStats, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
+from evcharging.common.kafka import (
+    BusError,
+    BusStats,
+    KafkaBus,
+    KafkaConfig,
+    KafkaConsumerLoop,
+    Topic,
+)
 from evcharging.common.logging import setup_logging
 from evcharging.common.service import HttpServer, Stopped, run_service, until_stopped
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
 
 
-async def _snapshots(controller: Controller, interval: float) -> None:
+async def _housekeeping(controller: Controller, interval: float) -> None:
+    """Every `interval`: health snapshots in the database, and silent CPs found."""
     while True:
         await asyncio.sleep(interval)
         try:
+            await controller.check_silent_cps()
             await controller.snapshot_health()
-        except Exception:  # noqa: BLE001 - a failed snapshot must not stop the next one
-            logger.exception("could not write the health snapshots")
+        except Exception:  # noqa: BLE001 - a failed round must not stop the next one
+            logger.exception("housekeeping failed")
 
 
 async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
@@ -52,6 +61,9 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         except Stopped:
             logger.info("stopped before Kafka was reached")
             return 0
+        except BusError as exc:
+            logger.critical("{}", exc)
+            return 1
         controller = Controller(
             bus,
             repo,
@@ -60,6 +72,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 breaker_failure_threshold=settings.breaker_failure_threshold,
                 breaker_reset_timeout=settings.breaker_reset_timeout,
                 request_max_age=settings.request_max_age,
+                cp_silence_timeout=settings.cp_silence_timeout,
             ),
         )
         consumer = KafkaConsumerLoop(
@@ -73,6 +86,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             group_instance_id=f"{settings.group_id}-central",
             start_at="earliest",
             stats=stats,
+            before_commit=bus.flush,
         )
 
         async def health() -> dict[str, Any]:
@@ -99,22 +113,29 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             await until_stopped(stop, consumer.start())
             tasks.append(asyncio.create_task(consumer.run(), name="consumer"))
             tasks.append(asyncio.create_task(
-                _snapshots(controller, settings.health_snapshot_interval), name="snapshots"
+                _housekeeping(controller, settings.health_snapshot_interval),
+                name="housekeeping",
             ))
             logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)
             stopper = asyncio.create_task(stop.wait(), name="stop")
             done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
             stopper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopper
             failed = [t for t in done if t is not stopper]
             for task in failed:
-                exc = task.exception()
-                logger.critical("{} stopped unexpectedly: {!r}", task.get_name(), exc)
+                logger.critical(
+                    "{} stopped unexpectedly: {!r}", task.get_name(), task.exception()
+                )
             return 1 if failed else 0
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)
             return 1
         except Stopped:
             return 0
+        except BusError as exc:
+            logger.critical("{}", exc)
+            return 1
         finally:
             logger.info("shutting down")
             await tcp.stop()

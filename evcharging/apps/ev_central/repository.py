@@ -236,6 +236,19 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS idx_charging_sessions_status ON charging_sessions (status)",
         "CREATE INDEX IF NOT EXISTS idx_charging_sessions_start ON charging_sessions (start_time)",
     ),
+    # 2: every decision on a driver request, so that a request replayed after a restart
+    # (its offset not yet committed) is never decided twice.
+    (
+        """CREATE TABLE IF NOT EXISTS request_log (
+            request_id TEXT PRIMARY KEY,
+            driver_id  TEXT NOT NULL,
+            cp_id      TEXT NOT NULL,
+            decision   TEXT NOT NULL,
+            reason     TEXT,
+            timestamp  TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS idx_request_log_ts ON request_log (timestamp)",
+    ),
 )
 """Migration N is ``_MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -406,6 +419,10 @@ class Repository(Protocol):
     async def get_session_by_request(self, request_id: str) -> SessionRecord | None: ...
     async def active_sessions(self) -> list[SessionRecord]: ...
     async def recent_request_ids(self, since: datetime) -> list[str]: ...
+    async def record_request(
+        self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
+        ts: datetime,
+    ) -> bool: ...
     async def close_active_sessions(
         self, reason: str, ended_at: datetime
     ) -> list[SessionRecord]: ...
@@ -616,13 +633,28 @@ class SqliteRepository:
         return [_session_from_row(row) for row in rows]
 
     async def recent_request_ids(self, since: datetime) -> list[str]:
-        """The request ids of the sessions started at `since` or later, oldest first."""
+        """The ids of the requests decided at `since` or later, oldest first."""
         rows = await self._fetchall(
-            "SELECT request_id FROM charging_sessions WHERE start_time >= ? "
-            "ORDER BY start_time, rowid",
+            "SELECT request_id FROM request_log WHERE timestamp >= ? "
+            "ORDER BY timestamp, rowid",
             (_ts_text(since),),
         )
         return [str(row[0]) for row in rows]
+
+    async def record_request(
+        self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
+        ts: datetime,
+    ) -> bool:
+        """Log the decision on a request; False (nothing written) if it was decided before."""
+        params = (request_id, driver_id, cp_id, decision, reason, _ts_text(ts))
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "INSERT OR IGNORE INTO request_log"
+                " (request_id, driver_id, cp_id, decision, reason, timestamp)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                params,
+            )
+            return cursor.rowcount == 1
 
     async def close_active_sessions(self, reason: str, ended_at: datetime) -> list[SessionRecord]:
         """Mark every ACTIVE session FAILED with `reason` (e.g. at start-up after a crash);

@@ -40,6 +40,7 @@ from evcharging.common.messages import CPFaultReport, CPRegistration
 
 __all__ = ["HealthView", "Monitor", "MonitorStats"]
 
+STARTUP_HEALTHY_REASON = "health checks pass (monitor started)"
 RECOVERY_REASON = "health checks pass again"
 _MAX_REASON = 500
 _MAX_DETAIL = 200
@@ -262,7 +263,10 @@ class Monitor:
             logger.info("health checks pass again after {} failure(s); no fault reported",
                         failures)
         elif previous is HealthView.UNKNOWN:
+            # Tell Central too: it may still hold a fault that an earlier run of this
+            # monitor reported (Central ignores a recovery for a CP that is not faulty).
             logger.info("CP {} is healthy", self.settings.cp_id)
+            self._queue_report(is_faulty=False, reason=STARTUP_HEALTHY_REASON)
 
     def _on_failure(self, failure: _Failure) -> None:
         self.consecutive_failures += 1
