@@ -285,6 +285,8 @@ class KafkaConsumerLoop:
     committed offsets (``start_at`` applies when the group has none). A
     ``group_instance_id`` makes it a static member: a restart after a crash takes the
     place of the dead member at once instead of waiting for its session to time out.
+    Offsets of handled messages are committed at most every ``commit_interval`` seconds
+    while messages flow, and at once when the topics go quiet or the loop is cancelled.
     ``before_commit`` runs before each commit: Central flushes its producer there, so the
     answers to the messages it commits have reached the broker. Without one it
     reads every partition itself, from ``start_at``, and commits nothing: that suits a
@@ -302,6 +304,7 @@ class KafkaConsumerLoop:
         stats: BusStats | None = None,
         fetch_max_wait_ms: int = 100,
         before_commit: Callable[[], Awaitable[None]] | None = None,
+        commit_interval: float = 0.2,
     ) -> None:
         if not handlers:
             raise ValueError("a consumer needs at least one topic")
@@ -313,6 +316,9 @@ class KafkaConsumerLoop:
         self.stats = stats or BusStats()
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._before_commit = before_commit
+        self.commit_interval = commit_interval
+        self._handled: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
         self._names = {config.topic_name(t): t for t in self.handlers}
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = asyncio.Event()
@@ -391,6 +397,14 @@ class KafkaConsumerLoop:
         consumer = self._consumer
         if consumer is None:
             raise BusError("the consumer is not started")
+        try:
+            await self._consume(consumer)
+        finally:
+            # Cancelled (shutdown) or failed: commit what was handled, so that a restart
+            # handles again only what was not.
+            await self._commit(consumer)
+
+    async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         failing_since: float | None = None
         while True:
             try:
@@ -408,22 +422,18 @@ class KafkaConsumerLoop:
                 failing_since = None
             if consumer.assignment():
                 self._assigned.set()
-            if not batch:
-                continue
-            offsets: dict[TopicPartition, int] = {}
-            try:
-                for tp, records in batch.items():
-                    for record in records:
-                        await self._handle(
-                            record.topic, record.partition, record.offset, record.value
-                        )
-                        offsets[tp] = record.offset + 1
-            finally:
-                # Also when cancelled mid-batch (shutdown): what was handled is committed,
-                # so a restart does not handle it a second time.
-                await self._commit(consumer, offsets)
+            for tp, records in batch.items():
+                for record in records:
+                    await self._handle(record.topic, record.partition, record.offset, record.value)
+                    self._handled[tp] = record.offset + 1
+            # Commit at most every commit_interval while messages flow, and at once when
+            # the topics go quiet.
+            if not batch or time.monotonic() - self._last_commit >= self.commit_interval:
+                await self._commit(consumer)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, int]) -> None:
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        offsets, self._handled = self._handled, {}
+        self._last_commit = time.monotonic()
         if self.group_id is None or not offsets:
             return
         try:
