@@ -208,14 +208,32 @@ async def test_no_wait_after_the_last_request() -> None:
 
 
 async def test_stop_ends_the_interval_wait_early() -> None:
-    driver, publisher = make_driver(interval=60.0)
+    driver, _ = make_driver(interval=60.0)
+    first_result = asyncio.Event()
+
+    def on_log(message: Any) -> None:
+        # The driver logs a final update as it records the result, then starts the pause.
+        if message.record["message"].startswith("COMPLETED at CP-001"):
+            first_result.set()
+
+    sink_id = logger.add(on_log, level="INFO")
+
+    async def stop_once_the_first_result_is_in() -> None:
+        await asyncio.wait_for(first_result.wait(), 2.0)
+        # first_result is set within the driver's own step, which goes on into the 60 s
+        # pause before it yields: so this stop lands in the pause, not in the request.
+        driver.stop()
+
     loop = asyncio.get_running_loop()
-
-    def stop_during_the_wait(_request: DriverRequest) -> None:
-        loop.call_later(0.05, driver.stop)  # the first request is done by then
-
-    publisher.on_publish = stop_during_the_wait
-    summary = await run(driver, ["CP-001", "CP-002", "CP-003"], timeout=2.0)
+    began = loop.time()
+    try:
+        stopper = asyncio.create_task(stop_once_the_first_result_is_in())
+        summary = await run(driver, ["CP-001", "CP-002", "CP-003"], timeout=2.0)
+        await stopper
+    finally:
+        logger.remove(sink_id)
+    assert loop.time() - began < 2.0  # far from the 60 s interval
+    assert [r.outcome for r in summary.results] == [Outcome.COMPLETED]
     assert summary.requests == 1
     assert summary.completed == 1
     assert not summary.finished

@@ -20,6 +20,9 @@ from tests.unit.fakes import RecordingPublisher
 CP_ID = "CP-001"
 KW = 22.0
 RATE = 0.30
+TELEMETRY_INTERVAL = 0.05
+BEAT = 3 * TELEMETRY_INTERVAL
+"""A heartbeat interval that spans more than two telemetry intervals (see outlast_telemetry)."""
 
 
 class FakeClock:
@@ -47,6 +50,23 @@ def statuses(pub: RecordingPublisher, since: int = 0) -> list[CPStatus]:
     return pub.of(CPStatus, since)
 
 
+async def outlast_telemetry(beats: RecordingPublisher) -> list[CPStatus]:
+    """Return once over two telemetry intervals of loop time have passed; proven by events.
+
+    `beats` records a running ChargingPoint with a heartbeat every BEAT seconds. Of the
+    heartbeats published after this call begins, the second comes at least BEAT (> 2
+    telemetry intervals) later, and the loop runs its timers in deadline order: so every
+    telemetry tick due in between, of any session still running, has been published by the
+    time it is seen. Returns those two heartbeats.
+    """
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    beats_so_far = len(beats.messages)
+    heartbeats = await beats.wait_count(CPStatus, 2, since=beats_so_far, timeout=5)
+    assert loop.time() - began > 2 * TELEMETRY_INTERVAL
+    return heartbeats
+
+
 @pytest.fixture
 def pub() -> RecordingPublisher:
     return RecordingPublisher()
@@ -62,7 +82,7 @@ async def make_cp(pub: RecordingPublisher) -> AsyncIterator[Callable[..., Chargi
             "kw_rate": KW,
             "euro_rate": RATE,
             "session_seconds": 0.3,
-            "telemetry_interval": 0.05,
+            "telemetry_interval": TELEMETRY_INTERVAL,
             "status_interval": 60.0,
             **overrides,
         }
@@ -73,6 +93,17 @@ async def make_cp(pub: RecordingPublisher) -> AsyncIterator[Callable[..., Chargi
     yield make
     for cp in made:
         await cp.stop()
+
+
+@pytest.fixture
+async def metronome() -> AsyncIterator[RecordingPublisher]:
+    """The heartbeats of a second, idle CP (every BEAT s): a clock for tests whose own CP
+    was stopped and so has no heartbeat left. Its messages go to a publisher of its own."""
+    beats = RecordingPublisher()
+    witness = ChargingPoint("CP-METRONOME", beats, status_interval=BEAT)
+    await witness.start()
+    yield beats
+    await witness.stop()
 
 
 @pytest.fixture
@@ -158,7 +189,7 @@ async def test_stop_supply_ends_session_stopped_with_totals_so_far(
     make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
 ) -> None:
     clock = FakeClock()
-    cp = make_cp(session_seconds=60.0, clock=clock)
+    cp = make_cp(session_seconds=60.0, clock=clock, status_interval=BEAT)
     await cp.start()
     await cp.handle_command(start_supply())
     clock.advance(36.0)
@@ -172,7 +203,9 @@ async def test_stop_supply_ends_session_stopped_with_totals_so_far(
     assert (stopped.session_id, stopped.driver_id) == ("S-1", "driver-alice")
     assert stopped.kwh == pytest.approx(KW * 36 / 3600)
     assert stopped.euros == pytest.approx(KW * 36 / 3600 * RATE)
-    await cp.stop()
+    # The CP lives on (heartbeats), but the stopped session sends no more telemetry.
+    heartbeats = await outlast_telemetry(pub)
+    assert all((b.state, b.session_id) == (CPState.ACTIVATED, None) for b in heartbeats)
     assert not pub.of(CPTelemetry, mark)
 
 
@@ -279,12 +312,14 @@ async def test_stop_supply_for_another_session_is_refused(
     ids=["start-while-stopped", "resume-while-activated", "stop-supply-idle", "stop-twice"],
 )
 async def test_refused_command_announces_refusal_and_changes_nothing(
-    cp: ChargingPoint,
+    make_cp: Callable[..., ChargingPoint],
     pub: RecordingPublisher,
     setup: list[CentralCommand],
     refused: CentralCommand,
     state: CPState,
 ) -> None:
+    cp = make_cp(status_interval=BEAT)
+    await cp.start()
     for cmd in setup:
         await cp.handle_command(cmd)
     before = cp.snapshot()
@@ -298,7 +333,11 @@ async def test_refused_command_announces_refusal_and_changes_nothing(
     assert status.session_id == refused.payload.session_id
     assert status.session_result is None and status.kwh is None
     assert cp.snapshot() == before
+    # Nothing was started behind the refusal: time passes and no telemetry comes.
+    heartbeats = await outlast_telemetry(pub)
+    assert all(b.state is state and b.session_id is None for b in heartbeats)
     assert not pub.of(CPTelemetry, mark)
+    assert cp.snapshot() == before
 
 
 async def test_commands_for_another_cp_are_ignored(
@@ -436,10 +475,12 @@ async def test_stop_from_activated_disconnects_once(
 
 
 async def test_stop_while_supplying_stops_the_session_then_disconnects(
-    make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
+    make_cp: Callable[..., ChargingPoint],
+    pub: RecordingPublisher,
+    metronome: RecordingPublisher,
 ) -> None:
     clock = FakeClock()
-    cp = make_cp(session_seconds=60.0, clock=clock)
+    cp = make_cp(session_seconds=60.0, clock=clock, status_interval=BEAT)
     await cp.start()
     await cp.handle_command(start_supply())
     clock.advance(3.6)
@@ -451,7 +492,10 @@ async def test_stop_while_supplying_stops_the_session_then_disconnects(
     )
     assert stopped.kwh == pytest.approx(KW * 3.6 / 3600)
     assert disconnected.state is CPState.DISCONNECTED
+    # After stop() the CP sends nothing more: no telemetry, no heartbeat.
+    await outlast_telemetry(metronome)
     assert not pub.of(CPTelemetry, mark)
+    assert [m for _, m in pub.messages[mark:]] == [stopped, disconnected]
 
 
 @pytest.mark.parametrize("state", [CPState.STOPPED, CPState.FAULT])
@@ -484,9 +528,11 @@ async def test_after_stop_commands_and_faults_are_refused(
 
 
 async def test_shutdown_command_stops_and_requests_exit(
-    make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
+    make_cp: Callable[..., ChargingPoint],
+    pub: RecordingPublisher,
+    metronome: RecordingPublisher,
 ) -> None:
-    cp = make_cp(session_seconds=60.0)
+    cp = make_cp(session_seconds=60.0, status_interval=BEAT)
     await cp.start()
     await cp.handle_command(start_supply())
     mark = len(pub.messages)
@@ -497,7 +543,10 @@ async def test_shutdown_command_stops_and_requests_exit(
         (CPState.ACTIVATED, SessionResult.STOPPED),
         (CPState.DISCONNECTED, None),
     ]
+    # After SHUTDOWN the CP sends nothing more: no telemetry, no heartbeat.
+    await outlast_telemetry(metronome)
     assert not pub.of(CPTelemetry, mark)
+    assert len(pub.messages) == mark + 2
 
 
 # ------------------------------------------------------------------------ heartbeat

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, cast
 import aiosqlite
 import pytest
 
+from evcharging.apps.ev_central import repository as repository_module
 from evcharging.apps.ev_central.repository import (
     MAX_LIMIT,
     SCHEMA_VERSION,
@@ -538,22 +540,66 @@ async def test_concurrent_tasks_share_one_repository(repo: SqliteRepository, db_
     assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(1000,)]
 
 
-@pytest.mark.parametrize("pause", [0.0, 0.005], ids=["at-begin", "mid-batch"])
-async def test_a_cancelled_write_leaves_no_open_transaction(
-    repo: SqliteRepository, db_path: Path, pause: float
+async def test_a_write_cancelled_at_begin_leaves_no_open_transaction(
+    repo: SqliteRepository, db_path: Path
 ) -> None:
-    rows = [snapshot("CP-1", float(i)) for i in range(20_000)]
+    rows = [snapshot("CP-1", float(i)) for i in range(1000)]
     task = asyncio.create_task(repo.record_health_many(rows))
-    await asyncio.sleep(pause)
+    # One pass of the loop, not a delay: the task runs to its first await, BEGIN queued
+    # on the connection thread, and is cancelled there.
+    await asyncio.sleep(0)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    ((count,),) = await query(db_path, "SELECT COUNT(*) FROM cp_health_history")
-    if pause == 0.0:  # cancelled while BEGIN was queued: the batch never ran
-        assert task.cancelled() and count == 0
-    else:  # a cancel may land before, during or after the executemany: all or nothing
-        assert count in (0, len(rows))
-    # No transaction was left open: the next write works.
+    assert task.cancelled()
+    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
+    # No transaction was left open: the next writes work.
+    assert await repo.start_session(session(1))
+    assert await repo.get_session("S-1") == session(1)
+
+
+async def test_a_write_cancelled_mid_batch_is_rolled_back(
+    repo: SqliteRepository, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [snapshot("CP-1", float(i)) for i in range(1000)]
+    halfway = len(rows) // 2
+    loop = asyncio.get_running_loop()
+    mid_batch = asyncio.Event()
+    resume = threading.Event()
+    converted = 0
+    real_params = repository_module._health_params
+
+    def params_pausing_halfway(row: HealthSnapshot) -> tuple[Any, ...]:
+        # executemany pulls the parameters row by row on the connection thread: hold it
+        # there, half the batch inserted, until the test has cancelled the write.
+        nonlocal converted
+        converted += 1
+        if converted == halfway:
+            loop.call_soon_threadsafe(mid_batch.set)
+            if not resume.wait(timeout=5):
+                raise TimeoutError("the test never resumed the batch")
+        return real_params(row)
+
+    monkeypatch.setattr(repository_module, "_health_params", params_pausing_halfway)
+    task = asyncio.create_task(repo.record_health_many(rows))
+    try:
+        await asyncio.wait_for(mid_batch.wait(), 5)
+        task.cancel()  # the awaiting task is cancelled while executemany runs
+    finally:
+        resume.set()
+    done, _ = await asyncio.wait({task}, timeout=5)
+    assert task in done and task.cancelled()
+    # The cancel landed with half the rows inserted. The task ended only after the whole
+    # executemany had run (its ROLLBACK is queued behind it on the same thread), and that
+    # ROLLBACK undid every row: nothing was committed.
+    assert converted == len(rows)
+    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
+
+    # No transaction was left open: the repository still works, and the same batch,
+    # written again, is stored exactly once.
+    monkeypatch.undo()
+    await repo.record_health_many(rows)
+    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows),)]
     assert await repo.start_session(session(1))
     assert await repo.get_session("S-1") == session(1)
 
