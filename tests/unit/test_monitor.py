@@ -282,7 +282,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 async def test_process_cli_exits_zero_on_sigterm() -> None:
     """The exact seed command line runs, survives absent peers and exits 0 on SIGTERM."""
     engine_port, central_port = _free_port(), _free_port()
