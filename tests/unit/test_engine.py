@@ -11,7 +11,7 @@ import pytest
 
 from evcharging.apps.ev_cp_e.engine import MAX_REASON, ChargingPoint
 from evcharging.apps.ev_cp_e.health import create_health_app
-from evcharging.apps.ev_cp_e.main import _unless_stopped, _wait_for_exit, main
+from evcharging.apps.ev_cp_e.main import _wait_for_exit, main
 from evcharging.common.kafka import BusStats, Topic
 from evcharging.common.messages import CentralCommand, CommandType, CPStatus, CPTelemetry
 from evcharging.common.states import CPState, InvalidTransition, SessionResult
@@ -612,34 +612,3 @@ async def test_wait_for_exit_returns_0_on_stop_and_shutdown_1_on_consumer_death(
         raise RuntimeError("consumer broke")
 
     assert await _wait_for_exit(asyncio.Event(), cp, asyncio.create_task(die())) == 1
-
-
-async def test_unless_stopped_cancels_start_up_when_stop_is_set() -> None:
-    stop = asyncio.Event()
-    started = asyncio.Event()
-    cancelled = False
-
-    async def slow_start() -> None:
-        nonlocal cancelled
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-
-    async def set_stop() -> None:
-        await started.wait()
-        stop.set()
-
-    setter = asyncio.create_task(set_stop())
-    assert await _unless_stopped(stop, slow_start()) is False
-    await setter
-    assert cancelled
-
-    async def fail() -> None:
-        raise OSError("port taken")
-
-    with pytest.raises(OSError, match="port taken"):
-        await _unless_stopped(asyncio.Event(), fail())
-    assert await _unless_stopped(asyncio.Event(), asyncio.sleep(0)) is True

@@ -33,7 +33,7 @@ from evcharging.common.kafka import (
     Topic,
 )
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import HttpServer, run_service
+from evcharging.common.service import HttpServer, Stopped, run_service, until_stopped
 
 PROG = "python -m evcharging.apps.ev_cp_e.main"
 DESCRIPTION = "CP Engine: one simulated charging point connected to EV Central over Kafka."
@@ -68,11 +68,11 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
     code = EXIT_OK
     try:
         try:
-            started = await _unless_stopped(stop, _start_parts(bus, consumer, http))
+            await until_stopped(stop, _start_parts(bus, consumer, http))
         except (BusError, OSError) as exc:
             log.error("CP Engine could not start: {}", exc)
             return EXIT_FAILURE
-        if not started:
+        except Stopped:
             log.info("stopped while starting")
             return EXIT_OK
         consuming = asyncio.create_task(consumer.run(), name=f"{settings.cp_id}-commands")
@@ -88,28 +88,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
 async def _start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpServer) -> None:
     await bus.start()  # waits for the broker, with backoff
     await consumer.start()
-    try:
-        await http.start()
-    except SystemExit as exc:
-        # uvicorn's Config.bind_socket calls sys.exit() when the port is taken; inside
-        # the event loop that SystemExit would tear the loop down and skip our shutdown.
-        raise OSError(f"cannot serve /health on {http.host}:{http.port} (see above)") from exc
-
-
-async def _unless_stopped(stop: asyncio.Event, starting: Awaitable[None]) -> bool:
-    """Await `starting`; cancel it and return False if `stop` is set first."""
-    work = asyncio.ensure_future(starting)
-    stopped = asyncio.create_task(stop.wait(), name="stop-signal")
-    try:
-        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        work.cancel()  # no effect once it is done
-        await asyncio.gather(stopped, work, return_exceptions=True)
-    if work.cancelled():
-        return False
-    work.result()  # re-raise a start-up failure
-    return True
+    await http.start()  # OSError when the port is taken
 
 
 async def _wait_for_exit(

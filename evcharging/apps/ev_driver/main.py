@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from loguru import logger
@@ -23,7 +23,7 @@ from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_request
 from evcharging.common.config import DriverSettings, load_settings
 from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import run_service
+from evcharging.common.service import Stopped, run_service, until_stopped
 
 PROG = "python -m evcharging.apps.ev_driver.main"
 DESCRIPTION = (
@@ -72,8 +72,9 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         config, {Topic.DRIVER_UPDATES: driver.handle_update}, group_id=None, start_at="latest"
     )
     try:
-        started = await _unless_stopped(_start(bus, consumer), stop)
-        if not started:
+        try:
+            await until_stopped(stop, _start(bus, consumer))
+        except Stopped:
             logger.info("stopped while connecting to Kafka; no request was sent")
             return EXIT_INTERRUPTED
         summary, consumer_failed = await _drive(driver, consumer, cp_ids, stop)
@@ -90,10 +91,9 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
     return EXIT_OK if summary.finished else EXIT_INTERRUPTED
 
 
-async def _start(bus: KafkaBus, consumer: KafkaConsumerLoop) -> bool:
+async def _start(bus: KafkaBus, consumer: KafkaConsumerLoop) -> None:
     await bus.start()
     await consumer.start()  # positions are resolved here: nothing published later is missed
-    return True
 
 
 async def _drive(
@@ -124,19 +124,6 @@ async def _drive(
     finally:
         await _cancel_and_wait(consumer_task, driver_task, stop_task)
     return summary, consumer_failed
-
-
-async def _unless_stopped(work: Awaitable[T], stop: asyncio.Event) -> T | None:
-    """Await `work`, or cancel it and return None when `stop` is set first."""
-    work_task: asyncio.Task[T] = asyncio.ensure_future(work)
-    stop_task = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        if stop.is_set() or not work_task.done():
-            return None
-        return work_task.result()
-    finally:
-        await _cancel_and_wait(work_task, stop_task)
 
 
 async def _cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
