@@ -37,6 +37,8 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.polling import poll
+
 CHROMIUM_ENV = "EVCHARGING_CHROMIUM"
 
 CHROMIUM_FLAGS = (
@@ -206,10 +208,9 @@ class Browser:
             proc, self._proc = self._proc, None
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # renderers and helpers die with it
-            deadline = time.monotonic() + 10
-            while proc.poll() is None and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            if proc.poll() is None:  # pragma: no cover - SIGKILL of our own child
+            try:
+                await asyncio.to_thread(proc.wait, 10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL of our own child
                 proc.kill()
                 proc.wait(5)
         if self._tmp is not None:
@@ -224,33 +225,40 @@ class Browser:
 
     async def _devtools_port(self, path: Path, deadline: float) -> int:
         """Chromium writes its port (first line) to ``DevToolsActivePort`` once it listens."""
-        while True:
+
+        def port() -> int | None:
             self._check_alive("before opening its DevTools port")
-            with contextlib.suppress(OSError):
-                first = path.read_text().split("\n", 1)[0].strip()
-                if first.isdigit() and int(first) > 0:
-                    return int(first)
-            if time.monotonic() > deadline:
-                raise CDPError(f"Chromium wrote no {path.name} within {self.launch_timeout}s:\n"
-                               f"{self.log_tail()}")
-            await asyncio.sleep(0.05)
+            first = path.read_text().split("\n", 1)[0].strip()
+            return int(first) if first.isdigit() and int(first) > 0 else None
+
+        try:
+            found: int = await poll(
+                port, timeout=max(deadline - time.monotonic(), 0.0),
+                what=f"Chromium's {path.name}", retry_on=(OSError,),
+            )
+        except AssertionError as exc:
+            raise CDPError(f"{exc}\n{self.log_tail()}") from None
+        return found
 
     async def _page_ws_url(self, port: int, deadline: float) -> str:
-        last: object = None
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-            while time.monotonic() < deadline:
+
+            async def page_url() -> str | None:
                 self._check_alive("before listing its pages")
-                try:
-                    targets = (await http.get("/json/list")).json()
-                except (httpx.HTTPError, ValueError) as exc:
-                    last = exc
-                else:
-                    last = targets
-                    for target in targets:
-                        if target.get("type") == "page" and target.get("webSocketDebuggerUrl"):
-                            return str(target["webSocketDebuggerUrl"])
-                await asyncio.sleep(0.05)
-        raise CDPError(f"no page target on DevTools port {port}; last answer: {last!r}")
+                for target in (await http.get("/json/list")).json():
+                    if target.get("type") == "page" and target.get("webSocketDebuggerUrl"):
+                        return str(target["webSocketDebuggerUrl"])
+                return None
+
+            try:
+                url: str = await poll(
+                    page_url, timeout=max(deadline - time.monotonic(), 0.0),
+                    what=f"a page target on DevTools port {port}",
+                    retry_on=(httpx.HTTPError, ValueError),
+                )
+            except AssertionError as exc:
+                raise CDPError(str(exc)) from None
+        return url
 
     def _check_alive(self, when: str) -> None:
         if self._proc is not None and self._proc.poll() is not None:
@@ -389,22 +397,10 @@ class Browser:
         An expression that throws counts as "not yet" (the element may not exist yet);
         after `timeout` seconds an AssertionError names `what` and the last outcome.
         """
-        deadline = time.monotonic() + timeout
-        last: Any = None
-        while True:
-            try:
-                last = await self.evaluate(predicate)
-            except JavaScriptError as exc:
-                last = exc
-            else:
-                if last:
-                    return last
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"timed out after {timeout}s waiting for {what or predicate}; "
-                    f"last value: {last!r}"
-                )
-            await asyncio.sleep(interval)
+        return await poll(
+            lambda: self.evaluate(predicate), timeout=timeout, what=what or predicate,
+            interval=interval, retry_on=(JavaScriptError,),
+        )
 
     async def screenshot(self, path: Path | str) -> Path:
         """Save a PNG of the viewport to `path` (parent folders are created)."""

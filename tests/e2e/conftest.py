@@ -27,6 +27,7 @@ import pytest
 
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
+from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -56,18 +57,14 @@ def free_port() -> int:
 async def eventually(
     probe: Callable[[], Awaitable[T | None]], timeout: float = 20.0, what: str = "condition"
 ) -> T:
-    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = await probe()
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+    """Poll `probe` until it returns something truthy; fail with `what` after `timeout`.
+
+    A refused or failed HTTP call counts as "not yet" (the service may still be starting).
+    """
+    result: T = await poll(
+        probe, timeout=timeout, what=what, interval=0.1, retry_on=(httpx.HTTPError, OSError)
+    )
+    return result
 
 
 class Proc:

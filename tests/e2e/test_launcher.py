@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import httpx
 import pytest
 
 from evcharging.devtools.kafka_broker import run_dir
+from tests.polling import poll_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -33,18 +33,9 @@ T = TypeVar("T")
 
 def wait_for(probe: Callable[[], T | None], timeout: float, what: str, poll: float = 0.2) -> T:
     """Poll `probe` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            last = probe()
-        except (httpx.HTTPError, OSError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last  # type: ignore[return-value]
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-        time.sleep(poll)
+    return poll_sync(
+        probe, timeout=timeout, what=what, interval=poll, retry_on=(httpx.HTTPError, OSError)
+    )
 
 
 def port_free(port: int) -> bool:

@@ -37,6 +37,7 @@ from evcharging.common.messages import (
     SessionResult,
 )
 from evcharging.common.service import HttpServer
+from tests.polling import poll
 
 with warnings.catch_warnings():
     # Starlette >= 1.x prefers httpx2 for its TestClient and warns at import when only
@@ -123,9 +124,7 @@ async def complete_session(controller: Controller, cp_id: str, driver_id: str) -
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+    await poll(predicate, timeout=timeout, what="the condition", interval=0.01)
 
 
 def telemetry_event(cp_id: str, kw: float) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from evcharging.launcher import (
     resolve_bootstrap,
     run_command,
 )
+from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS: tuple[type[BaseSettings], ...] = (
@@ -458,9 +459,7 @@ def spec(name: str, role: Role, program: tuple[str, tuple[str, ...]]) -> ChildSp
 
 
 async def wait_until(check: Callable[[], bool], timeout: float = 20.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.02)
+    await poll(check, timeout=timeout, what="the child", interval=0.02)
 
 
 def supervisor(out: io.StringIO, restart: bool = False) -> Supervisor:

@@ -494,16 +494,18 @@ async def _ticks_while(work: Callable[[], Any]) -> int:
     """Run `work()` and count how often a concurrent task got the loop meanwhile."""
     ticks = 0
     done = asyncio.Event()
+    running = asyncio.Event()
 
     async def ticker() -> None:
         nonlocal ticks
+        running.set()
         while not done.is_set():
             await asyncio.sleep(0.001)
             ticks += 1
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(ticker())
-        await asyncio.sleep(0)  # let the ticker start
+        await running.wait()
         start = ticks
         try:
             await work()
