@@ -56,17 +56,6 @@ Factory = Callable[..., Awaitable[httpx.AsyncClient]]
 
 
 @pytest.fixture
-async def repo() -> AsyncIterator[SqliteRepository]:
-    async with SqliteRepository(":memory:") as repository:
-        yield repository
-
-
-@pytest.fixture
-def bus() -> RecordingPublisher:
-    return RecordingPublisher()
-
-
-@pytest.fixture
 async def controller(bus: RecordingPublisher, repo: SqliteRepository) -> AsyncIterator[Controller]:
     central = Controller(bus, repo, CentralOptions(start_timeout=30.0))
     yield central

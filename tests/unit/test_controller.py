@@ -38,17 +38,6 @@ class Clock:
 
 
 @pytest.fixture
-async def repo() -> AsyncIterator[SqliteRepository]:
-    async with SqliteRepository(":memory:") as repository:
-        yield repository
-
-
-@pytest.fixture
-def bus() -> RecordingPublisher:
-    return RecordingPublisher()
-
-
-@pytest.fixture
 def clock() -> Clock:
     return Clock()
 

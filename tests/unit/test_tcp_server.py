@@ -162,11 +162,6 @@ def commands(bus: RecordingPublisher) -> list[CentralCommand]:
 # ---------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def bus() -> RecordingPublisher:
-    return RecordingPublisher()
-
-
 async def activate(controller: Controller, *cp_ids: str, location: str = "depot") -> None:
     for cp_id in cp_ids:
         await controller.register(CPRegistration(cp_id=cp_id, location=location))
