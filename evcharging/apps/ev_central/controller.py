@@ -295,8 +295,7 @@ class Controller:
             else self.decide(request.cp_id)
         )
         if reason is not None:
-            if await self._log_decision(request, DriverStatus.DENIED, reason):
-                await self._deny(request, reason)
+            await self._deny(request, reason)
             return
         cp = self.cps[request.cp_id]
         trial = cp.breaker.state is BreakerState.HALF_OPEN
@@ -310,10 +309,6 @@ class Controller:
             trial=trial,
         )
         cp.session = session  # reserved before the first await
-        if not await self._log_decision(request, DriverStatus.ACCEPTED, None):
-            cp.session = None
-            cp.breaker.release()
-            return
         record = SessionRecord(
             session_id=session.session_id,
             request_id=session.request_id,
@@ -322,12 +317,12 @@ class Controller:
             status="ACTIVE",
             started_at=session.started_at,
         )
-        if not await self.repo.start_session(record):
+        if not await self.repo.start_session(record):  # also logs the request as ACCEPTED
             cp.session = None
             cp.breaker.release()
             self.stats["duplicate_requests"] += 1
-            logger.warning("duplicate request {} ignored (already in the database)",
-                           request.request_id)
+            logger.warning("duplicate request {} from {} ignored (decided before)",
+                           request.request_id, request.driver_id)
             return
         if cp.session is not session:
             # A fault report ended it while the rows were written; its driver was told.
@@ -353,21 +348,15 @@ class Controller:
         )
         self._changed(cp)
 
-    async def _log_decision(
-        self, request: DriverRequest, decision: DriverStatus, reason: str | None
-    ) -> bool:
-        """Write the decision down; False when the request was decided before."""
-        if await self.repo.record_request(
-            request.request_id, request.driver_id, request.cp_id, decision.value, reason,
-            utcnow(),
-        ):
-            return True
-        self.stats["duplicate_requests"] += 1
-        logger.warning("duplicate request {} from {} ignored (decided before)",
-                       request.request_id, request.driver_id)
-        return False
-
     async def _deny(self, request: DriverRequest, reason: str) -> None:
+        if not await self.repo.record_request(
+            request.request_id, request.driver_id, request.cp_id, DriverStatus.DENIED.value,
+            reason, utcnow(),
+        ):
+            self.stats["duplicate_requests"] += 1
+            logger.warning("duplicate request {} from {} ignored (decided before)",
+                           request.request_id, request.driver_id)
+            return
         self.stats["denied"] += 1
         self.stats[f"denied:{reason.split(' (')[0]}"] += 1
         logger.info(

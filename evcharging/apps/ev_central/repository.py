@@ -280,6 +280,16 @@ _SQL_UPSERT_CP = """
         updated_at = excluded.updated_at
 """
 _SQL_LOAD_CPS = f"SELECT {_CP_COLUMNS} FROM cp_registry ORDER BY cp_id"  # noqa: S608
+_SQL_LOG_REQUEST = (
+    "INSERT OR IGNORE INTO request_log"
+    " (request_id, driver_id, cp_id, decision, reason, timestamp) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+class _Duplicate(Exception):
+    """Raised inside a transaction to roll it back when a row turns out to exist."""
+
+
 _SQL_START_SESSION = """
     INSERT INTO charging_sessions (session_id, request_id, cp_id, driver_id, status, start_time,
                                    end_time, kwh, euros, reason)
@@ -571,8 +581,8 @@ class SqliteRepository:
     # ------------------------------------------------------------------- sessions
 
     async def start_session(self, session: SessionRecord) -> bool:
-        """Insert a session; False, with nothing written, if its session_id or
-        request_id is already stored."""
+        """Insert a session and log its request as ACCEPTED, in one transaction; False,
+        with nothing written, if its session_id is stored or its request was decided."""
         if session.status not in SESSION_STATUSES:
             raise ValueError(f"unknown session status {session.status!r}")
         params = (
@@ -587,9 +597,17 @@ class SqliteRepository:
             _amount("euros", session.euros),
             session.reason,
         )
-        async with self._transaction() as db:
-            cursor = await db.execute(_SQL_START_SESSION, params)
-            return cursor.rowcount == 1
+        logged = (session.request_id, session.driver_id, session.cp_id, "ACCEPTED", None,
+                  _ts_text(session.started_at))
+        try:
+            async with self._transaction() as db:
+                if (await db.execute(_SQL_LOG_REQUEST, logged)).rowcount != 1:
+                    return False
+                if (await db.execute(_SQL_START_SESSION, params)).rowcount != 1:
+                    raise _Duplicate  # roll the request's log entry back too
+        except _Duplicate:
+            return False
+        return True
 
     async def finish_session(
         self,
@@ -648,12 +666,7 @@ class SqliteRepository:
         """Log the decision on a request; False (nothing written) if it was decided before."""
         params = (request_id, driver_id, cp_id, decision, reason, _ts_text(ts))
         async with self._transaction() as db:
-            cursor = await db.execute(
-                "INSERT OR IGNORE INTO request_log"
-                " (request_id, driver_id, cp_id, decision, reason, timestamp)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                params,
-            )
+            cursor = await db.execute(_SQL_LOG_REQUEST, params)
             return cursor.rowcount == 1
 
     async def close_active_sessions(self, reason: str, ended_at: datetime) -> list[SessionRecord]:
