@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any, TypeVar
 
 import uvicorn
@@ -96,6 +96,25 @@ async def until_stopped(stop: asyncio.Event, starting: Awaitable[T]) -> T:
     if work.cancelled():
         raise Stopped
     return work.result()
+
+
+async def wait_first(
+    events: Iterable[asyncio.Event], tasks: Iterable[asyncio.Task[Any]]
+) -> set[asyncio.Task[Any]]:
+    """Wait until one of `events` is set or one of `tasks` ends; return the ended tasks.
+
+    The services' main loops wait like this for a stop signal (or a SHUTDOWN command)
+    while watching the tasks that must not die.
+    """
+    watched = set(tasks)
+    waiters = {asyncio.create_task(event.wait(), name="event-waiter") for event in events}
+    try:
+        done, _ = await asyncio.wait(watched | waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    return done & watched
 
 
 class _Server(uvicorn.Server):

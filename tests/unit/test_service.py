@@ -8,7 +8,7 @@ import socket
 import pytest
 from fastapi import FastAPI
 
-from evcharging.common.service import HttpServer, Stopped, until_stopped
+from evcharging.common.service import HttpServer, Stopped, until_stopped, wait_first
 
 
 async def test_until_stopped_cancels_start_up_when_stop_is_set() -> None:
@@ -57,3 +57,21 @@ async def test_http_server_reports_a_taken_port_as_oserror() -> None:
         with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
             await server.start()
         await server.stop()
+
+
+async def test_wait_first_returns_on_an_event_and_cancels_its_waiters() -> None:
+    stop = asyncio.Event()
+    forever = asyncio.create_task(asyncio.Event().wait())
+    stop.set()
+    assert await wait_first([stop], [forever]) == set()
+    assert not forever.done()
+    forever.cancel()
+
+
+async def test_wait_first_returns_the_task_that_ended() -> None:
+    async def die() -> None:
+        raise RuntimeError("consumer broke")
+
+    dying = asyncio.create_task(die())
+    assert await wait_first([asyncio.Event()], [dying]) == {dying}
+    assert isinstance(dying.exception(), RuntimeError)

@@ -29,7 +29,13 @@ from evcharging.common.kafka import (
     Topic,
 )
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import HttpServer, Stopped, run_service, until_stopped
+from evcharging.common.service import (
+    HttpServer,
+    Stopped,
+    run_service,
+    until_stopped,
+    wait_first,
+)
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
 
@@ -117,12 +123,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 name="housekeeping",
             ))
             logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)
-            stopper = asyncio.create_task(stop.wait(), name="stop")
-            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stopper
-            failed = [t for t in done if t is not stopper]
+            failed = await wait_first([stop], tasks)
             for task in failed:
                 logger.critical(
                     "{} stopped unexpectedly: {!r}", task.get_name(), task.exception()

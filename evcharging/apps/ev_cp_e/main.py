@@ -33,7 +33,13 @@ from evcharging.common.kafka import (
     Topic,
 )
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import HttpServer, Stopped, run_service, until_stopped
+from evcharging.common.service import (
+    HttpServer,
+    Stopped,
+    run_service,
+    until_stopped,
+    wait_first,
+)
 
 PROG = "python -m evcharging.apps.ev_cp_e.main"
 DESCRIPTION = "CP Engine: one simulated charging point connected to EV Central over Kafka."
@@ -96,15 +102,7 @@ async def _wait_for_exit(
 ) -> int:
     """Wait for SIGINT/SIGTERM, a SHUTDOWN command, or the consumer's death."""
     log = logger.bind(cp_id=cp.cp_id)
-    stopped = asyncio.create_task(stop.wait(), name="stop-signal")
-    shutdown = asyncio.create_task(cp.shutdown_requested.wait(), name="shutdown-command")
-    try:
-        await asyncio.wait({stopped, shutdown, consuming}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in (stopped, shutdown):
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
+    await wait_first([stop, cp.shutdown_requested], [consuming])
     if consuming.done():
         exc = None if consuming.cancelled() else consuming.exception()
         log.opt(exception=exc).critical(

@@ -37,6 +37,7 @@ from loguru import logger
 
 from evcharging.common.config import CPMonitorSettings
 from evcharging.common.messages import CPFaultReport, CPRegistration
+from evcharging.common.service import wait_first
 
 __all__ = ["HealthView", "Monitor", "MonitorStats"]
 
@@ -195,14 +196,7 @@ class Monitor:
         """Monitor until `stop` is set; raises if a task of the monitor died."""
         await self.start()
         try:
-            stop_waiter = asyncio.create_task(stop.wait(), name="monitor-stop-waiter")
-            try:
-                done, _ = await asyncio.wait(
-                    {stop_waiter, *self._tasks}, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                await _cancel_and_wait({stop_waiter})
-            for task in done - {stop_waiter}:
+            for task in await wait_first([stop], self._tasks):
                 exc = task.exception()
                 if exc is not None:
                     raise exc

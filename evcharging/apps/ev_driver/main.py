@@ -23,7 +23,7 @@ from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_request
 from evcharging.common.config import DriverSettings, load_settings
 from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import Stopped, run_service, until_stopped
+from evcharging.common.service import Stopped, run_service, until_stopped, wait_first
 
 PROG = "python -m evcharging.apps.ev_driver.main"
 DESCRIPTION = (
@@ -104,12 +104,9 @@ async def _drive(
         driver.stop()
     consumer_task = asyncio.create_task(consumer.run(), name="driver-updates-consumer")
     driver_task = asyncio.create_task(driver.run(cp_ids), name="driver-requests")
-    stop_task = asyncio.create_task(stop.wait(), name="driver-stop-waiter")
     consumer_failed = False
     try:
-        done, _ = await asyncio.wait(
-            {consumer_task, driver_task, stop_task}, return_when=asyncio.FIRST_COMPLETED
-        )
+        done = await wait_first([stop], [consumer_task, driver_task])
         if driver_task not in done:
             if consumer_task in done:
                 consumer_failed = True
@@ -122,7 +119,7 @@ async def _drive(
             driver.stop()
         summary = await driver_task
     finally:
-        await _cancel_and_wait(consumer_task, driver_task, stop_task)
+        await _cancel_and_wait(consumer_task, driver_task)
     return summary, consumer_failed
 
 
