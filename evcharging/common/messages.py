@@ -23,10 +23,16 @@ from pydantic import (
     model_validator,
 )
 
-from evcharging.common.states import CPState, SessionResult
+from evcharging.common.states import CPEvent, CPState, SessionResult
 
 __all__ = [
     "ID_PATTERN",
+    "REASON_MAX",
+    "FaultEventType",
+    "SessionStatus",
+    "clip_reason",
+    "format_ts",
+    "format_ts_opt",
     "CPFaultReport",
     "CPRegistration",
     "CPState",
@@ -41,6 +47,7 @@ __all__ = [
     "Identifier",
     "Message",
     "SessionResult",
+    "StatusEvent",
     "ValidationError",
     "decode",
     "dump",
@@ -54,7 +61,15 @@ ID_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 """A CP, driver, session or request id: 1-64 of letters, digits, '.', '_' and '-'."""
 
-Reason = Annotated[str, StringConstraints(max_length=500)]
+REASON_MAX = 500
+"""The longest ``reason`` any message, HTTP body or TCP request may carry."""
+
+Reason = Annotated[str, StringConstraints(max_length=REASON_MAX)]
+
+
+def clip_reason(text: str) -> str:
+    """`text` cut to :data:`REASON_MAX` characters (with an ellipsis when cut)."""
+    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "…"
 
 
 def _require_utc(value: datetime) -> datetime:
@@ -66,14 +81,21 @@ def _require_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def _format_utc(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+def format_ts(value: datetime) -> str:
+    """The one text form of a timestamp: ISO 8601 UTC with a ``Z`` suffix."""
+    if value.utcoffset() is None:
+        raise ValueError(f"timestamp must be timezone-aware (UTC), got naive {value!r}")
+    return value.astimezone(UTC).isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"
+
+
+def format_ts_opt(value: datetime | None) -> str | None:
+    return None if value is None else format_ts(value)
 
 
 UtcDatetime = Annotated[
     datetime,
     AfterValidator(_require_utc),
-    PlainSerializer(_format_utc, return_type=str, when_used="json"),
+    PlainSerializer(format_ts, return_type=str, when_used="json"),
 ]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
@@ -97,6 +119,28 @@ class DriverStatus(StrEnum):
     @property
     def is_final(self) -> bool:
         return self in (DriverStatus.COMPLETED, DriverStatus.DENIED, DriverStatus.FAILED)
+
+
+class SessionStatus(StrEnum):
+    """A session row's status: ACTIVE while it runs, then how it ended."""
+
+    ACTIVE = "ACTIVE"
+    COMPLETED = "COMPLETED"
+    STOPPED = "STOPPED"
+    FAILED = "FAILED"
+
+    @property
+    def is_final(self) -> bool:
+        return self is not SessionStatus.ACTIVE
+
+
+class FaultEventType(StrEnum):
+    """What a ``fault_events`` row records."""
+
+    FAULT = "FAULT"
+    RECOVERY = "RECOVERY"
+    MONITOR_LOST = "MONITOR_LOST"
+    MONITOR_BACK = "MONITOR_BACK"
 
 
 class CommandType(StrEnum):
@@ -160,11 +204,48 @@ class CentralCommand(Message):
         return self
 
 
+class StatusEvent(StrEnum):
+    """What produced a ``cp.status`` message (SPEC §2 ``event``).
+
+    A state-machine event of SPEC §3 (the CP changed state through it), ``HEARTBEAT`` (a
+    periodic re-announcement of the current state) or ``REFUSED`` (a command was refused;
+    ``cmd`` names it and the state is unchanged).
+    """
+
+    CONNECT = "CONNECT"
+    DISCONNECT = "DISCONNECT"
+    START_SUPPLY = "START_SUPPLY"
+    STOP_SUPPLY = "STOP_SUPPLY"
+    SESSION_COMPLETE = "SESSION_COMPLETE"
+    STOP_CP = "STOP_CP"
+    RESUME_CP = "RESUME_CP"
+    FAULT = "FAULT"
+    RECOVER = "RECOVER"
+    HEARTBEAT = "HEARTBEAT"
+    REFUSED = "REFUSED"
+
+    @classmethod
+    def of(cls, event: CPEvent) -> StatusEvent:
+        return cls(event.value)
+
+    @property
+    def transition(self) -> CPEvent | None:
+        """The state-machine event, or None for HEARTBEAT and REFUSED."""
+        return None if self in (StatusEvent.HEARTBEAT, StatusEvent.REFUSED) else CPEvent(self)
+
+
 class CPStatus(Message):
-    """cp.status, keyed by cp_id: a CP's state, and its totals when a session ends."""
+    """cp.status, keyed by cp_id: a CP's state, and its totals when a session ends.
+
+    ``event`` says what produced it; a status without one (an older engine) is followed
+    by its ``state``, as a heartbeat is. ``cmd`` names the refused command of a REFUSED.
+    ``reason`` is text for people only: no program decides on it.
+    """
 
     cp_id: Identifier
     state: CPState
+    event: StatusEvent | None = None
+    cmd: CommandType | None = None
     reason: Reason | None = None
     session_id: Identifier | None = None
     driver_id: Identifier | None = None
