@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
+from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import (
     DriverRequest,
     DriverStatus,
@@ -91,7 +91,7 @@ async def measure(bootstrap: str, requests: int, cps: int, work: Path) -> list[f
         if update.status.is_final and update.request_id in finished:
             finished[update.request_id].set()
 
-    consumer = KafkaConsumerLoop(config, {Topic.DRIVER_UPDATES: on_update})
+    consumer = KafkaConsumerLoop(config, Routes().add(DriverUpdate, on_update))
     try:
         await bus.start()
         await consumer.start()
@@ -114,7 +114,7 @@ async def measure(bootstrap: str, requests: int, cps: int, work: Path) -> list[f
                 request_id = new_id()
                 finished[request_id] = asyncio.Event()
                 sent[request_id] = time.perf_counter()
-                await bus.publish(Topic.DRIVER_REQUESTS, DriverRequest(
+                await bus.publish(DriverRequest(
                     request_id=request_id, driver_id="bench", cp_id=cp_id))
                 await asyncio.wait_for(finished[request_id].wait(), 30)
 

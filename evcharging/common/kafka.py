@@ -17,7 +17,6 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -26,53 +25,26 @@ from aiokafka.errors import KafkaError
 from loguru import logger
 from pydantic import ValidationError
 
-from evcharging.common.messages import (
-    CentralCommand,
-    CPStatus,
-    CPTelemetry,
-    DriverRequest,
-    DriverUpdate,
-    Message,
-    decode,
-    encode,
-)
+from evcharging.common.bus import TOPIC_MODELS, BusError, Routes, Topic, key_of, topic_of
+from evcharging.common.messages import Message, decode, encode
+
+__all__ = [
+    "BusError",
+    "BusStats",
+    "KafkaBus",
+    "KafkaConfig",
+    "KafkaConsumerLoop",
+    "Routes",
+    "Topic",
+    "ensure_topics",
+    "retry",
+]
 
 _RETRY_LOG_EVERY = 30.0
 _TOPIC_ALREADY_EXISTS = 36
 
 
-class Topic(StrEnum):
-    DRIVER_REQUESTS = "driver.requests"
-    DRIVER_UPDATES = "driver.updates"
-    CENTRAL_COMMANDS = "central.commands"
-    CP_STATUS = "cp.status"
-    CP_TELEMETRY = "cp.telemetry"
-
-
-TOPIC_MODELS: dict[Topic, type[Message]] = {
-    Topic.DRIVER_REQUESTS: DriverRequest,
-    Topic.DRIVER_UPDATES: DriverUpdate,
-    Topic.CENTRAL_COMMANDS: CentralCommand,
-    Topic.CP_STATUS: CPStatus,
-    Topic.CP_TELEMETRY: CPTelemetry,
-}
-
-TOPIC_KEYS: dict[Topic, str] = {
-    Topic.DRIVER_REQUESTS: "cp_id",
-    Topic.DRIVER_UPDATES: "driver_id",
-    Topic.CENTRAL_COMMANDS: "cp_id",
-    Topic.CP_STATUS: "cp_id",
-    Topic.CP_TELEMETRY: "cp_id",
-}
-"""The field of each topic's message that is its Kafka key."""
-
-M = TypeVar("M", bound=Message)
-Handler = Callable[[Any], Awaitable[None]]
 T = TypeVar("T")
-
-
-class BusError(Exception):
-    """The bus could not do what was asked (e.g. the broker stayed unreachable)."""
 
 
 @dataclass
@@ -234,8 +206,8 @@ class KafkaBus:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
-        """Send one message.
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
+        """Send one message on its model's topic, keyed as SPEC §2 says.
 
         With ``wait`` (the default) this returns once the broker has acknowledged it and
         raises BusError when it could not be delivered. Without, it returns as soon as the
@@ -244,10 +216,8 @@ class KafkaBus:
         """
         if self._producer is None:
             raise BusError("the bus is not started")
-        expected = TOPIC_MODELS[topic]
-        if not isinstance(message, expected):
-            raise TypeError(f"{topic.value} carries {expected.__name__}, not {type(message)}")
-        key = str(getattr(message, TOPIC_KEYS[topic])).encode()
+        topic = topic_of(message)
+        key = key_of(message)
         try:
             delivery = await self._producer.send(
                 self.config.topic_name(topic), encode(message), key=key
@@ -296,7 +266,7 @@ class KafkaConsumerLoop:
     def __init__(
         self,
         config: KafkaConfig,
-        handlers: Mapping[Topic, Handler],
+        routes: Routes,
         *,
         group_id: str | None = None,
         group_instance_id: str | None = None,
@@ -306,10 +276,10 @@ class KafkaConsumerLoop:
         before_commit: Callable[[], Awaitable[None]] | None = None,
         commit_interval: float = 0.2,
     ) -> None:
-        if not handlers:
+        if not routes:
             raise ValueError("a consumer needs at least one topic")
         self.config = config
-        self.handlers = dict(handlers)
+        self.routes = routes
         self.group_id = group_id
         self.group_instance_id = group_instance_id
         self.start_at = start_at
@@ -319,16 +289,16 @@ class KafkaConsumerLoop:
         self.commit_interval = commit_interval
         self._handled: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
-        self._names = {config.topic_name(t): t for t in self.handlers}
+        self._names = {config.topic_name(t): t for t in routes}
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = asyncio.Event()
 
     @property
     def topics(self) -> Sequence[Topic]:
-        return list(self.handlers)
+        return self.routes.topics
 
     async def start(self) -> None:
-        partitions = await ensure_topics(self.config, self.handlers)
+        partitions = await ensure_topics(self.config, self.routes.topics)
 
         async def attempt() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
@@ -461,7 +431,7 @@ class KafkaConsumerLoop:
             )
             return
         try:
-            await self.handlers[topic](message)
+            await self.routes.handler(topic)(message)
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - one bad message must not stop the consumer

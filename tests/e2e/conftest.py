@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
-from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
+from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
 from tests.polling import poll
 
@@ -156,7 +156,6 @@ class DriverProbe:
     async def request(self, cp_id: str, request_id: str | None = None) -> str:
         request_id = request_id or new_id()
         await self.bus.publish(
-            Topic.DRIVER_REQUESTS,
             DriverRequest(request_id=request_id, driver_id=self.driver_id, cp_id=cp_id),
         )
         return request_id
@@ -327,7 +326,9 @@ async def driver_probe(system: System) -> AsyncIterator[DriverProbe]:
     bus = KafkaBus(config)
     await bus.start()
     probe = DriverProbe(bus, f"probe-{uuid.uuid4().hex[:6]}")
-    loop = KafkaConsumerLoop(config, {Topic.DRIVER_UPDATES: probe.on_update}, start_at="latest")
+    loop = KafkaConsumerLoop(
+        config, Routes().add(DriverUpdate, probe.on_update), start_at="latest"
+    )
     await loop.start()
     task = asyncio.create_task(loop.run())
     try:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from evcharging.common.kafka import BusError, Topic
+from evcharging.common.bus import BusError, Topic, topic_of
 from evcharging.common.messages import Message
 
 M = TypeVar("M", bound=Message)
@@ -24,7 +24,8 @@ class RecordingPublisher:
         self.failures = 0
         self._changed = asyncio.Condition()
 
-    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
+        topic = topic_of(message)
         if self.fail:
             self.failures += 1
             raise BusError(f"simulated outage publishing to {topic.value}")

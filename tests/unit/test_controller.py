@@ -23,6 +23,7 @@ from evcharging.common.messages import (
     DriverStatus,
     DriverUpdate,
     SessionResult,
+    StatusEvent,
     new_id,
     utcnow,
 )
@@ -142,7 +143,8 @@ async def test_circuit_open_after_failed_starts(
         session_id = updates(bus, req.request_id)[0].session_id
         await central.handle_status(CPStatus(
             cp_id="CP-001", state=CPState.ACTIVATED, session_id=session_id,
-            reason="refused START_SUPPLY",
+            event=StatusEvent.REFUSED, cmd=CommandType.START_SUPPLY,
+            reason="no charger here",
         ))
         assert updates(bus, req.request_id)[-1].status is DriverStatus.FAILED
     assert central.get("CP-001").breaker.state is BreakerState.OPEN
@@ -261,7 +263,7 @@ async def test_engine_restart_mid_session_fails_it(
     await activate(central)
     req, _ = await start_session(central, bus)
     await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED,
-                                         reason="connected"))
+                                         event=StatusEvent.CONNECT))
     final = updates(bus, req.request_id)[-1]
     assert final.status is DriverStatus.FAILED
     assert central.get("CP-001").state is CPState.ACTIVATED
@@ -426,7 +428,7 @@ async def test_a_restarted_cp_stays_stopped(central: Controller, bus: RecordingP
     await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED,
                                          reason="maintenance"))
     await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED,
-                                         reason="connected"))
+                                         event=StatusEvent.CONNECT))
     (again,) = commands(bus, CommandType.STOP_CP)
     assert again.payload.reason == "maintenance"
     assert central.get("CP-001").state is CPState.STOPPED
@@ -452,3 +454,74 @@ async def test_a_silent_cp_is_disconnected_and_its_session_failed(
         assert central.decide("CP-001") is None
     finally:
         await central.close()
+
+
+# ---------------------------------------------------------------------- routing on `event`
+
+
+async def test_a_reason_that_reads_like_a_protocol_word_decides_nothing(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    """Only `event` is decided on: a heartbeat whose reason says 'refused'/'connected' is a
+    heartbeat."""
+    await activate(central)
+    req, session_id = await start_session(central, bus)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.SUPPLYING, session_id=session_id,
+        event=StatusEvent.HEARTBEAT, reason="refused START_SUPPLY: just a string",
+    ))
+    assert updates(bus, req.request_id)[-1].status is DriverStatus.ACCEPTED
+    assert central.get("CP-001").session is not None
+    await central.stop_cp("CP-001", "maintenance")
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.STOPPED, event=StatusEvent.STOP_CP, reason="maintenance",
+        session_id=session_id, session_result=SessionResult.STOPPED, kwh=0.1, euros=0.03,
+    ))
+    stops = len(commands(bus, CommandType.STOP_CP))
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT, reason="connected",
+    ))
+    assert len(commands(bus, CommandType.STOP_CP)) == stops  # not taken as a restart
+
+
+async def test_a_refusal_fails_an_unconfirmed_start_whatever_its_reason(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    req = await request(central)
+    session_id = updates(bus, req.request_id)[0].session_id
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, session_id=session_id,
+        event=StatusEvent.REFUSED, cmd=CommandType.START_SUPPLY, reason="supplying",
+    ))
+    final = updates(bus, req.request_id)[-1]
+    assert final.status is DriverStatus.FAILED
+    assert final.reason is not None and "refused" in final.reason
+
+
+@pytest.mark.parametrize(
+    ("event", "result"),
+    [(StatusEvent.SESSION_COMPLETE, SessionResult.COMPLETED),
+     (StatusEvent.STOP_SUPPLY, SessionResult.STOPPED)],
+)
+async def test_the_cps_own_event_moves_centrals_view(
+    central: Controller, bus: RecordingPublisher, event: StatusEvent, result: SessionResult
+) -> None:
+    await activate(central)
+    req, session_id = await start_session(central, bus)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, event=event, session_id=session_id,
+        session_result=result, kwh=0.05, euros=0.015,
+    ))
+    assert central.get("CP-001").state is CPState.ACTIVATED
+    assert updates(bus, req.request_id)[-1].kwh == pytest.approx(0.05)
+
+
+async def test_a_status_without_event_is_followed_by_its_state(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    await activate(central)
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.FAULT))
+    assert central.get("CP-001").state is CPState.FAULT
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    assert central.get("CP-001").state is CPState.ACTIVATED

@@ -26,7 +26,7 @@ from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import EventHub
 from evcharging.apps.ev_central.repository import SqliteRepository
-from evcharging.common.kafka import Topic
+from evcharging.common.bus import Topic, topic_of
 from evcharging.common.messages import (
     CPRegistration,
     CPState,
@@ -56,8 +56,8 @@ class FakePublisher:
     def __init__(self) -> None:
         self.calls: list[tuple[Topic, Message]] = []
 
-    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None:
-        self.calls.append((topic, message))
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
+        self.calls.append((topic_of(message), message))
 
 
 @dataclass

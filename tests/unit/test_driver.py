@@ -20,8 +20,8 @@ from evcharging.apps.ev_driver.driver import (
     load_requests,
     parse_requests,
 )
+from evcharging.common.bus import BusError, Topic, topic_of
 from evcharging.common.config import DriverSettings
-from evcharging.common.kafka import BusError, Topic
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, Message
 
 DRIVER = "driver-alice"
@@ -64,10 +64,10 @@ class FakePublisher:
     def requests(self) -> list[DriverRequest]:
         return [m for _, m in self.published if isinstance(m, DriverRequest)]
 
-    async def publish(self, topic: Topic, message: Message) -> None:
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
         if self.fail:
             raise BusError("could not publish to driver.requests: broker gone")
-        self.published.append((topic, message))
+        self.published.append((topic_of(message), message))
         assert isinstance(message, DriverRequest)
         assert self.driver is not None
         for answer in self.script(message):
@@ -354,8 +354,8 @@ class FakeKafka:
             async def stop(self) -> None:
                 kafka.events.append("bus.stop")
 
-            async def publish(self, topic: Topic, message: Message) -> None:
-                assert topic is Topic.DRIVER_REQUESTS and isinstance(message, DriverRequest)
+            async def publish(self, message: Message, *, wait: bool = True) -> None:
+                assert isinstance(message, DriverRequest)
                 kafka.events.append(f"publish {message.cp_id}")
                 for answer in kafka.central(message):
                     kafka.updates.put_nowait(answer)
@@ -365,7 +365,7 @@ class FakeKafka:
     def consumer(self, config: Any, handlers: Any, *, group_id: Any, start_at: str) -> Any:
         kafka = self
         assert group_id is None and start_at == "latest"
-        handler = handlers[Topic.DRIVER_UPDATES]
+        handler = handlers.handler(Topic.DRIVER_UPDATES)
 
         class Consumer:
             async def start(self) -> None:

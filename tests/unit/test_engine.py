@@ -9,11 +9,18 @@ from typing import Any
 import httpx
 import pytest
 
-from evcharging.apps.ev_cp_e.engine import MAX_REASON, ChargingPoint
+from evcharging.apps.ev_cp_e.engine import ChargingPoint
 from evcharging.apps.ev_cp_e.health import create_health_app
 from evcharging.apps.ev_cp_e.main import _wait_for_exit, main
 from evcharging.common.kafka import BusStats, Topic
-from evcharging.common.messages import CentralCommand, CommandType, CPStatus, CPTelemetry
+from evcharging.common.messages import REASON_MAX as MAX_REASON
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandType,
+    CPStatus,
+    CPTelemetry,
+    StatusEvent,
+)
 from evcharging.common.states import CPState, InvalidTransition, SessionResult
 from tests.unit.fakes import RecordingPublisher
 
@@ -129,9 +136,9 @@ async def test_start_announces_activated(
     assert cp.state is CPState.DISCONNECTED
     await cp.start()
     assert cp.state is CPState.ACTIVATED
-    assert [(t, m.state, m.reason) for t, m in pub.messages if isinstance(m, CPStatus)] == [
-        (Topic.CP_STATUS, CPState.ACTIVATED, "connected")
-    ]
+    assert [
+        (t, m.state, m.event, m.reason) for t, m in pub.messages if isinstance(m, CPStatus)
+    ] == [(Topic.CP_STATUS, CPState.ACTIVATED, StatusEvent.CONNECT, "connected")]
     with pytest.raises(RuntimeError):
         await cp.start()
 
@@ -269,6 +276,7 @@ async def test_start_for_another_session_while_supplying_is_refused(
     [refusal] = statuses(pub, mark)
     assert refusal.state is CPState.SUPPLYING
     assert refusal.session_id == "S-2"
+    assert (refusal.event, refusal.cmd) == (StatusEvent.REFUSED, CommandType.START_SUPPLY)
     assert refusal.reason is not None and refusal.reason.startswith("refused START_SUPPLY: ")
     assert cp.session_id == "S-1" and cp.driver_id == "driver-alice"
 
@@ -293,7 +301,7 @@ async def test_stop_supply_for_another_session_is_refused(
     mark = len(pub.messages)
     await cp.handle_command(command(CommandType.STOP_SUPPLY, session_id="S-old"))
     [refusal] = statuses(pub, mark)
-    assert refusal.reason is not None and refusal.reason.startswith("refused STOP_SUPPLY")
+    assert (refusal.event, refusal.cmd) == (StatusEvent.REFUSED, CommandType.STOP_SUPPLY)
     assert refusal.session_id == "S-old"
     assert cp.state is CPState.SUPPLYING and cp.session_id == "S-1"
 
@@ -328,6 +336,7 @@ async def test_refused_command_announces_refusal_and_changes_nothing(
 
     [status] = statuses(pub, mark)
     assert status.state is state
+    assert (status.event, status.cmd) == (StatusEvent.REFUSED, refused.cmd)
     assert status.reason is not None
     assert status.reason.startswith(f"refused {refused.cmd.value}: ")
     assert status.session_id == refused.payload.session_id
@@ -558,7 +567,10 @@ async def test_heartbeat_republishes_the_current_state(
     cp = make_cp(status_interval=0.02, session_seconds=60.0, telemetry_interval=60.0)
     await cp.start()
     beats = await pub.wait_count(CPStatus, 2, since=1)
-    assert all((b.state, b.reason) == (CPState.ACTIVATED, "connected") for b in beats)
+    assert all(
+        (b.state, b.event, b.reason) == (CPState.ACTIVATED, StatusEvent.HEARTBEAT, "connected")
+        for b in beats
+    )
 
     await cp.handle_command(start_supply())
     mark = len(pub.messages)
@@ -612,3 +624,43 @@ async def test_wait_for_exit_returns_0_on_stop_and_shutdown_1_on_consumer_death(
         raise RuntimeError("consumer broke")
 
     assert await _wait_for_exit(asyncio.Event(), cp, asyncio.create_task(die())) == 1
+
+
+# ------------------------------------------------------------------------ the `event` field
+
+
+async def test_every_state_change_names_its_event(
+    make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
+) -> None:
+    """Every status carries `event`: the state-machine event that produced it."""
+    cp = make_cp(session_seconds=60.0, telemetry_interval=60.0)
+    await cp.start()
+    await cp.handle_command(start_supply())
+    await cp.handle_command(command(CommandType.STOP_SUPPLY))
+    await cp.handle_command(command(CommandType.STOP_CP))
+    await cp.handle_command(command(CommandType.RESUME_CP))
+    await cp.fault("broken")
+    await cp.recover()
+    await cp.stop()
+    assert [(s.event, s.state) for s in statuses(pub, 0)] == [
+        (StatusEvent.CONNECT, CPState.ACTIVATED),
+        (StatusEvent.START_SUPPLY, CPState.SUPPLYING),
+        (StatusEvent.STOP_SUPPLY, CPState.ACTIVATED),
+        (StatusEvent.STOP_CP, CPState.STOPPED),
+        (StatusEvent.RESUME_CP, CPState.ACTIVATED),
+        (StatusEvent.FAULT, CPState.FAULT),
+        (StatusEvent.RECOVER, CPState.ACTIVATED),
+        (StatusEvent.DISCONNECT, CPState.DISCONNECTED),
+    ]
+
+
+async def test_a_completed_session_says_session_complete(
+    make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
+) -> None:
+    cp = make_cp(session_seconds=0.05, telemetry_interval=0.02)
+    await cp.start()
+    await cp.handle_command(start_supply())
+    done = await pub.wait_for(CPStatus, lambda s: s.session_result is not None)
+    assert (done.event, done.session_result) == (
+        StatusEvent.SESSION_COMPLETE, SessionResult.COMPLETED,
+    )

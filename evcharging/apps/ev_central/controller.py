@@ -18,7 +18,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from loguru import logger
 
@@ -30,8 +30,8 @@ from evcharging.apps.ev_central.repository import (
     Repository,
     SessionRecord,
 )
+from evcharging.common.bus import BusError, Publisher
 from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
-from evcharging.common.kafka import BusError, Topic
 from evcharging.common.messages import (
     CentralCommand,
     CommandPayload,
@@ -42,12 +42,16 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverStatus,
     DriverUpdate,
-    Message,
+    FaultEventType,
+    SessionStatus,
+    StatusEvent,
     dump,
+    format_ts_opt,
     new_id,
     utcnow,
 )
 from evcharging.common.states import (
+    TRANSITIONS,
     CPEvent,
     CPState,
     InvalidTransition,
@@ -57,10 +61,6 @@ from evcharging.common.states import (
 )
 
 SEEN_REQUESTS_KEPT = 100_000
-
-
-class Publisher(Protocol):
-    async def publish(self, topic: Topic, message: Message, *, wait: bool = True) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class ActiveSession:
             "session_id": self.session_id,
             "request_id": self.request_id,
             "driver_id": self.driver_id,
-            "started_at": dump_ts(self.started_at),
+            "started_at": format_ts_opt(self.started_at),
             "confirmed": self.confirmed,
             "kw": self.kw,
             "kwh": self.kwh,
@@ -161,13 +161,9 @@ class CPView:
             "current_session": session.session_id if session else None,
             "session": session.as_dict() if session else None,
             "last_telemetry": dump(self.last_telemetry) if self.last_telemetry else None,
-            "last_seen": dump_ts(self.last_seen),
-            "registered_at": dump_ts(self.registered_at),
+            "last_seen": format_ts_opt(self.last_seen),
+            "registered_at": format_ts_opt(self.registered_at),
         }
-
-
-def dump_ts(value: datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
 
 
 class Controller:
@@ -314,7 +310,7 @@ class Controller:
             request_id=session.request_id,
             cp_id=session.cp_id,
             driver_id=session.driver_id,
-            status="ACTIVE",
+            status=SessionStatus.ACTIVE,
             started_at=session.started_at,
         )
         if not await self.repo.start_session(record):  # also logs the request as ACCEPTED
@@ -401,8 +397,7 @@ class Controller:
         session = cp.session
         if (
             cp.state is CPState.STOPPED
-            and status.state is CPState.ACTIVATED
-            and status.reason == "connected"
+            and status.event is StatusEvent.CONNECT
         ):
             # The CP restarted and came back ACTIVATED; the operator's stop still holds.
             reason = cp.state_reason or "stopped by operator"
@@ -430,7 +425,7 @@ class Controller:
                 cp.cp_id, CommandType.STOP_SUPPLY, session_id=status.session_id,
                 reason="session unknown to Central",
             )
-        self._follow_state(cp, status.state, status.reason, status.session_result)
+        self._follow_state(cp, status.state, status.reason, status.event)
         if cp.state is not before:
             await self._persist(cp)
         self._changed(cp)
@@ -452,7 +447,7 @@ class Controller:
                 cp, status.session_result, reason,
                 breaker_failure=status.session_result is SessionResult.FAILED,
             )
-        elif status.reason is not None and status.reason.startswith("refused"):
+        elif status.event is StatusEvent.REFUSED:
             if not session.confirmed:
                 await self._end_session(
                     cp, SessionResult.FAILED, f"CP refused the session: {status.reason}",
@@ -476,23 +471,23 @@ class Controller:
         cp: CPView,
         target: CPState,
         reason: str | None,
-        result: SessionResult | None = None,
+        reported: StatusEvent | None = None,
     ) -> None:
-        """Move Central's view to the CP's reported state, one allowed event at a time."""
+        """Move Central's view to the CP's reported state through allowed events.
+
+        The CP's own event is applied when it leads from Central's view to the reported
+        state; otherwise (a heartbeat, or messages Central missed) the shortest path of
+        allowed events is followed.
+        """
         if cp.state is target:
             return
-        events = path(cp.state, target)
-        if (
-            result is not None
-            and cp.state is CPState.SUPPLYING
-            and target is CPState.ACTIVATED
-        ):
-            events = [
-                CPEvent.SESSION_COMPLETE if result is SessionResult.COMPLETED
-                else CPEvent.STOP_SUPPLY
-            ]
-        for event in events:
-            self._apply(cp, event, reason)
+        event = reported.transition if reported is not None else None
+        if event is not None and TRANSITIONS.get((cp.state, event)) is target:
+            events = [event]
+        else:
+            events = path(cp.state, target)
+        for step in events:
+            self._apply(cp, step, reason)
 
     def _apply(self, cp: CPView, event: CPEvent, reason: str | None) -> None:
         session = cp.session
@@ -566,9 +561,9 @@ class Controller:
         if not was_faulty:
             self.stats["faults"] += 1
             logger.warning("CP {} is faulty: {}", cp.cp_id, reason)
-            await self.repo.record_fault_event(cp.cp_id, "FAULT", reason, utcnow())
+            await self.repo.record_fault_event(cp.cp_id, FaultEventType.FAULT, reason, utcnow())
             self.hub.publish({"type": "fault", "cp_id": cp.cp_id, "reason": reason,
-                              "ts": dump_ts(utcnow())})
+                              "ts": format_ts_opt(utcnow())})
         await self._persist(cp)
         self._changed(cp)
 
@@ -581,9 +576,9 @@ class Controller:
         cp.breaker.recover()
         self.stats["recoveries"] += 1
         logger.info("CP {} recovered: {} (breaker {})", cp.cp_id, reason, cp.breaker.state.value)
-        await self.repo.record_fault_event(cp.cp_id, "RECOVERY", reason, utcnow())
+        await self.repo.record_fault_event(cp.cp_id, FaultEventType.RECOVERY, reason, utcnow())
         self.hub.publish({"type": "recovery", "cp_id": cp.cp_id, "reason": reason,
-                          "ts": dump_ts(utcnow())})
+                          "ts": format_ts_opt(utcnow())})
         await self._persist(cp)
         self._changed(cp)
 
@@ -716,7 +711,7 @@ class Controller:
             "type": "session", "result": result.value, "cp_id": cp.cp_id,
             "driver_id": session.driver_id, "session_id": session.session_id,
             "kwh": session.kwh, "euros": session.euros, "reason": reason,
-            "ts": dump_ts(ended),
+            "ts": format_ts_opt(ended),
         })
         self._changed(cp)
 
@@ -739,7 +734,7 @@ class Controller:
 
     async def _send_update(self, update: DriverUpdate) -> None:
         try:
-            await self.bus.publish(Topic.DRIVER_UPDATES, update, wait=False)
+            await self.bus.publish(update, wait=False)
         except BusError as exc:
             self.stats["publish_errors"] += 1
             logger.error("could not tell {} about {}: {}", update.driver_id, update.status, exc)
@@ -759,7 +754,7 @@ class Controller:
             payload=CommandPayload(driver_id=driver_id, session_id=session_id, reason=reason),
         )
         try:
-            await self.bus.publish(Topic.CENTRAL_COMMANDS, command, wait=False)
+            await self.bus.publish(command, wait=False)
         except BusError as exc:
             self.stats["publish_errors"] += 1
             logger.error("could not send {} to {}: {}", cmd.value, cp_id, exc)

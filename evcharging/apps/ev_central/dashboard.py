@@ -40,7 +40,7 @@ from fastapi.staticfiles import StaticFiles
 from loguru import logger
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
-from evcharging.apps.ev_central.controller import Controller, dump_ts
+from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import Event
 from evcharging.apps.ev_central.repository import (
     SESSION_ACTIVE,
@@ -48,6 +48,7 @@ from evcharging.apps.ev_central.repository import (
     FaultEventType,
     SessionRecord,
 )
+from evcharging.common.messages import format_ts_opt as dump_ts
 from evcharging.common.messages import utcnow
 
 STATIC_DIR = Path(__file__).parent / "static"

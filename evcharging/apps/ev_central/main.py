@@ -26,9 +26,10 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    Topic,
+    Routes,
 )
 from evcharging.common.logging import setup_logging
+from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from evcharging.common.service import (
     HttpServer,
     Stopped,
@@ -83,11 +84,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         )
         consumer = KafkaConsumerLoop(
             kafka,
-            {
-                Topic.DRIVER_REQUESTS: controller.handle_request,
-                Topic.CP_STATUS: controller.handle_status,
-                Topic.CP_TELEMETRY: controller.handle_telemetry,
-            },
+            Routes()
+            .add(DriverRequest, controller.handle_request)
+            .add(CPStatus, controller.handle_status)
+            .add(CPTelemetry, controller.handle_telemetry),
             group_id=settings.group_id,
             group_instance_id=f"{settings.group_id}-central",
             start_at="earliest",

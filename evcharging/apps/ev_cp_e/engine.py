@@ -34,17 +34,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from evcharging.common.kafka import BusError, Topic
+from evcharging.common.bus import BusError, Publisher
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
     CPStatus,
     CPTelemetry,
     Message,
+    StatusEvent,
+    clip_reason,
 )
 from evcharging.common.states import (
     CPEvent,
@@ -60,19 +62,10 @@ if TYPE_CHECKING:
 
 __all__ = ["ChargingPoint", "Publisher"]
 
-MAX_REASON = 500
-"""The longest reason a status message may carry (SPEC §2, ``Reason``)."""
-
 _REMEMBERED_SESSIONS = 64
 """How many ended session ids a CP remembers, to ignore a late duplicate START_SUPPLY."""
 
 _SECONDS_PER_HOUR = 3600.0
-
-
-class Publisher(Protocol):
-    """Where a charging point sends its messages (``KafkaBus`` in production)."""
-
-    async def publish(self, topic: Topic, message: Message) -> None: ...
 
 
 @dataclass
@@ -84,10 +77,6 @@ class _Session:
     started_at: float
     """Clock reading at the start, for the energy delivered so far."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
-
-
-def _clip(reason: str) -> str:
-    return reason if len(reason) <= MAX_REASON else reason[: MAX_REASON - 1] + "…"
 
 
 class ChargingPoint:
@@ -291,11 +280,12 @@ class ChargingPoint:
         reason = f"refused {cmd.cmd.value}: {why}"
         self._log.warning("{} (state stays {})", reason, self._state.value)
         await self._publish(
-            Topic.CP_STATUS,
             CPStatus(
                 cp_id=self.cp_id,
                 state=self._state,
-                reason=_clip(reason),
+                event=StatusEvent.REFUSED,
+                cmd=cmd.cmd,
+                reason=clip_reason(reason),
                 session_id=cmd.payload.session_id,
             ),
         )
@@ -339,7 +329,7 @@ class ChargingPoint:
         new = next_state(old, event, driver_id=driver_id, session_id=session_id)
         result = session_result(old, event)
         ended = self._session if result is not None else None
-        reason = _clip(reason)
+        reason = clip_reason(reason)
         kwh = euros = 0.0
         if ended is not None:
             elapsed = self.session_seconds if result is SessionResult.COMPLETED else None
@@ -347,6 +337,7 @@ class ChargingPoint:
             status = CPStatus(
                 cp_id=self.cp_id,
                 state=new,
+                event=StatusEvent.of(event),
                 reason=reason,
                 session_id=ended.session_id,
                 driver_id=ended.driver_id,
@@ -358,6 +349,7 @@ class ChargingPoint:
             status = CPStatus(
                 cp_id=self.cp_id,
                 state=new,
+                event=StatusEvent.of(event),
                 reason=reason,
                 session_id=session_id,
                 driver_id=driver_id,
@@ -377,7 +369,7 @@ class ChargingPoint:
         if event is CPEvent.START_SUPPLY:
             assert driver_id is not None and session_id is not None  # the guard saw them
             self._begin_session(session_id, driver_id)
-        await self._publish(Topic.CP_STATUS, status)
+        await self._publish(status)
 
     def _begin_session(self, session_id: str, driver_id: str) -> None:
         session = _Session(session_id, driver_id, started_at=self._clock())
@@ -420,7 +412,6 @@ class ChargingPoint:
                     return
                 kwh, euros = self._totals(session)
                 await self._publish(
-                    Topic.CP_TELEMETRY,
                     CPTelemetry(
                         cp_id=self.cp_id,
                         kw=self.kw_rate,
@@ -463,22 +454,22 @@ class ChargingPoint:
     # ---------------------------------------------------------------- publishing
 
     async def _publish_status(self, *, reason: str | None) -> None:
-        """Announce the current state and running session (no totals)."""
+        """Announce the current state and running session (no totals): a heartbeat."""
         session = self._session
         await self._publish(
-            Topic.CP_STATUS,
             CPStatus(
                 cp_id=self.cp_id,
                 state=self._state,
+                event=StatusEvent.HEARTBEAT,
                 reason=reason,
                 session_id=session.session_id if session else None,
                 driver_id=session.driver_id if session else None,
             ),
         )
 
-    async def _publish(self, topic: Topic, message: Message) -> None:
+    async def _publish(self, message: Message) -> None:
         """Publish; a bus failure is logged, never raised (the next heartbeat repairs it)."""
         try:
-            await self._publisher.publish(topic, message)
+            await self._publisher.publish(message)
         except BusError as exc:
-            self._log.error("could not publish to {}: {}", topic.value, exc)
+            self._log.error("could not publish {}: {}", type(message).__name__, exc)

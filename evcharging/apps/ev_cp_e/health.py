@@ -20,8 +20,9 @@ from fastapi import Body, FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from evcharging.apps.ev_cp_e.engine import MAX_REASON, ChargingPoint
+from evcharging.apps.ev_cp_e.engine import ChargingPoint
 from evcharging.common.kafka import BusStats
+from evcharging.common.messages import REASON_MAX as MAX_REASON
 from evcharging.common.states import CPState, InvalidTransition
 
 __all__ = ["DEFAULT_FAULT_REASON", "FaultRequest", "create_health_app"]

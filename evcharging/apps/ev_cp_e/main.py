@@ -30,9 +30,10 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    Topic,
+    Routes,
 )
 from evcharging.common.logging import setup_logging
+from evcharging.common.messages import CentralCommand
 from evcharging.common.service import (
     HttpServer,
     Stopped,
@@ -62,7 +63,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
     cp = ChargingPoint.from_settings(settings, bus)
     consumer = KafkaConsumerLoop(
         config,
-        {Topic.CENTRAL_COMMANDS: cp.handle_command},
+        Routes().add(CentralCommand, cp.handle_command),
         group_id=None,
         start_at="latest",
         stats=stats,

@@ -23,17 +23,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
 from loguru import logger
 
-from evcharging.common.kafka import BusError, Topic
+from evcharging.common.bus import BusError, Publisher
 from evcharging.common.messages import (
     ID_PATTERN,
     DriverRequest,
     DriverStatus,
     DriverUpdate,
-    Message,
     new_id,
 )
 
@@ -50,12 +48,6 @@ __all__ = [
 ]
 
 _CP_ID = re.compile(ID_PATTERN)
-
-
-class Publisher(Protocol):
-    """Where requests go; :class:`evcharging.common.kafka.KafkaBus` is one."""
-
-    async def publish(self, topic: Topic, message: Message) -> None: ...
 
 
 class Outcome(StrEnum):
@@ -213,7 +205,7 @@ class Driver:
         try:
             request = DriverRequest(request_id=request_id, driver_id=self.driver_id, cp_id=cp_id)
             try:
-                await self._publisher.publish(Topic.DRIVER_REQUESTS, request)
+                await self._publisher.publish(request)
             except BusError as exc:
                 logger.error("could not send the request for {}: {}", cp_id, exc)
                 return RequestResult(cp_id, request_id, Outcome.NOT_SENT, reason=str(exc))

@@ -21,8 +21,9 @@ from loguru import logger
 
 from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_requests, plan_text
 from evcharging.common.config import DriverSettings, load_settings
-from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Topic
+from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.logging import setup_logging
+from evcharging.common.messages import DriverUpdate
 from evcharging.common.service import Stopped, run_service, until_stopped, wait_first
 
 PROG = "python -m evcharging.apps.ev_driver.main"
@@ -69,7 +70,8 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         request_interval=settings.request_interval,
     )
     consumer = KafkaConsumerLoop(
-        config, {Topic.DRIVER_UPDATES: driver.handle_update}, group_id=None, start_at="latest"
+        config, Routes().add(DriverUpdate, driver.handle_update), group_id=None,
+        start_at="latest",
     )
     try:
         try:
