@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, StringConstraints, ValidationError
+from pydantic import AliasChoices, Field, SecretStr, StringConstraints, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from evcharging.common.messages import ID_PATTERN
@@ -44,7 +44,7 @@ class CentralSettings(ServiceSettings):
 
     http_host: str = Field("0.0.0.0", description="address of the dashboard and HTTP API")
     http_port: Port = Field(8000, description="port of the dashboard and HTTP API")
-    listen_host: str = Field("0.0.0.0", description="address of the TCP control plane")
+    listen_host: str = Field("127.0.0.1", description="address of the TCP control plane")
     listen_port: Port = Field(9999, description="port of the TCP control plane")
     db_path: Path = Field(Path("ev_charging.db"), description="SQLite file")
     api_token: SecretStr | None = Field(
@@ -121,12 +121,74 @@ class DriverSettings(ServiceSettings):
     request_timeout: Positive = Field(60.0, description="give up on a request with no final status")
 
 
+class CtlSettings(BaseSettings):
+    """ctl, the operator CLI of Central's TCP control plane: where Central is, and its token.
+
+    It reads Central's own variables (``CENTRAL_LISTEN_PORT``, ``CENTRAL_API_TOKEN``, then
+    the shared ``EVCHARGING_API_TOKEN``), so one ``.env`` serves both.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="CENTRAL_CTL_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        env_ignore_empty=True,
+    )
+
+    host: str = Field("localhost", description="Central's host")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(
+        9999, validation_alias="CENTRAL_LISTEN_PORT", description="Central's TCP control port"
+    )
+    token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("CENTRAL_API_TOKEN", "EVCHARGING_API_TOKEN"),
+        description="API token when Central requires one (prefer a variable: flags show in ps)",
+    )
+    timeout: Positive = Field(5.0, description="seconds to wait for Central")
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 
+def _aliases(cls: type[BaseSettings], field: str) -> list[str]:
+    """The variables named by a field's ``validation_alias`` (none: prefix + field name)."""
+    alias = cls.model_fields[field].validation_alias
+    if isinstance(alias, str):
+        return [alias.upper()]
+    if isinstance(alias, AliasChoices):
+        return [str(choice).upper() for choice in alias.choices if isinstance(choice, str)]
+    return []
+
+
 def _env_name(cls: type[BaseSettings], field: str) -> str:
+    """The variable of a field, or ``A or B`` when it reads several, first one first."""
+    if aliases := _aliases(cls, field):
+        return " or ".join(aliases)
     prefix = str(cls.model_config.get("env_prefix", ""))
     return f"{prefix}{field}".upper()
+
+
+def _field_name(cls: type[BaseSettings], key: str) -> str:
+    """The field that an error location names (by field name, or by variable for aliases)."""
+    if key in cls.model_fields:
+        return key
+    return next((f for f in cls.model_fields if key.upper() in _aliases(cls, f)), key)
+
+
+def settings_problems(cls: type[BaseSettings], exc: ValidationError) -> str:
+    """What is wrong with some settings, one ``field (VARIABLE): message`` per problem."""
+    problems = []
+    for err in exc.errors():
+        if not err["loc"]:
+            problems.append(f"settings: {err['msg']}")
+            continue
+        field = _field_name(cls, str(err["loc"][0]))
+        where = ".".join([field, *(str(p) for p in err["loc"][1:])])
+        env = _env_name(cls, field) if field in cls.model_fields else field.upper()
+        problems.append(f"{where} ({env}): {err['msg']}")
+    return "; ".join(problems)
 
 
 def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argparse.ArgumentParser:
@@ -138,6 +200,12 @@ def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argpar
         "a flag beats the variable, the variable beats the default.",
         argument_default=argparse.SUPPRESS,
     )
+    add_settings_flags(parser, cls)
+    return parser
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, cls: type[BaseSettings]) -> None:
+    """One flag per settings field on ``parser`` (or a subcommand's); absent flags stay absent."""
     for name, info in cls.model_fields.items():
         flag = "--" + name.replace("_", "-")
         env = _env_name(cls, name)
@@ -146,11 +214,16 @@ def build_parser(cls: type[BaseSettings], prog: str, description: str) -> argpar
         help_text = f"{info.description or name} [{env}; {default}]"
         if info.annotation is bool:
             parser.add_argument(
-                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+                flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
             )
         else:
-            parser.add_argument(flag, dest=name, metavar=name.upper(), help=help_text)
-    return parser
+            parser.add_argument(
+                flag, dest=name, metavar=name.upper(), default=argparse.SUPPRESS, help=help_text
+            )
 
 
 def _show_default(value: Any) -> str:
@@ -173,9 +246,4 @@ def load_settings(
     try:
         return cls(**flags)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'} "
-            f"({_env_name(cls, str(err['loc'][0])) if err['loc'] else ''}): {err['msg']}"
-            for err in exc.errors()
-        )
-        parser.error(f"invalid settings: {problems}")
+        parser.error(f"invalid settings: {settings_problems(cls, exc)}")
