@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -115,6 +116,8 @@ class KafkaBroker:
         self._detach = detach
         self._cds = cds_enabled() if class_data_sharing is None else class_data_sharing
         self._proc: subprocess.Popen[bytes] | None = None
+        self._stopping: subprocess.Popen[bytes] | None = None
+        """The process :meth:`stop` is waiting for (for :meth:`kill`)."""
         self._lock = threading.Lock()
         self._spawned_at = 0.0
         self.start_seconds: float | None = None
@@ -224,6 +227,13 @@ class KafkaBroker:
         """Stop the broker: SIGTERM, up to ``stop_timeout`` s for a clean exit, then SIGKILL."""
         with self._lock:
             self._terminate()
+
+    def kill(self) -> None:
+        """SIGKILL java now, also while :meth:`start` or :meth:`stop` waits for it (a second
+        Ctrl-C's handler calls this); :meth:`stop` still cleans up after it."""
+        proc = self._proc or self._stopping
+        if proc is not None and proc.returncode is None:  # not reaped: the pid is still its
+            process.signal_pid(proc.pid, signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
         """Block until the broker exits on its own (or ``timeout``); return its exit code."""
@@ -377,10 +387,12 @@ class KafkaBroker:
         if proc is None:
             return
         atexit.unregister(self.stop)
+        self._stopping = proc
         try:
             timeout = stop_grace(self._work_dir, self._stop_timeout)
             stop_java(proc.pid, timeout, lambda: proc.poll() is None)
         finally:
+            self._stopping = None
             self._clear_state_files()
             # The JVM exits with 128+15 after a SIGTERM-initiated orderly shutdown.
             finish_cds_dump(self._work_dir, clean_exit=proc.poll() in (0, 143))
