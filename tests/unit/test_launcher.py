@@ -7,7 +7,10 @@ import asyncio
 import io
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,34 +25,34 @@ from evcharging.common.config import (
     CPMonitorSettings,
     DriverSettings,
 )
-from evcharging.launcher import (
+from evcharging.devtools.process import port_free, terminate
+from evcharging.launcher.broker import StopRequest, stop_broker
+from evcharging.launcher.children import (
     RESTART_FIRST_DELAY,
     RESTART_MAX_DELAY,
     Child,
+    describe_exit,
+    next_delay,
+)
+from evcharging.launcher.cli import options_from_args, run_command
+from evcharging.launcher.console import Console, banner, format_line, prefix_width
+from evcharging.launcher.plan import (
     ChildSpec,
-    Console,
     KafkaChoice,
     LaunchError,
     LaunchOptions,
     PortPlan,
     Role,
-    Supervisor,
     busy_ports,
     child_env,
     child_specs,
     cp_ids,
-    describe_exit,
     driver_ids,
-    format_line,
-    next_delay,
-    options_from_args,
     plan_ports,
-    port_free,
-    prefix_width,
     resolve_bootstrap,
-    run_command,
 )
-from tests.polling import poll
+from evcharging.launcher.supervisor import Supervisor, supervise
+from tests.polling import poll, poll_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS: tuple[type[BaseSettings], ...] = (
@@ -380,12 +383,11 @@ def test_console_writes_whole_lines() -> None:
 
 async def test_relay_prefixes_each_line_and_keeps_the_tail() -> None:
     out = io.StringIO()
-    supervisor = Supervisor(LaunchOptions(), "x:1", Console(out, colour=False, width=8), {}, "")
     child = Child(ChildSpec("driver-1", Role.DRIVER, ()))
     stream = asyncio.StreamReader(limit=16)
     stream.feed_data("one\r\ntwo € \n".encode() + b"x" * 40 + b"\nlast without newline")
     stream.feed_eof()
-    await supervisor._relay(child, stream)
+    await child.relay(stream, Console(out, colour=False, width=8))
     lines = out.getvalue().splitlines()
     assert lines[:2] == ["driver-1 | one", "driver-1 | two € "]
     assert "".join(line.removeprefix("driver-1 | ") for line in lines[2:-1]) == "x" * 40
@@ -452,6 +454,12 @@ def test_requests_txt_parses_with_the_drivers_parser() -> None:
 
 CRASHING = ("json.tool", ("/nonexistent/file.json",))  # argparse error on stderr, exit 2
 FINISHING = ("this", ())  # prints the Zen of Python, exit 0
+STUBBORN = (  # ignores SIGTERM, says "ready", then sleeps for ten minutes
+    "timeit",
+    ("-n", "1", "-r", "1", "-s",
+     "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True)",
+     "import time; time.sleep(600)"),
+)
 
 
 def spec(name: str, role: Role, program: tuple[str, tuple[str, ...]]) -> ChildSpec:
@@ -492,7 +500,7 @@ async def test_central_dying_after_start_is_loud() -> None:
 
 
 async def test_restart_with_backoff_until_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("evcharging.launcher.RESTART_FIRST_DELAY", 0.05)
+    monkeypatch.setattr("evcharging.launcher.supervisor.RESTART_FIRST_DELAY", 0.05)
     out = io.StringIO()
     sup = supervisor(out, restart=True)
     child = sup._launch(spec("cp-m CP-001", Role.MONITOR, CRASHING))
@@ -520,10 +528,102 @@ async def test_a_driver_that_exits_0_has_finished_and_is_not_restarted() -> None
 
 async def test_banner_shows_the_urls_and_how_to_stop() -> None:
     out = io.StringIO()
-    Supervisor(LaunchOptions(cps=3), "x:1", Console(out, colour=False), {}, "x:1 (mine)")._banner()
+    banner(Console(out, colour=False), LaunchOptions(cps=3), "x:1 (mine)")
     text = out.getvalue()
     assert "Dashboard: http://localhost:8000/" in text
     assert "API docs:  http://localhost:8000/docs" in text
     assert "TCP control plane: localhost:9999" in text
     assert "port 8003 for CP-003" in text
     assert "Ctrl-C" in text
+
+
+# --------------------------------------------------------------------------- a second signal
+# The first SIGINT/SIGTERM stops in order and waits; the second kills at once (as uvicorn).
+
+
+async def test_a_second_signal_kills_every_child_at_once() -> None:
+    """Real signals to this process, through the handlers `supervise` installs. The child
+    ignores SIGTERM and the stop timeout is two minutes: only the second SIGINT ends it."""
+    out = io.StringIO()
+    options = LaunchOptions(cps=0, drivers=0, http_port=free_port(), start_timeout=120,
+                            stop_timeout=120)
+    sup = Supervisor(options, "x:1", Console(out, colour=False, width=11), os.environ, "")
+    sup.specs = [spec("central", Role.CENTRAL, STUBBORN)]  # Central never answers /health
+    run = asyncio.create_task(supervise(sup))
+    try:
+        central = await poll(lambda: sup.children and "ready" in sup.children[0].tail
+                             and sup.children[0], timeout=20, what="the stubborn child")
+        os.kill(os.getpid(), signal.SIGINT)
+        await poll(lambda: "stopping EV Central: central" in out.getvalue(), timeout=20,
+                   what="the ordered stop")
+        assert central.running  # SIGTERM was ignored: the launcher waits for it
+        os.kill(os.getpid(), signal.SIGINT)
+        code, forced = await asyncio.wait_for(run, 20)
+    finally:
+        for child in sup.children:
+            child.kill()
+        if not run.done():
+            run.cancel()
+    assert (code, forced) == (0, True)
+    assert central.process is not None and central.process.returncode == -signal.SIGKILL
+    text = out.getvalue()
+    assert "SIGINT received: stopping" in text
+    assert "SIGINT again: killing every process now" in text
+    assert "killed (SIGKILL): central" in text
+    assert "did not stop within" not in text  # killed on the signal, not after the timeout
+
+
+def test_a_second_signal_while_the_broker_starts_forces_instead_of_interrupting() -> None:
+    forced: list[bool] = []
+    stop = StopRequest(lambda: forced.append(True))
+    with stop.installed():
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            poll_sync(lambda: None, timeout=5, what="the KeyboardInterrupt")
+        assert stop.requested and not stop.forced
+        # The cleanup of the half start is running now: the next signal must not interrupt it.
+        os.kill(os.getpid(), signal.SIGINT)
+        poll_sync(lambda: forced, timeout=5, what="the forced stop")
+    assert stop.forced and forced == [True]
+
+
+class FakeBroker:
+    """What `stop_broker` uses of a KafkaBroker; its stop receives a Ctrl-C."""
+
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.killed = False
+        self.stopped = False
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def stop(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        poll_sync(lambda: self.killed, timeout=5, what="the broker killed by the signal")
+        self.stopped = True
+
+
+def test_a_signal_while_the_broker_stops_kills_it() -> None:
+    out = io.StringIO()
+    broker = FakeBroker()
+    assert stop_broker(Console(out, colour=False), broker) is True  # type: ignore[arg-type]
+    assert broker.killed and broker.stopped
+    text = out.getvalue()
+    assert "stopping the Kafka broker (pid 4242)" in text
+    assert "killing the Kafka broker now" in text
+
+
+def test_terminate_kills_what_ignores_sigterm() -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+           "print('ready', flush=True); time.sleep(600)"
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) as stubborn:
+        assert stubborn.stdout is not None and stubborn.stdout.readline() == b"ready\n"
+        why: list[str] = []
+        assert terminate(stubborn.pid, 0.2, alive=lambda: stubborn.poll() is None,
+                         before_kill=lambda: why.append("SIGTERM ignored")) is False
+        assert stubborn.returncode == -signal.SIGKILL and why == ["SIGTERM ignored"]
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]) as willing:
+        assert terminate(willing.pid, 20, alive=lambda: willing.poll() is None) is True
+        assert willing.returncode == -signal.SIGTERM

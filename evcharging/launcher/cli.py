@@ -1,0 +1,289 @@
+"""``python -m evcharging run``: the flags, their defaults, and the command from start to end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dotenv import dotenv_values
+from pydantic import ValidationError
+
+from evcharging.common.config import CentralSettings, CPEngineSettings, DriverSettings
+from evcharging.devtools.kafka_broker import DEFAULT_PORT as KAFKA_DEFAULT_PORT
+from evcharging.devtools.kafka_broker import KafkaBrokerError
+from evcharging.launcher.broker import (
+    LocalBroker,
+    StopRequest,
+    kafka_reachable,
+    prepare_broker,
+    start_broker,
+)
+from evcharging.launcher.console import (
+    KAFKA,
+    LAUNCHER,
+    Console,
+    prefix_width,
+    route_logs,
+    use_colour,
+)
+from evcharging.launcher.plan import (
+    DEFAULT_START_TIMEOUT,
+    DEFAULT_STOP_TIMEOUT,
+    EXIT_FAILED,
+    EXIT_KILLED,
+    EXIT_OK,
+    EXIT_USAGE,
+    MAX_CPS,
+    MAX_DRIVERS,
+    LaunchError,
+    LaunchOptions,
+    busy_ports,
+    child_specs,
+    plan_ports,
+    resolve_bootstrap,
+)
+from evcharging.launcher.supervisor import Supervisor, supervise
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def _count(limit: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not 0 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be between 0 and {limit}, not {value}")
+        return value
+
+    return parse
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {value}")
+    return value
+
+
+def _kafka_port(text: str) -> int:
+    return 0 if text.strip() == "0" else _port(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    """Add the ``run`` command to ``python -m evcharging``."""
+    parser = subparsers.add_parser(
+        "run",
+        help="start the whole system locally (Kafka, Central, CPs, drivers); Ctrl-C stops it",
+        description=(
+            "Start the whole EV charging network on this machine: a Kafka broker (unless one "
+            "is configured), EV Central, N charging points (engine + monitor each) and M "
+            "drivers, with every process's output in this terminal. Ctrl-C stops everything "
+            "in order (drivers, monitors, engines, Central, broker); a second Ctrl-C kills."
+        ),
+        epilog=(
+            "Other settings (e.g. CP_ENGINE_SESSION_SECONDS, CENTRAL_API_TOKEN) reach the "
+            "services through the environment or .env, as usual; see .env.example. "
+            "Examples: make run CPS=3 DRIVERS=2; make run ARGS='--restart --http-port 8080'"
+        ),
+    )
+    parser.add_argument("--cps", type=_count(MAX_CPS), default=2, metavar="N",
+                        help="charging points CP-001..CP-N, engine + monitor each (default: 2)")
+    # Not exclusive: the last one given wins, so `make run ARGS=--no-drivers` works although
+    # the Makefile passes --drivers first.
+    parser.add_argument("--drivers", type=_count(MAX_DRIVERS), default=None, metavar="M",
+                        help="drivers driver-1..driver-M over the requests file (default: 1)")
+    parser.add_argument("--no-drivers", dest="drivers", action="store_const", const=0,
+                        help="start no driver (same as --drivers 0)")
+    parser.add_argument(
+        "--kafka-bootstrap", metavar="HOST:PORT", default=None,
+        help="use this broker (default: $KAFKA_BOOTSTRAP or $CENTRAL_KAFKA_BOOTSTRAP, also "
+        "from .env; when none is set, a local broker is started and stopped with the system)",
+    )
+    parser.add_argument(
+        "--kafka-port", type=_kafka_port, default=None, metavar="PORT",
+        help=f"port of the local broker, 0 for any free one (default: {KAFKA_DEFAULT_PORT} "
+        "when free, else any free port)",
+    )
+    parser.add_argument("--http-port", type=_port, default=None, metavar="PORT",
+                        help="Central's dashboard and HTTP API (default: $CENTRAL_HTTP_PORT "
+                        "or 8000)")
+    parser.add_argument("--listen-port", type=_port, default=None, metavar="PORT",
+                        help="Central's TCP control plane (default: $CENTRAL_LISTEN_PORT "
+                        "or 9999)")
+    parser.add_argument("--base-health-port", type=_port, default=None, metavar="PORT",
+                        help="health port of CP-001; CP-00i gets PORT+i-1 (default: "
+                        "$CP_ENGINE_HEALTH_PORT or 8001)")
+    parser.add_argument("--requests-file", type=Path, default=None, metavar="FILE",
+                        help="the drivers' requests file (default: $DRIVER_REQUESTS_FILE or "
+                        "requests.txt)")
+    parser.add_argument("--db-path", type=Path, default=None, metavar="FILE",
+                        help="Central's SQLite file (default: $CENTRAL_DB_PATH or "
+                        "ev_charging.db)")
+    parser.add_argument("--restart", action="store_true",
+                        help="restart a process that dies (backoff 1 s doubling to 30 s)")
+    parser.add_argument("--start-timeout", type=_seconds, default=DEFAULT_START_TIMEOUT,
+                        metavar="S", help="seconds to wait for Central, then for the CPs "
+                        "(default: %(default)g)")
+    parser.add_argument("--stop-timeout", type=_seconds, default=DEFAULT_STOP_TIMEOUT,
+                        metavar="S", help="seconds each process gets to stop before SIGKILL "
+                        "(default: %(default)g)")
+    parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                        help="colour the name prefixes (default: auto, off when NO_COLOR is "
+                        "set or the output is not a terminal)")
+    parser.set_defaults(handler=run_command)
+    return parser
+
+
+def options_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str], dotenv: Mapping[str, str | None]
+) -> LaunchOptions:
+    """Resolve the flags: a flag beats the service's setting (variable, .env, default)."""
+    try:
+        central = CentralSettings()
+        engine = CPEngineSettings(cp_id="CP-001")
+        driver = DriverSettings(driver_id="driver-1")
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise LaunchError(f"invalid settings in the environment or .env: {problems}") from exc
+
+    def pick(flag: Any, setting: Any) -> Any:
+        return setting if flag is None else flag
+
+    return LaunchOptions(
+        cps=args.cps,
+        drivers=1 if args.drivers is None else args.drivers,
+        http_port=pick(args.http_port, central.http_port),
+        listen_port=pick(args.listen_port, central.listen_port),
+        base_health_port=pick(args.base_health_port, engine.health_port),
+        requests_file=pick(args.requests_file, driver.requests_file),
+        db_path=pick(args.db_path, central.db_path),
+        kafka=resolve_bootstrap(args.kafka_bootstrap, environ, dotenv),
+        kafka_port=args.kafka_port,
+        restart=args.restart,
+        start_timeout=args.start_timeout,
+        stop_timeout=args.stop_timeout,
+        colour=args.color,
+    )
+
+
+def _read_dotenv(path: Path = Path(".env")) -> dict[str, str | None]:
+    return dict(dotenv_values(path)) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``python -m evcharging run``: returns the exit code."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="replace")
+    console = Console(sys.stdout, use_colour(sys.stdout, os.environ, args.color))
+    try:
+        options = options_from_args(args, os.environ, _read_dotenv())
+        plan = plan_ports(
+            options.http_port, options.listen_port, options.base_health_port, options.cps
+        )
+        problems = busy_ports(plan)
+        if problems:
+            raise LaunchError("; ".join(problems))
+        if options.drivers and not options.requests_file.is_file():
+            raise LaunchError(
+                f"the requests file {options.requests_file} does not exist (--requests-file, "
+                "DRIVER_REQUESTS_FILE; or --no-drivers)"
+            )
+    except LaunchError as exc:
+        console.error(f"error: {exc}")
+        return EXIT_USAGE
+    names = [LAUNCHER, KAFKA, *(spec.name for spec in child_specs(options, "x"))]
+    console.width = prefix_width(names)
+    route_logs(console)
+    if os.environ.get("CENTRAL_API_TOKEN") and not os.environ.get("CP_MONITOR_API_TOKEN"):
+        console.warn("CENTRAL_API_TOKEN is set but CP_MONITOR_API_TOKEN is not: the monitors "
+                     "will be refused by Central")
+
+    local: LocalBroker | None = None
+    if options.kafka is not None:
+        bootstrap = options.kafka.bootstrap
+        kafka_note = f"{bootstrap} (from {options.kafka.origin})"
+        console.say(f"Kafka: using {kafka_note}")
+        if not kafka_reachable(bootstrap):
+            console.warn(f"nothing answers at {bootstrap} yet; the services will keep trying")
+    else:
+
+        def kill_half_started() -> None:
+            console.warn("killing the Kafka broker now")
+            if local is not None:
+                local.broker.kill()
+
+        stop = StopRequest(kill_half_started)
+        try:
+            with stop.installed():
+                local = prepare_broker(console, options, {u.port for u in plan.uses()})
+                start_broker(console, local)
+                if stop.requested:
+                    raise KeyboardInterrupt
+        except LaunchError as exc:
+            console.error(f"error: {exc}")
+            return EXIT_USAGE
+        except KafkaBrokerError as exc:
+            console.error(f"could not start the local Kafka broker: {exc}")
+            console.error(
+                "(or use a running broker: --kafka-bootstrap HOST:PORT or KAFKA_BOOTSTRAP)"
+            )
+            return EXIT_FAILED
+        except KeyboardInterrupt:
+            killed = stop.forced
+            if local is not None and local.broker.running:
+                killed = local.stop(console, hurry=killed) or killed
+            console.warn("interrupted while starting Kafka; nothing else was started")
+            return EXIT_KILLED if killed else EXIT_OK
+        bootstrap = local.broker.bootstrap
+        kafka_note = f"{bootstrap} (started by the launcher; log {local.broker.log_file})"
+    code, killed = EXIT_FAILED, False
+    try:
+        supervisor = Supervisor(
+            options, bootstrap, console, os.environ, kafka_note, local is not None
+        )
+        code, killed = asyncio.run(supervise(supervisor))
+    except KeyboardInterrupt:  # only in the instant before the handlers are installed
+        code = EXIT_OK
+    finally:
+        if local is not None:
+            killed = local.stop(console, hurry=killed) or killed
+    if local is not None:
+        console.ok("the Kafka broker has stopped")
+    if killed:
+        console.warn(f"stopped by force (exit code {EXIT_KILLED})")
+        return EXIT_KILLED
+    if code == EXIT_OK:
+        console.ok("everything has stopped; bye")
+    else:
+        console.error(f"exit code {code}")
+    return code

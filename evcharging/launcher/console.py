@@ -1,0 +1,145 @@
+"""The launcher's terminal: one line per write, behind a fixed-width name, colours optional."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TextIO
+
+from evcharging.launcher.plan import LaunchOptions, Role, cp_ids
+
+LAUNCHER = "launcher"
+KAFKA = "kafka"
+BROKER_LOGGER = "evcharging.devtools.kafka_broker"
+"""The local broker's modules log below this name; their lines show as ``kafka | ...``."""
+
+RESET = "\033[0m"
+BOLD = "\033[1m"
+DIM = "\033[2m"
+RED = "\033[1;31m"
+GREEN = "\033[32m"
+YELLOW = "\033[33m"
+ROLE_COLOURS = {
+    Role.CENTRAL: "\033[1;35m",
+    Role.ENGINE: "\033[36m",
+    Role.MONITOR: "\033[32m",
+    Role.DRIVER: "\033[34m",
+}
+
+
+def prefix_width(names: Iterable[str]) -> int:
+    return max((len(name) for name in names), default=0)
+
+
+def format_line(
+    name: str, text: str, width: int, colour: str | None = None, text_colour: str | None = None
+) -> str:
+    """``name`` padded to ``width``, a bar, and the text; ANSI colours when given."""
+    label = f"{name:<{width}} |"
+    if colour:
+        label = f"{colour}{label}{RESET}"
+    if text and text_colour:
+        text = f"{text_colour}{text}{RESET}"
+    return f"{label} {text}" if text else label
+
+
+def use_colour(stream: TextIO, environ: Mapping[str, str], choice: str) -> bool:
+    """``--color``: always, never, or auto (a terminal, unless NO_COLOR; FORCE_COLOR forces)."""
+    if choice != "auto":
+        return choice == "always"
+    if environ.get("NO_COLOR"):
+        return False
+    if environ.get("FORCE_COLOR"):
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class Console:
+    """The launcher's output: one write per line, so lines never interleave."""
+
+    def __init__(self, stream: TextIO, colour: bool, width: int = len(LAUNCHER)) -> None:
+        self.stream = stream
+        self.colour = colour
+        self.width = width
+
+    def line(self, name: str, text: str, colour: str | None, text_colour: str | None = None
+             ) -> None:
+        out = format_line(
+            name, text, self.width,
+            colour if self.colour else None, text_colour if self.colour else None,
+        )
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe must not stop a shutdown
+            self.stream.write(out + "\n")
+            self.stream.flush()
+
+    def say(self, text: str, text_colour: str | None = None) -> None:
+        self.line(LAUNCHER, text, BOLD, text_colour)
+
+    def ok(self, text: str) -> None:
+        self.say(text, GREEN)
+
+    def warn(self, text: str) -> None:
+        self.say(text, YELLOW)
+
+    def error(self, text: str) -> None:
+        self.say(text, RED)
+
+
+class _ConsoleLogHandler(logging.Handler):
+    """The broker modules' log records, as ``kafka | ...`` lines."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__(logging.INFO)
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        colour = YELLOW if record.levelno >= logging.WARNING else None
+        for part in text.splitlines() or [""]:
+            self.console.line(KAFKA, part, YELLOW, colour)
+
+
+def route_logs(console: Console) -> None:
+    """The local broker's log to the console; the Kafka clients' and httpx's chatter off."""
+    broker_log = logging.getLogger(BROKER_LOGGER)
+    broker_log.handlers[:] = [_ConsoleLogHandler(console)]
+    broker_log.setLevel(logging.INFO)
+    broker_log.propagate = False
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
+    """What runs and where: shown once the system is up."""
+    http, base = options.http_port, options.base_health_port
+    cps = cp_ids(options.cps)
+    if not cps:
+        running, health = "Central, no CP", "no CP"
+    else:
+        shown = ", ".join(cps) if len(cps) <= 4 else f"{cps[0]} .. {cps[-1]}"
+        running = f"Central, {len(cps)} CP(s) ({shown})"
+        health = f"http://localhost:{base}/health" + (
+            f" (CP-001); port {base + len(cps) - 1} for {cps[-1]}" if len(cps) > 1 else ""
+        )
+    rule = "=" * 72  # ASCII: the banner must read well in any terminal and CI log
+    lines = [
+        (rule, BOLD),
+        (f"  EV charging network running: {running}, {options.drivers} driver(s)", BOLD),
+        (f"  Dashboard: http://localhost:{http}/", GREEN),
+        (f"  API docs:  http://localhost:{http}/docs", None),
+        (f"  TCP control plane: localhost:{options.listen_port}  "
+         f"(python -m evcharging.apps.ev_central.ctl --port {options.listen_port} status)",
+         None),
+        (f"  CP health: {health}", None),
+        (f"  Kafka:     {kafka_note}", None),
+        (f"  Database:  {options.db_path}", None),
+        ("  Stop:      Ctrl-C (stops everything in order; twice kills)", BOLD),
+        (rule, BOLD),
+    ]
+    for text, colour in lines:
+        console.say(text, colour)

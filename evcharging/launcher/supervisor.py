@@ -1,0 +1,355 @@
+"""Supervision: start the children in order, watch and restart them, stop them in order.
+
+Start order: Central (wait for ``GET /health``), the engines, each engine's monitor once
+Central shows its CP ACTIVATED, then the drivers. Stop order (:data:`STOP_ORDER`): drivers,
+monitors, engines, Central. The first SIGINT/SIGTERM/SIGHUP stops everything in that order
+(SIGTERM, up to ``--stop-timeout`` s each, then SIGKILL); a second one kills what is left at
+once, as uvicorn's second Ctrl-C forces its exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Iterator, Mapping
+
+import httpx
+
+from evcharging.devtools.process import DieWithParent
+from evcharging.launcher.children import (
+    RESTART_FIRST_DELAY,
+    STABLE_RUN,
+    Child,
+    describe_exit,
+    next_delay,
+)
+from evcharging.launcher.console import Console, banner
+from evcharging.launcher.plan import (
+    EXIT_FAILED,
+    EXIT_OK,
+    STOP_ORDER,
+    STOP_SIGNALS,
+    ChildSpec,
+    LaunchOptions,
+    Role,
+    child_env,
+    child_specs,
+)
+
+POLL_INTERVAL = 0.25
+
+
+class StartupError(Exception):
+    """The system did not come up (a child died while starting, or a wait timed out)."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM arrived while the system was starting."""
+
+
+class Supervisor:
+    """Starts, watches, restarts and stops the children of one run."""
+
+    def __init__(
+        self,
+        options: LaunchOptions,
+        bootstrap: str,
+        console: Console,
+        environ: Mapping[str, str],
+        kafka_note: str,
+        own_broker: bool = False,
+    ) -> None:
+        self.options = options
+        self.bootstrap = bootstrap
+        self.console = console
+        self.kafka_note = kafka_note
+        self.own_broker = own_broker
+        self.specs = child_specs(options, bootstrap)
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.started = False
+        self._signals = 0
+        self._env = child_env(environ, console.colour)
+        self._die_with_parent = DieWithParent()
+        self._base_url = f"http://127.0.0.1:{options.http_port}"
+
+    # ----------------------------------------------------------------- signals
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.console.warn(
+                f"{sig.name} received: stopping drivers, monitors, engines and Central"
+                f"{', then the Kafka broker' if self.own_broker else ''} "
+                "(Ctrl-C again kills them at once)"
+            )
+            self.stopping.set()
+            return
+        if not self.hurry.is_set():
+            self.console.warn(f"{sig.name} again: killing every process now")
+        self.hurry.set()
+        for child in self.children:
+            child.kill()
+
+    # ----------------------------------------------------------------- the run
+
+    async def run(self) -> int:
+        """Start everything and supervise until a stop signal; returns the exit code."""
+        try:
+            await self._start()
+        except Interrupted:
+            return EXIT_OK
+        except StartupError as exc:
+            self.console.error(f"the system could not start: {exc}")
+            self.console.error("stopping what was started")
+            return EXIT_FAILED
+        self.started = True
+        banner(self.console, self.options, self.kafka_note)
+        return await self._watch()
+
+    async def _start(self) -> None:
+        by_role: dict[Role, list[ChildSpec]] = {role: [] for role in Role}
+        for spec in self.specs:
+            by_role[spec.role].append(spec)
+        central = self._launch(by_role[Role.CENTRAL][0])
+        self.console.say(f"waiting for Central at {self._base_url}/health ...")
+        began = time.monotonic()
+        await self._wait_central(central)
+        self.console.ok(f"Central is up ({time.monotonic() - began:.1f} s)")
+        if by_role[Role.ENGINE]:
+            engines = [self._launch(spec) for spec in by_role[Role.ENGINE]]
+            monitors = {spec.cp_id or "": spec for spec in by_role[Role.MONITOR]}
+            self.console.say(
+                f"waiting for {len(engines)} CP(s) to be ACTIVATED "
+                "(each monitor starts when its CP is) ..."
+            )
+            began = time.monotonic()
+            await self._wait_cps(central, engines, monitors)
+            self.console.ok(
+                f"every CP is ACTIVATED ({time.monotonic() - began:.1f} s)"
+            )
+        for spec in by_role[Role.DRIVER]:
+            self._launch(spec)
+
+    async def _wait_central(self, central: Child) -> None:
+        url = f"{self._base_url}/health"
+        deadline = time.monotonic() + self.options.start_timeout
+        last = "no answer yet"
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                self._check_starting(central)
+                try:
+                    response = await http.get(url)
+                    if response.status_code == 200:
+                        return
+                    last = f"HTTP {response.status_code}: {response.text[:300]}"
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"Central did not answer GET {url} with 200 within "
+                        f"{self.options.start_timeout:g} s (last: {last}); see the central "
+                        f"lines above; is Kafka reachable at {self.bootstrap}? "
+                        "(--start-timeout changes the wait)"
+                    )
+                await self._pause()
+
+    async def _wait_cps(
+        self, central: Child, engines: list[Child], monitors: Mapping[str, ChildSpec]
+    ) -> None:
+        """Until Central shows every engine's CP ACTIVATED; starts each CP's monitor then."""
+        wanted = [engine.spec.cp_id or "" for engine in engines]
+        waiting_monitors = dict(monitors)
+        started_monitors: list[Child] = []
+        deadline = time.monotonic() + self.options.start_timeout
+        states: dict[str, str] = {}
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                self._check_starting(central, *engines, *started_monitors)
+                try:
+                    response = await http.get(f"{self._base_url}/cp")
+                    body = response.json() if response.status_code == 200 else []
+                except (httpx.HTTPError, ValueError):
+                    body = []
+                for cp in body if isinstance(body, list) else []:
+                    if isinstance(cp, dict) and isinstance(cp.get("cp_id"), str):
+                        # last_seen: heard from since this Central started (not a stale state
+                        # reloaded from the database).
+                        seen = cp.get("last_seen") is not None
+                        states[cp["cp_id"]] = str(cp.get("state")) if seen else "not seen yet"
+                for cp_id in list(waiting_monitors):
+                    if states.get(cp_id) == "ACTIVATED":
+                        started_monitors.append(self._launch(waiting_monitors.pop(cp_id)))
+                if all(states.get(cp_id) == "ACTIVATED" for cp_id in wanted):
+                    return
+                if time.monotonic() >= deadline:
+                    summary = ", ".join(
+                        f"{cp_id} {states.get(cp_id, 'unknown to Central')}" for cp_id in wanted
+                    )
+                    raise StartupError(
+                        f"not every CP was ACTIVATED within {self.options.start_timeout:g} s "
+                        f"({summary}); see the cp-e lines above (--start-timeout changes "
+                        "the wait)"
+                    )
+                await self._pause()
+
+    def _check_starting(self, *children: Child) -> None:
+        if self.stopping.is_set():
+            raise Interrupted
+        for child in children:
+            if child.ended:
+                raise StartupError(
+                    f"{child.name} exited while starting ({describe_exit(child.last_code)}); "
+                    "see its lines above"
+                )
+
+    async def _pause(self, seconds: float = POLL_INTERVAL) -> None:
+        if await self._stopping_within(seconds):
+            raise Interrupted
+
+    async def _stopping_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _watch(self) -> int:
+        """Until a stop signal, or until every child ended for good."""
+        remaining = {child.task for child in self.children if child.task is not None}
+        drivers = {c.task for c in self.children if c.spec.role is Role.DRIVER and c.task}
+        stopper = asyncio.create_task(self.stopping.wait(), name="stop-signal")
+        try:
+            while remaining and not self.stopping.is_set():
+                done, _ = await asyncio.wait(
+                    remaining | {stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                remaining -= done
+                if drivers and all(task.done() for task in drivers):
+                    drivers = set()
+                    if not self.stopping.is_set():
+                        self.console.ok(
+                            f"every driver is done; the system keeps running. Dashboard: "
+                            f"http://localhost:{self.options.http_port}/ (Ctrl-C to stop)"
+                        )
+        finally:
+            stopper.cancel()
+            await asyncio.gather(stopper, return_exceptions=True)
+        if self.stopping.is_set():
+            return EXIT_OK
+        failed = [child.name for child in self.children if child.failed]
+        self.console.error(
+            "every process has ended; nothing left to run"
+            + (f" (failed: {', '.join(failed)})" if failed else "")
+        )
+        return EXIT_FAILED if failed else EXIT_OK
+
+    # ----------------------------------------------------------------- children
+
+    def _launch(self, spec: ChildSpec) -> Child:
+        child = Child(spec)
+        self.children.append(child)
+        child.task = asyncio.create_task(self._supervise(child), name=f"supervise {spec.name}")
+        return child
+
+    async def _supervise(self, child: Child) -> None:
+        try:
+            await self._supervise_loop(child)
+        except Exception as exc:  # noqa: BLE001 - a launcher bug must be seen, not swallowed
+            child.failed = True
+            self.console.error(f"internal error while supervising {child.name}: {exc!r}")
+
+    async def _supervise_loop(self, child: Child) -> None:
+        """Run the child; report its death; restart it with backoff if asked to."""
+        delay = RESTART_FIRST_DELAY
+        while True:
+            began = time.monotonic()
+            try:
+                code = await child.run_once(self._env, self.console, self._die_with_parent)
+            except OSError as exc:
+                self.console.error(f"cannot start {child.name}: {exc}")
+                child.failed = True
+                return
+            child.last_code = code
+            ran = time.monotonic() - began
+            if self.stopping.is_set() or child.stop_requested:
+                return
+            if code == 0:
+                if child.spec.role is Role.DRIVER:
+                    self.console.ok(f"{child.name} finished its requests file (exit code 0)")
+                else:
+                    self.console.warn(
+                        f"{child.name} exited by itself with exit code 0 (for an engine: "
+                        "Central sent SHUTDOWN); not restarted"
+                    )
+                return
+            child.failed = True
+            child.report_death(self.console, code, ran)
+            if not self.options.restart:
+                if child.spec.role is Role.CENTRAL and self.started:
+                    self._central_is_down()
+                return
+            if ran >= STABLE_RUN:
+                delay = RESTART_FIRST_DELAY
+            self.console.warn(
+                f"restarting {child.name} in {delay:g} s (--restart; restart #{child.runs})"
+            )
+            if await self._stopping_within(delay):
+                return
+            delay = next_delay(delay)
+
+    def _central_is_down(self) -> None:
+        for text in (
+            "!!! EV CENTRAL IS DOWN: no request can be accepted, the dashboard "
+            f"http://localhost:{self.options.http_port}/ is gone, the monitors cannot report.",
+            "!!! The other processes keep running. Ctrl-C stops everything; "
+            "`--restart` would have restarted Central.",
+        ):
+            self.console.error(text)
+
+    # ----------------------------------------------------------------- stop
+
+    async def shutdown(self) -> None:
+        """Stop every child in order: drivers, monitors, engines, Central."""
+        self.stopping.set()
+        for role in STOP_ORDER:
+            group = [child for child in self.children if child.spec.role is role]
+            live = [child.name for child in group if child.running]
+            if live and not self.hurry.is_set():
+                self.console.say(f"stopping {role.plural}: {', '.join(live)}")
+            timeout = self.options.stop_timeout
+            await asyncio.gather(*(c.stop(self.console, timeout, self.hurry) for c in group))
+        killed = [child.name for child in self.children if child.killed]
+        if killed:
+            self.console.warn(f"killed (SIGKILL): {', '.join(killed)}")
+        if len(self.children) > 1:
+            self.console.ok(f"all {len(self.children)} processes have stopped")
+        elif self.children:
+            self.console.ok("the process has stopped")
+
+
+@contextlib.contextmanager
+def signals_to(supervisor: Supervisor) -> Iterator[None]:
+    """While inside: :data:`STOP_SIGNALS` go to ``supervisor.on_signal`` (in its event loop)."""
+    loop = asyncio.get_running_loop()
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, supervisor.on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+async def supervise(supervisor: Supervisor) -> tuple[int, bool]:
+    """Run the system until it stops; returns the exit code and whether a second signal
+    forced the stop."""
+    with signals_to(supervisor):
+        try:
+            code = await supervisor.run()
+        finally:
+            await supervisor.shutdown()
+    return code, supervisor.hurry.is_set()
