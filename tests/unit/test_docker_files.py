@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from evcharging.common.config import (
@@ -200,6 +201,31 @@ def container_settings(
         pytest.fail(f"{service}: its command or environment is rejected (see stderr)")
 
 
+def given_values(service: str) -> dict[str, str | bool]:
+    """Field → the value the command or `environment:` gives it (text; bool for switches)."""
+    cls = settings_class(service)
+    fields = cls.model_fields
+    by_variable = {_env_name(cls, name): name for name in fields}
+    given: dict[str, str | bool] = {
+        by_variable[variable]: value
+        for variable, value in environment(service).items()
+        if variable in by_variable
+    }
+    for flag, value in flag_values(service).items():
+        name = flag.removeprefix("--").replace("-", "_")
+        if value is not None:
+            given[name] = value
+        elif name in fields:
+            given[name] = True
+        else:  # --no-<switch>
+            given[name.removeprefix("no_")] = False
+    return given
+
+
+def _as_text(value: object) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+
+
 def depends_on(service: str) -> dict[str, str]:
     """Target → condition (the short list form means service_started)."""
     deps = services()[service].get("depends_on") or {}
@@ -322,7 +348,19 @@ def test_command_flags_are_real_and_include_the_seed_flags(service: str) -> None
 def test_command_and_environment_make_valid_settings(
     service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    container_settings(service, monkeypatch, tmp_path)
+    """The container starts with valid settings of its service, holding every value its
+    command and its `environment:` give (a flag beating the variable of the same field)."""
+    cls = settings_class(service)
+    settings = container_settings(service, monkeypatch, tmp_path)
+    assert type(settings) is cls
+    expected = given_values(service)
+    assert expected, f"{service}: its command and environment set nothing"
+    actual = {name: getattr(settings, name) for name in expected}
+    shown = {
+        name: value if isinstance(value, bool) else _as_text(value)
+        for name, value in actual.items()
+    }
+    assert shown == expected, f"{service}: the settings differ from its command and environment"
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
