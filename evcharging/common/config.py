@@ -22,11 +22,16 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[float, Field(gt=0)]
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 
+SHARED_TOKEN_ENV = "EVCHARGING_API_TOKEN"  # noqa: S105 - a variable's name, not a secret
+"""Every service's token falls back to this variable when its own is not set."""
+
 
 class ServiceSettings(BaseSettings):
     """What every Kafka-connected service shares."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, populate_by_name=True, env_ignore_empty=True
+    )
 
     kafka_bootstrap: str = Field("localhost:9092", description="Kafka broker list host:port[,...]")
     topic_prefix: str = Field(
@@ -42,13 +47,19 @@ class CentralSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="CENTRAL_")
 
-    http_host: str = Field("0.0.0.0", description="address of the dashboard and HTTP API")
+    http_host: str = Field("127.0.0.1", description="address of the dashboard and HTTP API")
     http_port: Port = Field(8000, description="port of the dashboard and HTTP API")
     listen_host: str = Field("127.0.0.1", description="address of the TCP control plane")
     listen_port: Port = Field(9999, description="port of the TCP control plane")
     db_path: Path = Field(Path("ev_charging.db"), description="SQLite file")
     api_token: SecretStr | None = Field(
-        None, description="when set, mutating HTTP calls and the TCP plane need it"
+        None,
+        validation_alias=AliasChoices("CENTRAL_API_TOKEN", SHARED_TOKEN_ENV),
+        description="when set, mutating HTTP calls and the TCP plane need it",
+    )
+    allow_anonymous: bool = Field(
+        False, description="with no token, listen on a non-loopback address anyway and accept "
+        "changes from any client (protected mode off)"
     )
     start_timeout: Positive = Field(5.0, description="seconds for a CP to confirm START_SUPPLY")
     breaker_failure_threshold: int = Field(
@@ -77,8 +88,17 @@ class CPEngineSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CP_ENGINE_")
 
     cp_id: Identifier = Field(description="charging point id")
-    health_host: str = Field("0.0.0.0", description="address of the health endpoint")
+    health_host: str = Field("127.0.0.1", description="address of the health endpoint")
     health_port: Port = Field(8001, description="port of the health endpoint")
+    api_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("CP_ENGINE_API_TOKEN", SHARED_TOKEN_ENV),
+        description="when set, POST /fault and /recover need it",
+    )
+    allow_anonymous: bool = Field(
+        False, description="with no token, listen on a non-loopback address anyway and accept "
+        "/fault and /recover from any client (protected mode off)"
+    )
     kw_rate: Annotated[float, Field(gt=0)] = Field(22.0, description="power while supplying (kW)")
     euro_rate: Annotated[float, Field(ge=0)] = Field(0.30, description="price per kWh (€)")
     session_seconds: Positive = Field(10.0, description="simulated session length (s)")
@@ -92,7 +112,12 @@ class CPMonitorSettings(BaseSettings):
     """CP Monitor: the watchdog of one CP. It speaks HTTP only (no Kafka)."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CP_MONITOR_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="CP_MONITOR_",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+        env_ignore_empty=True,
     )
 
     cp_id: Identifier = Field(description="charging point id")
@@ -103,7 +128,11 @@ class CPMonitorSettings(BaseSettings):
     health_interval: Positive = Field(5.0, description="seconds between health checks")
     health_timeout: Positive = Field(2.0, description="timeout of one health check (s)")
     failure_threshold: int = Field(3, ge=1, description="consecutive failures that make a fault")
-    api_token: SecretStr | None = Field(None, description="token sent to Central when it has one")
+    api_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("CP_MONITOR_API_TOKEN", SHARED_TOKEN_ENV),
+        description="token sent to Central when it has one",
+    )
     log_level: LogLevel = Field("INFO", description="log level")
     log_json: bool = Field(False, description="write logs as JSON lines")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic_settings import BaseSettings
 
 from evcharging.common.config import (
     CentralSettings,
@@ -13,11 +14,24 @@ from evcharging.common.config import (
     load_settings,
 )
 
+TOKEN_VARIABLES: dict[type[BaseSettings], str] = {
+    CentralSettings: "CENTRAL_API_TOKEN",
+    CPEngineSettings: "CP_ENGINE_API_TOKEN",
+    CPMonitorSettings: "CP_MONITOR_API_TOKEN",
+}
+REQUIRED_FLAGS: dict[type[BaseSettings], list[str]] = {
+    CentralSettings: [],
+    CPEngineSettings: ["--cp-id", "CP-1"],
+    CPMonitorSettings: ["--cp-id", "CP-1"],
+}
+
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: pytest.TempPathFactory) -> None:
     monkeypatch.chdir(tmp_path)  # no stray .env
-    for name in ("CENTRAL_HTTP_PORT", "CP_ENGINE_CP_ID", "CP_ENGINE_KW_RATE", "DRIVER_DRIVER_ID"):
+    for name in ("CENTRAL_HTTP_PORT", "CP_ENGINE_CP_ID", "CP_ENGINE_KW_RATE", "DRIVER_DRIVER_ID",
+                 *TOKEN_VARIABLES.values(), "EVCHARGING_API_TOKEN",
+                 "CENTRAL_ALLOW_ANONYMOUS", "CP_ENGINE_ALLOW_ANONYMOUS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -100,3 +114,57 @@ def test_help_lists_every_setting_with_its_variable(cls: type) -> None:
     for name in cls.model_fields:
         assert "--" + name.replace("_", "-") in text
         assert (prefix + name).upper() in text.replace("\n", "").replace(" ", "")
+
+
+# ----------------------------------------------------------------------- safe defaults
+
+
+def test_every_port_listens_on_loopback_by_default() -> None:
+    central = load_settings(CentralSettings, [], "c", "")
+    engine = load_settings(CPEngineSettings, ["--cp-id", "CP-1"], "e", "")
+    assert (central.http_host, central.listen_host, engine.health_host) == (
+        "127.0.0.1", "127.0.0.1", "127.0.0.1",
+    )
+    assert central.allow_anonymous is False and engine.allow_anonymous is False
+    assert central.api_token is None and engine.api_token is None
+
+
+@pytest.mark.parametrize("cls", [CentralSettings, CPEngineSettings])
+def test_allow_anonymous_flag_and_variable(
+    cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = REQUIRED_FLAGS[cls]
+    assert load_settings(cls, [*base, "--allow-anonymous"], "p", "").allow_anonymous is True
+    monkeypatch.setenv(f"{cls.model_config['env_prefix']}ALLOW_ANONYMOUS", "true")
+    assert load_settings(cls, base, "p", "").allow_anonymous is True
+    assert load_settings(cls, [*base, "--no-allow-anonymous"], "p", "").allow_anonymous is False
+
+
+def token_of(cls: type[BaseSettings], argv: list[str] | None = None) -> str | None:
+    settings = load_settings(cls, [*REQUIRED_FLAGS[cls], *(argv or [])], "p", "")
+    token = getattr(settings, "api_token")  # noqa: B009 - not on BaseSettings itself
+    return None if token is None else str(token.get_secret_value())
+
+
+@pytest.mark.parametrize("cls", list(TOKEN_VARIABLES), ids=lambda cls: cls.__name__)
+def test_evcharging_api_token_is_every_services_fallback(
+    cls: type[BaseSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert token_of(cls) is None
+    with open(".env", "w") as env:
+        env.write("EVCHARGING_API_TOKEN=from-dotenv\n")
+    assert token_of(cls) == "from-dotenv"
+    monkeypatch.setenv("EVCHARGING_API_TOKEN", "shared")
+    assert token_of(cls) == "shared"
+    monkeypatch.setenv(TOKEN_VARIABLES[cls], "")  # empty means unset: the shared one holds
+    assert token_of(cls) == "shared"
+    monkeypatch.setenv(TOKEN_VARIABLES[cls], "own")
+    assert token_of(cls) == "own"
+    assert token_of(cls, ["--api-token", "flag"]) == "flag"
+    assert "shared" not in repr(load_settings(cls, REQUIRED_FLAGS[cls], "p", ""))
+
+
+@pytest.mark.parametrize("cls", list(TOKEN_VARIABLES), ids=lambda cls: cls.__name__)
+def test_help_names_both_token_variables(cls: type[BaseSettings]) -> None:
+    text = " ".join(build_parser(cls, "prog", "").format_help().split())
+    assert f"{TOKEN_VARIABLES[cls]} or EVCHARGING_API_TOKEN" in text
