@@ -30,6 +30,7 @@ __all__ = [
     "Publisher",
     "Routes",
     "Topic",
+    "TransientError",
     "key_of",
     "topic_of",
 ]
@@ -72,6 +73,15 @@ Handler = Callable[[M], Awaitable[None]]
 
 class BusError(Exception):
     """The bus could not do what was asked (e.g. the broker stayed unreachable)."""
+
+
+class TransientError(Exception):
+    """A handler could not finish now but may later (e.g. the database is locked).
+
+    The consumer retries the same message with backoff and does not commit its offset, so
+    the decision is neither lost nor taken twice (handlers are idempotent). Any other
+    exception is a bug in the handler or the message: it is logged, counted and skipped.
+    """
 
 
 def topic_of(message: Message | type[Message]) -> Topic:

@@ -98,6 +98,16 @@ class CircuitBreaker:
         if self.state is BreakerState.OPEN:
             self._to_half_open()
 
+    def restore(self, state: BreakerState, failures: int, reason: str | None) -> None:
+        """Take back a state saved before a restart; an OPEN one counts its reset timeout
+        from now (the clock of the earlier process is not comparable)."""
+        self._failures = max(0, failures)
+        self._trial_in_flight = False
+        self.reason = reason
+        self._state = state
+        if state is BreakerState.OPEN:
+            self._opened_at = self.clock()
+
     def reset(self) -> None:
         """Back to CLOSED with no failures (an operator's decision)."""
         self._close()

@@ -25,7 +25,15 @@ from aiokafka.errors import KafkaError
 from loguru import logger
 from pydantic import ValidationError
 
-from evcharging.common.bus import TOPIC_MODELS, BusError, Routes, Topic, key_of, topic_of
+from evcharging.common.bus import (
+    TOPIC_MODELS,
+    BusError,
+    Routes,
+    Topic,
+    TransientError,
+    key_of,
+    topic_of,
+)
 from evcharging.common.messages import Message, decode, encode
 
 __all__ = [
@@ -41,6 +49,8 @@ __all__ = [
 ]
 
 _RETRY_LOG_EVERY = 30.0
+_RETRY_FIRST_DELAY = 0.1
+_RETRY_MAX_DELAY = 5.0
 _TOPIC_ALREADY_EXISTS = 36
 
 
@@ -55,6 +65,7 @@ class BusStats:
     consumed: int = 0
     invalid: int = 0
     handler_errors: int = 0
+    handler_retries: int = 0
     publish_errors: int = 0
     invalid_by_topic: dict[str, int] = field(default_factory=dict)
 
@@ -64,6 +75,7 @@ class BusStats:
             "consumed": self.consumed,
             "invalid": self.invalid,
             "handler_errors": self.handler_errors,
+            "handler_retries": self.handler_retries,
             "publish_errors": self.publish_errors,
             "invalid_by_topic": dict(self.invalid_by_topic),
         }
@@ -430,12 +442,31 @@ class KafkaConsumerLoop:
                 name, partition, offset, where, first["msg"], exc.error_count(),
             )
             return
-        try:
-            await self.routes.handler(topic)(message)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # noqa: BLE001 - one bad message must not stop the consumer
-            self.stats.handler_errors += 1
-            logger.exception(
-                "handler for {} failed on partition {} offset {}", name, partition, offset
-            )
+        handler = self.routes.handler(topic)
+        delay = _RETRY_FIRST_DELAY
+        retries = 0
+        while True:
+            try:
+                await handler(message)
+            except TransientError as exc:
+                # Not committed, not skipped: the same message again, after a pause.
+                self.stats.handler_retries += 1
+                if retries == 0:
+                    logger.warning(
+                        "handler for {} cannot finish partition {} offset {} now ({}); "
+                        "retrying with backoff, offset not committed",
+                        name, partition, offset, exc,
+                    )
+                retries += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_DELAY)
+                continue
+            except Exception:  # noqa: BLE001 - one bad message must not stop the consumer
+                self.stats.handler_errors += 1
+                logger.exception(
+                    "handler for {} failed on partition {} offset {}", name, partition, offset
+                )
+            if retries:
+                logger.info("handler for {} done with offset {} after {} retries",
+                            name, offset, retries)
+            return

@@ -28,11 +28,6 @@ from evcharging.common.states import CPEvent, CPState, SessionResult
 __all__ = [
     "ID_PATTERN",
     "REASON_MAX",
-    "FaultEventType",
-    "SessionStatus",
-    "clip_reason",
-    "format_ts",
-    "format_ts_opt",
     "CPFaultReport",
     "CPRegistration",
     "CPState",
@@ -44,14 +39,20 @@ __all__ = [
     "DriverRequest",
     "DriverStatus",
     "DriverUpdate",
+    "FaultEventType",
     "Identifier",
     "Message",
+    "SessionEnd",
     "SessionResult",
+    "SessionStatus",
     "StatusEvent",
     "ValidationError",
+    "clip_reason",
     "decode",
     "dump",
     "encode",
+    "format_ts",
+    "format_ts_opt",
     "new_id",
     "utcnow",
 ]
@@ -234,6 +235,19 @@ class StatusEvent(StrEnum):
         return None if self in (StatusEvent.HEARTBEAT, StatusEvent.REFUSED) else CPEvent(self)
 
 
+class SessionEnd(Message):
+    """How a CP's last session ended, by its own meter: id, result and final totals.
+
+    A CP repeats it in every heartbeat until its next session ends, so that Central
+    recovers an end-of-session status it missed (SPEC §4, the ledger).
+    """
+
+    session_id: Identifier
+    result: SessionResult
+    kwh: NonNegative
+    euros: NonNegative
+
+
 class CPStatus(Message):
     """cp.status, keyed by cp_id: a CP's state, and its totals when a session ends.
 
@@ -252,7 +266,18 @@ class CPStatus(Message):
     kwh: NonNegative | None = None
     euros: NonNegative | None = None
     session_result: SessionResult | None = None
+    last_session: SessionEnd | None = None
     ts: UtcDatetime = Field(default_factory=utcnow)
+
+    def session_end(self) -> SessionEnd | None:
+        """The end of a session this status reports: its own (``session_result``) or the
+        last one a heartbeat repeats (``last_session``)."""
+        if self.session_result is not None and self.session_id is not None:
+            return SessionEnd(
+                session_id=self.session_id, result=self.session_result,
+                kwh=self.kwh or 0.0, euros=self.euros or 0.0,
+            )
+        return self.last_session
 
 
 class CPTelemetry(Message):

@@ -136,3 +136,17 @@ def test_operator_reset(breaker: CircuitBreaker) -> None:
 def test_rejects_bad_settings(threshold: int, timeout: float) -> None:
     with pytest.raises(ValueError):
         CircuitBreaker(failure_threshold=threshold, reset_timeout=timeout)
+
+
+@pytest.mark.parametrize("state", list(BreakerState))
+def test_restore_takes_back_a_saved_state(state: BreakerState) -> None:
+    now = [100.0]
+    breaker = CircuitBreaker(failure_threshold=3, reset_timeout=10.0, clock=lambda: now[0])
+    breaker.restore(state, 2, "saved")
+    assert (breaker.state, breaker.failures, breaker.reason) == (state, 2, "saved")
+    if state is BreakerState.OPEN:
+        now[0] += 10.0  # the reset timeout counts from the restore
+        assert breaker.state is BreakerState.HALF_OPEN
+    if state is BreakerState.CLOSED:
+        breaker.record_failure("third")
+        assert breaker.state is BreakerState.OPEN

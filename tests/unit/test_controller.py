@@ -22,6 +22,7 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverStatus,
     DriverUpdate,
+    SessionEnd,
     SessionResult,
     StatusEvent,
     new_id,
@@ -320,29 +321,109 @@ async def test_state_follows_reports_through_the_machine(central: Controller) ->
         assert cp.state is state
 
 
-async def test_restart_reloads_the_registry_and_closes_orphans(
+async def restarted(
     bus: RecordingPublisher, repo: SqliteRepository
-) -> None:
-    first = Controller(bus, repo)
+) -> tuple[Controller, DriverRequest, str]:
+    """A Central with CP-001 (fault then recovery) and a session on CP-002, then a second
+    Central over the same database, as after a crash."""
+    first = Controller(bus, repo, CentralOptions(breaker_failure_threshold=2))
     await activate(first)
     await first.report_fault("CP-001", True, "down")
-    await first.report_fault("CP-001", False, "up")
-    await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.FAULT))
     await activate(first, "CP-002")
-    req, _ = await start_session(first, bus, "CP-002")
+    req, session_id = await start_session(first, bus, "CP-002")
     await first.close()
-
-    second = Controller(bus, repo)
+    second = Controller(bus, repo, CentralOptions(breaker_failure_threshold=2))
     await second.load()
+    return second, req, session_id
+
+
+async def test_restart_reloads_the_registry_breakers_and_running_sessions(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    second, req, session_id = await restarted(bus, repo)
     try:
         assert set(second.cps) == {"CP-001", "CP-002"}
+        cp1 = second.get("CP-001")
+        assert (cp1.state, cp1.is_faulty, cp1.breaker.state) == (
+            CPState.FAULT, True, BreakerState.OPEN,
+        )
+        assert cp1.state_reason == "down"
         assert second.get("CP-002").state is CPState.SUPPLYING
-        assert await repo.active_sessions() == []
-        final = updates(bus, req.request_id)[-1]
-        assert final.status is DriverStatus.FAILED and "restarted" in (final.reason or "")
-        assert commands(bus, CommandType.STOP_SUPPLY)[-1].cp_id == "CP-002"
+        [row] = await repo.active_sessions()  # nothing closed before the CPs are heard
+        assert row.session_id == session_id
+        assert second.decide("CP-002") == "CP busy"
         again = await request(second, request_id=req.request_id, cp_id="CP-002")
-        assert len(updates(bus, again.request_id)) == 2  # no new answer for a replay
+        assert len(updates(bus, again.request_id)) == 1  # no new answer for a replay
+    finally:
+        await second.close()
+
+
+async def test_after_a_restart_the_cps_end_report_settles_the_session(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    second, req, session_id = await restarted(bus, repo)
+    try:
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.ACTIVATED, event=StatusEvent.SESSION_COMPLETE,
+            session_id=session_id, session_result=SessionResult.COMPLETED,
+            kwh=0.0367, euros=0.011,
+        ))
+        final = updates(bus, req.request_id)[-1]
+        assert (final.status, final.kwh, final.euros) == (DriverStatus.COMPLETED, 0.0367, 0.011)
+        row = await repo.get_session(session_id)
+        assert row is not None and (row.status, row.kwh, row.meter_final) == (
+            "COMPLETED", 0.0367, True,
+        )
+    finally:
+        await second.close()
+
+
+async def test_after_a_restart_a_heartbeats_last_session_settles_it(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    second, req, session_id = await restarted(bus, repo)
+    try:
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
+            last_session=SessionEnd(session_id=session_id, result=SessionResult.COMPLETED,
+                                    kwh=0.02, euros=0.006),
+        ))
+        final = updates(bus, req.request_id)[-1]
+        assert (final.status, final.kwh) == (DriverStatus.COMPLETED, 0.02)
+        assert second.decide("CP-002") is None
+    finally:
+        await second.close()
+
+
+async def test_after_a_restart_a_cp_that_claims_the_session_keeps_it(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    second, req, session_id = await restarted(bus, repo)
+    try:
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.SUPPLYING, event=StatusEvent.HEARTBEAT,
+            session_id=session_id, driver_id="driver-alice",
+        ))
+        session = second.get("CP-002").session
+        assert session is not None and not session.resumed
+        assert updates(bus, req.request_id)[-1].status is DriverStatus.ACCEPTED
+    finally:
+        await second.close()
+
+
+async def test_after_a_restart_a_session_no_cp_claims_fails_with_the_ledgers_totals(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    second, req, session_id = await restarted(bus, repo)
+    try:
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
+        ))
+        final = updates(bus, req.request_id)[-1]
+        assert final.status is DriverStatus.FAILED
+        assert await repo.active_sessions() == []
+        assert second.get("CP-002").breaker.failures == 0  # not the CP's failure
     finally:
         await second.close()
 

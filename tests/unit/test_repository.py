@@ -304,26 +304,6 @@ async def test_finish_session_only_finishes_an_active_session(repo: SqliteReposi
         await repo.finish_session("S-1", "STOPPED", kwh=0.0, euros=-1.0, reason=None, ended_at=T0)
 
 
-async def test_close_active_sessions_closes_and_returns_only_active_ones(
-    repo: SqliteRepository,
-) -> None:
-    for n, started in ((1, 20.0), (2, 10.0), (3, 30.0), (4, 0.0)):
-        await repo.start_session(session(n, cp_id=f"CP-{n}", started=started))
-    await repo.finish_session("S-4", "COMPLETED", kwh=1.0, euros=0.3, reason=None, ended_at=at(5))
-    assert [s.session_id for s in await repo.active_sessions()] == ["S-2", "S-1", "S-3"]
-
-    closed = await repo.close_active_sessions("central restarted", at(100))
-
-    assert [s.session_id for s in closed] == ["S-2", "S-1", "S-3"]
-    for s in closed:
-        assert (s.status, s.reason, s.ended_at) == ("FAILED", "central restarted", at(100))
-        assert await repo.get_session(s.session_id) == s
-    completed = await repo.get_session("S-4")
-    assert completed is not None and completed.status == "COMPLETED" and completed.reason is None
-    assert await repo.active_sessions() == []
-    assert await repo.close_active_sessions("again", at(200)) == []
-
-
 async def test_list_sessions_order_filters_and_limit(repo: SqliteRepository) -> None:
     specs = [
         # n, cp, driver, started
@@ -469,6 +449,10 @@ async def test_as_dict_is_json_ready(repo: SqliteRepository) -> None:
         "fault_reason": None,
         "registered_at": "2024-05-01T12:00:00.000000Z",
         "updated_at": "2024-05-01T12:00:00.000000Z",
+        "state_reason": None,
+        "breaker_state": "CLOSED",
+        "breaker_failures": 0,
+        "breaker_reason": None,
     }
     assert sess_d["status"] == "COMPLETED"
     assert sess_d["started_at"] == "2024-05-01T12:00:00.000000Z"

@@ -29,6 +29,7 @@ from evcharging.apps.ev_central.repository import (
     HealthSnapshot,
     Repository,
     SessionRecord,
+    StorageError,
 )
 from evcharging.common.bus import BusError, Publisher
 from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
@@ -43,8 +44,10 @@ from evcharging.common.messages import (
     DriverStatus,
     DriverUpdate,
     FaultEventType,
+    SessionEnd,
     SessionStatus,
     StatusEvent,
+    clip_reason,
     dump,
     format_ts_opt,
     new_id,
@@ -83,6 +86,11 @@ class ActiveSession:
     started_at: datetime
     trial: bool = False
     confirmed: bool = False
+    ending: bool = False
+    """Its end is being recorded (a second caller leaves it alone)."""
+    resumed: bool = False
+    """Reloaded after a restart: kept until its CP claims it, reports its end, or shows
+    (by a heartbeat) that it does not know it."""
     kw: float = 0.0
     kwh: float = 0.0
     euros: float = 0.0
@@ -118,6 +126,10 @@ class CPView:
     session: ActiveSession | None = None
     last_telemetry: CPTelemetry | None = None
     state_reason: str | None = None
+    last_end: SessionEnd | None = None
+    """The last session end this CP reported that the ledger has recorded."""
+    last_closed: str | None = None
+    """The id of the last session that ended on this CP (late meter reports name it)."""
 
     def record(self) -> CPRecord:
         return CPRecord(
@@ -131,6 +143,10 @@ class CPView:
             fault_reason=self.fault_reason,
             registered_at=self.registered_at,
             updated_at=utcnow(),
+            state_reason=self.state_reason,
+            breaker_state=self.breaker.state,
+            breaker_failures=self.breaker.failures,
+            breaker_reason=self.breaker.reason,
         )
 
     def snapshot(self) -> HealthSnapshot:
@@ -190,10 +206,18 @@ class Controller:
     # ------------------------------------------------------------------ lifecycle
 
     async def load(self) -> None:
-        """Reload the registry and close the sessions a crash left ACTIVE."""
+        """Reload the registry, the breakers and the sessions that were running.
+
+        Nothing is closed here: the sessions a crash left ACTIVE are resumed, and the
+        consumer first reads what the CPs reported meanwhile (their end statuses, and the
+        ``last_session`` of their heartbeats). A resumed session ends with its CP's meter
+        when the CP reports its end, and FAILED only when the CP shows that it does not
+        know it, or stays silent (SPEC §4).
+        """
         for record in await self.repo.load_cps():
             cp = self._new_view(record.cp_id)
             cp.state = record.state
+            cp.state_reason = record.state_reason
             cp.is_faulty = record.is_faulty
             cp.fault_reason = record.fault_reason
             cp.location = record.location
@@ -201,39 +225,26 @@ class Controller:
             cp.euro_rate = record.euro_rate
             cp.health_url = record.health_url
             cp.registered_at = record.registered_at
-            if cp.is_faulty:
+            cp.breaker.restore(record.breaker_state, record.breaker_failures,
+                               record.breaker_reason)
+            if cp.is_faulty and cp.breaker.state is BreakerState.CLOSED:
                 cp.breaker.trip(cp.fault_reason)
         # Requests older than request_max_age are refused anyway, so remembering the ids
         # of younger sessions is enough to keep a replayed request from starting twice.
         since = utcnow() - timedelta(seconds=self.options.request_max_age)
         for request_id in await self.repo.recent_request_ids(since):
             self._remember_request(request_id)
-        orphans = await self.repo.close_active_sessions(
-            "Central restarted while the session was running", utcnow()
-        )
-        for session in orphans:
-            logger.warning(
-                "closed session {} of {} on {} as FAILED: Central restarted",
-                session.session_id, session.driver_id, session.cp_id,
+        resumed = await self.repo.active_sessions()
+        for row in resumed:
+            self._remember_request(row.request_id)
+            cp = self.cps.get(row.cp_id) or self._new_view(row.cp_id)
+            cp.session = ActiveSession(
+                session_id=row.session_id, request_id=row.request_id, driver_id=row.driver_id,
+                cp_id=row.cp_id, started_at=row.started_at, confirmed=True, resumed=True,
+                kwh=row.kwh, euros=row.euros,
             )
-            self._remember_request(session.request_id)
-            await self._send_update(
-                DriverUpdate(
-                    request_id=session.request_id,
-                    driver_id=session.driver_id,
-                    cp_id=session.cp_id,
-                    status=DriverStatus.FAILED,
-                    reason="Central restarted while the session was running",
-                    session_id=session.session_id,
-                    kwh=session.kwh,
-                    euros=session.euros,
-                )
-            )
-            await self._send_command(
-                session.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
-                reason="Central restarted",
-            )
-        logger.info("loaded {} CP(s); closed {} orphaned session(s)", len(self.cps), len(orphans))
+        logger.info("loaded {} CP(s); resumed {} running session(s)", len(self.cps),
+                    len(resumed))
 
     async def close(self) -> None:
         """Cancel the start watchdogs; safe to call twice."""
@@ -276,14 +287,18 @@ class Controller:
     # ------------------------------------------------------------------ driver requests
 
     async def handle_request(self, request: DriverRequest) -> None:
-        self.stats["requests"] += 1
+        """Decide a driver request: ACCEPTED (and START_SUPPLY) or DENIED, exactly once.
+
+        The decision is recorded before anything is sent. When the database cannot record
+        it, nothing is held (the CP is released) and StorageError makes the consumer try
+        the same message again later.
+        """
         if request.request_id in self._seen_requests:
             self.stats["duplicate_requests"] += 1
             logger.warning(
                 "duplicate request {} from {} ignored", request.request_id, request.driver_id
             )
             return
-        self._remember_request(request.request_id)
         age = (utcnow() - request.ts).total_seconds()
         reason = (
             f"request expired ({age:.0f}s old)"
@@ -313,9 +328,21 @@ class Controller:
             status=SessionStatus.ACTIVE,
             started_at=session.started_at,
         )
-        if not await self.repo.start_session(record):  # also logs the request as ACCEPTED
-            cp.session = None
-            cp.breaker.release()
+        try:
+            recorded = await self.repo.start_session(record)  # logs the request as ACCEPTED
+        except StorageError:
+            if cp.session is session:
+                cp.session = None
+            if trial:
+                cp.breaker.release()
+            raise
+        self._remember_request(request.request_id)
+        self.stats["requests"] += 1
+        if not recorded:
+            if cp.session is session:
+                cp.session = None
+            if trial:
+                cp.breaker.release()
             self.stats["duplicate_requests"] += 1
             logger.warning("duplicate request {} from {} ignored (decided before)",
                            request.request_id, request.driver_id)
@@ -349,10 +376,13 @@ class Controller:
             request.request_id, request.driver_id, request.cp_id, DriverStatus.DENIED.value,
             reason, utcnow(),
         ):
+            self._remember_request(request.request_id)
             self.stats["duplicate_requests"] += 1
             logger.warning("duplicate request {} from {} ignored (decided before)",
                            request.request_id, request.driver_id)
             return
+        self._remember_request(request.request_id)
+        self.stats["requests"] += 1
         self.stats["denied"] += 1
         self.stats[f"denied:{reason.split(' (')[0]}"] += 1
         logger.info(
@@ -377,10 +407,16 @@ class Controller:
                     f"CP did not confirm the start within {self.options.start_timeout:g}s"
                 )
                 self.stats["start_timeouts"] += 1
-                await self._end_session(
-                    cp, SessionResult.FAILED, reason, breaker_failure=True,
-                    stop_reason="start not confirmed in time",
-                )
+                delay = 0.1
+                while cp.session is session:
+                    try:
+                        await self._end_session(
+                            cp, SessionResult.FAILED, reason, breaker_failure=True,
+                            stop_reason="start not confirmed in time",
+                        )
+                    except StorageError:  # logged by the repository; try again
+                        await asyncio.sleep(delay)
+                        delay = min(2 * delay, 5.0)
         finally:
             if self._watchdogs.get(session.session_id) is asyncio.current_task():
                 del self._watchdogs[session.session_id]
@@ -388,36 +424,42 @@ class Controller:
     # ------------------------------------------------------------------ CP reports
 
     async def handle_status(self, status: CPStatus) -> None:
+        """Follow a CP's state and settle its sessions with the CP's own meter (SPEC §4)."""
         cp = self.cps.get(status.cp_id)
         if cp is None:
             cp = self._new_view(status.cp_id)
             logger.info("CP {} registered by its first status message", status.cp_id)
         cp.last_seen = utcnow()
         before = cp.state
-        session = cp.session
-        if (
-            cp.state is CPState.STOPPED
-            and status.event is StatusEvent.CONNECT
-        ):
+        if cp.state is CPState.STOPPED and status.event is StatusEvent.CONNECT:
             # The CP restarted and came back ACTIVATED; the operator's stop still holds.
             reason = cp.state_reason or "stopped by operator"
             logger.info("CP {} restarted while stopped; stopping it again", cp.cp_id)
             await self._send_command(cp.cp_id, CommandType.STOP_CP, reason=reason)
             self._changed(cp)
             return
+        end = status.session_end()
+        if end is not None and end != cp.last_end:
+            await self._settle(cp, end, status)
+        session = cp.session
         if session is not None and status.session_id == session.session_id:
             await self._follow_own_session(cp, session, status)
-        elif session is not None and session.confirmed and status.state is not CPState.SUPPLYING:
-            await self._end_session(
-                cp, SessionResult.FAILED,
-                f"CP {status.state.value.lower()} without the session "
-                f"({status.reason or 'no reason given'})",
-                breaker_failure=True,
-            )
+        elif session is not None and (session.confirmed or session.resumed) and (
+            status.state is not CPState.SUPPLYING or status.session_id is not None
+        ):
+            # The CP is not supplying the session, and did not report its end.
+            if status.event is not StatusEvent.REFUSED:
+                await self._end_session(
+                    cp, SessionResult.FAILED,
+                    f"CP {status.state.value.lower()} without the session "
+                    f"({status.reason or 'no reason given'})",
+                    breaker_failure=not session.resumed,
+                )
         elif (
             session is None
             and status.state is CPState.SUPPLYING
             and status.session_id is not None
+            and status.session_id != (cp.last_end.session_id if cp.last_end else None)
         ):
             logger.warning("CP {} supplies unknown session {}; stopping it",
                            cp.cp_id, status.session_id)
@@ -433,38 +475,87 @@ class Controller:
     async def _follow_own_session(
         self, cp: CPView, session: ActiveSession, status: CPStatus
     ) -> None:
-        if status.session_result is not None:
-            if status.kwh is not None:
-                session.kwh = status.kwh
-            if status.euros is not None:
-                session.euros = status.euros
-            reason = {
-                SessionResult.COMPLETED: None,
-                SessionResult.STOPPED: f"session stopped: {status.reason or 'stopped'}",
-                SessionResult.FAILED: f"CP fault: {status.reason or 'unknown fault'}",
-            }[status.session_result]
-            await self._end_session(
-                cp, status.session_result, reason,
-                breaker_failure=status.session_result is SessionResult.FAILED,
-            )
-        elif status.event is StatusEvent.REFUSED:
+        if status.event is StatusEvent.REFUSED:
             if not session.confirmed:
                 await self._end_session(
-                    cp, SessionResult.FAILED, f"CP refused the session: {status.reason}",
+                    cp, SessionResult.FAILED,
+                    f"CP refused the session: {status.reason or 'refused'}",
                     breaker_failure=True,
                 )
-            return
         elif status.state is CPState.SUPPLYING:
-            if not session.confirmed:
+            if not session.confirmed or session.resumed:
                 session.confirmed = True
+                session.resumed = False
                 self._cancel_watchdog(session.session_id)
                 logger.info("CP {} confirmed session {}", cp.cp_id, session.session_id)
-        else:
+        elif status.session_end() is None:
             why = status.reason or f"CP is {status.state.value}"
             await self._end_session(
                 cp, SessionResult.FAILED, f"CP refused the session: {why}",
                 breaker_failure=True,
             )
+
+    # ------------------------------------------------------------------ the ledger
+
+    async def _settle(self, cp: CPView, end: SessionEnd, status: CPStatus) -> None:
+        """Record the end of a session as the CP's meter reports it, exactly once.
+
+        The running session ends with the CP's result and totals. A session Central has
+        already closed gets the CP's totals, and its driver one more update with the
+        same final status and a ``corrected:`` reason; an explicit end status that finds
+        the ledger as it already was sends the final status again (the answer to a
+        replayed message may not have reached the broker before a crash).
+        """
+        session = cp.session
+        if session is not None and session.session_id == end.session_id:
+            session.kwh, session.euros = end.kwh, end.euros
+            reason = {
+                SessionResult.COMPLETED: None,
+                SessionResult.STOPPED: f"session stopped: {status.reason or 'stopped'}",
+                SessionResult.FAILED: f"CP fault: {status.reason or 'unknown fault'}",
+            }[end.result]
+            await self._end_session(
+                cp, end.result, reason, meter_final=True,
+                breaker_failure=end.result is SessionResult.FAILED,
+            )
+        else:
+            row = await self.repo.get_session(end.session_id)
+            if row is None or row.cp_id != cp.cp_id or not SessionStatus(row.status).is_final:
+                logger.debug("CP {} reports the end of unknown session {}",
+                             cp.cp_id, end.session_id)
+            else:
+                await self._correct(row, end.kwh, end.euros, meter_final=True,
+                                    resend=status.event is not StatusEvent.HEARTBEAT)
+        cp.last_end = end
+
+    async def _correct(
+        self, row: SessionRecord, kwh: float, euros: float, *, meter_final: bool, resend: bool
+    ) -> None:
+        """Bring a closed session's totals to a later meter report; tell its driver."""
+        if row.meter_final and not meter_final:
+            return  # the CP's end report is final: no telemetry changes it any more
+        changed = (kwh, euros) != (row.kwh, row.euros)
+        if changed or meter_final != row.meter_final:
+            await self.repo.correct_totals(
+                row.session_id, kwh=kwh, euros=euros, meter_final=meter_final
+            )
+        if not changed and not resend:
+            return
+        status = (DriverStatus.COMPLETED if row.status == SessionStatus.COMPLETED
+                  else DriverStatus.FAILED)
+        reason = row.reason
+        if changed:
+            self.stats["ledger_corrections"] += 1
+            reason = clip_reason(
+                f"corrected: the CP's meter reported {kwh:.4f} kWh, {euros:.4f} € after "
+                f"the session was closed ({row.reason or status.value.lower()})"
+            )
+            logger.warning("session {} on {}: ledger corrected from {:.4f} to {:.4f} kWh",
+                           row.session_id, row.cp_id, row.kwh, kwh)
+        await self._send_update(DriverUpdate(
+            request_id=row.request_id, driver_id=row.driver_id, cp_id=row.cp_id,
+            status=status, reason=reason, session_id=row.session_id, kwh=kwh, euros=euros,
+        ))
 
     def _follow_state(
         self,
@@ -514,10 +605,17 @@ class Controller:
         session = cp.session
         if session is None or telemetry.session_id != session.session_id:
             self.stats["telemetry_stale"] += 1
+            if telemetry.session_id is not None and telemetry.session_id == cp.last_closed:
+                # The meter ran on after Central closed the session: the meter is the truth.
+                row = await self.repo.get_session(telemetry.session_id)
+                if row is not None and SessionStatus(row.status).is_final:
+                    await self._correct(row, telemetry.kwh, telemetry.euros,
+                                        meter_final=False, resend=False)
             self.hub.publish({"type": "telemetry", "telemetry": dump(telemetry)})
             return
-        if not session.confirmed:
+        if not session.confirmed or session.resumed:
             session.confirmed = True
+            session.resumed = False
             self._cancel_watchdog(session.session_id)
         session.kw, session.kwh, session.euros = telemetry.kw, telemetry.kwh, telemetry.euros
         await self._send_update(self._update(session, DriverStatus.IN_PROGRESS))
@@ -671,42 +769,53 @@ class Controller:
         *,
         breaker_failure: bool = False,
         stop_reason: str | None = None,
+        meter_final: bool = False,
     ) -> None:
         """End the CP's session; with `stop_reason`, tell the CP to stop supplying it.
 
-        The STOP_SUPPLY is queued before anything else is awaited, so no START_SUPPLY of a
-        next session can overtake it.
+        Order: STOP_SUPPLY is queued, the row is finished, and only then is the CP
+        released, the driver told and the breaker counted. When the database fails
+        (StorageError) nothing in memory has changed and the caller tries again (the CP
+        may get STOP_SUPPLY twice). The CP stays busy until the end is recorded, so no
+        START_SUPPLY of a next session can overtake the STOP_SUPPLY.
         """
         session = cp.session
-        if session is None:
+        if session is None or session.ending:
             return
-        cp.session = None  # released before the first await
-        self._cancel_watchdog(session.session_id)
-        if stop_reason is not None:
-            await self._send_command(
-                cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
-                reason=stop_reason,
+        session.ending = True
+        status = DriverStatus.COMPLETED if result is SessionResult.COMPLETED else (
+            DriverStatus.FAILED
+        )
+        ended = utcnow()
+        try:
+            if stop_reason is not None:
+                await self._send_command(
+                    cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
+                    reason=stop_reason,
+                )
+            await self.repo.finish_session(
+                session.session_id, result.value, kwh=session.kwh, euros=session.euros,
+                reason=reason, ended_at=ended, meter_final=meter_final,
             )
+        except BaseException:
+            session.ending = False
+            raise
+        if cp.session is session:
+            cp.session = None
+        cp.last_closed = session.session_id
+        await self._send_update(self._update(session, status, reason=reason))
+        self._cancel_watchdog(session.session_id)
         if result is SessionResult.COMPLETED:
             cp.breaker.record_success()
         elif breaker_failure:
             cp.breaker.record_failure(reason)
         elif session.trial:
             cp.breaker.release()
-        status = DriverStatus.COMPLETED if result is SessionResult.COMPLETED else (
-            DriverStatus.FAILED
-        )
         self.stats[f"sessions_{result.value.lower()}"] += 1
         log = logger.info if result is SessionResult.COMPLETED else logger.warning
-        log("session {} on {} ended {}: {:.3f} kWh, {:.2f} €{}", session.session_id, cp.cp_id,
-            result.value, session.kwh, session.euros, f" ({reason})" if reason else "")
-        ended = utcnow()
-        await self.repo.finish_session(
-            session.session_id, result.value,
-            kwh=session.kwh, euros=session.euros, reason=reason, ended_at=ended,
-        )
-        update = self._update(session, status, reason=reason)
-        await self._send_update(update)
+        log("session {} on {} ended {}: {:.4f} kWh, {:.4f} €{}", session.session_id,
+            cp.cp_id, result.value, session.kwh, session.euros,
+            f" ({reason})" if reason else "")
         self.hub.publish({
             "type": "session", "result": result.value, "cp_id": cp.cp_id,
             "driver_id": session.driver_id, "session_id": session.session_id,

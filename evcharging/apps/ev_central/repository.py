@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -33,8 +33,11 @@ from typing import Any, Protocol, Self
 import aiosqlite
 from loguru import logger
 
+from evcharging.apps.ev_central.errors import Unavailable
+from evcharging.common.bus import TransientError
 from evcharging.common.circuit_breaker import BreakerState
-from evcharging.common.states import CPState, SessionResult
+from evcharging.common.messages import FaultEventType, SessionStatus, format_ts
+from evcharging.common.states import CPState
 
 __all__ = [
     "MAX_LIMIT",
@@ -48,12 +51,13 @@ __all__ = [
     "Repository",
     "SessionRecord",
     "SqliteRepository",
+    "StorageError",
 ]
 
-SESSION_ACTIVE = "ACTIVE"
+SESSION_ACTIVE = SessionStatus.ACTIVE.value
 """The status of a session that is still charging; every other status is final."""
 
-SESSION_STATUSES = frozenset({SESSION_ACTIVE, *(result.value for result in SessionResult)})
+SESSION_STATUSES = frozenset(status.value for status in SessionStatus)
 """ACTIVE, COMPLETED, STOPPED and FAILED."""
 
 MAX_LIMIT = 1000
@@ -64,11 +68,12 @@ DEFAULT_BUSY_TIMEOUT_MS = 5000
 Clock = Callable[[], datetime]
 
 
-class FaultEventType(StrEnum):
-    """The usual ``fault_events.event_type`` values (other text is allowed)."""
+class StorageError(TransientError, Unavailable):
+    """The database could not be used now (locked, disk full, gone): try again later.
 
-    FAULT = "FAULT"
-    RECOVERY = "RECOVERY"
+    A Kafka handler that meets it is retried with its offset uncommitted; the HTTP API
+    answers 503.
+    """
 
 
 # --------------------------------------------------------------------------- timestamps
@@ -78,12 +83,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _ts_text(value: datetime) -> str:
-    """A timezone-aware datetime as fixed-width ISO 8601 UTC text with 'Z'."""
-    if value.utcoffset() is None:
-        raise ValueError(f"timestamp must be timezone-aware (UTC), got naive {value!r}")
-    text = value.astimezone(UTC).isoformat(timespec="microseconds")
-    return text.removesuffix("+00:00") + "Z"
+_ts_text = format_ts
 
 
 def _ts_opt_text(value: datetime | None) -> str | None:
@@ -137,6 +137,10 @@ class CPRecord(_AsDict):
     """Set by the repository on first insert when None; never changed by an update."""
     updated_at: datetime | None = None
     """Set by the repository to the current time on every upsert when None."""
+    state_reason: str | None = None
+    breaker_state: BreakerState = BreakerState.CLOSED
+    breaker_failures: int = 0
+    breaker_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,8 @@ class SessionRecord(_AsDict):
     kwh: float = 0.0
     euros: float = 0.0
     reason: str | None = None
+    meter_final: bool = False
+    """The CP reported this session's end: kwh and euros are its meter's final totals."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +255,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX IF NOT EXISTS idx_request_log_ts ON request_log (timestamp)",
     ),
+    # 3: the ledger and what a restart must not forget (SPEC §4): whether a session's
+    # totals are its CP's final meter reading, the CP's state reason and its breaker.
+    (
+        "ALTER TABLE charging_sessions ADD COLUMN meter_final INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cp_registry ADD COLUMN state_reason TEXT",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_state TEXT NOT NULL DEFAULT 'CLOSED'",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_reason TEXT",
+    ),
 )
 """Migration N is ``_MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -258,18 +273,24 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 # every value is a bound parameter.
 _CP_COLUMNS = (
     "cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty, fault_reason,"
-    " registered_at, updated_at"
+    " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason"
 )
 _SESSION_COLUMNS = (
-    "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason"
+    "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
+    " meter_final"
 )
 _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_id, timestamp"
 
 _SQL_UPSERT_CP = """
     INSERT INTO cp_registry (cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty,
-                             fault_reason, registered_at, updated_at)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             fault_reason, registered_at, updated_at, state_reason,
+                             breaker_state, breaker_failures, breaker_reason)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (cp_id) DO UPDATE SET
+        state_reason = excluded.state_reason,
+        breaker_state = excluded.breaker_state,
+        breaker_failures = excluded.breaker_failures,
+        breaker_reason = excluded.breaker_reason,
         state = excluded.state,
         location = excluded.location,
         kw_rate = excluded.kw_rate,
@@ -297,14 +318,14 @@ _SQL_START_SESSION = """
     ON CONFLICT DO NOTHING
 """
 _SQL_FINISH_SESSION = """
-    UPDATE charging_sessions SET status = ?, end_time = ?, kwh = ?, euros = ?, reason = ?
+    UPDATE charging_sessions
+    SET status = ?, end_time = ?, kwh = ?, euros = ?, reason = ?, meter_final = ?
     WHERE session_id = ? AND status = 'ACTIVE'
 """
-_SQL_CLOSE_ACTIVE = f"""
-    UPDATE charging_sessions SET status = 'FAILED', end_time = ?, reason = ?
-    WHERE status = 'ACTIVE'
-    RETURNING {_SESSION_COLUMNS}
-"""  # noqa: S608
+_SQL_CORRECT_TOTALS = """
+    UPDATE charging_sessions SET kwh = ?, euros = ?, meter_final = MAX(meter_final, ?)
+    WHERE session_id = ? AND status != 'ACTIVE'
+"""
 _SQL_SELECT_SESSIONS = f"SELECT {_SESSION_COLUMNS} FROM charging_sessions"  # noqa: S608
 _SQL_INSERT_FAULT = (
     "INSERT INTO fault_events (cp_id, event_type, reason, timestamp) VALUES (?, ?, ?, ?)"
@@ -345,6 +366,10 @@ def _cp_from_row(row: sqlite3.Row) -> CPRecord:
         fault_reason=row["fault_reason"],
         registered_at=_ts_opt_parse(row["registered_at"]),
         updated_at=_ts_opt_parse(row["updated_at"]),
+        state_reason=row["state_reason"],
+        breaker_state=BreakerState(row["breaker_state"]),
+        breaker_failures=int(row["breaker_failures"]),
+        breaker_reason=row["breaker_reason"],
     )
 
 
@@ -360,6 +385,7 @@ def _session_from_row(row: sqlite3.Row) -> SessionRecord:
         kwh=row["kwh"],
         euros=row["euros"],
         reason=row["reason"],
+        meter_final=bool(row["meter_final"]),
     )
 
 
@@ -424,6 +450,10 @@ class Repository(Protocol):
         euros: float,
         reason: str | None,
         ended_at: datetime,
+        meter_final: bool = False,
+    ) -> bool: ...
+    async def correct_totals(
+        self, session_id: str, *, kwh: float, euros: float, meter_final: bool
     ) -> bool: ...
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
     async def get_session_by_request(self, request_id: str) -> SessionRecord | None: ...
@@ -433,9 +463,6 @@ class Repository(Protocol):
         self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
         ts: datetime,
     ) -> bool: ...
-    async def close_active_sessions(
-        self, reason: str, ended_at: datetime
-    ) -> list[SessionRecord]: ...
     async def list_sessions(
         self,
         *,
@@ -488,6 +515,8 @@ class SqliteRepository:
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self.write_error: str | None = None
+        """Why the last transaction failed, until one succeeds again (None: fine)."""
 
     @property
     def path(self) -> Path | str:
@@ -547,10 +576,13 @@ class SqliteRepository:
         await self.close()
 
     async def ping(self) -> bool:
-        """Whether the database answers ``SELECT 1``."""
+        """Whether the database is usable: it answers ``SELECT 1`` and the last write
+        did not fail (in WAL mode a reader is not stopped by another process's lock)."""
+        if self.write_error is not None:
+            return False
         try:
             rows = await self._fetchall("SELECT 1", ())
-        except (sqlite3.Error, ValueError, RuntimeError):
+        except (sqlite3.Error, StorageError, ValueError, RuntimeError):
             return False
         return len(rows) == 1 and rows[0][0] == 1
 
@@ -570,6 +602,10 @@ class SqliteRepository:
             cp.fault_reason,
             _ts_text(now if cp.registered_at is None else cp.registered_at),
             _ts_text(now if cp.updated_at is None else cp.updated_at),
+            cp.state_reason,
+            BreakerState(cp.breaker_state).value,
+            int(cp.breaker_failures),
+            cp.breaker_reason,
         )
         async with self._transaction() as db:
             await db.execute(_SQL_UPSERT_CP, params)
@@ -618,6 +654,7 @@ class SqliteRepository:
         euros: float,
         reason: str | None,
         ended_at: datetime,
+        meter_final: bool = False,
     ) -> bool:
         """End an ACTIVE session with a final status; whether a row changed."""
         if status == SESSION_ACTIVE or status not in SESSION_STATUSES:
@@ -628,10 +665,20 @@ class SqliteRepository:
             _amount("kwh", kwh),
             _amount("euros", euros),
             reason,
+            int(meter_final),
             session_id,
         )
         async with self._transaction() as db:
             cursor = await db.execute(_SQL_FINISH_SESSION, params)
+            return cursor.rowcount == 1
+
+    async def correct_totals(
+        self, session_id: str, *, kwh: float, euros: float, meter_final: bool
+    ) -> bool:
+        """Set an ended session's totals to a later meter report; whether a row changed."""
+        params = (_amount("kwh", kwh), _amount("euros", euros), int(meter_final), session_id)
+        async with self._transaction() as db:
+            cursor = await db.execute(_SQL_CORRECT_TOTALS, params)
             return cursor.rowcount == 1
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -668,16 +715,6 @@ class SqliteRepository:
         async with self._transaction() as db:
             cursor = await db.execute(_SQL_LOG_REQUEST, params)
             return cursor.rowcount == 1
-
-    async def close_active_sessions(self, reason: str, ended_at: datetime) -> list[SessionRecord]:
-        """Mark every ACTIVE session FAILED with `reason` (e.g. at start-up after a crash);
-        return them as they are now, oldest first."""
-        params = (_ts_text(ended_at), reason)
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(_SQL_CLOSE_ACTIVE, params)
-        closed = [_session_from_row(row) for row in rows]
-        closed.sort(key=lambda s: (s.started_at, s.session_id))
-        return closed
 
     async def list_sessions(
         self,
@@ -760,6 +797,11 @@ class SqliteRepository:
 
     # ------------------------------------------------------------------ internals
 
+    def _written(self) -> None:
+        if self.write_error is not None:
+            logger.info("database {} can be written again", self._path)
+            self.write_error = None
+
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
             raise RuntimeError("the repository is not open")
@@ -768,7 +810,10 @@ class SqliteRepository:
     async def _fetchall(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
         """One read, never interleaved with another task's open transaction."""
         async with self._lock:
-            return list(await self._connection().execute_fetchall(sql, params))
+            try:
+                return list(await self._connection().execute_fetchall(sql, params))
+            except sqlite3.OperationalError as exc:
+                raise StorageError(f"database {self._path}: {exc}") from exc
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -783,6 +828,13 @@ class SqliteRepository:
                 await db.execute("BEGIN IMMEDIATE")
                 yield db
                 await db.commit()
+                self._written()
+            except sqlite3.OperationalError as exc:  # locked, busy, disk I/O, full
+                await _rollback(db)
+                if self.write_error is None:
+                    logger.error("database {} cannot be written: {}", self._path, exc)
+                self.write_error = str(exc)
+                raise StorageError(f"database {self._path}: {exc}") from exc
             except BaseException:
                 await _rollback(db)
                 raise

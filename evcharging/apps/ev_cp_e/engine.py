@@ -12,13 +12,15 @@ that was already left.
 
 Messages.
 
-* On every state change: ``CPStatus(state, reason, session_id, driver_id)``; when the
-  change ends a session, also its totals ``kwh``, ``euros`` and ``session_result``.
-* A heartbeat every ``status_interval`` seconds repeats the current state, the reason of
-  that state, and the running session if any (never totals or a session result, so a
-  heartbeat cannot count a session twice). Central uses it to resynchronise.
+* On every state change: ``CPStatus(state, event, reason, session_id, driver_id)``, where
+  ``event`` is the state-machine event; when the change ends a session, also its totals
+  ``kwh``, ``euros`` and ``session_result``.
+* A heartbeat (``event=HEARTBEAT``) every ``status_interval`` seconds repeats the current
+  state, the reason of that state, the running session if any, and ``last_session``: the
+  id, result and final totals of the last session that ended. Central records that end
+  idempotently, so an end-of-session status lost on the way is recovered (SPEC §4).
 * A refused command changes nothing and is answered at once with
-  ``CPStatus(current state, reason="refused <CMD>: <why>", session_id=<the command's>)``.
+  ``CPStatus(current state, event=REFUSED, cmd=<CMD>, session_id=<the command's>)``.
 
 Shutdown. :meth:`ChargingPoint.stop` ends a running session as ``STOPPED`` and, from
 ACTIVATED, disconnects (``DISCONNECTED``, reason ``shutdown``). The state machine has no
@@ -45,6 +47,7 @@ from evcharging.common.messages import (
     CPStatus,
     CPTelemetry,
     Message,
+    SessionEnd,
     StatusEvent,
     clip_reason,
 )
@@ -114,6 +117,7 @@ class ChargingPoint:
         self._reason: str | None = None
         self._session: _Session | None = None
         self._ended_sessions: deque[str] = deque(maxlen=_REMEMBERED_SESSIONS)
+        self._last_end: SessionEnd | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -358,6 +362,10 @@ class ChargingPoint:
         self._state = new
         self._reason = reason
         if ended is not None:
+            assert result is not None
+            self._last_end = SessionEnd(
+                session_id=ended.session_id, result=result, kwh=kwh, euros=euros
+            )
             self._end_session(ended)
             self._log.info(
                 "{} --{}--> {} ({}); session {} of {} {}: {:.4f} kWh, {:.4f} €",
@@ -454,13 +462,15 @@ class ChargingPoint:
     # ---------------------------------------------------------------- publishing
 
     async def _publish_status(self, *, reason: str | None) -> None:
-        """Announce the current state and running session (no totals): a heartbeat."""
+        """Announce the current state, the running session (no totals) and how the last
+        session ended (``last_session``): a heartbeat."""
         session = self._session
         await self._publish(
             CPStatus(
                 cp_id=self.cp_id,
                 state=self._state,
                 event=StatusEvent.HEARTBEAT,
+                last_session=self._last_end,
                 reason=reason,
                 session_id=session.session_id if session else None,
                 driver_id=session.driver_id if session else None,
