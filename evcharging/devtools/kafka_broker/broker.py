@@ -3,6 +3,9 @@
 ``KafkaBroker.start()`` returns only once the broker answers a real Kafka request (a metadata
 request through aiokafka) and raises :class:`KafkaBrokerError` with the tail of the broker log
 if it does not; it never leaves a java process behind when it fails.
+
+About 400 lines and kept whole: start, stop and kill share one lock and one process. Its
+helpers live in :mod:`.jars`, :mod:`.cds`, :mod:`.probe` and :mod:`.daemon`.
 """
 
 from __future__ import annotations
