@@ -165,16 +165,30 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[st
 
 
 class KafkaBus:
-    """A producer of typed messages, keyed as SPEC §2 says. An async context manager."""
+    """A producer of typed messages, keyed as SPEC §2 says. An async context manager.
 
-    def __init__(self, config: KafkaConfig, stats: BusStats | None = None) -> None:
+    While started it asks the broker for metadata every ``probe_interval`` seconds, so
+    :attr:`connected` turns False within ``probe_interval + PROBE_TIMEOUT`` seconds of the
+    broker becoming unreachable (a health endpoint reports it), and True again once it
+    answers. Each change is logged once, as is the first failed delivery of an outage.
+    """
+
+    PROBE_TIMEOUT = 3.0
+
+    def __init__(
+        self, config: KafkaConfig, stats: BusStats | None = None, *, probe_interval: float = 2.0
+    ) -> None:
         self.config = config
         self.stats = stats or BusStats()
+        self.probe_interval = probe_interval
         self._producer: AIOKafkaProducer | None = None
         self._connected = False
+        self._probe_task: asyncio.Task[None] | None = None
+        self._delivery_failing = False
 
     @property
     def connected(self) -> bool:
+        """Whether the broker answered the last probe (False before start and after stop)."""
         return self._connected
 
     async def start(self, topics: Iterable[Topic] = tuple(Topic)) -> None:
@@ -203,13 +217,40 @@ class KafkaBus:
         )
         self._connected = True
         logger.info("Kafka producer connected to {}", self.config.bootstrap)
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="kafka-probe")
 
     async def stop(self) -> None:
         """Flush and close; safe to call twice."""
         producer, self._producer = self._producer, None
+        probe, self._probe_task = self._probe_task, None
         self._connected = False
+        if probe is not None:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
         if producer is not None:
             await producer.stop()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.probe_interval)
+            reachable = await self._probe()
+            if reachable != self._connected:
+                if reachable:
+                    logger.info("Kafka at {} answers again", self.config.bootstrap)
+                else:
+                    logger.error("Kafka at {} does not answer", self.config.bootstrap)
+            self._connected = reachable
+
+    async def _probe(self) -> bool:
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            async with asyncio.timeout(self.PROBE_TIMEOUT):
+                await producer.client.fetch_all_metadata()
+        except (KafkaError, OSError, TimeoutError):
+            return False
+        return True
 
     async def __aenter__(self) -> KafkaBus:
         await self.start()
@@ -252,9 +293,16 @@ class KafkaBus:
         if delivery.cancelled():
             return
         exc = delivery.exception()
-        if exc is not None:
-            self.stats.publish_errors += 1
-            logger.error("a message to {} was not delivered: {!r}", topic.value, exc)
+        if exc is None:
+            if self._delivery_failing:
+                self._delivery_failing = False
+                logger.info("messages are delivered again")
+            return
+        self.stats.publish_errors += 1
+        if not self._delivery_failing:  # once per outage, not once per message
+            self._delivery_failing = True
+            logger.error("a message to {} was not delivered: {!r} (further failures are "
+                         "counted, not logged, until delivery works again)", topic.value, exc)
 
 
 StartAt = Literal["earliest", "latest"]
