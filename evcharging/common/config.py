@@ -172,7 +172,7 @@ class CtlSettings(BaseSettings):
     )
     token: SecretStr | None = Field(
         None,
-        validation_alias=AliasChoices("CENTRAL_API_TOKEN", "EVCHARGING_API_TOKEN"),
+        validation_alias=AliasChoices("CENTRAL_API_TOKEN", SHARED_TOKEN_ENV),
         description="API token when Central requires one (prefer a variable: flags show in ps)",
     )
     timeout: Positive = Field(5.0, description="seconds to wait for Central")
