@@ -24,7 +24,10 @@ oversized frame gets NAK and is disconnected.
 :class:`FrameDecoder` is the incremental receiver side: feed it whatever the
 socket returned and it reports :class:`Frame`, :class:`BadFrame` (answer NAK)
 and :class:`Oversize` (answer NAK and close) events. It is a byte-level state
-machine, so the events never depend on how the stream was split.
+machine, so the events never depend on how the stream was split. Its
+:meth:`FrameDecoder.feed_until_reply` serves the side that waits for the ACK/NAK
+of a frame it sent: it stops at the first ACK or NAK byte *outside* a frame (the
+same byte value inside a frame, e.g. as an LRC, is part of that frame).
 
 Note that the XOR LRC only guarantees detection of corruption that leaves the
 frame structure intact (no delimiter or DLE byte created or destroyed). A flip
@@ -84,6 +87,7 @@ _ESC_XOR: Final = 0x20
 _SPECIALS: Final = frozenset({STX, ETX, DLE})
 _ESCAPE_CODES: Final = frozenset(b ^ _ESC_XOR for b in _SPECIALS)  # 0x22, 0x23, 0x30
 _SPECIAL_RE: Final = re_compile(b"[\x02\x03\x10]")
+_IDLE_STOPS_RE: Final = re_compile(b"[\x02\x06\x15]")  # STX, ACK, NAK
 
 REASON_LRC_MISMATCH: Final = "lrc mismatch"
 """The frame was complete but its LRC did not match the payload."""
@@ -224,7 +228,8 @@ class FrameDecoder:
     ``feed`` may be called with any split of the stream (down to one byte at a
     time) and returns the same events. Transitions:
 
-    * IDLE: ignore everything except STX, which starts a frame.
+    * IDLE: ignore everything except STX, which starts a frame (the bytes ignored
+      are counted in ``bytes_ignored``).
     * A raw STX inside a frame (any non-IDLE state) emits
       ``BadFrame("truncated")`` and starts a new frame.
     * A DLE followed by an invalid code, or a raw ETX where the LRC is expected,
@@ -234,7 +239,15 @@ class FrameDecoder:
       discarded up to the next STX. At most ``max_payload`` bytes are buffered.
     """
 
-    __slots__ = ("_buf", "_max", "_state", "frames_bad", "frames_ok", "frames_oversize")
+    __slots__ = (
+        "_buf",
+        "_max",
+        "_state",
+        "bytes_ignored",
+        "frames_bad",
+        "frames_ok",
+        "frames_oversize",
+    )
 
     def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
         if max_payload < 0:
@@ -245,6 +258,7 @@ class FrameDecoder:
         self.frames_ok = 0
         self.frames_bad = 0
         self.frames_oversize = 0
+        self.bytes_ignored = 0
 
     @property
     def max_payload(self) -> int:
@@ -266,6 +280,18 @@ class FrameDecoder:
 
     def feed(self, data: bytes) -> list[DecodeEvent]:
         """Consume ``data`` and return the events it completes, in stream order."""
+        return self._feed(data, replies=False)[0]
+
+    def feed_until_reply(self, data: bytes) -> tuple[list[DecodeEvent], int | None, bytes]:
+        """Consume ``data`` up to the first ACK or NAK byte that is outside a frame.
+
+        Returns the events of the bytes before it, the ACK/NAK byte (``None`` when
+        ``data`` holds none: then all of it was consumed) and the bytes after it, not
+        yet consumed. Other bytes outside a frame are ignored, as :meth:`feed` does.
+        """
+        return self._feed(data, replies=True)
+
+    def _feed(self, data: bytes, *, replies: bool) -> tuple[list[DecodeEvent], int | None, bytes]:
         events: list[DecodeEvent] = []
         pos = 0
         end = len(data)
@@ -273,9 +299,17 @@ class FrameDecoder:
             state = self._state
 
             if state is DecoderState.IDLE:
-                found = data.find(STX, pos)
+                if replies:
+                    hit = _IDLE_STOPS_RE.search(data, pos)
+                    found = -1 if hit is None else hit.start()
+                else:
+                    found = data.find(STX, pos)
                 if found < 0:
+                    self.bytes_ignored += end - pos
                     break
+                self.bytes_ignored += found - pos
+                if data[found] != STX:
+                    return events, data[found], data[found + 1 :]
                 self._start_frame()
                 pos = found + 1
                 continue
@@ -331,7 +365,7 @@ class FrameDecoder:
                     self._finish(events, byte ^ _ESC_XOR)
                 else:
                     self._bad(events, REASON_INVALID_ESCAPE)
-        return events
+        return events, None, b""
 
     # -- transitions --------------------------------------------------------
 

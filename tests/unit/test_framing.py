@@ -370,14 +370,87 @@ def test_events_do_not_depend_on_split(tokens: list[bytes], cuts: list[int]) -> 
     assert feed_bytewise(bytewise, stream) == expected
     for decoder in (chunked, bytewise):
         assert decoder.state is whole.state
-        assert (decoder.frames_ok, decoder.frames_bad, decoder.frames_oversize) == (
-            whole.frames_ok,
-            whole.frames_bad,
-            whole.frames_oversize,
-        )
+        assert (
+            decoder.frames_ok,
+            decoder.frames_bad,
+            decoder.frames_oversize,
+            decoder.bytes_ignored,
+        ) == (whole.frames_ok, whole.frames_bad, whole.frames_oversize, whole.bytes_ignored)
     # Whatever came before, a valid frame is always decoded.
     pending = [BadFrame(REASON_TRUNCATED)] if whole.in_frame else []
     assert whole.feed(encode_frame(b"sync")) == [*pending, Frame(b"sync")]
+
+
+# --------------------------------------------------------------------------- decoder: replies
+
+ACK_BYTE = bytes((ACK,))
+NAK_BYTE = bytes((NAK,))
+
+
+def test_bytes_outside_frames_are_counted() -> None:
+    decoder = FrameDecoder()
+    assert decoder.feed(b"noise" + encode_frame(b"{}") + b"\x06\x15tail") == [Frame(b"{}")]
+    assert decoder.bytes_ignored == len(b"noise") + 2 + len(b"tail")
+    decoder.feed(bytes((STX,)) + b"inside a frame is not ignored")
+    assert decoder.bytes_ignored == 11
+
+
+def test_feed_until_reply_stops_at_a_reply_outside_a_frame() -> None:
+    decoder = FrameDecoder()
+    frame = encode_frame(b"{}")
+    assert decoder.feed_until_reply(b"xy" + ACK_BYTE + frame) == ([], ACK, frame)
+    assert decoder.bytes_ignored == 2
+    assert decoder.feed_until_reply(frame + NAK_BYTE + ACK_BYTE) == (
+        [Frame(b"{}")],
+        NAK,
+        ACK_BYTE,
+    )
+    assert decoder.feed_until_reply(b"no reply here") == ([], None, b"")
+
+
+@pytest.mark.parametrize("reply", [ACK, NAK])
+def test_a_reply_value_inside_a_frame_is_part_of_it(reply: int) -> None:
+    payload = bytes((reply,))  # its LRC is the reply value too
+    frame = encode_frame(payload)
+    assert frame == bytes((STX, reply, ETX, reply))
+    decoder = FrameDecoder()
+    assert decoder.feed_until_reply(frame) == ([Frame(payload)], None, b"")
+    assert decoder.feed_until_reply(frame[:-1]) == ([], None, b"")
+    assert decoder.feed_until_reply(frame[-1:] + ACK_BYTE) == ([Frame(payload)], ACK, b"")
+
+
+def feed_replies(decoder: FrameDecoder, chunks: Iterable[bytes]) -> tuple[list[DecodeEvent], bytes]:
+    """Every event and every reply of a stream read with ``feed_until_reply``."""
+    events: list[DecodeEvent] = []
+    replies = bytearray()
+    for chunk in chunks:
+        rest: bytes = chunk
+        while rest:
+            got, reply, rest = decoder.feed_until_reply(rest)
+            events += got
+            if reply is not None:
+                replies.append(reply)
+    return events, bytes(replies)
+
+
+@PROPERTY
+@given(
+    tokens=st.lists(st.one_of(stream_tokens, st.just(ACK_BYTE + NAK_BYTE)), max_size=12),
+    cuts=cut_points,
+)
+def test_replies_do_not_depend_on_split(tokens: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(tokens)
+    plain = FrameDecoder(max_payload=40)
+    expected_events = plain.feed(stream)
+    whole = FrameDecoder(max_payload=40)
+    events, replies = feed_replies(whole, [stream])
+    # The same frames as feed(), which ignores the replies as bytes outside frames.
+    assert events == expected_events
+    assert set(replies) <= {ACK, NAK}
+    assert whole.bytes_ignored + len(replies) == plain.bytes_ignored
+    assert feed_replies(FrameDecoder(max_payload=40), split_at(stream, cuts)) == (events, replies)
+    single = (stream[i : i + 1] for i in range(len(stream)))
+    assert feed_replies(FrameDecoder(max_payload=40), single) == (events, replies)
 
 
 # --------------------------------------------------------------------------- decoder: corruption
