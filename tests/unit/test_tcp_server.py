@@ -10,18 +10,26 @@ import asyncio
 import contextlib
 import io
 import json
+import random
 import socket
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+from loguru import logger
 
 from evcharging.apps.ev_central import ctl
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.ctl import CentralUnreachable, ControlClient, ControlError
 from evcharging.apps.ev_central.repository import SqliteRepository
-from evcharging.apps.ev_central.tcp_server import MAX_PENDING, TcpControlServer
+from evcharging.apps.ev_central.tcp_server import (
+    MAX_PENDING,
+    MUTATING,
+    TcpControlServer,
+    is_loopback,
+)
 from evcharging.common.framing import (
     ACK,
     DLE,
@@ -40,11 +48,19 @@ from evcharging.common.framing import (
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import CentralCommand, CommandType, CPRegistration, CPStatus
 from evcharging.common.states import CPState
+from tests.polling import poll
 from tests.unit.fakes import RecordingPublisher
 
 TIMEOUT = 5.0
 HOST = "127.0.0.1"
 TOKEN = "s3cret-token"
+CTL_VARIABLES = (
+    "CENTRAL_CTL_HOST",
+    "CENTRAL_CTL_TIMEOUT",
+    "CENTRAL_LISTEN_PORT",
+    "CENTRAL_API_TOKEN",
+    "EVCHARGING_API_TOKEN",
+)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -582,7 +598,250 @@ async def test_stop_closes_open_connections(controller: Controller) -> None:
 
 
 async def test_stop_before_start_is_harmless(controller: Controller) -> None:
-    await TcpControlServer(controller, HOST, 0).stop()
+    srv = TcpControlServer(controller, HOST, 0)
+    await srv.stop()
+    assert not srv.serving and srv.active_connections == 0
+    # The early stop leaves nothing behind: the server still starts and answers.
+    async with srv, raw_client(srv.port) as raw:
+        assert srv.serving
+        assert (await raw.exchange({"cmd": "PING"}))["pong"] is True
+    assert not srv.serving and srv.connections == 1
+
+
+# ---------------------------------------------------------------------- safe defaults
+
+
+@contextlib.contextmanager
+def warnings_logged() -> Iterator[list[str]]:
+    """The messages Central logs at WARNING and above while the block runs."""
+    messages: list[str] = []
+    sink = logger.add(lambda m: messages.append(m.record["message"]), level="WARNING")
+    try:
+        yield messages
+    finally:
+        logger.remove(sink)
+
+
+def remote(peername: object) -> bool:
+    """A peer check for which no client is local, as if all came from another host."""
+    return False
+
+
+@pytest.mark.parametrize(
+    ("peername", "local"),
+    [
+        (("127.0.0.1", 50000), True),
+        (("127.255.1.2", 1), True),
+        (("::1", 50000, 0, 0), True),
+        (("::ffff:127.0.0.1", 50000, 0, 0), True),
+        (("0:0:0:0:0:0:0:1", 1, 0, 0), True),
+        (("192.0.2.2", 50000), False),
+        (("10.0.0.1", 50000), False),
+        (("0.0.0.0", 50000), False),
+        (("::", 50000, 0, 0), False),
+        (("::ffff:10.0.0.1", 50000, 0, 0), False),
+        (("fe80::1%eth0", 50000, 0, 2), False),
+        (("2001:db8::1", 50000, 0, 0), False),
+        (("localhost", 50000), False),  # a name, not an address
+        (("127.0.0.1.evil.example", 1), False),
+        ((b"127.0.0.1", 1), False),
+        ((), False),
+        ("", False),  # a Unix socket's peer
+        ("127.0.0.1", False),
+        (None, False),
+    ],
+)
+def test_is_loopback(peername: object, local: bool) -> None:
+    assert is_loopback(peername) is local
+
+
+async def test_the_default_peer_check_is_loopback(server: TcpControlServer) -> None:
+    assert server.is_local is is_loopback
+
+
+@pytest.mark.parametrize("cmd", sorted(MUTATING))
+async def test_without_token_remote_clients_cannot_change_cps(
+    controller: Controller, bus: RecordingPublisher, cmd: str
+) -> None:
+    await controller.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED))
+    async with (
+        TcpControlServer(controller, HOST, 0, is_local=remote) as srv,
+        raw_client(srv.port) as raw,
+    ):
+        answer = await raw.exchange({"cmd": cmd, "cp_id": "CP-001", "id": 5})
+        assert answer["ok"] is False and answer["code"] == "forbidden" and answer["id"] == 5
+        assert cmd in answer["error"] and "CENTRAL_API_TOKEN" in answer["error"]
+        # reading stays open to everyone
+        assert (await raw.exchange({"cmd": "PING"}))["pong"] is True
+        status = await raw.exchange({"cmd": "STATUS", "cp_id": "CP-001"})
+        assert status["ok"] is True and status["cp"]["state"] == "STOPPED"
+        assert (await raw.exchange({"cmd": "STATUS"}))["total"] == 2
+        assert srv.stats()["forbidden"] == 1 and srv.errors == 1
+    assert commands(bus) == []
+
+
+async def test_allow_anonymous_lets_remote_clients_change_cps_without_token(
+    controller: Controller, bus: RecordingPublisher
+) -> None:
+    async with (
+        TcpControlServer(controller, HOST, 0, allow_anonymous=True, is_local=remote) as srv,
+        raw_client(srv.port) as raw,
+    ):
+        answer = await raw.exchange({"cmd": "STOP_CP", "cp_id": "CP-001"})
+        assert answer["ok"] is True and srv.forbidden == 0
+    assert [c.cmd for c in commands(bus)] == [CommandType.STOP_CP]
+
+
+async def test_without_token_loopback_clients_change_cps(
+    server: TcpControlServer, client: RawClient, bus: RecordingPublisher
+) -> None:
+    answer = await client.exchange({"cmd": "STOP_CP", "cp_id": "CP-001"})
+    assert answer["ok"] is True and server.forbidden == 0
+    assert [c.cmd for c in commands(bus)] == [CommandType.STOP_CP]
+
+
+async def test_with_token_remote_clients_change_cps_with_it(
+    controller: Controller, bus: RecordingPublisher
+) -> None:
+    async with (
+        TcpControlServer(controller, HOST, 0, TOKEN, is_local=remote) as srv,
+        raw_client(srv.port) as raw,
+    ):
+        refused = await raw.exchange({"cmd": "STOP_CP", "cp_id": "CP-001"})
+        assert refused["code"] == "unauthorized"
+        answer = await raw.exchange({"cmd": "STOP_CP", "cp_id": "CP-001", "token": TOKEN})
+        assert answer["ok"] is True and srv.forbidden == 0
+    assert [c.cmd for c in commands(bus)] == [CommandType.STOP_CP]
+
+
+async def test_limits_default_to_the_spec(server: TcpControlServer) -> None:
+    assert (server.max_connections, server.idle_timeout) == (256, 60.0)
+    with pytest.raises(ValueError, match="max_connections"):
+        TcpControlServer(server.controller, HOST, 0, max_connections=0)
+
+
+async def test_stats_has_every_counter(server: TcpControlServer, client: RawClient) -> None:
+    await client.exchange({"cmd": "PING"})
+    assert server.stats() == {
+        "connections": 1,
+        "active_connections": 1,
+        "refused_connections": 0,
+        "idle_closed": 0,
+        "frames_ok": 1,
+        "frames_bad": 0,
+        "oversize": 0,
+        "bytes_ignored": 0,
+        "requests": 1,
+        "errors": 0,
+        "forbidden": 0,
+        "retransmits": 0,
+    }
+
+
+async def test_connections_over_the_cap_are_closed_at_once(controller: Controller) -> None:
+    cap = 256  # the default
+    async with contextlib.AsyncExitStack() as stack:
+        srv = await stack.enter_async_context(TcpControlServer(controller, HOST, 0))
+        assert srv.max_connections == cap
+        held = [await stack.enter_async_context(raw_client(srv.port)) for _ in range(cap)]
+        await poll(lambda: srv.active_connections == cap, timeout=TIMEOUT, what="256 open")
+        with warnings_logged() as warnings:
+            for _ in range(3):  # one burst of three refusals
+                async with raw_client(srv.port) as extra:
+                    await extra.expect_eof()  # closed at once, long before any idle timeout
+        assert srv.stats()["refused_connections"] == 3
+        assert srv.stats()["active_connections"] == cap and srv.connections == cap
+        assert len([w for w in warnings if "refusing" in w]) == 1
+        # the held connections still work; when one closes, a new one is accepted
+        assert (await held[0].exchange({"cmd": "PING"}))["ok"] is True
+        await held[-1].close()
+        await poll(lambda: srv.active_connections < cap, timeout=TIMEOUT, what="one closed")
+        async with raw_client(srv.port) as late:
+            assert (await late.exchange({"cmd": "PING"}))["ok"] is True
+        assert srv.connections == cap + 1 and srv.refused_connections == 3
+
+
+async def test_idle_connection_is_closed_and_counted(controller: Controller) -> None:
+    async with (
+        TcpControlServer(controller, HOST, 0, idle_timeout=0.3) as srv,
+        raw_client(srv.port) as raw,
+    ):
+        assert (await raw.exchange({"cmd": "PING"}))["ok"] is True  # a request, then silence
+        await raw.expect_eof()
+        await poll(lambda: srv.active_connections == 0, timeout=TIMEOUT, what="handler done")
+        assert srv.stats()["idle_closed"] == 1
+
+
+async def test_bad_frames_do_not_keep_a_connection_open(controller: Controller) -> None:
+    async with (
+        TcpControlServer(controller, HOST, 0, idle_timeout=0.3) as srv,
+        raw_client(srv.port) as raw,
+    ):
+        with pytest.raises((EOFError, ConnectionError)):  # until Central closes
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    await raw.send(bytes((STX, STX)))
+                    assert await raw.read_byte() == NAK
+        assert srv.idle_closed == 1 and srv.frames_bad > 0
+
+
+async def flood(raw: RawClient, junk: bytes, naks: int) -> dict[str, Any]:
+    """Send ``junk`` then a PING; expect ``naks`` NAKs, then the PING's ACK and answer."""
+
+    async def read() -> dict[str, Any]:
+        for _ in range(naks):
+            assert await raw.read_byte() == NAK
+        assert await raw.read_byte() == ACK
+        return await raw.read_answer()
+
+    reading = asyncio.create_task(read())  # Central answers while the flood is still sent
+    await raw.send(junk + encode_message({"cmd": "PING"}))
+    answer = await asyncio.wait_for(reading, TIMEOUT)
+    await raw.send(bytes((ACK,)))
+    return answer
+
+
+async def test_a_flood_of_stx_is_logged_once_and_counted(
+    server: TcpControlServer, client: RawClient
+) -> None:
+    junk = bytes((STX,)) * (100 * 1024)
+    with warnings_logged() as warnings:
+        # Each STX cuts the frame the one before started short: one bad frame, one NAK each.
+        answer = await flood(client, junk, naks=len(junk))
+        assert answer["ok"] is True
+        assert (await flood(client, junk, naks=len(junk)))["ok"] is True
+    assert len(warnings) == 1 and "bad frame" in warnings[0]
+    assert server.stats()["frames_bad"] == 2 * len(junk) and server.frames_ok == 2
+
+
+async def test_a_flood_of_noise_is_logged_once_and_counted(
+    server: TcpControlServer, client: RawClient
+) -> None:
+    noise = random.Random(9).randbytes(100 * 1024).replace(bytes((STX,)), b"")
+    with warnings_logged() as warnings:
+        assert (await flood(client, noise, naks=0))["ok"] is True
+        assert (await flood(client, noise, naks=0))["ok"] is True
+    assert len(warnings) == 1 and "outside any frame" in warnings[0]
+    assert server.stats()["bytes_ignored"] == 2 * len(noise) and server.frames_bad == 0
+
+
+async def test_bad_input_is_logged_once_per_connection(server: TcpControlServer) -> None:
+    with warnings_logged() as warnings:
+        for _ in range(2):
+            async with raw_client(server.port) as raw:
+                await flood(raw, bytes((STX,)) * 10 + b"noise", naks=10)
+    assert len(warnings) == 2
+    assert server.frames_bad == 20 and server.bytes_ignored == 0  # noise inside a frame
+
+
+async def test_oversize_frame_is_counted_and_logged(server: TcpControlServer) -> None:
+    with warnings_logged() as warnings:
+        async with raw_client(server.port) as raw:
+            await raw.send(bytes((STX,)) + b"a" * (MAX_PAYLOAD + 1))
+            assert await raw.read_byte() == NAK
+            await raw.expect_eof()
+    assert server.stats()["oversize"] == 1
+    assert len(warnings) == 1 and "over" in warnings[0]
 
 
 # ---------------------------------------------------------------------- ControlClient
@@ -720,8 +979,9 @@ async def run_ctl(*argv: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(autouse=True)
-def _no_ctl_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("CENTRAL_CTL_HOST", "CENTRAL_LISTEN_PORT", "CENTRAL_API_TOKEN"):
+def _no_ctl_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in CTL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
 
 
@@ -829,10 +1089,13 @@ async def test_ctl_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[s
     assert "usage:" in capsys.readouterr().err
 
 
-async def test_ctl_bad_port_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_ctl_bad_port_in_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CENTRAL_LISTEN_PORT", "ninety")
-    code, _, err = await run_ctl("ping")
-    assert code == 2 and "CENTRAL_LISTEN_PORT" in err
+    assert (await run_ctl("ping"))[0] == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "port (CENTRAL_LISTEN_PORT)" in err
 
 
 async def test_ctl_request_too_large_is_a_usage_error(server: TcpControlServer) -> None:

@@ -6,16 +6,18 @@ Usage::
         [--timeout S] [--json] ping | status [CP_ID] | stop CP_ID [--reason R]
         | resume CP_ID [--reason R]
 
-``--host``, ``--port`` and ``--token`` default to the environment variables
-``CENTRAL_CTL_HOST`` (else ``localhost``), ``CENTRAL_LISTEN_PORT`` (else ``9999``) and
-``CENTRAL_API_TOKEN``; a flag beats the variable. The global options may also follow the
-command (``ctl status --json``).
+The settings are :class:`~evcharging.common.config.CtlSettings`, read like every
+service's: a flag beats the environment variable, which beats ``.env``, which beats the
+default. ``--host`` is ``CENTRAL_CTL_HOST`` (``localhost``), ``--port`` Central's own
+``CENTRAL_LISTEN_PORT`` (``9999``), ``--token`` ``CENTRAL_API_TOKEN`` or else the shared
+``EVCHARGING_API_TOKEN``, ``--timeout`` ``CENTRAL_CTL_TIMEOUT`` (5 s). The global options
+may also follow the command (``ctl status --json``).
 
 Exit codes: 0 the answer is ok, 1 Central answered ``ok: false``, 2 usage error,
 3 Central is unreachable or gave no valid answer.
 
 :class:`ControlClient` is the reusable part: one connection, one request at a time,
-with the ACK/NAK exchange of SPEC §6 on both directions.
+over the ACK/NAK link of :mod:`evcharging.common.link` (the one Central's server uses).
 """
 
 from __future__ import annotations
@@ -28,20 +30,13 @@ import os
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from types import TracebackType
 from typing import Any, Final, Self, TextIO
 
-from evcharging.common.framing import (
-    ACK,
-    NAK,
-    BadFrame,
-    Frame,
-    FrameDecoder,
-    FramingError,
-    Oversize,
-    decode_message,
-    encode_message,
-)
+from pydantic import ValidationError
+
+from evcharging.common.config import CtlSettings, add_settings_flags, settings_problems
+from evcharging.common.framing import Frame, FramingError, Oversize, decode_message, encode_message
+from evcharging.common.link import Link, LinkError, LinkOptions, PeerClosed, Refused
 
 __all__ = [
     "EXIT_ERROR",
@@ -61,12 +56,8 @@ EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_UNREACHABLE: Final = 3
 
-DEFAULT_HOST: Final = "localhost"
-DEFAULT_PORT: Final = 9999
 MAX_BAD_ANSWERS: Final = 8
 """Corrupt answer frames tolerated in one exchange before giving up."""
-
-_READ_SIZE: Final = 64 * 1024
 
 
 class ControlError(Exception):
@@ -93,8 +84,7 @@ class ControlClient:
         self.port = port
         self.timeout = timeout
         self.max_retransmits = max_retransmits
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: Link | None = None
 
     @property
     def address(self) -> str:
@@ -102,13 +92,13 @@ class ControlClient:
 
     @property
     def connected(self) -> bool:
-        return self._writer is not None
+        return self._link is not None
 
     async def connect(self) -> None:
-        if self._writer is not None:
+        if self._link is not None:
             return
         try:
-            self._reader, self._writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.host, self.port), self.timeout
             )
         except TimeoutError:
@@ -118,25 +108,22 @@ class ControlClient:
         except OSError as exc:
             why = _os_reason(exc)
             raise CentralUnreachable(f"cannot reach Central at {self.address}: {why}") from exc
+        # No per-reply timeout: ``timeout`` bounds each whole exchange.
+        self._link = Link(reader, writer, LinkOptions(max_retransmits=self.max_retransmits))
 
     async def close(self) -> None:
         """Close the connection; safe to call twice."""
-        writer, self._writer, self._reader = self._writer, None, None
-        if writer is not None:
-            writer.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.writer.close()
             with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
+                await link.writer.wait_closed()
 
     async def __aenter__(self) -> Self:
         await self.connect()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def request(self, obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,69 +136,43 @@ class ControlClient:
         await self.connect()
         try:
             async with asyncio.timeout(self.timeout):
-                await self._send_request(frame)
-                return await self._read_answer()
+                return await self._exchange(frame)
         except TimeoutError:
-            await self.close()
-            raise ControlError(
-                f"no answer from Central at {self.address} within {self.timeout:g}s"
-            ) from None
+            problem = f"no answer from Central at {self.address} within {self.timeout:g}s"
+        except Refused as exc:
+            problem = f"Central refused the request {exc.attempts} times (NAK)"
+        except PeerClosed:
+            problem = f"Central at {self.address} closed the connection"
+        except LinkError as exc:
+            problem = f"Central at {self.address}: {exc}"
         except (ConnectionError, OSError) as exc:
-            await self.close()
-            raise ControlError(f"connection to Central at {self.address} failed: {exc}") from exc
+            problem = f"connection to Central at {self.address} failed: {exc}"
         except ControlError:
             await self.close()
             raise
+        await self.close()
+        raise ControlError(problem)
 
-    def _streams(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        if self._reader is None or self._writer is None:
+    async def _exchange(self, frame: bytes) -> dict[str, Any]:
+        link = self._link
+        if link is None:
             raise ControlError("not connected")
-        return self._reader, self._writer
-
-    async def _send_request(self, frame: bytes) -> None:
-        reader, writer = self._streams()
-        for _ in range(self.max_retransmits + 1):
-            writer.write(frame)
-            await writer.drain()
-            reply = await self._read_reply(reader)
-            if reply == ACK:
-                return
-        raise ControlError(f"Central refused the request {self.max_retransmits + 1} times (NAK)")
-
-    async def _read_reply(self, reader: asyncio.StreamReader) -> int:
-        while True:
-            data = await reader.read(1)
-            if not data:
-                raise ControlError(f"Central at {self.address} closed the connection")
-            if data[0] in (ACK, NAK):
-                return data[0]
-            # Anything else before the ACK/NAK is line noise; Central sends none.
-
-    async def _read_answer(self) -> dict[str, Any]:
-        reader, writer = self._streams()
-        decoder = FrameDecoder()
+        await link.send(frame)
         bad = 0
         while True:
-            data = await reader.read(_READ_SIZE)
-            if not data:
+            item = await link.receive()
+            if item is None:
                 raise ControlError(f"Central at {self.address} closed the connection")
-            for event in decoder.feed(data):
-                if isinstance(event, Frame):
-                    writer.write(bytes((ACK,)))
-                    await writer.drain()
-                    try:
-                        return decode_message(event.payload)
-                    except FramingError as exc:
-                        raise ControlError(f"Central sent an invalid answer: {exc}") from exc
-                if isinstance(event, Oversize):
-                    writer.write(bytes((NAK,)))
-                    raise ControlError("Central sent an oversized answer")
-                if isinstance(event, BadFrame):
-                    bad += 1
-                    if bad > MAX_BAD_ANSWERS:
-                        raise ControlError(f"{bad} corrupt answers from Central")
-                    writer.write(bytes((NAK,)))
-                    await writer.drain()
+            if isinstance(item, Frame):
+                try:
+                    return decode_message(item.payload)
+                except FramingError as exc:
+                    raise ControlError(f"Central sent an invalid answer: {exc}") from exc
+            if isinstance(item, Oversize):
+                raise ControlError("Central sent an oversized answer")
+            bad += item.count
+            if bad > MAX_BAD_ANSWERS:
+                raise ControlError(f"{bad} corrupt answers from Central")
 
 
 def _os_reason(exc: OSError) -> str:
@@ -226,71 +187,13 @@ def _os_reason(exc: OSError) -> str:
 # ---------------------------------------------------------------------- CLI
 
 
-def _env_port() -> int | None:
-    value = os.environ.get("CENTRAL_LISTEN_PORT")
-    if not value:
-        return DEFAULT_PORT
-    try:
-        port = int(value)
-    except ValueError:
-        return None
-    return port if 0 < port < 65536 else None
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"port {port} out of range 1-65535")
-    return port
-
-
-def _timeout(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("timeout must be > 0")
-    return value
-
-
-def _add_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
-    """The global options; on the subcommands they only override when given."""
-
-    def default(value: Any) -> Any:
-        return value if defaults else argparse.SUPPRESS
-
-    env_token = os.environ.get("CENTRAL_API_TOKEN") or None
-    parser.add_argument(
-        "--host",
-        default=default(os.environ.get("CENTRAL_CTL_HOST") or DEFAULT_HOST),
-        help="Central's host [CENTRAL_CTL_HOST; default: localhost]",
-    )
-    parser.add_argument(
-        "--port",
-        type=_port,
-        default=default(_env_port()),
-        help="Central's TCP control port [CENTRAL_LISTEN_PORT; default: 9999]",
-    )
-    parser.add_argument(
-        "--token",
-        default=default(env_token),
-        help="API token when Central requires one; prefer the variable, flags show in ps "
-        "[CENTRAL_API_TOKEN; default: unset]",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=_timeout,
-        default=default(5.0),
-        help="seconds to wait for Central [default: 5]",
-    )
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """The global options, on the main parser and on every command; absent stay absent."""
+    add_settings_flags(parser, CtlSettings)
     parser.add_argument(
         "--json",
         action="store_true",
-        default=default(False),
+        default=argparse.SUPPRESS,
         help="print Central's answer as JSON",
     )
 
@@ -299,14 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m evcharging.apps.ev_central.ctl",
         description="Operate EV Central over its TCP control plane.",
-        epilog="Exit codes: 0 ok, 1 Central refused, 2 usage error, 3 Central unreachable.",
+        epilog="Every setting can also be given by its environment variable or in .env; "
+        "a flag beats the variable, the variable beats the default. "
+        "Exit codes: 0 ok, 1 Central refused, 2 usage error, 3 Central unreachable.",
     )
-    _add_options(parser, defaults=True)
+    _add_options(parser)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        _add_options(sub, defaults=False)
+        _add_options(sub)
         return sub
 
     command("ping", "check that Central answers")
@@ -321,7 +226,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request(args: argparse.Namespace) -> dict[str, Any]:
+def load_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> CtlSettings:
+    """The flags given in ``args`` over the environment, ``.env`` and the defaults.
+
+    Invalid settings are a usage error (``parser.error``), as for every service.
+    """
+    flags = {name: value for name, value in vars(args).items() if name in CtlSettings.model_fields}
+    try:
+        return CtlSettings(**flags)
+    except ValidationError as exc:
+        parser.error(f"invalid settings: {settings_problems(CtlSettings, exc)}")
+
+
+def _request(args: argparse.Namespace, token: str | None) -> dict[str, Any]:
     request: dict[str, Any]
     if args.command == "ping":
         request = {"cmd": "PING"}
@@ -334,8 +251,8 @@ def _request(args: argparse.Namespace) -> dict[str, Any]:
         request["cp_id"] = args.cp_id
         if args.reason:
             request["reason"] = args.reason
-    if args.token:
-        request["token"] = args.token
+    if token:
+        request["token"] = token
     return request
 
 
@@ -381,9 +298,12 @@ def format_table(cps: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _render(args: argparse.Namespace, answer: Mapping[str, Any], out: TextIO) -> None:
+def _render(
+    args: argparse.Namespace, settings: CtlSettings, answer: Mapping[str, Any], out: TextIO
+) -> None:
     if args.command == "ping":
-        out.write(f"pong from Central at {args.host}:{args.port} ({answer.get('cps', '?')} CPs)\n")
+        where = f"{settings.host}:{settings.port}"
+        out.write(f"pong from Central at {where} ({answer.get('cps', '?')} CPs)\n")
     elif args.command == "status":
         cp = answer.get("cp")
         cps = [cp] if isinstance(cp, Mapping) else list(answer.get("cps") or [])
@@ -414,14 +334,13 @@ async def amain(
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        settings = load_settings(parser, args)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    if args.port is None:
-        err.write(f"{parser.prog}: error: CENTRAL_LISTEN_PORT is not a valid port\n")
-        return EXIT_USAGE
-    request = _request(args)
+    token = settings.token.get_secret_value() if settings.token else None
+    request = _request(args, token)
     try:
-        async with ControlClient(args.host, args.port, args.timeout) as client:
+        async with ControlClient(settings.host, settings.port, settings.timeout) as client:
             answer = await client.request(request)
     except FramingError as exc:  # the request itself cannot be sent (e.g. over 64 KiB)
         err.write(f"{parser.prog}: error: {exc}\n")
@@ -430,10 +349,10 @@ async def amain(
         err.write(f"{exc}\n")
         return EXIT_UNREACHABLE
     ok = answer.get("ok") is True
-    if args.json:
+    if getattr(args, "json", False):
         out.write(json.dumps(answer, indent=2, ensure_ascii=False) + "\n")
     elif ok:
-        _render(args, answer, out)
+        _render(args, settings, answer, out)
     else:
         code = answer.get("code")
         err.write(f"error: {answer.get('error', 'unknown error')}{f' ({code})' if code else ''}\n")

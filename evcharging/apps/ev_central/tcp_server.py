@@ -9,34 +9,48 @@ One exchange on a connection goes::
                          ◀──────  answer frame
     ACK or NAK           ──────▶  (on NAK the identical answer is sent again)
 
-Requests are UTF-8 JSON objects with a ``cmd``: ``PING``, ``STATUS`` (all CPs, or one
-with ``cp_id``), ``STOP_CP`` (``cp_id``, optional ``reason``) and ``RESUME_CP``
+The ACK/NAK exchange itself is :mod:`evcharging.common.link`, shared with the ``ctl``
+client. Requests are UTF-8 JSON objects with a ``cmd``: ``PING``, ``STATUS`` (all CPs, or
+one with ``cp_id``), ``STOP_CP`` (``cp_id``, optional ``reason``) and ``RESUME_CP``
 (``cp_id``, optional ``reason``). When Central has an API token every request carries
 ``"token"``. An optional ``"id"`` (string or integer) is echoed in the answer. Answers
 are ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": "..."}``; the codes
 are those of :mod:`evcharging.apps.ev_central.errors` plus ``invalid_request``,
-``unknown_cmd`` and ``internal``. STOP_CP and RESUME_CP go through the controller, the
-same code path as the HTTP API.
+``unknown_cmd``, ``forbidden`` and ``internal``. STOP_CP and RESUME_CP go through the
+controller, the same code path as the HTTP API.
+
+Safe defaults (SPEC §5, §6), all set by the constructor:
+
+* **Who may change CPs.** With a token, every request must carry it. Without one, the
+  mutating commands (STOP_CP, RESUME_CP) are taken from loopback clients only; anyone
+  else gets ``{"ok": false, "code": "forbidden"}`` (unless ``allow_anonymous``: protected
+  mode off). PING and STATUS are open. Central's settings bind the plane to 127.0.0.1
+  unless a host is given.
+* **At most ``max_connections`` (256) open connections.** One more is closed at once and
+  counted (``refused_connections``); the first refusal of a burst is logged, and the end of
+  the burst (the next connection accepted) once more, with how many were refused.
+* **Idle connections are closed**: one that brings no whole request frame for
+  ``idle_timeout`` (60 s) is closed and counted (``idle_closed``). Noise and bad frames do
+  not keep a connection open.
+* **Bad input is logged once per connection.** Bytes outside a frame are ignored and bad
+  frames NAKed, as SPEC §6 says; both are counted (``bytes_ignored``, ``frames_bad``) and
+  the first of them on a connection is logged, the rest are not, so a flood of bad bytes
+  costs one log line. A frame over the 64 KiB limit gets NAK and the connection is closed.
 
 Decisions where SPEC §6 is silent:
 
-* **While Central waits for the ACK/NAK of its answer** it reads the line the way a
-  half-duplex receiver does: outside a frame, an ACK or NAK byte is the reply to the
-  answer and any other byte is noise, ignored like bytes before an STX. A frame the client
-  starts early (a pipelined request) is not lost: its bytes go into the frame decoder,
-  and the frame is acknowledged and answered, in order, once the current answer has
-  been acknowledged. (An LRC byte that happens to equal ACK/NAK is part of its frame,
-  not a reply, because the decoder's state tells the two apart; by the same rule a frame
-  the client has started must be finished before its ACK counts.) A client that does not
-  reply within ``ack_timeout`` is disconnected, as is one that NAKs the same answer
-  more than ``max_retransmits`` times or pipelines more than :data:`MAX_PENDING` frames.
+* **While Central waits for the ACK/NAK of its answer** a frame the client starts early
+  (a pipelined request) is not lost: it is acknowledged and answered, in order, once the
+  current answer has been acknowledged (see :mod:`evcharging.common.link`). A client
+  that does not reply within ``ack_timeout`` is disconnected, as is one that NAKs the same
+  answer more than ``max_retransmits`` times or pipelines more than :data:`MAX_PENDING`
+  frames.
 * **Answers larger than the 64 KiB payload limit** can only come from ``STATUS`` over a
   very large network. The answer for every CP always carries ``total`` (every CP),
   ``count`` (CPs included) and ``truncated``. Normally all CPs fit; otherwise the list,
   sorted by ``cp_id`` as always, is cut to what fits and ``truncated`` is true: ask per
   ``cp_id`` for the rest. Any other answer that cannot be encoded becomes
   ``{"ok": false, "code": "answer_too_large"}``.
-* A connection that sends nothing for ``idle_timeout`` seconds is closed.
 """
 
 from __future__ import annotations
@@ -44,45 +58,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import re
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+from dataclasses import dataclass
 from typing import Any, Final, Protocol, Self
 
 from loguru import logger
 
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
 from evcharging.common.framing import (
-    ACK,
     MAX_PAYLOAD,
-    NAK,
-    STX,
-    BadFrame,
-    DecodeEvent,
-    DecoderState,
-    FrameDecoder,
+    Frame,
     FramingError,
     Oversize,
     decode_message,
     encode_message,
 )
+from evcharging.common.link import (
+    MAX_PENDING,
+    Link,
+    LinkError,
+    LinkOptions,
+    LinkTimeout,
+    Rejected,
+)
 from evcharging.common.messages import ID_PATTERN, utcnow
 
-__all__ = ["MAX_PENDING", "CPLike", "ControlTarget", "TcpControlServer"]
+__all__ = [
+    "MAX_PENDING",
+    "MUTATING",
+    "CPLike",
+    "ControlTarget",
+    "Forbidden",
+    "TcpControlServer",
+    "is_loopback",
+]
 
-MAX_PENDING: Final = 32
-"""Most frames a client may pipeline while Central waits for its ACK of an answer."""
-
-READ_SIZE: Final = 64 * 1024
 MAX_REASON: Final = 500
+MUTATING: Final = frozenset({"STOP_CP", "RESUME_CP"})
+"""Commands that change a CP: without a token, loopback clients only."""
 
-_ACK_BYTE: Final = bytes((ACK,))
-_NAK_BYTE: Final = bytes((NAK,))
 _ID_RE: Final = re.compile(ID_PATTERN)
-_IDLE_STOPS: Final = re.compile(b"[\x02\x06\x15]")  # STX, ACK, NAK
-_PAYLOAD_STOPS: Final = re.compile(b"[\x02\x03\x10]")  # STX, ETX, DLE
 
 
 class CPLike(Protocol):
@@ -109,8 +127,41 @@ class UnknownCommand(CentralError):
     code = "unknown_cmd"
 
 
+class Forbidden(CentralError):
+    """A mutating command from a non-loopback client while Central has no token."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class _Closing(Exception):
     """End the connection (protocol violation or timeout); the message is logged."""
+
+
+@dataclass(slots=True)
+class _Client:
+    """One connection's peer, as the request handling needs it."""
+
+    name: str
+    trusted: bool  # may change CPs without a token: loopback, or allow_anonymous
+    warned: bool = False  # its bad input has been logged
+
+
+def is_loopback(peername: object) -> bool:
+    """Whether a TCP peer address (``getpeername()``) is a loopback one.
+
+    True for 127.0.0.0/8, ``::1`` and IPv4-mapped loopback (``::ffff:127.0.0.1``); False
+    for every other address and for anything that is not an address at all.
+    """
+    if not isinstance(peername, tuple) or not peername or not isinstance(peername[0], str):
+        return False
+    try:
+        address = ipaddress.ip_address(peername[0].partition("%")[0])  # drop an IPv6 zone
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
 
 
 Answer = dict[str, Any]
@@ -126,10 +177,10 @@ class TcpControlServer:
     """The TCP control plane of Central; a start/stop object and an async context manager.
 
     ``port=0`` binds a free port (read it from :attr:`port` after ``start``). An empty
-    or ``None`` ``api_token`` means no token is required. Counters since start:
-    ``connections`` accepted, ``frames_ok`` (ACKed), ``frames_bad`` (NAKed), ``oversize``
-    (NAKed and closed), ``requests`` answered, ``errors`` (answers with ``ok: false``) and
-    ``retransmits`` of answers the client NAKed.
+    or ``None`` ``api_token`` means no token is required; then mutating commands are
+    taken from clients for which ``is_local(peername)`` holds (loopback ones), or from
+    anyone with ``allow_anonymous``. The limits are described in the module docstring;
+    :meth:`stats` has every counter since start.
     """
 
     def __init__(
@@ -141,13 +192,17 @@ class TcpControlServer:
         *,
         ack_timeout: float = 5.0,
         max_retransmits: int = 3,
-        idle_timeout: float = 300.0,
+        idle_timeout: float = 60.0,
+        max_connections: int = 256,
         backlog: int = 256,
+        allow_anonymous: bool = False,
+        is_local: Callable[[object], bool] = is_loopback,
     ) -> None:
-        if ack_timeout <= 0 or idle_timeout <= 0:
-            raise ValueError("timeouts must be > 0")
-        if max_retransmits < 0:
-            raise ValueError("max_retransmits must be >= 0")
+        if idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        if max_connections < 1:
+            raise ValueError("max_connections must be >= 1")
+        self._link_options = LinkOptions(reply_timeout=ack_timeout, max_retransmits=max_retransmits)
         self.controller = controller
         self.host = host
         self._port = port
@@ -155,22 +210,31 @@ class TcpControlServer:
         self.ack_timeout = ack_timeout
         self.max_retransmits = max_retransmits
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
         self.backlog = backlog
+        self.allow_anonymous = allow_anonymous
+        self.is_local = is_local
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._links: set[Link] = set()
         self._routes: dict[str, Handler] = {
             "PING": self._ping,
             "STATUS": self._status,
             "STOP_CP": self._stop_cp,
             "RESUME_CP": self._resume_cp,
         }
+        self._burst = 0  # connections refused since the limit was last reached
         self.connections = 0
+        self.refused_connections = 0
+        self.idle_closed = 0
         self.frames_ok = 0
         self.frames_bad = 0
         self.oversize = 0
         self.requests = 0
         self.errors = 0
-        self.retransmits = 0
+        self.forbidden = 0
+        self._closed_retransmits = 0  # of the connections already closed
+        self._closed_bytes_ignored = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -187,15 +251,29 @@ class TcpControlServer:
     def serving(self) -> bool:
         return self._server is not None
 
+    @property
+    def retransmits(self) -> int:
+        """Answers sent again because the client NAKed them."""
+        return self._closed_retransmits + sum(link.retransmits for link in self._links)
+
+    @property
+    def bytes_ignored(self) -> int:
+        """Bytes received outside any frame (noise), ignored."""
+        return self._closed_bytes_ignored + sum(link.bytes_ignored for link in self._links)
+
     def stats(self) -> dict[str, int]:
         return {
             "connections": self.connections,
             "active_connections": self.active_connections,
+            "refused_connections": self.refused_connections,
+            "idle_closed": self.idle_closed,
             "frames_ok": self.frames_ok,
             "frames_bad": self.frames_bad,
             "oversize": self.oversize,
+            "bytes_ignored": self.bytes_ignored,
             "requests": self.requests,
             "errors": self.errors,
+            "forbidden": self.forbidden,
             "retransmits": self.retransmits,
         }
 
@@ -208,7 +286,16 @@ class TcpControlServer:
         sockets = self._server.sockets
         if sockets:
             self._port = int(sockets[0].getsockname()[1])
-        logger.info("TCP control plane listening on {}:{}", self.host, self._port)
+        logger.info(
+            "TCP control plane listening on {}:{} ({})",
+            self.host,
+            self._port,
+            "token required"
+            if self._token
+            else "no token: CP changes from anyone"
+            if self.allow_anonymous
+            else "no token: CP changes from loopback only",
+        )
 
     async def stop(self) -> None:
         """Stop accepting, close every connection and wait for its handler; safe twice."""
@@ -228,12 +315,7 @@ class TcpControlServer:
         await self.start()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
     # ------------------------------------------------------------------ connections
@@ -242,6 +324,20 @@ class TcpControlServer:
         if self._server is None:  # stopping: a late accept gets no handler
             writer.close()
             return
+        if len(self._tasks) >= self.max_connections:
+            self.refused_connections += 1
+            self._burst += 1
+            if self._burst == 1:
+                logger.warning(
+                    "TCP control plane: {} connections open, the limit; refusing new ones "
+                    "until one closes (logged once per burst)",
+                    self.max_connections,
+                )
+            writer.close()
+            return
+        if self._burst:
+            logger.info("TCP control plane accepts again ({} refused while full)", self._burst)
+            self._burst = 0
         self.connections += 1
         task = asyncio.create_task(
             self._serve(reader, writer), name=f"tcp-control-{self.connections}"
@@ -250,12 +346,16 @@ class TcpControlServer:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer(writer)
-        logger.debug("control client {} connected", peer)
+        peername = writer.get_extra_info("peername")
+        trusted = self.allow_anonymous or self.is_local(peername)
+        client = _Client(_show_peer(peername), trusted)
+        link = Link(reader, writer, self._link_options)
+        self._links.add(link)
+        logger.debug("control client {} connected", client.name)
         why = "closed by client"
         try:
-            await self._converse(reader, writer, peer)
-        except _Closing as exc:
+            await self._converse(link, client)
+        except (_Closing, LinkError) as exc:
             why = str(exc)
         except (ConnectionError, OSError) as exc:
             why = f"connection error: {exc!r}"
@@ -264,104 +364,76 @@ class TcpControlServer:
             raise
         except Exception:  # noqa: BLE001 - one broken connection must not stop the server
             # Defensive: _answer already turns handler failures into replies.
-            logger.exception("control connection {} failed", peer)
+            logger.exception("control connection {} failed", client.name)
             why = "internal error"
         finally:
-            logger.debug("control client {} disconnected: {}", peer, why)
+            self._links.discard(link)
+            self._closed_retransmits += link.retransmits
+            self._closed_bytes_ignored += link.bytes_ignored
+            logger.debug("control client {} disconnected: {}", client.name, why)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
 
-    async def _converse(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
-    ) -> None:
-        decoder = FrameDecoder()
-        pending: deque[DecodeEvent] = deque()
+    async def _converse(self, link: Link, client: _Client) -> None:
+        loop = asyncio.get_running_loop()
+        idle_until = loop.time() + self.idle_timeout
         while True:
-            if not pending:
-                try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), self.idle_timeout)
-                except TimeoutError:
-                    raise _Closing(f"idle for {self.idle_timeout:g}s") from None
-                if not data:
-                    return
-                pending.extend(decoder.feed(data))
-                continue
-            event = pending.popleft()
-            if isinstance(event, Oversize):
+            try:
+                item = await link.receive(idle_until - loop.time())
+            except LinkTimeout:
+                self.idle_closed += 1
+                raise _Closing(f"no request for {self.idle_timeout:g}s") from None
+            self._note_bad_input(link, client, item)
+            if item is None:
+                return
+            if isinstance(item, Oversize):
                 self.oversize += 1
                 logger.warning(
-                    "control client {} sent a frame over {} bytes; closing", peer, MAX_PAYLOAD
+                    "control client {} sent a frame over {} bytes: NAK, closing",
+                    client.name,
+                    MAX_PAYLOAD,
                 )
-                await self._send(writer, _NAK_BYTE)
                 raise _Closing("oversized frame")
-            if isinstance(event, BadFrame):
-                self.frames_bad += 1
-                logger.warning("control client {} sent a bad frame ({}): NAK", peer, event.reason)
-                await self._send(writer, _NAK_BYTE)
+            if isinstance(item, Rejected):
+                self.frames_bad += item.count
                 continue
             self.frames_ok += 1
-            writer.write(_ACK_BYTE)
-            answer = await self._answer(event.payload, peer)
-            await self._deliver(_encode_answer(answer), reader, writer, decoder, pending, peer)
+            answer = await self._answer(item, client)
+            await link.send(_encode_answer(answer))
+            idle_until = loop.time() + self.idle_timeout
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        try:
-            await asyncio.wait_for(writer.drain(), self.ack_timeout)
-        except TimeoutError:
-            raise _Closing("client does not read") from None
-
-    async def _deliver(
-        self,
-        frame: bytes,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        decoder: FrameDecoder,
-        pending: deque[DecodeEvent],
-        peer: str,
-    ) -> None:
-        """Send an answer until the client ACKs it; see the module docstring."""
-        loop = asyncio.get_running_loop()
-        for attempt in range(self.max_retransmits + 1):
-            if attempt:
-                self.retransmits += 1
-                logger.debug("control client {} NAKed the answer; resending ({})", peer, attempt)
-            await self._send(writer, frame)
-            deadline = loop.time() + self.ack_timeout
-            reply: int | None = None
-            while reply is None:
-                remaining = deadline - loop.time()
-                try:
-                    if remaining <= 0:
-                        raise TimeoutError
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), remaining)
-                except TimeoutError:
-                    raise _Closing(f"no ACK for the answer within {self.ack_timeout:g}s") from None
-                if not data:
-                    raise _Closing("closed by client before acknowledging the answer")
-                reply, rest = _split_reply(decoder, data, pending)
-                if len(pending) > MAX_PENDING:
-                    raise _Closing(f"more than {MAX_PENDING} frames pipelined")
-            pending.extend(decoder.feed(rest))
-            if reply == ACK:
-                return
-        raise _Closing(f"answer NAKed {self.max_retransmits + 1} times")
+    def _note_bad_input(self, link: Link, client: _Client, item: object) -> None:
+        """Log a connection's first bad frame or noise; the rest is only counted."""
+        if client.warned or not (isinstance(item, Rejected) or link.bytes_ignored):
+            return
+        client.warned = True
+        what = (
+            f"a bad frame ({item.reason}), NAKed"
+            if isinstance(item, Rejected)
+            else "bytes outside any frame, ignored"
+        )
+        logger.warning(
+            "control client {} sent {}; further bad input on this connection is counted, "
+            "not logged",
+            client.name,
+            what,
+        )
 
     # ------------------------------------------------------------------ requests
 
-    async def _answer(self, payload: bytes, peer: str) -> Answer:
-        """Turn one request payload into its answer; never raises."""
+    async def _answer(self, frame: Frame, client: _Client) -> Answer:
+        """Turn one request frame into its answer; never raises."""
         self.requests += 1
         request_id: Any = None
         cmd: Any = None
         try:
             try:
-                request = decode_message(payload)
+                request = decode_message(frame.payload)
             except FramingError as exc:
                 raise InvalidRequest(f"invalid request: {exc}") from None
             request_id = request.get("id")
-            self._authorize(request)
+            self._check_token(request)
             cmd = request.get("cmd")
             if not isinstance(cmd, str):
                 raise InvalidRequest("'cmd' must be a string")
@@ -369,22 +441,30 @@ class TcpControlServer:
             if handler is None:
                 known = ", ".join(self._routes)
                 raise UnknownCommand(f"unknown cmd {cmd[:40]!r} (one of {known})")
+            if cmd in MUTATING and self._token is None and not client.trusted:
+                self.forbidden += 1
+                raise Forbidden(
+                    f"{cmd} from a remote client needs an API token and Central has none: "
+                    f"send {cmd} from Central's host, or set CENTRAL_API_TOKEN and send it"
+                )
             answer = await handler(request)
         except CentralError as exc:
-            logger.info("control client {}: {} -> {} {}", peer, _show(cmd), exc.code, exc.message)
+            logger.info(
+                "control client {}: {} -> {} {}", client.name, _show(cmd), exc.code, exc.message
+            )
             answer = {"ok": False, "error": exc.message, "code": exc.code}
         except Exception:  # noqa: BLE001 - a failed request is answered, never fatal
-            logger.exception("control request {} from {} failed", _show(cmd), peer)
+            logger.exception("control request {} from {} failed", _show(cmd), client.name)
             answer = {"ok": False, "error": "internal error", "code": "internal"}
         else:
-            logger.debug("control client {}: {} -> ok", peer, cmd)
+            logger.debug("control client {}: {} -> ok", client.name, cmd)
         if not answer.get("ok"):
             self.errors += 1
         if isinstance(request_id, str | int) and not isinstance(request_id, bool):
             answer["id"] = request_id
         return answer
 
-    def _authorize(self, request: dict[str, Any]) -> None:
+    def _check_token(self, request: dict[str, Any]) -> None:
         if self._token is None:
             return
         token = request.get("token")
@@ -419,11 +499,10 @@ class TcpControlServer:
 # ---------------------------------------------------------------------- helpers
 
 
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+def _show_peer(peername: object) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        return f"{peername[0]}:{peername[1]}"
+    return str(peername)
 
 
 def _show(cmd: Any) -> str:
@@ -476,33 +555,3 @@ def _encode_answer(answer: Answer) -> bytes:
         if isinstance(answer.get("id"), str | int):
             fallback["id"] = answer["id"]
         return encode_message(fallback)
-
-
-def _split_reply(
-    decoder: FrameDecoder, data: bytes, pending: deque[DecodeEvent]
-) -> tuple[int | None, bytes]:
-    """Find the client's ACK/NAK of an answer in ``data``.
-
-    Returns the reply byte (or None when ``data`` holds none) and the bytes after it.
-    Bytes before the reply go into ``decoder`` (their events into ``pending``), so an
-    ACK/NAK value inside a frame, e.g. as an LRC byte, is never taken for a reply.
-    """
-    pos, end = 0, len(data)
-    while pos < end:
-        state = decoder.state
-        if state is DecoderState.IDLE:
-            match = _IDLE_STOPS.search(data, pos)
-            if match is None:
-                return None, b""
-            pos = match.start()
-            if data[pos] != STX:
-                return data[pos], data[pos + 1 :]
-            stop = pos + 1
-        elif state is DecoderState.IN_PAYLOAD:
-            match = _PAYLOAD_STOPS.search(data, pos)
-            stop = end if match is None else match.start() + 1
-        else:  # an escape code or the LRC comes next: one byte at a time
-            stop = pos + 1
-        pending.extend(decoder.feed(data[pos:stop]))
-        pos = stop
-    return None, b""
