@@ -606,3 +606,34 @@ async def test_a_status_without_event_is_followed_by_its_state(
     assert central.get("CP-001").state is CPState.FAULT
     await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
     assert central.get("CP-001").state is CPState.ACTIVATED
+
+
+# ---------------------------------------------------------------------- monitor liveness
+
+
+async def test_a_silent_monitor_is_lost_after_three_intervals_and_back_on_its_report(
+    central: Controller, clock: Clock, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    cp = central.get("CP-001")
+    assert not cp.monitored  # no monitor has reported yet
+    await central.monitor_report("CP-001", 1.0, True)
+    assert cp.monitored
+    clock.now += 3.0
+    assert await central.check_monitors() == []
+    clock.now += 0.5
+    assert await central.check_monitors() == ["CP-001"]
+    assert not cp.monitored
+    assert await central.check_monitors() == []  # one event per loss
+    [lost] = await repo.list_faults(cp_id="CP-001")
+    assert lost.event_type == "MONITOR_LOST" and "monitor lost" in (lost.reason or "")
+    assert central.decide("CP-001") is None  # the CP itself may still work
+    await central.monitor_report("CP-001", 1.0, True)
+    assert cp.monitored
+    back = await repo.list_faults(cp_id="CP-001")
+    assert [f.event_type for f in back] == ["MONITOR_BACK", "MONITOR_LOST"]
+
+
+async def test_a_monitor_report_for_an_unknown_cp_is_refused(central: Controller) -> None:
+    with pytest.raises(UnknownCP):
+        await central.monitor_report("CP-NOPE", 1.0, True)

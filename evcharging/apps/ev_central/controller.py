@@ -130,6 +130,16 @@ class CPView:
     """The last session end this CP reported that the ledger has recorded."""
     last_closed: str | None = None
     """The id of the last session that ended on this CP (late meter reports name it)."""
+    monitor_interval: float | None = None
+    """The health interval its monitor announced (None: no monitor has reported)."""
+    monitor_seen: float = 0.0
+    """Controller clock reading of the monitor's last report."""
+    monitor_lost: bool = False
+
+    @property
+    def monitored(self) -> bool:
+        """Whether a monitor watches this CP: it reported within 3 of its intervals."""
+        return self.monitor_interval is not None and not self.monitor_lost
 
     def record(self) -> CPRecord:
         return CPRecord(
@@ -179,6 +189,7 @@ class CPView:
             "last_telemetry": dump(self.last_telemetry) if self.last_telemetry else None,
             "last_seen": format_ts_opt(self.last_seen),
             "registered_at": format_ts_opt(self.registered_at),
+            "monitored": self.monitored,
         }
 
 
@@ -646,7 +657,15 @@ class Controller:
         return cp
 
     async def _mark_faulty(self, cp: CPView, reason: str) -> None:
+        """Record the fault (first, so a database error changes nothing), deny the CP,
+        open its breaker and end its session. A retried report records no second event."""
         was_faulty = cp.is_faulty
+        if not was_faulty:
+            await self.repo.record_fault_event(cp.cp_id, FaultEventType.FAULT, reason, utcnow())
+            self.stats["faults"] += 1
+            logger.warning("CP {} is faulty: {}", cp.cp_id, reason)
+            self.hub.publish({"type": "fault", "cp_id": cp.cp_id, "reason": reason,
+                              "ts": format_ts_opt(utcnow())})
         cp.is_faulty = True
         cp.fault_reason = reason
         cp.breaker.trip(reason)
@@ -656,12 +675,6 @@ class Controller:
             )
         if cp.state is not CPState.FAULT:
             self._apply(cp, CPEvent.FAULT, reason)
-        if not was_faulty:
-            self.stats["faults"] += 1
-            logger.warning("CP {} is faulty: {}", cp.cp_id, reason)
-            await self.repo.record_fault_event(cp.cp_id, FaultEventType.FAULT, reason, utcnow())
-            self.hub.publish({"type": "fault", "cp_id": cp.cp_id, "reason": reason,
-                              "ts": format_ts_opt(utcnow())})
         await self._persist(cp)
         self._changed(cp)
 
@@ -669,12 +682,12 @@ class Controller:
         if not cp.is_faulty:
             logger.debug("recovery report for {} which is not faulty", cp.cp_id)
             return
+        await self.repo.record_fault_event(cp.cp_id, FaultEventType.RECOVERY, reason, utcnow())
         cp.is_faulty = False
         cp.fault_reason = None
         cp.breaker.recover()
         self.stats["recoveries"] += 1
         logger.info("CP {} recovered: {} (breaker {})", cp.cp_id, reason, cp.breaker.state.value)
-        await self.repo.record_fault_event(cp.cp_id, FaultEventType.RECOVERY, reason, utcnow())
         self.hub.publish({"type": "recovery", "cp_id": cp.cp_id, "reason": reason,
                           "ts": format_ts_opt(utcnow())})
         await self._persist(cp)
@@ -699,6 +712,45 @@ class Controller:
         logger.info("operator: {} {} ({})", command.value, cp_id, reason)
         await self._send_command(cp_id, command, reason=reason)
         return cp
+
+    async def monitor_report(self, cp_id: str, interval: float, healthy: bool) -> CPView:
+        """A CP's monitor says it is alive (every health interval, SPEC §5 ``monitored``)."""
+        cp = self.get(cp_id)
+        cp.monitor_interval = interval
+        cp.monitor_seen = self.clock()
+        if cp.monitor_lost:
+            cp.monitor_lost = False
+            reason = "the monitor reports again"
+            logger.info("CP {}: {}", cp.cp_id, reason)
+            await self.repo.record_fault_event(cp.cp_id, FaultEventType.MONITOR_BACK, reason,
+                                               utcnow())
+            self.hub.publish({"type": "monitor", "cp_id": cp.cp_id, "monitored": True,
+                              "reason": reason, "ts": format_ts_opt(utcnow())})
+            self._changed(cp)
+        if not healthy and not cp.is_faulty:
+            logger.debug("CP {}: its monitor's last check failed", cp.cp_id)
+        return cp
+
+    async def check_monitors(self) -> list[str]:
+        """Mark the CPs whose monitor has not reported for 3 of its intervals; a fault
+        event "monitor lost" each. Returns their ids."""
+        now = self.clock()
+        lost = []
+        for cp in self.cps.values():
+            if (cp.monitor_interval is None or cp.monitor_lost
+                    or now - cp.monitor_seen <= 3 * cp.monitor_interval):
+                continue
+            cp.monitor_lost = True
+            reason = f"monitor lost: no report for {3 * cp.monitor_interval:g}s"
+            logger.warning("CP {}: {}", cp.cp_id, reason)
+            self.stats["monitors_lost"] += 1
+            await self.repo.record_fault_event(cp.cp_id, FaultEventType.MONITOR_LOST, reason,
+                                               utcnow())
+            self.hub.publish({"type": "monitor", "cp_id": cp.cp_id, "monitored": False,
+                              "reason": reason, "ts": format_ts_opt(utcnow())})
+            self._changed(cp)
+            lost.append(cp.cp_id)
+        return lost
 
     # ------------------------------------------------------------------ silent CPs
 
