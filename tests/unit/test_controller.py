@@ -415,7 +415,7 @@ async def test_after_a_restart_a_cp_that_claims_the_session_keeps_it(
 async def test_after_a_restart_a_session_no_cp_claims_fails_with_the_ledgers_totals(
     bus: RecordingPublisher, repo: SqliteRepository
 ) -> None:
-    second, req, session_id = await restarted(bus, repo)
+    second, req, _ = await restarted(bus, repo)
     try:
         await second.handle_status(CPStatus(
             cp_id="CP-002", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
@@ -637,3 +637,18 @@ async def test_a_silent_monitor_is_lost_after_three_intervals_and_back_on_its_re
 async def test_a_monitor_report_for_an_unknown_cp_is_refused(central: Controller) -> None:
     with pytest.raises(UnknownCP):
         await central.monitor_report("CP-NOPE", 1.0, True)
+
+
+async def test_breaker_failures_survive_a_restart(
+    bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
+) -> None:
+    first = Controller(bus, repo, CentralOptions(start_timeout=0.05, breaker_failure_threshold=3),
+                       clock=clock)
+    await activate(first)
+    req = await request(first)
+    await bus.wait_for(DriverUpdate, lambda u: u.request_id == req.request_id and u.status.is_final)
+    assert first.get("CP-001").breaker.failures == 1
+    await first.close()
+    second = Controller(bus, repo, CentralOptions(breaker_failure_threshold=3), clock=clock)
+    await second.load()
+    assert second.get("CP-001").breaker.failures == 1

@@ -212,6 +212,7 @@ class Controller:
         self.stats: Counter[str] = Counter()
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
+        self._unsaved: set[str] = set()
         self._started_at = utcnow()
 
     # ------------------------------------------------------------------ lifecycle
@@ -781,6 +782,9 @@ class Controller:
     # ------------------------------------------------------------------ snapshots
 
     async def snapshot_health(self) -> int:
+        for cp_id in list(self._unsaved):
+            await self.repo.upsert_cp(self.cps[cp_id].record())
+            self._unsaved.discard(cp_id)
         rows = [cp.snapshot() for cp in self.cps.values()]
         if rows:
             await self.repo.record_health_many(rows)
@@ -855,14 +859,17 @@ class Controller:
         if cp.session is session:
             cp.session = None
         cp.last_closed = session.session_id
-        await self._send_update(self._update(session, status, reason=reason))
         self._cancel_watchdog(session.session_id)
+        breaker_before = (cp.breaker.state, cp.breaker.failures)
         if result is SessionResult.COMPLETED:
             cp.breaker.record_success()
         elif breaker_failure:
             cp.breaker.record_failure(reason)
         elif session.trial:
             cp.breaker.release()
+        if (cp.breaker.state, cp.breaker.failures) != breaker_before:
+            await self._persist_later(cp)
+        await self._send_update(self._update(session, status, reason=reason))
         self.stats[f"sessions_{result.value.lower()}"] += 1
         log = logger.info if result is SessionResult.COMPLETED else logger.warning
         log("session {} on {} ended {}: {:.4f} kWh, {:.4f} €{}", session.session_id,
@@ -926,6 +933,14 @@ class Controller:
             cp.cp_id, cp.state, cp.is_faulty, cp.breaker.state, utcnow(),
             session_id=cp.session.session_id if cp.session else None,
         )
+
+    async def _persist_later(self, cp: CPView) -> None:
+        """Save the CP's record now if the database lets us, else at the next housekeeping
+        round (the decision it belongs to is recorded already)."""
+        try:
+            await self.repo.upsert_cp(cp.record())
+        except StorageError:
+            self._unsaved.add(cp.cp_id)
 
     def _changed(self, cp: CPView) -> None:
         self.hub.publish({"type": "cp", "cp": cp.as_dict()})
