@@ -403,6 +403,7 @@ async def test_fault_mid_session_fails_it_and_health_reports_503(
         response = await client.post("/fault")
         assert response.status_code == 409
         assert "FAULT" in response.json()["error"]
+        assert response.json()["code"] == "not_allowed"
 
         mark = len(pub.messages)
         response = await client.post("/recover")
@@ -448,6 +449,7 @@ async def test_fault_with_bad_body_is_422_and_changes_nothing(
             "/fault", content=content, headers={"content-type": "application/json"}
         )
     assert response.status_code == 422
+    assert response.json()["code"] == "invalid_request"
     assert cp.state is CPState.ACTIVATED
     assert pub.messages[mark:] == []
 
@@ -592,6 +594,30 @@ async def test_bus_failures_are_logged_not_raised(
     await cp.stop()
     assert pub.failures >= 3 and pub.messages == []
     assert cp.state is CPState.FAULT
+    assert cp.publish_failures == pub.failures
+
+
+async def test_a_bus_outage_is_logged_once_and_its_end_once(
+    make_cp: Callable[..., ChargingPoint], pub: RecordingPublisher
+) -> None:
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO", format="{message}")
+    try:
+        cp = make_cp(session_seconds=60.0, telemetry_interval=60.0)
+        pub.fail = True
+        await cp.start()
+        for _ in range(5):
+            await cp.handle_command(command(CommandType.STOP_CP))
+            await cp.handle_command(command(CommandType.RESUME_CP))
+        pub.fail = False
+        await cp.handle_command(command(CommandType.STOP_CP))
+    finally:
+        logger.remove(sink)
+    assert sum("could not publish" in line for line in lines) == 1
+    assert sum("publishing works again after 11 failure(s)" in line for line in lines) == 1
+    assert cp.publish_failures == 0
 
 
 # ------------------------------------------------------------------------ command line

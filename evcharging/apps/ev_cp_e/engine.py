@@ -118,6 +118,8 @@ class ChargingPoint:
         self._session: _Session | None = None
         self._ended_sessions: deque[str] = deque(maxlen=_REMEMBERED_SESSIONS)
         self._last_end: SessionEnd | None = None
+        self.publish_failures = 0
+        """Failed publishes in a row (the bus is down while this is above 0)."""
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -478,8 +480,16 @@ class ChargingPoint:
         )
 
     async def _publish(self, message: Message) -> None:
-        """Publish; a bus failure is logged, never raised (the next heartbeat repairs it)."""
+        """Publish; a bus failure is logged once per outage, never raised (the next
+        heartbeat, which repeats the state and the last session's end, repairs it)."""
         try:
             await self._publisher.publish(message)
         except BusError as exc:
-            self._log.error("could not publish {}: {}", type(message).__name__, exc)
+            self.publish_failures += 1
+            if self.publish_failures == 1:
+                self._log.error("could not publish {}: {} (logged once until it works again)",
+                                type(message).__name__, exc)
+            return
+        if self.publish_failures:
+            self._log.info("publishing works again after {} failure(s)", self.publish_failures)
+            self.publish_failures = 0
