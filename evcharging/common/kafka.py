@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 from loguru import logger
 from pydantic import ValidationError
 
@@ -45,6 +46,8 @@ __all__ = [
     "Routes",
     "Topic",
     "ensure_topics",
+    "partition_for_key",
+    "partitions_for_keys",
     "retry",
 ]
 
@@ -308,6 +311,19 @@ class KafkaBus:
 StartAt = Literal["earliest", "latest"]
 
 
+def partition_for_key(key: str, partitions: Sequence[int]) -> int:
+    """The partition a producer sends `key` to: Kafka's default partitioner (murmur2 of
+    the key's bytes, positive, modulo the partition count), as aiokafka and Java do it."""
+    ordered = sorted(partitions)
+    index = int(murmur2(key.encode())) & 0x7FFFFFFF
+    return ordered[index % len(ordered)]
+
+
+def partitions_for_keys(keys: Iterable[str], partitions: Sequence[int]) -> list[int]:
+    """The partitions that messages with these keys go to, in order."""
+    return sorted({partition_for_key(key, partitions) for key in keys})
+
+
 class KafkaConsumerLoop:
     """Consume `handlers`' topics; each message is validated, handled, then committed.
 
@@ -335,11 +351,17 @@ class KafkaConsumerLoop:
         fetch_max_wait_ms: int = 100,
         before_commit: Callable[[], Awaitable[None]] | None = None,
         commit_interval: float = 0.2,
+        keys: Iterable[str] | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
+        if keys is not None and group_id is not None:
+            raise ValueError("keys select partitions by hand: they need group_id=None")
         self.config = config
         self.routes = routes
+        self.keys = None if keys is None else frozenset(keys)
+        """With keys, only the partitions these message keys go to are read (a CP engine
+        or a fleet reads the central.commands of its own CPs, not every command)."""
         self.group_id = group_id
         self.group_instance_id = group_instance_id
         self.start_at = start_at
@@ -395,7 +417,12 @@ class KafkaConsumerLoop:
     async def _assign_all(
         self, consumer: AIOKafkaConsumer, known: Mapping[str, Sequence[int]]
     ) -> None:
-        partitions = [TopicPartition(name, p) for name in self._names for p in known[name]]
+        partitions = [
+            TopicPartition(name, p)
+            for name in self._names
+            for p in (known[name] if self.keys is None
+                      else partitions_for_keys(self.keys, known[name]))
+        ]
         consumer.assign(partitions)
         if self.start_at == "latest":
             await consumer.seek_to_end(*partitions)

@@ -19,6 +19,7 @@ from evcharging.common.kafka import (
     KafkaConsumerLoop,
     Topic,
     ensure_topics,
+    partition_for_key,
 )
 from evcharging.common.messages import (
     CentralCommand,
@@ -241,3 +242,27 @@ async def test_restarted_group_consumer_resumes_from_committed_offset(
     finally:
         await stop_loop(loop, task)
     assert [m.request_id for m in first.items] == ["r0", "r1", "r2"]
+
+
+async def test_a_consumer_with_keys_reads_only_their_partitions(
+    config: KafkaConfig, bus: KafkaBus
+) -> None:
+    """A CP engine reads the central.commands partition its own id hashes to, nothing else."""
+    mine, other = "CP-00001", next(
+        f"CP-{i:05d}" for i in range(2, 100)
+        if partition_for_key(f"CP-{i:05d}", [0, 1]) != partition_for_key("CP-00001", [0, 1])
+    )
+    inbox = Inbox()
+    loop = KafkaConsumerLoop(config, Routes().add(CentralCommand, inbox.handler()),
+                             start_at="latest", keys=[mine])
+    task = await run_loop(loop)
+    try:
+        await bus.publish(CentralCommand(cp_id=other, cmd=CommandType.STOP_CP))
+        await bus.publish(CentralCommand(cp_id=mine, cmd=CommandType.STOP_CP))
+        [got] = await inbox.wait_for(1)
+        assert got.cp_id == mine
+        await bus.publish(CentralCommand(cp_id=mine, cmd=CommandType.RESUME_CP))
+        await inbox.wait_for(2)
+        assert [m.cp_id for m in inbox.items] == [mine, mine]
+    finally:
+        await stop_loop(loop, task)
