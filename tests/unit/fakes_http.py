@@ -1,8 +1,23 @@
-"""HTTP test doubles for the CP Monitor: a CP Engine and a Central behind httpx.MockTransport.
+"""The CP Monitor's network in unit tests: a fake CP Engine and the REAL Central API.
 
-Both fakes record what they receive and notify one :class:`asyncio.Condition` after every
-request, so a test waits for a state with :meth:`FakeNetwork.wait_for` (with a timeout)
-instead of sleeping.
+Both are reached through one ``httpx.MockTransport`` (no sockets), routed by host:
+
+* :class:`FakeEngine`, a double of the engine's ``/health``: the tests need each way a
+  health check can fail on demand (connection refused, a timeout, 500, 503 with FAULT),
+  which a real engine does not give at will.
+* :class:`CentralFront`, the real Central app (:func:`create_api` over a
+  :class:`Controller` with an in-memory :class:`SqliteRepository`, see :class:`Central`)
+  reached through ``httpx.ASGITransport``, with a front that plays the network between
+  the monitor and Central: ``up = False`` refuses connections (Central stopped),
+  ``fail_next`` answers that many calls 503 before they reach the app (Central starting
+  behind a proxy), and ``liveness_route = False`` answers the liveness route 404 itself,
+  as a Central older than that route does. The front records the traffic: every call,
+  and the registrations and reports the app accepted. Liveness reports
+  (``/cp/{cp_id}/monitor``) are recorded apart, in ``liveness``, so that the tests of
+  registration and reports see the same traffic whether Central has that route or not.
+
+:class:`FakeNetwork` notifies one :class:`asyncio.Condition` after every request, so a test
+waits for a state with :meth:`FakeNetwork.wait_for` (with a timeout) instead of sleeping.
 """
 
 from __future__ import annotations
@@ -14,6 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import httpx
+
+from evcharging.apps.ev_central.api import create_api
+from evcharging.apps.ev_central.controller import CentralOptions, Controller
+from evcharging.apps.ev_central.repository import SqliteRepository
+from tests.unit.fakes import RecordingPublisher
 
 ENGINE_HOST = "engine.test"
 ENGINE_PORT = 8001
@@ -62,73 +82,102 @@ class FakeEngine:
         return httpx.Response(200, json={"cp_id": "CP-001", "state": "ACTIVATED"})
 
 
-@dataclass
-class FakeCentral:
-    """Central's /cp/register and /cp/fault.
+class Central:
+    """The real Central behind its HTTP API: a Controller over an in-memory SQLite
+    repository and a publisher that records what would go to Kafka."""
 
-    ``up`` False refuses connections; ``fail_next`` answers that many calls with 503;
-    ``token`` set requires ``Authorization: Bearer <token>``; a fault report for a CP that
-    is not in ``known`` gets 404 (``forget()`` drops every CP, like a Central that lost
-    its registry).
+    def __init__(self, token: str | None = None) -> None:
+        self.token = token
+        self.bus = RecordingPublisher()
+        self.repo = SqliteRepository(":memory:")
+        self.controller = Controller(self.bus, self.repo, CentralOptions(start_timeout=30.0))
+        self.app = create_api(self.controller, api_token=token)
+
+    async def open(self) -> Central:
+        await self.repo.open()
+        await self.controller.load()
+        return self
+
+    async def close(self) -> None:
+        await self.controller.close()
+        await self.repo.close()
+
+
+class CentralFront:
+    """What the monitor reaches at Central's address: an ASGI app behind a network front.
+
+    ``app`` is the real Central's unless a test gives its own (:meth:`serve`).
     """
 
-    up: bool = True
-    fail_next: int = 0
-    token: str | None = None
-    known: set[str] = field(default_factory=set)
-    calls: list[httpx.Request] = field(default_factory=list)
-    registrations: list[dict[str, Any]] = field(default_factory=list)
-    reports: list[dict[str, Any]] = field(default_factory=list)
-    """Reports Central accepted (2xx), in order."""
-    refused: int = 0
-    """Calls that got no 2xx answer."""
-
-    def forget(self) -> None:
-        self.known.clear()
-
-    @property
-    def fault_reports(self) -> list[dict[str, Any]]:
-        return [r for r in self.reports if r["is_faulty"]]
+    def __init__(self, central: Central) -> None:
+        self.central = central
+        self.up = True
+        self.fail_next = 0
+        self.liveness_route = True
+        self.calls: list[httpx.Request] = []
+        """Every call but liveness reports, in order."""
+        self.registrations: list[dict[str, Any]] = []
+        self.reports: list[dict[str, Any]] = []
+        """Reports Central accepted (2xx), in order."""
+        self.refused = 0
+        """Calls (liveness reports aside) that got no 2xx answer."""
+        self.liveness: list[tuple[httpx.Request, int | None]] = []
+        """Liveness reports and the status they got (None: no answer)."""
+        self._transport = httpx.ASGITransport(central.app)
 
     @property
-    def recovery_reports(self) -> list[dict[str, Any]]:
-        return [r for r in self.reports if not r["is_faulty"]]
+    def controller(self) -> Controller:
+        return self.central.controller
 
-    def handle(self, request: httpx.Request) -> httpx.Response:
-        self.calls.append(request)
+    def serve(self, app: Any) -> None:
+        """Answer with `app` from now on (a test's own Central)."""
+        self._transport = httpx.ASGITransport(app)
+
+    async def restart_empty(self) -> None:
+        """Central restarts with an empty registry (it lost its database)."""
+        old, self.central = self.central, await Central(self.central.token).open()
+        self._transport = httpx.ASGITransport(self.central.app)
+        await old.close()
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        is_liveness = request.url.path.endswith("/monitor")
+        try:
+            response = await self._answer(request, is_liveness)
+        except httpx.HTTPError:
+            self._record(request, is_liveness, None)
+            raise
+        self._record(request, is_liveness, response.status_code)
+        return response
+
+    async def _answer(self, request: httpx.Request, is_liveness: bool) -> httpx.Response:
         if not self.up:
-            self.refused += 1
             raise _refused(request)
         if self.fail_next > 0:
             self.fail_next -= 1
+            return httpx.Response(503, json={"error": "starting", "code": "unavailable"})
+        if is_liveness and not self.liveness_route:
+            return httpx.Response(404, json={"error": "Not Found", "code": "not_found"})
+        return await self._transport.handle_async_request(request)
+
+    def _record(self, request: httpx.Request, is_liveness: bool, status: int | None) -> None:
+        if is_liveness:
+            self.liveness.append((request, status))
+            return
+        self.calls.append(request)
+        if status is None or status >= 300:
             self.refused += 1
-            return httpx.Response(503, json={"error": "starting"})
-        if self.token is not None and (
-            request.headers.get("Authorization") != f"Bearer {self.token}"
-        ):
-            self.refused += 1
-            return httpx.Response(401, json={"error": "invalid token"})
-        body = json.loads(request.content)
-        if request.method == "POST" and request.url.path == "/cp/register":
-            self.known.add(body["cp_id"])
-            self.registrations.append(body)
-            return httpx.Response(200, json={"ok": True})
-        if request.method == "POST" and request.url.path == "/cp/fault":
-            if body["cp_id"] not in self.known:
-                self.refused += 1
-                return httpx.Response(404, json={"error": "unknown CP"})
-            self.reports.append(body)
-            return httpx.Response(200, json={"ok": True})
-        self.refused += 1
-        return httpx.Response(404, json={"error": "no such route"})
+        elif request.url.path == "/cp/register":
+            self.registrations.append(json.loads(request.content))
+        elif request.url.path == "/cp/fault":
+            self.reports.append(json.loads(request.content))
 
 
 class FakeNetwork:
-    """Routes requests to the fakes by host and notifies waiters after each one."""
+    """Routes requests to the engine and Central by host and notifies waiters after each."""
 
-    def __init__(self, engine: FakeEngine | None = None, central: FakeCentral | None = None):
-        self.engine = engine or FakeEngine()
-        self.central = central or FakeCentral()
+    def __init__(self, engine: FakeEngine, central: CentralFront) -> None:
+        self.engine = engine
+        self.central = central
         self.changed = asyncio.Condition()
         self.engine_delay = 0.0
         """Seconds the engine takes to answer (to exercise the monitor's own timeout)."""
@@ -140,7 +189,7 @@ class FakeNetwork:
                     await asyncio.sleep(self.engine_delay)
                 return self.engine.handle(request)
             if request.url.host == CENTRAL_HOST and request.url.port == CENTRAL_PORT:
-                return self.central.handle(request)
+                return await self.central.handle(request)
             raise httpx.ConnectError(f"no route to {request.url}", request=request)
         finally:
             async with self.changed:

@@ -2,7 +2,7 @@
 
 Parses the flags (and ``CP_MONITOR_*`` variables) into :class:`CPMonitorSettings`, sets up
 logging and runs one :class:`Monitor` until SIGINT or SIGTERM. Exit code 0 after a
-signal, 1 when the monitor failed, 2 for invalid flags or settings.
+signal, 1 when a task of the monitor failed, 2 for invalid flags or settings.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from loguru import logger
-
 from evcharging.apps.ev_cp_m.monitor import Monitor
 from evcharging.common.config import CPMonitorSettings, load_settings
 from evcharging.common.logging import setup_logging
-from evcharging.common.service import run_service
+from evcharging.common.service import EXIT_FAILURE, EXIT_OK, run_service
 
 PROG = "python -m evcharging.apps.ev_cp_m.main"
 DESCRIPTION = (
@@ -27,13 +25,8 @@ DESCRIPTION = (
 
 async def run(settings: CPMonitorSettings, stop: asyncio.Event) -> int:
     """Monitor until `stop` is set; returns the exit code."""
-    monitor = Monitor(settings)
-    try:
-        await monitor.run(stop)
-    except Exception:  # noqa: BLE001 - the process boundary: log it and exit 1
-        logger.exception("the monitor failed")
-        return 1
-    return 0
+    failed = await Monitor(settings).run(stop)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

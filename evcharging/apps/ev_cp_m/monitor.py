@@ -1,6 +1,7 @@
 """CP Monitor: the watchdog of one charging point. It speaks HTTP only (no Kafka).
 
-Two owned tasks run side by side:
+Three owned tasks run side by side (in a :class:`~evcharging.common.service.TaskOwner`: one
+that fails is logged once and stops the monitor, whose process then exits 1):
 
 * the **checker** GETs the CP Engine's ``/health`` every ``health_interval`` seconds. A
   check fails on a connection error, a timeout (``health_timeout``, for the whole call) or
@@ -15,6 +16,13 @@ Two owned tasks run side by side:
   register again and then retry; a 401/403 is logged as an error about the API token and
   retried (Central may be restarted with the right token). Other 4xx answers to a report
   are logged and the report is dropped, since sending it again cannot help.
+* the **liveness reporter** tells Central every ``health_interval`` that the monitor is
+  alive (``POST /cp/{cp_id}/monitor`` with ``{"interval", "healthy"}``, ``healthy`` being
+  whether the last health check passed), so that Central can show which CPs are watched
+  (SPEC §5 ``monitored``). It starts once the CP is registered. A 404 naming the CP as
+  unknown makes the monitor register again; a 404 or 405 for the route itself means an
+  older Central without it: logged once, tried again every ``liveness_retry`` seconds
+  (60), while everything else goes on.
 
 While Central is unreachable the monitor keeps checking and logs one warning per outage,
 plus one line when Central answers again. State changes of its view of the CP
@@ -27,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from typing import Any
@@ -37,7 +44,7 @@ from loguru import logger
 
 from evcharging.common.config import CPMonitorSettings
 from evcharging.common.messages import CPFaultReport, CPRegistration
-from evcharging.common.service import wait_first
+from evcharging.common.service import TaskOwner
 
 __all__ = ["HealthView", "Monitor", "MonitorStats"]
 
@@ -75,6 +82,8 @@ class MonitorStats:
     """Successful registrations (more than one when Central forgot the CP)."""
     central_errors: int = 0
     """Calls to Central that failed or were refused."""
+    liveness_sent: int = 0
+    """Liveness reports Central accepted."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -94,6 +103,8 @@ class _Outcome(Enum):
     """404: Central does not know the CP; register again."""
     REJECTED = "rejected"
     """Another 4xx: the request itself is wrong."""
+    NO_ROUTE = "no route"
+    """404 (not about the CP) or 405 for a route a Central may not have: an older Central."""
 
 
 class Monitor:
@@ -101,7 +112,9 @@ class Monitor:
 
     ``client`` may be injected (tests pass one with an ``httpx.MockTransport``); the monitor
     closes only a client it created itself. ``retry_initial``/``retry_max`` bound the
-    backoff of calls to Central. Use ``start()``/``stop()``, ``async with``, or ``run(stop)``.
+    backoff of calls to Central; ``liveness_retry`` is how often the liveness report is
+    tried again on a Central that lacks its route. Use ``start()``/``stop()``,
+    ``async with``, or ``run(stop)``.
     """
 
     def __init__(
@@ -112,6 +125,7 @@ class Monitor:
         retry_initial: float = 0.5,
         retry_max: float = 10.0,
         central_timeout: float = 5.0,
+        liveness_retry: float = 60.0,
     ) -> None:
         if retry_initial <= 0 or retry_max < retry_initial:
             raise ValueError("need 0 < retry_initial <= retry_max")
@@ -126,23 +140,26 @@ class Monitor:
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._central_timeout = central_timeout
+        self._liveness_retry = liveness_retry
+        self._liveness_unsupported = False
         self._headers: dict[str, str] = {}
         if settings.api_token is not None:
             self._headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
-        self._registered = False
+        self._registered = asyncio.Event()
         self._pending: CPFaultReport | None = None
         self._central_believes_faulty: bool | None = None
         """What Central was last told with success; None when uncertain."""
         self._wake = asyncio.Event()
         self._central_problem: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(f"monitor {settings.cp_id}")
+        self._started = False
         self._stopped = False
 
     # ----------------------------------------------------------------- lifecycle
 
     @property
     def registered(self) -> bool:
-        return self._registered
+        return self._registered.is_set()
 
     @property
     def pending_report(self) -> CPFaultReport | None:
@@ -151,14 +168,15 @@ class Monitor:
 
     @property
     def running(self) -> bool:
-        return any(not task.done() for task in self._tasks)
+        return len(self._tasks) > 0
 
     async def start(self) -> None:
-        """Start the checker and the Central link; returns at once."""
-        if self._tasks:
-            raise RuntimeError("the monitor is already started")
+        """Start the checker, the Central link and the liveness reporter; returns at once."""
         if self._stopped:
             raise RuntimeError("a stopped monitor cannot start again")
+        if self._started:
+            raise RuntimeError("the monitor is already started")
+        self._started = True
         s = self.settings
         logger.info(
             "monitoring {} at {} every {:g} s (timeout {:g} s, fault after {} failures); "
@@ -166,23 +184,23 @@ class Monitor:
             s.cp_id, self.health_url, s.health_interval, s.health_timeout,
             s.failure_threshold, self.central_url,
         )
-        self._tasks = {
-            asyncio.create_task(self._check_loop(), name=f"monitor-{s.cp_id}-checks"),
-            asyncio.create_task(self._central_loop(), name=f"monitor-{s.cp_id}-central"),
-        }
+        self._tasks.spawn(self._check_loop(), f"monitor {s.cp_id} health checks", forever=True)
+        self._tasks.spawn(self._central_loop(), f"monitor {s.cp_id} Central link", forever=True)
+        self._tasks.spawn(self._liveness_loop(), f"monitor {s.cp_id} liveness", forever=True)
 
     async def stop(self) -> None:
-        """Cancel and await both tasks, then close the client if it is ours. Idempotent."""
+        """Cancel and await the tasks, then close the client if it is ours. Idempotent."""
+        if self._stopped:
+            return
         self._stopped = True
-        tasks, self._tasks = self._tasks, set()
-        await _cancel_and_wait(tasks)
+        await self._tasks.close()
         if self._pending is not None:
             logger.warning(
                 "stopping with an undelivered {} report", _kind(self._pending)
             )
         if self._owns_client and not self._client.is_closed:
             await self._client.aclose()
-        if tasks:
+        if self._started:
             logger.info("monitor stopped ({})", self.stats.as_dict())
 
     async def __aenter__(self) -> Monitor:
@@ -192,15 +210,12 @@ class Monitor:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Monitor until `stop` is set; raises if a task of the monitor died."""
+    async def run(self, stop: asyncio.Event) -> bool:
+        """Monitor until `stop` is set or one of its tasks fails (logged once, with its
+        traceback); returns whether one failed."""
         await self.start()
         try:
-            for task in await wait_first([stop], self._tasks):
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
-                raise RuntimeError(f"monitor task {task.get_name()} ended unexpectedly")
+            return await self._tasks.wait(stop)
         finally:
             await self.stop()
 
@@ -306,15 +321,15 @@ class Monitor:
         delay = self._retry_initial
         while True:
             report = self._pending
-            if not self._registered:
+            if not self._registered.is_set():
                 outcome = await self._register()
                 if outcome is _Outcome.OK:
-                    self._registered = True
+                    self._registered.set()
                     continue  # deliver what is pending now, without a pause
             elif report is not None:
                 outcome = await self._report(report)
                 if outcome is _Outcome.UNKNOWN_CP:
-                    self._registered = False
+                    self._registered.clear()
                 elif outcome is not _Outcome.RETRY:
                     if self._pending is report:
                         self._pending = None
@@ -364,7 +379,64 @@ class Monitor:
             logger.error("Central rejected the {} report; dropping it", kind)
         return outcome
 
-    async def _post(self, path: str, body: dict[str, Any], what: str) -> _Outcome:
+    # ----------------------------------------------------------------- liveness
+
+    async def _liveness_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            if not self._registered.is_set():
+                await self._registered.wait()
+                next_at = loop.time()
+            outcome = await self._report_liveness()
+            next_at += (
+                self._liveness_retry
+                if outcome is _Outcome.NO_ROUTE
+                else self.settings.health_interval
+            )
+            now = loop.time()
+            next_at = max(next_at, now)
+            await asyncio.sleep(next_at - now)
+
+    async def _report_liveness(self) -> _Outcome:
+        """Tell Central once that this monitor is alive."""
+        cp_id = self.settings.cp_id
+        body = {
+            "interval": self.settings.health_interval,
+            "healthy": self.view is HealthView.HEALTHY,
+        }
+        outcome = await self._post(f"/cp/{cp_id}/monitor", body, "reporting liveness",
+                                   route_may_be_missing=True)
+        if outcome is _Outcome.OK:
+            self.stats.liveness_sent += 1
+            if self._liveness_unsupported:
+                self._liveness_unsupported = False
+                logger.info("Central at {} takes liveness reports now", self.central_url)
+        elif outcome is _Outcome.NO_ROUTE:
+            if not self._liveness_unsupported:
+                self._liveness_unsupported = True
+                logger.warning(
+                    "Central at {} has no /cp/{{cp_id}}/monitor route (an older Central?): "
+                    "it cannot show that {} is monitored; fault reports go on, and the "
+                    "liveness report is tried again every {:g} s",
+                    self.central_url, cp_id, self._liveness_retry,
+                )
+        elif outcome is _Outcome.UNKNOWN_CP:
+            logger.warning("Central does not know {} (HTTP 404); registering it again", cp_id)
+            self._registered.clear()
+            self._wake.set()
+        return outcome
+
+    # ----------------------------------------------------------------- HTTP calls
+
+    async def _post(
+        self, path: str, body: dict[str, Any], what: str, *, route_may_be_missing: bool = False
+    ) -> _Outcome:
+        """POST to Central and classify the answer; problems are logged once per kind.
+
+        With `route_may_be_missing`, a 404 that does not name the CP as unknown, or a 405,
+        is :attr:`_Outcome.NO_ROUTE` rather than a reason to register again.
+        """
         url = f"{self.central_url}{path}"
         try:
             response = await self._client.post(
@@ -402,6 +474,10 @@ class Monitor:
                           f"Central refused our credentials (HTTP {code}) while {what}: "
                           f"{hint}; retrying with backoff")
             return _Outcome.RETRY
+        if route_may_be_missing and (
+            code == 405 or (code == 404 and _error_code(response) != "unknown_cp")
+        ):
+            return _Outcome.NO_ROUTE
         if code == 404:
             return _Outcome.UNKNOWN_CP
         self._problem(f"rejected-{code}", "error",
@@ -423,15 +499,13 @@ class Monitor:
             self._central_problem = None
 
 
-async def _cancel_and_wait(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel `tasks` and wait until they have ended; their failures are logged at DEBUG."""
-    tasks = list(tasks)
-    for task in tasks:
-        task.cancel()
-    results = await asyncio.gather(*tasks, return_exceptions=True)
-    for task, result in zip(tasks, results, strict=True):
-        if isinstance(result, Exception):
-            logger.opt(exception=result).debug("task {} had failed", task.get_name())
+def _error_code(response: httpx.Response) -> object:
+    """The ``code`` of a JSON error answer (``{"error", "code"}``), None without one."""
+    with contextlib.suppress(ValueError):
+        body = response.json()
+        if isinstance(body, dict):
+            return body.get("code")
+    return None
 
 
 def _kind(report: CPFaultReport) -> str:
