@@ -1,14 +1,14 @@
 """EV Central: ``python -m evcharging.apps.ev_central.main --help``.
 
 Start order: database, Kafka producer, controller (reloads the registry), HTTP API and
-dashboard, TCP control plane, then the Kafka consumer. Shutdown runs in reverse:
-stop accepting, drain, close Kafka, close the database.
+dashboard, TCP control plane, then the Kafka consumer and the housekeeping task. It runs
+until SIGINT/SIGTERM (exit 0) or until a background task fails (exit 1). Shutdown: stop
+accepting (TCP, HTTP), the background tasks, the controller, Kafka, then the database.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,11 +31,14 @@ from evcharging.common.kafka import (
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from evcharging.common.service import (
+    EXIT_FAILURE,
+    EXIT_OK,
     HttpServer,
+    Shutdown,
     Stopped,
+    TaskOwner,
     run_service,
     until_stopped,
-    wait_first,
 )
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
@@ -63,14 +66,6 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
     token = settings.api_token.get_secret_value() if settings.api_token else None
     async with SqliteRepository(settings.db_path) as repo:
         bus = KafkaBus(kafka, stats)
-        try:
-            await until_stopped(stop, bus.start())
-        except Stopped:
-            logger.info("stopped before Kafka was reached")
-            return 0
-        except BusError as exc:
-            logger.critical("{}", exc)
-            return 1
         controller = Controller(
             bus,
             repo,
@@ -106,49 +101,45 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 "tcp": tcp.stats(),
             }
 
+        tasks = TaskOwner("EV Central")
         http = HttpServer(
             create_api(controller, api_token=token, health=health),
-            settings.http_host, settings.http_port, name="HTTP API",
+            settings.http_host, settings.http_port, name="HTTP API", tasks=tasks,
         )
         tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token)
-        tasks: list[asyncio.Task[None]] = []
+        shutdown = Shutdown(
+            ("TCP control plane", tcp.stop),
+            ("HTTP API", http.stop),
+            ("background tasks", tasks.close),
+            ("controller", controller.close),
+            ("Kafka consumer", consumer.stop),
+            ("Kafka producer", bus.stop),
+        )
         try:
+            await until_stopped(stop, bus.start())
             await controller.load()
             await http.start()
             await tcp.start()
             await until_stopped(stop, consumer.start())
-            tasks.append(asyncio.create_task(consumer.run(), name="consumer"))
-            tasks.append(asyncio.create_task(
+            tasks.spawn(consumer.run(), "Kafka consumer", forever=True)
+            tasks.spawn(
                 _housekeeping(controller, settings.health_snapshot_interval),
-                name="housekeeping",
-            ))
+                "housekeeping", forever=True,
+            )
             logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)
-            failed = await wait_first([stop], tasks)
-            for task in failed:
-                logger.critical(
-                    "{} stopped unexpectedly: {!r}", task.get_name(), task.exception()
-                )
-            return 1 if failed else 0
+            return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)
-            return 1
+            return EXIT_FAILURE
         except Stopped:
-            return 0
+            logger.info("stopped while starting")
+            return EXIT_OK
         except BusError as exc:
             logger.critical("{}", exc)
-            return 1
+            return EXIT_FAILURE
         finally:
             logger.info("shutting down")
-            await tcp.stop()
-            await http.stop()
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            await controller.close()
-            await consumer.stop()
-            await bus.stop()
+            await shutdown.run()
             logger.info("EV Central stopped")
 
 
