@@ -24,6 +24,7 @@ from loguru import logger
 from evcharging.apps.ev_cp_e.engine import ChargingPoint
 from evcharging.apps.ev_cp_e.health import create_health_app
 from evcharging.common.config import CPEngineSettings, load_settings
+from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
     BusError,
     BusStats,
@@ -52,6 +53,13 @@ EXIT_FAILURE = 1
 async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
     """Run one CP until `stop` is set, Central says SHUTDOWN, or the consumer dies."""
     log = logger.bind(cp_id=settings.cp_id)
+    exposure = check_exposure(
+        settings.health_host, settings.api_token, settings.allow_anonymous,
+        env_name="CP_ENGINE_API_TOKEN",
+    )
+    if exposure is not None:
+        log.critical("{}", exposure)
+        return EXIT_FAILURE
     stats = BusStats()
     config = KafkaConfig(
         bootstrap=settings.kafka_bootstrap,
@@ -68,9 +76,10 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         start_at="latest",
         stats=stats,
     )
-    http = HttpServer(
-        create_health_app(cp, stats), settings.health_host, settings.health_port, name="health"
+    app = create_health_app(
+        cp, stats, api_token=settings.api_token, allow_anonymous=settings.allow_anonymous
     )
+    http = HttpServer(app, settings.health_host, settings.health_port, name="health")
     consuming: asyncio.Task[None] | None = None
     code = EXIT_OK
     try:
