@@ -249,6 +249,15 @@ async def test_stop_while_following_interrupts_the_request() -> None:
     assert not summary.finished
 
 
+async def test_stop_while_waiting_for_an_update_wakes_the_driver_at_once() -> None:
+    driver, publisher = make_driver(lambda request: [], timeout=60)
+    # Called back once the driver waits for the first update of its request.
+    publisher.on_publish = lambda _request: asyncio.get_running_loop().call_soon(driver.stop)
+    summary = await run(driver, ["CP-001", "CP-002"], timeout=2.0)
+    assert [r.outcome for r in summary.results] == [Outcome.INTERRUPTED]
+    assert not summary.finished
+
+
 async def test_publish_failure_stops_the_run_with_a_bus_error() -> None:
     driver, publisher = make_driver()
     publisher.fail = True
@@ -431,6 +440,19 @@ async def test_main_run_consumer_death_exits_1(
     code = await asyncio.wait_for(driver_main.run(driver_settings(tmp_path), asyncio.Event()), 5)
     assert code == 1
     assert any(level == "CRITICAL" and "consumer died" in m for level, m in logs)
+    assert kafka.events[-2:] == ["consumer.stop", "bus.stop"]
+
+
+async def test_main_run_driver_crash_exits_1_logged_once(
+    kafka: FakeKafka, tmp_path: Path, logs: list[tuple[str, str]]
+) -> None:
+    def central(request: DriverRequest) -> list[DriverUpdate]:
+        raise RuntimeError("driver broke")
+
+    kafka.central = central
+    code = await asyncio.wait_for(driver_main.run(driver_settings(tmp_path), asyncio.Event()), 5)
+    assert code == 1
+    assert [level for level, m in logs if "driver broke" in m] == ["CRITICAL"]
     assert kafka.events[-2:] == ["consumer.stop", "bus.stop"]
 
 

@@ -150,7 +150,8 @@ class Driver:
         self.request_timeout = request_timeout
         self.request_interval = request_interval
         self._publisher = publisher
-        self._waiting: dict[str, asyncio.Queue[DriverUpdate]] = {}
+        self._waiting: dict[str, asyncio.Queue[DriverUpdate | None]] = {}
+        """The updates of each request being followed; None in a queue means "stop"."""
         self._stopping = asyncio.Event()
         self.ignored_updates = 0
 
@@ -161,6 +162,8 @@ class Driver:
     def stop(self) -> None:
         """Stop following the current request and send no more; run() returns soon."""
         self._stopping.set()
+        for queue in self._waiting.values():
+            queue.put_nowait(None)
 
     async def handle_update(self, update: DriverUpdate) -> None:
         """Consumer handler for driver.updates: route an update to the request it is for."""
@@ -199,7 +202,7 @@ class Driver:
 
     async def _request(self, cp_id: str) -> RequestResult:
         request_id = new_id()
-        queue: asyncio.Queue[DriverUpdate] = asyncio.Queue()
+        queue: asyncio.Queue[DriverUpdate | None] = asyncio.Queue()
         # Registered before publishing, so an answer that arrives at once is not lost.
         self._waiting[request_id] = queue
         try:
@@ -215,7 +218,7 @@ class Driver:
             del self._waiting[request_id]
 
     async def _follow(
-        self, cp_id: str, request_id: str, queue: asyncio.Queue[DriverUpdate]
+        self, cp_id: str, request_id: str, queue: asyncio.Queue[DriverUpdate | None]
     ) -> RequestResult:
         last_progress: DriverUpdate | None = None
         while True:
@@ -243,24 +246,15 @@ class Driver:
             outcome = Outcome.DENIED if status is DriverStatus.DENIED else Outcome.FAILED
             return RequestResult(cp_id, request_id, outcome, update.reason)
 
-    async def _next_update(self, queue: asyncio.Queue[DriverUpdate]) -> DriverUpdate | None:
-        """The next update, or None on timeout or stop."""
-        if not queue.empty():
-            return queue.get_nowait()
-        getter = asyncio.create_task(queue.get())
-        stopper = asyncio.create_task(self._stopping.wait())
+    async def _next_update(
+        self, queue: asyncio.Queue[DriverUpdate | None]
+    ) -> DriverUpdate | None:
+        """The next update, or None on timeout or stop (stop() puts None in the queue)."""
         try:
-            await asyncio.wait(
-                {getter, stopper}, timeout=self.request_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for task in (getter, stopper):
-                task.cancel()
-            await asyncio.gather(getter, stopper, return_exceptions=True)
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
+            async with asyncio.timeout(self.request_timeout):
+                return await queue.get()
+        except TimeoutError:
+            return None
 
     async def _pause(self, seconds: float) -> None:
         """Sleep `seconds`, or less when stop() is called."""

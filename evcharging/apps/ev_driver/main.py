@@ -6,8 +6,8 @@ request so that no answer is missed) and runs a :class:`Driver` over the file.
 
 Exit codes: 0 when every request of the file was tried, 130 when SIGINT/SIGTERM stopped
 the driver early (it logs the summary so far), 1 when the bus failed (Kafka unreachable,
-a request could not be published, or the consumer died), 2 for invalid flags or a requests
-file that cannot be read.
+a request could not be published) or a task failed (the consumer died: logged once, by
+the task owner), 2 for invalid flags or a requests file that cannot be read.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import Any, TypeVar
 
 from loguru import logger
 
@@ -24,7 +23,14 @@ from evcharging.common.config import DriverSettings, load_settings
 from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import DriverUpdate
-from evcharging.common.service import Stopped, run_service, until_stopped, wait_first
+from evcharging.common.service import (
+    Shutdown,
+    Stopped,
+    TaskOwner,
+    run_service,
+    until_stopped,
+    wait_first,
+)
 
 PROG = "python -m evcharging.apps.ev_driver.main"
 DESCRIPTION = (
@@ -36,8 +42,6 @@ EXIT_OK = 0
 EXIT_BUS = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-
-T = TypeVar("T")
 
 
 async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
@@ -73,13 +77,14 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         config, Routes().add(DriverUpdate, driver.handle_update), group_id=None,
         start_at="latest",
     )
+    shutdown = Shutdown(("Kafka consumer", consumer.stop), ("Kafka producer", bus.stop))
     try:
         try:
             await until_stopped(stop, _start(bus, consumer))
         except Stopped:
             logger.info("stopped while connecting to Kafka; no request was sent")
             return EXIT_INTERRUPTED
-        summary, consumer_failed = await _drive(driver, consumer, cp_ids, stop)
+        summary, failed = await _drive(driver, consumer, cp_ids, stop)
     except BusError as exc:
         logger.error("the message bus failed: {}", exc)
         return EXIT_BUS
@@ -87,8 +92,8 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         logger.exception("the driver failed")
         return EXIT_BUS
     finally:
-        await _close(consumer, bus)
-    if consumer_failed or summary.bus_error is not None:
+        await shutdown.run()
+    if failed or summary is None or summary.bus_error is not None:
         return EXIT_BUS
     return EXIT_OK if summary.finished else EXIT_INTERRUPTED
 
@@ -100,43 +105,25 @@ async def _start(bus: KafkaBus, consumer: KafkaConsumerLoop) -> None:
 
 async def _drive(
     driver: Driver, consumer: KafkaConsumerLoop, cp_ids: Sequence[str], stop: asyncio.Event
-) -> tuple[DriverSummary, bool]:
-    """Run the consumer and the driver side by side; returns (summary, consumer failed)."""
+) -> tuple[DriverSummary | None, bool]:
+    """Run the consumer and the driver side by side.
+
+    Returns the driver's summary (None when the driver itself failed) and whether a task
+    failed; the owner has logged the failure.
+    """
     if stop.is_set():
         driver.stop()
-    consumer_task = asyncio.create_task(consumer.run(), name="driver-updates-consumer")
-    driver_task = asyncio.create_task(driver.run(cp_ids), name="driver-requests")
-    consumer_failed = False
-    try:
-        done = await wait_first([stop], [consumer_task, driver_task])
-        if driver_task not in done:
-            if consumer_task in done:
-                consumer_failed = True
-                exc = None if consumer_task.cancelled() else consumer_task.exception()
-                logger.opt(exception=exc).critical(
-                    "the driver.updates consumer died ({!r}); no update can arrive any more, "
-                    "stopping the driver",
-                    exc,
-                )
+    async with TaskOwner("EV Driver") as tasks:
+        tasks.spawn(consumer.run(), "driver.updates consumer", forever=True)
+        driving = tasks.spawn(driver.run(cp_ids), "driver")
+        await wait_first([stop, tasks.failed], [driving])
+        if not driving.done():
+            if tasks.failed.is_set():
+                logger.error("no update can arrive any more; stopping the driver")
             driver.stop()
-        summary = await driver_task
-    finally:
-        await _cancel_and_wait(consumer_task, driver_task)
-    return summary, consumer_failed
-
-
-async def _cancel_and_wait(*tasks: asyncio.Task[Any]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _close(consumer: KafkaConsumerLoop, bus: KafkaBus) -> None:
-    for name, closing in (("consumer", consumer.stop), ("producer", bus.stop)):
-        try:
-            await closing()
-        except Exception:  # noqa: BLE001 - close the rest anyway
-            logger.opt(exception=True).warning("closing the Kafka {} failed", name)
+            await asyncio.wait([driving])
+    failed = tasks.failure is not None
+    return (None if failed and driving.exception() else driving.result()), failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
