@@ -15,8 +15,11 @@ are unchanged and nothing was published, which is part of what those tests asser
 
 from __future__ import annotations
 
+import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,9 +27,11 @@ import pytest
 from fastapi import FastAPI
 from loguru import logger
 
-from evcharging.apps.ev_central.api import create_api, token_matches
+from evcharging.apps.ev_central.api import HEALTH_BUDGET, create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.common.http import token_matches
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import (
     CentralCommand,
@@ -99,7 +104,9 @@ class Shared:
     secured: httpx.AsyncClient
 
     def state(self) -> dict[str, dict[str, Any]]:
-        return {cp.cp_id: cp.as_dict() for cp in self.controller.all_cps()}
+        return {
+            cp.cp_id: cp_out(cp).model_dump(mode="json") for cp in self.controller.all_cps()
+        }
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +255,57 @@ async def test_health_probe_that_raises_is_503_not_500(make_client: Factory) -> 
     assert "probe broke" not in response.text
 
 
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"status": "ok", "kafka": {"connected": False}, "database": {"ok": True}},
+        {"status": "ok", "kafka": {"connected": True}, "database": {"ok": False}},
+        {"status": "ok", "kafka": "down", "database": {"ok": True}},
+        {"status": "starting"},
+    ],
+    ids=["kafka-down", "database-down", "kafka-nonsense", "other-status"],
+)
+async def test_health_is_503_while_kafka_or_the_database_is_down_whatever_the_status_says(
+    make_client: Factory, report: dict[str, Any]
+) -> None:
+    async def probe() -> dict[str, Any]:
+        return report
+
+    response = await (await make_client(health=probe)).get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded"
+
+
+async def test_health_answers_503_in_time_when_the_probe_hangs(
+    make_client: Factory, controller: Controller
+) -> None:
+    await activate(controller)
+    cancelled = asyncio.Event()
+
+    async def probe() -> dict[str, Any]:
+        try:
+            await asyncio.Event().wait()  # a database or broker that never answers
+        finally:
+            cancelled.set()
+        return {}
+
+    client = await make_client(health=probe, health_budget=0.05)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    response = await client.get("/health")
+    assert loop.time() - began < 1.0
+    assert response.status_code == 503
+    assert response.json() == {
+        "status": "degraded", "cps": 1, "code": "unavailable",
+        "error": "health probe gave no answer within 0.05s",
+    }
+    assert cancelled.is_set()  # the probe was not left running
+
+
+def test_the_health_budget_keeps_the_answer_within_two_seconds() -> None:
+    assert 0 < HEALTH_BUDGET <= 1.5
+
+
 # ----------------------------------------------------------------------------- /cp
 
 
@@ -292,7 +350,86 @@ async def test_get_one_cp(client: httpx.AsyncClient, controller: Controller) -> 
     assert body["cp_id"] == "CP-001"
     assert body["state"] == "ACTIVATED"
     assert body["location"] == "Main street 1"
-    assert body == controller.get("CP-001").as_dict()
+    assert body == cp_out(controller.get("CP-001")).model_dump(mode="json")
+
+
+async def test_list_cps_pages_with_the_total_in_a_header(
+    client: httpx.AsyncClient, controller: Controller
+) -> None:
+    for n in range(1, 6):
+        await activate(controller, f"CP-00{n}")
+    response = await client.get("/cp")
+    assert [cp["cp_id"] for cp in response.json()] == [f"CP-00{n}" for n in range(1, 6)]
+    assert response.headers["x-total-count"] == "5"
+
+    response = await client.get("/cp?limit=2&offset=1")
+    assert [cp["cp_id"] for cp in response.json()] == ["CP-002", "CP-003"]
+    assert response.headers["x-total-count"] == "5"
+    assert [cp["cp_id"] for cp in (await client.get("/cp?offset=4")).json()] == ["CP-005"]
+    response = await client.get("/cp?offset=9&limit=3")
+    assert (response.json(), response.headers["x-total-count"]) == ([], "5")
+
+
+async def test_list_cps_filters_by_state_and_site(
+    client: httpx.AsyncClient, controller: Controller
+) -> None:
+    await controller.register(CPRegistration(cp_id="CP-001"))  # DISCONNECTED
+    await activate(controller, "CP-002")
+    await activate(controller, "CP-003")
+    await stopped(controller, "CP-004")
+    controller.get("CP-002").site = "depot-a"  # type: ignore[attr-defined]
+    controller.get("CP-004").site = "depot-a"  # type: ignore[attr-defined]
+
+    response = await client.get("/cp?state=ACTIVATED")
+    assert [cp["cp_id"] for cp in response.json()] == ["CP-002", "CP-003"]
+    assert response.headers["x-total-count"] == "2"
+    response = await client.get("/cp?site=depot-a")
+    assert [(cp["cp_id"], cp["site"]) for cp in response.json()] == [
+        ("CP-002", "depot-a"), ("CP-004", "depot-a"),
+    ]
+    response = await client.get("/cp?site=depot-a&state=STOPPED&limit=1")
+    assert [cp["cp_id"] for cp in response.json()] == ["CP-004"]
+    assert response.headers["x-total-count"] == "1"
+    assert (await client.get("/cp?site=elsewhere")).json() == []
+
+
+@pytest.mark.parametrize(
+    ("query", "loc"),
+    [
+        ("state=BROKEN", ["query", "state"]),
+        ("state=activated", ["query", "state"]),
+        ("limit=0", ["query", "limit"]),
+        ("limit=1001", ["query", "limit"]),
+        ("offset=-1", ["query", "offset"]),
+        ("offset=x", ["query", "offset"]),
+        ("site=", ["query", "site"]),
+        ("site=" + "x" * 501, ["query", "site"]),
+    ],
+)
+async def test_list_cps_bad_params_are_422(shared: Shared, query: str, loc: list[str]) -> None:
+    body = assert_error(await shared.client.get(f"/cp?{query}"), 422, "invalid_request")
+    assert loc in error_locs(body)
+
+
+async def test_monitored_follows_the_monitors_last_report(
+    client: httpx.AsyncClient, controller: Controller
+) -> None:
+    await activate(controller, "CP-001")
+    await activate(controller, "CP-002")
+    await activate(controller, "CP-003")
+    assert [cp["monitored"] for cp in (await client.get("/cp")).json()] == [True] * 3
+    now = datetime.now(UTC)
+    controller.get("CP-001").last_monitor_report = now  # type: ignore[attr-defined]
+    controller.get("CP-002").last_monitor_report = now - timedelta(seconds=60)  # type: ignore[attr-defined]
+    controller.get("CP-003").last_monitor_report = None  # type: ignore[attr-defined]
+    cps = (await client.get("/cp")).json()
+    assert [cp["monitored"] for cp in cps] == [True, False, False]
+    assert (await client.get("/cp/CP-002")).json()["monitored"] is False
+    # With the monitor's own interval, 3 of them: 60 s is within 3 x 30 s.
+    controller.get("CP-002").monitor_interval = 30.0  # type: ignore[attr-defined]
+    assert (await client.get("/cp/CP-002")).json()["monitored"] is True
+    controller.get("CP-002").monitor_interval = 19.0  # type: ignore[attr-defined]
+    assert (await client.get("/cp/CP-002")).json()["monitored"] is False
 
 
 @pytest.mark.parametrize("cp_id", ["CP-404", "x" * 64, "a", "a.b_c-D"])
@@ -782,6 +919,32 @@ async def test_sessions_bad_params_are_422(shared: Shared, query: str, loc: list
     assert loc in error_locs(body)
 
 
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("offset=1", ["stopped", "failed", "completed"]),
+        ("offset=1&limit=2", ["stopped", "failed"]),
+        ("offset=3", ["completed"]),
+        ("offset=4", []),
+        ("driver_id=driver-alice&offset=1", ["completed"]),
+        ("limit=1&offset=999", []),
+    ],
+)
+async def test_sessions_offset(
+    client: httpx.AsyncClient, history: dict[str, str], query: str, expected: list[str]
+) -> None:
+    response = await client.get(f"/sessions?{query}")
+    assert response.status_code == 200
+    assert [r["session_id"] for r in response.json()] == [history[name] for name in expected]
+
+
+@pytest.mark.parametrize("path", ["/sessions", "/faults", "/cp/CP-001/history"])
+@pytest.mark.parametrize("query", ["offset=1000", "offset=991&limit=10", "offset=-1", "offset=x"])
+async def test_paging_past_the_newest_rows_is_422(shared: Shared, path: str, query: str) -> None:
+    body = assert_error(await shared.client.get(f"{path}?{query}"), 422, "invalid_request")
+    assert ["query", "offset"] in error_locs(body)
+
+
 # ----------------------------------------------------------------------------- /faults
 
 
@@ -808,6 +971,9 @@ async def test_faults_limit_and_cp_filter(
         "second",
     ]
     assert (await client.get("/faults?cp_id=CP-404")).json() == []
+    assert [r["reason"] for r in (await client.get("/faults?offset=1&limit=1")).json()] == [
+        "second",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -837,6 +1003,7 @@ async def test_history_newest_first_with_limit(
     assert all(r["cp_id"] == "CP-001" for r in rows)
     limited = (await client.get("/cp/CP-001/history?limit=1")).json()
     assert limited == rows[:1]
+    assert (await client.get("/cp/CP-001/history?limit=2&offset=1")).json() == rows[1:3]
     await controller.snapshot_health()
     assert len((await client.get("/cp/CP-001/history?limit=1000")).json()) == len(rows) + 1
 
@@ -877,6 +1044,7 @@ async def test_docs_and_openapi_are_served(client: httpx.AsyncClient) -> None:
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "text/html" in docs.headers["content-type"]
+    assert (await client.get("/redoc")).status_code == 404  # ReDoc would need a CDN
     schema = (await client.get("/openapi.json")).json()
     assert schema["info"]["title"] == "EV Central"
     assert {
@@ -885,6 +1053,79 @@ async def test_docs_and_openapi_are_served(client: httpx.AsyncClient) -> None:
         "/stats",
     } <= schema["paths"].keys()
     assert "security" not in schema["paths"]["/cp/register"]["post"]
+
+
+async def test_docs_work_offline(client: httpx.AsyncClient) -> None:
+    """The page names no other host, and every asset it loads is served here."""
+    html = (await client.get("/docs")).text
+    assert "http://" not in html and "https://" not in html
+    assert "validatorUrl" in html and '"validatorUrl": null' in html  # no validator badge
+    assets = re.findall(r'(?:src|href)="([^"]*)"', html)
+    assert {asset.rsplit(".", 1)[-1] for asset in assets} == {"js", "css", "svg"}
+    for asset in assets:
+        assert asset.startswith("/") and not asset.startswith("//"), asset
+        response = await client.get(asset)
+        assert response.status_code == 200, asset
+        assert response.content
+        if asset.endswith(".css"):
+            assert "text/css" in response.headers["content-type"]
+            remote = re.findall(r"url\(\s*['\"]?(?!data:)([^)'\"]+)", response.text)
+            assert remote == [], remote  # no fonts or images from elsewhere
+        if asset.endswith(".js"):
+            assert "javascript" in response.headers["content-type"]
+    assert "/openapi.json" in html
+
+
+@pytest.mark.parametrize(
+    "path", ["/docs/assets/index.html", "/docs/assets/../api.py", "/docs/assets/nope.js"]
+)
+async def test_docs_assets_serve_only_the_ui(shared: Shared, path: str) -> None:
+    assert (await shared.client.get(path)).status_code == 404
+
+
+async def test_openapi_documents_every_answer(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    error_ref = {"$ref": "#/components/schemas/ErrorOut"}
+
+    def answers(path: str, method: str) -> dict[str, Any]:
+        responses: dict[str, Any] = schema["paths"][path][method]["responses"]
+        for status, answer in responses.items():
+            if status != "200":
+                assert answer["content"]["application/json"]["schema"] == error_ref or (
+                    path == "/health"
+                ), (path, status)
+            assert answer["description"], (path, status)
+        return responses
+
+    for path in ("/cp/register", "/cp/fault", "/cp/{cp_id}/stop", "/cp/{cp_id}/resume"):
+        assert {"200", "401", "403", "413", "422"} <= answers(path, "post").keys(), path
+    for path in ("/cp/fault", "/cp/{cp_id}/stop", "/cp/{cp_id}/resume", "/cp/{cp_id}"):
+        method = "get" if path == "/cp/{cp_id}" else "post"
+        assert "404" in answers(path, method), path
+    for path in ("/cp/{cp_id}/stop", "/cp/{cp_id}/resume"):
+        assert "409" in answers(path, "post")
+    for path in ("/cp", "/sessions", "/faults", "/cp/{cp_id}/history"):
+        assert "422" in answers(path, "get"), path
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+    def ok_schema(path: str, method: str = "get") -> dict[str, Any]:
+        content = schema["paths"][path][method]["responses"]["200"]["content"]
+        result: dict[str, Any] = content["application/json"]["schema"]
+        return result
+
+    assert ok_schema("/cp")["items"] == {"$ref": "#/components/schemas/CPOut"}
+    assert ok_schema("/cp/{cp_id}") == {"$ref": "#/components/schemas/CPOut"}
+    assert ok_schema("/sessions")["items"] == {"$ref": "#/components/schemas/SessionOut"}
+    assert ok_schema("/faults")["items"] == {"$ref": "#/components/schemas/FaultOut"}
+    assert ok_schema("/health") == {"$ref": "#/components/schemas/HealthOut"}
+    assert ok_schema("/cp/register", "post") == {"$ref": "#/components/schemas/CPChangeOut"}
+    assert ok_schema("/cp/{cp_id}/stop", "post") == {"$ref": "#/components/schemas/CommandOut"}
+    answers("/health", "get")
+    assert "503" in schema["paths"]["/health"]["get"]["responses"]
+    cp_fields = schema["components"]["schemas"]["CPOut"]["properties"]
+    assert {"cp_id", "state", "is_faulty", "fault_reason", "circuit_breaker_state",
+            "current_driver", "current_session", "last_telemetry", "monitored",
+            "site"} <= cp_fields.keys()
 
 
 async def test_openapi_documents_the_bearer_token_when_one_is_set(

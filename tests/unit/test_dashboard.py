@@ -20,12 +20,15 @@ from typing import Any, TypeVar, cast
 import pytest
 import websockets
 from starlette.exceptions import StarletteDeprecationWarning
+from starlette.websockets import WebSocketDisconnect
+from websockets.typing import Origin
 
 from evcharging.apps.ev_central import dashboard
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import EventHub
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.common.bus import Topic, topic_of
 from evcharging.common.messages import (
     CPRegistration,
@@ -300,12 +303,34 @@ def test_websocket_sends_the_snapshot_first(central: Central) -> None:
     assert snapshot["type"] == "snapshot"
     assert [cp["cp_id"] for cp in snapshot["cps"]] == ["CP-1"]
     cp = snapshot["cps"][0]
-    assert cp == controller.cps["CP-1"].as_dict()
+    assert cp == cp_out(controller.cps["CP-1"]).model_dump(mode="json")
     assert cp["is_faulty"] is True and cp["fault_reason"] == XSS  # text, escaped by the page
     assert snapshot["feed"] == [
         {"type": "fault", "cp_id": "CP-1", "reason": XSS, "ts": snapshot["feed"][0]["ts"]}
     ]
     assert snapshot["ts"].endswith("Z")
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://evil.example", "http://testserver.evil.example", "http://testserver:81",
+               "null"],
+)
+def test_websocket_from_another_origin_is_refused(central: Central, origin: str) -> None:
+    with (
+        pytest.raises(WebSocketDisconnect) as refused,
+        central.client.websocket_connect("/ws", headers={"Origin": origin}),
+    ):
+        pass
+    assert refused.value.code == 1008
+    assert central.controller.hub.subscribers == 0
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://testserver"}, {}], ids=["same", "none"])
+def test_websocket_from_the_same_origin_or_no_browser_is_served(
+    central: Central, headers: dict[str, str]
+) -> None:
+    with central.client.websocket_connect("/ws", headers=headers) as ws:
+        assert ws.receive_json()["type"] == "snapshot"
 
 
 def test_websocket_forwards_hub_events(central: Central) -> None:
@@ -507,6 +532,26 @@ def test_coalesce_keeps_the_latest_telemetry_per_cp_in_order() -> None:
 
 
 # --------------------------------------------------------------------------- real server
+
+
+async def test_a_real_server_refuses_a_cross_origin_handshake_with_403() -> None:
+    async with SqliteRepository(":memory:") as repo:
+        controller = Controller(FakePublisher(), repo)
+        server = HttpServer(create_api(controller), "127.0.0.1", 0, name="dashboard-origin")
+        await server.start()
+        try:
+            url = f"ws://127.0.0.1:{server.port}/ws"
+            with pytest.raises(websockets.InvalidStatus) as refused:
+                await websockets.connect(url, origin=Origin("http://evil.example"))
+            assert refused.value.response.status_code == 403
+            async with websockets.connect(
+                url, origin=Origin(f"http://127.0.0.1:{server.port}")
+            ) as ws:
+                snapshot = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert snapshot["type"] == "snapshot"
+        finally:
+            await server.stop()
+            await controller.close()
 
 
 async def test_server_shutdown_closes_open_websockets() -> None:

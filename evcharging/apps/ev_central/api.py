@@ -1,235 +1,384 @@
 """Central's HTTP API (SPEC §5), a FastAPI app over the controller.
 
-Every error is JSON ``{"error": "...", "code": "...", ...}``, answered at one place
-(``_error`` in create_api): CentralError subclasses carry their status, request validation and a
-body that is not UTF-8 JSON give 422, unknown routes 404 and wrong methods 405 (with
-``Allow``). An unexpected exception is logged and answered 500 only as a last resort.
+Every answer has a Pydantic model (:mod:`evcharging.apps.ev_central.schemas`), so
+``/openapi.json`` documents it, errors included. Lists are JSON arrays; ``limit`` and
+``offset`` select a page. ``/cp`` answers every CP without ``limit``, filters by ``state``
+and ``site``, and gives the total before paging in ``X-Total-Count``. The database lists
+(``/sessions``, ``/faults``, ``/cp/{cp_id}/history``) page through their newest
+:data:`MAX_LIMIT` rows.
 
-When an API token is set, every mutating call needs ``Authorization: Bearer <token>``.
-The token is checked before the body is read (:class:`_AuthFirstRoute`), so an
-unauthenticated call gets 401 whatever it sends.
+Every error is JSON ``{"error": "...", "code": "...", ...}`` (:class:`ErrorOut`), answered at
+one place (:func:`evcharging.common.http.install_error_handlers`, plus the CentralError
+handler here): CentralError subclasses carry their status, request validation and a body
+that is not UTF-8 JSON give 422, unknown routes 404, wrong methods 405 (with ``Allow``),
+bodies over 1 MiB 413. An unexpected exception is logged and answered 500 only as a last
+resort.
+
+Protected mode (SPEC §5 "Safe defaults"): every mutating call passes the app's
+:class:`~evcharging.common.http.AccessPolicy` before its body is read. With a token it needs
+``Authorization: Bearer <token>`` (401 otherwise); without one it is accepted from loopback
+clients only (403 otherwise) unless ``allow_anonymous``; a browser page of another origin
+is refused (403) either way.
+
+``/health`` answers within :data:`HEALTH_BUDGET` seconds whatever the probe does: 200 while
+Kafka and the database are usable, else 503 with what is known.
+
+``/docs`` is Swagger UI served from Central itself (the ``swagger-ui-bundle-v2`` package):
+no CDN, so it works with no internet.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+import asyncio
+import importlib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Request, Response, Security
+from fastapi import FastAPI, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from loguru import logger
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, SecretStr, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.dashboard import mount_dashboard
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
-from evcharging.common.messages import ID_PATTERN, CPFaultReport, CPRegistration
+from evcharging.apps.ev_central.repository import MAX_LIMIT
+from evcharging.apps.ev_central.schemas import (
+    CommandOut,
+    CPChangeOut,
+    CPOut,
+    ErrorOut,
+    FaultOut,
+    HealthOut,
+    HistoryOut,
+    SessionOut,
+    StatsOut,
+    TelemetryOut,
+    cp_out,
+    cp_site,
+    fault_out,
+    history_out,
+    session_out,
+    telemetry_out,
+)
+from evcharging.common.http import (
+    AccessPolicy,
+    BodyLimit,
+    GuardedRoute,
+    error_response,
+    install_error_handlers,
+    is_loopback,
+)
+from evcharging.common.messages import (
+    ID_PATTERN,
+    REASON_MAX,
+    CommandType,
+    CPFaultReport,
+    CPRegistration,
+    CPState,
+    SessionStatus,
+)
+
+__all__ = ["HEALTH_BUDGET", "HealthProbe", "OperatorAction", "create_api"]
 
 CpId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-Limit = Annotated[int, Query(ge=1, le=1000, description="most rows to return")]
-SessionStatus = Annotated[str, Query(pattern="^(ACTIVE|COMPLETED|STOPPED|FAILED)$")]
+Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="most rows to return")]
+Offset = Annotated[int, Query(ge=0, description="rows to skip (newest first)")]
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
-HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-"""The ``code`` of the errors Starlette/FastAPI raise themselves, by status."""
+HEALTH_BUDGET = 1.5
+"""Seconds the health probe gets: ``/health`` answers within 2 s whatever it does."""
+
+SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
+DOCS_ASSETS = "/docs/assets"
+
+_ERRORS = {
+    401: "a token is configured and the call does not carry it (Authorization: Bearer <token>)",
+    403: "protected mode: no token is configured and the client is not on this machine; "
+    "or a browser page of another origin sent the call",
+    404: "unknown CP",
+    409: "the CP's state machine refuses the command in the CP's current state",
+    413: "the request body is larger than 1 MiB",
+    422: "invalid path, query or body",
+}
+"""When each error status is answered, for the OpenAPI document."""
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorOut, "description": _ERRORS[status]} for status in statuses}
 
 
 class OperatorAction(BaseModel):
     """The optional body of an operator command; no body, ``{}`` or ``null`` all mean none."""
 
-    reason: Annotated[str, StringConstraints(max_length=500)] | None = Field(
+    reason: Annotated[str, StringConstraints(max_length=REASON_MAX)] | None = Field(
         None, description="why (logged and sent to the CP)"
     )
-
-
-def token_matches(authorization: str | None, token: str) -> bool:
-    """Whether an ``Authorization`` header is ``Bearer <token>`` (scheme case-insensitive).
-
-    Compared as bytes: ``hmac.compare_digest`` refuses non-ASCII ``str``, and Starlette
-    decodes header values as latin-1, which gives the bytes back unchanged.
-    """
-    if authorization is None:
-        return False
-    scheme, _, credentials = authorization.strip().partition(" ")
-    try:
-        presented = credentials.strip().encode("latin-1")
-    except UnicodeEncodeError:  # not a header value Starlette could have produced
-        return False
-    return scheme.lower() == "bearer" and hmac.compare_digest(presented, token.encode())
-
-
-class _AuthFirstRoute(APIRoute):
-    """A route that checks ``app.state.api_token`` before FastAPI reads and validates the body.
-
-    A FastAPI dependency would run only after the body is parsed, so an unauthenticated
-    caller with a malformed body would get 422 (and learn the schema) instead of 401.
-    """
-
-    def get_route_handler(self) -> Handler:
-        handler = super().get_route_handler()
-
-        async def guarded(request: Request) -> Response:
-            token: str | None = request.app.state.api_token
-            if token is not None and not token_matches(
-                request.headers.get("authorization"), token
-            ):
-                raise Unauthorized("missing or wrong API token (Authorization: Bearer <token>)")
-            return await handler(request)
-
-        return guarded
 
 
 def create_api(
     controller: Controller,
     *,
-    api_token: str | None = None,
+    api_token: SecretStr | str | None = None,
+    allow_anonymous: bool = False,
     health: HealthProbe | None = None,
+    health_budget: float = HEALTH_BUDGET,
+    trusted_peer: Callable[[str | None], bool] = is_loopback,
 ) -> FastAPI:
+    """Central's app. `trusted_peer` decides which client hosts count as this machine."""
     app = FastAPI(
         title="EV Central",
         description="Controller of the EV charging network: CPs, sessions, faults.",
         version="0.1.0",
+        docs_url=None,  # served below from local files, not a CDN
+        redoc_url=None,
+    )
+    app.router.route_class = GuardedRoute  # every route checks app.state.access first
+    access = AccessPolicy.of(
+        api_token, allow_anonymous=allow_anonymous, trusted_peer=trusted_peer,
+        env_name="CENTRAL_API_TOKEN",
     )
     app.state.controller = controller
-    app.state.api_token = api_token
+    app.state.access = access
     app.state.error_count = 0
+    app.add_middleware(BodyLimit)
 
-    def _error(
-        request: Request,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        headers: Mapping[str, str] | None = None,
-        **extra: Any,
-    ) -> JSONResponse:
+    def count_error(request: Request, status: int, code: str, message: str) -> None:
         app.state.error_count += 1
-        logger.info("{} {} -> {} {} {}", request.method, request.url.path, status, code,
-                    extra.get("details") or message)
-        return JSONResponse(
-            {"error": message, "code": code, **extra}, status_code=status, headers=headers
-        )
+        logger.info("{} {} -> {} {} {}", request.method, request.url.path, status, code, message)
+
+    install_error_handlers(app, count_error)
 
     @app.exception_handler(CentralError)
     async def central_error(request: Request, exc: CentralError) -> JSONResponse:
+        count_error(request, exc.http_status, exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return _error(request, exc.http_status, exc.code, exc.message, headers=headers)
+        return error_response(exc.http_status, exc.code, exc.message, headers=headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": [str(p) for p in err.get("loc", ())], "msg": str(err.get("msg", ""))}
-            for err in exc.errors()
-        ]
-        return _error(request, 422, "invalid_request", "invalid request", details=details)
+    _mount_docs(app)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400:
-            # FastAPI's "There was an error parsing the body": not UTF-8, nested too deep,
-            # a number too long to convert. It is as invalid as any other body: 422.
-            details = [{"loc": ["body"], "msg": "body is not valid UTF-8 JSON"}]
-            return _error(request, 422, "invalid_request", "invalid request", details=details)
-        code = HTTP_CODES.get(exc.status_code, "http_error")
-        return _error(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        app.state.error_count += 1
-        logger.opt(exception=exc).error("{} {} failed", request.method, request.url.path)
-        return JSONResponse({"error": "internal error", "code": "internal"}, status_code=500)
-
-    @app.get("/health", summary="Liveness and the state of Kafka and the database")
-    async def get_health() -> JSONResponse:
-        body: dict[str, Any] = {"status": "ok", "cps": len(controller.cps)}
-        if health is not None:
-            try:
-                body.update(await health())
-            except Exception as exc:  # noqa: BLE001 - a broken probe means "degraded", logged
-                logger.opt(exception=exc).error("the health probe failed")
-                body.update(status="degraded", error="health probe failed", code="unavailable")
-        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
-
-    @app.get("/cp", summary="Every CP")
-    async def list_cps() -> list[dict[str, Any]]:
-        return [cp.as_dict() for cp in controller.all_cps()]
-
-    mutating = APIRouter(
-        route_class=_AuthFirstRoute,
-        # Documents the scheme in /docs; the check itself is _AuthFirstRoute's.
-        dependencies=[Security(HTTPBearer(auto_error=False))] if api_token is not None else [],
+    @app.get(
+        "/health",
+        summary="Liveness and the state of Kafka and the database",
+        response_model=HealthOut,
+        response_model_exclude_none=True,
+        responses={503: {"model": HealthOut, "description": "Kafka or the database is not "
+                         "usable, or the probe gave no answer in time"}},
     )
+    async def get_health() -> JSONResponse:
+        body = await _probe(controller, health, health_budget)
+        return JSONResponse(
+            body.model_dump(mode="json", exclude_none=True),
+            status_code=200 if body.status == "ok" else 503,
+        )
 
-    @mutating.post("/cp/register", summary="Register or update a CP")
-    async def register(body: CPRegistration) -> dict[str, Any]:
+    @app.get(
+        "/cp",
+        summary="Every CP (a page of them with limit/offset); the total in X-Total-Count",
+        response_model=list[CPOut],
+        responses=_errors(422),
+    )
+    async def list_cps(
+        response: Response,
+        limit: Annotated[
+            int | None, Query(ge=1, le=MAX_LIMIT, description="most CPs to return (all without)")
+        ] = None,
+        offset: Offset = 0,
+        state: Annotated[CPState | None, Query(description="only CPs in this state")] = None,
+        site: Annotated[
+            str | None,
+            Query(min_length=1, max_length=REASON_MAX, description="only CPs of this site"),
+        ] = None,
+    ) -> list[CPOut]:
+        matching = [
+            cp for cp in controller.all_cps()
+            if (state is None or cp.state is state) and (site is None or cp_site(cp) == site)
+        ]
+        response.headers["X-Total-Count"] = str(len(matching))
+        end = None if limit is None else offset + limit
+        return [cp_out(cp) for cp in matching[offset:end]]
+
+    # Documents the bearer scheme in /docs; the check itself is GuardedRoute's.
+    bearer = [Security(HTTPBearer(auto_error=False))] if access.token else []
+    mutation_errors = _errors(401, 403, 413, 422)
+
+    @app.post(
+        "/cp/register", summary="Register or update a CP", response_model=CPChangeOut,
+        responses=mutation_errors, dependencies=bearer,
+    )
+    async def register(body: CPRegistration) -> CPChangeOut:
         cp = await controller.register(body)
-        return {"ok": True, "cp": cp.as_dict()}
+        return CPChangeOut(cp=cp_out(cp))
 
-    @mutating.post("/cp/fault", summary="Report a fault or a recovery")
-    async def fault(body: CPFaultReport) -> dict[str, Any]:
+    @app.post(
+        "/cp/fault", summary="Report a fault or a recovery", response_model=CPChangeOut,
+        responses=mutation_errors | _errors(404), dependencies=bearer,
+    )
+    async def fault(body: CPFaultReport) -> CPChangeOut:
         cp = await controller.report_fault(body.cp_id, body.is_faulty, body.reason)
-        return {"ok": True, "cp": cp.as_dict()}
+        return CPChangeOut(cp=cp_out(cp))
 
-    @mutating.post("/cp/{cp_id}/stop", summary="Operator: stop a CP")
-    async def stop_cp(cp_id: CpId, body: OperatorAction | None = None) -> dict[str, Any]:
+    @app.post(
+        "/cp/{cp_id}/stop", summary="Operator: stop a CP", response_model=CommandOut,
+        responses=mutation_errors | _errors(404, 409), dependencies=bearer,
+    )
+    async def stop_cp(cp_id: CpId, body: OperatorAction | None = None) -> CommandOut:
         reason = (body.reason if body else None) or "stopped by operator"
         cp = await controller.stop_cp(cp_id, reason)
-        return {"ok": True, "sent": "STOP_CP", "cp": cp.as_dict()}
+        return CommandOut(sent=CommandType.STOP_CP, cp=cp_out(cp))
 
-    @mutating.post("/cp/{cp_id}/resume", summary="Operator: resume a CP")
-    async def resume_cp(cp_id: CpId, body: OperatorAction | None = None) -> dict[str, Any]:
+    @app.post(
+        "/cp/{cp_id}/resume", summary="Operator: resume a CP", response_model=CommandOut,
+        responses=mutation_errors | _errors(404, 409), dependencies=bearer,
+    )
+    async def resume_cp(cp_id: CpId, body: OperatorAction | None = None) -> CommandOut:
         reason = (body.reason if body else None) or "resumed by operator"
         cp = await controller.resume_cp(cp_id, reason)
-        return {"ok": True, "sent": "RESUME_CP", "cp": cp.as_dict()}
+        return CommandOut(sent=CommandType.RESUME_CP, cp=cp_out(cp))
 
-    app.include_router(mutating)
+    @app.get("/cp/{cp_id}", summary="One CP", response_model=CPOut, responses=_errors(404, 422))
+    async def get_cp(cp_id: CpId) -> CPOut:
+        return cp_out(controller.get(cp_id))
 
-    @app.get("/cp/{cp_id}", summary="One CP")
-    async def get_cp(cp_id: CpId) -> dict[str, Any]:
-        return controller.get(cp_id).as_dict()
-
-    @app.get("/cp/{cp_id}/history", summary="Health snapshots of one CP, newest first")
-    async def history(cp_id: CpId, limit: Limit = 50) -> list[dict[str, Any]]:
+    @app.get(
+        "/cp/{cp_id}/history", summary="Health snapshots of one CP, newest first",
+        response_model=list[HistoryOut], responses=_errors(404, 422),
+    )
+    async def history(cp_id: CpId, limit: Limit = 50, offset: Offset = 0) -> list[HistoryOut]:
         controller.get(cp_id)
-        rows = await controller.repo.cp_history(cp_id, limit=limit)
-        return [row.as_dict() for row in rows]
+        rows = await controller.repo.cp_history(cp_id, limit=_window(limit, offset))
+        return [history_out(row) for row in rows[offset:]]
 
-    @app.get("/telemetry", summary="Latest telemetry of every CP")
-    async def telemetry() -> dict[str, Any]:
+    @app.get(
+        "/telemetry", summary="Latest telemetry of every CP, by CP id",
+        response_model=dict[str, TelemetryOut],
+    )
+    async def telemetry() -> dict[str, TelemetryOut]:
         return {
-            cp.cp_id: cp.as_dict()["last_telemetry"]
+            cp.cp_id: telemetry_out(cp.last_telemetry)
             for cp in controller.all_cps()
             if cp.last_telemetry is not None
         }
 
-    @app.get("/sessions", summary="Charging sessions, newest first")
+    @app.get(
+        "/sessions", summary="Charging sessions, newest first", response_model=list[SessionOut],
+        responses=_errors(422),
+    )
     async def sessions(
         limit: Limit = 50,
+        offset: Offset = 0,
         cp_id: Annotated[CpId | None, Query()] = None,
         driver_id: Annotated[CpId | None, Query()] = None,
-        status: SessionStatus | None = None,
-    ) -> list[dict[str, Any]]:
+        status: Annotated[SessionStatus | None, Query()] = None,
+    ) -> list[SessionOut]:
         rows = await controller.repo.list_sessions(
-            limit=limit, cp_id=cp_id, driver_id=driver_id, status=status
+            limit=_window(limit, offset), cp_id=cp_id, driver_id=driver_id,
+            status=status.value if status else None,
         )
-        return [row.as_dict() for row in rows]
+        return [session_out(row) for row in rows[offset:]]
 
-    @app.get("/faults", summary="Fault and recovery events, newest first")
+    @app.get(
+        "/faults", summary="Fault and recovery events, newest first",
+        response_model=list[FaultOut], responses=_errors(422),
+    )
     async def faults(
-        limit: Limit = 50, cp_id: Annotated[CpId | None, Query()] = None
-    ) -> list[dict[str, Any]]:
-        rows = await controller.repo.list_faults(limit=limit, cp_id=cp_id)
-        return [row.as_dict() for row in rows]
+        limit: Limit = 50, offset: Offset = 0, cp_id: Annotated[CpId | None, Query()] = None
+    ) -> list[FaultOut]:
+        rows = await controller.repo.list_faults(limit=_window(limit, offset), cp_id=cp_id)
+        return [fault_out(row) for row in rows[offset:]]
 
-    @app.get("/stats", summary="Counters of Central's decisions and errors")
-    async def stats() -> dict[str, Any]:
-        return {"controller": dict(controller.stats), "http_errors": app.state.error_count}
+    @app.get(
+        "/stats", summary="Counters of Central's decisions and errors", response_model=StatsOut
+    )
+    async def stats() -> StatsOut:
+        return StatsOut(controller=dict(controller.stats), http_errors=app.state.error_count)
 
     mount_dashboard(app, controller)
     return app
+
+
+def _window(limit: int, offset: int) -> int:
+    """The rows to read for a page of the newest :data:`MAX_LIMIT` (422 past them)."""
+    if offset + limit > MAX_LIMIT:
+        raise RequestValidationError([{
+            "type": "value_error",
+            "loc": ("query", "offset"),
+            "msg": f"offset + limit must be at most {MAX_LIMIT} (the newest rows are paged)",
+            "input": offset,
+        }])
+    return offset + limit
+
+
+async def _probe(controller: Controller, health: HealthProbe | None, budget: float) -> HealthOut:
+    """The health answer: the probe's report, judged; ``degraded`` when it fails or is late."""
+    known: dict[str, Any] = {"cps": len(controller.cps)}
+    if health is None:
+        return HealthOut(status="ok", **known)
+    try:
+        async with asyncio.timeout(budget):
+            report = await health()
+    except TimeoutError:
+        logger.warning("the health probe gave no answer within {:g}s", budget)
+        return HealthOut(
+            status="degraded", error=f"health probe gave no answer within {budget:g}s",
+            code="unavailable", **known,
+        )
+    except Exception as exc:  # noqa: BLE001 - a broken probe means "degraded", logged
+        logger.opt(exception=exc).error("the health probe failed")
+        return HealthOut(
+            status="degraded", error="health probe failed", code="unavailable", **known
+        )
+    usable = report.get("status", "ok") == "ok" and all(
+        _part_ok(report.get(part), key)
+        for part, key in (("kafka", "connected"), ("database", "ok"))
+    )
+    try:
+        return HealthOut.model_validate(
+            {**known, **report, "status": "ok" if usable else "degraded"}
+        )
+    except ValidationError as exc:
+        logger.error("the health probe gave an invalid report: {}", exc)
+        return HealthOut(
+            status="degraded", error="health probe gave an invalid report", code="unavailable",
+            **known,
+        )
+
+
+def _part_ok(part: Any, key: str) -> bool:
+    """A part the probe reported (``{"connected": ...}``, ``{"ok": ...}``) is not down."""
+    return part is None or (isinstance(part, dict) and part.get(key, True) is True)
+
+
+def _swagger_dir() -> Path:
+    # The package has no type information; its one attribute is the assets' folder.
+    bundle = importlib.import_module("swagger_ui_bundle")
+    return Path(str(bundle.swagger_ui_path))
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """``GET /docs``: Swagger UI from local files (no CDN, no validator badge)."""
+    assets = _swagger_dir()
+    media = {".js": "text/javascript", ".css": "text/css"}
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url="/static/favicon.svg",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get(DOCS_ASSETS + "/{name}", include_in_schema=False)
+    async def docs_asset(name: str) -> FileResponse:
+        if name not in SWAGGER_ASSETS:
+            raise StarletteHTTPException(404, "Not Found")
+        return FileResponse(assets / name, media_type=media[Path(name).suffix])
+

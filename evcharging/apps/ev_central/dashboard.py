@@ -42,14 +42,16 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import Event
-from evcharging.apps.ev_central.repository import (
-    SESSION_ACTIVE,
-    FaultEvent,
+from evcharging.apps.ev_central.repository import FaultEvent, SessionRecord
+from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.common.http import ErrorOut, is_cross_origin
+from evcharging.common.messages import (
     FaultEventType,
-    SessionRecord,
+    SessionStatus,
+    format_ts,
+    format_ts_opt,
+    utcnow,
 )
-from evcharging.common.messages import format_ts_opt as dump_ts
-from evcharging.common.messages import utcnow
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -80,7 +82,7 @@ _EPOCH = datetime.min.replace(tzinfo=UTC)
 def feed_item_from_fault(event: FaultEvent) -> Event:
     """A stored fault event as the hub's ``fault`` / ``recovery`` event."""
     kind = "recovery" if event.event_type == FaultEventType.RECOVERY else "fault"
-    return {"type": kind, "cp_id": event.cp_id, "reason": event.reason, "ts": dump_ts(event.ts)}
+    return {"type": kind, "cp_id": event.cp_id, "reason": event.reason, "ts": format_ts(event.ts)}
 
 
 def feed_item_from_session(session: SessionRecord) -> Event:
@@ -94,7 +96,7 @@ def feed_item_from_session(session: SessionRecord) -> Event:
         "kwh": session.kwh,
         "euros": session.euros,
         "reason": session.reason,
-        "ts": dump_ts(session.ended_at or session.started_at),
+        "ts": format_ts_opt(session.ended_at or session.started_at),
     }
 
 
@@ -110,18 +112,19 @@ async def recent_feed(controller: Controller, limit: int) -> list[Event]:
     faults = await controller.repo.list_faults(limit=limit)
     sessions = await controller.repo.list_sessions(limit=limit)
     items = [feed_item_from_fault(event) for event in faults]
-    items += [feed_item_from_session(s) for s in sessions if s.status != SESSION_ACTIVE]
+    items += [feed_item_from_session(s) for s in sessions if s.status != SessionStatus.ACTIVE]
     items.sort(key=_feed_time, reverse=True)
     return items[:limit]
 
 
 async def snapshot(controller: Controller) -> Event:
     feed = await recent_feed(controller, SNAPSHOT_FEED_LIMIT)
+    now = utcnow()
     return {
         "type": "snapshot",
-        "cps": [cp.as_dict() for cp in controller.all_cps()],
+        "cps": [cp_out(cp, now=now).model_dump(mode="json") for cp in controller.all_cps()],
         "feed": feed,
-        "ts": dump_ts(utcnow()),
+        "ts": format_ts(now),
     }
 
 
@@ -233,7 +236,11 @@ def mount_dashboard(app: FastAPI, controller: Controller) -> None:
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/api/feed", summary="Recent faults, recoveries and finished sessions, newest first")
+    @app.get(
+        "/api/feed",
+        summary="Recent faults, recoveries and finished sessions, newest first",
+        responses={422: {"model": ErrorOut, "description": "invalid limit"}},
+    )
     async def feed(
         limit: Annotated[int, Query(ge=1, le=FEED_MAX_LIMIT)] = 50,
     ) -> list[dict[str, Any]]:
@@ -241,4 +248,11 @@ def mount_dashboard(app: FastAPI, controller: Controller) -> None:
 
     @app.websocket("/ws")
     async def live(websocket: WebSocket) -> None:
+        if is_cross_origin(websocket):
+            # A page of another site must not read the network through the operator's
+            # browser: refused before the handshake completes (HTTP 403, close code 1008).
+            logger.warning("WebSocket from origin {!r} refused (host {!r})",
+                           websocket.headers.get("origin"), websocket.headers.get("host"))
+            await websocket.close(code=1008)
+            return
         await serve_socket(websocket, controller)

@@ -1,0 +1,310 @@
+"""The shapes Central answers with (STYLE 13): one Pydantic model each, shared by the HTTP
+API, the TCP plane's ``STATUS`` answer and the dashboard's WebSocket.
+
+:func:`cp_out` is the one way to turn the controller's view of a CP into what a client
+sees: ``cp_out(view).model_dump(mode="json")`` is the JSON of ``GET /cp/{cp_id}``, of a
+``STATUS`` answer's ``cp`` and of a WebSocket ``cp`` event alike. Timestamps are written by
+:func:`~evcharging.common.messages.format_ts` (ISO 8601 UTC with ``Z``).
+
+This module imports nothing of the controller at run time, so the controller can use it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from evcharging.common.circuit_breaker import BreakerState
+from evcharging.common.http import ErrorDetail, ErrorOut
+from evcharging.common.messages import (
+    CommandType,
+    CPState,
+    CPTelemetry,
+    SessionStatus,
+    format_ts,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from evcharging.apps.ev_central.controller import ActiveSession, CPView
+    from evcharging.apps.ev_central.repository import FaultEvent, HealthSnapshot, SessionRecord
+
+__all__ = [
+    "MONITOR_INTERVALS",
+    "MONITOR_WINDOW",
+    "ActiveSessionOut",
+    "CPChangeOut",
+    "CPOut",
+    "CommandOut",
+    "ErrorDetail",
+    "ErrorOut",
+    "FaultOut",
+    "HealthOut",
+    "HistoryOut",
+    "SessionOut",
+    "StatsOut",
+    "TelemetryOut",
+    "cp_out",
+    "cp_site",
+    "fault_out",
+    "history_out",
+    "session_out",
+    "telemetry_out",
+]
+
+MONITOR_INTERVALS = 3
+"""A CP is ``monitored`` until its monitor missed this many reports in a row (SPEC §5)."""
+
+MONITOR_WINDOW = timedelta(seconds=MONITOR_INTERVALS * 5.0)
+"""The window when the monitor's interval is not known: three of the monitors' default
+health intervals (``CP_MONITOR_HEALTH_INTERVAL``, 5 s)."""
+
+_UNTRACKED = object()
+
+Timestamp = Annotated[datetime, PlainSerializer(format_ts, return_type=str, when_used="json")]
+"""A UTC timestamp, written as ISO 8601 with a ``Z`` suffix."""
+
+class Out(BaseModel):
+    """Base of every answer: immutable."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+# ------------------------------------------------------------------------------ a CP
+
+
+class TelemetryOut(Out):
+    """A CP's latest ``cp.telemetry`` message: power and the running totals of a session."""
+
+    cp_id: str
+    kw: float
+    kwh: float
+    euros: float
+    driver_id: str | None = None
+    session_id: str | None = None
+    ts: Timestamp
+
+
+class ActiveSessionOut(Out):
+    """The session a CP runs, from ACCEPTED on; ``confirmed`` once the CP supplies it."""
+
+    session_id: str
+    request_id: str
+    driver_id: str
+    started_at: Timestamp
+    confirmed: bool
+    kw: float
+    kwh: float
+    euros: float
+
+
+class CPOut(Out):
+    """One CP as Central knows it (``GET /cp``, ``GET /cp/{cp_id}``, TCP ``STATUS``, ``/ws``)."""
+
+    cp_id: str
+    state: CPState
+    state_reason: str | None = Field(None, description="why the CP is in its state, for people")
+    is_faulty: bool
+    fault_reason: str | None = None
+    circuit_breaker_state: BreakerState
+    circuit_breaker_reason: str | None = None
+    monitored: bool = Field(
+        description="false when the CP's monitor has not reported for 3 health intervals"
+    )
+    site: str | None = Field(None, description="the site the CP belongs to, when known")
+    location: str | None = None
+    kw_rate: float | None = None
+    euro_rate: float | None = None
+    health_url: str | None = None
+    current_driver: str | None = None
+    current_session: str | None = None
+    session: ActiveSessionOut | None = None
+    last_telemetry: TelemetryOut | None = None
+    last_seen: Timestamp | None = None
+    registered_at: Timestamp | None = None
+
+
+def telemetry_out(telemetry: CPTelemetry) -> TelemetryOut:
+    return TelemetryOut(
+        cp_id=telemetry.cp_id,
+        kw=telemetry.kw,
+        kwh=telemetry.kwh,
+        euros=telemetry.euros,
+        driver_id=telemetry.driver_id,
+        session_id=telemetry.session_id,
+        ts=telemetry.ts,
+    )
+
+
+def _session_out(session: ActiveSession) -> ActiveSessionOut:
+    return ActiveSessionOut(
+        session_id=session.session_id,
+        request_id=session.request_id,
+        driver_id=session.driver_id,
+        started_at=session.started_at,
+        confirmed=session.confirmed,
+        kw=session.kw,
+        kwh=session.kwh,
+        euros=session.euros,
+    )
+
+
+def _monitored(view: CPView, now: datetime | None, window: timedelta) -> bool:
+    """From the view's ``last_monitor_report`` (a UTC datetime, None before the first
+    report) when it has one: false once 3 monitor intervals passed without a report (the
+    view's ``monitor_interval`` in seconds when it knows it, else `window`). A view without
+    the attribute counts as monitored."""
+    last: Any = getattr(view, "last_monitor_report", _UNTRACKED)
+    if last is _UNTRACKED:
+        return True
+    if last is None:
+        return False
+    interval: Any = getattr(view, "monitor_interval", None)
+    if interval:
+        window = MONITOR_INTERVALS * timedelta(seconds=float(interval))
+    return bool((now or utcnow()) - last <= window)
+
+
+def cp_site(view: CPView) -> str | None:
+    """The site of a CP, when the view knows it."""
+    site: str | None = getattr(view, "site", None)
+    return site
+
+
+def cp_out(
+    view: CPView, *, now: datetime | None = None, monitor_window: timedelta = MONITOR_WINDOW
+) -> CPOut:
+    """What a client sees of one CP: ``cp_out(view).model_dump(mode="json")`` is its JSON."""
+    session = view.session
+    return CPOut(
+        cp_id=view.cp_id,
+        state=view.state,
+        state_reason=view.state_reason,
+        is_faulty=view.is_faulty,
+        fault_reason=view.fault_reason,
+        circuit_breaker_state=view.breaker.state,
+        circuit_breaker_reason=view.breaker.reason,
+        monitored=_monitored(view, now, monitor_window),
+        site=cp_site(view),
+        location=view.location,
+        kw_rate=view.kw_rate,
+        euro_rate=view.euro_rate,
+        health_url=view.health_url,
+        current_driver=session.driver_id if session else None,
+        current_session=session.session_id if session else None,
+        session=_session_out(session) if session else None,
+        last_telemetry=telemetry_out(view.last_telemetry) if view.last_telemetry else None,
+        last_seen=view.last_seen,
+        registered_at=view.registered_at,
+    )
+
+
+class CPChangeOut(Out):
+    """The answer of ``POST /cp/register`` and ``POST /cp/fault``: the CP after the change."""
+
+    ok: Literal[True] = True
+    cp: CPOut
+
+
+class CommandOut(Out):
+    """The answer of an operator command: what was sent to the CP, and the CP as it is now
+    (its state changes when the CP confirms)."""
+
+    ok: Literal[True] = True
+    sent: Literal[CommandType.STOP_CP, CommandType.RESUME_CP]
+    cp: CPOut
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+class SessionOut(Out):
+    """A ``charging_sessions`` row."""
+
+    session_id: str
+    request_id: str
+    cp_id: str
+    driver_id: str
+    status: SessionStatus
+    started_at: Timestamp
+    ended_at: Timestamp | None = None
+    kwh: float
+    euros: float
+    reason: str | None = None
+
+
+def session_out(record: SessionRecord) -> SessionOut:
+    return SessionOut(
+        session_id=record.session_id,
+        request_id=record.request_id,
+        cp_id=record.cp_id,
+        driver_id=record.driver_id,
+        status=SessionStatus(record.status),
+        started_at=record.started_at,
+        ended_at=record.ended_at,
+        kwh=record.kwh,
+        euros=record.euros,
+        reason=record.reason,
+    )
+
+
+class FaultOut(Out):
+    """A ``fault_events`` row."""
+
+    id: int
+    cp_id: str
+    event_type: str = Field(description="FAULT, RECOVERY, MONITOR_LOST or MONITOR_BACK")
+    reason: str | None = None
+    ts: Timestamp
+
+
+def fault_out(event: FaultEvent) -> FaultOut:
+    return FaultOut(
+        id=event.id, cp_id=event.cp_id, event_type=str(event.event_type), reason=event.reason,
+        ts=event.ts,
+    )
+
+
+class HistoryOut(Out):
+    """A ``cp_health_history`` row: one CP's health at one moment."""
+
+    id: int | None = None
+    cp_id: str
+    state: CPState
+    is_faulty: bool
+    breaker_state: BreakerState
+    session_id: str | None = None
+    ts: Timestamp
+
+
+def history_out(row: HealthSnapshot) -> HistoryOut:
+    return HistoryOut(
+        id=row.id, cp_id=row.cp_id, state=row.state, is_faulty=row.is_faulty,
+        breaker_state=BreakerState(row.breaker_state), session_id=row.session_id, ts=row.ts,
+    )
+
+
+# ------------------------------------------------------------------------------ service
+
+
+class HealthOut(Out):
+    """``GET /health``: ``ok`` (200) only while Kafka and the database are usable, else
+    ``degraded`` (503) with what is known; further fields are the probe's."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    status: Literal["ok", "degraded"]
+    cps: int = Field(description="CPs Central knows")
+    kafka: dict[str, Any] | None = None
+    database: dict[str, Any] | None = None
+    error: str | None = Field(None, description="why the probe gave no answer")
+    code: str | None = None
+
+
+class StatsOut(Out):
+    """``GET /stats``: counters of Central's decisions and of HTTP errors since start."""
+
+    controller: dict[str, int]
+    http_errors: int
