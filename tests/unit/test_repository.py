@@ -15,7 +15,7 @@ from typing import Any, cast
 import aiosqlite
 import pytest
 
-from evcharging.apps.ev_central import repository as repository_module
+from evcharging.apps.ev_central import sql as sql_module
 from evcharging.apps.ev_central.repository import (
     MAX_LIMIT,
     SCHEMA_VERSION,
@@ -553,7 +553,7 @@ async def test_a_write_cancelled_mid_batch_is_rolled_back(
     mid_batch = asyncio.Event()
     resume = threading.Event()
     converted = 0
-    real_params = repository_module._health_params
+    real_params = sql_module.health_params
 
     def params_pausing_halfway(row: HealthSnapshot) -> tuple[Any, ...]:
         # executemany pulls the parameters row by row on the connection thread: hold it
@@ -566,7 +566,7 @@ async def test_a_write_cancelled_mid_batch_is_rolled_back(
                 raise TimeoutError("the test never resumed the batch")
         return real_params(row)
 
-    monkeypatch.setattr(repository_module, "_health_params", params_pausing_halfway)
+    monkeypatch.setattr(sql_module, "health_params", params_pausing_halfway)
     task = asyncio.create_task(repo.record_health_many(rows))
     try:
         await asyncio.wait_for(mid_batch.wait(), 5)

@@ -1,0 +1,478 @@
+"""Central's SQL: the schema's migrations, the statements, the records and their rows.
+
+Pure: nothing here touches a database. :mod:`evcharging.apps.ev_central.repository` runs
+these statements on aiosqlite. A write is an :data:`Op` (a statement and its parameters),
+so that the controller can queue the writes of many decisions and the repository can
+apply them in one transaction (SPEC §4: a decision is recorded before it is announced).
+
+Timestamps are stored as ISO 8601 UTC text of fixed width with a ``Z`` suffix
+(``2024-05-01T12:00:00.000000Z``), so that text order is time order. Naive datetimes are
+refused with :class:`ValueError`.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from evcharging.common.circuit_breaker import BreakerState
+from evcharging.common.messages import FaultEventType, SessionStatus, format_ts
+from evcharging.common.states import CPState
+
+__all__ = [
+    "MAX_LIMIT",
+    "SCHEMA_VERSION",
+    "SESSION_ACTIVE",
+    "SESSION_STATUSES",
+    "CPRecord",
+    "FaultEvent",
+    "FaultEventType",
+    "HealthSnapshot",
+    "Op",
+    "SessionRecord",
+]
+
+SESSION_ACTIVE = SessionStatus.ACTIVE.value
+"""The status of a session that is still charging; every other status is final."""
+
+SESSION_STATUSES = frozenset(status.value for status in SessionStatus)
+"""ACTIVE, COMPLETED, STOPPED and FAILED."""
+
+MAX_LIMIT = 1000
+"""Every ``limit`` is clamped to 1..MAX_LIMIT."""
+
+Clock = Callable[[], datetime]
+
+
+# --------------------------------------------------------------------------- timestamps
+
+
+def utcnow_() -> datetime:
+    return datetime.now(UTC)
+
+
+ts_text = format_ts
+
+
+def ts_opt_text(value: datetime | None) -> str | None:
+    return None if value is None else ts_text(value)
+
+
+def ts_parse(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+def ts_opt_parse(text: str | None) -> datetime | None:
+    return None if text is None else ts_parse(text)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return ts_text(value)
+    if isinstance(value, Enum):
+        return value.value
+    return value
+
+
+def _record_dict(record: Any) -> dict[str, Any]:
+    return {f.name: _json_value(getattr(record, f.name)) for f in fields(record)}
+
+
+class _AsDict:
+    """``as_dict`` for the record dataclasses below."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields in order, JSON-ready: datetimes as ISO 8601 'Z' text, enums as values."""
+        return _record_dict(self)
+
+
+# ------------------------------------------------------------------------------ records
+
+
+@dataclass(frozen=True)
+class CPRecord(_AsDict):
+    """A charging point as Central knows it (``cp_registry``)."""
+
+    cp_id: str
+    state: CPState = CPState.DISCONNECTED
+    location: str | None = None
+    kw_rate: float | None = None
+    euro_rate: float | None = None
+    health_url: str | None = None
+    is_faulty: bool = False
+    fault_reason: str | None = None
+    registered_at: datetime | None = None
+    """Set by the repository on first insert when None; never changed by an update."""
+    updated_at: datetime | None = None
+    """Set by the repository to the current time on every upsert when None."""
+    state_reason: str | None = None
+    breaker_state: BreakerState = BreakerState.CLOSED
+    breaker_failures: int = 0
+    breaker_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionRecord(_AsDict):
+    """One charging session (``charging_sessions``)."""
+
+    session_id: str
+    request_id: str
+    cp_id: str
+    driver_id: str
+    status: str
+    """One of :data:`SESSION_STATUSES`: ACTIVE, COMPLETED, STOPPED, FAILED."""
+    started_at: datetime
+    ended_at: datetime | None = None
+    kwh: float = 0.0
+    euros: float = 0.0
+    reason: str | None = None
+    meter_final: bool = False
+    """The CP reported this session's end: kwh and euros are its meter's final totals."""
+
+
+@dataclass(frozen=True)
+class FaultEvent(_AsDict):
+    """A fault or recovery of a CP (``fault_events``)."""
+
+    id: int
+    cp_id: str
+    event_type: str
+    reason: str | None
+    ts: datetime
+
+
+@dataclass(frozen=True)
+class HealthSnapshot(_AsDict):
+    """A CP's health at one moment (``cp_health_history``); ``id`` is set when read back."""
+
+    cp_id: str
+    state: CPState
+    is_faulty: bool
+    breaker_state: str
+    ts: datetime
+    session_id: str | None = None
+    id: int | None = None
+
+
+# ------------------------------------------------------------------------------- schema
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: the seed tables and the CP registry.
+    (
+        """CREATE TABLE IF NOT EXISTS cp_registry (
+            cp_id         TEXT PRIMARY KEY,
+            state         TEXT NOT NULL,
+            location      TEXT,
+            kw_rate       REAL,
+            euro_rate     REAL,
+            health_url    TEXT,
+            is_faulty     INTEGER NOT NULL DEFAULT 0 CHECK (is_faulty IN (0, 1)),
+            fault_reason  TEXT,
+            registered_at TEXT NOT NULL,
+            updated_at    TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS charging_sessions (
+            session_id TEXT PRIMARY KEY,
+            request_id TEXT NOT NULL UNIQUE,
+            cp_id      TEXT NOT NULL,
+            driver_id  TEXT NOT NULL,
+            status     TEXT NOT NULL
+                       CHECK (status IN ('ACTIVE', 'COMPLETED', 'STOPPED', 'FAILED')),
+            start_time TEXT NOT NULL,
+            end_time   TEXT,
+            kwh        REAL NOT NULL DEFAULT 0 CHECK (kwh >= 0),
+            euros      REAL NOT NULL DEFAULT 0 CHECK (euros >= 0),
+            reason     TEXT
+        )""",
+        """CREATE TABLE IF NOT EXISTS fault_events (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            cp_id      TEXT NOT NULL,
+            event_type TEXT NOT NULL,
+            reason     TEXT,
+            timestamp  TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS cp_health_history (
+            id                    INTEGER PRIMARY KEY AUTOINCREMENT,
+            cp_id                 TEXT NOT NULL,
+            state                 TEXT NOT NULL,
+            is_faulty             INTEGER NOT NULL CHECK (is_faulty IN (0, 1)),
+            circuit_breaker_state TEXT NOT NULL,
+            session_id            TEXT,
+            timestamp             TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS idx_fault_events_cp_ts ON fault_events (cp_id, timestamp)",
+        "CREATE INDEX IF NOT EXISTS idx_cp_health_history_cp_ts"
+        " ON cp_health_history (cp_id, timestamp)",
+        "CREATE INDEX IF NOT EXISTS idx_charging_sessions_cp_start"
+        " ON charging_sessions (cp_id, start_time)",
+        "CREATE INDEX IF NOT EXISTS idx_charging_sessions_driver_start"
+        " ON charging_sessions (driver_id, start_time)",
+        "CREATE INDEX IF NOT EXISTS idx_charging_sessions_status ON charging_sessions (status)",
+        "CREATE INDEX IF NOT EXISTS idx_charging_sessions_start ON charging_sessions (start_time)",
+    ),
+    # 2: every decision on a driver request, so that a request replayed after a restart
+    # (its offset not yet committed) is never decided twice.
+    (
+        """CREATE TABLE IF NOT EXISTS request_log (
+            request_id TEXT PRIMARY KEY,
+            driver_id  TEXT NOT NULL,
+            cp_id      TEXT NOT NULL,
+            decision   TEXT NOT NULL,
+            reason     TEXT,
+            timestamp  TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS idx_request_log_ts ON request_log (timestamp)",
+    ),
+    # 3: the ledger and what a restart must not forget (SPEC §4): whether a session's
+    # totals are its CP's final meter reading, the CP's state reason and its breaker.
+    (
+        "ALTER TABLE charging_sessions ADD COLUMN meter_final INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cp_registry ADD COLUMN state_reason TEXT",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_state TEXT NOT NULL DEFAULT 'CLOSED'",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE cp_registry ADD COLUMN breaker_reason TEXT",
+    ),
+)
+"""Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The SQL below is built from these constant column lists only (hence the S608 noqa);
+# every value is a bound parameter.
+_CP_COLUMNS = (
+    "cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty, fault_reason,"
+    " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason"
+)
+_SESSION_COLUMNS = (
+    "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
+    " meter_final"
+)
+_HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_id, timestamp"
+
+SQL_UPSERT_CP = """
+    INSERT INTO cp_registry (cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty,
+                             fault_reason, registered_at, updated_at, state_reason,
+                             breaker_state, breaker_failures, breaker_reason)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT (cp_id) DO UPDATE SET
+        state_reason = excluded.state_reason,
+        breaker_state = excluded.breaker_state,
+        breaker_failures = excluded.breaker_failures,
+        breaker_reason = excluded.breaker_reason,
+        state = excluded.state,
+        location = excluded.location,
+        kw_rate = excluded.kw_rate,
+        euro_rate = excluded.euro_rate,
+        health_url = excluded.health_url,
+        is_faulty = excluded.is_faulty,
+        fault_reason = excluded.fault_reason,
+        updated_at = excluded.updated_at
+"""
+SQL_LOAD_CPS = f"SELECT {_CP_COLUMNS} FROM cp_registry ORDER BY cp_id"  # noqa: S608
+SQL_LOG_REQUEST = (
+    "INSERT OR IGNORE INTO request_log"
+    " (request_id, driver_id, cp_id, decision, reason, timestamp) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
+SQL_START_SESSION = """
+    INSERT INTO charging_sessions (session_id, request_id, cp_id, driver_id, status, start_time,
+                                   end_time, kwh, euros, reason)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT DO NOTHING
+"""
+SQL_FINISH_SESSION = """
+    UPDATE charging_sessions
+    SET status = ?, end_time = ?, kwh = ?, euros = ?, reason = ?, meter_final = ?
+    WHERE session_id = ? AND status = 'ACTIVE'
+"""
+SQL_CORRECT_TOTALS = """
+    UPDATE charging_sessions SET kwh = ?, euros = ?, meter_final = MAX(meter_final, ?)
+    WHERE session_id = ? AND status != 'ACTIVE'
+"""
+SQL_SELECT_SESSIONS = f"SELECT {_SESSION_COLUMNS} FROM charging_sessions"  # noqa: S608
+SQL_INSERT_FAULT = (
+    "INSERT INTO fault_events (cp_id, event_type, reason, timestamp) VALUES (?, ?, ?, ?)"
+)
+SQL_INSERT_HEALTH = (
+    "INSERT INTO cp_health_history"
+    " (cp_id, state, is_faulty, circuit_breaker_state, session_id, timestamp)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+SQL_CP_HISTORY = f"""
+    SELECT {_HEALTH_COLUMNS} FROM cp_health_history WHERE cp_id = ?
+    ORDER BY timestamp DESC, id DESC LIMIT ?
+"""  # noqa: S608
+
+
+# ---------------------------------------------------------------------- row conversions
+
+
+def clamp(limit: int) -> int:
+    return max(1, min(MAX_LIMIT, int(limit)))
+
+
+def amount(name: str, value: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def cp_from_row(row: sqlite3.Row) -> CPRecord:
+    return CPRecord(
+        cp_id=row["cp_id"],
+        state=CPState(row["state"]),
+        location=row["location"],
+        kw_rate=row["kw_rate"],
+        euro_rate=row["euro_rate"],
+        health_url=row["health_url"],
+        is_faulty=bool(row["is_faulty"]),
+        fault_reason=row["fault_reason"],
+        registered_at=ts_opt_parse(row["registered_at"]),
+        updated_at=ts_opt_parse(row["updated_at"]),
+        state_reason=row["state_reason"],
+        breaker_state=BreakerState(row["breaker_state"]),
+        breaker_failures=int(row["breaker_failures"]),
+        breaker_reason=row["breaker_reason"],
+    )
+
+
+def session_from_row(row: sqlite3.Row) -> SessionRecord:
+    return SessionRecord(
+        session_id=row["session_id"],
+        request_id=row["request_id"],
+        cp_id=row["cp_id"],
+        driver_id=row["driver_id"],
+        status=row["status"],
+        started_at=ts_parse(row["start_time"]),
+        ended_at=ts_opt_parse(row["end_time"]),
+        kwh=row["kwh"],
+        euros=row["euros"],
+        reason=row["reason"],
+        meter_final=bool(row["meter_final"]),
+    )
+
+
+def fault_from_row(row: sqlite3.Row) -> FaultEvent:
+    return FaultEvent(
+        id=row["id"],
+        cp_id=row["cp_id"],
+        event_type=row["event_type"],
+        reason=row["reason"],
+        ts=ts_parse(row["timestamp"]),
+    )
+
+
+def health_from_row(row: sqlite3.Row) -> HealthSnapshot:
+    return HealthSnapshot(
+        cp_id=row["cp_id"],
+        state=CPState(row["state"]),
+        is_faulty=bool(row["is_faulty"]),
+        breaker_state=row["circuit_breaker_state"],
+        ts=ts_parse(row["timestamp"]),
+        session_id=row["session_id"],
+        id=row["id"],
+    )
+
+
+def health_params(snapshot: HealthSnapshot) -> tuple[Any, ...]:
+    return (
+        snapshot.cp_id,
+        CPState(snapshot.state).value,
+        int(bool(snapshot.is_faulty)),
+        str(snapshot.breaker_state),
+        snapshot.session_id,
+        ts_text(snapshot.ts),
+    )
+
+
+
+
+# ---------------------------------------------------------------------------- writes
+
+Op = tuple[str, tuple[Any, ...]]
+"""One write: a statement and its parameters. A list of them is one transaction."""
+
+
+def upsert_cp(cp: CPRecord, now: datetime) -> Op:
+    """Insert the CP, or update every field of it but ``registered_at``."""
+    return SQL_UPSERT_CP, (
+        cp.cp_id,
+        CPState(cp.state).value,
+        cp.location,
+        cp.kw_rate,
+        cp.euro_rate,
+        cp.health_url,
+        int(bool(cp.is_faulty)),
+        cp.fault_reason,
+        ts_text(now if cp.registered_at is None else cp.registered_at),
+        ts_text(now if cp.updated_at is None else cp.updated_at),
+        cp.state_reason,
+        BreakerState(cp.breaker_state).value,
+        int(cp.breaker_failures),
+        cp.breaker_reason,
+    )
+
+
+def log_request(
+    request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
+    ts: datetime,
+) -> Op:
+    """The decision on a request (ignored when the request was decided before)."""
+    return SQL_LOG_REQUEST, (request_id, driver_id, cp_id, decision, reason, ts_text(ts))
+
+
+def start_session(session: SessionRecord) -> Op:
+    """A new session row (ignored when its session_id or request_id is stored)."""
+    if session.status not in SESSION_STATUSES:
+        raise ValueError(f"unknown session status {session.status!r}")
+    return SQL_START_SESSION, (
+        session.session_id,
+        session.request_id,
+        session.cp_id,
+        session.driver_id,
+        str(session.status),
+        ts_text(session.started_at),
+        ts_opt_text(session.ended_at),
+        amount("kwh", session.kwh),
+        amount("euros", session.euros),
+        session.reason,
+    )
+
+
+def finish_session(
+    session_id: str, status: str, *, kwh: float, euros: float, reason: str | None,
+    ended_at: datetime, meter_final: bool = False,
+) -> Op:
+    """End an ACTIVE session with a final status (an ended one is left as it is)."""
+    if status == SESSION_ACTIVE or status not in SESSION_STATUSES:
+        raise ValueError(f"{status!r} is not a final session status")
+    return SQL_FINISH_SESSION, (
+        str(status), ts_text(ended_at), amount("kwh", kwh), amount("euros", euros), reason,
+        int(meter_final), session_id,
+    )
+
+
+def correct_totals(session_id: str, *, kwh: float, euros: float, meter_final: bool) -> Op:
+    """An ended session's totals, as a later meter report gives them."""
+    return SQL_CORRECT_TOTALS, (
+        amount("kwh", kwh), amount("euros", euros), int(meter_final), session_id,
+    )
+
+
+def fault_event(cp_id: str, event_type: str, reason: str | None, ts: datetime) -> Op:
+    return SQL_INSERT_FAULT, (cp_id, str(event_type), reason, ts_text(ts))
+
+
+def health(snapshot: HealthSnapshot) -> Op:
+    return SQL_INSERT_HEALTH, health_params(snapshot)
+
+
+def prune_health(before: datetime) -> Op:
+    """Forget health snapshots older than `before` (the history's retention)."""
+    return "DELETE FROM cp_health_history WHERE timestamp < ?", (ts_text(before),)
