@@ -49,7 +49,9 @@ with warnings.catch_warnings():
     from starlette.testclient import TestClient
 
 STATIC = Path(dashboard.__file__).parent / "static"
-CARD_HOOKS = ("cp-state", "cp-kw", "cp-kwh", "cp-euros", "cp-driver", "cp-breaker")
+CARD_HOOKS = (
+    "cp-state", "cp-kw", "cp-kwh", "cp-euros", "cp-driver", "cp-breaker", "cp-unmonitored",
+)
 XSS = "<img src=x onerror=alert(1)>"
 
 T = TypeVar("T")
@@ -172,6 +174,7 @@ def test_index_has_the_stable_dom_hooks(central: Central) -> None:
         assert re.search(rf'class="[^"]*\b{hook}\b', html), hook
     js = (STATIC / "dashboard.js").read_text()
     assert "dataset.cpId = cpId" in js  # -> data-cp-id="<id>" on each card
+    assert "cp.monitored !== false" in js  # the NO MONITOR badge follows CPOut.monitored
     for mode in ("ws", "polling", "connecting"):
         assert f'"{mode}"' in js
 

@@ -180,6 +180,7 @@
       id: q(".cp-id"),
       state: q(".cp-state"),
       faulty: q(".cp-faulty"),
+      unmonitored: q(".cp-unmonitored"),
       location: q(".cp-location"),
       kw: q(".cp-kw"),
       kwh: q(".cp-kwh"),
@@ -226,6 +227,7 @@
     setData(card.state, "state", state);
     card.faulty.hidden = !cp.is_faulty;
     card.root.classList.toggle("is-faulty", Boolean(cp.is_faulty));
+    card.unmonitored.hidden = cp.monitored !== false;
     setText(card.location, cp.location || "");
 
     const v = liveValues(cp);
