@@ -7,17 +7,17 @@ Start-up: connect the producer (it waits for the broker, with backoff), start th
 ``central.commands`` consumer (no group, from the latest offset: a CP only cares about
 commands sent from now on), serve ``/health``, then connect the CP (ACTIVATED).
 
-It runs until SIGINT/SIGTERM, until Central sends SHUTDOWN (both exit 0) or until the
-command consumer dies (exit 1). Shutdown order: the CP (which ends a running session
-and announces DISCONNECTED), the consumer, the HTTP server, the producer.
+It runs until SIGINT/SIGTERM, until Central sends SHUTDOWN (both exit 0) or until a
+background task fails (exit 1): the command consumer or the health server, logged once by
+the task owner. Shutdown order: the CP (which ends a running session and announces
+DISCONNECTED), the health server, the consumer's task, the consumer, the producer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from loguru import logger
 
@@ -36,8 +36,12 @@ from evcharging.common.kafka import (
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand
 from evcharging.common.service import (
+    EXIT_FAILURE,
+    EXIT_OK,
     HttpServer,
+    Shutdown,
     Stopped,
+    TaskOwner,
     run_service,
     until_stopped,
     wait_first,
@@ -46,12 +50,9 @@ from evcharging.common.service import (
 PROG = "python -m evcharging.apps.ev_cp_e.main"
 DESCRIPTION = "CP Engine: one simulated charging point connected to EV Central over Kafka."
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-
 
 async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
-    """Run one CP until `stop` is set, Central says SHUTDOWN, or the consumer dies."""
+    """Run one CP until `stop` is set, Central says SHUTDOWN, or a task fails."""
     log = logger.bind(cp_id=settings.cp_id)
     exposure = check_exposure(
         settings.health_host, settings.api_token, settings.allow_anonymous,
@@ -79,26 +80,32 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
     app = create_health_app(
         cp, stats, api_token=settings.api_token, allow_anonymous=settings.allow_anonymous
     )
-    http = HttpServer(app, settings.health_host, settings.health_port, name="health")
-    consuming: asyncio.Task[None] | None = None
-    code = EXIT_OK
+    tasks = TaskOwner(f"CP Engine {settings.cp_id}")
+    http = HttpServer(
+        app, settings.health_host, settings.health_port, name="health", tasks=tasks
+    )
+    shutdown = Shutdown(
+        ("charging point", cp.stop),
+        ("health server", http.stop),
+        ("command consumer task", tasks.close),
+        ("command consumer", consumer.stop),
+        ("Kafka producer", bus.stop),
+    )
     try:
-        try:
-            await until_stopped(stop, _start_parts(bus, consumer, http))
-        except (BusError, OSError) as exc:
-            log.error("CP Engine could not start: {}", exc)
-            return EXIT_FAILURE
-        except Stopped:
-            log.info("stopped while starting")
-            return EXIT_OK
-        consuming = asyncio.create_task(consumer.run(), name=f"{settings.cp_id}-commands")
+        await until_stopped(stop, _start_parts(bus, consumer, http))
+        tasks.spawn(consumer.run(), "central.commands consumer", forever=True)
         await cp.start()
         log.info("CP Engine {} running; health on port {}", settings.cp_id, http.port)
-        code = await _wait_for_exit(stop, cp, consuming)
+        return await _wait_for_exit(stop, cp, tasks)
+    except (BusError, OSError) as exc:
+        log.error("CP Engine could not start: {}", exc)
+        return EXIT_FAILURE
+    except Stopped:
+        log.info("stopped while starting")
+        return EXIT_OK
     finally:
-        await _shutdown(cp, consuming, consumer, http, bus)
+        await shutdown.run()
         log.info("CP Engine {} stopped (state {})", settings.cp_id, cp.state.value)
-    return code
 
 
 async def _start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpServer) -> None:
@@ -108,52 +115,23 @@ async def _start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpSer
 
 
 async def _wait_for_exit(
-    stop: asyncio.Event, cp: ChargingPoint, consuming: asyncio.Task[None]
+    stop: asyncio.Event, cp: ChargingPoint, tasks: TaskOwner | asyncio.Task[None]
 ) -> int:
-    """Wait for SIGINT/SIGTERM, a SHUTDOWN command, or the consumer's death."""
+    """Wait for SIGINT/SIGTERM, a SHUTDOWN command, or a failed task; the exit code."""
     log = logger.bind(cp_id=cp.cp_id)
-    await wait_first([stop, cp.shutdown_requested], [consuming])
-    if consuming.done():
-        exc = None if consuming.cancelled() else consuming.exception()
-        log.opt(exception=exc).critical(
-            "the central.commands consumer died ({!r}); the CP cannot obey Central, exiting",
-            exc,
-        )
+    if isinstance(tasks, asyncio.Task):
+        # One task instead of the owner (tests/unit/test_engine.py passes the consumer's).
+        failed = bool(await wait_first([stop, cp.shutdown_requested], [tasks]))
+        if failed and not tasks.cancelled():
+            log.opt(exception=tasks.exception()).critical("{} died", tasks.get_name())
+    else:
+        failed = await tasks.wait(stop, cp.shutdown_requested)
+    if failed:
+        log.error("stopping the CP Engine after the failure above")
         return EXIT_FAILURE
     if cp.shutdown_requested.is_set():
         log.info("Central asked this CP to shut down")
     return EXIT_OK
-
-
-async def _shutdown(
-    cp: ChargingPoint,
-    consuming: asyncio.Task[None] | None,
-    consumer: KafkaConsumerLoop,
-    http: HttpServer,
-    bus: KafkaBus,
-) -> None:
-    """Stop every part in order; one failing step does not skip the others."""
-    log = logger.bind(cp_id=cp.cp_id)
-
-    async def cancel_consuming() -> None:
-        if consuming is not None and not consuming.done():
-            consuming.cancel()
-        if consuming is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(consuming, return_exceptions=True)
-
-    steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
-        ("charging point", cp.stop),
-        ("command consumer task", cancel_consuming),
-        ("command consumer", consumer.stop),
-        ("health server", http.stop),
-        ("Kafka producer", bus.stop),
-    ]
-    for name, step in steps:
-        try:
-            await step()
-        except Exception as exc:  # noqa: BLE001 - shutdown must reach every step
-            log.opt(exception=exc).error("stopping the {} failed", name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
