@@ -865,6 +865,8 @@ async def test_sessions_newest_first(
     assert [r["status"] for r in rows] == ["ACTIVE", "STOPPED", "FAILED", "COMPLETED"]
     completed = rows[-1]
     assert (completed["kwh"], completed["euros"]) == (2.5, 0.75)
+    assert completed["meter_final"] is True  # the CP's end status carried the totals
+    assert rows[0]["meter_final"] is False  # still running
     assert completed["started_at"].endswith("Z") and completed["ended_at"].endswith("Z")
 
 

@@ -233,6 +233,10 @@ class SessionOut(Out):
     kwh: float
     euros: float
     reason: str | None = None
+    meter_final: bool = Field(
+        False, description="the CP reported the session's end: kwh and euros are its meter's "
+        "final totals (else the last totals Central saw; a late report corrects them)"
+    )
 
 
 def session_out(record: SessionRecord) -> SessionOut:
@@ -247,6 +251,7 @@ def session_out(record: SessionRecord) -> SessionOut:
         kwh=record.kwh,
         euros=record.euros,
         reason=record.reason,
+        meter_final=record.meter_final,
     )
 
 
