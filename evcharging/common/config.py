@@ -79,6 +79,14 @@ class CentralSettings(ServiceSettings):
     request_max_age: Positive = Field(
         120.0, description="requests older than this (e.g. replayed after downtime) are refused"
     )
+    shed_after: Positive = Field(
+        1.0,
+        description="when Central reads a request this many seconds after it was sent, it is "
+        "behind: the request is DENIED 'Central overloaded' instead of accepted and failed",
+    )
+    history_retention_days: Positive = Field(
+        7.0, description="days of CP health history kept in the database"
+    )
     group_id: str = Field("ev-central", description="Kafka consumer group of Central")
 
 

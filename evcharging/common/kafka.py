@@ -334,7 +334,12 @@ class KafkaConsumerLoop:
     Offsets of handled messages are committed at most every ``commit_interval`` seconds
     while messages flow, and at once when the topics go quiet or the loop is cancelled.
     ``before_commit`` runs before each commit: Central flushes its producer there, so the
-    answers to the messages it commits have reached the broker. Without one it
+    answers to the messages it commits have reached the broker. ``after_batch`` runs after
+    the messages of each batch were handled and before their offsets may be committed
+    (Central writes the batch's decisions there, in one transaction); while it has not
+    finished, the batch's offsets are not committed, not even at shutdown. ``on_lag`` is
+    told after each fetch how many messages are still unread on the assigned partitions
+    (:attr:`lag` per partition; 0 when the loop has caught up). Without a group it
     reads every partition itself, from ``start_at``, and commits nothing: that suits a
     client that only wants what happens from now on (a driver, a CP engine).
     """
@@ -352,6 +357,8 @@ class KafkaConsumerLoop:
         before_commit: Callable[[], Awaitable[None]] | None = None,
         commit_interval: float = 0.2,
         keys: Iterable[str] | None = None,
+        after_batch: Callable[[], Awaitable[None]] | None = None,
+        on_lag: Callable[[int], None] | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
@@ -368,6 +375,13 @@ class KafkaConsumerLoop:
         self.stats = stats or BusStats()
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._before_commit = before_commit
+        self._after_batch = after_batch
+        self._on_lag = on_lag
+        self.lag: dict[TopicPartition, int] = {}
+        """Messages not yet read, per assigned partition, as of the last fetch."""
+        self._positions: dict[TopicPartition, int] = {}
+        self._unsettled = False
+        """Messages were handled whose batch's after_batch has not finished."""
         self.commit_interval = commit_interval
         self._handled: dict[TopicPartition, int] = {}
         self._last_commit = 0.0
@@ -458,8 +472,10 @@ class KafkaConsumerLoop:
             await self._consume(consumer)
         finally:
             # Cancelled (shutdown) or failed: commit what was handled, so that a restart
-            # handles again only what was not.
-            await self._commit(consumer)
+            # handles again only what was not; but not a batch whose after_batch did not
+            # finish (its decisions may be unrecorded: a restart decides them again).
+            if not self._unsettled:
+                await self._commit(consumer)
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         failing_since: float | None = None
@@ -481,12 +497,40 @@ class KafkaConsumerLoop:
                 self._assigned.set()
             for tp, records in batch.items():
                 for record in records:
+                    self._unsettled = True
                     await self._handle(record.topic, record.partition, record.offset, record.value)
                     self._handled[tp] = record.offset + 1
+                    self._positions[tp] = record.offset + 1
+            if self._after_batch is not None and self._unsettled:
+                await self._after_batch()
+            self._unsettled = False
+            await self._measure_lag(consumer)
             # Commit at most every commit_interval while messages flow, and at once when
             # the topics go quiet.
             if not batch or time.monotonic() - self._last_commit >= self.commit_interval:
                 await self._commit(consumer)
+
+    async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Unread messages per partition: the partition's end (as of the last fetch)
+        less the position after what was handled."""
+        assigned = consumer.assignment()
+        for tp in list(self.lag):
+            if tp not in assigned:
+                del self.lag[tp]
+                self._positions.pop(tp, None)
+        for tp in assigned:
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            position = self._positions.get(tp)
+            if position is None:
+                try:
+                    position = self._positions[tp] = await consumer.position(tp)
+                except KafkaError:
+                    continue
+            self.lag[tp] = max(0, end - position)
+        if self._on_lag is not None:
+            self._on_lag(sum(self.lag.values()))
 
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         offsets, self._handled = self._handled, {}

@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from evcharging.apps.ev_central import housekeeping
+from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from tests.unit.fakes import RecordingPublisher
 
 
@@ -21,3 +24,38 @@ async def repo() -> AsyncIterator[SqliteRepository]:
 def bus() -> RecordingPublisher:
     """A publisher that records what Central would send on Kafka."""
     return RecordingPublisher()
+
+
+class FlushingController(Controller):
+    """Central as its consumer drives it: each message handled, then the batch flushed.
+
+    The flush is one attempt (the consumer retries it): a database that cannot be written
+    raises StorageError here, with the decision kept for the next flush.
+    """
+
+    async def handle_request(self, request: DriverRequest) -> None:
+        await super().handle_request(request)
+        await self.outbox.flush()
+
+    async def handle_status(self, status: CPStatus) -> None:
+        await super().handle_status(status)
+        await self.outbox.flush()
+
+    async def handle_telemetry(self, telemetry: CPTelemetry) -> None:
+        await super().handle_telemetry(telemetry)
+        await self.outbox.flush()
+
+    async def check_silent_cps(self) -> list[str]:
+        marked = housekeeping.check_silent_cps(self)
+        await self.outbox.flush()
+        return marked
+
+    async def check_monitors(self) -> list[str]:
+        lost = housekeeping.check_monitors(self)
+        await self.outbox.flush()
+        return lost
+
+    async def snapshot_health(self) -> int:
+        count = housekeeping.snapshot_health(self)
+        await self.outbox.flush()
+        return count

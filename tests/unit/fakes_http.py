@@ -33,6 +33,7 @@ import httpx
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
+from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
 ENGINE_HOST = "engine.test"
@@ -90,7 +91,9 @@ class Central:
         self.token = token
         self.bus = RecordingPublisher()
         self.repo = SqliteRepository(":memory:")
-        self.controller = Controller(self.bus, self.repo, CentralOptions(start_timeout=30.0))
+        self.controller = FlushingController(
+            self.bus, self.repo, CentralOptions(start_timeout=30.0)
+        )
         self.app = create_api(self.controller, api_token=token)
 
     async def open(self) -> Central:

@@ -21,6 +21,7 @@ from evcharging.common.http import (
     GuardedRoute,
 )
 from evcharging.common.messages import CPRegistration
+from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 from tests.unit.http_helpers import (
     AUTH,
@@ -34,7 +35,7 @@ from tests.unit.http_helpers import (
 
 @pytest.fixture
 async def controller(bus: RecordingPublisher, repo: SqliteRepository) -> AsyncIterator[Controller]:
-    central = Controller(bus, repo)
+    central = FlushingController(bus, repo)
     yield central
     await central.close()
 

@@ -9,7 +9,7 @@ import pytest
 
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
-from evcharging.apps.ev_central.repository import SessionRecord, SqliteRepository
+from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import (
@@ -28,6 +28,7 @@ from evcharging.common.messages import (
     new_id,
     utcnow,
 )
+from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
 
@@ -48,7 +49,7 @@ def clock() -> Clock:
 async def central(
     bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
 ) -> AsyncIterator[Controller]:
-    controller = Controller(
+    controller = FlushingController(
         bus, repo, CentralOptions(start_timeout=0.2, breaker_failure_threshold=2), clock=clock
     )
     yield controller
@@ -326,14 +327,14 @@ async def restarted(
 ) -> tuple[Controller, DriverRequest, str]:
     """A Central with CP-001 (fault then recovery) and a session on CP-002, then a second
     Central over the same database, as after a crash."""
-    first = Controller(bus, repo, CentralOptions(breaker_failure_threshold=2))
+    first = FlushingController(bus, repo, CentralOptions(breaker_failure_threshold=2))
     await activate(first)
     await first.report_fault("CP-001", True, "down")
     await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.FAULT))
     await activate(first, "CP-002")
     req, session_id = await start_session(first, bus, "CP-002")
     await first.close()
-    second = Controller(bus, repo, CentralOptions(breaker_failure_threshold=2))
+    second = FlushingController(bus, repo, CentralOptions(breaker_failure_threshold=2))
     await second.load()
     return second, req, session_id
 
@@ -443,25 +444,33 @@ async def test_publish_failures_are_counted_not_raised(
     assert central.stats["publish_errors"] >= 1
 
 
-async def test_snapshots_write_history(central: Controller, repo: SqliteRepository) -> None:
+async def test_snapshots_write_history_of_changed_cps_only(
+    central: Controller, repo: SqliteRepository, clock: Clock
+) -> None:
     await activate(central)
     await activate(central, "CP-002")
-    assert await central.snapshot_health() == 2
+    assert await central.snapshot_health() == 0  # each state change wrote its own row
+    await central.report_fault("CP-002", True, "hot")
+    before = len(await repo.cp_history("CP-002"))
+    clock.now += 31.0  # the breaker's reset timeout passes: HALF_OPEN, with no event
+    assert await central.snapshot_health() == 1
     history = await repo.cp_history("CP-002")
-    assert history[0].state is CPState.ACTIVATED
+    assert len(history) > before
+    assert history[0].breaker_state == "HALF_OPEN"
+    assert await central.snapshot_health() == 0
 
 
 async def test_denied_request_replayed_after_restart_is_not_decided_again(
     bus: RecordingPublisher, repo: SqliteRepository
 ) -> None:
-    first = Controller(bus, repo)
+    first = FlushingController(bus, repo)
     await activate(first)
     await first.handle_status(CPStatus(cp_id="CP-001", state=CPState.STOPPED))
     req = await request(first, request_id="replayed")
     assert updates(bus, "replayed")[0].reason == "CP stopped"
     await first.close()
 
-    second = Controller(bus, repo)
+    second = FlushingController(bus, repo)
     await second.load()
     try:
         await second.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
@@ -487,21 +496,26 @@ async def test_start_timeout_stops_the_old_session_before_a_new_start(
     assert sequence[2][0] is CommandType.START_SUPPLY
 
 
-async def test_fault_during_acceptance_does_not_start_a_ghost_session(
-    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+async def test_a_fault_before_the_flush_ends_the_session_it_interrupts(
+    bus: RecordingPublisher, repo: SqliteRepository
 ) -> None:
-    await activate(central)
-    original = repo.start_session
-
-    async def slow_start(record: SessionRecord) -> bool:
-        await central.report_fault("CP-001", True, "monitor lost it")  # arrives meanwhile
-        return await original(record)
-
-    repo.start_session = slow_start  # type: ignore[method-assign]
-    req = await request(central)
-    assert [u.status for u in updates(bus, req.request_id)] == [DriverStatus.FAILED]
-    assert not commands(bus, CommandType.START_SUPPLY)
+    """A fault report that comes between a decision and its batch's flush: the session is
+    recorded and ended, and the CP hears START then STOP, never a START left behind."""
+    central = Controller(bus, repo)
+    await central.register(CPRegistration(cp_id="CP-001"))
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.ACTIVATED))
+    req = DriverRequest(request_id="r-1", driver_id="driver-alice", cp_id="CP-001")
+    await central.handle_request(req)  # decided, not yet flushed
+    assert bus.of(DriverUpdate) == []
+    await central.report_fault("CP-001", True, "monitor lost it")  # flushes both
+    assert [u.status for u in updates(bus, "r-1")] == [DriverStatus.ACCEPTED,
+                                                       DriverStatus.FAILED]
+    assert [c.cmd for c in bus.of(CentralCommand)] == [CommandType.START_SUPPLY,
+                                                      CommandType.STOP_SUPPLY]
     assert await repo.active_sessions() == []
+    [row] = await repo.list_sessions()
+    assert row.status == "FAILED"
+    await central.close()
 
 
 async def test_a_restarted_cp_stays_stopped(central: Controller, bus: RecordingPublisher) -> None:
@@ -519,12 +533,12 @@ async def test_a_restarted_cp_stays_stopped(central: Controller, bus: RecordingP
 async def test_a_silent_cp_is_disconnected_and_its_session_failed(
     bus: RecordingPublisher, repo: SqliteRepository
 ) -> None:
-    central = Controller(bus, repo, CentralOptions(cp_silence_timeout=0.05))
+    central = FlushingController(bus, repo, CentralOptions(cp_silence_timeout=0.05))
     try:
         await activate(central)
         req, _ = await start_session(central, bus)
         assert await central.check_silent_cps() == []
-        central.get("CP-001").last_seen = utcnow() - timedelta(seconds=1)
+        central.get("CP-001").last_heard = utcnow() - timedelta(seconds=1)
         assert await central.check_silent_cps() == ["CP-001"]
         final = updates(bus, req.request_id)[-1]
         assert final.status is DriverStatus.FAILED and "CP lost" in (final.reason or "")
@@ -642,13 +656,14 @@ async def test_a_monitor_report_for_an_unknown_cp_is_refused(central: Controller
 async def test_breaker_failures_survive_a_restart(
     bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
 ) -> None:
-    first = Controller(bus, repo, CentralOptions(start_timeout=0.05, breaker_failure_threshold=3),
-                       clock=clock)
+    first = FlushingController(
+        bus, repo, CentralOptions(start_timeout=0.05, breaker_failure_threshold=3), clock=clock
+    )
     await activate(first)
     req = await request(first)
     await bus.wait_for(DriverUpdate, lambda u: u.request_id == req.request_id and u.status.is_final)
     assert first.get("CP-001").breaker.failures == 1
     await first.close()
-    second = Controller(bus, repo, CentralOptions(breaker_failure_threshold=3), clock=clock)
+    second = FlushingController(bus, repo, CentralOptions(breaker_failure_threshold=3), clock=clock)
     await second.load()
     assert second.get("CP-001").breaker.failures == 1

@@ -41,6 +41,7 @@ from evcharging.common.messages import (
 )
 from evcharging.common.service import HttpServer
 from tests.polling import poll
+from tests.unit.conftest import FlushingController
 
 with warnings.catch_warnings():
     # Starlette >= 1.x prefers httpx2 for its TestClient and warns at import when only
@@ -81,7 +82,7 @@ class Central:
 
 def make_central(hub: EventHub | None = None) -> Iterator[Central]:
     repo = SqliteRepository(":memory:")
-    controller = Controller(FakePublisher(), repo, hub=hub)
+    controller = FlushingController(FakePublisher(), repo, hub=hub)
     with TestClient(create_api(controller)) as client:
         central = Central(client, controller)
         central.run(repo.open)
@@ -491,7 +492,7 @@ async def test_a_stuck_client_is_dropped_without_blocking_central(
 ) -> None:
     monkeypatch.setattr(dashboard, "SEND_TIMEOUT", 0.1)
     async with SqliteRepository(":memory:") as repo:
-        controller = Controller(FakePublisher(), repo)
+        controller = FlushingController(FakePublisher(), repo)
         socket = StuckSocket()
         serving = asyncio.create_task(dashboard.serve_socket(cast(Any, socket), controller))
         await wait_for(lambda: bool(socket.sent))
@@ -507,7 +508,7 @@ async def test_a_stuck_client_is_dropped_without_blocking_central(
 
 async def test_a_disconnect_ends_a_blocked_send() -> None:
     async with SqliteRepository(":memory:") as repo:
-        controller = Controller(FakePublisher(), repo)
+        controller = FlushingController(FakePublisher(), repo)
         socket = StuckSocket()
         serving = asyncio.create_task(dashboard.serve_socket(cast(Any, socket), controller))
         await wait_for(lambda: bool(socket.sent))
@@ -539,7 +540,7 @@ def test_coalesce_keeps_the_latest_telemetry_per_cp_in_order() -> None:
 
 async def test_a_real_server_refuses_a_cross_origin_handshake_with_403() -> None:
     async with SqliteRepository(":memory:") as repo:
-        controller = Controller(FakePublisher(), repo)
+        controller = FlushingController(FakePublisher(), repo)
         server = HttpServer(create_api(controller), "127.0.0.1", 0, name="dashboard-origin")
         await server.start()
         try:
@@ -559,7 +560,7 @@ async def test_a_real_server_refuses_a_cross_origin_handshake_with_403() -> None
 
 async def test_server_shutdown_closes_open_websockets() -> None:
     async with SqliteRepository(":memory:") as repo:
-        controller = Controller(FakePublisher(), repo)
+        controller = FlushingController(FakePublisher(), repo)
         await register(controller, "CP-1")
         server = HttpServer(create_api(controller), "127.0.0.1", 0, name="dashboard-test")
         await server.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
 from evcharging.common.messages import (
+    CentralCommand,
     CPRegistration,
     CPState,
     CPStatus,
@@ -27,7 +29,9 @@ from evcharging.common.messages import (
     SessionResult,
     StatusEvent,
     new_id,
+    utcnow,
 )
+from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
 
@@ -46,7 +50,7 @@ async def file_repo(db_path: Path) -> AsyncIterator[SqliteRepository]:
 async def central(
     bus: RecordingPublisher, file_repo: SqliteRepository
 ) -> AsyncIterator[Controller]:
-    controller = Controller(bus, file_repo, CentralOptions(start_timeout=30.0))
+    controller = FlushingController(bus, file_repo, CentralOptions(start_timeout=30.0))
     await controller.register(CPRegistration(cp_id="CP-001"))
     await controller.handle_status(
         CPStatus(cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.CONNECT)
@@ -104,30 +108,46 @@ def end_status(session_id: str, kwh: float, euros: float,
 # ---------------------------------------------------------------- a locked database
 
 
-async def test_a_request_during_a_lock_holds_nothing_and_is_decided_on_retry(
-    central: Controller, bus: RecordingPublisher, db_path: Path
+async def test_a_request_during_a_lock_is_announced_only_once_recorded(
+    central: Controller, bus: RecordingPublisher, db_path: Path, file_repo: SqliteRepository
 ) -> None:
     req = driver_request()
     with locked(db_path), pytest.raises(StorageError):
-        await central.handle_request(req)
-    assert central.get("CP-001").session is None  # not held busy for an unrecorded session
-    assert updates(bus, req.request_id) == []
-    assert not await central.repo.ping()  # /health reads this
-    await central.handle_request(req)  # the consumer's retry, once the lock is gone
+        await central.handle_request(req)  # decided; its batch's flush fails
+    assert updates(bus, req.request_id) == []  # nothing announced before it is recorded
+    assert bus.of(CentralCommand) == []
+    assert not await file_repo.ping()  # /health reads this
+    await central.flush()  # the consumer's next try, once the lock is gone
     [accepted] = updates(bus, req.request_id)
     assert accepted.status is DriverStatus.ACCEPTED
-    assert await central.repo.ping()
+    row = await file_repo.get_session_by_request(req.request_id)
+    assert row is not None and row.status == "ACTIVE"
+    assert await file_repo.ping()
+    await central.handle_request(req)  # Kafka redelivers it: not decided twice
+    assert len(updates(bus, req.request_id)) == 1
 
 
-async def test_an_end_report_during_a_lock_is_recorded_on_retry(
+async def test_a_request_read_late_is_denied_as_overload(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    """SPEC §4: a Central that fell behind (a locked database, a backlog) denies what it
+    reads late instead of accepting it and failing it later."""
+    late = DriverRequest(request_id=new_id(), driver_id="driver-alice", cp_id="CP-001",
+                         ts=utcnow() - timedelta(seconds=3))
+    await central.handle_request(late)
+    [denied] = updates(bus, late.request_id)
+    assert (denied.status, denied.reason) == (DriverStatus.DENIED, "Central overloaded")
+    assert central.decide("CP-001") is None
+
+
+async def test_an_end_report_during_a_lock_is_recorded_and_told_after_it(
     central: Controller, bus: RecordingPublisher, db_path: Path, file_repo: SqliteRepository
 ) -> None:
     request_id, session_id = await running_session(central, bus)
     with locked(db_path), pytest.raises(StorageError):
         await central.handle_status(end_status(session_id, 0.0367, 0.011))
-    assert central.get("CP-001").session is not None  # nothing decided yet
     assert updates(bus, request_id)[-1].status is DriverStatus.IN_PROGRESS
-    await central.handle_status(end_status(session_id, 0.0367, 0.011))
+    await central.flush()
     final = updates(bus, request_id)[-1]
     assert (final.status, final.kwh, final.euros) == (DriverStatus.COMPLETED, 0.0367, 0.011)
     row = await file_repo.get_session(session_id)
@@ -135,20 +155,19 @@ async def test_an_end_report_during_a_lock_is_recorded_on_retry(
     assert [u.status for u in updates(bus, request_id)].count(DriverStatus.COMPLETED) == 1
 
 
-async def test_a_fault_report_during_a_lock_is_refused_and_changes_nothing(
-    central: Controller, bus: RecordingPublisher, db_path: Path
+async def test_a_fault_report_during_a_lock_answers_503_and_is_recorded_later(
+    central: Controller, bus: RecordingPublisher, db_path: Path, file_repo: SqliteRepository
 ) -> None:
     request_id, _ = await running_session(central, bus)
-    with locked(db_path), pytest.raises(StorageError):
+    with locked(db_path), pytest.raises(StorageError) as refused:
         await central.report_fault("CP-001", True, "ground fault")
-    assert central.get("CP-001").session is not None
-    assert not central.get("CP-001").is_faulty
+    assert refused.value.http_status == 503
     assert not [u for u in updates(bus, request_id) if u.status.is_final]
     await central.report_fault("CP-001", True, "ground fault")  # the monitor retries
     assert [u.status for u in updates(bus, request_id) if u.status.is_final] == [
         DriverStatus.FAILED
     ]
-    assert [f.event_type for f in await central.repo.list_faults()] == ["FAULT"]
+    assert [f.event_type for f in await file_repo.list_faults()] == ["FAULT"]
 
 
 # ---------------------------------------------------------------- late meter reports
@@ -210,6 +229,7 @@ async def test_a_replayed_end_status_sends_the_final_update_again_unchanged(
     await central.handle_status(end_status(session_id, 0.0367, 0.011))
     first = updates(bus, request_id)[-1]
     central.get("CP-001").last_end = None  # a restarted Central has not seen it
+    central._closed.clear()  # nor does it hold the closed session in memory
     await central.handle_status(end_status(session_id, 0.0367, 0.011))
     again = updates(bus, request_id)[-1]
     assert again is not first

@@ -49,6 +49,7 @@ from evcharging.common.kafka import Topic
 from evcharging.common.messages import CentralCommand, CommandType, CPRegistration, CPStatus
 from evcharging.common.states import CPState
 from tests.polling import poll
+from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
 TIMEOUT = 5.0
@@ -187,7 +188,7 @@ async def activate(controller: Controller, *cp_ids: str, location: str = "depot"
 @pytest.fixture
 async def controller(bus: RecordingPublisher) -> AsyncIterator[Controller]:
     async with SqliteRepository(":memory:") as repo:
-        central = Controller(bus, repo)
+        central = FlushingController(bus, repo)
         await activate(central, "CP-002", "CP-001")
         try:
             yield central

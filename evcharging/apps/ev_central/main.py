@@ -15,11 +15,13 @@ from typing import Any
 
 from loguru import logger
 
+from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
+from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
     BusError,
     BusStats,
@@ -44,18 +46,13 @@ from evcharging.common.service import (
 DESCRIPTION = "EV Central: the controller of the EV charging network."
 
 
-async def _housekeeping(controller: Controller, interval: float) -> None:
-    """Every `interval`: health snapshots in the database, and silent CPs found."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await controller.check_silent_cps()
-            await controller.snapshot_health()
-        except Exception:  # noqa: BLE001 - a failed round must not stop the next one
-            logger.exception("housekeeping failed")
-
-
 async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
+    for host in (settings.http_host, settings.listen_host):
+        refused = check_exposure(host, settings.api_token, settings.allow_anonymous,
+                                 env_name="CENTRAL_API_TOKEN")
+        if refused is not None:
+            logger.critical("{}", refused)
+            return EXIT_FAILURE
     stats = BusStats()
     kafka = KafkaConfig(
         bootstrap=settings.kafka_bootstrap,
@@ -75,6 +72,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 breaker_reset_timeout=settings.breaker_reset_timeout,
                 request_max_age=settings.request_max_age,
                 cp_silence_timeout=settings.cp_silence_timeout,
+                shed_after=settings.shed_after,
             ),
         )
         consumer = KafkaConsumerLoop(
@@ -88,6 +86,8 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             start_at="earliest",
             stats=stats,
             before_commit=bus.flush,
+            after_batch=controller.flush,  # the batch's decisions, in one transaction
+            on_lag=controller.set_lag,
         )
 
         async def health() -> dict[str, Any]:
@@ -106,7 +106,8 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             create_api(controller, api_token=token, health=health),
             settings.http_host, settings.http_port, name="HTTP API", tasks=tasks,
         )
-        tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token)
+        tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token,
+                               allow_anonymous=settings.allow_anonymous)
         shutdown = Shutdown(
             ("TCP control plane", tcp.stop),
             ("HTTP API", http.stop),
@@ -123,7 +124,8 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             await until_stopped(stop, consumer.start())
             tasks.spawn(consumer.run(), "Kafka consumer", forever=True)
             tasks.spawn(
-                _housekeeping(controller, settings.health_snapshot_interval),
+                housekeeping.run(controller, settings.health_snapshot_interval,
+                                 settings.history_retention_days),
                 "housekeeping", forever=True,
             )
             logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)

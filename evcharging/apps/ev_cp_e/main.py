@@ -76,6 +76,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         group_id=None,
         start_at="latest",
         stats=stats,
+        keys=[settings.cp_id],  # only the partition this CP's commands go to
     )
     app = create_health_app(
         cp, stats, api_token=settings.api_token, allow_anonymous=settings.allow_anonymous

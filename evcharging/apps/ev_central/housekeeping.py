@@ -1,0 +1,101 @@
+"""Central's periodic checks: silent CPs, lost monitors, health snapshots, retention.
+
+Each check decides through the controller and queues its writes in the controller's
+outbox; :func:`run` flushes once per round. Silence is judged against how far Central has
+read the CPs' reports (``Controller.read_until``), so a Central that falls behind, or
+waits for a locked database, never takes a working CP for a silent one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+
+from loguru import logger
+
+from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central.controller import Controller
+from evcharging.apps.ev_central.repository import StorageError
+from evcharging.common.messages import FaultEventType, utcnow
+from evcharging.common.states import CPState, SessionResult
+
+__all__ = ["check_monitors", "check_silent_cps", "prune_history", "run", "snapshot_health"]
+
+PRUNE_EVERY = 3600.0
+
+
+def check_silent_cps(central: Controller) -> list[str]:
+    """Take CPs not heard from for ``cp_silence_timeout`` as DISCONNECTED.
+
+    An engine re-announces its state every few seconds, so silence means it is gone
+    (e.g. killed with no monitor to report it). A session it was running ends FAILED
+    with the totals the ledger holds. Returns the ids of the CPs that were marked.
+    """
+    timeout = central.options.cp_silence_timeout
+    marked = []
+    for cp in central.cps.values():
+        if cp.state in (CPState.DISCONNECTED, CPState.FAULT) or central.heard_within(cp, timeout):
+            continue
+        reason = f"no message from the CP for {timeout:g}s"
+        logger.warning("CP {} is silent: {}", cp.cp_id, reason)
+        central.end_session(cp, SessionResult.FAILED, f"CP lost: {reason}",
+                            breaker_failure=True)
+        central.follow_state(cp, CPState.DISCONNECTED, reason, None)
+        central.persist(cp)
+        central.changed(cp)
+        marked.append(cp.cp_id)
+    return marked
+
+
+def check_monitors(central: Controller) -> list[str]:
+    """Mark the CPs whose monitor has not reported for 3 of its intervals; a fault event
+    "monitor lost" each (the CP itself may still work). Returns their ids."""
+    now = central.clock()
+    lost = []
+    for cp in central.cps.values():
+        if (cp.monitor_interval is None or cp.monitor_lost
+                or now - cp.monitor_seen <= 3 * cp.monitor_interval):
+            continue
+        cp.monitor_lost = True
+        reason = f"monitor lost: no report for {3 * cp.monitor_interval:g}s"
+        logger.warning("CP {}: {}", cp.cp_id, reason)
+        central.stats["monitors_lost"] += 1
+        central.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.MONITOR_LOST, reason,
+                                             utcnow()))
+        central.event("monitor", cp, reason)
+        central.changed(cp)
+        lost.append(cp.cp_id)
+    return lost
+
+
+def snapshot_health(central: Controller) -> int:
+    """Queue a health snapshot of every CP that changed since its last one."""
+    count = 0
+    for cp in central.cps.values():
+        if cp.snapshot_key != cp.health_key():
+            central.outbox.write(sql.health(cp.snapshot()))
+            count += 1
+    return count
+
+
+def prune_history(central: Controller, retention_days: float) -> None:
+    """Forget health snapshots older than the retention."""
+    central.outbox.write(sql.prune_health(utcnow() - timedelta(days=retention_days)))
+
+
+async def run(central: Controller, interval: float, retention_days: float) -> None:
+    """Every `interval`: silent CPs, lost monitors and snapshots; hourly, retention."""
+    since_prune = PRUNE_EVERY
+    while True:
+        await asyncio.sleep(interval)
+        check_silent_cps(central)
+        check_monitors(central)
+        snapshot_health(central)
+        since_prune += interval
+        if since_prune >= PRUNE_EVERY:
+            prune_history(central, retention_days)
+            since_prune = 0.0
+        # A database error is logged by the repository; the writes stay in the outbox.
+        with contextlib.suppress(StorageError):
+            await central.outbox.flush()

@@ -1,0 +1,173 @@
+"""What Central holds in memory of each CP and session (the controller decides on these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from evcharging.apps.ev_central.sql import CPRecord, HealthSnapshot, SessionRecord
+from evcharging.common.circuit_breaker import CircuitBreaker
+from evcharging.common.messages import (
+    CPTelemetry,
+    SessionEnd,
+    SessionStatus,
+    dump,
+    format_ts_opt,
+    utcnow,
+)
+from evcharging.common.states import CPState
+
+__all__ = ["ActiveSession", "CPView", "ClosedSession"]
+
+
+@dataclass
+class ActiveSession:
+    """A session from ACCEPTED until its end: pending until the CP confirms SUPPLYING."""
+
+    session_id: str
+    request_id: str
+    driver_id: str
+    cp_id: str
+    started_at: datetime
+    trial: bool = False
+    """It is the one session a HALF_OPEN breaker lets through."""
+    confirmed: bool = False
+    resumed: bool = False
+    """Reloaded after a restart: kept until its CP claims it, reports its end, or shows
+    (by a heartbeat) that it does not know it."""
+    kw: float = 0.0
+    kwh: float = 0.0
+    euros: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "request_id": self.request_id,
+            "driver_id": self.driver_id,
+            "started_at": format_ts_opt(self.started_at),
+            "confirmed": self.confirmed,
+            "kw": self.kw,
+            "kwh": self.kwh,
+            "euros": self.euros,
+        }
+
+
+@dataclass
+class ClosedSession:
+    """A session that has ended, as the ledger holds it (late meter reports correct it)."""
+
+    session_id: str
+    request_id: str
+    driver_id: str
+    cp_id: str
+    status: SessionStatus
+    reason: str | None
+    kwh: float
+    euros: float
+    meter_final: bool
+    """The CP reported the end: its totals are final, telemetry no longer changes them."""
+
+    @classmethod
+    def from_row(cls, row: SessionRecord) -> ClosedSession:
+        return cls(
+            session_id=row.session_id, request_id=row.request_id, driver_id=row.driver_id,
+            cp_id=row.cp_id, status=SessionStatus(row.status), reason=row.reason,
+            kwh=row.kwh, euros=row.euros, meter_final=row.meter_final,
+        )
+
+
+@dataclass
+class CPView:
+    """What Central knows of one CP."""
+
+    cp_id: str
+    breaker: CircuitBreaker
+    state: CPState = CPState.DISCONNECTED
+    is_faulty: bool = False
+    fault_reason: str | None = None
+    location: str | None = None
+    kw_rate: float | None = None
+    euro_rate: float | None = None
+    health_url: str | None = None
+    registered_at: datetime | None = None
+    last_seen: datetime | None = None
+    """When Central last heard from the CP (wall clock, for people)."""
+    last_heard: datetime | None = None
+    """The CP's own timestamp of its last message (compared with how far Central has
+    read, so that Central's own delay never makes a CP look silent)."""
+    session: ActiveSession | None = None
+    last_telemetry: CPTelemetry | None = None
+    state_reason: str | None = None
+    last_end: SessionEnd | None = None
+    """The last session end this CP reported that the ledger has recorded."""
+    last_closed: str | None = None
+    """The id of the last session that ended on this CP (late meter reports name it)."""
+    monitor_interval: float | None = None
+    """The health interval its monitor announced (None: no monitor has reported)."""
+    monitor_seen: float = 0.0
+    """Controller clock reading of the monitor's last report."""
+    monitor_lost: bool = False
+    snapshot_key: tuple[object, ...] | None = None
+    """What the last health snapshot of this CP recorded (no new one while unchanged)."""
+
+    @property
+    def monitored(self) -> bool:
+        """Whether a monitor watches this CP: it reported within 3 of its intervals."""
+        return self.monitor_interval is not None and not self.monitor_lost
+
+    def record(self) -> CPRecord:
+        return CPRecord(
+            cp_id=self.cp_id,
+            state=self.state,
+            location=self.location,
+            kw_rate=self.kw_rate,
+            euro_rate=self.euro_rate,
+            health_url=self.health_url,
+            is_faulty=self.is_faulty,
+            fault_reason=self.fault_reason,
+            registered_at=self.registered_at,
+            updated_at=utcnow(),
+            state_reason=self.state_reason,
+            breaker_state=self.breaker.state,
+            breaker_failures=self.breaker.failures,
+            breaker_reason=self.breaker.reason,
+        )
+
+    def health_key(self) -> tuple[object, ...]:
+        return (self.state, self.is_faulty, self.breaker.state,
+                self.session.session_id if self.session else None)
+
+    def snapshot(self) -> HealthSnapshot:
+        self.snapshot_key = self.health_key()
+        return HealthSnapshot(
+            cp_id=self.cp_id,
+            state=self.state,
+            is_faulty=self.is_faulty,
+            breaker_state=self.breaker.state.value,
+            ts=utcnow(),
+            session_id=self.session.session_id if self.session else None,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        session = self.session
+        return {
+            "cp_id": self.cp_id,
+            "state": self.state.value,
+            "state_reason": self.state_reason,
+            "is_faulty": self.is_faulty,
+            "fault_reason": self.fault_reason,
+            "circuit_breaker_state": self.breaker.state.value,
+            "circuit_breaker_reason": self.breaker.reason,
+            "location": self.location,
+            "kw_rate": self.kw_rate,
+            "euro_rate": self.euro_rate,
+            "health_url": self.health_url,
+            "current_driver": session.driver_id if session else None,
+            "current_session": session.session_id if session else None,
+            "session": session.as_dict() if session else None,
+            "last_telemetry": dump(self.last_telemetry) if self.last_telemetry else None,
+            "last_seen": format_ts_opt(self.last_seen),
+            "registered_at": format_ts_opt(self.registered_at),
+            "monitored": self.monitored,
+        }
