@@ -320,8 +320,10 @@ class FrameDecoder:
                 stop = end if match is None else match.start()
                 if stop > pos:
                     if len(self._buf) + (stop - pos) > self._max:
+                        # The byte that overflows ends the frame; what follows it is
+                        # outside any frame (ignored), as if fed one byte at a time.
+                        pos += self._max - len(self._buf) + 1
                         self._oversize(events)
-                        pos = stop
                         continue
                     self._buf += data[pos:stop]
                     pos = stop

@@ -42,6 +42,7 @@ __all__ = [
     "FaultEventType",
     "Identifier",
     "Message",
+    "MonitorReport",
     "SessionEnd",
     "SessionResult",
     "SessionStatus",
@@ -306,6 +307,13 @@ class CPRegistration(HttpBody):
     kw_rate: NonNegative | None = None
     euro_rate: NonNegative | None = None
     health_url: Annotated[str, StringConstraints(max_length=300)] | None = None
+
+
+class MonitorReport(HttpBody):
+    """POST /cp/{cp_id}/monitor: a monitor is alive (sent every health interval)."""
+
+    interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+    healthy: bool = True
 
 
 class CPFaultReport(HttpBody):

@@ -19,7 +19,6 @@ import asyncio
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -412,24 +411,17 @@ async def test_list_cps_bad_params_are_422(shared: Shared, query: str, loc: list
     assert loc in error_locs(body)
 
 
-async def test_monitored_follows_the_monitors_last_report(
+async def test_monitored_follows_the_monitors_reports(
     client: httpx.AsyncClient, controller: Controller
 ) -> None:
-    await activate(controller, "CP-001")
-    await activate(controller, "CP-002")
-    await activate(controller, "CP-003")
-    assert [cp["monitored"] for cp in (await client.get("/cp")).json()] == [True] * 3
-    now = datetime.now(UTC)
-    controller.get("CP-001").last_monitor_report = now  # type: ignore[attr-defined]
-    controller.get("CP-002").last_monitor_report = now - timedelta(seconds=60)  # type: ignore[attr-defined]
-    controller.get("CP-003").last_monitor_report = None  # type: ignore[attr-defined]
+    for cp_id in ("CP-001", "CP-002", "CP-003"):
+        await activate(controller, cp_id)
+    assert [cp["monitored"] for cp in (await client.get("/cp")).json()] == [False] * 3
+    await controller.monitor_report("CP-001", 1.0, True)
+    await controller.monitor_report("CP-002", 1.0, True)
+    controller.get("CP-002").monitor_lost = True  # as housekeeping marks a silent monitor
     cps = (await client.get("/cp")).json()
     assert [cp["monitored"] for cp in cps] == [True, False, False]
-    assert (await client.get("/cp/CP-002")).json()["monitored"] is False
-    # With the monitor's own interval, 3 of them: 60 s is within 3 x 30 s.
-    controller.get("CP-002").monitor_interval = 30.0  # type: ignore[attr-defined]
-    assert (await client.get("/cp/CP-002")).json()["monitored"] is True
-    controller.get("CP-002").monitor_interval = 19.0  # type: ignore[attr-defined]
     assert (await client.get("/cp/CP-002")).json()["monitored"] is False
 
 
@@ -1474,3 +1466,30 @@ def test_create_api_returns_a_fastapi_app(controller: Controller) -> None:
     app = create_api(controller, api_token=TOKEN)
     assert isinstance(app, FastAPI)
     assert app.state.controller is controller
+
+
+async def test_a_monitor_report_keeps_the_cp_monitored(
+    client: httpx.AsyncClient, controller: Controller
+) -> None:
+    await activate(controller)
+    assert (await client.get("/cp/CP-001")).json()["monitored"] is False
+    response = await client.post("/cp/CP-001/monitor", json={"interval": 1.0, "healthy": True})
+    assert response.status_code == 200
+    assert response.json() == {"cp_id": "CP-001", "monitored": True}
+    assert (await client.get("/cp/CP-001")).json()["monitored"] is True
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [("/cp/CP-404/monitor", {"interval": 1.0}, 404),
+     ("/cp/CP-001/monitor", {"interval": 0}, 422),
+     ("/cp/CP-001/monitor", {"interval": "soon"}, 422),
+     ("/cp/CP-001/monitor", {}, 422)],
+)
+async def test_bad_monitor_reports_are_refused(
+    client: httpx.AsyncClient, controller: Controller, path: str, body: object, status: int
+) -> None:
+    await activate(controller)
+    response = await client.post(path, json=body)
+    assert response.status_code == status
+    assert set(response.json()) >= {"error", "code"}

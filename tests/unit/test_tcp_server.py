@@ -21,9 +21,11 @@ import pytest
 from loguru import logger
 
 from evcharging.apps.ev_central import ctl
+from evcharging.apps.ev_central import tcp_server as tcp_server_module
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.ctl import CentralUnreachable, ControlClient, ControlError
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.tcp_server import (
     MAX_PENDING,
     MUTATING,
@@ -242,7 +244,7 @@ async def test_status_of_every_cp(client: RawClient) -> None:
 
 async def test_status_of_one_cp(client: RawClient, controller: Controller) -> None:
     answer = await client.exchange({"cmd": "STATUS", "cp_id": "CP-002"})
-    assert answer == {"ok": True, "cp": controller.get("CP-002").as_dict()}
+    assert answer == {"ok": True, "cp": cp_out(controller.get("CP-002")).model_dump(mode="json")}
 
 
 async def test_status_of_unknown_cp(server: TcpControlServer, client: RawClient) -> None:
@@ -558,11 +560,10 @@ async def test_status_too_large_for_one_frame_is_truncated(
 async def test_an_answer_that_cannot_be_framed_becomes_an_error(
     client: RawClient, controller: Controller, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    class Huge:
-        def as_dict(self) -> dict[str, Any]:
-            return {"cp_id": "CP-001", "blob": "x" * (MAX_PAYLOAD + 1)}
+    def huge(cp: object) -> dict[str, Any]:
+        return {"cp_id": "CP-001", "blob": "x" * (MAX_PAYLOAD + 1)}
 
-    monkeypatch.setattr(controller, "get", lambda cp_id: Huge())
+    monkeypatch.setattr(tcp_server_module, "_cp", huge)
     answer = await client.exchange({"cmd": "STATUS", "cp_id": "CP-001", "id": 9})
     assert answer["ok"] is False and answer["code"] == "answer_too_large"
     assert answer["id"] == 9
@@ -1009,7 +1010,9 @@ async def test_ctl_status_one_as_json_with_options_after_the_command(
         "status", "CP-001", "--json", "--host", HOST, "--port", str(server.port)
     )
     assert code == 0
-    assert json.loads(out) == {"ok": True, "cp": controller.get("CP-001").as_dict()}
+    assert json.loads(out) == {
+        "ok": True, "cp": cp_out(controller.get("CP-001")).model_dump(mode="json"),
+    }
 
 
 async def test_ctl_status_unknown_cp(server: TcpControlServer) -> None:

@@ -56,6 +56,7 @@ from evcharging.apps.ev_central.schemas import (
     FaultOut,
     HealthOut,
     HistoryOut,
+    MonitorOut,
     SessionOut,
     StatsOut,
     TelemetryOut,
@@ -81,6 +82,7 @@ from evcharging.common.messages import (
     CPFaultReport,
     CPRegistration,
     CPState,
+    MonitorReport,
     SessionStatus,
 )
 
@@ -222,6 +224,17 @@ def create_api(
     async def fault(body: CPFaultReport) -> CPChangeOut:
         cp = await controller.report_fault(body.cp_id, body.is_faulty, body.reason)
         return CPChangeOut(cp=cp_out(cp))
+
+    @app.post(
+        "/cp/{cp_id}/monitor", summary="A monitor says it watches the CP",
+        response_model=MonitorOut, responses=mutation_errors | _errors(404),
+        dependencies=bearer,
+    )
+    async def monitor(cp_id: CpId, body: MonitorReport) -> MonitorOut:
+        """Sent by a CP's monitor every health interval; a CP whose monitor is silent for
+        3 intervals shows ``monitored: false`` and gets a "monitor lost" fault event."""
+        cp = await controller.monitor_report(cp_id, body.interval, body.healthy)
+        return MonitorOut(cp_id=cp.cp_id, monitored=cp.monitored)
 
     @app.post(
         "/cp/{cp_id}/stop", summary="Operator: stop a CP", response_model=CommandOut,

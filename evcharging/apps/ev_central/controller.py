@@ -37,6 +37,7 @@ from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
 from evcharging.apps.ev_central.events import EventHub
 from evcharging.apps.ev_central.outbox import Outbox
 from evcharging.apps.ev_central.repository import Repository, StorageError
+from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.views import ActiveSession, ClosedSession, CPView
 from evcharging.common.bus import Publisher
 from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
@@ -747,4 +748,4 @@ class Controller:
 
     def changed(self, cp: CPView) -> None:
         if self.hub.subscribers:  # nobody listening: no serialisation
-            self.hub.publish({"type": "cp", "cp": cp.as_dict()})
+            self.hub.publish({"type": "cp", "cp": cp_out(cp).model_dump(mode="json")})

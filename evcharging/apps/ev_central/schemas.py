@@ -11,7 +11,7 @@ This module imports nothing of the controller at run time, so the controller can
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
@@ -24,16 +24,13 @@ from evcharging.common.messages import (
     CPTelemetry,
     SessionStatus,
     format_ts,
-    utcnow,
 )
 
 if TYPE_CHECKING:
-    from evcharging.apps.ev_central.controller import ActiveSession, CPView
     from evcharging.apps.ev_central.repository import FaultEvent, HealthSnapshot, SessionRecord
+    from evcharging.apps.ev_central.views import ActiveSession, CPView
 
 __all__ = [
-    "MONITOR_INTERVALS",
-    "MONITOR_WINDOW",
     "ActiveSessionOut",
     "CPChangeOut",
     "CPOut",
@@ -43,6 +40,7 @@ __all__ = [
     "FaultOut",
     "HealthOut",
     "HistoryOut",
+    "MonitorOut",
     "SessionOut",
     "StatsOut",
     "TelemetryOut",
@@ -53,15 +51,6 @@ __all__ = [
     "session_out",
     "telemetry_out",
 ]
-
-MONITOR_INTERVALS = 3
-"""A CP is ``monitored`` until its monitor missed this many reports in a row (SPEC §5)."""
-
-MONITOR_WINDOW = timedelta(seconds=MONITOR_INTERVALS * 5.0)
-"""The window when the monitor's interval is not known: three of the monitors' default
-health intervals (``CP_MONITOR_HEALTH_INTERVAL``, 5 s)."""
-
-_UNTRACKED = object()
 
 Timestamp = Annotated[datetime, PlainSerializer(format_ts, return_type=str, when_used="json")]
 """A UTC timestamp, written as ISO 8601 with a ``Z`` suffix."""
@@ -151,30 +140,13 @@ def _session_out(session: ActiveSession) -> ActiveSessionOut:
     )
 
 
-def _monitored(view: CPView, now: datetime | None, window: timedelta) -> bool:
-    """From the view's ``last_monitor_report`` (a UTC datetime, None before the first
-    report) when it has one: false once 3 monitor intervals passed without a report (the
-    view's ``monitor_interval`` in seconds when it knows it, else `window`). A view without
-    the attribute counts as monitored."""
-    last: Any = getattr(view, "last_monitor_report", _UNTRACKED)
-    if last is _UNTRACKED:
-        return True
-    if last is None:
-        return False
-    interval: Any = getattr(view, "monitor_interval", None)
-    if interval:
-        window = MONITOR_INTERVALS * timedelta(seconds=float(interval))
-    return bool((now or utcnow()) - last <= window)
-
-
 def cp_site(view: CPView) -> str | None:
     """The site of a CP, when the view knows it."""
-    site: str | None = getattr(view, "site", None)
-    return site
+    return view.site
 
 
 def cp_out(
-    view: CPView, *, now: datetime | None = None, monitor_window: timedelta = MONITOR_WINDOW
+    view: CPView, *, now: datetime | None = None
 ) -> CPOut:
     """What a client sees of one CP: ``cp_out(view).model_dump(mode="json")`` is its JSON."""
     session = view.session
@@ -186,7 +158,7 @@ def cp_out(
         fault_reason=view.fault_reason,
         circuit_breaker_state=view.breaker.state,
         circuit_breaker_reason=view.breaker.reason,
-        monitored=_monitored(view, now, monitor_window),
+        monitored=view.monitored,
         site=cp_site(view),
         location=view.location,
         kw_rate=view.kw_rate,
@@ -199,6 +171,13 @@ def cp_out(
         last_seen=view.last_seen,
         registered_at=view.registered_at,
     )
+
+
+class MonitorOut(Out):
+    """The answer of ``POST /cp/{cp_id}/monitor``: the monitor's report was taken."""
+
+    cp_id: str
+    monitored: bool
 
 
 class CPChangeOut(Out):

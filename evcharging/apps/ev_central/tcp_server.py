@@ -68,6 +68,8 @@ from typing import Any, Final, Protocol, Self
 from loguru import logger
 
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
+from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.apps.ev_central.views import CPView
 from evcharging.common.framing import (
     MAX_PAYLOAD,
     Frame,
@@ -89,7 +91,7 @@ from evcharging.common.messages import ID_PATTERN, utcnow
 __all__ = [
     "MAX_PENDING",
     "MUTATING",
-    "CPLike",
+    "CPView",
     "ControlTarget",
     "Forbidden",
     "TcpControlServer",
@@ -103,20 +105,21 @@ MUTATING: Final = frozenset({"STOP_CP", "RESUME_CP"})
 _ID_RE: Final = re.compile(ID_PATTERN)
 
 
-class CPLike(Protocol):
-    def as_dict(self) -> dict[str, Any]: ...
+def _cp(cp: CPView) -> dict[str, Any]:
+    """A CP as the STATUS answer shows it: the same shape as HTTP and the WebSocket."""
+    return cp_out(cp).model_dump(mode="json")
 
 
 class ControlTarget(Protocol):
     """What the control plane needs of Central's ``Controller`` (which satisfies it)."""
 
-    def get(self, cp_id: str) -> CPLike: ...
+    def get(self, cp_id: str) -> CPView: ...
 
-    def all_cps(self) -> Sequence[CPLike]: ...
+    def all_cps(self) -> Sequence[CPView]: ...
 
-    async def stop_cp(self, cp_id: str, reason: str = ...) -> CPLike: ...
+    async def stop_cp(self, cp_id: str, reason: str = ...) -> CPView: ...
 
-    async def resume_cp(self, cp_id: str, reason: str = ...) -> CPLike: ...
+    async def resume_cp(self, cp_id: str, reason: str = ...) -> CPView: ...
 
 
 class InvalidRequest(CentralError):
@@ -482,18 +485,18 @@ class TcpControlServer:
     async def _status(self, request: dict[str, Any]) -> Answer:
         if request.get("cp_id") is not None:
             cp = self.controller.get(_cp_id(request))
-            return {"ok": True, "cp": cp.as_dict()}
-        return _fit_cps([cp.as_dict() for cp in self.controller.all_cps()])
+            return {"ok": True, "cp": _cp(cp)}
+        return _fit_cps([_cp(cp) for cp in self.controller.all_cps()])
 
     async def _stop_cp(self, request: dict[str, Any]) -> Answer:
         cp = await self.controller.stop_cp(_cp_id(request), _reason(request, "stopped by operator"))
-        return {"ok": True, "sent": "STOP_CP", "cp": cp.as_dict()}
+        return {"ok": True, "sent": "STOP_CP", "cp": _cp(cp)}
 
     async def _resume_cp(self, request: dict[str, Any]) -> Answer:
         cp = await self.controller.resume_cp(
             _cp_id(request), _reason(request, "resumed by operator")
         )
-        return {"ok": True, "sent": "RESUME_CP", "cp": cp.as_dict()}
+        return {"ok": True, "sent": "RESUME_CP", "cp": _cp(cp)}
 
 
 # ---------------------------------------------------------------------- helpers

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from evcharging.apps.ev_central.sql import CPRecord, HealthSnapshot, SessionRecord
 from evcharging.common.circuit_breaker import CircuitBreaker
@@ -12,8 +11,6 @@ from evcharging.common.messages import (
     CPTelemetry,
     SessionEnd,
     SessionStatus,
-    dump,
-    format_ts_opt,
     utcnow,
 )
 from evcharging.common.states import CPState
@@ -39,18 +36,6 @@ class ActiveSession:
     kw: float = 0.0
     kwh: float = 0.0
     euros: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.session_id,
-            "request_id": self.request_id,
-            "driver_id": self.driver_id,
-            "started_at": format_ts_opt(self.started_at),
-            "confirmed": self.confirmed,
-            "kw": self.kw,
-            "kwh": self.kwh,
-            "euros": self.euros,
-        }
 
 
 @dataclass
@@ -87,6 +72,7 @@ class CPView:
     is_faulty: bool = False
     fault_reason: str | None = None
     location: str | None = None
+    site: str | None = None
     kw_rate: float | None = None
     euro_rate: float | None = None
     health_url: str | None = None
@@ -148,26 +134,3 @@ class CPView:
             ts=utcnow(),
             session_id=self.session.session_id if self.session else None,
         )
-
-    def as_dict(self) -> dict[str, Any]:
-        session = self.session
-        return {
-            "cp_id": self.cp_id,
-            "state": self.state.value,
-            "state_reason": self.state_reason,
-            "is_faulty": self.is_faulty,
-            "fault_reason": self.fault_reason,
-            "circuit_breaker_state": self.breaker.state.value,
-            "circuit_breaker_reason": self.breaker.reason,
-            "location": self.location,
-            "kw_rate": self.kw_rate,
-            "euro_rate": self.euro_rate,
-            "health_url": self.health_url,
-            "current_driver": session.driver_id if session else None,
-            "current_session": session.session_id if session else None,
-            "session": session.as_dict() if session else None,
-            "last_telemetry": dump(self.last_telemetry) if self.last_telemetry else None,
-            "last_seen": format_ts_opt(self.last_seen),
-            "registered_at": format_ts_opt(self.registered_at),
-            "monitored": self.monitored,
-        }
