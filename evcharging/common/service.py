@@ -81,15 +81,18 @@ def run_service(
         for sig in HANDLED_SIGNALS:
             loop.add_signal_handler(sig, on_signal, sig)
         try:
-            return (await main(stop)) or EXIT_OK
+            code = (await main(stop)) or EXIT_OK
         except asyncio.CancelledError:
             if forced is None:
                 raise
-            # Not back through asyncio.Runner: it would wait for every leftover task.
-            _exit_now(forced)
+            code = forced
         finally:
             for sig in HANDLED_SIGNALS:
                 loop.remove_signal_handler(sig)
+        if forced is not None:
+            # Not back through asyncio.Runner: it would wait for every leftover task.
+            _exit_now(forced)
+        return code
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as loop_runner:
