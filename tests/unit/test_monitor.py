@@ -3,8 +3,9 @@
 Central is the real app (``create_api`` over a ``Controller`` with an in-memory SQLite
 repository) through ``httpx.ASGITransport`` (:mod:`tests.unit.fakes_http`), or served by
 uvicorn on a free port where the monitor's own client and real sockets are the point. The
-liveness route (``POST /cp/{cp_id}/monitor``) is tested against a small app of the test's
-own (:class:`LivenessCentral`), since Central's side of it is built elsewhere.
+liveness report (``POST /cp/{cp_id}/monitor``) is tested against the real Central once,
+and otherwise against a small app of the test's own (:class:`LivenessCentral`) that
+records every report and answers as an older Central would (404/405 for the route).
 """
 
 from __future__ import annotations
@@ -293,8 +294,8 @@ async def test_wrong_token_logs_one_error_and_keeps_trying(
 
 
 async def test_404_from_central_triggers_registration_then_retry(net: FakeNetwork) -> None:
-    # A Central without the liveness route, so that only the fault report finds out
-    # that Central lost its registry (liveness_test_* below cover the liveness route).
+    # An older Central, without the liveness route, so that only the fault report finds
+    # out that Central lost its registry (the liveness tests below cover that route).
     net.central.liveness_route = False
     async with Started(net) as monitor:
         await net.wait_for(lambda: monitor.stats.reports_sent == 1, what="the startup report")
@@ -559,6 +560,15 @@ async def test_liveness_404_for_an_unknown_cp_registers_again(
     assert any("does not know CP-001" in m and "registering it again" in m for _, m in logs)
 
 
+async def test_liveness_reaches_the_real_central(net: FakeNetwork) -> None:
+    async with Started(net) as monitor:
+        await net.wait_for(lambda: monitor.stats.liveness_sent >= 3, what="3 liveness reports")
+        await net.wait_for(lambda: net.central.controller.get(CP_ID).monitored,
+                           what="Central showing the CP as monitored")
+    assert {status for _, status in net.central.liveness} == {200}
+    assert net.central.controller.get(CP_ID).monitor_interval == INTERVAL
+
+
 @pytest.mark.parametrize("route", ["404", "405"])
 async def test_an_older_central_without_the_liveness_route_is_tolerated(
     net: FakeNetwork, liveness_central: LivenessCentral, logs: list[tuple[str, str]],
@@ -582,7 +592,7 @@ async def test_an_older_central_without_the_liveness_route_is_tolerated(
 async def test_an_older_real_central_gets_one_liveness_try_per_retry_period(
     net: FakeNetwork,
 ) -> None:
-    net.central.liveness_route = False  # as the real Central answers without the route
+    net.central.liveness_route = False  # 404 with code not_found, as an older Central
     async with Started(net) as monitor:
         await net.wait_for(lambda: monitor.stats.checks >= 20, what="20 checks")
         await net.wait_for(lambda: len(net.central.liveness) == 1, what="one liveness try")

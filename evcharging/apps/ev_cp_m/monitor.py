@@ -43,7 +43,7 @@ import httpx
 from loguru import logger
 
 from evcharging.common.config import CPMonitorSettings
-from evcharging.common.messages import CPFaultReport, CPRegistration
+from evcharging.common.messages import CPFaultReport, CPRegistration, MonitorReport
 from evcharging.common.service import TaskOwner
 
 __all__ = ["HealthView", "Monitor", "MonitorStats"]
@@ -401,12 +401,11 @@ class Monitor:
     async def _report_liveness(self) -> _Outcome:
         """Tell Central once that this monitor is alive."""
         cp_id = self.settings.cp_id
-        body = {
-            "interval": self.settings.health_interval,
-            "healthy": self.view is HealthView.HEALTHY,
-        }
-        outcome = await self._post(f"/cp/{cp_id}/monitor", body, "reporting liveness",
-                                   route_may_be_missing=True)
+        report = MonitorReport(
+            interval=self.settings.health_interval, healthy=self.view is HealthView.HEALTHY
+        )
+        outcome = await self._post(f"/cp/{cp_id}/monitor", report.model_dump(mode="json"),
+                                   "reporting liveness", route_may_be_missing=True)
         if outcome is _Outcome.OK:
             self.stats.liveness_sent += 1
             if self._liveness_unsupported:
