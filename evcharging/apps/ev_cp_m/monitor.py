@@ -405,7 +405,7 @@ class Monitor:
             interval=self.settings.health_interval, healthy=self.view is HealthView.HEALTHY
         )
         outcome = await self._post(f"/cp/{cp_id}/monitor", report.model_dump(mode="json"),
-                                   "reporting liveness", route_may_be_missing=True)
+                                   "reporting liveness", liveness=True)
         if outcome is _Outcome.OK:
             self.stats.liveness_sent += 1
             if self._liveness_unsupported:
@@ -429,14 +429,20 @@ class Monitor:
     # ----------------------------------------------------------------- HTTP calls
 
     async def _post(
-        self, path: str, body: dict[str, Any], what: str, *, route_may_be_missing: bool = False
+        self, path: str, body: dict[str, Any], what: str, *, liveness: bool = False
     ) -> _Outcome:
         """POST to Central and classify the answer; problems are logged once per kind.
 
-        With `route_may_be_missing`, a 404 that does not name the CP as unknown, or a 405,
-        is :attr:`_Outcome.NO_ROUTE` rather than a reason to register again.
+        For the `liveness` report, a route an older Central lacks, a 404 that does not name
+        the CP as unknown or a 405 is :attr:`_Outcome.NO_ROUTE` rather than a reason to
+        register again, and a failed report is simply sent again at the next interval.
         """
         url = f"{self.central_url}{path}"
+        retrying = (
+            "trying again every health interval"
+            if liveness
+            else f"retrying with backoff up to {self._retry_max:g} s"
+        )
         try:
             response = await self._client.post(
                 url, json=body, headers=self._headers, timeout=self._central_timeout
@@ -450,7 +456,7 @@ class Monitor:
             )
             self._problem("down", "warning",
                           f"Central at {self.central_url} is unreachable while {what} "
-                          f"({detail}); retrying with backoff up to {self._retry_max:g} s")
+                          f"({detail}); {retrying}")
             return _Outcome.RETRY
         code = response.status_code
         if code < 300:
@@ -460,7 +466,7 @@ class Monitor:
         if code >= 500:
             self._problem("down", "warning",
                           f"Central at {self.central_url} answered HTTP {code} while {what}; "
-                          f"retrying with backoff up to {self._retry_max:g} s")
+                          f"{retrying}")
             return _Outcome.RETRY
         self._central_answered(ok=False)
         if code in (401, 403):
@@ -473,7 +479,7 @@ class Monitor:
                           f"Central refused our credentials (HTTP {code}) while {what}: "
                           f"{hint}; retrying with backoff")
             return _Outcome.RETRY
-        if route_may_be_missing and (
+        if liveness and (
             code == 405 or (code == 404 and _error_code(response) != "unknown_cp")
         ):
             return _Outcome.NO_ROUTE
