@@ -158,6 +158,49 @@ class DriverSettings(ServiceSettings):
     request_timeout: Positive = Field(60.0, description="give up on a request with no final status")
 
 
+class LoadSettings(ServiceSettings):
+    """Driver load: many drivers in one process, arriving at random (Poisson) times."""
+
+    model_config = SettingsConfigDict(env_prefix="LOAD_")
+
+    rate: Positive = Field(10.0, description="driver arrivals per second (Poisson)")
+    duration: Positive = Field(60.0, description="seconds during which drivers arrive")
+    seed: int | None = Field(
+        None, description="seed of the arrivals and CP choices (unset: a new one, shown in "
+        "the summary)"
+    )
+    driver_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{0,56}$")] = Field(
+        "load-", description="driver ids are this prefix and a 6-digit number"
+    )
+    request_timeout: Positive = Field(
+        60.0, description="give up on a request with no final status this many seconds "
+        "after it was sent"
+    )
+    central_url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = Field(
+        "http://localhost:8000", description="Central's HTTP API, where the CPs are listed"
+    )
+    refresh_interval: Positive = Field(
+        5.0, description="seconds between two readings of Central's ACTIVATED CPs"
+    )
+    site: str | None = Field(None, description="only the CPs of this site")
+    cps: str | None = Field(
+        None, description="only these CPs: ids separated by commas, or a count N for "
+        "<cp-prefix>00001 to N (as ev_fleet names them)"
+    )
+    cp_prefix: Identifier = Field("CP-", description="id prefix of --cps given as a count")
+    allow_busy: bool = Field(
+        False, description="with no free CP, send the request to a random known CP anyway "
+        "(loads Central's DENIED path) instead of counting it as 'no free CP'"
+    )
+    progress_interval: Positive = Field(5.0, description="seconds between progress lines")
+    json_summary: bool = Field(
+        False, description="write only the summary, as one JSON object, on stdout (--json)"
+    )
+    connect_timeout: Positive = Field(
+        30.0, description="seconds to keep trying to reach Kafka and Central at start"
+    )
+
+
 class CtlSettings(BaseSettings):
     """ctl, the operator CLI of Central's TCP control plane: where Central is, and its token.
 

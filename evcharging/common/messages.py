@@ -40,6 +40,9 @@ __all__ = [
     "DriverStatus",
     "DriverUpdate",
     "FaultEventType",
+    "FleetMonitorEntry",
+    "FleetMonitorReport",
+    "FleetRegistration",
     "Identifier",
     "Message",
     "MonitorReport",
@@ -304,6 +307,7 @@ class CPRegistration(HttpBody):
 
     cp_id: Identifier
     location: Reason | None = None
+    site: Annotated[str, StringConstraints(max_length=64)] | None = None
     kw_rate: NonNegative | None = None
     euro_rate: NonNegative | None = None
     health_url: Annotated[str, StringConstraints(max_length=300)] | None = None
@@ -314,6 +318,25 @@ class MonitorReport(HttpBody):
 
     interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
     healthy: bool = True
+
+
+class FleetRegistration(HttpBody):
+    """POST /fleet/register: a fleet registers (or updates) many CPs in one call."""
+
+    cps: Annotated[list[CPRegistration], Field(min_length=1, max_length=20_000)]
+
+
+class FleetMonitorEntry(HttpBody):
+    cp_id: Identifier
+    healthy: bool = True
+
+
+class FleetMonitorReport(HttpBody):
+    """POST /fleet/monitor: a fleet's monitoring says, for many CPs at once, that it is
+    alive (sent every health interval instead of one POST /cp/{cp_id}/monitor each)."""
+
+    interval: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)]
+    cps: Annotated[list[FleetMonitorEntry], Field(min_length=1, max_length=20_000)]
 
 
 class CPFaultReport(HttpBody):

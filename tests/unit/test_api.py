@@ -1493,3 +1493,40 @@ async def test_bad_monitor_reports_are_refused(
     response = await client.post(path, json=body)
     assert response.status_code == status
     assert set(response.json()) >= {"error", "code"}
+
+
+async def test_a_fleet_registers_and_reports_many_cps_at_once(
+    client: httpx.AsyncClient, controller: Controller, repo: SqliteRepository
+) -> None:
+    cps = [{"cp_id": f"CP-{i:05d}", "site": f"site-{i % 3}", "location": "Depot",
+            "health_url": f"http://127.0.0.1:8100/cp/CP-{i:05d}/health"} for i in range(1, 101)]
+    answer = await client.post("/fleet/register", json={"cps": cps})
+    assert answer.status_code == 200
+    assert answer.json() == {"ok": True, "count": 100, "new": 100, "unknown": []}
+    again = await client.post("/fleet/register", json={"cps": cps[:10]})
+    assert again.json()["new"] == 0
+    assert len(await repo.load_cps()) == 100
+    listed = await client.get("/cp", params={"site": "site-1"})
+    assert int(listed.headers["x-total-count"]) == 34  # i % 3 == 1 for i in 1..100
+    report = await client.post("/fleet/monitor", json={
+        "interval": 5.0,
+        "cps": [{"cp_id": "CP-00001", "healthy": True}, {"cp_id": "CP-99999"}],
+    })
+    assert report.json() == {"ok": True, "count": 2, "new": 0, "unknown": ["CP-99999"]}
+    assert (await client.get("/cp/CP-00001")).json()["monitored"] is True
+    assert (await client.get("/cp/CP-00002")).json()["monitored"] is False
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/fleet/register", {"cps": []}),
+     ("/fleet/register", {"cps": [{"cp_id": "bad id"}]}),
+     ("/fleet/monitor", {"interval": 5.0, "cps": []}),
+     ("/fleet/monitor", {"interval": -1, "cps": [{"cp_id": "CP-1"}]})],
+)
+async def test_bad_fleet_bodies_are_422(
+    client: httpx.AsyncClient, path: str, body: object
+) -> None:
+    response = await client.post(path, json=body)
+    assert response.status_code == 422
+    assert set(response.json()) >= {"error", "code"}

@@ -54,6 +54,7 @@ from evcharging.apps.ev_central.schemas import (
     CPOut,
     ErrorOut,
     FaultOut,
+    FleetOut,
     HealthOut,
     HistoryOut,
     MonitorOut,
@@ -82,6 +83,8 @@ from evcharging.common.messages import (
     CPFaultReport,
     CPRegistration,
     CPState,
+    FleetMonitorReport,
+    FleetRegistration,
     MonitorReport,
     SessionStatus,
 )
@@ -224,6 +227,27 @@ def create_api(
     async def fault(body: CPFaultReport) -> CPChangeOut:
         cp = await controller.report_fault(body.cp_id, body.is_faulty, body.reason)
         return CPChangeOut(cp=cp_out(cp))
+
+    @app.post(
+        "/fleet/register", summary="A fleet registers many CPs", response_model=FleetOut,
+        responses=mutation_errors, dependencies=bearer,
+    )
+    async def fleet_register(body: FleetRegistration) -> FleetOut:
+        """Registers or updates every CP of the body in one transaction (a CP Fleet sends
+        its CPs at start instead of one ``POST /cp/register`` each)."""
+        new = await controller.register_many(body.cps)
+        return FleetOut(count=len(body.cps), new=new)
+
+    @app.post(
+        "/fleet/monitor", summary="A fleet's monitoring reports many CPs", response_model=FleetOut,
+        responses=mutation_errors, dependencies=bearer,
+    )
+    async def fleet_monitor(body: FleetMonitorReport) -> FleetOut:
+        """The liveness reports of many CPs at once (``unknown``: CPs to register again)."""
+        unknown = await controller.monitor_reports(
+            body.interval, [(entry.cp_id, entry.healthy) for entry in body.cps]
+        )
+        return FleetOut(count=len(body.cps), unknown=unknown)
 
     @app.post(
         "/cp/{cp_id}/monitor", summary="A monitor says it watches the CP",

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -136,6 +136,7 @@ class Controller:
             cp.is_faulty = record.is_faulty
             cp.fault_reason = record.fault_reason
             cp.location = record.location
+            cp.site = record.site
             cp.kw_rate = record.kw_rate
             cp.euro_rate = record.euro_rate
             cp.health_url = record.health_url
@@ -565,17 +566,31 @@ class Controller:
     # ------------------------------------------------------------------ monitors, operators
 
     async def register(self, registration: CPRegistration) -> CPView:
+        cp = self._register(registration)
+        await self.outbox.flush()
+        return cp
+
+    async def register_many(self, registrations: Sequence[CPRegistration]) -> int:
+        """A fleet's CPs in one call and one transaction; how many were new."""
+        new = sum(reg.cp_id not in self.cps for reg in registrations)
+        for registration in registrations:
+            self._register(registration, quiet=True)
+        await self.outbox.flush()
+        logger.info("fleet registration: {} CP(s), {} new", len(registrations), new)
+        return new
+
+    def _register(self, registration: CPRegistration, *, quiet: bool = False) -> CPView:
         cp = self.cps.get(registration.cp_id)
         created = cp is None
         if cp is None:
             cp = self._new_view(registration.cp_id)
-        for name in ("location", "kw_rate", "euro_rate", "health_url"):
+        for name in ("location", "site", "kw_rate", "euro_rate", "health_url"):
             value = getattr(registration, name)
             if value is not None:
                 setattr(cp, name, value)
         self.persist(cp)
-        await self.outbox.flush()
-        logger.info("CP {} {}", cp.cp_id, "registered" if created else "re-registered")
+        if not quiet:
+            logger.info("CP {} {}", cp.cp_id, "registered" if created else "re-registered")
         self.changed(cp)
         return cp
 
@@ -642,7 +657,26 @@ class Controller:
 
     async def monitor_report(self, cp_id: str, interval: float, healthy: bool) -> CPView:
         """A CP's monitor says it is alive (every health interval, SPEC §5 ``monitored``)."""
-        cp = self.get(cp_id)
+        cp = self._monitor_seen(self.get(cp_id), interval, healthy)
+        await self.outbox.flush()
+        return cp
+
+    async def monitor_reports(
+        self, interval: float, reports: Sequence[tuple[str, bool]]
+    ) -> list[str]:
+        """A fleet's liveness reports for many CPs; returns the ids Central does not know
+        (the fleet registers them again)."""
+        unknown = []
+        for cp_id, healthy in reports:
+            cp = self.cps.get(cp_id)
+            if cp is None:
+                unknown.append(cp_id)
+            else:
+                self._monitor_seen(cp, interval, healthy)
+        await self.outbox.flush()
+        return unknown
+
+    def _monitor_seen(self, cp: CPView, interval: float, healthy: bool) -> CPView:
         cp.monitor_interval = interval
         cp.monitor_seen = self.clock()
         if cp.monitor_lost:
@@ -652,7 +686,6 @@ class Controller:
             logger.info("CP {}: the monitor reports again", cp.cp_id)
             self.event("monitor", cp, "the monitor reports again")
             self.changed(cp)
-            await self.outbox.flush()
         if not healthy and not cp.is_faulty:
             logger.debug("CP {}: its monitor's last check failed", cp.cp_id)
         return cp

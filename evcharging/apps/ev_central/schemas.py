@@ -38,6 +38,7 @@ __all__ = [
     "ErrorDetail",
     "ErrorOut",
     "FaultOut",
+    "FleetOut",
     "HealthOut",
     "HistoryOut",
     "MonitorOut",
@@ -171,6 +172,16 @@ def cp_out(
         last_seen=view.last_seen,
         registered_at=view.registered_at,
     )
+
+
+class FleetOut(Out):
+    """The answer of the ``/fleet`` routes: how many CPs the call carried, how many of
+    them were new, and the ids Central does not know (to register again)."""
+
+    ok: Literal[True] = True
+    count: int
+    new: int = 0
+    unknown: list[str] = Field(default_factory=list)
 
 
 class MonitorOut(Out):

@@ -114,6 +114,7 @@ class CPRecord(_AsDict):
     breaker_state: BreakerState = BreakerState.CLOSED
     breaker_failures: int = 0
     breaker_reason: str | None = None
+    site: str | None = None
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE cp_registry ADD COLUMN breaker_failures INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE cp_registry ADD COLUMN breaker_reason TEXT",
     ),
+    # 4: CPs grouped into sites (a fleet's --sites), and a session's start by CP and time.
+    (
+        "ALTER TABLE cp_registry ADD COLUMN site TEXT",
+        "CREATE INDEX IF NOT EXISTS idx_cp_registry_site ON cp_registry (site)",
+    ),
 )
 """Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -246,7 +252,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # every value is a bound parameter.
 _CP_COLUMNS = (
     "cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty, fault_reason,"
-    " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason"
+    " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason,"
+    " site"
 )
 _SESSION_COLUMNS = (
     "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
@@ -257,9 +264,10 @@ _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_i
 SQL_UPSERT_CP = """
     INSERT INTO cp_registry (cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty,
                              fault_reason, registered_at, updated_at, state_reason,
-                             breaker_state, breaker_failures, breaker_reason)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             breaker_state, breaker_failures, breaker_reason, site)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (cp_id) DO UPDATE SET
+        site = excluded.site,
         state_reason = excluded.state_reason,
         breaker_state = excluded.breaker_state,
         breaker_failures = excluded.breaker_failures,
@@ -339,6 +347,7 @@ def cp_from_row(row: sqlite3.Row) -> CPRecord:
         breaker_state=BreakerState(row["breaker_state"]),
         breaker_failures=int(row["breaker_failures"]),
         breaker_reason=row["breaker_reason"],
+        site=row["site"],
     )
 
 
@@ -416,6 +425,7 @@ def upsert_cp(cp: CPRecord, now: datetime) -> Op:
         BreakerState(cp.breaker_state).value,
         int(cp.breaker_failures),
         cp.breaker_reason,
+        cp.site,
     )
 
 

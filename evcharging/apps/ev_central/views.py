@@ -118,6 +118,7 @@ class CPView:
             breaker_state=self.breaker.state,
             breaker_failures=self.breaker.failures,
             breaker_reason=self.breaker.reason,
+            site=self.site,
         )
 
     def health_key(self) -> tuple[object, ...]:
