@@ -10,7 +10,7 @@ ARGS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcard .env),.env,.env.example)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-unit test-integration test-e2e lint format bench \
+.PHONY: help install run test test-unit test-integration test-e2e chaos lint format bench \
         broker-start broker-stop broker-status up down logs clean
 
 help: ## list the commands
@@ -29,10 +29,10 @@ install: $(STAMP) ## create .venv and install everything (done by the other targ
 run: $(STAMP) ## start the whole system locally: broker, Central, CPS engines+monitors, DRIVERS drivers
 	$(PY) -m evcharging run --cps $(CPS) --drivers $(DRIVERS) $(ARGS)
 
-test: $(STAMP) ## unit, integration and end-to-end tests (starts its own Kafka broker)
+test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
 	bash scripts/ensure_chromium.sh
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -m "not chaos" $(ARGS)
 
 test-unit: $(STAMP) ## only the unit tests (no broker)
 	$(PY) -m pytest tests/unit $(ARGS)
@@ -43,6 +43,10 @@ test-integration: $(STAMP) ## only the integration tests (real broker)
 test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Chromium)
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest tests/e2e $(ARGS)
+
+chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~3 min)
+	$(PY) -m evcharging.devtools.kafka_broker fetch
+	$(PY) -m pytest tests/chaos -m chaos $(ARGS)
 
 lint: $(STAMP) ## ruff and mypy
 	$(PY) -m ruff check .
