@@ -471,3 +471,22 @@ async def test_main_run_stop_while_connecting_exits_130(
     code = await asyncio.wait_for(driver_main.run(driver_settings(tmp_path), stop), 5)
     assert code == 130
     assert not any(e.startswith("publish") for e in kafka.events)
+
+
+async def test_a_correction_after_the_final_status_updates_the_result_and_totals() -> None:
+    """SPEC §4: when the CP's meter reports later, Central sends one more update with the
+    same status, the new totals and a reason that begins with 'corrected:'."""
+    driver, _ = make_driver()
+    summary = await driver.run(["CP-001"])
+    [result] = summary.results
+    assert result.outcome is Outcome.COMPLETED
+    await driver.handle_update(DriverUpdate(
+        request_id=result.request_id, driver_id=DRIVER, cp_id="CP-001",
+        status=DriverStatus.COMPLETED, reason="corrected: the CP's meter reported 0.05 kWh",
+        kwh=result.kwh + 0.01, euros=result.euros + 0.003,
+    ))
+    [corrected] = summary.results
+    assert corrected.kwh == pytest.approx(result.kwh + 0.01)
+    assert summary.total_kwh == pytest.approx(result.kwh + 0.01)
+    assert summary.total_euros == pytest.approx(result.euros + 0.003)
+    assert driver.ignored_updates == 0

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
@@ -91,6 +91,23 @@ class DriverSummary:
     bus_error: str | None = None
     results: list[RequestResult] = field(default_factory=list)
 
+    def correct(
+        self, request_id: str, status: DriverStatus, kwh: float, euros: float
+    ) -> RequestResult | None:
+        """Central corrected a finished request's totals (the CP's meter reported later):
+        the result and the run's totals follow. None for a request not in this run, or
+        one that ended otherwise (a request has one final status)."""
+        outcome = {DriverStatus.COMPLETED: Outcome.COMPLETED,
+                   DriverStatus.FAILED: Outcome.FAILED}.get(status)
+        for index, result in enumerate(self.results):
+            if result.request_id == request_id and result.outcome is outcome:
+                if result.outcome is Outcome.COMPLETED:
+                    self.total_kwh += kwh - result.kwh
+                    self.total_euros += euros - result.euros
+                self.results[index] = replace(result, kwh=kwh, euros=euros)
+                return self.results[index]
+        return None
+
     def add(self, result: RequestResult) -> None:
         self.results.append(result)
         if result.outcome is Outcome.NOT_SENT:
@@ -154,6 +171,8 @@ class Driver:
         """The updates of each request being followed; None in a queue means "stop"."""
         self._stopping = asyncio.Event()
         self.ignored_updates = 0
+        self._summary: DriverSummary | None = None
+        """The run in progress: a late correction of a finished request updates it."""
 
     @property
     def stopping(self) -> bool:
@@ -172,6 +191,16 @@ class Driver:
             self.ignored_updates += 1
             return
         queue = self._waiting.get(update.request_id)
+        if (queue is None and self._summary is not None
+                and (update.reason or "").startswith("corrected:")):
+            corrected = self._summary.correct(
+                update.request_id, update.status, update.kwh or 0.0, update.euros or 0.0
+            )
+            if corrected is not None:
+                logger.info("{} at {} corrected by Central: {} kWh, {} € ({})",
+                            update.status.value, update.cp_id, _num(update.kwh, 4),
+                            _num(update.euros, 4), update.reason or "no reason given")
+                return
         if queue is None:
             logger.debug(
                 "ignored a {} update for unknown or finished request {}",
@@ -184,7 +213,7 @@ class Driver:
     async def run(self, cp_ids: Iterable[str]) -> DriverSummary:
         """Request a charge at each CP in order; returns (and logs) the summary."""
         plan = list(cp_ids)
-        summary = DriverSummary(planned=len(plan))
+        summary = self._summary = DriverSummary(planned=len(plan))
         for index, cp_id in enumerate(plan):
             if self.stopping:
                 break
@@ -243,8 +272,10 @@ class Driver:
                 euros = _first(update.euros, last_progress.euros if last_progress else None)
                 return RequestResult(cp_id, request_id, Outcome.COMPLETED, update.reason,
                                      kwh=kwh, euros=euros)
-            outcome = Outcome.DENIED if status is DriverStatus.DENIED else Outcome.FAILED
-            return RequestResult(cp_id, request_id, outcome, update.reason)
+            if status is DriverStatus.DENIED:
+                return RequestResult(cp_id, request_id, Outcome.DENIED, update.reason)
+            return RequestResult(cp_id, request_id, Outcome.FAILED, update.reason,
+                                 kwh=update.kwh or 0.0, euros=update.euros or 0.0)
 
     async def _next_update(
         self, queue: asyncio.Queue[DriverUpdate | None]
