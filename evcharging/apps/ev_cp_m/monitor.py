@@ -24,6 +24,10 @@ that fails is logged once and stops the monitor, whose process then exits 1):
   older Central without it: logged once, tried again every ``liveness_retry`` seconds
   (60), while everything else goes on.
 
+The decisions (threshold, one report per fault, the recovery, the newest report wins) are
+:class:`~evcharging.apps.ev_cp_m.watch.Watch`'s, which the CP Fleet's in-process
+monitoring uses too; this module does the HTTP around them.
+
 While Central is unreachable the monitor keeps checking and logs one warning per outage,
 plus one line when Central answers again. State changes of its view of the CP
 (healthy → failing → FAULT → recovered) are logged at INFO (the fault itself at WARNING);
@@ -36,34 +40,39 @@ import asyncio
 import contextlib
 import socket
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
 
 import httpx
 from loguru import logger
 
+from evcharging.apps.ev_cp_m.watch import (
+    RECOVERY_REASON,
+    STARTUP_HEALTHY_REASON,
+    Change,
+    Failure,
+    HealthView,
+    Step,
+    Watch,
+    clip,
+    kind,
+)
 from evcharging.common.config import CPMonitorSettings
 from evcharging.common.messages import CPFaultReport, CPRegistration, MonitorReport
 from evcharging.common.service import TaskOwner
 
-__all__ = ["HealthView", "Monitor", "MonitorStats"]
+__all__ = [
+    "RECOVERY_REASON",
+    "STARTUP_HEALTHY_REASON",
+    "HealthView",
+    "Monitor",
+    "MonitorStats",
+    "connect_reason",
+    "describe_http_error",
+    "error_code",
+]
 
-STARTUP_HEALTHY_REASON = "health checks pass (monitor started)"
-RECOVERY_REASON = "health checks pass again"
-_MAX_REASON = 500
 _MAX_DETAIL = 200
-
-
-class HealthView(StrEnum):
-    """What the monitor currently believes about its CP."""
-
-    UNKNOWN = "UNKNOWN"
-    """No check has finished yet."""
-    HEALTHY = "HEALTHY"
-    FAILING = "FAILING"
-    """Some consecutive checks failed, fewer than the threshold."""
-    FAULT = "FAULT"
-    """The threshold was reached and a fault report was queued."""
 
 
 @dataclass
@@ -87,12 +96,6 @@ class MonitorStats:
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
-
-
-@dataclass(frozen=True)
-class _Failure:
-    reason: str
-    cp_reports_fault: bool = False
 
 
 class _Outcome(Enum):
@@ -131,8 +134,8 @@ class Monitor:
             raise ValueError("need 0 < retry_initial <= retry_max")
         self.settings = settings
         self.stats = MonitorStats()
-        self.view = HealthView.UNKNOWN
-        self.consecutive_failures = 0
+        self.watch = Watch(settings.cp_id, settings.failure_threshold)
+        """What the monitor believes about its CP (the decisions, shared with the fleet)."""
         self.health_url = f"http://{settings.cp_e_host}:{settings.cp_e_port}/health"
         self.central_url = f"http://{settings.central_host}:{settings.central_port}"
         self._owns_client = client is None
@@ -146,9 +149,6 @@ class Monitor:
         if settings.api_token is not None:
             self._headers["Authorization"] = f"Bearer {settings.api_token.get_secret_value()}"
         self._registered = asyncio.Event()
-        self._pending: CPFaultReport | None = None
-        self._central_believes_faulty: bool | None = None
-        """What Central was last told with success; None when uncertain."""
         self._wake = asyncio.Event()
         self._central_problem: str | None = None
         self._tasks = TaskOwner(f"monitor {settings.cp_id}")
@@ -162,9 +162,18 @@ class Monitor:
         return self._registered.is_set()
 
     @property
+    def view(self) -> HealthView:
+        """What the monitor currently believes about its CP."""
+        return self.watch.view
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self.watch.consecutive_failures
+
+    @property
     def pending_report(self) -> CPFaultReport | None:
         """The newest report Central has not accepted yet, if any."""
-        return self._pending
+        return self.watch.pending
 
     @property
     def running(self) -> bool:
@@ -194,9 +203,9 @@ class Monitor:
             return
         self._stopped = True
         await self._tasks.close()
-        if self._pending is not None:
+        if self.watch.pending is not None:
             logger.warning(
-                "stopping with an undelivered {} report", _kind(self._pending)
+                "stopping with an undelivered {} report", kind(self.watch.pending)
             )
         if self._owns_client and not self._client.is_closed:
             await self._client.aclose()
@@ -238,89 +247,45 @@ class Monitor:
         self.stats.checks += 1
         failure = await self._probe()
         if failure is None:
-            self._on_success()
+            self._apply(self.watch.passed())
             return True
         self.stats.failures += 1
-        self._on_failure(failure)
+        self._apply(self.watch.failed(failure))
         return False
 
-    async def _probe(self) -> _Failure | None:
+    async def _probe(self) -> Failure | None:
         timeout = self.settings.health_timeout
         try:
             async with asyncio.timeout(timeout):
                 response = await self._client.get(self.health_url, timeout=timeout)
         except (TimeoutError, httpx.TimeoutException):
-            return _Failure(f"timed out after {timeout:g} s")
+            return Failure(f"timed out after {timeout:g} s")
         except httpx.ConnectError as exc:
-            return _Failure(_connect_reason(exc))
+            return Failure(connect_reason(exc))
         except httpx.HTTPError as exc:
-            return _Failure(_describe(exc))
+            return Failure(describe_http_error(exc))
         if response.status_code == 200:
-            logger.debug("health check ok: {}", _clip(response.text, 120))
+            logger.debug("health check ok: {}", clip(response.text, 120))
             return None
         return _unhealthy(response)
 
-    def _on_success(self) -> None:
-        previous, failures = self.view, self.consecutive_failures
-        self.consecutive_failures = 0
-        self.view = HealthView.HEALTHY
-        if previous is HealthView.FAULT:
-            logger.info("CP {} recovered: {}; reporting the recovery to Central",
-                        self.settings.cp_id, RECOVERY_REASON)
-            self._queue_report(is_faulty=False, reason=RECOVERY_REASON)
-        elif previous is HealthView.FAILING:
-            logger.info("health checks pass again after {} failure(s); no fault reported",
-                        failures)
-        elif previous is HealthView.UNKNOWN:
-            # Tell Central too: it may still hold a fault that an earlier run of this
-            # monitor reported (Central ignores a recovery for a CP that is not faulty).
-            logger.info("CP {} is healthy", self.settings.cp_id)
-            self._queue_report(is_faulty=False, reason=STARTUP_HEALTHY_REASON)
-
-    def _on_failure(self, failure: _Failure) -> None:
-        self.consecutive_failures += 1
-        count, threshold = self.consecutive_failures, self.settings.failure_threshold
-        if self.view is HealthView.FAULT:
-            # Already reported: one report per fault.
-            logger.debug("health check failed again ({} in a row): {}", count, failure.reason)
-            return
-        if count >= threshold:
-            reason = (
-                failure.reason
-                if failure.cp_reports_fault
-                else f"health check failed {count} times: {failure.reason}"
-            )
-            self.view = HealthView.FAULT
-            logger.warning("CP {} is faulty ({}); reporting the fault to Central",
-                           self.settings.cp_id, reason)
-            self._queue_report(is_faulty=True, reason=reason)
-        elif self.view is not HealthView.FAILING:
-            self.view = HealthView.FAILING
-            logger.info("health check failed ({}/{}): {}", count, threshold, failure.reason)
-        else:
-            logger.debug("health check failed ({}/{}): {}", count, threshold, failure.reason)
-
-    def _queue_report(self, *, is_faulty: bool, reason: str) -> None:
-        report = CPFaultReport(
-            cp_id=self.settings.cp_id, is_faulty=is_faulty, reason=_clip(reason, _MAX_REASON)
-        )
-        superseded = self._pending
-        if superseded is not None:
+    def _apply(self, step: Step) -> None:
+        """Log what a check changed; wake the Central link when a report is queued."""
+        if step.change is not Change.HEALTHY:  # the probe logged that, with the body
+            logger.log(step.level, "{}", step.message)
+        if step.superseded is not None:
             logger.info("the undelivered {} report is superseded by a {} report",
-                        _kind(superseded), _kind(report))
-        if self._central_believes_faulty is is_faulty:
-            # Central already holds this truth (the opposite report never got through).
-            self._pending = None
-            return
-        self._pending = report
-        self._wake.set()
+                        kind(step.superseded),
+                        "fault" if step.change is Change.FAULT else "recovery")
+        if self.watch.pending is not None:
+            self._wake.set()
 
     # ----------------------------------------------------------------- Central link
 
     async def _central_loop(self) -> None:
         delay = self._retry_initial
         while True:
-            report = self._pending
+            report = self.watch.pending
             if not self._registered.is_set():
                 outcome = await self._register()
                 if outcome is _Outcome.OK:
@@ -331,8 +296,7 @@ class Monitor:
                 if outcome is _Outcome.UNKNOWN_CP:
                     self._registered.clear()
                 elif outcome is not _Outcome.RETRY:
-                    if self._pending is report:
-                        self._pending = None
+                    self.watch.dropped(report)  # delivered (already forgotten) or rejected
                     delay = self._retry_initial
                     continue
             else:
@@ -359,24 +323,24 @@ class Monitor:
 
     async def _report(self, report: CPFaultReport) -> _Outcome:
         self.stats.report_attempts += 1
-        kind = _kind(report)
+        what = kind(report)
         outcome = await self._post("/cp/fault", report.model_dump(mode="json"),
-                                   f"sending a {kind} report")
+                                   f"sending a {what} report")
         if outcome is _Outcome.OK:
-            self._central_believes_faulty = report.is_faulty
+            self.watch.delivered(report)
             self.stats.reports_sent += 1
             if report.is_faulty:
                 self.stats.fault_reports_sent += 1
             else:
                 self.stats.recovery_reports_sent += 1
-            logger.info("{} report delivered to Central: {}", kind, report.reason)
+            logger.info("{} report delivered to Central: {}", what, report.reason)
             return outcome
-        self._central_believes_faulty = None  # it may or may not have arrived
+        self.watch.not_delivered()  # it may or may not have arrived
         if outcome is _Outcome.UNKNOWN_CP:
             logger.warning("Central does not know {} (HTTP 404); registering it again",
                            self.settings.cp_id)
         elif outcome is _Outcome.REJECTED:
-            logger.error("Central rejected the {} report; dropping it", kind)
+            logger.error("Central rejected the {} report; dropping it", what)
         return outcome
 
     # ----------------------------------------------------------------- liveness
@@ -452,7 +416,7 @@ class Monitor:
             detail = (
                 f"timed out after {self._central_timeout:g} s"
                 if isinstance(exc, httpx.TimeoutException)
-                else _describe(exc)
+                else describe_http_error(exc)
             )
             self._problem("down", "warning",
                           f"Central at {self.central_url} is unreachable while {what} "
@@ -480,13 +444,14 @@ class Monitor:
                           f"{hint}; retrying with backoff")
             return _Outcome.RETRY
         if liveness and (
-            code == 405 or (code == 404 and _error_code(response) != "unknown_cp")
+            code == 405 or (code == 404 and error_code(response) != "unknown_cp")
         ):
             return _Outcome.NO_ROUTE
         if code == 404:
             return _Outcome.UNKNOWN_CP
         self._problem(f"rejected-{code}", "error",
-                      f"Central rejected {what} with HTTP {code}: {_clip(response.text)}")
+                      f"Central rejected {what} with HTTP {code}: "
+                      f"{clip(response.text, _MAX_DETAIL)}")
         return _Outcome.REJECTED
 
     def _problem(self, kind: str, level: str, message: str) -> None:
@@ -504,7 +469,7 @@ class Monitor:
             self._central_problem = None
 
 
-def _error_code(response: httpx.Response) -> object:
+def error_code(response: httpx.Response) -> object:
     """The ``code`` of a JSON error answer (``{"error", "code"}``), None without one."""
     with contextlib.suppress(ValueError):
         body = response.json()
@@ -513,23 +478,15 @@ def _error_code(response: httpx.Response) -> object:
     return None
 
 
-def _kind(report: CPFaultReport) -> str:
-    return "fault" if report.is_faulty else "recovery"
-
-
-def _clip(text: str, limit: int = _MAX_DETAIL) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _describe(exc: httpx.HTTPError) -> str:
+def describe_http_error(exc: httpx.HTTPError) -> str:
+    """A short cause of a failed HTTP call."""
     if isinstance(exc, httpx.ConnectError):
-        return _connect_reason(exc)
+        return connect_reason(exc)
     text = str(exc)
-    return _clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+    return clip(f"{type(exc).__name__}: {text}" if text else type(exc).__name__, _MAX_DETAIL)
 
 
-def _connect_reason(exc: BaseException) -> str:
+def connect_reason(exc: BaseException) -> str:
     """A short cause of a failed connection, from the exception and its causes."""
     seen: set[int] = set()
     cause: BaseException | None = exc
@@ -543,10 +500,10 @@ def _connect_reason(exc: BaseException) -> str:
     text = str(exc)
     if "refused" in text.lower():
         return "connection refused"
-    return f"cannot connect ({_clip(text)})" if text else "cannot connect"
+    return f"cannot connect ({clip(text, _MAX_DETAIL)})" if text else "cannot connect"
 
 
-def _unhealthy(response: httpx.Response) -> _Failure:
+def _unhealthy(response: httpx.Response) -> Failure:
     """Why a non-200 health answer failed; uses the engine's body when it has one."""
     state: object = None
     reason: object = None
@@ -556,9 +513,9 @@ def _unhealthy(response: httpx.Response) -> _Failure:
             state = body.get("state")
             reason = body.get("reason") or body.get("fault_reason") or body.get("detail")
     if state == "FAULT":
-        text = "CP reports FAULT" + (f": {_clip(str(reason))}" if reason else "")
-        return _Failure(text, cp_reports_fault=True)
+        text = "CP reports FAULT" + (f": {clip(str(reason), _MAX_DETAIL)}" if reason else "")
+        return Failure(text, cp_reports_fault=True)
     text = f"HTTP {response.status_code}"
     if state:
-        text += f" (state {_clip(str(state), 40)})"
-    return _Failure(text)
+        text += f" (state {clip(str(state), 40)})"
+    return Failure(text)
