@@ -22,6 +22,13 @@ Messages.
 * A refused command changes nothing and is answered at once with
   ``CPStatus(current state, event=REFUSED, cmd=<CMD>, session_id=<the command's>)``.
 
+Many in one process (the CP Fleet). ``first_heartbeat`` sets when the first heartbeat
+comes (by default one ``status_interval`` after connecting): a fleet spreads its CPs'
+heartbeats over the interval instead of waking thousands of them at once. For an
+in-process watchdog the CP tells how long ago its last heartbeat went out
+(:attr:`~ChargingPoint.heartbeat_age`: a CP whose lock is held by something stuck stops
+beating) and whether one of its tasks crashed (:attr:`~ChargingPoint.crashed`).
+
 Shutdown. :meth:`ChargingPoint.stop` ends a running session as ``STOPPED`` and, from
 ACTIVATED, disconnects (``DISCONNECTED``, reason ``shutdown``). The state machine has no
 DISCONNECT from STOPPED or FAULT, so from there the CP only announces its current state
@@ -99,18 +106,23 @@ class ChargingPoint:
         session_seconds: float = 10.0,
         telemetry_interval: float = 1.0,
         status_interval: float = 5.0,
+        first_heartbeat: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if kw_rate <= 0 or euro_rate < 0:
             raise ValueError("kw_rate must be > 0 and euro_rate >= 0")
         if min(session_seconds, telemetry_interval, status_interval) <= 0:
             raise ValueError("session_seconds and the intervals must be > 0")
+        if first_heartbeat is not None and first_heartbeat < 0:
+            raise ValueError("first_heartbeat must be >= 0")
         self.cp_id = cp_id
         self.kw_rate = kw_rate
         self.euro_rate = euro_rate
         self.session_seconds = session_seconds
         self.telemetry_interval = telemetry_interval
         self.status_interval = status_interval
+        self.first_heartbeat = status_interval if first_heartbeat is None else first_heartbeat
+        """Seconds from connecting to the first heartbeat."""
         self._publisher = publisher
         self._clock = clock
         self._state = CPState.DISCONNECTED
@@ -123,6 +135,9 @@ class ChargingPoint:
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._beat_at: float | None = None
+        """Clock reading when the last heartbeat (or the connect) went out."""
+        self._crashed: str | None = None
         self._started = False
         self._closed = False
         self._log = logger.bind(cp_id=cp_id)
@@ -135,16 +150,21 @@ class ChargingPoint:
         settings: CPEngineSettings,
         publisher: Publisher,
         *,
+        cp_id: str | None = None,
+        first_heartbeat: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> ChargingPoint:
+        """A CP as `settings` describe it; `cp_id` replaces theirs (a fleet's CPs share
+        one settings object)."""
         return cls(
-            settings.cp_id,
+            settings.cp_id if cp_id is None else cp_id,
             publisher,
             kw_rate=settings.kw_rate,
             euro_rate=settings.euro_rate,
             session_seconds=settings.session_seconds,
             telemetry_interval=settings.telemetry_interval,
             status_interval=settings.status_interval,
+            first_heartbeat=first_heartbeat,
             clock=clock,
         )
 
@@ -166,6 +186,33 @@ class ChargingPoint:
     @property
     def driver_id(self) -> str | None:
         return self._session.driver_id if self._session else None
+
+    @property
+    def started(self) -> bool:
+        """Whether :meth:`start` connected the CP."""
+        return self._started
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`stop` ran (a stopped CP does nothing more)."""
+        return self._closed
+
+    @property
+    def crashed(self) -> str | None:
+        """Which of the CP's tasks crashed and with what, if one did (a bug: it is logged
+        with its traceback, and the CP cannot be trusted any more)."""
+        return self._crashed
+
+    @property
+    def heartbeat_age(self) -> float | None:
+        """Seconds since the last heartbeat (or the connect) went out; None before start.
+
+        It grows past ``status_interval`` only while the heartbeat cannot run: the CP's
+        lock is held (a publish that does not return) or its heartbeat task ended.
+        """
+        if self._beat_at is None:
+            return None
+        return max(0.0, self._clock() - self._beat_at)
 
     def snapshot(self) -> dict[str, Any]:
         """The CP at a glance, for the health endpoint."""
@@ -190,6 +237,7 @@ class ChargingPoint:
         async with self._lock:
             await self._change(CPEvent.CONNECT, "connected")
             self._started = True
+            self._beat_at = self._clock()
             self._heartbeat = self._spawn(self._heartbeat_loop(), "heartbeat")
 
     async def stop(self) -> None:
@@ -436,11 +484,14 @@ class ChargingPoint:
                 await self._change(CPEvent.SESSION_COMPLETE, "session completed")
 
     async def _heartbeat_loop(self) -> None:
+        delay = self.first_heartbeat
         while True:
-            await asyncio.sleep(self.status_interval)
+            await asyncio.sleep(delay)
+            delay = self.status_interval
             async with self._lock:
                 self._log.debug("heartbeat {}", self._state.value)
                 await self._publish_status(reason=self._reason)
+                self._beat_at = self._clock()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.cp_id}-{name}")
@@ -452,6 +503,8 @@ class ChargingPoint:
         self._tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             self._log.opt(exception=exc).error("task {} crashed", task.get_name())
+            if self._crashed is None:
+                self._crashed = f"task {task.get_name()} crashed: {exc!r}"
 
     async def _cancel_tasks(self) -> None:
         current = asyncio.current_task()
