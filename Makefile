@@ -68,8 +68,9 @@ broker-stop: $(STAMP) ## stop the local Kafka broker
 broker-status: $(STAMP) ## is the local Kafka broker running?
 	@$(PY) -m evcharging.devtools.kafka_broker status --port 9092 || true
 
-up: ## Docker Compose: build and start Kafka and every service
-	$(COMPOSE) up --build -d
+up: ## Docker Compose: build and start Kafka and every service (writes an API token into .env)
+	$(PYTHON) -m evcharging.devtools.env_token .env .env.example
+	docker compose -f docker/docker-compose.yml --env-file .env up --build -d
 	@echo "Dashboard: http://localhost:$${CENTRAL_HTTP_PORT:-8000}/"
 
 down: ## Docker Compose: stop everything
