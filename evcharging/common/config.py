@@ -201,6 +201,58 @@ class LoadSettings(ServiceSettings):
     )
 
 
+class FleetSettings(ServiceSettings):
+    """CP Fleet: many CP Engines and their monitoring in one process.
+
+    Its CPs behave as the engine's and the monitor's settings say (``CP_ENGINE_*``:
+    rates, session length, intervals, the token of its HTTP port; ``CP_MONITOR_*``: the
+    health interval, the failure threshold, the token sent to Central); these are the
+    fleet's own.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FLEET_")
+
+    cps: int = Field(100, ge=1, le=100_000, description="how many CPs the fleet runs")
+    id_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{0,56}$")] = Field(
+        "CP-", description="CP ids are this prefix and a 5-digit number (CP-00001, …)"
+    )
+    first: int = Field(
+        1, ge=1, le=999_999, description="number of the first CP (two fleets can split a "
+        "network: --cps 5000 and --cps 5000 --first 5001)"
+    )
+    sites: int = Field(1, ge=1, le=10_000, description="sites the CPs are grouped into, in "
+                       "blocks of consecutive ids, each with its location")
+    site_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._ -]{0,56}$")] = Field(
+        "site-", description="site names are this prefix and a 2-digit number (site-01, …)"
+    )
+    http_host: str = Field("127.0.0.1", description="address of the fleet's HTTP port")
+    http_port: Port = Field(
+        8100, description="port of the fleet's HTTP API (/health, /cp/{id}/health, "
+        "/cp/{id}/fault, /cp/{id}/recover)"
+    )
+    allow_anonymous: bool = Field(
+        False, description="with no token, listen on a non-loopback address anyway and "
+        "accept /fault and /recover from any client (protected mode off)"
+    )
+    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_port: Port = Field(8000, description="port of Central's HTTP API")
+    fault_rate: Annotated[float, Field(ge=0, le=3600)] = Field(
+        0.0, description="random hardware faults per CP-hour (0: none)"
+    )
+    repair_after: Positive = Field(30.0, description="seconds until a random fault is repaired")
+    seed: int | None = Field(
+        None, description="seed of the random faults and heartbeat phases (unset: a new one, "
+        "logged at start)"
+    )
+    connect_batch: int = Field(
+        250, ge=1, le=10_000, description="CPs connected (and stopped) at a time"
+    )
+    stall_after: Positive = Field(
+        30.0, description="a CP whose heartbeat has not gone out for this many seconds counts "
+        "as stuck: its health checks fail (keep it above twice CP_ENGINE_STATUS_INTERVAL)"
+    )
+
+
 class CtlSettings(BaseSettings):
     """ctl, the operator CLI of Central's TCP control plane: where Central is, and its token.
 

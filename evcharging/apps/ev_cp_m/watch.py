@@ -193,6 +193,13 @@ class Watch:
         if self.pending is report:
             self.pending = None
 
+    def central_holds(self, is_faulty: bool) -> None:
+        """Central is known to hold the CP as faulty (or not), e.g. read from its API: a
+        pending report that says the same is not needed any more."""
+        self.central_believes_faulty = is_faulty
+        if self.pending is not None and self.pending.is_faulty is is_faulty:
+            self.pending = None
+
     def not_delivered(self) -> None:
         """A report may or may not have arrived: what Central holds is uncertain."""
         self.central_believes_faulty = None
