@@ -24,6 +24,7 @@ from evcharging.common.config import (
     CPEngineSettings,
     CPMonitorSettings,
     DriverSettings,
+    FleetSettings,
     LoadSettings,
 )
 from evcharging.devtools.process import port_free, terminate
@@ -58,6 +59,7 @@ from tests.polling import poll, poll_sync
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS: tuple[type[BaseSettings], ...] = (
     CentralSettings, CPEngineSettings, CPMonitorSettings, DriverSettings, LoadSettings,
+    FleetSettings,
 )
 REQUIRED = {CPEngineSettings: {"cp_id": "CP-001"}, CPMonitorSettings: {"cp_id": "CP-001"},
             DriverSettings: {"driver_id": "driver-1"}}
@@ -65,7 +67,7 @@ LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP"}
 """Not a service setting: the broker `make run` should use (documented in .env.example)."""
 COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT"}
 """Not a service setting: host ports of docker/docker-compose.yml."""
-SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_")
+SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_", "FLEET_")
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
