@@ -199,6 +199,8 @@ class System:
         self.tcp_port = free_port()
         self.procs: list[Proc] = []
         self.engine_ports: dict[str, int] = {}
+        self.fleet_port = 0
+        """The HTTP port of the fleet started by :meth:`start_fleet`."""
         self.engine_env: dict[str, str] = {}
         """Extra settings for engines started from now on (e.g. a longer session)."""
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.http_port}", timeout=5)
@@ -262,6 +264,37 @@ class System:
         engine = await self.start_engine(cp_id)
         monitor = await self.start_monitor(cp_id)
         return engine, monitor
+
+    async def start_fleet(
+        self, cps: int, env: dict[str, str] | None = None, flags: list[str] | None = None,
+        timeout: float = 60.0,
+    ) -> Proc:
+        """A CP Fleet of `cps` CPs (``CP-00001`` …) started with the seed's flags, on this
+        system's topics; returns once it logs that it runs (its CPs connected). Its HTTP
+        port is :attr:`fleet_port`."""
+        self.fleet_port = free_port()
+        base = {k: v for k, v in self.env().items() if not k.startswith("FLEET_")}
+        proc = Proc(
+            "fleet",
+            ["-m", "evcharging.apps.ev_fleet.main", "--kafka-bootstrap", self.bootstrap,
+             "--cps", str(cps), "--id-prefix", "CP-", "--http-port", str(self.fleet_port),
+             "--central-host", "127.0.0.1", "--central-port", str(self.http_port),
+             *(flags or [])],
+            {**base, "FLEET_TOPIC_PREFIX": self.prefix, **(env or {})},
+            self.tmp,
+        ).start()
+        self.procs.append(proc)
+        await proc.wait_log(r"CP Fleet running", timeout)
+        return proc
+
+    def fleet_url(self, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.fleet_port}{path}"
+
+    async def count_cps(self, **params: str) -> int:
+        """How many CPs Central lists with these filters (``X-Total-Count`` of ``/cp``)."""
+        response = await self.http.get("/cp", params={**params, "limit": "1"})
+        response.raise_for_status()
+        return int(response.headers["X-Total-Count"])
 
     def start_driver(self, driver_id: str, requests: list[str],
                      env: dict[str, str] | None = None) -> Proc:
