@@ -27,7 +27,10 @@ comes (by default one ``status_interval`` after connecting): a fleet spreads its
 heartbeats over the interval instead of waking thousands of them at once. For an
 in-process watchdog the CP tells how long ago its last heartbeat went out
 (:attr:`~ChargingPoint.heartbeat_age`: a CP whose lock is held by something stuck stops
-beating) and whether one of its tasks crashed (:attr:`~ChargingPoint.crashed`).
+beating), how long its publish in progress has waited for the bus
+(:attr:`~ChargingPoint.publish_waiting`) and whether one of its tasks crashed
+(:attr:`~ChargingPoint.crashed`). With ``log_bus_errors=False`` a failed publish is logged
+at DEBUG only (a fleet says once for all its CPs that Kafka is down).
 
 Shutdown. :meth:`ChargingPoint.stop` ends a running session as ``STOPPED`` and, from
 ACTIVATED, disconnects (``DISCONNECTED``, reason ``shutdown``). The state machine has no
@@ -107,6 +110,7 @@ class ChargingPoint:
         telemetry_interval: float = 1.0,
         status_interval: float = 5.0,
         first_heartbeat: float | None = None,
+        log_bus_errors: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if kw_rate <= 0 or euro_rate < 0:
@@ -132,6 +136,8 @@ class ChargingPoint:
         self._last_end: SessionEnd | None = None
         self.publish_failures = 0
         """Failed publishes in a row (the bus is down while this is above 0)."""
+        self._bus_log_level = "ERROR" if log_bus_errors else "DEBUG"
+        self._publish_started: float | None = None
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -152,6 +158,7 @@ class ChargingPoint:
         *,
         cp_id: str | None = None,
         first_heartbeat: float | None = None,
+        log_bus_errors: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> ChargingPoint:
         """A CP as `settings` describe it; `cp_id` replaces theirs (a fleet's CPs share
@@ -165,6 +172,7 @@ class ChargingPoint:
             telemetry_interval=settings.telemetry_interval,
             status_interval=settings.status_interval,
             first_heartbeat=first_heartbeat,
+            log_bus_errors=log_bus_errors,
             clock=clock,
         )
 
@@ -213,6 +221,16 @@ class ChargingPoint:
         if self._beat_at is None:
             return None
         return max(0.0, self._clock() - self._beat_at)
+
+    @property
+    def publish_waiting(self) -> float | None:
+        """Seconds the publish in progress has been waiting for the bus (None: none is).
+
+        A slow or unreachable broker holds a publish up to the bus's own timeout; a
+        watchdog tells that apart from a CP that is stuck by itself.
+        """
+        started = self._publish_started
+        return None if started is None else max(0.0, self._clock() - started)
 
     def snapshot(self) -> dict[str, Any]:
         """The CP at a glance, for the health endpoint."""
@@ -535,14 +553,18 @@ class ChargingPoint:
     async def _publish(self, message: Message) -> None:
         """Publish; a bus failure is logged once per outage, never raised (the next
         heartbeat, which repeats the state and the last session's end, repairs it)."""
+        self._publish_started = self._clock()
         try:
             await self._publisher.publish(message)
         except BusError as exc:
             self.publish_failures += 1
             if self.publish_failures == 1:
-                self._log.error("could not publish {}: {} (logged once until it works again)",
-                                type(message).__name__, exc)
+                self._log.log(self._bus_log_level, "could not publish {}: {} (logged once "
+                              "until it works again)", type(message).__name__, exc)
             return
+        finally:
+            self._publish_started = None
         if self.publish_failures:
-            self._log.info("publishing works again after {} failure(s)", self.publish_failures)
+            self._log.log("INFO" if self._bus_log_level == "ERROR" else "DEBUG",
+                          "publishing works again after {} failure(s)", self.publish_failures)
             self.publish_failures = 0
