@@ -311,6 +311,28 @@ async def test_a_cp_whose_heartbeat_is_stuck_fails_its_checks_until_it_beats_aga
     await cp.stop()
 
 
+async def test_a_publish_waiting_for_a_slow_broker_does_not_make_a_cp_stuck() -> None:
+    clock = Clock()
+    publisher = HoldingPublisher("CP-1")
+    publisher.release.set()
+    cp = ChargingPoint("CP-1", publisher, status_interval=0.05, clock=clock)
+    await cp.start()
+    clock.now += 20  # the last heartbeat went out 20 s ago; the next one's publish waits
+    publisher.release.clear()
+    publisher.holding.clear()
+    await asyncio.wait_for(publisher.holding.wait(), 2)
+    clock.now += 20
+    assert cp.heartbeat_age == 40 and cp.publish_waiting == 20
+    assert check(cp, 30) is None  # the bus's delay, not the CP's
+    clock.now += 11
+    failure = check(cp, 30)  # a publish that never returns is stuck too
+    assert failure is not None and failure.reason == "no heartbeat for 51 s (the CP is stuck)"
+    publisher.release.set()
+    await poll(lambda: check(cp, 30) is None, timeout=2, what="the heartbeat to go out")
+    assert cp.publish_waiting is None
+    await cp.stop()
+
+
 class CrashingPublisher(RecordingPublisher):
     """A bug in the publishing path: heartbeats raise something the engine does not expect."""
 
@@ -338,6 +360,35 @@ async def test_the_bus_being_down_is_not_a_failure_of_the_cp() -> None:
     await poll(lambda: publisher.failures >= 3, timeout=2, what="failed heartbeats")
     assert cp.crashed is None and check(cp, 30) is None
     await cp.stop()
+
+
+async def test_the_monitoring_says_once_for_all_cps_that_they_cannot_publish(
+    network: Network, logs: list[tuple[str, str]]
+) -> None:
+    publisher = RecordingPublisher()
+    fleet = make_fleet(3, publisher, status_interval=0.01)
+    await fleet.connect()
+    monitor = monitoring(fleet, network)
+    engine_errors: list[str] = []
+    sink = logger.add(lambda m: engine_errors.append(m.record["message"]), level="ERROR",
+                      filter="evcharging.apps.ev_cp_e")
+    publisher.fail = True
+    await poll(lambda: fleet.publish_failing() == 3, timeout=2, what="failed heartbeats")
+    await monitor.check_round()
+    await monitor.check_round()
+    assert monitor.views()["HEALTHY"] == 3  # Kafka being down is not the CPs' fault
+    publisher.fail = False
+    await poll(lambda: fleet.publish_failing() == 0, timeout=2, what="heartbeats again")
+    await monitor.check_round()
+    errors = [m for level, m in logs if level == "ERROR"]
+    assert errors == ["3 of 3 CPs cannot publish on Kafka (their messages are lost until it "
+                      "works again; the heartbeats repair Central's view)"]
+    assert [m for _, m in logs if "publishes on Kafka again" in m] == [
+        "every CP publishes on Kafka again"
+    ]
+    logger.remove(sink)
+    assert engine_errors == []  # each CP logs it at DEBUG only
+    await fleet.stop()
 
 
 # --------------------------------------------------------------------------- the decisions

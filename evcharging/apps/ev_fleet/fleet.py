@@ -81,6 +81,7 @@ class Fleet:
                 engine, publisher, cp_id=spec.cp_id, clock=clock,
                 # Each CP's heartbeat at its own phase of the interval: no herd.
                 first_heartbeat=rng.uniform(0.0, engine.status_interval),
+                log_bus_errors=False,  # the monitoring says it once for every CP
             )
             for spec in specs
         }

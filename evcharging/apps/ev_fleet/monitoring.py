@@ -9,7 +9,10 @@ report wins). Three loops, run as tasks of the fleet's service:
   process (no HTTP to itself). A check fails while the CP is in FAULT (its reason becomes
   the fault's, as the engine's 503 body does for the monitor), when one of its tasks
   crashed, when its heartbeat has not gone out for ``stall_after`` seconds (its lock is
-  held by something stuck), or once it was stopped (Central's SHUTDOWN).
+  held by something stuck; a publish waiting for a slow broker does not count, as a CP
+  Engine's ``/health`` answers while Kafka is down), or once it was stopped (Central's
+  SHUTDOWN). The round also says once, for all CPs, when some cannot publish on Kafka
+  and when all can again (the CPs themselves log that at DEBUG only).
 * **the Central link** registers the CPs (``POST /fleet/register``, at start and again for
   ids Central forgot) and delivers the queued fault and recovery reports, one
   ``POST /cp/fault`` per CP, a few at a time, retried with backoff (0.5 s doubling up to
@@ -64,7 +67,11 @@ def check(cp: ChargingPoint, stall_after: float) -> Failure | None:
                        cp_reports_fault=True)
     age = cp.heartbeat_age
     if age is not None and age > stall_after:
-        return Failure(f"no heartbeat for {age:.0f} s (the CP is stuck)")
+        waiting = cp.publish_waiting
+        # A publish waiting for a slow broker is the bus's delay (bounded by its own
+        # timeout), not the CP's: only one that waits longer than stall_after counts.
+        if waiting is None or waiting > stall_after:
+            return Failure(f"no heartbeat for {age:.0f} s (the CP is stuck)")
     return None
 
 
@@ -90,6 +97,8 @@ class MonitoringStats:
     """Successful fleet registrations (calls, each of up to every CP)."""
     liveness_sent: int = 0
     """Liveness rounds Central accepted."""
+    publish_failing: int = 0
+    """CPs whose last publish failed, as of the last round."""
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -140,6 +149,9 @@ class FleetMonitor:
         self._liveness_unsupported = False
         self._tasks: list[asyncio.Task[None]] = []
         self._owner: TaskOwner | None = None
+        self.lag = 0.0
+        """Seconds the last round of checks started late (the event loop was busy)."""
+        self.max_lag = 0.0
 
     @property
     def registered(self) -> bool:
@@ -157,6 +169,8 @@ class FleetMonitor:
             "central": self.central.problem or "ok",
             "views": self.views(),
             "pending_reports": len(self._dirty),
+            "check_lag_s": round(self.lag, 3),
+            "max_check_lag_s": round(self.max_lag, 3),
             **self.stats.as_dict(),
         }
 
@@ -211,6 +225,8 @@ class FleetMonitor:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
+            self.lag = max(0.0, loop.time() - next_at)
+            self.max_lag = max(self.max_lag, self.lag)
             await self.check_round()
             next_at += self.health_interval
             now = loop.time()
@@ -222,11 +238,15 @@ class FleetMonitor:
         """Check every CP once and queue the reports that follows."""
         first = not self._checked.is_set()
         changes: Counter[Change] = Counter()
+        publish_failing = 0
         for index, (cp_id, cp) in enumerate(self.fleet.cps.items()):
             if index and index % _YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             changes[self._check_one(cp_id, cp)] += 1
+            if cp.publish_failures:
+                publish_failing += 1
         self.stats.rounds += 1
+        self._publishing(publish_failing)
         if first:
             self._checked.set()
             healthy = changes[Change.FIRST_HEALTHY]
@@ -234,6 +254,16 @@ class FleetMonitor:
                         len(self.watches),
                         "" if healthy == len(self.watches)
                         else f", {len(self.watches) - healthy:,} failing")
+
+    def _publishing(self, failing: int) -> None:
+        """Say once, for the whole fleet, that CPs cannot publish, and once that all can."""
+        before, self.stats.publish_failing = self.stats.publish_failing, failing
+        if failing and not before:
+            logger.error("{:,} of {:,} CPs cannot publish on Kafka (their messages are lost "
+                         "until it works again; the heartbeats repair Central's view)",
+                         failing, len(self.watches))
+        elif before and not failing:
+            logger.info("every CP publishes on Kafka again")
 
     def _check_one(self, cp_id: str, cp: ChargingPoint) -> Change:
         watch = self.watches[cp_id]
