@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,8 @@ CHAOS_ENGINE = {
     "CP_ENGINE_STATUS_INTERVAL": "1",
 }
 CHAOS_MONITOR = {"CP_MONITOR_HEALTH_INTERVAL": "0.5"}
+KW_RATE = 22.0
+"""The engines' default power (CP_ENGINE_KW_RATE): telemetry kWh tell how long a session ran."""
 LOAD_INTERVAL = 1.5
 """Seconds between two requests to the same CP while the load runs."""
 RECOVERY_DEADLINE = 30.0
@@ -61,6 +64,18 @@ SEND_DEADLINE = 90.0
 
 def now() -> float:
     return time.monotonic()
+
+
+class Phase(StrEnum):
+    """Where in a session a fault hits (the target CP's session; the others run too)."""
+
+    MID = "mid-session"
+    """A session runs on every CP, the target's for a second."""
+    LATE = "just before the end"
+    """The target's session sent its last telemetry; its end is one interval away."""
+    END = "at the end"
+    """The target's end-of-session status is on the broker (Central may have read it,
+    not yet committed it)."""
 
 
 # --------------------------------------------------------------------------- observer
@@ -90,6 +105,10 @@ class Observer:
         self.meter = MeterLog()
         self.heard: dict[str, float] = {}
         """CP id → when the observer last read a status of it."""
+        self.metered: dict[str, tuple[float, str, float]] = {}
+        """CP id → (when, session id, kWh) of its last telemetry read."""
+        self.ended: list[tuple[float, str, str]] = []
+        """(when, CP id, session id) of every end-of-session status read (not heartbeats)."""
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -159,6 +178,8 @@ class Observer:
             elif topic == Topic.CP_STATUS:
                 status = decode(CPStatus, value)
                 self.heard[status.cp_id] = now()
+                if status.session_result is not None and status.session_id is not None:
+                    self.ended.append((now(), status.cp_id, status.session_id))
                 end = status.session_end()
                 if end is not None:
                     self.meter.add_end(end.session_id, Totals(end.kwh, end.euros))
@@ -168,6 +189,7 @@ class Observer:
                     self.meter.add_telemetry(
                         telemetry.session_id, Totals(telemetry.kwh, telemetry.euros)
                     )
+                    self.metered[telemetry.cp_id] = (now(), telemetry.session_id, telemetry.kwh)
         except ValidationError:
             self.invalid += 1
 
@@ -434,14 +456,28 @@ class ChaosRun:
             for cp_id in self.cps:
                 group.create_task(one(cp_id))
 
-    async def wait_supplying(self, timeout: float = 30.0) -> None:
-        """Until every CP runs a session (an IN_PROGRESS update on it)."""
-        def supplying() -> bool:
-            running = {s.update.cp_id for s in self.observer.seen
-                       if s.update.status is DriverStatus.IN_PROGRESS}
-            return running >= set(self.cps)
+    async def wait_phase(self, phase: Phase, cp_id: str, timeout: float = 40.0) -> None:
+        """Until the load has brought `cp_id`'s session to `phase` (see :class:`Phase`)."""
+        since = now()
+        session = float(CHAOS_ENGINE["CP_ENGINE_SESSION_SECONDS"])
 
-        await poll(supplying, timeout=timeout, what="a session running on every CP")
+        def supplied_for(seconds: float) -> bool:
+            at, _session_id, kwh = self.observer.metered.get(cp_id, (0.0, "", 0.0))
+            return at >= since and kwh * 3600 / KW_RATE >= seconds - 1e-6
+
+        def reached() -> bool:
+            if phase is Phase.END:
+                return any(at >= since and cp == cp_id for at, cp, _ in self.observer.ended)
+            running = {s.update.cp_id for s in self.observer.seen
+                       if s.at >= since and s.update.status is DriverStatus.IN_PROGRESS}
+            if not running >= set(self.cps):
+                return False
+            if phase is Phase.LATE:
+                return supplied_for(session - float(CHAOS_ENGINE["CP_ENGINE_TELEMETRY_INTERVAL"]))
+            return supplied_for(1.0)
+
+        await poll(reached, timeout=timeout, what=f"{cp_id}'s session {phase.value}",
+                   interval=0.02)
 
     # ---------------------------------------------------------------- after a fault
 

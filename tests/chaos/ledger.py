@@ -127,7 +127,7 @@ def _totals_of(update: DriverUpdate) -> Totals | None:
     return Totals(update.kwh, update.euros)
 
 
-def _describe(updates: Sequence[DriverUpdate]) -> str:
+def describe(updates: Sequence[DriverUpdate]) -> str:
     parts = []
     for u in updates:
         totals = _totals_of(u)
@@ -174,7 +174,7 @@ def check_request(
     breaches: list[Breach] = []
 
     def breach(kind: BreachKind) -> None:
-        breaches.append(Breach(kind, request_id, _describe(updates) or "no update"))
+        breaches.append(Breach(kind, request_id, describe(updates) or "no update"))
 
     finals = [i for i, u in enumerate(updates) if u.status.is_final]
     if not finals:
@@ -217,7 +217,7 @@ def check_request(
     ):
         breaches.append(Breach(
             BreachKind.LAST_UPDATE, request_id,
-            f"row {row.session_id} {row.status} {row.totals}; updates {_describe(updates)}",
+            f"row {row.session_id} {row.status} {row.totals}; updates {describe(updates)}",
         ))
     return breaches
 
