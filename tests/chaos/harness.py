@@ -109,6 +109,8 @@ class Observer:
         """CP id → (when, session id, kWh) of its last telemetry read."""
         self.ended: list[tuple[float, str, str]] = []
         """(when, CP id, session id) of every end-of-session status read (not heartbeats)."""
+        self.results: dict[str, set[str]] = {}
+        """session id → how its CP said it ended (end statuses and heartbeats)."""
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -183,6 +185,7 @@ class Observer:
                 end = status.session_end()
                 if end is not None:
                     self.meter.add_end(end.session_id, Totals(end.kwh, end.euros))
+                    self.results.setdefault(end.session_id, set()).add(end.result.value)
             elif topic == Topic.CP_TELEMETRY:
                 telemetry = decode(CPTelemetry, value)
                 if telemetry.session_id is not None:

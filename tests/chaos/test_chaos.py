@@ -47,6 +47,10 @@ class Scenario:
     central_only: bool = False
     """Only Central is hurt (its database stalls): the CPs stay healthy, so no session may
     end FAILED (SPEC §4: running sessions are never failed for Central's own delay)."""
+    meter_settles: bool = False
+    """Central was down while sessions ended: a session its CP reported COMPLETED must be
+    COMPLETED (SPEC §4: a restarted Central first reads what its CPs reported, then closes
+    only the sessions no CP claims)."""
 
     def label(self, phase: Phase) -> str:
         return f"{self.fault} {self.hold:g}s {phase.value}"
@@ -58,7 +62,7 @@ QUICK_SILENCE = {"CENTRAL_CP_SILENCE_TIMEOUT": "5"}
 
 FULL = [
     Scenario("db-lock", 20, (MID, END), central_only=True),
-    Scenario("central-kill", 5, (MID, LATE, END)),
+    Scenario("central-kill", 5, (MID, LATE, END), meter_settles=True),
     Scenario("frozen-engine", 20, (MID, END)),
     Scenario("engine-kill", 3, (MID, LATE, END)),
     Scenario("monitor-kill", 3, (MID, END), QUICK_SILENCE),
@@ -66,7 +70,7 @@ FULL = [
 ]
 FAST = [
     Scenario("db-lock", 8, (MID,), central_only=True),
-    Scenario("central-kill", 4, (END,)),
+    Scenario("central-kill", 4, (END,), meter_settles=True),
     Scenario("frozen-engine", 8, (MID,)),
     Scenario("engine-kill", 2, (LATE,)),
     Scenario("monitor-kill", 1, (MID,), QUICK_SILENCE),
@@ -143,6 +147,17 @@ async def one_round(
             f"delay: {r.reason!r} (billed {r.totals}); its driver saw "
             f"{describe(run.observer.updates.get(r.request_id, ()))}"
             for r in failed
+        ]
+    if scenario.meter_settles:
+        unsettled = [r for r in rows if r.status != "COMPLETED"
+                     and "COMPLETED" in run.observer.results.get(r.session_id, ())
+                     and ("UNSETTLED", r.session_id) not in known]
+        known.update(("UNSETTLED", r.session_id) for r in unsettled)
+        outcome.problems += [
+            f"session {r.session_id} on {r.cp_id} is {r.status} though its CP reported it "
+            f"COMPLETED: {r.reason!r}; its driver saw "
+            f"{describe(run.observer.updates.get(r.request_id, ()))}"
+            for r in unsettled
         ]
     outcome.sessions = len(rows)
     outcome.requests = len(run.observer.requests)
