@@ -60,12 +60,14 @@ from evcharging.apps.ev_central.schemas import (
     MonitorOut,
     SessionOut,
     StatsOut,
+    SummaryOut,
     TelemetryOut,
     cp_out,
     cp_site,
     fault_out,
     history_out,
     session_out,
+    summarise,
     telemetry_out,
 )
 from evcharging.common.http import (
@@ -87,6 +89,7 @@ from evcharging.common.messages import (
     FleetRegistration,
     MonitorReport,
     SessionStatus,
+    utcnow,
 )
 
 __all__ = ["HEALTH_BUDGET", "HealthProbe", "OperatorAction", "create_api"]
@@ -207,6 +210,14 @@ def create_api(
         response.headers["X-Total-Count"] = str(len(matching))
         end = None if limit is None else offset + limit
         return [cp_out(cp) for cp in matching[offset:end]]
+
+    @app.get(
+        "/summary",
+        summary="The network in a few numbers: CPs by state and by site, power, sessions",
+        response_model=SummaryOut,
+    )
+    async def summary() -> SummaryOut:
+        return summarise(controller.cps.values(), utcnow())
 
     # Documents the bearer scheme in /docs; the check itself is GuardedRoute's.
     bearer = [Security(HTTPBearer(auto_error=False))] if access.token else []

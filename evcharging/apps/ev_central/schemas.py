@@ -11,6 +11,7 @@ This module imports nothing of the controller at run time, so the controller can
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -43,13 +44,17 @@ __all__ = [
     "HistoryOut",
     "MonitorOut",
     "SessionOut",
+    "SiteSummaryOut",
     "StatsOut",
+    "SummaryOut",
     "TelemetryOut",
     "cp_out",
+    "cp_power_kw",
     "cp_site",
     "fault_out",
     "history_out",
     "session_out",
+    "summarise",
     "telemetry_out",
 ]
 
@@ -303,3 +308,85 @@ class StatsOut(Out):
 
     controller: dict[str, int]
     http_errors: int
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+class SiteSummaryOut(Out):
+    """The CPs of one site in ``GET /summary``."""
+
+    site: str | None = Field(description="the site's name; null for the CPs of no known site")
+    cps: int
+    supplying: int
+    faulty: int
+    power_kw: float = Field(description="power the site's CPs deliver now")
+
+
+class SummaryOut(Out):
+    """``GET /summary`` and the dashboard's WebSocket: the whole network in a few numbers.
+
+    Computed from Central's memory in one pass over the CPs (O(N) per call)."""
+
+    cps: int = Field(description="CPs Central knows")
+    by_state: dict[CPState, int] = Field(description="CPs in each state (every state listed)")
+    by_site: list[SiteSummaryOut] = Field(
+        description="CPs of each site, by site name; the CPs of no known site last"
+    )
+    supplying: int
+    power_kw: float = Field(description="power the network delivers now (supplying CPs)")
+    active_sessions: int = Field(description="sessions from ACCEPTED until their end")
+    faulty: int = Field(description="CPs reported faulty or in FAULT")
+    unmonitored: int = Field(description="CPs whose monitor has not reported lately")
+    ts: Timestamp
+
+
+def cp_power_kw(view: CPView) -> float:
+    """The power a CP delivers now: its session's (or last telemetry's) while SUPPLYING."""
+    if view.state is not CPState.SUPPLYING:
+        return 0.0
+    if view.session is not None:
+        return view.session.kw
+    return view.last_telemetry.kw if view.last_telemetry is not None else 0.0
+
+
+def summarise(views: Iterable[CPView], now: datetime) -> SummaryOut:
+    """The :class:`SummaryOut` of `views`, in one pass."""
+    by_state = dict.fromkeys(CPState, 0)
+    sites: dict[str | None, list[float]] = {}  # site -> [cps, supplying, faulty, kW]
+    total = supplying = sessions = faulty = unmonitored = 0
+    power = 0.0
+    for view in views:
+        total += 1
+        by_state[view.state] += 1
+        kw = cp_power_kw(view)
+        is_supplying = view.state is CPState.SUPPLYING
+        is_faulty = view.is_faulty or view.state is CPState.FAULT
+        site = sites.get(view.site)
+        if site is None:
+            site = sites[view.site] = [0, 0, 0, 0.0]
+        site[0] += 1
+        site[1] += is_supplying
+        site[2] += is_faulty
+        site[3] += kw
+        supplying += is_supplying
+        faulty += is_faulty
+        sessions += view.session is not None
+        unmonitored += not view.monitored
+        power += kw
+    return SummaryOut(
+        cps=total,
+        by_state=by_state,
+        by_site=[
+            SiteSummaryOut(site=name, cps=int(counts[0]), supplying=int(counts[1]),
+                           faulty=int(counts[2]), power_kw=round(counts[3], 3))
+            for name, counts in sorted(sites.items(), key=lambda item: (item[0] is None,
+                                                                        item[0] or ""))
+        ],
+        supplying=supplying,
+        power_kw=round(power, 3),
+        active_sessions=sessions,
+        faulty=faulty,
+        unmonitored=unmonitored,
+        ts=now,
+    )
