@@ -1,4 +1,5 @@
-"""Tests for evcharging.apps.ev_central.dashboard: the page, its assets, /api/feed and /ws.
+"""Tests for evcharging.apps.ev_central.dashboard: the page, its assets, /api/feed and /ws
+(and the hub's per-subscriber coalescing, evcharging.apps.ev_central.events).
 
 The HTTP and WebSocket tests use Starlette's TestClient. Its app runs on the client's own
 event loop (a portal thread), so everything that touches the controller, the hub or the
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import warnings
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -26,9 +28,9 @@ from websockets.typing import Origin
 from evcharging.apps.ev_central import dashboard
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import Controller
-from evcharging.apps.ev_central.events import EventHub
+from evcharging.apps.ev_central.events import Delta, EventHub, Subscription
 from evcharging.apps.ev_central.repository import SqliteRepository
-from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.apps.ev_central.schemas import summarise
 from evcharging.common.bus import Topic, topic_of
 from evcharging.common.messages import (
     CPRegistration,
@@ -38,6 +40,7 @@ from evcharging.common.messages import (
     DriverRequest,
     Message,
     SessionResult,
+    utcnow,
 )
 from evcharging.common.service import HttpServer
 from tests.polling import poll
@@ -100,7 +103,7 @@ def central() -> Iterator[Central]:
 
 @pytest.fixture
 def small_hub_central() -> Iterator[Central]:
-    yield from make_central(EventHub(queue_size=3))
+    yield from make_central(EventHub(max_pending=3))
 
 
 async def register(controller: Controller, cp_id: str) -> None:
@@ -138,6 +141,29 @@ def telemetry_event(cp_id: str, kw: float) -> dict[str, Any]:
     return {"type": "telemetry", "telemetry": telemetry.model_dump(mode="json")}
 
 
+def cp_event(cp_id: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "cp", "cp": {"cp_id": cp_id, **fields}}
+
+
+def receive_until(
+    ws: Any, done: Callable[[list[dict[str, Any]]], bool], most: int = 20
+) -> list[dict[str, Any]]:
+    """The messages `ws` receives until `done(messages)` holds (at most `most` of them)."""
+    received: list[dict[str, Any]] = []
+    while not done(received):
+        assert len(received) < most, received
+        received.append(ws.receive_json())
+    return received
+
+
+def delta_cps(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [cp for m in messages if m["type"] == "delta" for cp in m["cps"]]
+
+
+def delta_events(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for m in messages if m["type"] == "delta" for e in m["events"]]
+
+
 # --------------------------------------------------------------------------- the page
 
 
@@ -173,8 +199,12 @@ def test_index_has_the_stable_dom_hooks(central: Central) -> None:
     assert re.search(r'id="conn"[^>]*data-mode="connecting"', html)
     for hook in CARD_HOOKS:
         assert re.search(rf'class="[^"]*\b{hook}\b', html), hook
+    assert 'id="cp-table"' in html and 'id="cp-rows"' in html
+    for hook in ("state-tiles", "site-tiles", "filter-state", "filter-site", "filter-search",
+                 "page-prev", "page-next", "page-info", "power-chart"):
+        assert f'id="{hook}"' in html, hook
     js = (STATIC / "dashboard.js").read_text()
-    assert "dataset.cpId = cpId" in js  # -> data-cp-id="<id>" on each card
+    assert "dataset.cpId = cpId" in js  # -> data-cp-id="<id>" on each card and row
     assert "cp.monitored !== false" in js  # the NO MONITOR badge follows CPOut.monitored
     for mode in ("ws", "polling", "connecting"):
         assert f'"{mode}"' in js
@@ -226,7 +256,9 @@ def test_javascript_connects_to_its_own_origin() -> None:
     js = (STATIC / "dashboard.js").read_text()
     assert '"wss://" : "ws://"' in js
     assert "window.location.host" in js
-    assert 'fetch("/cp"' in js and "fetch(`/api/feed" in js
+    assert "fetch(`/cp?${params}`" in js  # pages of the list, never the whole of it
+    assert 'fetch("/summary"' in js and "fetch(`/api/feed" in js
+    assert 'fetch("/cp"' not in js
     assert "POLL_MS = 2000" in js
 
 
@@ -305,15 +337,34 @@ def test_websocket_sends_the_snapshot_first(central: Central) -> None:
         snapshot = ws.receive_json()
 
     assert snapshot["type"] == "snapshot"
-    assert [cp["cp_id"] for cp in snapshot["cps"]] == ["CP-1"]
-    cp = snapshot["cps"][0]
-    assert cp == cp_out(controller.cps["CP-1"]).model_dump(mode="json")
-    assert cp["is_faulty"] is True and cp["fault_reason"] == XSS  # text, escaped by the page
+    assert "cps" not in snapshot  # summary first: the page reads the CPs it shows from /cp
+    summary = snapshot["summary"]
+    assert summary == {
+        **summarise(controller.cps.values(), utcnow()).model_dump(mode="json"),
+        "ts": summary["ts"],
+    }
+    assert (summary["cps"], summary["faulty"], summary["by_state"]["FAULT"]) == (1, 1, 1)
     assert snapshot["feed"] == [
         {"type": "fault", "cp_id": "CP-1", "reason": XSS, "ts": snapshot["feed"][0]["ts"]}
     ]
     assert snapshot["ts"].endswith("Z")
 
+
+def test_snapshot_feed_tells_monitor_changes(central: Central) -> None:
+    controller = central.controller
+    central.run(register, controller, "CP-1")
+    central.run(controller.monitor_report, "CP-1", 0.01, True)
+    controller.cps["CP-1"].monitor_seen -= 10  # silent for far more than 3 intervals
+    central.run(controller.check_monitors)
+    central.run(controller.monitor_report, "CP-1", 0.01, True)
+
+    with central.client.websocket_connect("/ws") as ws:
+        feed = ws.receive_json()["feed"]
+
+    assert [(item["type"], item["monitored"]) for item in feed] == [
+        ("monitor", True), ("monitor", False),
+    ]
+    assert all(item["cp_id"] == "CP-1" for item in feed)
 
 @pytest.mark.parametrize(
     "origin", ["http://evil.example", "http://testserver.evil.example", "http://testserver:81",
@@ -337,26 +388,36 @@ def test_websocket_from_the_same_origin_or_no_browser_is_served(
         assert ws.receive_json()["type"] == "snapshot"
 
 
-def test_websocket_forwards_hub_events(central: Central) -> None:
+def test_websocket_forwards_changes_as_deltas(central: Central) -> None:
     controller = central.controller
 
     with central.client.websocket_connect("/ws") as ws:
         snapshot = ws.receive_json()
-        assert (snapshot["type"], snapshot["cps"], snapshot["feed"]) == ("snapshot", [], [])
-        central.run(controller.register, CPRegistration(cp_id="CP-9"))
-        event = ws.receive_json()
-        assert event["type"] == "cp"
-        assert event["cp"]["cp_id"] == "CP-9"
-        assert event["cp"]["state"] == "DISCONNECTED"
+        assert (snapshot["type"], snapshot["summary"]["cps"], snapshot["feed"]) == (
+            "snapshot", 0, [],
+        )
+        central.run(controller.register, CPRegistration(cp_id="CP-9", site="north"))
+        delta = ws.receive_json()
+        assert delta["type"] == "delta"
+        assert [(cp["cp_id"], cp["state"], cp["site"]) for cp in delta["cps"]] == [
+            ("CP-9", "DISCONNECTED", "north"),
+        ]
+        assert (delta["telemetry"], delta["events"]) == ([], [])
+        assert delta["summary"]["cps"] == 1  # a small network's summary rides every delta
+        assert delta["summary"]["by_site"][0]["site"] == "north"
+        assert delta["ts"].endswith("Z")
 
         central.run(controller.handle_status, CPStatus(cp_id="CP-9", state=CPState.ACTIVATED))
-        assert ws.receive_json()["cp"]["state"] == "ACTIVATED"
+        assert ws.receive_json()["cps"][-1]["state"] == "ACTIVATED"
 
         central.run(controller.report_fault, "CP-9", True, "no heartbeat")
-        events = [ws.receive_json(), ws.receive_json()]
-        fault = next(e for e in events if e["type"] == "fault")
-        assert (fault["cp_id"], fault["reason"]) == ("CP-9", "no heartbeat")
-        assert any(e["type"] == "cp" and e["cp"]["is_faulty"] for e in events)
+        received = receive_until(
+            ws, lambda got: bool(delta_events(got)) and delta_cps(got)[-1:] != []
+            and delta_cps(got)[-1]["is_faulty"],
+        )
+        fault = delta_events(received)[0]
+        assert (fault["type"], fault["cp_id"], fault["reason"]) == ("fault", "CP-9", "no heartbeat")
+        assert received[-1]["summary"]["faulty"] == 1
 
 
 def test_websocket_forwards_session_results(central: Central) -> None:
@@ -366,20 +427,18 @@ def test_websocket_forwards_session_results(central: Central) -> None:
     with central.client.websocket_connect("/ws") as ws:
         assert ws.receive_json()["type"] == "snapshot"
         session_id = central.run(complete_session, controller, "CP-1", "driver-b")
-        events: list[dict[str, Any]] = []
-        while not any(e["type"] == "session" for e in events):
-            events.append(ws.receive_json())
+        received = receive_until(
+            ws, lambda got: any(e["type"] == "session" for e in delta_events(got))
+        )
 
-    session = next(e for e in events if e["type"] == "session")
+    session = next(e for e in delta_events(received) if e["type"] == "session")
     assert session["result"] == "COMPLETED"
     assert session["session_id"] == session_id
     assert (session["cp_id"], session["driver_id"]) == ("CP-1", "driver-b")
 
 
-def test_websocket_coalesces_a_telemetry_burst(central: Central) -> None:
+def test_websocket_coalesces_what_arrives_together(central: Central) -> None:
     controller = central.controller
-    central.run(register, controller, "CP-1")
-    central.run(register, controller, "CP-2")
 
     def burst() -> None:  # one step of the loop: the sender sees all of it at once
         for kw in (1.0, 2.0, 3.0):
@@ -387,27 +446,73 @@ def test_websocket_coalesces_a_telemetry_burst(central: Central) -> None:
         controller.hub.publish(telemetry_event("CP-2", 7.0))
         controller.hub.publish({"type": "fault", "cp_id": "CP-1", "reason": "x", "ts": None})
         controller.hub.publish(telemetry_event("CP-1", 4.0))
+        controller.hub.publish(cp_event("CP-2", state="ACTIVATED"))  # carries its telemetry
+        controller.hub.publish(cp_event("CP-3", state="FAULT"))
+        controller.hub.publish(cp_event("CP-3", state="ACTIVATED"))
+        controller.hub.publish({"type": "marker"})
 
     with central.client.websocket_connect("/ws") as ws:
         assert ws.receive_json()["type"] == "snapshot"
         central.run_sync(burst)
-        central.run_sync(lambda: controller.hub.publish({"type": "marker"}))
-        received: list[dict[str, Any]] = []
-        while not received or received[-1]["type"] != "marker":
-            received.append(ws.receive_json())
+        delta = ws.receive_json()
 
-    summary = [
-        (e["type"], e["telemetry"]["cp_id"], e["telemetry"]["kw"])
-        if e["type"] == "telemetry"
-        else (e["type"],)
-        for e in received
+    assert delta["type"] == "delta"
+    assert delta["cps"] == [
+        {"cp_id": "CP-2", "state": "ACTIVATED"}, {"cp_id": "CP-3", "state": "ACTIVATED"},
     ]
-    assert summary == [
-        ("telemetry", "CP-2", 7.0),
-        ("fault",),
-        ("telemetry", "CP-1", 4.0),
-        ("marker",),
-    ]
+    assert [(t["cp_id"], t["kw"]) for t in delta["telemetry"]] == [("CP-1", 4.0)]
+    assert [e["type"] for e in delta["events"]] == ["fault", "marker"]
+
+
+def test_websocket_sends_at_most_one_delta_per_window(
+    central: Central, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dashboard, "DELTA_INTERVAL", 1.0)
+    hub = central.controller.hub
+
+    with central.client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["type"] == "snapshot"
+        central.run_sync(lambda: hub.publish(cp_event("CP-1", n=1)))
+        first = ws.receive_json()  # the first change goes out at once
+        sent = time.monotonic()
+        central.run_sync(lambda: hub.publish(cp_event("CP-1", n=2)))
+        central.run_sync(lambda: hub.publish(cp_event("CP-2", n=1)))
+        central.run_sync(lambda: hub.publish(cp_event("CP-1", n=3)))
+        second = ws.receive_json()  # the rest of the window, together
+        waited = time.monotonic() - sent
+
+    assert first["cps"] == [{"cp_id": "CP-1", "n": 1}]
+    assert second["cps"] == [{"cp_id": "CP-1", "n": 3}, {"cp_id": "CP-2", "n": 1}]
+    assert waited >= 0.9  # a window after the first (less the first's own delivery)
+
+
+def test_a_large_networks_summary_follows_after_its_deltas(
+    central: Central, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class SlowPacer(dashboard.SummaryPacer):
+        """As if a summary took long: the next one is due 1 s after the last."""
+
+        def compute(self, now: float) -> dict[str, Any]:
+            summary = super().compute(now)
+            self.next_at = now + 1.0
+            return summary
+
+    monkeypatch.setattr(dashboard, "SummaryPacer", SlowPacer)
+    monkeypatch.setattr(dashboard, "DELTA_INTERVAL", 0.05)
+    controller = central.controller
+
+    with central.client.websocket_connect("/ws") as ws:
+        assert ws.receive_json()["type"] == "snapshot"
+        central.run(controller.register, CPRegistration(cp_id="CP-1"))
+        first = ws.receive_json()
+        central.run(controller.register, CPRegistration(cp_id="CP-2"))
+        second = ws.receive_json()
+        trailing = ws.receive_json()
+
+    assert (first["cps"][0]["cp_id"], first["summary"]["cps"]) == ("CP-1", 1)
+    assert second["cps"][0]["cp_id"] == "CP-2" and "summary" not in second
+    assert (trailing["cps"], trailing["telemetry"], trailing["events"]) == ([], [], [])
+    assert trailing["summary"]["cps"] == 2  # owed since CP-2, sent once due
 
 
 def test_websocket_resyncs_a_client_that_fell_behind(small_hub_central: Central) -> None:
@@ -415,18 +520,18 @@ def test_websocket_resyncs_a_client_that_fell_behind(small_hub_central: Central)
     controller = central.controller
     central.run(register, controller, "CP-1")
 
-    def flood() -> None:  # more than the hub's queue holds, in one step of the loop
+    def flood() -> None:  # more CPs than the hub keeps pending, in one step of the loop
         for n in range(10):
-            controller.hub.publish(telemetry_event("CP-1", float(n)))
+            controller.hub.publish(telemetry_event(f"CP-{n}", float(n)))
 
     with central.client.websocket_connect("/ws") as ws:
         assert ws.receive_json()["type"] == "snapshot"
         central.run_sync(flood)
         fresh = ws.receive_json()
         assert fresh["type"] == "snapshot"
-        assert [cp["cp_id"] for cp in fresh["cps"]] == ["CP-1"]
+        assert fresh["summary"]["cps"] == 1
         central.run(controller.register, CPRegistration(cp_id="CP-2"))
-        assert ws.receive_json()["cp"]["cp_id"] == "CP-2"
+        assert ws.receive_json()["cps"][0]["cp_id"] == "CP-2"
 
 
 def test_websocket_ignores_what_the_client_sends(central: Central) -> None:
@@ -435,7 +540,7 @@ def test_websocket_ignores_what_the_client_sends(central: Central) -> None:
         ws.send_text("ping")
         ws.send_bytes(b"\x00")
         central.run(central.controller.register, CPRegistration(cp_id="CP-1"))
-        assert ws.receive_json()["type"] == "cp"
+        assert ws.receive_json()["type"] == "delta"
 
 
 def test_websocket_unsubscribes_on_disconnect(central: Central) -> None:
@@ -524,15 +629,103 @@ async def test_a_disconnect_ends_a_blocked_send() -> None:
 # --------------------------------------------------------------------------- pure parts
 
 
-def test_coalesce_keeps_the_latest_telemetry_per_cp_in_order() -> None:
-    events = [
-        telemetry_event("A", 1.0),
-        {"type": "cp", "cp": {"cp_id": "A"}},
-        telemetry_event("B", 2.0),
-        telemetry_event("A", 3.0),
-    ]
-    assert dashboard.coalesce(events) == [events[1], events[2], events[3]]
-    assert dashboard.coalesce([]) == []
+def test_a_subscription_keeps_the_latest_of_each_cp_and_every_event_in_order() -> None:
+    subscription = Subscription()
+    assert not subscription.pending
+    fault = {"type": "fault", "cp_id": "A", "reason": "x", "ts": None}
+    for event in (
+        telemetry_event("A", 1.0), cp_event("A", n=1), telemetry_event("B", 2.0), fault,
+        cp_event("A", n=2), telemetry_event("A", 3.0), {"type": "session", "cp_id": "B"},
+        telemetry_event("B", 5.0),
+    ):
+        subscription.add(event)
+    assert subscription.pending
+
+    delta = subscription.take()
+
+    assert delta.cps == [{"cp_id": "A", "n": 2}]
+    assert sorted((t["cp_id"], t["kw"]) for t in delta.telemetry) == [("A", 3.0), ("B", 5.0)]
+    assert delta.events == [fault, {"type": "session", "cp_id": "B"}]
+    assert (delta.dropped, delta.behind) == (0, False)
+    assert not subscription.pending
+    assert subscription.take() == Delta()
+
+
+def test_a_cp_event_supersedes_the_telemetry_before_it() -> None:
+    subscription = Subscription()
+    subscription.add(telemetry_event("A", 1.0))
+    subscription.add(cp_event("A"))
+    assert subscription.take().telemetry == []
+
+
+def test_malformed_cp_events_are_kept_as_plain_events() -> None:
+    subscription = Subscription()
+    odd = [{"type": "cp", "cp": None}, {"type": "telemetry"}, {"type": "cp", "cp": {}}]
+    for event in odd:
+        subscription.add(event)
+    delta = subscription.take()
+    assert (delta.cps, delta.telemetry, delta.events) == ([], [], odd)
+
+
+def test_a_subscription_keeps_the_newest_events_and_counts_the_rest() -> None:
+    subscription = Subscription(max_events=3)
+    for n in range(5):
+        subscription.add({"type": "session", "n": n})
+    delta = subscription.take()
+    assert [e["n"] for e in delta.events] == [2, 3, 4]
+    assert delta.dropped == 2
+
+
+def test_a_subscription_that_falls_behind_drops_everything_for_a_snapshot() -> None:
+    subscription = Subscription(max_pending=2)
+    subscription.add({"type": "fault", "cp_id": "A"})
+    for cp_id in ("A", "B", "C"):
+        subscription.add(cp_event(cp_id))
+    subscription.add(cp_event("D"))  # ignored: a snapshot follows anyway
+
+    delta = subscription.take()
+
+    assert delta == Delta(behind=True)
+    subscription.add(cp_event("E"))
+    assert subscription.take() == Delta(cps=[{"cp_id": "E"}])
+
+
+def test_the_hub_gives_each_subscriber_its_own_changes() -> None:
+    hub = EventHub()
+    with hub.subscribe() as first:
+        first.add(cp_event("early"))
+        with hub.subscribe() as second:
+            assert hub.subscribers == 2
+            hub.publish(cp_event("A"))
+            assert second.take().cps == [{"cp_id": "A"}]
+        assert hub.subscribers == 1
+        hub.publish(cp_event("B"))
+        assert [cp["cp_id"] for cp in first.take().cps] == ["early", "A", "B"]
+    assert hub.subscribers == 0
+    hub.publish(cp_event("C"))  # nobody listens: nothing is kept
+
+
+async def test_a_subscription_wakes_its_reader() -> None:
+    subscription = Subscription()
+    waiting = asyncio.create_task(subscription.wait())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    subscription.add(cp_event("A"))
+    await asyncio.wait_for(waiting, 1)
+
+
+def test_the_summary_pacer_keeps_summaries_within_their_budget() -> None:
+    clock = iter([0.0, 0.005, 1.0, 1.005])  # each summary takes 5 ms
+    pacer = dashboard.SummaryPacer(lambda: {"cps": 1}, budget=0.01, timer=lambda: next(clock))
+    change = Delta(cps=[{"cp_id": "A"}])
+
+    assert pacer.take(change, now=0.0) == {"cps": 1}
+    assert pacer.next_at == pytest.approx(0.5)  # 5 ms is 1 % of 0.5 s
+    assert pacer.take(change, now=0.2) is None and pacer.owed
+    assert pacer.take(Delta(), now=0.4) is None
+    assert pacer.take(Delta(), now=0.6) == {"cps": 1}  # owed, and due
+    assert not pacer.owed
+    assert pacer.take(Delta(events=[{"type": "marker"}]), now=5.0) is None  # nothing changed
 
 
 # --------------------------------------------------------------------------- real server
@@ -568,10 +761,10 @@ async def test_server_shutdown_closes_open_websockets() -> None:
             url = f"ws://127.0.0.1:{server.port}/ws"
             async with websockets.connect(url) as ws:
                 snapshot = json.loads(await asyncio.wait_for(ws.recv(), 5))
-                assert [cp["cp_id"] for cp in snapshot["cps"]] == ["CP-1"]
+                assert snapshot["summary"]["cps"] == 1
                 await controller.register(CPRegistration(cp_id="CP-2"))
-                event = json.loads(await asyncio.wait_for(ws.recv(), 5))
-                assert event["cp"]["cp_id"] == "CP-2"
+                delta = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                assert delta["cps"][0]["cp_id"] == "CP-2"
 
                 async with asyncio.timeout(3):  # well before uvicorn's forced exit
                     await server.stop()

@@ -1,25 +1,33 @@
 """Central's live dashboard (SPEC §5): ``GET /``, its static assets and the ``/ws`` feed.
 
 The page (``static/index.html``, ``dashboard.js``, ``dashboard.css``) is plain HTML, CSS
-and JavaScript served by Central itself: no CDN, no build step. It follows the network
-over a WebSocket and falls back to polling ``/cp`` and ``/api/feed`` while the socket
-is down.
+and JavaScript served by Central itself: no CDN, no build step. It is made for networks of
+any size: summary tiles (``GET /summary``'s numbers), a power chart, a paged CP table (or
+cards, for small networks) read page by page from ``GET /cp?limit=&offset=&state=&site=``,
+and an activity feed. It follows the network over a WebSocket and falls back to polling
+``/summary``, ``/cp`` and ``/api/feed`` while the socket is down.
 
-``/ws`` speaks JSON text frames, one event each:
+``/ws`` speaks JSON text frames:
 
-* first ``{"type": "snapshot", "cps": [...], "feed": [...], "ts": ...}``: every CP as
-  ``GET /cp`` gives it and the recent faults, recoveries and finished sessions, newest
-  first (the shape of :func:`feed_item_from_fault` and :func:`feed_item_from_session`);
-* then every event of the controller's :class:`EventHub` as it happens (``cp``,
-  ``telemetry``, ``fault``, ``recovery``, ``session``). Telemetry that piles up while
-  the client is slow is coalesced to the latest message per CP. When the hub drops
-  events for a client that fell too far behind, the client gets a fresh snapshot
-  instead of the ``overflow`` marker, so it never shows a stale state.
+* first ``{"type": "snapshot", "summary": {...}, "feed": [...], "ts": ...}``: the
+  :class:`~evcharging.apps.ev_central.schemas.SummaryOut` of the network and the recent
+  faults, recoveries, monitor changes and finished sessions, newest first (the shape of
+  :func:`feed_item_from_fault` and :func:`feed_item_from_session`). The CPs themselves are
+  not in it: the page reads the ones it shows from ``GET /cp``;
+* then, at most every :data:`DELTA_INTERVAL` seconds and only when something changed,
+  ``{"type": "delta", "cps": [...], "telemetry": [...], "events": [...], "ts": ...}``: the
+  latest ``CPOut`` of each CP that changed, the latest telemetry of each CP that reported
+  since, and the hub's other events (``session``, ``fault``, ``recovery``, ``monitor``) in
+  order. A delta also carries ``summary`` when the network changed, as often as
+  :data:`SUMMARY_BUDGET` allows (at most every delta, less often when the network is so
+  large that a summary takes a while), and ``dropped`` when events were dropped;
+* a fresh snapshot whenever the client fell too far behind (the hub dropped its pending
+  changes, :mod:`evcharging.apps.ev_central.events`), so it never shows a stale state.
 
 Each connection owns two tasks (a sender and a receiver); whichever ends first (the
 client went away, the server shuts down, a send timed out) cancels the other, and both
 are awaited before the handler returns. Central itself never waits for a client: the
-hub's bounded queue absorbs a slow one.
+hub keeps each client's pending changes, bounded, and drops them for a snapshot.
 
 User-supplied text never becomes markup: the page inserts data with ``textContent``
 only, and ``GET /`` carries a Content-Security-Policy that allows no inline script.
@@ -30,6 +38,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,9 +52,9 @@ from loguru import logger
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from evcharging.apps.ev_central.controller import Controller
-from evcharging.apps.ev_central.events import Event
+from evcharging.apps.ev_central.events import Delta, Event, Subscription
 from evcharging.apps.ev_central.repository import FaultEvent, SessionRecord
-from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.apps.ev_central.schemas import summarise
 from evcharging.common.http import ErrorOut, is_cross_origin
 from evcharging.common.messages import (
     FaultEventType,
@@ -63,6 +74,13 @@ FEED_MAX_LIMIT = 500
 SEND_TIMEOUT = 10.0
 """A client that cannot take one message within this many seconds is dropped."""
 
+DELTA_INTERVAL = 0.25
+"""Seconds between two deltas to one client: changes within a window go out as one."""
+
+SUMMARY_BUDGET = 0.01
+"""Share of Central's time one client's summaries may take: a summary that took 5 ms
+(about 8,000 CPs) goes out at most every 0.5 s, a small network's with every delta."""
+
 PAGE_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -75,12 +93,20 @@ PAGE_HEADERS = {
 
 _EPOCH = datetime.min.replace(tzinfo=UTC)
 
+_MONITOR_EVENTS: dict[str, bool] = {
+    FaultEventType.MONITOR_LOST: False, FaultEventType.MONITOR_BACK: True,
+}
+
 
 # ----------------------------------------------------------------------------- the feed
 
 
 def feed_item_from_fault(event: FaultEvent) -> Event:
-    """A stored fault event as the hub's ``fault`` / ``recovery`` event."""
+    """A stored fault event as the hub's ``fault`` / ``recovery`` / ``monitor`` event."""
+    monitored = _MONITOR_EVENTS.get(event.event_type)
+    if monitored is not None:
+        return {"type": "monitor", "cp_id": event.cp_id, "reason": event.reason,
+                "monitored": monitored, "ts": format_ts(event.ts)}
     kind = "recovery" if event.event_type == FaultEventType.RECOVERY else "fault"
     return {"type": kind, "cp_id": event.cp_id, "reason": event.reason, "ts": format_ts(event.ts)}
 
@@ -108,7 +134,8 @@ def _feed_time(item: Event) -> datetime:
 
 
 async def recent_feed(controller: Controller, limit: int) -> list[Event]:
-    """The newest `limit` faults, recoveries and finished sessions, newest first."""
+    """The newest `limit` faults, recoveries, monitor changes and finished sessions,
+    newest first."""
     faults = await controller.repo.list_faults(limit=limit)
     sessions = await controller.repo.list_sessions(limit=limit)
     items = [feed_item_from_fault(event) for event in faults]
@@ -117,46 +144,36 @@ async def recent_feed(controller: Controller, limit: int) -> list[Event]:
     return items[:limit]
 
 
+def summary_json(controller: Controller) -> dict[str, Any]:
+    """The network's :class:`~evcharging.apps.ev_central.schemas.SummaryOut`, as JSON."""
+    return summarise(controller.cps.values(), utcnow()).model_dump(mode="json")
+
+
 async def snapshot(controller: Controller) -> Event:
+    """The first message of a connection (and of a resync): the summary and the feed."""
     feed = await recent_feed(controller, SNAPSHOT_FEED_LIMIT)
-    now = utcnow()
     return {
         "type": "snapshot",
-        "cps": [cp_out(cp, now=now).model_dump(mode="json") for cp in controller.all_cps()],
+        "summary": summary_json(controller),  # after the await: as new as the subscription
         "feed": feed,
-        "ts": format_ts(now),
+        "ts": format_ts(utcnow()),
     }
 
 
-def coalesce(events: list[Event]) -> list[Event]:
-    """Keep only the latest telemetry of each CP; every other event, in order."""
-    latest: dict[Any, int] = {}
-    for index, event in enumerate(events):
-        if event.get("type") == "telemetry":
-            latest[event.get("telemetry", {}).get("cp_id")] = index
-    return [
-        event
-        for index, event in enumerate(events)
-        if event.get("type") != "telemetry"
-        or latest[event.get("telemetry", {}).get("cp_id")] == index
-    ]
+def delta_message(delta: Delta, summary: dict[str, Any] | None) -> Event:
+    """The JSON of one delta (``summary`` and ``dropped`` only when there are some)."""
+    message: Event = {
+        "type": "delta", "cps": delta.cps, "telemetry": delta.telemetry, "events": delta.events,
+    }
+    if summary is not None:
+        message["summary"] = summary
+    if delta.dropped:
+        message["dropped"] = delta.dropped
+    message["ts"] = format_ts(utcnow())
+    return message
 
 
 # ----------------------------------------------------------------------------- the socket
-
-
-def _drain(queue: asyncio.Queue[Event], first: Event) -> list[Event]:
-    events = [first]
-    while True:
-        try:
-            events.append(queue.get_nowait())
-        except asyncio.QueueEmpty:
-            return events
-
-
-def _discard(queue: asyncio.Queue[Event]) -> None:
-    while not queue.empty():
-        queue.get_nowait()
 
 
 async def _send(websocket: WebSocket, event: Event) -> None:
@@ -164,19 +181,74 @@ async def _send(websocket: WebSocket, event: Event) -> None:
         await websocket.send_text(json.dumps(event, separators=(",", ":")))
 
 
+class SummaryPacer:
+    """When one client gets its next summary: with the first delta after a change, unless
+    the last summary's cost (:data:`SUMMARY_BUDGET`) says to wait a little longer."""
+
+    def __init__(
+        self,
+        summarise: Callable[[], dict[str, Any]],
+        *,
+        budget: float | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._summarise = summarise
+        self._budget = budget
+        self._timer = timer
+        self.owed = False
+        """The network changed since the last summary this client got."""
+        self.next_at = -math.inf
+        """Loop time from which the next summary may be computed."""
+
+    def compute(self, now: float) -> dict[str, Any]:
+        started = self._timer()
+        summary = self._summarise()
+        cost = self._timer() - started
+        self.owed = False
+        self.next_at = now + cost / (self._budget or SUMMARY_BUDGET)
+        return summary
+
+    def take(self, delta: Delta, now: float) -> dict[str, Any] | None:
+        """The summary to send with `delta`, if it is due."""
+        self.owed = self.owed or bool(delta.cps or delta.telemetry)
+        return self.compute(now) if self.owed and now >= self.next_at else None
+
+
+async def _next(subscription: Subscription, summaries: SummaryPacer) -> None:
+    """Wait for a change, or for the summary the client is owed to be due."""
+    if not summaries.owed:
+        await subscription.wait()
+        return
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(max(summaries.next_at, loop.time())):
+            await subscription.wait()
+
+
 async def _forward(websocket: WebSocket, controller: Controller) -> None:
-    """Send the snapshot, then every hub event, until the client or the server goes."""
-    with controller.hub.subscribe() as queue:  # before the snapshot: nothing is missed
+    """Send the snapshot, then a delta per window with changes, until the client or the
+    server goes."""
+    loop = asyncio.get_running_loop()
+    summaries = SummaryPacer(lambda: summary_json(controller))
+    with controller.hub.subscribe() as subscription:  # before the snapshot: nothing is missed
         await _send(websocket, await snapshot(controller))
+        sent_at = -math.inf
         while True:
-            events = _drain(queue, await queue.get())
-            if any(event.get("type") == "overflow" for event in events):
+            await _next(subscription, summaries)
+            wait = sent_at + DELTA_INTERVAL - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)  # the window: what arrives meanwhile goes along
+            delta = subscription.take()
+            if delta.behind:
                 logger.info("dashboard client fell behind; sending a fresh snapshot")
-                _discard(queue)
                 await _send(websocket, await snapshot(controller))
-                continue
-            for event in coalesce(events):
-                await _send(websocket, event)
+                summaries.owed = False
+            else:
+                summary = summaries.take(delta, loop.time())
+                if not (delta.cps or delta.telemetry or delta.events or summary):
+                    continue
+                await _send(websocket, delta_message(delta, summary))
+            sent_at = loop.time()
 
 
 async def _until_disconnect(websocket: WebSocket) -> None:

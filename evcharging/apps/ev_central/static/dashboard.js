@@ -1,9 +1,22 @@
 /*
- * EV Central live dashboard.
+ * EV Central live dashboard, for networks of a few CPs to tens of thousands.
  *
- * Follows Central over the /ws WebSocket (a "snapshot" first, then one event per change).
- * While the socket is down it polls GET /cp and GET /api/feed every 2 s and keeps trying
- * to reconnect with an exponential backoff; the next snapshot re-syncs everything.
+ * What the page holds:
+ *  - the network's summary (GET /summary's shape): the tiles by state and by site, the
+ *    numbers of the top bar, and the power chart, which samples it every second;
+ *  - one page of the CP list, read from GET /cp?limit=&offset=&state=&site= (the total in
+ *    X-Total-Count). Only that page is in the DOM: cards for a small network, a table rows
+ *    for a large one (or as chosen). A search by CP id prefix finds its range in the
+ *    id-ordered list with a binary search over offsets (a few limit=1 reads);
+ *  - the newest FEED_MAX events of the activity feed.
+ *
+ * It follows Central over the /ws WebSocket: a "snapshot" (summary and feed) first, then at
+ * most four "delta" messages a second (the latest state of each CP that changed, the latest
+ * telemetry of each CP, the feed events, and now and then a new summary). A delta updates
+ * the rows of the CPs on the page; a CP that enters or leaves the page's filter makes the
+ * page be read again (at most once a second). While the socket is down the page polls
+ * /summary, /cp and /api/feed every 2 s and keeps trying to reconnect with an exponential
+ * backoff; the next snapshot re-syncs everything.
  *
  * Every value that comes from Central (ids, reasons, numbers) reaches the page through
  * textContent, attributes set with the DOM API, or the canvas: never as markup.
@@ -16,36 +29,86 @@
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 15000;
   const FEED_MAX = 60;
-  const CHART_WINDOW_MS = 3 * 60 * 1000;
+  const CHART_WINDOW_MS = 10 * 60 * 1000;
+  const CHART_MIN_WINDOW_MS = 60 * 1000;
   const SAMPLE_MS = 1000;
   const STALE_MS = 10000;
+  const CARD_LIMIT = 50; // "auto" shows cards up to this many CPs, a table above
+  const CARD_PAGE = 50;
+  const ROW_PX = 34;
+  const MIN_ROWS = 10;
+  const MAX_ROWS = 100;
+  const REFRESH_MS = 1000; // a page is read again at most this often on its own
+  const SEARCH_DEBOUNCE_MS = 250;
+  const SEEK_WAYS = 3; // two searches at once: six requests, a browser's connections per host
+  const SITE_TILES_MAX = 12;
+  const STATES = ["ACTIVATED", "SUPPLYING", "STOPPED", "FAULT", "DISCONNECTED"];
+  const FETCH_OPTIONS = { cache: "no-store", headers: { Accept: "application/json" } };
 
   const $ = (id) => document.getElementById(id);
   const els = {
     conn: $("conn"),
     connLabel: document.querySelector("#conn .conn-label"),
+    statCps: $("stat-cps"),
+    statSupplying: $("stat-supplying"),
+    statSessions: $("stat-sessions"),
+    statFaulty: $("stat-faulty"),
+    statUnmonitored: $("stat-unmonitored"),
+    statKw: $("stat-kw"),
+    statKwUnit: $("stat-kw-unit"),
+    stateTiles: $("state-tiles"),
+    siteTiles: $("site-tiles"),
+    sitesNote: $("sites-note"),
+    sitesEmpty: $("sites-empty"),
+    filterState: $("filter-state"),
+    filterSite: $("filter-site"),
+    filterSearch: $("filter-search"),
+    filterClear: $("filter-clear"),
+    viewButtons: [...document.querySelectorAll(".seg-btn[data-view]")],
+    layout: document.querySelector(".layout"),
+    points: document.querySelector(".points"),
+    listWrap: $("list-wrap"),
     grid: $("grid"),
+    table: $("cp-table"),
+    rows: $("cp-rows"),
     gridEmpty: $("grid-empty"),
+    noMatch: $("list-nomatch"),
+    listStatus: $("list-status"),
+    pagePrev: $("page-prev"),
+    pageNext: $("page-next"),
+    pageInfo: $("page-info"),
     feed: $("feed"),
     feedEmpty: $("feed-empty"),
     cardTemplate: $("cp-card-template"),
-    statCps: $("stat-cps"),
-    statSupplying: $("stat-supplying"),
-    statFaulty: $("stat-faulty"),
-    statKw: $("stat-kw"),
+    rowTemplate: $("cp-row-template"),
     chart: $("power-chart"),
+    powerNote: $("power-note"),
   };
 
-  /** cp_id -> the CP as Central describes it (GET /cp), updated by events. */
-  const cps = new Map();
-  /** cp_id -> the newest finished session seen in the feed (for "last session" on the card). */
-  const lastSessions = new Map();
-  /** cp_id -> {root, ...elements} of its card. */
-  const cards = new Map();
+  const count = new Intl.NumberFormat("en-US");
+
   /** Milliseconds to add to Date.now() to get Central's clock. */
   let serverOffset = 0;
   let mode = null;
   let everConnected = false;
+
+  /** The network's summary (GET /summary), or null before the first one. */
+  let summary = null;
+  /** What the operator asked to see; `offset` is the index of the page's first CP. */
+  const view = { state: "", site: "", prefix: "", offset: 0, choice: null };
+  /** The page shown: the CPs of `filter` from `offset` on, in id order (the server's). */
+  const list = {
+    filter: { state: "", site: "", prefix: "" },
+    items: [],
+    byId: new Map(),
+    total: 0,
+    offset: 0,
+    loaded: false,
+    /** Ids on the page that no longer match its filter (until it is read again). */
+    leaving: new Set(),
+  };
+  /** cp_id -> the newest finished session seen in the feed ("last session" on a card). */
+  const lastSessions = new Map();
 
   const serverNow = () => Date.now() + serverOffset;
   const parseTs = (ts) => {
@@ -56,7 +119,7 @@
     const n = Number(value);
     return Number.isFinite(n) ? n : 0;
   };
-  const compareIds = (a, b) => a.localeCompare(b, undefined, { numeric: true, sensitivity: "base" });
+  const isCp = (cp) => Boolean(cp) && typeof cp === "object" && typeof cp.cp_id === "string";
 
   function setText(el, text) {
     const value = String(text);
@@ -109,6 +172,48 @@
     return today ? time : `${d.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
   }
 
+  /** A power as [number, unit]: "812.4" kW, "3,768" kW, "172.1" MW. */
+  function power(kw) {
+    if (kw >= 10000) return [(kw / 1000).toFixed(1), "MW"];
+    if (kw >= 1000) return [count.format(Math.round(kw)), "kW"];
+    return [kw.toFixed(1), "kW"];
+  }
+
+  const powerText = (kw) => power(kw).join(" ");
+
+  // ------------------------------------------------------------------ rendering schedule
+
+  let frameRequested = false;
+  let summaryDirty = false;
+  let listDirty = false;
+  const dirtyIds = new Set();
+
+  /** Draw what changed at the next frame: many messages between two frames cost one draw. */
+  function scheduleRender() {
+    if (frameRequested) return;
+    frameRequested = true;
+    requestAnimationFrame(render);
+  }
+
+  function render() {
+    frameRequested = false;
+    if (summaryDirty) {
+      summaryDirty = false;
+      renderSummary();
+    }
+    if (listDirty) {
+      listDirty = false;
+      dirtyIds.clear();
+      renderList();
+    } else if (dirtyIds.size > 0) {
+      for (const cpId of dirtyIds) {
+        const cp = list.byId.get(cpId);
+        if (cp) renderItem(cp);
+      }
+      dirtyIds.clear();
+    }
+  }
+
   // ------------------------------------------------------------------ connection mode
 
   const MODE_LABELS = {
@@ -129,6 +234,464 @@
           : "Central is not answering; retrying";
   }
 
+  // ------------------------------------------------------------------ summary
+
+  const stateTiles = new Map();
+  const siteTiles = new Map();
+
+  function buildStateTiles() {
+    for (const state of STATES) {
+      const tile = node("button", "tile state-tile");
+      tile.type = "button";
+      tile.dataset.state = state;
+      tile.setAttribute("aria-pressed", "false");
+      const label = node("span", "tile-label", state);
+      const value = node("span", "tile-value", "0");
+      const share = node("span", "tile-share", "");
+      const bar = node("span", "tile-bar");
+      const fill = node("span", "tile-bar-fill");
+      bar.append(fill);
+      tile.append(label, value, share, bar);
+      tile.addEventListener("click", () => setFilter({ state: view.state === state ? "" : state }));
+      els.stateTiles.append(tile);
+      stateTiles.set(state, { tile, value, share, fill });
+    }
+  }
+
+  function setSummary(next) {
+    if (!next || typeof next !== "object") return;
+    summary = next;
+    summaryDirty = true;
+    scheduleRender();
+    // The list's total follows from the summary for one filter at a time: a difference
+    // means CPs entered or left the filtered list.
+    const expected = expectedTotal(list.filter);
+    if (list.loaded && expected !== null && expected !== list.total) requestLoad();
+  }
+
+  function expectedTotal(filter) {
+    if (!summary || filter.prefix || (filter.state && filter.site)) return null;
+    if (filter.state) return num(summary.by_state?.[filter.state]);
+    if (filter.site) {
+      const site = (summary.by_site || []).find((s) => s.site === filter.site);
+      return site ? num(site.cps) : 0;
+    }
+    return num(summary.cps);
+  }
+
+  function renderSummary() {
+    const s = summary;
+    if (!s) return;
+    const total = num(s.cps);
+    setText(els.statCps, count.format(total));
+    setText(els.statSupplying, count.format(num(s.supplying)));
+    setText(els.statSessions, count.format(num(s.active_sessions)));
+    setText(els.statFaulty, count.format(num(s.faulty)));
+    setText(els.statUnmonitored, count.format(num(s.unmonitored)));
+    const [kwValue, kwUnit] = power(num(s.power_kw));
+    setText(els.statKw, kwValue);
+    setText(els.statKwUnit, ` ${kwUnit}`);
+    els.statFaulty.parentElement.classList.toggle("is-alert", num(s.faulty) > 0);
+    els.statUnmonitored.parentElement.classList.toggle("is-warn", num(s.unmonitored) > 0);
+    const title = num(s.faulty) > 0 ? `(${count.format(num(s.faulty))} faulty) EV Central` : "EV Central · Charging network";
+    if (document.title !== title) document.title = title;
+
+    for (const state of STATES) {
+      const t = stateTiles.get(state);
+      const n = num(s.by_state?.[state]);
+      setText(t.value, count.format(n));
+      const pct = total > 0 ? (100 * n) / total : 0;
+      setText(t.share, total > 0 ? `${pct < 10 && pct > 0 ? pct.toFixed(1) : Math.round(pct)}%` : "");
+      t.fill.style.transform = `scaleX(${pct / 100})`;
+      t.tile.setAttribute("aria-pressed", String(view.state === state));
+    }
+    renderSites(Array.isArray(s.by_site) ? s.by_site : []);
+    renderFilterOptions();
+    renderEmpty();
+    els.listWrap.toggleAttribute("data-small", total <= CARD_LIMIT);
+    updateView();
+    renderPager();
+  }
+
+  function siteName(site) {
+    return site.site === null || site.site === undefined ? null : String(site.site);
+  }
+
+  function renderSites(sites) {
+    const shown = sites.slice(0, SITE_TILES_MAX);
+    const keep = new Set();
+    shown.forEach((site, index) => {
+      const name = siteName(site);
+      const key = name === null ? "\u0000" : name;
+      keep.add(key);
+      let t = siteTiles.get(key);
+      if (!t) {
+        const tile = node("button", "tile site-tile");
+        tile.type = "button";
+        const head = node("span", "site-name", name === null ? "No site" : name);
+        const kw = node("span", "site-kw");
+        const value = node("span", "site-cps", "0");
+        const supplying = node("span", "site-supplying");
+        const faulty = node("span", "site-faulty");
+        const detail = node("span", "site-detail");
+        detail.append(value, supplying, faulty);
+        const bar = node("span", "tile-bar");
+        const fill = node("span", "tile-bar-fill");
+        bar.append(fill);
+        tile.append(head, kw, detail, bar);
+        if (name === null) {
+          tile.disabled = true;
+          tile.title = "CPs that belong to no known site";
+        } else {
+          tile.title = name;
+          tile.dataset.site = name;
+          tile.addEventListener("click", () => setFilter({ site: view.site === name ? "" : name }));
+        }
+        t = { tile, value, supplying, faulty, kw, fill };
+        siteTiles.set(key, t);
+      }
+      if (els.siteTiles.children[index] !== t.tile) els.siteTiles.insertBefore(t.tile, els.siteTiles.children[index] || null);
+      const cps = num(site.cps);
+      const supplying = num(site.supplying);
+      setText(t.value, `${count.format(cps)} CP${cps === 1 ? "" : "s"}`);
+      setText(t.supplying, ` · ${count.format(supplying)} supplying`);
+      const faulty = num(site.faulty);
+      setText(t.faulty, faulty > 0 ? ` · ${count.format(faulty)} faulty` : "");
+      t.tile.classList.toggle("has-faults", faulty > 0);
+      setText(t.kw, powerText(num(site.power_kw)));
+      t.fill.style.transform = `scaleX(${cps > 0 ? supplying / cps : 0})`;
+      t.tile.setAttribute("aria-pressed", String(name !== null && view.site === name));
+    });
+    for (const [key, t] of siteTiles) {
+      if (!keep.has(key)) {
+        t.tile.remove();
+        siteTiles.delete(key);
+      }
+    }
+    els.sitesEmpty.hidden = sites.length > 0;
+    const named = sites.filter((s) => siteName(s) !== null).length;
+    setText(els.sitesNote, sites.length > SITE_TILES_MAX
+      ? `${SITE_TILES_MAX} of ${count.format(sites.length)} shown · the Site filter lists all`
+      : `${count.format(named)} site${named === 1 ? "" : "s"}`);
+  }
+
+  let siteOptionsKey = "";
+
+  function renderFilterOptions() {
+    const s = summary;
+    // State options: fixed, with counts.
+    if (els.filterState.options.length === 1) {
+      for (const state of STATES) els.filterState.add(new Option(state, state));
+    }
+    for (const option of els.filterState.options) {
+      if (!option.value) continue;
+      setText(option, `${option.value} (${count.format(num(s.by_state?.[option.value]))})`);
+    }
+    // Site options: rebuilt when the sites change, counts updated in place.
+    const sites = (s.by_site || []).filter((site) => siteName(site) !== null);
+    const key = sites.map((site) => siteName(site)).join("\u0000");
+    if (key !== siteOptionsKey) {
+      siteOptionsKey = key;
+      const options = [new Option("All sites", "")];
+      for (const site of sites) options.push(new Option(siteName(site), siteName(site)));
+      if (view.site && !sites.some((site) => siteName(site) === view.site)) {
+        options.push(new Option(view.site, view.site)); // keep the chosen one while it is empty
+      }
+      els.filterSite.replaceChildren(...options);
+      els.filterSite.value = view.site;
+    }
+    const bySite = new Map(sites.map((site) => [siteName(site), num(site.cps)]));
+    for (const option of els.filterSite.options) {
+      if (!option.value) continue;
+      setText(option, `${option.value} (${count.format(bySite.get(option.value) ?? 0)})`);
+    }
+  }
+
+  // ------------------------------------------------------------------ filters and view
+
+  function currentView() {
+    if (view.choice) return view.choice;
+    const total = summary ? num(summary.cps) : list.total;
+    return total <= CARD_LIMIT ? "cards" : "table";
+  }
+
+  /** Cards: CARD_PAGE. Table: the rows that fit between the table's head and the pager. */
+  function pageSize() {
+    if (currentView() === "cards") return CARD_PAGE;
+    const wrap = els.listWrap.getBoundingClientRect();
+    const below = els.points.getBoundingClientRect().bottom - wrap.bottom // the pager
+      + parseFloat(getComputedStyle(els.layout).paddingBottom);
+    const head = Math.max(els.table.tHead.offsetHeight, 28);
+    const room = window.innerHeight - (wrap.top + window.scrollY) - head - below;
+    return Math.max(MIN_ROWS, Math.min(MAX_ROWS, Math.floor(room / ROW_PX)));
+  }
+
+  let shownView = null;
+  let shownPageSize = 0;
+
+  /** Show the cards or the table; read the page again when its size changes with it. */
+  function updateView() {
+    const next = currentView();
+    for (const button of els.viewButtons) {
+      button.setAttribute("aria-pressed", String(button.dataset.view === next));
+    }
+    if (next === shownView) return;
+    shownView = next;
+    els.grid.hidden = next !== "cards";
+    els.table.hidden = next !== "table";
+    els.listWrap.dataset.view = next;
+    // Only the visible one holds nodes.
+    if (next === "cards") {
+      els.rows.replaceChildren();
+      rows.clear();
+    } else {
+      els.grid.replaceChildren();
+      cards.clear();
+    }
+    const size = pageSize();
+    if (list.loaded && size !== shownPageSize) {
+      if (list.items.length > size) { // the first rows of the same page: shown until it is read
+        for (const cp of list.items.splice(size)) list.byId.delete(cp.cp_id);
+      }
+      shownPageSize = size;
+      requestLoad({ now: true });
+    }
+    listDirty = true;
+    scheduleRender();
+  }
+
+  function setFilter(change) {
+    Object.assign(view, change);
+    view.offset = 0;
+    els.filterState.value = view.state;
+    els.filterSite.value = view.site;
+    if (els.filterSearch.value.trim() !== view.prefix) els.filterSearch.value = view.prefix;
+    els.filterClear.disabled = !(view.state || view.site || view.prefix);
+    summaryDirty = true; // the tiles show which filter is on
+    scheduleRender();
+    requestLoad({ now: true });
+  }
+
+  function matches(cp, filter) {
+    return (!filter.state || cp.state === filter.state)
+      && (!filter.site || cp.site === filter.site)
+      && (!filter.prefix || cp.cp_id.startsWith(filter.prefix));
+  }
+
+  // ------------------------------------------------------------------ reading a page
+
+  let loadGen = 0;
+  /** While a page is read: the changes that arrive meanwhile, applied to it when it comes. */
+  let loading = null;
+  let loadAgain = false;
+  let lastLoadAt = 0;
+  let refreshTimer = null;
+
+  /** Read the page again: at once (`now`), or within REFRESH_MS of the last read. */
+  function requestLoad({ now = false } = {}) {
+    if (now) {
+      clearTimeout(refreshTimer);
+      refreshTimer = null;
+      loadPage();
+      return;
+    }
+    if (loading) {
+      loadAgain = true;
+      return;
+    }
+    if (refreshTimer !== null) return;
+    const wait = Math.max(0, lastLoadAt + REFRESH_MS - Date.now());
+    refreshTimer = setTimeout(() => {
+      refreshTimer = null;
+      loadPage();
+    }, wait);
+  }
+
+  async function loadPage() {
+    const gen = ++loadGen;
+    const buffer = { cps: new Map(), telemetry: new Map() };
+    loading = buffer;
+    loadAgain = false;
+    lastLoadAt = Date.now();
+    const filter = { state: view.state, site: view.site, prefix: view.prefix };
+    if (frameRequested) render(); // the page's size depends on the layout above the list
+    const size = pageSize();
+    if (!list.loaded || filterKey(filter) !== filterKey(list.filter)) setText(els.listStatus, "Loading…");
+    try {
+      const page = await readPage(filter, view.offset, size);
+      if (gen !== loadGen) return;
+      applyPage(filter, page, size, buffer);
+      setText(els.listStatus, "");
+    } catch (err) {
+      if (gen !== loadGen) return;
+      setText(els.listStatus, "Central did not answer; retrying");
+      if (mode === "ws") requestLoad();
+    } finally {
+      if (gen === loadGen) {
+        loading = null;
+        if (loadAgain) requestLoad();
+      }
+    }
+  }
+
+  const filterKey = (f) => `${f.state}\u0000${f.site}\u0000${f.prefix}`;
+  const lastPageOffset = (total, size) => Math.max(0, Math.floor((total - 1) / size) * size);
+
+  async function getCps(base, offset, limit) {
+    const params = new URLSearchParams(base);
+    params.set("limit", String(limit));
+    params.set("offset", String(offset));
+    const response = await fetch(`/cp?${params}`, FETCH_OPTIONS);
+    if (!response.ok) throw new Error(`GET /cp: HTTP ${response.status}`);
+    const items = await response.json();
+    const total = Number(response.headers.get("X-Total-Count"));
+    const valid = Array.isArray(items) ? items.filter(isCp) : [];
+    return { items: valid, total: Number.isFinite(total) ? total : valid.length };
+  }
+
+  /** The CPs of `filter` from `offset` on (the last page when there are fewer). */
+  async function readPage(filter, offset, size) {
+    const base = new URLSearchParams();
+    if (filter.state) base.set("state", filter.state);
+    if (filter.site) base.set("site", filter.site);
+    if (!filter.prefix) {
+      let page = await getCps(base, offset, size);
+      if (offset > 0 && offset >= page.total) {
+        offset = lastPageOffset(page.total, size);
+        page = await getCps(base, offset, size);
+      }
+      return { items: page.items, total: page.total, offset };
+    }
+    const [lo, hi] = await prefixRange(base, filter.prefix);
+    const total = hi - lo;
+    if (offset >= total) offset = lastPageOffset(total, size);
+    const limit = Math.min(size, total - offset);
+    const items = limit > 0 ? (await getCps(base, lo + offset, limit)).items : [];
+    return { items: items.filter((cp) => cp.cp_id.startsWith(filter.prefix)), total, offset };
+  }
+
+  /**
+   * [first, end) offsets of the ids starting with `prefix` in the list GET /cp gives (in id
+   * order, as JavaScript compares strings: the ids are ASCII). Two searches over offsets
+   * side by side, each reading SEEK_WAYS single CPs at once per round: about
+   * log(N) / log(SEEK_WAYS + 1) rounds (7 for 10,000 CPs).
+   */
+  async function prefixRange(base, prefix) {
+    const { total } = await getCps(base, 0, 1);
+    const idAt = async (index) => (await getCps(base, index, 1)).items[0]?.cp_id;
+    /** The first offset whose id is not below `target` (the list's length if none). */
+    const lowerBound = async (target) => {
+      let lo = 0;
+      let hi = total; // the answer is in [lo, hi]
+      while (lo < hi) {
+        const step = (hi - lo) / (SEEK_WAYS + 1);
+        const probes = [...new Set(Array.from({ length: SEEK_WAYS }, (_, k) => lo + Math.floor(step * (k + 1))))];
+        const ids = await Promise.all(probes.map(idAt));
+        let next = hi;
+        for (let k = 0; k < probes.length; k += 1) {
+          if (ids[k] === undefined || ids[k] >= target) { // undefined: the list shrank meanwhile
+            next = probes[k];
+            break;
+          }
+          lo = probes[k] + 1;
+        }
+        hi = next;
+      }
+      return lo;
+    };
+    const last = prefix.charCodeAt(prefix.length - 1);
+    const after = prefix.slice(0, -1) + String.fromCharCode(last + 1); // first id past the prefix
+    return Promise.all([lowerBound(prefix), lowerBound(after)]);
+  }
+
+  function applyPage(filter, page, size, buffer) {
+    view.offset = page.offset;
+    list.filter = filter;
+    list.offset = page.offset;
+    list.total = page.total;
+    list.items = page.items.map((cp) => buffer.cps.get(cp.cp_id) || cp);
+    list.byId = new Map(list.items.map((cp) => [cp.cp_id, cp]));
+    list.leaving.clear();
+    list.loaded = true;
+    shownPageSize = size;
+    for (const t of buffer.telemetry.values()) applyTelemetry(t);
+    for (const cp of buffer.cps.values()) placeCp(cp); // may ask for another read
+    listDirty = true;
+    scheduleRender();
+  }
+
+  /** The whole filtered list is on the page: changes can be applied without a read. */
+  function pageIsComplete() {
+    return list.offset === 0 && list.items.length === list.total && list.leaving.size === 0;
+  }
+
+  /** A CP's new state: update its row, or see whether it enters or leaves the page. */
+  function placeCp(cp) {
+    const cpId = cp.cp_id;
+    const index = list.byId.has(cpId) ? list.items.findIndex((c) => c.cp_id === cpId) : -1;
+    const match = matches(cp, list.filter);
+    if (index >= 0) {
+      list.items[index] = cp;
+      list.byId.set(cpId, cp);
+      dirtyIds.add(cpId);
+      if (match) {
+        if (list.leaving.delete(cpId)) listDirty = true;
+      } else if (list.offset === 0 && list.items.length === list.total) {
+        list.items.splice(index, 1);
+        list.byId.delete(cpId);
+        list.total -= 1;
+        listDirty = true;
+      } else if (!list.leaving.has(cpId)) {
+        list.leaving.add(cpId);
+        listDirty = true;
+        requestLoad();
+      }
+      return;
+    }
+    if (!match) return;
+    if (pageIsComplete()) {
+      let at = list.items.findIndex((c) => c.cp_id > cpId);
+      if (at < 0) at = list.items.length;
+      list.items.splice(at, 0, cp);
+      list.byId.set(cpId, cp);
+      list.total += 1;
+      if (list.items.length > shownPageSize) list.byId.delete(list.items.pop().cp_id);
+      listDirty = true;
+      return;
+    }
+    const lastId = list.items.length ? list.items[list.items.length - 1].cp_id : "";
+    if (list.items.length < shownPageSize || cpId < lastId) requestLoad();
+  }
+
+  function onCp(cp) {
+    if (!isCp(cp)) return;
+    if (loading) {
+      loading.cps.set(cp.cp_id, cp);
+      loading.telemetry.delete(cp.cp_id); // the CP's JSON carries its latest telemetry
+    }
+    if (list.loaded) placeCp(cp);
+  }
+
+  function applyTelemetry(t) {
+    const cp = list.byId.get(t.cp_id);
+    if (!cp) return;
+    cp.last_telemetry = t;
+    cp.last_seen = new Date(serverNow()).toISOString();
+    if (cp.session && cp.session.session_id === t.session_id) {
+      cp.session.kw = t.kw;
+      cp.session.kwh = t.kwh;
+      cp.session.euros = t.euros;
+      cp.session.confirmed = true;
+    }
+    dirtyIds.add(cp.cp_id);
+  }
+
+  function onTelemetry(t) {
+    if (!t || typeof t.cp_id !== "string") return;
+    if (loading) loading.telemetry.set(t.cp_id, t);
+    applyTelemetry(t);
+  }
+
   // ------------------------------------------------------------------ CP values
 
   /** Power and running totals of the CP's session now; zeros while it does not supply. */
@@ -145,31 +708,64 @@
     return { kw: 0, kwh: 0, euros: 0, idle: true };
   }
 
-  function totals() {
-    let supplying = 0;
-    let faulty = 0;
-    let kw = 0;
-    for (const cp of cps.values()) {
-      if (cp.state === "SUPPLYING") supplying += 1;
-      if (cp.is_faulty || cp.state === "FAULT") faulty += 1;
-      kw += liveValues(cp).kw;
+  /** Why the CP is as it is, for people (a fault's reason, a stop's), or null. */
+  function reasonOf(cp, state) {
+    if (cp.is_faulty && cp.fault_reason) return `Fault: ${cp.fault_reason}`;
+    if (cp.state_reason && ["FAULT", "STOPPED", "DISCONNECTED"].includes(state)) return String(cp.state_reason);
+    return null;
+  }
+
+  // ------------------------------------------------------------------ the list
+
+  /** cp_id -> {root, ...elements} of its card / its table row (only the page's). */
+  const cards = new Map();
+  const rows = new Map();
+
+  function renderEmpty() {
+    const empty = !summary || num(summary.cps) === 0;
+    els.gridEmpty.hidden = !empty || list.items.length > 0;
+    els.noMatch.hidden = empty || !list.loaded || list.items.length > 0;
+  }
+
+  function renderList() {
+    renderEmpty();
+    if (shownView === "cards") syncNodes(els.grid, cards, createCard);
+    else syncNodes(els.rows, rows, createRow);
+    for (const cp of list.items) renderItem(cp);
+    renderPager();
+  }
+
+  /** Make `parent` hold exactly the page's nodes, in order, reusing the ones it has. */
+  function syncNodes(parent, made, create) {
+    const wanted = new Set(list.items.map((cp) => cp.cp_id));
+    for (const [cpId, item] of made) {
+      if (!wanted.has(cpId)) {
+        item.root.remove();
+        made.delete(cpId);
+      }
     }
-    return { count: cps.size, supplying, faulty, kw };
+    list.items.forEach((cp, index) => {
+      const item = made.get(cp.cp_id) || create(cp.cp_id);
+      made.set(cp.cp_id, item);
+      if (parent.children[index] !== item.root) parent.insertBefore(item.root, parent.children[index] || null);
+    });
   }
 
-  function renderStats() {
-    const t = totals();
-    setText(els.statCps, t.count);
-    setText(els.statSupplying, t.supplying);
-    setText(els.statFaulty, t.faulty);
-    els.statFaulty.parentElement.classList.toggle("is-alert", t.faulty > 0);
-    setText(els.statKw, t.kw.toFixed(1));
-    const title = t.faulty > 0 ? `(${t.faulty} faulty) EV Central` : "EV Central · Charging network";
-    if (document.title !== title) document.title = title;
-    els.gridEmpty.hidden = cps.size > 0;
+  function renderItem(cp) {
+    const card = cards.get(cp.cp_id);
+    if (card) renderCard(cp, card);
+    const row = rows.get(cp.cp_id);
+    if (row) renderRow(cp, row);
   }
 
-  // ------------------------------------------------------------------ cards
+  function renderPager() {
+    const total = list.total;
+    const first = list.items.length ? list.offset + 1 : 0;
+    const last = list.offset + list.items.length;
+    setText(els.pageInfo, total === 0 ? "0 of 0" : `${count.format(first)}–${count.format(last)} of ${count.format(total)}`);
+    els.pagePrev.disabled = list.offset <= 0;
+    els.pageNext.disabled = list.offset + list.items.length >= total;
+  }
 
   function createCard(cpId) {
     const root = els.cardTemplate.content.firstElementChild.cloneNode(true);
@@ -181,6 +777,8 @@
       state: q(".cp-state"),
       faulty: q(".cp-faulty"),
       unmonitored: q(".cp-unmonitored"),
+      where: q(".cp-where"),
+      site: q(".cp-site"),
       location: q(".cp-location"),
       kw: q(".cp-kw"),
       kwh: q(".cp-kwh"),
@@ -196,15 +794,6 @@
     setText(card.id, cpId);
     card.id.title = cpId;
     root.addEventListener("animationend", () => root.classList.remove("flash"));
-    let before = null;
-    for (const other of els.grid.children) {
-      if (compareIds(other.dataset.cpId, cpId) > 0) {
-        before = other;
-        break;
-      }
-    }
-    els.grid.insertBefore(root, before);
-    cards.set(cpId, card);
     return card;
   }
 
@@ -215,20 +804,33 @@
     el.title = present ? String(value) : "";
   }
 
-  function renderCard(cp) {
-    const card = cards.get(cp.cp_id) || createCard(cp.cp_id);
-    const state = String(cp.state || "DISCONNECTED");
-    const previous = card.root.dataset.state;
+  function setState(item, state) {
+    const previous = item.root.dataset.state;
     if (previous !== state) {
-      setData(card.root, "state", state);
-      if (previous && card.root.isConnected && card.rendered) card.root.classList.add("flash");
+      setData(item.root, "state", state);
+      if (previous && item.root.isConnected && item.rendered) item.root.classList.add("flash");
     }
-    setText(card.state, state);
-    setData(card.state, "state", state);
+    setText(item.state, state);
+    setData(item.state, "state", state);
+  }
+
+  function setBreaker(el, cp) {
+    const breaker = String(cp.circuit_breaker_state || "CLOSED");
+    setText(el, breaker);
+    setData(el, "breaker", breaker);
+    el.title = cp.circuit_breaker_reason ? String(cp.circuit_breaker_reason) : "";
+  }
+
+  function renderCard(cp, card) {
+    const state = String(cp.state || "DISCONNECTED");
+    setState(card, state);
     card.faulty.hidden = !cp.is_faulty;
     card.root.classList.toggle("is-faulty", Boolean(cp.is_faulty));
+    card.root.classList.toggle("is-leaving", list.leaving.has(cp.cp_id));
     card.unmonitored.hidden = cp.monitored !== false;
+    setText(card.site, cp.site || "");
     setText(card.location, cp.location || "");
+    card.where.hidden = !cp.site && !cp.location;
 
     const v = liveValues(cp);
     setMetric(card.kw, v.kw.toFixed(1), "kW");
@@ -239,15 +841,9 @@
     setOptional(card.driver, cp.current_driver);
     const sessionId = cp.current_session;
     setOptional(card.session, sessionId, sessionId && sessionId.length > 12 ? `${sessionId.slice(0, 10)}…` : sessionId);
+    setBreaker(card.breaker, cp);
 
-    const breaker = String(cp.circuit_breaker_state || "CLOSED");
-    setText(card.breaker, breaker);
-    setData(card.breaker, "breaker", breaker);
-    card.breaker.title = cp.circuit_breaker_reason ? String(cp.circuit_breaker_reason) : "";
-
-    let reason = null;
-    if (cp.is_faulty && cp.fault_reason) reason = `Fault: ${cp.fault_reason}`;
-    else if (cp.state_reason && ["FAULT", "STOPPED", "DISCONNECTED"].includes(state)) reason = cp.state_reason;
+    const reason = reasonOf(cp, state);
     card.reason.hidden = !reason;
     setText(card.reason, reason || "");
 
@@ -260,11 +856,11 @@
     }
 
     card.rendered = true;
-    renderClock(cp, card);
+    renderCardClock(cp, card);
   }
 
   /** The parts of a card that change with time alone. */
-  function renderClock(cp, card) {
+  function renderCardClock(cp, card) {
     const now = serverNow();
     const started = cp.session ? parseTs(cp.session.started_at) : null;
     setText(card.elapsed, started !== null && cp.state === "SUPPLYING" ? `charging ${duration(now - started)}` : "");
@@ -273,53 +869,63 @@
     card.root.classList.toggle("is-stale", cp.state === "SUPPLYING" && seen !== null && now - seen > STALE_MS);
   }
 
-  function removeCard(cpId) {
-    const card = cards.get(cpId);
-    if (card) card.root.remove();
-    cards.delete(cpId);
+  function createRow(cpId) {
+    const root = els.rowTemplate.content.firstElementChild.cloneNode(true);
+    root.dataset.cpId = cpId;
+    const q = (selector) => root.querySelector(selector);
+    const row = {
+      root,
+      id: q(".cp-id"),
+      site: q(".t-site"),
+      state: q(".cp-state"),
+      faulty: q(".cp-faulty"),
+      unmonitored: q(".cp-unmonitored"),
+      kw: q(".cp-kw"),
+      kwh: q(".cp-kwh"),
+      euros: q(".cp-euros"),
+      driver: q(".cp-driver"),
+      breaker: q(".cp-breaker"),
+      reason: q(".cp-reason"),
+      seen: q(".cp-seen"),
+    };
+    setText(row.id, cpId);
+    root.title = cpId;
+    root.addEventListener("animationend", () => root.classList.remove("flash"));
+    return row;
   }
 
-  function upsertCp(cp) {
-    if (!cp || typeof cp.cp_id !== "string") return;
-    cps.set(cp.cp_id, cp);
-    renderCard(cp);
+  function renderRow(cp, row) {
+    const state = String(cp.state || "DISCONNECTED");
+    setState(row, state);
+    row.faulty.hidden = !cp.is_faulty;
+    row.root.classList.toggle("is-faulty", Boolean(cp.is_faulty));
+    row.root.classList.toggle("is-leaving", list.leaving.has(cp.cp_id));
+    row.unmonitored.hidden = cp.monitored !== false;
+    setOptional(row.site, cp.site);
+    const v = liveValues(cp);
+    setText(row.kw, v.kw.toFixed(1));
+    setText(row.kwh, v.idle ? "—" : v.kwh.toFixed(3));
+    setText(row.euros, v.idle ? "—" : v.euros.toFixed(2));
+    row.root.classList.toggle("is-idle", v.idle);
+    setOptional(row.driver, cp.current_driver);
+    setBreaker(row.breaker, cp);
+    const note = reasonOf(cp, state) || cp.location || "";
+    setText(row.reason, note);
+    row.reason.title = note;
+    row.rendered = true;
+    renderRowClock(cp, row);
   }
 
-  function replaceCps(list) {
-    const seen = new Set();
-    for (const cp of Array.isArray(list) ? list : []) {
-      if (!cp || typeof cp.cp_id !== "string") continue;
-      seen.add(cp.cp_id);
-      upsertCp(cp);
-    }
-    for (const cpId of [...cps.keys()]) {
-      if (!seen.has(cpId)) {
-        cps.delete(cpId);
-        removeCard(cpId);
-      }
-    }
-    renderStats();
-  }
-
-  function applyTelemetry(t) {
-    if (!t || typeof t.cp_id !== "string") return;
-    const cp = cps.get(t.cp_id);
-    if (!cp) return;
-    cp.last_telemetry = t;
-    cp.last_seen = new Date(serverNow()).toISOString();
-    if (cp.session && cp.session.session_id === t.session_id) {
-      cp.session.kw = t.kw;
-      cp.session.kwh = t.kwh;
-      cp.session.euros = t.euros;
-      cp.session.confirmed = true;
-    }
-    renderCard(cp);
-    renderStats();
+  function renderRowClock(cp, row) {
+    const seen = parseTs(cp.last_seen);
+    setText(row.seen, seen === null ? "—" : ago(serverNow() - seen));
+    row.root.classList.toggle("is-stale", cp.state === "SUPPLYING" && seen !== null && serverNow() - seen > STALE_MS);
   }
 
   // ------------------------------------------------------------------ feed
 
   const SESSION_WORDS = { COMPLETED: "Session completed", STOPPED: "Session stopped", FAILED: "Session failed" };
+  const FEED_TYPES = new Set(["fault", "recovery", "session", "monitor"]);
 
   function feedKey(item) {
     if (item.type === "session") return `s|${item.session_id}|${item.result}`;
@@ -335,35 +941,42 @@
     return a.reason === b.reason && ta !== null && tb !== null && Math.abs(ta - tb) < 5000;
   }
 
-  /** Remember the newest finished session of each CP; re-render its card when it changed. */
+  /** Remember the newest finished session of each CP shown (for its card's "last" line). */
   function noteSession(item) {
     if (item.type !== "session" || typeof item.cp_id !== "string") return;
     const known = lastSessions.get(item.cp_id);
     const t = parseTs(item.ts) ?? 0;
     if (known && (parseTs(known.ts) ?? 0) > t) return;
     lastSessions.set(item.cp_id, item);
-    const cp = cps.get(item.cp_id);
-    if (cp) renderCard(cp);
+    if (list.byId.has(item.cp_id)) dirtyIds.add(item.cp_id);
   }
 
   function isFeedItem(item) {
-    return item && typeof item === "object" && ["fault", "recovery", "session"].includes(item.type);
+    return Boolean(item) && typeof item === "object" && FEED_TYPES.has(item.type) && typeof item.cp_id === "string";
+  }
+
+  function feedKind(item) {
+    if (item.type === "session") return String(item.result);
+    if (item.type === "monitor") return item.monitored ? "monitor-back" : "monitor-lost";
+    return item.type;
+  }
+
+  function feedWhat(item) {
+    if (item.type === "fault") return "Fault";
+    if (item.type === "recovery") return "Recovered";
+    if (item.type === "monitor") return item.monitored ? "Monitor back" : "Monitor lost";
+    return SESSION_WORDS[item.result] || `Session ${String(item.result).toLowerCase()}`;
   }
 
   function buildFeedItem(item) {
-    const kind = item.type === "session" ? String(item.result) : item.type;
     const li = node("li", "feed-item");
-    li.dataset.kind = kind;
+    li.dataset.kind = feedKind(item);
     li.dataset.cpId = String(item.cp_id);
     li.dataset.key = feedKey(item);
     li.feedItem = item;
 
     const title = node("div", "feed-title");
-    const what =
-      item.type === "fault" ? "Fault"
-        : item.type === "recovery" ? "Recovered"
-          : SESSION_WORDS[item.result] || `Session ${String(item.result).toLowerCase()}`;
-    title.append(node("span", "feed-cp", item.cp_id), node("span", "feed-what", what));
+    title.append(node("span", "feed-cp", item.cp_id), node("span", "feed-what", feedWhat(item)));
 
     const time = node("time", "feed-time");
     const t = parseTs(item.ts);
@@ -381,7 +994,8 @@
       if (item.reason) detail.append(document.createTextNode(" — "), node("span", "feed-reason", item.reason));
       detail.title = `session ${item.session_id}`;
     } else {
-      detail.append(node("span", "feed-reason", item.reason || (item.type === "fault" ? "fault reported" : "recovered")));
+      const fallback = item.type === "fault" ? "fault reported" : item.type === "recovery" ? "recovered" : "";
+      detail.append(node("span", "feed-reason", item.reason || fallback));
     }
     li.append(node("span", "feed-dot"), title, time, detail);
     return li;
@@ -391,16 +1005,21 @@
     els.feedEmpty.hidden = els.feed.children.length > 0;
   }
 
-  /** Add one live item at the top, unless the snapshot already holds it. */
-  function pushFeed(item) {
-    if (!isFeedItem(item)) return;
-    for (const li of els.feed.children) {
-      if (li.feedItem && sameEvent(li.feedItem, item)) return;
+  /** Add live items (oldest first) at the top, unless the feed already holds them. */
+  function pushFeed(items) {
+    const fresh = items.filter(isFeedItem).slice(-FEED_MAX);
+    if (fresh.length === 0) return;
+    const shown = [...els.feed.children].map((li) => li.feedItem).filter(Boolean);
+    const fragment = document.createDocumentFragment();
+    const animate = fresh.length <= 5;
+    for (const item of fresh) {
+      if (shown.some((other) => sameEvent(other, item))) continue;
+      noteSession(item);
+      const li = buildFeedItem(item);
+      if (animate) li.classList.add("is-new");
+      fragment.prepend(li);
     }
-    noteSession(item);
-    const li = buildFeedItem(item);
-    li.classList.add("is-new");
-    els.feed.prepend(li);
+    els.feed.prepend(fragment);
     while (els.feed.children.length > FEED_MAX) els.feed.lastElementChild.remove();
     renderFeedEmpty();
   }
@@ -435,8 +1054,9 @@
   const samples = [];
 
   function sample() {
+    if (!summary) return;
     const now = Date.now();
-    samples.push({ t: now, kw: totals().kw });
+    samples.push({ t: now, kw: num(summary.power_kw) });
     while (samples.length && samples[0].t < now - CHART_WINDOW_MS - SAMPLE_MS * 2) samples.shift();
   }
 
@@ -446,6 +1066,19 @@
     const magnitude = 10 ** Math.floor(Math.log10(rawStep));
     const step = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10].map((m) => m * magnitude).find((s) => s >= rawStep);
     return 4 * step;
+  }
+
+  /** The time axis: as long as the samples go back, from one to ten minutes. */
+  function chartWindow(now) {
+    const span = samples.length ? now - samples[0].t : 0;
+    const minutes = Math.min(10, Math.max(1, Math.ceil(span / 60000)));
+    return Math.min(CHART_WINDOW_MS, Math.max(CHART_MIN_WINDOW_MS, minutes * 60000));
+  }
+
+  function axisLabel(v) {
+    if (v >= 10000) return `${Math.round(v / 1000)}k`;
+    if (v >= 1000) return `${(v / 1000).toFixed(1).replace(/\.0$/, "")}k`;
+    return v % 1 === 0 ? String(v) : v.toFixed(1);
   }
 
   function drawChart() {
@@ -462,14 +1095,18 @@
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
     ctx.clearRect(0, 0, width, height);
 
-    const pad = { left: 38, right: 10, top: 10, bottom: 22 };
+    const pad = { left: 40, right: 10, top: 10, bottom: 22 };
     const w = width - pad.left - pad.right;
     const h = height - pad.top - pad.bottom;
     const now = Date.now();
-    const start = now - CHART_WINDOW_MS;
-    const peak = samples.reduce((m, s) => Math.max(m, s.kw), 0);
-    const top = niceMax(peak);
-    const x = (t) => pad.left + ((t - start) / CHART_WINDOW_MS) * w;
+    const windowMs = chartWindow(now);
+    const minutes = windowMs / 60000;
+    const start = now - windowMs;
+    const peakKw = samples.reduce((m, s) => (s.t >= start ? Math.max(m, s.kw) : m), 0);
+    const scale = peakKw >= 10000 ? 1000 : 1; // the axis in MW for a large network
+    setText(els.powerNote, `${scale === 1 ? "kW" : "MW"} · last ${minutes === 1 ? "minute" : `${minutes} minutes`}`);
+    const top = niceMax(peakKw / scale) * scale;
+    const x = (t) => pad.left + ((t - start) / windowMs) * w;
     const y = (kw) => pad.top + h - (kw / top) * h;
 
     ctx.font = "11px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
@@ -486,16 +1123,17 @@
       ctx.lineTo(pad.left + w, yy);
       ctx.stroke();
       ctx.fillStyle = "#5d6a86";
-      ctx.fillText(kw % 1 === 0 ? String(kw) : kw.toFixed(1), pad.left - 7, yy);
+      ctx.fillText(axisLabel(kw / scale), pad.left - 7, yy);
     }
     ctx.setLineDash([]);
-    ctx.textAlign = "center";
     ctx.textBaseline = "alphabetic";
-    for (let m = 3; m >= 0; m -= 1) {
-      const xx = x(now - m * 60000);
+    const stepMs = minutes <= 1 ? 15000 : minutes <= 2 ? 30000 : minutes <= 5 ? 60000 : 120000;
+    for (let back = Math.floor(windowMs / stepMs) * stepMs; back >= 0; back -= stepMs) {
+      const xx = x(now - back);
       ctx.fillStyle = "#5d6a86";
-      ctx.textAlign = m === 0 ? "right" : m === 3 ? "left" : "center";
-      ctx.fillText(m === 0 ? "now" : `-${m} min`, xx, height - 5);
+      ctx.textAlign = back === 0 ? "right" : back === windowMs ? "left" : "center";
+      const label = back === 0 ? "now" : back < 60000 ? `-${back / 1000}s` : `-${back / 60000} min`;
+      ctx.fillText(label, xx, height - 5);
     }
 
     const points = samples.filter((s) => s.t >= start - SAMPLE_MS * 2);
@@ -531,20 +1169,14 @@
     ctx.fill();
     ctx.restore();
 
-    const label = `${last.kw.toFixed(1)} kW`;
     ctx.font = "600 12px system-ui, -apple-system, 'Segoe UI', Roboto, sans-serif";
     ctx.textAlign = "right";
     ctx.textBaseline = "top";
     ctx.fillStyle = "#e6ebf5";
-    ctx.fillText(label, pad.left + w - 2, pad.top + 2);
+    ctx.fillText(powerText(last.kw), pad.left + w - 2, pad.top + 2);
   }
 
   // ------------------------------------------------------------------ messages
-
-  function applySnapshot(list, feed, animateFeed) {
-    replaceCps(list);
-    replaceFeed(feed, animateFeed);
-  }
 
   function handle(msg) {
     if (!msg || typeof msg !== "object") return;
@@ -552,26 +1184,25 @@
       case "snapshot": {
         const ts = parseTs(msg.ts);
         if (ts !== null) serverOffset = ts - Date.now();
-        applySnapshot(msg.cps, msg.feed, everConnected);
+        setSummary(msg.summary);
+        replaceFeed(msg.feed, everConnected);
         everConnected = true;
         stopPolling();
         setMode("ws");
+        updateView();
+        requestLoad({ now: true }); // the page may have changed while nobody told us
         break;
       }
-      case "cp":
-        upsertCp(msg.cp);
-        renderStats();
+      case "delta": {
+        if (Array.isArray(msg.cps)) for (const cp of msg.cps) onCp(cp);
+        if (Array.isArray(msg.telemetry)) for (const t of msg.telemetry) onTelemetry(t);
+        if (Array.isArray(msg.events)) pushFeed(msg.events);
+        if (msg.summary) setSummary(msg.summary);
+        scheduleRender();
         break;
-      case "telemetry":
-        applyTelemetry(msg.telemetry);
-        break;
-      case "fault":
-      case "recovery":
-      case "session":
-        pushFeed(msg);
-        break;
+      }
       default:
-        break; // "overflow" and future event types: the server re-sends a snapshot
+        break; // future message types
     }
   }
 
@@ -651,18 +1282,21 @@
     if (polling || mode === "ws") return;
     polling = true;
     try {
-      const [cpRes, feedRes] = await Promise.all([
-        fetch("/cp", { cache: "no-store", headers: { Accept: "application/json" } }),
-        fetch(`/api/feed?limit=${FEED_MAX}`, { cache: "no-store", headers: { Accept: "application/json" } }),
+      const [summaryRes, feedRes] = await Promise.all([
+        fetch("/summary", FETCH_OPTIONS),
+        fetch(`/api/feed?limit=${FEED_MAX}`, FETCH_OPTIONS),
       ]);
-      if (!cpRes.ok || !feedRes.ok) throw new Error(`HTTP ${cpRes.status}/${feedRes.status}`);
-      const [list, feed] = await Promise.all([cpRes.json(), feedRes.json()]);
+      if (!summaryRes.ok || !feedRes.ok) throw new Error(`HTTP ${summaryRes.status}/${feedRes.status}`);
+      const [fresh, feed] = await Promise.all([summaryRes.json(), feedRes.json()]);
       if (mode === "ws" || pollTimer === null) return;
-      const date = parseTs(cpRes.headers.get("Date"));
+      const date = parseTs(summaryRes.headers.get("Date"));
       if (date !== null && Math.abs(date - Date.now() - serverOffset) > 2000) serverOffset = date - Date.now();
-      applySnapshot(list, feed, everConnected);
+      setSummary(fresh);
+      replaceFeed(feed, everConnected);
       everConnected = true;
       setMode("polling");
+      updateView();
+      requestLoad({ now: true });
     } catch (err) {
       if (mode !== "ws") setMode("connecting");
     } finally {
@@ -670,21 +1304,66 @@
     }
   }
 
+  // ------------------------------------------------------------------ controls
+
+  function bindControls() {
+    els.filterState.addEventListener("change", () => setFilter({ state: els.filterState.value }));
+    els.filterSite.addEventListener("change", () => setFilter({ site: els.filterSite.value }));
+    let searchTimer = null;
+    els.filterSearch.addEventListener("input", () => {
+      clearTimeout(searchTimer);
+      searchTimer = setTimeout(() => {
+        const prefix = els.filterSearch.value.trim();
+        if (prefix !== view.prefix) setFilter({ prefix });
+      }, SEARCH_DEBOUNCE_MS);
+    });
+    els.filterClear.addEventListener("click", () => setFilter({ state: "", site: "", prefix: "" }));
+    for (const button of els.viewButtons) {
+      button.addEventListener("click", () => {
+        view.choice = button.dataset.view;
+        view.offset = Math.floor(view.offset / CARD_PAGE) * CARD_PAGE;
+        updateView();
+      });
+    }
+    els.pagePrev.addEventListener("click", () => {
+      view.offset = Math.max(0, list.offset - shownPageSize);
+      requestLoad({ now: true });
+    });
+    els.pageNext.addEventListener("click", () => {
+      view.offset = list.offset + shownPageSize;
+      requestLoad({ now: true });
+    });
+    let resizeTimer = null;
+    window.addEventListener("resize", () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(() => {
+        if (list.loaded && pageSize() !== shownPageSize) requestLoad({ now: true });
+      }, 200);
+    });
+  }
+
   // ------------------------------------------------------------------ clock
 
   function tick() {
     sample();
     for (const [cpId, card] of cards) {
-      const cp = cps.get(cpId);
-      if (cp) renderClock(cp, card);
+      const cp = list.byId.get(cpId);
+      if (cp) renderCardClock(cp, card);
+    }
+    for (const [cpId, row] of rows) {
+      const cp = list.byId.get(cpId);
+      if (cp) renderRowClock(cp, row);
     }
     drawChart();
   }
 
   function start() {
     setMode("connecting");
-    renderStats();
+    buildStateTiles();
+    bindControls();
     renderFeedEmpty();
+    updateView();
+    renderPager();
     if (typeof ResizeObserver === "function") new ResizeObserver(drawChart).observe(els.chart);
     tick();
     setInterval(tick, SAMPLE_MS);
