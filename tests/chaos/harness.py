@@ -76,6 +76,9 @@ class Phase(StrEnum):
     END = "at the end"
     """The target's end-of-session status is on the broker (Central may have read it,
     not yet committed it)."""
+    RECORDED = "once the end is recorded"
+    """Central has written the end of the target's session: the CP is free, and the next
+    request is decided right away."""
 
 
 # --------------------------------------------------------------------------- observer
@@ -468,9 +471,15 @@ class ChaosRun:
             at, _session_id, kwh = self.observer.metered.get(cp_id, (0.0, "", 0.0))
             return at >= since and kwh * 3600 / KW_RATE >= seconds - 1e-6
 
-        def reached() -> bool:
+        async def reached() -> bool:
+            ended = [sid for at, cp, sid in self.observer.ended if at >= since and cp == cp_id]
             if phase is Phase.END:
-                return any(at >= since and cp == cp_id for at, cp, _ in self.observer.ended)
+                return bool(ended)
+            if phase is Phase.RECORDED:
+                if not ended:
+                    return False
+                rows = {r.session_id: r for r in await self.rows()}
+                return any(sid in rows and rows[sid].status != "ACTIVE" for sid in ended)
             running = {s.update.cp_id for s in self.observer.seen
                        if s.at >= since and s.update.status is DriverStatus.IN_PROGRESS}
             if not running >= set(self.cps):
