@@ -29,6 +29,7 @@
   const BACKOFF_MIN_MS = 1000;
   const BACKOFF_MAX_MS = 15000;
   const FEED_MAX = 60;
+  const FEED_BURST = 20; // the newest items of one message: a busy network's feed scrolls anyway
   const CHART_WINDOW_MS = 10 * 60 * 1000;
   const CHART_MIN_WINDOW_MS = 60 * 1000;
   const SAMPLE_MS = 1000;
@@ -128,6 +129,23 @@
 
   function setData(el, key, value) {
     if (el.dataset[key] !== value) el.dataset[key] = value;
+  }
+
+  // Writes only what changed: an unchanged write still invalidates style and layout.
+  function setAttr(el, name, value) {
+    if (el.getAttribute(name) !== value) el.setAttribute(name, value);
+  }
+
+  function setTitle(el, value) {
+    if (el.title !== value) el.title = value;
+  }
+
+  function setHidden(el, hidden) {
+    if (el.hidden !== hidden) el.hidden = hidden;
+  }
+
+  function setTransform(el, value) {
+    if (el.style.transform !== value) el.style.transform = value;
   }
 
   function node(tag, className, text) {
@@ -302,8 +320,8 @@
       setText(t.value, count.format(n));
       const pct = total > 0 ? (100 * n) / total : 0;
       setText(t.share, total > 0 ? `${pct < 10 && pct > 0 ? pct.toFixed(1) : Math.round(pct)}%` : "");
-      t.fill.style.transform = `scaleX(${pct / 100})`;
-      t.tile.setAttribute("aria-pressed", String(view.state === state));
+      setTransform(t.fill, `scaleX(${pct / 100})`);
+      setAttr(t.tile, "aria-pressed", String(view.state === state));
     }
     renderSites(Array.isArray(s.by_site) ? s.by_site : []);
     renderFilterOptions();
@@ -359,8 +377,8 @@
       setText(t.faulty, faulty > 0 ? ` · ${count.format(faulty)} faulty` : "");
       t.tile.classList.toggle("has-faults", faulty > 0);
       setText(t.kw, powerText(num(site.power_kw)));
-      t.fill.style.transform = `scaleX(${cps > 0 ? supplying / cps : 0})`;
-      t.tile.setAttribute("aria-pressed", String(name !== null && view.site === name));
+      setTransform(t.fill, `scaleX(${cps > 0 ? supplying / cps : 0})`);
+      setAttr(t.tile, "aria-pressed", String(name !== null && view.site === name));
     });
     for (const [key, t] of siteTiles) {
       if (!keep.has(key)) {
@@ -368,7 +386,7 @@
         siteTiles.delete(key);
       }
     }
-    els.sitesEmpty.hidden = sites.length > 0;
+    setHidden(els.sitesEmpty, sites.length > 0);
     const named = sites.filter((s) => siteName(s) !== null).length;
     setText(els.sitesNote, sites.length > SITE_TILES_MAX
       ? `${SITE_TILES_MAX} of ${count.format(sites.length)} shown · the Site filter lists all`
@@ -433,7 +451,7 @@
   function updateView() {
     const next = currentView();
     for (const button of els.viewButtons) {
-      button.setAttribute("aria-pressed", String(button.dataset.view === next));
+      setAttr(button, "aria-pressed", String(button.dataset.view === next));
     }
     if (next === shownView) return;
     shownView = next;
@@ -723,8 +741,8 @@
 
   function renderEmpty() {
     const empty = !summary || num(summary.cps) === 0;
-    els.gridEmpty.hidden = !empty || list.items.length > 0;
-    els.noMatch.hidden = empty || !list.loaded || list.items.length > 0;
+    setHidden(els.gridEmpty, !empty || list.items.length > 0);
+    setHidden(els.noMatch, empty || !list.loaded || list.items.length > 0);
   }
 
   function renderList() {
@@ -763,8 +781,10 @@
     const first = list.items.length ? list.offset + 1 : 0;
     const last = list.offset + list.items.length;
     setText(els.pageInfo, total === 0 ? "0 of 0" : `${count.format(first)}–${count.format(last)} of ${count.format(total)}`);
-    els.pagePrev.disabled = list.offset <= 0;
-    els.pageNext.disabled = list.offset + list.items.length >= total;
+    const atStart = list.offset <= 0;
+    const atEnd = list.offset + list.items.length >= total;
+    if (els.pagePrev.disabled !== atStart) els.pagePrev.disabled = atStart;
+    if (els.pageNext.disabled !== atEnd) els.pageNext.disabled = atEnd;
   }
 
   function createCard(cpId) {
@@ -801,7 +821,7 @@
     const present = value !== null && value !== undefined && value !== "";
     setText(el, present ? (shown ?? value) : "—");
     el.classList.toggle("is-empty", !present);
-    el.title = present ? String(value) : "";
+    setTitle(el, present ? String(value) : "");
   }
 
   function setState(item, state) {
@@ -818,19 +838,19 @@
     const breaker = String(cp.circuit_breaker_state || "CLOSED");
     setText(el, breaker);
     setData(el, "breaker", breaker);
-    el.title = cp.circuit_breaker_reason ? String(cp.circuit_breaker_reason) : "";
+    setTitle(el, cp.circuit_breaker_reason ? String(cp.circuit_breaker_reason) : "");
   }
 
   function renderCard(cp, card) {
     const state = String(cp.state || "DISCONNECTED");
     setState(card, state);
-    card.faulty.hidden = !cp.is_faulty;
+    setHidden(card.faulty, !cp.is_faulty);
     card.root.classList.toggle("is-faulty", Boolean(cp.is_faulty));
     card.root.classList.toggle("is-leaving", list.leaving.has(cp.cp_id));
-    card.unmonitored.hidden = cp.monitored !== false;
+    setHidden(card.unmonitored, cp.monitored !== false);
     setText(card.site, cp.site || "");
     setText(card.location, cp.location || "");
-    card.where.hidden = !cp.site && !cp.location;
+    setHidden(card.where, !cp.site && !cp.location);
 
     const v = liveValues(cp);
     setMetric(card.kw, v.kw.toFixed(1), "kW");
@@ -844,15 +864,15 @@
     setBreaker(card.breaker, cp);
 
     const reason = reasonOf(cp, state);
-    card.reason.hidden = !reason;
+    setHidden(card.reason, !reason);
     setText(card.reason, reason || "");
 
     const last = lastSessions.get(cp.cp_id);
     const showLast = Boolean(last) && !cp.session;
-    card.last.hidden = !showLast;
+    setHidden(card.last, !showLast);
     if (showLast) {
       setText(card.last, `last: ${num(last.kwh).toFixed(3)} kWh · ${num(last.euros).toFixed(2)} €`);
-      card.last.title = `${String(last.result).toLowerCase()} session of ${last.driver_id}`;
+      setTitle(card.last, `${String(last.result).toLowerCase()} session of ${last.driver_id}`);
     }
 
     card.rendered = true;
@@ -897,10 +917,10 @@
   function renderRow(cp, row) {
     const state = String(cp.state || "DISCONNECTED");
     setState(row, state);
-    row.faulty.hidden = !cp.is_faulty;
+    setHidden(row.faulty, !cp.is_faulty);
     row.root.classList.toggle("is-faulty", Boolean(cp.is_faulty));
     row.root.classList.toggle("is-leaving", list.leaving.has(cp.cp_id));
-    row.unmonitored.hidden = cp.monitored !== false;
+    setHidden(row.unmonitored, cp.monitored !== false);
     setOptional(row.site, cp.site);
     const v = liveValues(cp);
     setText(row.kw, v.kw.toFixed(1));
@@ -911,7 +931,7 @@
     setBreaker(row.breaker, cp);
     const note = reasonOf(cp, state) || cp.location || "";
     setText(row.reason, note);
-    row.reason.title = note;
+    setTitle(row.reason, note);
     row.rendered = true;
     renderRowClock(cp, row);
   }
@@ -1002,12 +1022,12 @@
   }
 
   function renderFeedEmpty() {
-    els.feedEmpty.hidden = els.feed.children.length > 0;
+    setHidden(els.feedEmpty, els.feed.children.length > 0);
   }
 
   /** Add live items (oldest first) at the top, unless the feed already holds them. */
   function pushFeed(items) {
-    const fresh = items.filter(isFeedItem).slice(-FEED_MAX);
+    const fresh = items.filter(isFeedItem).slice(-FEED_BURST);
     if (fresh.length === 0) return;
     const shown = [...els.feed.children].map((li) => li.feedItem).filter(Boolean);
     const fragment = document.createDocumentFragment();
