@@ -92,6 +92,9 @@ class KafkaConfig:
     partitions: int = 3
     connect_timeout: float = 300.0
     """How long start() keeps retrying an unreachable broker before BusError."""
+    linger_ms: int = 2
+    """How long the producer waits to batch messages: 2 ms costs little latency and
+    spares the broker thousands of one-message requests a second at 10,000 CPs."""
 
     def topic_name(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.value}"
@@ -202,7 +205,7 @@ class KafkaBus:
                 bootstrap_servers=self.config.bootstrap,
                 client_id=self.config.client_id,
                 acks=1,
-                linger_ms=0,
+                linger_ms=self.config.linger_ms,
                 request_timeout_ms=15000,
             )
             try:
@@ -339,9 +342,11 @@ class KafkaConsumerLoop:
     (Central writes the batch's decisions there, in one transaction); while it has not
     finished, the batch's offsets are not committed, not even at shutdown. ``on_lag`` is
     told after each fetch how many messages are still unread on the assigned partitions
-    (:attr:`lag` per partition; 0 when the loop has caught up). Without a group it
-    reads every partition itself, from ``start_at``, and commits nothing: that suits a
-    client that only wants what happens from now on (a driver, a CP engine).
+    (:attr:`lag` per partition; 0 when the loop has caught up). ``observe`` is told each
+    handled message's topic and the seconds its handler took, retries included (metrics).
+    Without a group it reads every partition itself, from ``start_at``, and commits
+    nothing: that suits a client that only wants what happens from now on (a driver, a
+    CP engine).
     """
 
     def __init__(
@@ -359,6 +364,7 @@ class KafkaConsumerLoop:
         keys: Iterable[str] | None = None,
         after_batch: Callable[[], Awaitable[None]] | None = None,
         on_lag: Callable[[int], None] | None = None,
+        observe: Callable[[Topic, float], None] | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
@@ -377,6 +383,7 @@ class KafkaConsumerLoop:
         self._before_commit = before_commit
         self._after_batch = after_batch
         self._on_lag = on_lag
+        self._observe = observe
         self.lag: dict[TopicPartition, int] = {}
         """Messages not yet read, per assigned partition, as of the last fetch."""
         self._positions: dict[TopicPartition, int] = {}
@@ -562,6 +569,7 @@ class KafkaConsumerLoop:
             )
             return
         handler = self.routes.handler(topic)
+        started = time.perf_counter()
         delay = _RETRY_FIRST_DELAY
         retries = 0
         while True:
@@ -588,4 +596,6 @@ class KafkaConsumerLoop:
             if retries:
                 logger.info("handler for {} done with offset {} after {} retries",
                             name, offset, retries)
+            if self._observe is not None:
+                self._observe(topic, time.perf_counter() - started)
             return

@@ -114,6 +114,9 @@ class Controller:
         """The newest timestamp of the CP reports handled so far."""
         self.lag = 0
         """Messages the consumer has not read yet (0: Central has caught up)."""
+        self.billed_kwh = 0.0
+        self.billed_euros = 0.0
+        """What the sessions ended since the start billed, corrections included (metrics)."""
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
@@ -171,6 +174,7 @@ class Controller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.outbox.close()
         if self.outbox.pending:
             try:
                 await self.outbox.flush()
@@ -299,7 +303,7 @@ class Controller:
                     f"CP did not confirm the start within {self.options.start_timeout:g}s",
                     breaker_failure=True, stop_reason="start not confirmed in time",
                 )
-                await self.outbox.flush_retrying()
+                self.outbox.flush_soon()
         finally:
             if self._watchdogs.get(session.session_id) is asyncio.current_task():
                 del self._watchdogs[session.session_id]
@@ -481,6 +485,8 @@ class Controller:
                 f"corrected: the CP's meter reported {kwh:.4f} kWh, {euros:.4f} € after "
                 f"the session was closed ({closed.reason or closed.status.value.lower()})"
             )
+        self.billed_kwh += max(0.0, kwh - closed.kwh)  # a meter's totals only grow
+        self.billed_euros += max(0.0, euros - closed.euros)
         closed.kwh, closed.euros = kwh, euros
         closed.meter_final = closed.meter_final or meter_final
         if changed or resend:
@@ -547,6 +553,8 @@ class Controller:
         if (cp.breaker.state, cp.breaker.failures) != breaker_before:
             self.persist(cp)
         self.stats[f"sessions_{result.value.lower()}"] += 1
+        self.billed_kwh += session.kwh
+        self.billed_euros += session.euros
         log = logger.info if result is SessionResult.COMPLETED else logger.warning
         log("session {} on {} ended {}: {:.4f} kWh, {:.4f} €{}", session.session_id,
             cp.cp_id, result.value, session.kwh, session.euros,

@@ -38,6 +38,7 @@ class Outbox:
         self._messages: list[Message] = []
         self._lock = asyncio.Lock()
         self._publish_failing = False
+        self._soon: asyncio.Task[None] | None = None
 
     @property
     def pending(self) -> int:
@@ -65,6 +66,25 @@ class Outbox:
             del self._messages[:messages]
             for message in batch:
                 await self._publish(message)
+
+    def flush_soon(self) -> None:
+        """Flush in a moment, once for everything queued until then (timers that fire by
+        the thousand, e.g. start timeouts, share one transaction instead of one each)."""
+        if self._soon is None or self._soon.done():
+            self._soon = asyncio.get_running_loop().create_task(
+                self._flush_later(), name="outbox-flush"
+            )
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(0)  # let the other timers of this tick queue theirs
+        await self.flush_retrying()
+
+    async def close(self) -> None:
+        """Wait for a pending :meth:`flush_soon`; safe to call twice."""
+        soon, self._soon = self._soon, None
+        if soon is not None:
+            soon.cancel()
+            await asyncio.gather(soon, return_exceptions=True)
 
     async def flush_retrying(self) -> None:
         """Flush, and while the database cannot be written, try again with backoff (the

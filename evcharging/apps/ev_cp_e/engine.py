@@ -552,10 +552,16 @@ class ChargingPoint:
 
     async def _publish(self, message: Message) -> None:
         """Publish; a bus failure is logged once per outage, never raised (the next
-        heartbeat, which repeats the state and the last session's end, repairs it)."""
+        heartbeat, which repeats the state and the last session's end, repairs it).
+
+        The message is queued in the producer, not waited for: the producer keeps the
+        order of one CP's messages (one key, one partition), and a CP whose broker is
+        slow to acknowledge must still obey Central's next command at once (it holds its
+        lock while it publishes). A delivery that fails later is counted and logged by
+        the bus, once per outage."""
         self._publish_started = self._clock()
         try:
-            await self._publisher.publish(message)
+            await self._publisher.publish(message, wait=False)
         except BusError as exc:
             self.publish_failures += 1
             if self.publish_failures == 1:
