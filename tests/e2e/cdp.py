@@ -1,7 +1,8 @@
 """A minimal Chrome DevTools Protocol client: headless Chromium driven without Selenium.
 
 Only what the browser end-to-end tests need: one page, ``navigate``, ``evaluate``,
-``wait_for`` (a JavaScript predicate polled with a deadline), ``screenshot``, and a record
+``wait_for`` (a JavaScript predicate polled with a deadline), ``screenshot``, a trace of
+the page's main-thread tasks (``start_trace`` / ``stop_trace``), and a record
 of everything that went wrong on the page (uncaught exceptions, console errors, browser
 log errors, JavaScript dialogs: a dialog is recorded and dismissed at once, so an
 injected ``alert()`` never blocks the page and never goes unnoticed).
@@ -83,6 +84,37 @@ class ConsoleEntry:
 
 
 @dataclass(frozen=True)
+class MainThreadTask:
+    """One task the page's main thread ran, from a trace: wall-clock and CPU milliseconds.
+
+    Wall-clock time includes the time the operating system gave other processes; CPU time
+    is the page's own work.
+    """
+
+    wall_ms: float
+    cpu_ms: float
+
+
+TRACE_CATEGORIES = "devtools.timeline,disabled-by-default-devtools.timeline"
+
+
+def main_thread_tasks(events: list[JsonObject]) -> list[MainThreadTask]:
+    """The top-level tasks of every renderer main thread in trace `events`."""
+    threads = {
+        (event.get("pid"), event.get("tid"))
+        for event in events
+        if event.get("ph") == "M" and event.get("name") == "thread_name"
+        and event.get("args", {}).get("name") == "CrRendererMain"
+    }
+    return [
+        MainThreadTask(wall_ms=event.get("dur", 0) / 1000, cpu_ms=event.get("tdur", 0) / 1000)
+        for event in events
+        if event.get("ph") == "X" and event.get("name") == "RunTask"
+        and (event.get("pid"), event.get("tid")) in threads
+    ]
+
+
+@dataclass(frozen=True)
 class Dialog:
     """A JavaScript dialog (alert, confirm, prompt, beforeunload) the page opened."""
 
@@ -138,7 +170,9 @@ class Browser:
         self._pending: dict[int, asyncio.Future[JsonObject]] = {}
         self._waiters: dict[str, list[asyncio.Future[JsonObject]]] = {}
         self._closed_reason: str | None = None
+        self._trace: list[JsonObject] | None = None
         self._handlers: dict[str, Callable[[JsonObject], None]] = {
+            "Tracing.dataCollected": self._on_trace_data,
             "Runtime.consoleAPICalled": self._on_console,
             "Runtime.exceptionThrown": self._on_exception,
             "Log.entryAdded": self._on_log,
@@ -355,6 +389,10 @@ class Browser:
         self.console.append(ConsoleEntry(str(entry.get("source", "other")),
                                          str(entry.get("level", "info")), text))
 
+    def _on_trace_data(self, params: JsonObject) -> None:
+        if self._trace is not None:
+            self._trace.extend(params.get("value", []))
+
     def _on_dialog(self, params: JsonObject) -> None:
         self.dialogs.append(Dialog(str(params.get("type", "")), str(params.get("message", "")),
                                    str(params.get("url", ""))))
@@ -409,6 +447,24 @@ class Browser:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(base64.b64decode(result["data"]))
         return target
+
+    async def start_trace(self) -> None:
+        """Record a DevTools timeline trace until :meth:`stop_trace`."""
+        self._trace = []
+        await self.send("Tracing.start", {
+            "categories": TRACE_CATEGORIES, "transferMode": "ReportEvents",
+        })
+
+    async def stop_trace(self) -> list[MainThreadTask]:
+        """End the trace; the tasks the page's main thread ran meanwhile."""
+        complete = self._expect("Tracing.tracingComplete")
+        await self.send("Tracing.end")
+        try:
+            await asyncio.wait_for(complete, self.command_timeout)
+        except TimeoutError:
+            raise CDPError(f"the trace did not complete within {self.command_timeout}s") from None
+        events, self._trace = self._trace or [], None
+        return main_thread_tasks(events)
 
     # ------------------------------------------------------------------ what went wrong
 
