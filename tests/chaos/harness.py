@@ -79,6 +79,9 @@ class Phase(StrEnum):
     RECORDED = "once the end is recorded"
     """Central has written the end of the target's session: the CP is free, and the next
     request is decided right away."""
+    NEXT = "as the next session starts"
+    """The target's session ended and Central has just accepted the next request on it
+    (both read, the offsets maybe not committed yet)."""
 
 
 # --------------------------------------------------------------------------- observer
@@ -475,6 +478,11 @@ class ChaosRun:
             ended = [sid for at, cp, sid in self.observer.ended if at >= since and cp == cp_id]
             if phase is Phase.END:
                 return bool(ended)
+            if phase is Phase.NEXT:
+                first_end = min((at for at, cp, _ in self.observer.ended
+                                 if at >= since and cp == cp_id), default=None)
+                return first_end is not None and self.observer.accepted_since(
+                    cp_id, first_end) is not None
             if phase is Phase.RECORDED:
                 if not ended:
                     return False

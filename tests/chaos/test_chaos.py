@@ -3,13 +3,13 @@ processes, then the ledger's invariants (SPEC §4, :mod:`tests.chaos.ledger`).
 
 Every run starts Central and two CPs (engine and monitor each), then plays rounds. In a
 round requests come to every CP (one per CP every 1.5 s, answered or not) until the target
-CP's session reaches the round's phase (mid-session, just before its end, at its end, or
-once Central has recorded its end: see :class:`~tests.chaos.harness.Phase`); the fault
-hits; once it has ended the load stops and every CP must accept a new request within 30 s;
-then every request must have its final status and, once the CPs are idle, the ledger must
-be exact (checked on everything so far; a row of the table shows what is new in its
-round). ``chaos`` marks the full matrix (``make chaos``); ``chaos_fast`` the shorter
-subset that runs with ``make test``.
+CP's session reaches the round's phase (mid-session, just before its end, at its end,
+once Central has recorded its end, or as the next session starts: see
+:class:`~tests.chaos.harness.Phase`); the fault hits; once it has ended the load stops and
+every CP must accept a new request within 30 s; then every request must have its final
+status and, once the CPs are idle, the ledger must be exact (checked on everything so far;
+a row of the table shows what is new in its round). ``chaos`` marks the full matrix
+(``make chaos``); ``chaos_fast`` the shorter subset that runs with ``make test``.
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ class Scenario:
         return f"{self.fault} {self.hold:g}s {phase.value}"
 
 
-MID, LATE, END, RECORDED = Phase.MID, Phase.LATE, Phase.END, Phase.RECORDED
+MID, LATE, END, RECORDED, NEXT = (
+    Phase.MID, Phase.LATE, Phase.END, Phase.RECORDED, Phase.NEXT
+)
 QUICK_SILENCE = {"CENTRAL_CP_SILENCE_TIMEOUT": "5"}
 """With its monitor dead, a crashed engine is noticed by its silence."""
 
 FULL = [
     Scenario("db-lock", 20, (MID, RECORDED), central_only=True),
-    Scenario("central-kill", 5, (MID, LATE, END), meter_settles=True),
+    Scenario("central-kill", 5, (MID, LATE, END, NEXT), meter_settles=True),
     Scenario("frozen-engine", 20, (MID, END)),
     Scenario("engine-kill", 3, (MID, LATE, END)),
     Scenario("monitor-kill", 3, (MID, END), QUICK_SILENCE),
@@ -71,7 +73,7 @@ FULL = [
 ]
 FAST = [
     Scenario("db-lock", 8, (MID,), central_only=True),
-    Scenario("central-kill", 4, (END,), meter_settles=True),
+    Scenario("central-kill", 4, (LATE,), meter_settles=True),
     Scenario("frozen-engine", 8, (MID,)),
     Scenario("engine-kill", 2, (LATE,)),
     Scenario("monitor-kill", 1, (MID,), QUICK_SILENCE),
