@@ -5,7 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CPS ?= 2
-DRIVERS ?= 1
+DRIVERS ?=
+LOAD ?=
+SITES ?=
 ARGS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcard .env),.env,.env.example)
 
@@ -26,8 +28,9 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (done by the other targets too)
 
-run: $(STAMP) ## start the whole system locally: broker, Central, CPS engines+monitors, DRIVERS drivers
-	$(PY) -m evcharging run --cps $(CPS) --drivers $(DRIVERS) $(ARGS)
+run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet above 20), DRIVERS, LOAD/s
+	$(PY) -m evcharging run --cps $(CPS) $(if $(DRIVERS),--drivers $(DRIVERS)) \
+	  $(if $(LOAD),--load $(LOAD)) $(if $(SITES),--sites $(SITES)) $(ARGS)
 
 test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch

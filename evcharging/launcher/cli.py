@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 from dotenv import dotenv_values
 from pydantic import ValidationError
 
-from evcharging.common.config import CentralSettings, CPEngineSettings, DriverSettings
+from evcharging.apps.ev_driver.driver import load_requests
+from evcharging.common.config import (
+    CentralSettings,
+    CPEngineSettings,
+    DriverSettings,
+    FleetSettings,
+    LoadSettings,
+)
 from evcharging.devtools.kafka_broker import DEFAULT_PORT as KAFKA_DEFAULT_PORT
 from evcharging.devtools.kafka_broker import KafkaBrokerError
 from evcharging.launcher.broker import (
@@ -39,14 +46,18 @@ from evcharging.launcher.plan import (
     EXIT_KILLED,
     EXIT_OK,
     EXIT_USAGE,
+    FLEET_THRESHOLD,
     MAX_CPS,
     MAX_DRIVERS,
+    MAX_ENGINES,
     LaunchError,
     LaunchOptions,
+    Role,
     busy_ports,
     child_specs,
     plan_ports,
     resolve_bootstrap,
+    use_fleet,
 )
 from evcharging.launcher.supervisor import Supervisor, supervise
 
@@ -57,14 +68,14 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------- flags
 
 
-def _count(limit: int) -> Callable[[str], int]:
+def _count(limit: int, low: int = 0) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not 0 <= value <= limit:
-            raise argparse.ArgumentTypeError(f"must be between 0 and {limit}, not {value}")
+        if not low <= value <= limit:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {limit}, not {value}")
         return value
 
     return parse
@@ -77,6 +88,16 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be between 1 and 65535, not {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of drivers per second: {text!r}") from None
+    if not 0 < value <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be more than 0 (and at most 100000), not {text}")
     return value
 
 
@@ -101,24 +122,55 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="start the whole system locally (Kafka, Central, CPs, drivers); Ctrl-C stops it",
         description=(
             "Start the whole EV charging network on this machine: a Kafka broker (unless one "
-            "is configured), EV Central, N charging points (engine + monitor each) and M "
-            "drivers, with every process's output in this terminal. Ctrl-C stops everything "
-            "in order (drivers, monitors, engines, Central, broker); a second Ctrl-C kills."
+            "is configured), EV Central, N charging points and M drivers, with every "
+            "process's output in this terminal. Up to "
+            f"{FLEET_THRESHOLD} CPs each CP is a CP Engine and a CP Monitor process "
+            f"(CP-001 …); more than {FLEET_THRESHOLD} run in one CP Fleet process (CP-00001 "
+            "…, see --fleet). --load starts the driver load generator too. Ctrl-C stops "
+            "everything in order (load, drivers, monitors, engines or fleet, Central, "
+            "broker); a second Ctrl-C kills."
         ),
         epilog=(
             "Other settings (e.g. CP_ENGINE_SESSION_SECONDS, CENTRAL_API_TOKEN) reach the "
             "services through the environment or .env, as usual; see .env.example. "
-            "Examples: make run CPS=3 DRIVERS=2; make run ARGS='--restart --http-port 8080'"
+            "Examples: make run CPS=3 DRIVERS=2; make run CPS=10000 SITES=8 LOAD=100; "
+            "make run ARGS='--restart --http-port 8080'"
         ),
     )
     parser.add_argument("--cps", type=_count(MAX_CPS), default=2, metavar="N",
-                        help="charging points CP-001..CP-N, engine + monitor each (default: 2)")
+                        help=f"charging points (default: 2): up to {FLEET_THRESHOLD}, CP-001..CP-N "
+                        f"with an engine and a monitor process each (at most {MAX_ENGINES} "
+                        f"that way); more than {FLEET_THRESHOLD}, CP-00001..CP-N in one CP "
+                        "Fleet process")
+    # Not exclusive: the last one given wins (make run passes its flags first, ARGS last).
+    parser.add_argument("--fleet", dest="fleet", action="store_const", const=True,
+                        default=None, help="run the CPs in one CP Fleet process whatever their "
+                        f"number (default: only above {FLEET_THRESHOLD} CPs); ids CP-00001 …, "
+                        "monitored by the fleet itself")
+    parser.add_argument("--no-fleet", dest="fleet", action="store_const", const=False,
+                        help="one CP Engine and one CP Monitor process per CP whatever their "
+                        f"number (at most {MAX_ENGINES}); ids CP-001 …")
+    parser.add_argument("--sites", type=_count(10_000, low=1), default=None, metavar="S",
+                        help="sites the fleet's CPs are grouped into (default: $FLEET_SITES "
+                        "or 1; fleet only)")
+    parser.add_argument("--fleet-port", type=_port, default=None, metavar="PORT",
+                        help="the CP Fleet's HTTP port: /health, /cp/ID/health, /cp/ID/fault, "
+                        "/cp/ID/recover (default: $FLEET_HTTP_PORT or 8100)")
     # Not exclusive: the last one given wins, so `make run ARGS=--no-drivers` works although
     # the Makefile passes --drivers first.
     parser.add_argument("--drivers", type=_count(MAX_DRIVERS), default=None, metavar="M",
-                        help="drivers driver-1..driver-M over the requests file (default: 1)")
+                        help="drivers driver-1..driver-M over the requests file (default: 1 "
+                        "with engines, 0 with the fleet, whose ids the requests file does "
+                        "not name)")
     parser.add_argument("--no-drivers", dest="drivers", action="store_const", const=0,
                         help="start no driver (same as --drivers 0)")
+    parser.add_argument("--load", type=_rate, default=None, metavar="RATE",
+                        help="also start the driver load generator (ev_load): RATE new "
+                        "drivers per second, each charging once at a free CP of this run")
+    parser.add_argument("--load-duration", type=_seconds, default=None, metavar="S",
+                        help="seconds during which the load's drivers arrive (default: "
+                        "$LOAD_DURATION when set, else until Ctrl-C); its summary is printed "
+                        "at its end")
     parser.add_argument(
         "--kafka-bootstrap", metavar="HOST:PORT", default=None,
         help="use this broker (default: $KAFKA_BOOTSTRAP or $CENTRAL_KAFKA_BOOTSTRAP, also "
@@ -147,11 +199,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--restart", action="store_true",
                         help="restart a process that dies (backoff 1 s doubling to 30 s)")
     parser.add_argument("--start-timeout", type=_seconds, default=DEFAULT_START_TIMEOUT,
-                        metavar="S", help="seconds to wait for Central, then for the CPs "
+                        metavar="S", help="seconds to wait for Central, then for the CPs; "
+                        "for the fleet's, seconds without one more CP ACTIVATED "
                         "(default: %(default)g)")
     parser.add_argument("--stop-timeout", type=_seconds, default=DEFAULT_STOP_TIMEOUT,
-                        metavar="S", help="seconds each process gets to stop before SIGKILL "
-                        "(default: %(default)g)")
+                        metavar="S", help="seconds each process gets to stop before SIGKILL; "
+                        "the CP Fleet gets 1 s more per 500 CPs (default: %(default)g)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="colour the name prefixes (default: auto, off when NO_COLOR is "
                         "set or the output is not a terminal)")
@@ -167,6 +220,8 @@ def options_from_args(
         central = CentralSettings()
         engine = CPEngineSettings(cp_id="CP-001")
         driver = DriverSettings(driver_id="driver-1")
+        fleet = FleetSettings()
+        load = LoadSettings()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -176,9 +231,19 @@ def options_from_args(
     def pick(flag: Any, setting: Any) -> Any:
         return setting if flag is None else flag
 
+    with_fleet = use_fleet(args.cps, args.fleet)
+    if not with_fleet and args.cps > MAX_ENGINES:
+        raise LaunchError(
+            f"--no-fleet starts an engine and a monitor process per CP: at most {MAX_ENGINES} "
+            f"CPs, not {args.cps} (without --no-fleet they run in one CP Fleet process)"
+        )
+    quiet: set[Role] = set()
+    if with_fleet:  # at INFO, Central and the fleet log a line per CP and per session
+        quiet |= {role for role, settings in ((Role.CENTRAL, central), (Role.FLEET, fleet))
+                  if "log_level" not in settings.model_fields_set}
     return LaunchOptions(
         cps=args.cps,
-        drivers=1 if args.drivers is None else args.drivers,
+        drivers=pick(args.drivers, 0 if with_fleet else 1),
         http_port=pick(args.http_port, central.http_port),
         listen_port=pick(args.listen_port, central.listen_port),
         base_health_port=pick(args.base_health_port, engine.health_port),
@@ -190,7 +255,37 @@ def options_from_args(
         start_timeout=args.start_timeout,
         stop_timeout=args.stop_timeout,
         colour=args.color,
+        fleet=with_fleet,
+        sites=pick(args.sites, fleet.sites),
+        fleet_port=pick(args.fleet_port, fleet.http_port),
+        load=args.load,
+        load_duration=pick(
+            args.load_duration, load.duration if "duration" in load.model_fields_set else None
+        ),
+        quiet=frozenset(quiet),
     )
+
+
+def option_warnings(args: argparse.Namespace, options: LaunchOptions) -> list[str]:
+    """What the user asked for that will not do what they may expect."""
+    warnings = []
+    if args.sites is not None and not options.fleet:
+        warnings.append("--sites groups the CP Fleet's CPs; with engines (--no-fleet, or "
+                        f"{FLEET_THRESHOLD} CPs or fewer) it is ignored")
+    if options.drivers:
+        try:
+            wanted = load_requests(options.requests_file)
+        except (OSError, ValueError):
+            wanted = []  # the driver itself reports what is wrong with the file
+        ids = options.ids
+        if wanted and not set(ids).intersection(wanted):
+            shown = ", ".join(ids[:2]) + (" …" if len(ids) > 2 else "")
+            warnings.append(
+                f"the requests file {options.requests_file} names none of this run's CPs "
+                f"({shown or 'none'}): Central will deny those requests as 'unknown CP'"
+                + (" (the fleet's ids have five digits)" if options.fleet else "")
+            )
+    return warnings
 
 
 def _read_dotenv(path: Path = Path(".env")) -> dict[str, str | None]:
@@ -208,7 +303,8 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         options = options_from_args(args, os.environ, _read_dotenv())
         plan = plan_ports(
-            options.http_port, options.listen_port, options.base_health_port, options.cps
+            options.http_port, options.listen_port, options.base_health_port, options.cps,
+            options.fleet_port if options.fleet and options.cps else None,
         )
         problems = busy_ports(plan)
         if problems:
@@ -221,6 +317,8 @@ def run_command(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         console.error(f"error: {exc}")
         return EXIT_USAGE
+    for warning in option_warnings(args, options):
+        console.warn(warning)
     names = [LAUNCHER, KAFKA, *(spec.name for spec in child_specs(options, "x"))]
     console.width = prefix_width(names)
     route_logs(console)

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
-from evcharging.launcher.plan import LaunchOptions, Role, cp_ids
+from evcharging.launcher.plan import FLEET_THRESHOLD, LaunchOptions, Role
 
 LAUNCHER = "launcher"
 KAFKA = "kafka"
@@ -24,7 +24,9 @@ ROLE_COLOURS = {
     Role.CENTRAL: "\033[1;35m",
     Role.ENGINE: "\033[36m",
     Role.MONITOR: "\033[32m",
+    Role.FLEET: "\033[36m",
     Role.DRIVER: "\033[34m",
+    Role.LOAD: "\033[34m",
 }
 
 
@@ -117,25 +119,50 @@ def route_logs(console: Console) -> None:
 def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
     """What runs and where: shown once the system is up."""
     http, base = options.http_port, options.base_health_port
-    cps = cp_ids(options.cps)
+    cps = options.ids
+    shown = ", ".join(cps) if len(cps) <= 4 else f"{cps[0]} .. {cps[-1]}"
+    fleet_lines: list[tuple[str, str | None]] = []
     if not cps:
         running, health = "Central, no CP", "no CP"
+    elif options.fleet:
+        why = (f"> {FLEET_THRESHOLD} CPs; --no-fleet: a process per CP"
+               if options.cps > FLEET_THRESHOLD else "--fleet")
+        running = f"Central, {len(cps):,} CPs ({shown}, {options.sites} site(s))"
+        fleet = f"http://localhost:{options.fleet_port}"
+        health = f"{fleet}/cp/{cps[0]}/health  (POST .../fault and .../recover to break it)"
+        fleet_lines = [(f"  CP Fleet:  {fleet}/health  (one process for every CP: {why})",
+                        None)]
     else:
-        shown = ", ".join(cps) if len(cps) <= 4 else f"{cps[0]} .. {cps[-1]}"
         running = f"Central, {len(cps)} CP(s) ({shown})"
         health = f"http://localhost:{base}/health" + (
             f" (CP-001); port {base + len(cps) - 1} for {cps[-1]}" if len(cps) > 1 else ""
         )
     rule = "=" * 72  # ASCII: the banner must read well in any terminal and CI log
-    lines = [
+    lines: list[tuple[str, str | None]] = [
         (rule, BOLD),
         (f"  EV charging network running: {running}, {options.drivers} driver(s)", BOLD),
         (f"  Dashboard: http://localhost:{http}/", GREEN),
+        (f"  Summary:   http://localhost:{http}/summary   (one page of CPs: "
+         f"http://localhost:{http}/cp?limit=5)", None),
         (f"  API docs:  http://localhost:{http}/docs", None),
         (f"  TCP control plane: localhost:{options.listen_port}  "
          f"(python -m evcharging.apps.ev_central.ctl --port {options.listen_port} status)",
          None),
+        *fleet_lines,
         (f"  CP health: {health}", None),
+    ]
+    if options.load is not None:
+        until = ("until Ctrl-C" if options.load_duration is None
+                 else f"for {options.load_duration:g} s")
+        lines.append((f"  Load:      {options.load:g} new drivers/s (ev_load), {until}", None))
+    if options.quiet:
+        names = " and ".join(
+            {Role.CENTRAL: "Central", Role.FLEET: "the fleet"}.get(role, role.short)
+            for role in (Role.CENTRAL, Role.FLEET) if role in options.quiet
+        )
+        lines.append((f"  Logs:      {names}: warnings only (*_LOG_LEVEL=INFO: a line per "
+                      "CP change)", None))
+    lines += [
         (f"  Kafka:     {kafka_note}", None),
         (f"  Database:  {options.db_path}", None),
         ("  Stop:      Ctrl-C (stops everything in order; twice kills)", BOLD),

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from evcharging.apps.ev_fleet.plan import cp_id as fleet_cp_id
 from evcharging.devtools.process import port_free
 
 EXIT_OK = 0
@@ -22,10 +23,21 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 BOOTSTRAP_VARIABLES = ("KAFKA_BOOTSTRAP", "CENTRAL_KAFKA_BOOTSTRAP")
 """Variables that name an existing broker (``KAFKA_BOOTSTRAP`` is the launcher's own)."""
 
-MAX_CPS = 999
+MAX_ENGINES = 999
+"""CPs with --no-fleet: one engine and one monitor process each, ids ``CP-001`` … ``CP-999``."""
+MAX_CPS = 100_000
+"""CPs in one CP Fleet (its own limit, ``FLEET_CPS``)."""
+FLEET_THRESHOLD = 20
+"""More CPs than this run in one CP Fleet process unless --no-fleet is given."""
 MAX_DRIVERS = 999
 DEFAULT_START_TIMEOUT = 60.0
 DEFAULT_STOP_TIMEOUT = 10.0
+FLEET_STOP_EXTRA = 500
+"""The CP Fleet gets one more second to stop per this many CPs (it stops them in batches;
+10,000 take about 8 s on two cores)."""
+FLEET_ID_PREFIX = "CP-"
+LOAD_FOREVER = 365 * 24 * 3600.0
+"""The load generator's --duration when the run's load has no end: until Ctrl-C."""
 
 
 class LaunchError(Exception):
@@ -38,7 +50,9 @@ class Role(enum.Enum):
     CENTRAL = ("central", "EV Central", "evcharging.apps.ev_central.main")
     ENGINE = ("cp-e", "CP engines", "evcharging.apps.ev_cp_e.main")
     MONITOR = ("cp-m", "CP monitors", "evcharging.apps.ev_cp_m.main")
+    FLEET = ("cp-fleet", "the CP Fleet", "evcharging.apps.ev_fleet.main")
     DRIVER = ("driver", "drivers", "evcharging.apps.ev_driver.main")
+    LOAD = ("load", "the driver load", "evcharging.apps.ev_load.main")
 
     def __init__(self, short: str, plural: str, module: str) -> None:
         self.short = short
@@ -46,7 +60,7 @@ class Role(enum.Enum):
         self.module = module
 
 
-STOP_ORDER = (Role.DRIVER, Role.MONITOR, Role.ENGINE, Role.CENTRAL)
+STOP_ORDER = (Role.LOAD, Role.DRIVER, Role.MONITOR, Role.ENGINE, Role.FLEET, Role.CENTRAL)
 
 
 @dataclass(frozen=True)
@@ -71,12 +85,16 @@ class PortPlan:
     http: int
     listen: int
     health: tuple[int, ...]
+    fleet: int | None = None
+    """The CP Fleet's HTTP port (fleet mode only)."""
 
     def uses(self) -> list[PortUse]:
         uses = [
             PortUse(self.http, "Central's dashboard and HTTP API", "--http-port"),
             PortUse(self.listen, "Central's TCP control plane", "--listen-port"),
         ]
+        if self.fleet is not None:
+            uses.append(PortUse(self.fleet, "the CP Fleet's HTTP port", "--fleet-port"))
         uses += [
             PortUse(port, f"the /health endpoint of {cp_id}", "--base-health-port")
             for cp_id, port in zip(cp_ids(len(self.health)), self.health, strict=True)
@@ -102,6 +120,29 @@ class LaunchOptions:
     start_timeout: float = DEFAULT_START_TIMEOUT
     stop_timeout: float = DEFAULT_STOP_TIMEOUT
     colour: str = "auto"
+    fleet: bool = False
+    """One CP Fleet process runs the CPs (``CP-00001`` …) instead of an engine and a
+    monitor per CP (``CP-001`` …)."""
+    sites: int = 1
+    """Sites of the fleet's CPs."""
+    fleet_port: int = 8100
+    load: float | None = None
+    """Driver arrivals per second of the load generator; None: no load generator."""
+    load_duration: float | None = None
+    """Seconds of load; None: until the run stops."""
+    quiet: frozenset[Role] = frozenset()
+    """Children started with ``--log-level WARNING`` (in fleet mode, where INFO is a line
+    per CP and per session, unless their ``*_LOG_LEVEL`` is set)."""
+
+    @property
+    def fleet_stop_timeout(self) -> float:
+        """The CP Fleet's stop timeout: one more second per :data:`FLEET_STOP_EXTRA` CPs."""
+        return self.stop_timeout + self.cps / FLEET_STOP_EXTRA
+
+    @property
+    def ids(self) -> list[str]:
+        """The ids of this run's CPs."""
+        return fleet_ids(self.cps) if self.fleet else cp_ids(self.cps)
 
 
 @dataclass(frozen=True)
@@ -124,8 +165,19 @@ class ChildSpec:
 
 
 def cp_ids(count: int) -> list[str]:
-    """``CP-001`` … ``CP-<count>``."""
+    """``CP-001`` … ``CP-<count>``: the ids of the engines."""
     return [f"CP-{i:03d}" for i in range(1, count + 1)]
+
+
+def fleet_ids(count: int) -> list[str]:
+    """``CP-00001`` … : the ids of a fleet's CPs (as the fleet names them)."""
+    return [fleet_cp_id(FLEET_ID_PREFIX, i) for i in range(1, count + 1)]
+
+
+def use_fleet(cps: int, choice: bool | None) -> bool:
+    """Whether a run of `cps` CPs uses the CP Fleet: ``--fleet`` / ``--no-fleet`` when given
+    (`choice`), else above :data:`FLEET_THRESHOLD` CPs."""
+    return cps > FLEET_THRESHOLD if choice is None else choice
 
 
 def driver_ids(count: int) -> list[str]:
@@ -133,9 +185,13 @@ def driver_ids(count: int) -> list[str]:
     return [f"driver-{i}" for i in range(1, count + 1)]
 
 
-def plan_ports(http: int, listen: int, base_health: int, cps: int) -> PortPlan:
-    """The ports of a run; LaunchError when one is out of range or two collide."""
-    plan = PortPlan(http, listen, tuple(range(base_health, base_health + cps)))
+def plan_ports(
+    http: int, listen: int, base_health: int, cps: int, fleet_port: int | None = None
+) -> PortPlan:
+    """The ports of a run (with `fleet_port`, the CPs are a fleet's and need no health
+    ports of their own); LaunchError when one is out of range or two collide."""
+    health = () if fleet_port is not None else tuple(range(base_health, base_health + cps))
+    plan = PortPlan(http, listen, health, fleet_port)
     for use in plan.uses():
         if not 1 <= use.port <= 65535:
             raise LaunchError(
@@ -179,27 +235,41 @@ def resolve_bootstrap(
 def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
     """Every child of a run, in start order, with the seed flags of SPEC §1."""
     http = str(options.http_port)
+
+    def quiet(role: Role) -> tuple[str, ...]:
+        return ("--log-level", "WARNING") if role in options.quiet else ()
+
     specs = [
         ChildSpec(
             "central",
             Role.CENTRAL,
             ("--kafka-bootstrap", bootstrap, "--http-port", http,
-             "--listen-port", str(options.listen_port), "--db-path", str(options.db_path)),
+             "--listen-port", str(options.listen_port), "--db-path", str(options.db_path),
+             *quiet(Role.CENTRAL)),
         )
     ]
-    for offset, cp_id in enumerate(cp_ids(options.cps)):
-        health = str(options.base_health_port + offset)
+    if options.fleet and options.cps:
         specs.append(ChildSpec(
-            f"cp-e {cp_id}", Role.ENGINE,
-            ("--kafka-bootstrap", bootstrap, "--cp-id", cp_id, "--health-port", health),
-            cp_id,
+            "cp-fleet", Role.FLEET,
+            ("--kafka-bootstrap", bootstrap, "--cps", str(options.cps),
+             "--id-prefix", FLEET_ID_PREFIX, "--http-port", str(options.fleet_port),
+             "--central-host", "localhost", "--central-port", http,
+             "--sites", str(options.sites), *quiet(Role.FLEET)),
         ))
-        specs.append(ChildSpec(
-            f"cp-m {cp_id}", Role.MONITOR,
-            ("--cp-id", cp_id, "--cp-e-host", "localhost", "--cp-e-port", health,
-             "--central-host", "localhost", "--central-port", http),
-            cp_id,
-        ))
+    elif not options.fleet:
+        for offset, cp_id in enumerate(cp_ids(options.cps)):
+            health = str(options.base_health_port + offset)
+            specs.append(ChildSpec(
+                f"cp-e {cp_id}", Role.ENGINE,
+                ("--kafka-bootstrap", bootstrap, "--cp-id", cp_id, "--health-port", health),
+                cp_id,
+            ))
+            specs.append(ChildSpec(
+                f"cp-m {cp_id}", Role.MONITOR,
+                ("--cp-id", cp_id, "--cp-e-host", "localhost", "--cp-e-port", health,
+                 "--central-host", "localhost", "--central-port", http),
+                cp_id,
+            ))
     specs += [
         ChildSpec(
             driver_id, Role.DRIVER,
@@ -208,7 +278,26 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
         )
         for driver_id in driver_ids(options.drivers)
     ]
+    if options.load is not None:
+        specs.append(ChildSpec("load", Role.LOAD, load_args(options, bootstrap)))
     return specs
+
+
+def load_args(options: LaunchOptions, bootstrap: str) -> tuple[str, ...]:
+    """The load generator's flags: this run's broker, Central and CPs (only those, so a
+    database that remembers the CPs of another run does not draw requests to them)."""
+    assert options.load is not None
+    duration = options.load_duration if options.load_duration is not None else LOAD_FOREVER
+    args = ["--kafka-bootstrap", bootstrap, "--rate", f"{options.load:g}",
+            "--duration", f"{duration:.10g}",
+            "--central-url", f"http://localhost:{options.http_port}"]
+    if options.cps and options.fleet:  # a count: CP-00001 … as the fleet names them
+        args += ["--cps", str(options.cps), "--cp-prefix", FLEET_ID_PREFIX]
+    elif options.cps:
+        args += ["--cps", ",".join(cp_ids(options.cps))]
+    if Role.LOAD in options.quiet:
+        args += ["--log-level", "WARNING"]
+    return tuple(args)
 
 
 def child_env(environ: Mapping[str, str], colour: bool = False) -> dict[str, str]:

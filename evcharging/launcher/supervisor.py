@@ -1,10 +1,12 @@
 """Supervision: start the children in order, watch and restart them, stop them in order.
 
-Start order: Central (wait for ``GET /health``), the engines, each engine's monitor once
-Central shows its CP ACTIVATED, then the drivers. Stop order (:data:`STOP_ORDER`): drivers,
-monitors, engines, Central. The first SIGINT/SIGTERM/SIGHUP stops everything in that order
-(SIGTERM, up to ``--stop-timeout`` s each, then SIGKILL); a second one kills what is left at
-once, as uvicorn's second Ctrl-C forces its exit.
+Start order: Central (wait for ``GET /health``), then the CPs: either the engines, each
+engine's monitor once Central shows its CP ACTIVATED, or the CP Fleet, until Central counts
+its CPs ACTIVATED (``GET /cp?state=ACTIVATED``, ``X-Total-Count``; a progress line every few
+seconds); then the drivers and the load generator. Stop order (:data:`STOP_ORDER`): load,
+drivers, monitors, engines, fleet, Central. The first SIGINT/SIGTERM/SIGHUP stops everything
+in that order (SIGTERM, up to ``--stop-timeout`` s each, the fleet a little longer, then
+SIGKILL); a second one kills what is left at once, as uvicorn's second Ctrl-C forces its exit.
 """
 
 from __future__ import annotations
@@ -39,6 +41,11 @@ from evcharging.launcher.plan import (
 )
 
 POLL_INTERVAL = 0.25
+FLEET_POLL_INTERVAL = 0.5
+"""Between two counts of the fleet's CPs at Central (a count is cheap, but 10,000 CPs keep
+Central busy while they connect)."""
+PROGRESS_EVERY = 2.0
+"""Seconds between two progress lines while the fleet's CPs connect."""
 
 
 class StartupError(Exception):
@@ -75,14 +82,18 @@ class Supervisor:
         self._env = child_env(environ, console.colour)
         self._die_with_parent = DieWithParent()
         self._base_url = f"http://127.0.0.1:{options.http_port}"
+        self._fleet_url = f"http://127.0.0.1:{options.fleet_port}"
 
     # ----------------------------------------------------------------- signals
 
     def on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
         if self._signals == 1:
+            roles = {spec.role for spec in self.specs}
+            what = [role.plural for role in STOP_ORDER if role in roles]
+            listed = ", ".join(what[:-1]) + (" and " if len(what) > 1 else "") + what[-1]
             self.console.warn(
-                f"{sig.name} received: stopping drivers, monitors, engines and Central"
+                f"{sig.name} received: stopping {listed}"
                 f"{', then the Kafka broker' if self.own_broker else ''} "
                 "(Ctrl-C again kills them at once)"
             )
@@ -131,7 +142,19 @@ class Supervisor:
             self.console.ok(
                 f"every CP is ACTIVATED ({time.monotonic() - began:.1f} s)"
             )
-        for spec in by_role[Role.DRIVER]:
+        if by_role[Role.FLEET]:
+            fleet = self._launch(by_role[Role.FLEET][0])
+            self.console.say(
+                f"waiting for the CP Fleet's {self.options.cps:,} CPs to be ACTIVATED at "
+                "Central ..."
+            )
+            began = time.monotonic()
+            await self._wait_fleet(central, fleet)
+            self.console.ok(
+                f"every CP is ACTIVATED: {self.options.cps:,} CPs in "
+                f"{time.monotonic() - began:.1f} s"
+            )
+        for spec in by_role[Role.DRIVER] + by_role[Role.LOAD]:
             self._launch(spec)
 
     async def _wait_central(self, central: Child) -> None:
@@ -195,6 +218,48 @@ class Supervisor:
                         "the wait)"
                     )
                 await self._pause()
+
+    async def _wait_fleet(self, central: Child, fleet: Child) -> None:
+        """Until Central shows ACTIVATED every CP the fleet has connected and ACTIVATED.
+
+        Central's count is the ``X-Total-Count`` of ``GET /cp?state=ACTIVATED&limit=1``; the
+        fleet's ``/health`` says how many of its CPs are still DISCONNECTED (not connected
+        yet) and how many are ACTIVATED (a CP of its random faults may be in FAULT). Gives
+        up after ``--start-timeout`` seconds in which neither count grew.
+        """
+        total = self.options.cps
+        began = last_progress = time.monotonic()
+        next_line = began + PROGRESS_EVERY
+        seen: tuple[int, int] = (-1, -1)
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
+            while True:
+                self._check_starting(central, fleet)
+                at_central = await _activated_at_central(http, self._base_url)
+                states = await _fleet_states(http, self._fleet_url)
+                connected = total - states.get("DISCONNECTED", total)
+                activated = states.get("ACTIVATED", 0)
+                now = time.monotonic()
+                if (at_central or 0) > seen[0] or connected > seen[1]:
+                    seen = (max(seen[0], at_central or 0), max(seen[1], connected))
+                    last_progress = now
+                if connected == total and at_central is not None and at_central >= activated:
+                    return
+                if now >= next_line:
+                    next_line = now + PROGRESS_EVERY
+                    self.console.say(
+                        f"  {_count_text(at_central)}/{total:,} CPs ACTIVATED at Central "
+                        f"(the fleet has connected {max(connected, 0):,}), "
+                        f"{now - began:.0f} s"
+                    )
+                if now - last_progress >= self.options.start_timeout:
+                    raise StartupError(
+                        f"the CP Fleet's CPs stopped coming up: {_count_text(at_central)} of "
+                        f"{total:,} ACTIVATED at Central and {max(connected, 0):,} connected by "
+                        f"the fleet, with no progress for {self.options.start_timeout:g} s; "
+                        "see the cp-fleet and central lines above (--start-timeout changes "
+                        "the wait)"
+                    )
+                await self._pause(FLEET_POLL_INTERVAL)
 
     def _check_starting(self, *children: Child) -> None:
         if self.stopping.is_set():
@@ -280,10 +345,16 @@ class Supervisor:
             if code == 0:
                 if child.spec.role is Role.DRIVER:
                     self.console.ok(f"{child.name} finished its requests file (exit code 0)")
+                elif child.spec.role is Role.LOAD:
+                    self.console.ok(
+                        f"{child.name} finished its run (exit code 0; its summary is above); "
+                        "the system keeps running"
+                    )
                 else:
                     self.console.warn(
-                        f"{child.name} exited by itself with exit code 0 (for an engine: "
-                        "Central sent SHUTDOWN); not restarted"
+                        f"{child.name} exited by itself with exit code 0"
+                        + (" (Central sent SHUTDOWN)" if child.spec.role is Role.ENGINE else "")
+                        + "; not restarted"
                     )
                 return
             child.failed = True
@@ -320,7 +391,8 @@ class Supervisor:
             live = [child.name for child in group if child.running]
             if live and not self.hurry.is_set():
                 self.console.say(f"stopping {role.plural}: {', '.join(live)}")
-            timeout = self.options.stop_timeout
+            timeout = (self.options.fleet_stop_timeout if role is Role.FLEET
+                       else self.options.stop_timeout)
             await asyncio.gather(*(c.stop(self.console, timeout, self.hurry) for c in group))
         killed = [child.name for child in self.children if child.killed]
         if killed:
@@ -329,6 +401,33 @@ class Supervisor:
             self.console.ok(f"all {len(self.children)} processes have stopped")
         elif self.children:
             self.console.ok("the process has stopped")
+
+
+async def _activated_at_central(http: httpx.AsyncClient, base_url: str) -> int | None:
+    """How many CPs Central lists ACTIVATED; None while it does not answer."""
+    try:
+        response = await http.get(f"{base_url}/cp", params={"state": "ACTIVATED", "limit": 1})
+        if response.status_code == 200:
+            return int(response.headers["X-Total-Count"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        pass
+    return None
+
+
+async def _fleet_states(http: httpx.AsyncClient, fleet_url: str) -> dict[str, int]:
+    """The fleet's CPs by state, from its ``/health``; empty while it does not answer."""
+    try:
+        response = await http.get(f"{fleet_url}/health")
+        states = response.json().get("states")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
+    if not isinstance(states, dict):
+        return {}
+    return {str(k): v for k, v in states.items() if isinstance(v, int)}
+
+
+def _count_text(count: int | None) -> str:
+    return "?" if count is None else f"{count:,}"
 
 
 @contextlib.contextmanager

@@ -153,7 +153,8 @@ def base_env(prefix: str, tmp: Path) -> dict[str, str]:
     """The user's environment without service settings or a broker, plus fast services."""
     env = {
         key: value for key, value in os.environ.items()
-        if not key.startswith(("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_"))
+        if not key.startswith(("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "FLEET_",
+                               "LOAD_"))
         and key != "KAFKA_BOOTSTRAP"
     }
     env.update({
@@ -166,6 +167,8 @@ def base_env(prefix: str, tmp: Path) -> dict[str, str]:
         "CENTRAL_TOPIC_PREFIX": prefix,
         "CP_ENGINE_TOPIC_PREFIX": prefix,
         "DRIVER_TOPIC_PREFIX": prefix,
+        "FLEET_TOPIC_PREFIX": prefix,
+        "LOAD_TOPIC_PREFIX": prefix,
         "CENTRAL_GROUP_ID": f"{prefix}central",
         "CENTRAL_DB_PATH": str(tmp / "ignored.db"),  # the flag must win
     })
@@ -299,3 +302,64 @@ def test_run_starts_and_stops_its_own_broker(
     assert not alive(brokers[0])
     assert_nothing_left(launcher, prefix, [http, listen, health, kafka])
     assert not work_dir.exists()
+
+
+def test_run_with_a_fleet_and_the_load_generator(
+    kafka_bootstrap: str, tmp_path: Path, prefix: str, launchers: list[Launcher]
+) -> None:
+    """More than 20 CPs: one CP Fleet process instead of an engine and a monitor per CP,
+    waited for with progress lines; --load starts the driver load generator, whose sessions
+    complete at the fleet's CPs; Ctrl-C stops the load, the fleet and Central in that order
+    and leaves nothing behind."""
+    http, listen, fleet = free_ports(1), free_ports(1), free_ports(1)
+    launcher = Launcher(
+        tmp_path,
+        ["--cps", "30", "--sites", "3", "--load", "4", "--kafka-bootstrap", kafka_bootstrap,
+         "--http-port", str(http), "--listen-port", str(listen), "--fleet-port", str(fleet),
+         "--db-path", str(tmp_path / "central.db")],
+        base_env(prefix, tmp_path),
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 90)
+    out = launcher.output()
+    assert "waiting for the CP Fleet's 30 CPs to be ACTIVATED at Central" in out
+    assert re.search(r"every CP is ACTIVATED: 30 CPs in [\d.]+ s", out)
+    assert "Central, 30 CPs (CP-00001 .. CP-00030, 3 site(s)), 0 driver(s)" in out
+    assert f"CP Fleet:  http://localhost:{fleet}/health  (one process for every CP" in out
+    assert "Load:      4 new drivers/s (ev_load), until Ctrl-C" in out
+    assert "Logs:      Central and the fleet: warnings only" in out
+    programs = [cmd for cmd in launcher.collect_children().values() if "evcharging.apps" in cmd]
+    assert sorted(cmd.split(" -m ")[1].split()[0] for cmd in programs) == [
+        "evcharging.apps.ev_central.main", "evcharging.apps.ev_fleet.main",
+        "evcharging.apps.ev_load.main",
+    ], programs
+
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        page = client.get(f"http://127.0.0.1:{http}/cp", params={"limit": 5})
+        assert page.headers["X-Total-Count"] == "30"
+        assert [cp["cp_id"] for cp in page.json()] == [f"CP-0000{i}" for i in range(1, 6)]
+        assert {cp["site"] for cp in page.json()} == {"site-01"}
+        summary = client.get(f"http://127.0.0.1:{http}/summary").json()
+        assert summary["cps"] == 30 and len(summary["by_site"]) == 3
+        assert client.get(f"http://127.0.0.1:{fleet}/health").json()["cps"] == 30
+
+        def completed() -> list[dict[str, object]] | None:
+            launcher.collect_children()
+            rows = client.get(f"http://127.0.0.1:{http}/sessions",
+                              params={"status": "COMPLETED"}).json()
+            return [row for row in rows if str(row["driver_id"]).startswith("load-")] or None
+
+        rows = wait_for(completed, 60, "a COMPLETED session of the load generator")
+        assert str(rows[0]["cp_id"]).startswith("CP-000")
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(90) == 0
+    out = launcher.output()
+    assert "stopping the driver load, the CP Fleet and EV Central" in out
+    order = [out.index(f"stopping {what}: ") for what in
+             ("the driver load", "the CP Fleet", "EV Central")]
+    assert order == sorted(order)
+    assert re.search(r"^load +\| load summary \(stopped early\)", out, re.MULTILINE)
+    assert "all 3 processes have stopped" in out
+    assert "killed (SIGKILL)" not in out
+    assert_nothing_left(launcher, prefix, [http, listen, fleet])

@@ -36,9 +36,10 @@ from evcharging.launcher.children import (
     describe_exit,
     next_delay,
 )
-from evcharging.launcher.cli import options_from_args, run_command
+from evcharging.launcher.cli import option_warnings, options_from_args, run_command
 from evcharging.launcher.console import Console, banner, format_line, prefix_width
 from evcharging.launcher.plan import (
+    LOAD_FOREVER,
     ChildSpec,
     KafkaChoice,
     LaunchError,
@@ -50,8 +51,10 @@ from evcharging.launcher.plan import (
     child_specs,
     cp_ids,
     driver_ids,
+    fleet_ids,
     plan_ports,
     resolve_bootstrap,
+    use_fleet,
 )
 from evcharging.launcher.supervisor import Supervisor, supervise
 from tests.polling import poll, poll_sync
@@ -148,10 +151,11 @@ def test_no_drivers(clean_env: Path) -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["--cps", "-1"], ["--cps", "1000"], ["--cps", "two"], ["--drivers", "-2"],
+        ["--cps", "-1"], ["--cps", "100001"], ["--cps", "two"], ["--drivers", "-2"],
         ["--http-port", "0"], ["--http-port", "65536"], ["--listen-port", "x"],
         ["--start-timeout", "0"], ["--stop-timeout", "-1"],
-        ["--color", "blue"], ["--kafka-port", "70000"],
+        ["--color", "blue"], ["--kafka-port", "70000"], ["--sites", "0"], ["--load", "0"],
+        ["--load", "fast"], ["--load-duration", "-5"], ["--fleet-port", "65536"],
     ],
 )
 def test_bad_flags_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -186,6 +190,62 @@ def test_invalid_settings_in_the_environment(
         options_from_args(parse(), {}, {})
 
 
+def test_more_than_20_cps_run_in_one_fleet(clean_env: Path) -> None:
+    assert [use_fleet(n, None) for n in (0, 2, 20, 21, 10_000)] == [
+        False, False, False, True, True,
+    ]
+    assert use_fleet(2, True) and not use_fleet(500, False)
+    engines = options_from_args(parse("--cps", "20"), {}, {})
+    assert (engines.fleet, engines.drivers, engines.quiet) == (False, 1, frozenset())
+    fleet = options_from_args(parse("--cps", "21"), {}, {})
+    assert (fleet.fleet, fleet.drivers, fleet.sites, fleet.fleet_port) == (True, 0, 1, 8100)
+    assert fleet.quiet == {Role.CENTRAL, Role.FLEET}  # INFO is a line per CP and session
+    assert options_from_args(parse("--cps", "3", "--fleet"), {}, {}).fleet
+    forced = options_from_args(parse("--cps", "500", "--fleet", "--no-fleet"), {}, {})
+    assert not forced.fleet and forced.drivers == 1  # the last one wins
+    assert options_from_args(parse("--cps", "10000", "--drivers", "2"), {}, {}).drivers == 2
+    assert options_from_args(parse("--cps", "100000"), {}, {}).cps == 100_000
+    with pytest.raises(LaunchError, match=r"at most 999 CPs, not 1000"):
+        options_from_args(parse("--cps", "1000", "--no-fleet"), {}, {})
+
+
+def test_fleet_and_load_defaults_follow_the_environment(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (clean_env / ".env").write_text("FLEET_SITES=8\nFLEET_HTTP_PORT=8200\n")
+    monkeypatch.setenv("CENTRAL_LOG_LEVEL", "INFO")  # asked for: not lowered
+    options = options_from_args(parse("--cps", "100", "--load", "12.5"), {}, {})
+    assert (options.sites, options.fleet_port, options.load) == (8, 8200, 12.5)
+    assert options.load_duration is None  # until Ctrl-C
+    assert options.quiet == {Role.FLEET}
+    flagged = options_from_args(
+        parse("--cps", "100", "--sites", "3", "--fleet-port", "8300", "--load", "2"), {}, {}
+    )
+    assert (flagged.sites, flagged.fleet_port) == (3, 8300)
+    monkeypatch.setenv("LOAD_DURATION", "90")
+    assert options_from_args(parse("--load", "1"), {}, {}).load_duration == 90
+    assert options_from_args(
+        parse("--load", "1", "--load-duration", "15"), {}, {}
+    ).load_duration == 15
+
+
+def test_option_warnings(clean_env: Path) -> None:
+    requests = clean_env / "requests.txt"
+    requests.write_text("CP-001\nCP-002\n")
+    fleet = options_from_args(parse("--cps", "50", "--drivers", "1"), {}, {})
+    (warning,) = option_warnings(parse("--cps", "50", "--drivers", "1"), fleet)
+    assert "names none of this run's CPs (CP-00001, CP-00002 …)" in warning
+    assert "unknown CP" in warning and "five digits" in warning
+    assert option_warnings(parse("--cps", "50"), options_from_args(parse("--cps", "50"), {}, {})
+                           ) == []  # no driver by default with the fleet
+    args = parse("--cps", "2", "--sites", "4")
+    (warning,) = option_warnings(args, options_from_args(args, {}, {}))
+    assert "--sites groups the CP Fleet's CPs" in warning
+    requests.write_text("CP-00007\n")
+    args = parse("--cps", "50", "--drivers", "1")
+    assert option_warnings(args, options_from_args(args, {}, {})) == []
+
+
 def test_bootstrap_precedence() -> None:
     env = {"KAFKA_BOOTSTRAP": "a:1", "CENTRAL_KAFKA_BOOTSTRAP": "b:2"}
     dotenv: dict[str, str | None] = {"KAFKA_BOOTSTRAP": "c:3", "CENTRAL_KAFKA_BOOTSTRAP": "d:4"}
@@ -215,6 +275,19 @@ def test_port_plan() -> None:
     ]
     assert "CP-003" in plan.uses()[-1].what
     assert plan_ports(8000, 9999, 8001, 0).health == ()
+
+
+def test_port_plan_of_a_fleet() -> None:
+    plan = plan_ports(8000, 9999, 8001, 10_000, 8100)
+    assert plan == PortPlan(8000, 9999, (), 8100)  # no health port per CP
+    assert [(u.port, u.flag) for u in plan.uses()] == [
+        (8000, "--http-port"), (9999, "--listen-port"), (8100, "--fleet-port"),
+    ]
+    with pytest.raises(LaunchError, match=r"port 8000 .*HTTP API.*CP Fleet.*--fleet-port"):
+        plan_ports(8000, 9999, 8001, 50, 8000)
+    busy = busy_ports(plan, is_free=lambda port: port != 8100)
+    assert busy == ["port 8100 (the CP Fleet's HTTP port) is already in use; choose another "
+                    "with --fleet-port"]
 
 
 @pytest.mark.parametrize(
@@ -319,21 +392,65 @@ def test_children_get_the_seed_flags() -> None:
     assert by_name["cp-m CP-001"].cp_id == "CP-001"
 
 
+def test_a_fleet_run_starts_one_fleet_and_the_load() -> None:
+    options = LaunchOptions(cps=10_000, drivers=1, http_port=8100, fleet=True, sites=4,
+                            fleet_port=8200, load=50, quiet=frozenset({Role.FLEET}))
+    specs = child_specs(options, "127.0.0.1:9092")
+    assert [(s.name, s.role) for s in specs] == [
+        ("central", Role.CENTRAL), ("cp-fleet", Role.FLEET), ("driver-1", Role.DRIVER),
+        ("load", Role.LOAD),
+    ]
+    by_name = {s.name: s for s in specs}
+    assert "--log-level" not in by_name["central"].args
+    assert by_name["cp-fleet"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_fleet.main", "--kafka-bootstrap", "127.0.0.1:9092",
+        "--cps", "10000", "--id-prefix", "CP-", "--http-port", "8200", "--central-host",
+        "localhost", "--central-port", "8100", "--sites", "4", "--log-level", "WARNING",
+    ]
+    assert by_name["load"].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_load.main", "--kafka-bootstrap", "127.0.0.1:9092",
+        "--rate", "50", "--duration", f"{LOAD_FOREVER:.0f}", "--central-url",
+        "http://localhost:8100", "--cps", "10000", "--cp-prefix", "CP-",
+    ]
+    engines = child_specs(LaunchOptions(cps=3, drivers=0, load=0.5, load_duration=30), "k:1")
+    assert [s.role for s in engines].count(Role.ENGINE) == 3
+    assert engines[-1].args == (
+        "--kafka-bootstrap", "k:1", "--rate", "0.5", "--duration", "30", "--central-url",
+        "http://localhost:8000", "--cps", "CP-001,CP-002,CP-003",
+    )
+    assert LaunchOptions(cps=10_000, fleet=True).ids[::9999] == ["CP-00001", "CP-10000"]
+    assert LaunchOptions(cps=12).ids[-1] == "CP-012"
+    assert LaunchOptions(cps=10_000, stop_timeout=10).fleet_stop_timeout == 30
+
+
 def test_every_child_module_parses_its_seed_flags() -> None:
     """The flags the launcher passes are flags the services know (their own parsers)."""
     from evcharging.common.config import build_parser as settings_parser
 
     classes = {Role.CENTRAL: CentralSettings, Role.ENGINE: CPEngineSettings,
-               Role.MONITOR: CPMonitorSettings, Role.DRIVER: DriverSettings}
-    for spec in child_specs(LaunchOptions(cps=1, drivers=1), "localhost:9092"):
-        parsed = vars(settings_parser(classes[spec.role], "x", "").parse_args(list(spec.args)))
-        assert len(parsed) * 2 == len(spec.args), spec
+               Role.MONITOR: CPMonitorSettings, Role.DRIVER: DriverSettings,
+               Role.FLEET: FleetSettings, Role.LOAD: LoadSettings}
+    runs = [LaunchOptions(cps=1, drivers=1, load=3),
+            LaunchOptions(cps=30, drivers=1, fleet=True, load=3, load_duration=60,
+                          quiet=frozenset(Role))]
+    seen = set()
+    for options in runs:
+        for spec in child_specs(options, "localhost:9092"):
+            parser = settings_parser(classes[spec.role], "x", "")
+            parsed = vars(parser.parse_args(list(spec.args)))
+            assert len(parsed) * 2 == len(spec.args), spec
+            settings = classes[spec.role](**{"cp_id": "CP-001", "driver_id": "d", **parsed})
+            assert settings is not None
+            seen.add(spec.role)
+    assert seen == set(Role)
 
 
 def test_ids() -> None:
     assert cp_ids(3) == ["CP-001", "CP-002", "CP-003"]
     assert cp_ids(12)[-1] == "CP-012"
     assert cp_ids(0) == []
+    assert fleet_ids(2) == ["CP-00001", "CP-00002"]  # as ev_fleet names them
+    assert fleet_ids(100_000)[-1] == "CP-100000"
     assert driver_ids(2) == ["driver-1", "driver-2"]
 
 
@@ -538,6 +655,49 @@ async def test_banner_shows_the_urls_and_how_to_stop() -> None:
     assert "TCP control plane: localhost:9999" in text
     assert "port 8003 for CP-003" in text
     assert "Ctrl-C" in text
+
+
+async def test_banner_of_a_fleet_with_load() -> None:
+    out = io.StringIO()
+    options = LaunchOptions(cps=10_000, drivers=0, fleet=True, sites=4, fleet_port=8200,
+                            load=40, quiet=frozenset({Role.CENTRAL, Role.FLEET}))
+    banner(Console(out, colour=False), options, "x:1 (mine)")
+    text = out.getvalue()
+    assert "running: Central, 10,000 CPs (CP-00001 .. CP-10000, 4 site(s)), 0 driver(s)" in text
+    assert ("CP Fleet:  http://localhost:8200/health  (one process for every CP: > 20 CPs; "
+            "--no-fleet: a process per CP)") in text
+    assert "CP health: http://localhost:8200/cp/CP-00001/health  (POST .../fault" in text
+    assert "Summary:   http://localhost:8000/summary" in text
+    assert "http://localhost:8000/cp?limit=5" in text
+    assert "Load:      40 new drivers/s (ev_load), until Ctrl-C" in text
+    assert "Logs:      Central and the fleet: warnings only" in text
+    out = io.StringIO()
+    banner(Console(out, colour=False), LaunchOptions(cps=3, fleet=True, load=1,
+                                                     load_duration=20), "x:1")
+    assert "(CP-00001, CP-00002, CP-00003, 1 site(s))" in out.getvalue()
+    assert "(one process for every CP: --fleet)" in out.getvalue()
+    assert "for 20 s" in out.getvalue()
+
+
+async def test_the_stop_message_names_what_runs() -> None:
+    out = io.StringIO()
+    options = LaunchOptions(cps=30, drivers=1, fleet=True, load=5)
+    sup = Supervisor(options, "x:1", Console(out, colour=False), os.environ, "", True)
+    sup.on_signal(signal.SIGTERM)
+    assert ("SIGTERM received: stopping the driver load, drivers, the CP Fleet and EV Central, "
+            "then the Kafka broker") in out.getvalue()
+    assert sup.stopping.is_set()
+
+
+async def test_a_load_that_ends_is_reported_and_not_restarted() -> None:
+    out = io.StringIO()
+    sup = supervisor(out, restart=True)
+    child = sup._launch(spec("load", Role.LOAD, FINISHING))
+    await wait_until(lambda: child.ended)
+    text = out.getvalue()
+    assert "load finished its run (exit code 0; its summary is above)" in text
+    assert "DIED" not in text and "restarting" not in text
+    await sup.shutdown()
 
 
 # --------------------------------------------------------------------------- a second signal
