@@ -141,6 +141,10 @@ class CPMonitorSettings(BaseSettings):
         validation_alias=AliasChoices("CP_MONITOR_API_TOKEN", SHARED_TOKEN_ENV),
         description="token sent to Central when it has one",
     )
+    metrics_host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
+    metrics_port: Port = Field(
+        0, description="port of GET /metrics for Prometheus (0: no metrics port)"
+    )
     log_level: LogLevel = Field("INFO", description="log level")
     log_json: bool = Field(False, description="write logs as JSON lines")
 
@@ -198,6 +202,10 @@ class LoadSettings(ServiceSettings):
     )
     connect_timeout: Positive = Field(
         30.0, description="seconds to keep trying to reach Kafka and Central at start"
+    )
+    metrics_host: str = Field("127.0.0.1", description="address of GET /metrics (Prometheus)")
+    metrics_port: Port = Field(
+        0, description="port of GET /metrics for Prometheus while the run lasts (0: none)"
     )
 
 

@@ -1,9 +1,10 @@
 """EV Central: ``python -m evcharging.apps.ev_central.main --help``.
 
-Start order: database, Kafka producer, controller (reloads the registry), HTTP API and
-dashboard, TCP control plane, then the Kafka consumer and the housekeeping task. It runs
-until SIGINT/SIGTERM (exit 0) or until a background task fails (exit 1). Shutdown: stop
-accepting (TCP, HTTP), the background tasks, the controller, Kafka, then the database.
+Start order: database, Kafka producer, controller (reloads the registry), HTTP API,
+dashboard and ``/metrics``, TCP control plane, then the Kafka consumer and the
+housekeeping task. It runs until SIGINT/SIGTERM (exit 0) or until a background task fails
+(exit 1). Shutdown: stop accepting (TCP, HTTP), the background tasks, the controller,
+Kafka, then the database.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from loguru import logger
 from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
+from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
@@ -32,6 +34,7 @@ from evcharging.common.kafka import (
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
+from evcharging.common.metrics import BusCollector, mount_metrics
 from evcharging.common.service import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -75,10 +78,11 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 shed_after=settings.shed_after,
             ),
         )
+        metrics = central_metrics(controller, repo)
         consumer = KafkaConsumerLoop(
             kafka,
             Routes()
-            .add(DriverRequest, controller.handle_request)
+            .add(DriverRequest, timed_requests(controller, metrics))
             .add(CPStatus, controller.handle_status)
             .add(CPTelemetry, controller.handle_telemetry),
             group_id=settings.group_id,
@@ -88,7 +92,9 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             before_commit=bus.flush,
             after_batch=controller.flush,  # the batch's decisions, in one transaction
             on_lag=controller.set_lag,
+            observe=metrics.handler_observer(),
         )
+        metrics.add(BusCollector(stats, [consumer], lambda: bus.connected))
 
         async def health() -> dict[str, Any]:
             db_ok = await repo.ping()
@@ -102,10 +108,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             }
 
         tasks = TaskOwner("EV Central")
-        http = HttpServer(
-            create_api(controller, api_token=token, health=health),
-            settings.http_host, settings.http_port, name="HTTP API", tasks=tasks,
-        )
+        app = create_api(controller, api_token=token, health=health)
+        mount_metrics(app, metrics)
+        http = HttpServer(app, settings.http_host, settings.http_port, name="HTTP API",
+                          tasks=tasks)
         tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token,
                                allow_anonymous=settings.allow_anonymous)
         shutdown = Shutdown(

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -171,6 +172,10 @@ class SqliteRepository:
         self._lock = asyncio.Lock()
         self.write_error: str | None = None
         """Why the last transaction failed, until one succeeds again (None: fine)."""
+        self.write_errors = 0
+        """Transactions that failed since the start (metrics)."""
+        self.observe_write: Callable[[float], None] | None = None
+        """Told the seconds of each :meth:`apply` that committed (metrics)."""
 
     @property
     def path(self) -> Path | str:
@@ -247,9 +252,12 @@ class SqliteRepository:
         cannot be written now)."""
         if not ops:
             return
+        started = time.perf_counter()
         async with self._transaction() as db:
             for statement, params in ops:
                 await db.execute(statement, params)
+        if self.observe_write is not None:
+            self.observe_write(time.perf_counter() - started)
 
     async def _apply_one(self, op: Op) -> bool:
         """Run one write in its own transaction; whether it changed a row."""
@@ -450,6 +458,7 @@ class SqliteRepository:
                 if self.write_error is None:
                     logger.error("database {} cannot be written: {}", self._path, exc)
                 self.write_error = str(exc)
+                self.write_errors += 1
                 raise StorageError(f"database {self._path}: {exc}") from exc
             except BaseException:
                 await _rollback(db)

@@ -5,7 +5,8 @@
 
 Start-up: connect the producer (it waits for the broker, with backoff), start the
 ``central.commands`` consumer (no group, from the latest offset: a CP only cares about
-commands sent from now on), serve ``/health``, then connect the CP (ACTIVATED).
+commands sent from now on), serve ``/health`` (and ``/metrics``), then connect the CP
+(ACTIVATED).
 
 It runs until SIGINT/SIGTERM, until Central sends SHUTDOWN (both exit 0) or until a
 background task fails (exit 1): the command consumer or the health server, logged once by
@@ -23,6 +24,7 @@ from loguru import logger
 
 from evcharging.apps.ev_cp_e.engine import ChargingPoint
 from evcharging.apps.ev_cp_e.health import create_health_app
+from evcharging.apps.ev_cp_e.metrics import engine_metrics
 from evcharging.common.config import CPEngineSettings, load_settings
 from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
@@ -35,6 +37,7 @@ from evcharging.common.kafka import (
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand
+from evcharging.common.metrics import BusCollector, mount_metrics
 from evcharging.common.service import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -70,6 +73,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
     )
     bus = KafkaBus(config, stats)
     cp = ChargingPoint.from_settings(settings, bus)
+    metrics = engine_metrics(cp)
     consumer = KafkaConsumerLoop(
         config,
         Routes().add(CentralCommand, cp.handle_command),
@@ -77,10 +81,13 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         start_at="latest",
         stats=stats,
         keys=[settings.cp_id],  # only the partition this CP's commands go to
+        observe=metrics.handler_observer(),
     )
+    metrics.add(BusCollector(stats, [consumer], lambda: bus.connected))
     app = create_health_app(
         cp, stats, api_token=settings.api_token, allow_anonymous=settings.allow_anonymous
     )
+    mount_metrics(app, metrics)  # GET /metrics on the health port
     tasks = TaskOwner(f"CP Engine {settings.cp_id}")
     http = HttpServer(
         app, settings.health_host, settings.health_port, name="health", tasks=tasks

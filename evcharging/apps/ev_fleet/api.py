@@ -18,8 +18,8 @@ they need ``Authorization: Bearer <token>``; without one they come from loopback
 only unless ``allow_anonymous``; a body is JSON or absent; over 1 MiB gets 413. Every error
 is ``{"error", "code"}``.
 
-Seam: :class:`FleetParts` is everything the app reads; ``/metrics`` (a later issue) can
-render the same counters (:meth:`FleetParts.health` shows which).
+Seam: :class:`FleetParts` is everything the app reads; ``GET /metrics`` renders the same
+counters for Prometheus (:mod:`evcharging.apps.ev_fleet.metrics`, mounted by ``main``).
 """
 
 from __future__ import annotations

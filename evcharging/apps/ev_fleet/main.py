@@ -49,6 +49,7 @@ from evcharging.apps.ev_fleet.api import FleetParts, create_fleet_app
 from evcharging.apps.ev_fleet.central import CentralClient
 from evcharging.apps.ev_fleet.faults import FaultPlan, FaultStats, inject_faults
 from evcharging.apps.ev_fleet.fleet import Fleet
+from evcharging.apps.ev_fleet.metrics import FleetCollector
 from evcharging.apps.ev_fleet.monitoring import FleetMonitor
 from evcharging.apps.ev_fleet.plan import CPSpec, cp_id, fleet_plan
 from evcharging.common.bus import Routes
@@ -63,6 +64,7 @@ from evcharging.common.http import check_exposure
 from evcharging.common.kafka import BusError, BusStats, KafkaBus, KafkaConfig, KafkaConsumerLoop
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand, CPRegistration
+from evcharging.common.metrics import BusCollector, ServiceMetrics, mount_metrics
 from evcharging.common.service import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -192,6 +194,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
     )
     bus = KafkaBus(kafka, stats)
     fleet = Fleet(specs, bus, config.engine, rng=random.Random(rng.getrandbits(64)))  # noqa: S311
+    metrics = ServiceMetrics()
     consumer = KafkaConsumerLoop(
         kafka,
         Routes().add(CentralCommand, fleet.handle_command),
@@ -199,6 +202,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
         start_at="latest",
         stats=stats,
         keys=fleet.ids,  # only the partitions this fleet's CPs' commands go to
+        observe=metrics.handler_observer(),
     )
     token = config.monitor.api_token
     central = CentralClient(
@@ -213,6 +217,9 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
     app = create_fleet_app(
         parts, api_token=config.engine.api_token, allow_anonymous=s.allow_anonymous
     )
+    metrics.add(FleetCollector(parts))
+    metrics.add(BusCollector(stats, [consumer], lambda: bus.connected))
+    mount_metrics(app, metrics)  # GET /metrics on the fleet's port
     http = HttpServer(app, s.http_host, s.http_port, name="fleet HTTP", tasks=tasks)
     base_url = f"http://{advertised_host(s.http_host)}"
 

@@ -8,10 +8,13 @@ so no answer is missed). Then drivers arrive for ``--duration`` seconds (see
 :mod:`evcharging.apps.ev_load.load`) while the CPs are read again every
 ``--refresh-interval`` seconds; a progress line comes every ``--progress-interval``
 seconds. At the end it prints the summary: text on stdout, or with ``--json`` one JSON
-object and nothing else on stdout (progress then goes to the log, on stderr).
+object and nothing else on stdout (progress then goes to the log, on stderr). With
+``--metrics-port`` the run's numbers are served at ``GET /metrics`` for Prometheus while
+it lasts (its own end-to-end latency histograms among them).
 
-Exit codes: 0 when the run was done; 1 when Kafka or Central could not be reached (or the
-consumer died during the run: the summary so far is still printed); 2 for invalid flags;
+Exit codes: 0 when the run was done; 1 when Kafka or Central could not be reached, or the
+metrics port is taken (or the consumer died during the run: the summary so far is still
+printed); 2 for invalid flags;
 130 when SIGINT/SIGTERM stopped the run early (open requests count as interrupted, and the
 summary so far is printed).
 """
@@ -32,12 +35,15 @@ from pydantic import ValidationError
 
 from evcharging.apps.ev_load.central import CentralError, first_reading, refresh_loop
 from evcharging.apps.ev_load.load import CPChooser, LoadGenerator, parse_cps
+from evcharging.apps.ev_load.metrics import load_metrics
 from evcharging.apps.ev_load.stats import RunInfo, Summary
 from evcharging.common.config import LoadSettings, build_parser, settings_problems
 from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import DriverUpdate
+from evcharging.common.metrics import BusCollector, metrics_app
 from evcharging.common.service import (
+    HttpServer,
     Shutdown,
     Stopped,
     TaskOwner,
@@ -102,11 +108,23 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
         driver_prefix=settings.driver_prefix, request_timeout=settings.request_timeout,
         progress=progress, progress_interval=settings.progress_interval,
     )
+    metrics = load_metrics(generator) if settings.metrics_port else None
     consumer = KafkaConsumerLoop(
         config, Routes().add(DriverUpdate, generator.handle_update), group_id=None,
-        start_at="latest",
+        start_at="latest", stats=bus.stats,
+        observe=metrics.handler_observer() if metrics is not None else None,
     )
     shutdown = Shutdown(("Kafka consumer", consumer.stop), ("Kafka producer", bus.stop))
+    if metrics is not None:
+        metrics.add(BusCollector(bus.stats, [consumer], lambda: bus.connected))
+        server = HttpServer(metrics_app(metrics, "EV load"), settings.metrics_host,
+                            settings.metrics_port, name="metrics")
+        try:
+            await server.start()
+        except OSError as exc:
+            logger.error("{} (change --metrics-port)", exc)
+            return EXIT_UNREACHABLE
+        shutdown.add("metrics server", server.stop)
     async with httpx.AsyncClient(base_url=settings.central_url, timeout=5.0) as http:
         try:
             try:

@@ -1,0 +1,138 @@
+"""Central's Prometheus metrics: what its ``GET /metrics`` shows (families in
+:mod:`evcharging.common.metrics`).
+
+Everything but the two latency histograms is read at scrape time from what Central keeps
+anyway: the controller's ``stats`` counter and its billed totals, one pass over its CPs
+(states, breakers, monitors, power), the repository's error count and the bus's
+counters. The request→ACCEPTED histogram is observed by :func:`timed_requests`, which
+wraps the controller's request handler; the transaction time by the repository's
+``observe_write`` hook.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from prometheus_client.metrics_core import Metric
+
+from evcharging.apps.ev_central.controller import Controller
+from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.schemas import cp_power_kw
+from evcharging.common.bus import Handler
+from evcharging.common.circuit_breaker import BreakerState
+from evcharging.common.messages import DriverRequest, DriverStatus, utcnow
+from evcharging.common.metrics import PREFIX, ServiceMetrics, counter, counts, described, gauge
+from evcharging.common.states import CPState, SessionResult
+
+__all__ = ["DENIED", "DUPLICATE", "CentralCollector", "central_metrics", "timed_requests"]
+
+J_PER_KWH = 3.6e6
+DENIED = "denied:"
+"""The controller counts each DENIED request under ``denied:<cause>`` in its stats."""
+DUPLICATE = "DUPLICATE"
+"""The ``outcome`` of a request whose id Central had seen (ignored, not decided again)."""
+
+
+class CentralCollector:
+    """Central's decisions, sessions, ledger, database and CPs, read at scrape time
+    (one pass over the CPs: O(N) per scrape, nothing per message)."""
+
+    NAMES = tuple(PREFIX + n for n in (
+        "requests_total", "requests_denied_total", "sessions_total", "start_timeouts_total",
+        "ledger_corrections_total", "energy_delivered_joules_total", "revenue_euros_total",
+        "faults_total", "recoveries_total", "monitors_lost_total", "db_transactions_total",
+        "db_writes_total", "db_retries_total", "db_errors_total", "db_write_failing", "cps",
+        "cps_faulty", "cps_unmonitored", "cps_monitor_lost", "breakers", "sessions_active",
+        "network_power_watts", "central_lag_seconds",
+    ))
+
+    def __init__(self, controller: Controller, repo: SqliteRepository | None = None) -> None:
+        self.controller = controller
+        self.repo = repo
+
+    def describe(self) -> list[Metric]:
+        return described(self.NAMES)
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.controller
+        stats = c.stats
+        yield counter(PREFIX + "requests_total", {
+            (DriverStatus.ACCEPTED.value,): stats["accepted"],
+            (DriverStatus.DENIED.value,): stats["denied"],
+            (DUPLICATE,): stats["duplicate_requests"],
+        })
+        yield counter(PREFIX + "requests_denied_total", {
+            (key.removeprefix(DENIED),): value
+            for key, value in list(stats.items()) if key.startswith(DENIED)
+        })
+        yield counter(PREFIX + "sessions_total", {
+            (result.value,): stats[f"sessions_{result.value.lower()}"]
+            for result in SessionResult
+        })
+        for name, key in (("start_timeouts_total", "start_timeouts"),
+                          ("ledger_corrections_total", "ledger_corrections"),
+                          ("faults_total", "faults"), ("recoveries_total", "recoveries"),
+                          ("monitors_lost_total", "monitors_lost"),
+                          ("db_transactions_total", "db_transactions"),
+                          ("db_writes_total", "db_writes"), ("db_retries_total", "db_retries")):
+            yield counter(PREFIX + name, stats[key])
+        yield counter(PREFIX + "energy_delivered_joules_total", c.billed_kwh * J_PER_KWH)
+        yield counter(PREFIX + "revenue_euros_total", c.billed_euros)
+        if self.repo is not None:
+            yield counter(PREFIX + "db_errors_total", self.repo.write_errors)
+            yield gauge(PREFIX + "db_write_failing",
+                        0.0 if self.repo.write_error is None else 1.0)
+        yield from self._cps()
+        behind = (utcnow() - c.reading_position()).total_seconds()
+        yield gauge(PREFIX + "central_lag_seconds", max(0.0, behind))
+
+    def _cps(self) -> Iterator[Metric]:
+        states: Counter[str] = Counter()
+        breakers: Counter[str] = Counter()
+        faulty = unmonitored = lost = sessions = 0
+        watts = 0.0
+        for cp in list(self.controller.cps.values()):
+            states[cp.state.value] += 1
+            breakers[cp.breaker.state.value] += 1
+            faulty += cp.is_faulty or cp.state is CPState.FAULT
+            unmonitored += not cp.monitored
+            lost += cp.monitor_lost
+            sessions += cp.session is not None
+            watts += cp_power_kw(cp) * 1000.0
+        yield gauge(PREFIX + "cps", counts((s.value for s in CPState), states))
+        yield gauge(PREFIX + "cps_faulty", faulty)
+        yield gauge(PREFIX + "cps_unmonitored", unmonitored)
+        yield gauge(PREFIX + "cps_monitor_lost", lost)
+        yield gauge(PREFIX + "breakers", counts((b.value for b in BreakerState), breakers))
+        yield gauge(PREFIX + "sessions_active", sessions)
+        yield gauge(PREFIX + "network_power_watts", watts)
+
+
+def timed_requests(
+    controller: Controller, metrics: ServiceMetrics
+) -> Handler[DriverRequest]:
+    """The controller's request handler, observing request→ACCEPTED: from the request's
+    ``ts`` to the moment Central decided (its clock against the driver's)."""
+    accepted = metrics.histogram(PREFIX + "accept_latency_seconds")
+    stats = controller.stats
+
+    async def handle(request: DriverRequest) -> None:
+        before = stats["accepted"]
+        await controller.handle_request(request)
+        if stats["accepted"] != before:
+            accepted.observe(max(0.0, (utcnow() - request.ts).total_seconds()))
+
+    return handle
+
+
+def central_metrics(
+    controller: Controller, repo: SqliteRepository | None = None, *, process: bool = True
+) -> ServiceMetrics:
+    """Central's registry with its collector; the caller adds the bus's and wires the
+    hooks (:func:`timed_requests`, the consumer's ``observe``, the repository's)."""
+    metrics = ServiceMetrics(process=process)
+    metrics.add(CentralCollector(controller, repo))
+    if repo is not None:
+        repo.observe_write = metrics.histogram(PREFIX + "db_write_duration_seconds").observe
+    return metrics
