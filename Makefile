@@ -35,12 +35,15 @@ run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet a
 test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
 	bash scripts/ensure_chromium.sh
+	bash scripts/ensure_prometheus.sh
 	$(PY) -m pytest -m "not chaos" $(ARGS)
 
-test-unit: $(STAMP) ## only the unit tests (no broker)
+test-unit: $(STAMP) ## only the unit tests (no broker; promtool checks the alert rules)
+	bash scripts/ensure_prometheus.sh
 	$(PY) -m pytest tests/unit $(ARGS)
 
-test-integration: $(STAMP) ## only the integration tests (real broker)
+test-integration: $(STAMP) ## only the integration tests (real broker, a real Prometheus)
+	bash scripts/ensure_prometheus.sh
 	$(PY) -m pytest tests/integration $(ARGS)
 
 test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Chromium)

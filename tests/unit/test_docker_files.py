@@ -38,6 +38,8 @@ DOCKERFILE = DOCKER_DIR / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 KAFKA = "kafka"
+METRICS_SERVICES = frozenset({"prometheus", "grafana"})
+"""Third-party images (checked in tests/unit/test_prometheus_files.py)."""
 SETTINGS_BY_MODULE: dict[str, type[BaseSettings]] = {
     "evcharging.apps.ev_central.main": CentralSettings,
     "evcharging.apps.ev_cp_e.main": CPEngineSettings,
@@ -96,12 +98,13 @@ def services() -> dict[str, dict[str, Any]]:
 
 
 def _app_service_names() -> list[str]:
-    """The services that run evcharging code (every one but the broker); [] if unreadable."""
+    """The services that run evcharging code (all but the broker and Prometheus/Grafana);
+    [] if unreadable."""
     try:
         found = services()
     except (OSError, yaml.YAMLError, AssertionError, KeyError):
         return []
-    return sorted(name for name in found if name != KAFKA)
+    return sorted(name for name in found if name != KAFKA and name not in METRICS_SERVICES)
 
 
 APP_SERVICES = _app_service_names()
