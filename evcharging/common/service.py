@@ -123,7 +123,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 def _bind(host: str, port: int) -> socket.socket:
     """A listening socket; OSError (not uvicorn's sys.exit) when the port is taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY on accepted connections only
+    # when the listening socket says it is TCP; without it every answer waited ~40 ms for
+    # Nagle's algorithm.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

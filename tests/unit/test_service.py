@@ -376,3 +376,17 @@ async def test_a_failed_task_makes_the_process_exit_1_with_one_traceback() -> No
         await child.proc.wait()
     assert child.output.count("RuntimeError: boom in a task") == 1, child.output
     assert "CRITICAL doomed task died (RuntimeError('boom in a task'))" in child.output
+
+
+async def test_answers_do_not_wait_for_nagle() -> None:
+    """Accepted connections get TCP_NODELAY (the listening socket names IPPROTO_TCP), so a
+    small answer is not held back ~40 ms; checked on the socket, not by timing."""
+    import socket as socket_module
+
+    from evcharging.common.service import _bind
+
+    sock = _bind("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket_module.IPPROTO_TCP
+    finally:
+        sock.close()
