@@ -13,7 +13,7 @@ COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcar
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-unit test-integration test-e2e chaos lint format bench \
-        broker-start broker-stop broker-status up down logs clean
+        bench-fleet broker-start broker-stop broker-status up down logs clean
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -64,6 +64,9 @@ format: $(STAMP) ## format the code with ruff
 
 bench: $(STAMP) ## request→ACCEPTED latency over a real broker (see benchmarks/)
 	$(PY) benchmarks/accept_latency.py $(ARGS)
+
+bench-fleet: $(STAMP) ## Central + a CP Fleet + load at 100..10,000 CPs: report and plot in benchmarks/results/ (~15 min)
+	$(PY) benchmarks/fleet_bench.py $(ARGS)
 
 broker-start: $(STAMP) ## start a local Kafka broker on 127.0.0.1:9092 in the background
 	$(PY) -m evcharging.devtools.kafka_broker start --port 9092
