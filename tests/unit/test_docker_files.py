@@ -22,11 +22,14 @@ import yaml
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
+from evcharging.apps.ev_fleet.plan import fleet_plan
 from evcharging.common.config import (
+    SHARED_TOKEN_ENV,
     CentralSettings,
     CPEngineSettings,
     CPMonitorSettings,
     DriverSettings,
+    FleetSettings,
     ServiceSettings,
     load_settings,
 )
@@ -45,6 +48,7 @@ SETTINGS_BY_MODULE: dict[str, type[BaseSettings]] = {
     "evcharging.apps.ev_cp_e.main": CPEngineSettings,
     "evcharging.apps.ev_cp_m.main": CPMonitorSettings,
     "evcharging.apps.ev_driver.main": DriverSettings,
+    "evcharging.apps.ev_fleet.main": FleetSettings,
 }
 # SPEC §1: the seed flags each service must be started with.
 SEED_FLAGS: dict[type[BaseSettings], set[str]] = {
@@ -58,11 +62,20 @@ SEED_FLAGS: dict[type[BaseSettings], set[str]] = {
         "--central-port",
     },
     DriverSettings: {"--driver-id", "--kafka-bootstrap", "--requests-file"},
+    FleetSettings: {
+        "--kafka-bootstrap",
+        "--cps",
+        "--id-prefix",
+        "--http-port",
+        "--central-host",
+        "--central-port",
+    },
 }
 # The ports a service listens on (the others in its settings are ports it connects to).
 LISTEN_PORT_FIELDS: dict[type[BaseSettings], tuple[str, ...]] = {
     CentralSettings: ("http_port", "listen_port"),
     CPEngineSettings: ("health_port",),
+    FleetSettings: ("http_port",),
 }
 # Variables a service may set that are not evcharging settings: Python's own.
 ENV_EXCEPTIONS = frozenset({"PYTHONUNBUFFERED"})
@@ -74,6 +87,7 @@ EXPECTED_SERVICES = frozenset(
         "cp-engine-2",
         "cp-monitor-1",
         "cp-monitor-2",
+        "cp-fleet",
         "ev-driver",
     }
 )
@@ -122,9 +136,12 @@ def interpolate(text: str) -> str:
 
 
 def argv(service: str) -> list[str]:
+    """The command, with Compose's ``${VAR:-default}`` at its default (no ``.env``)."""
     command = services()[service].get("command")
     assert command, f"{service} has no command"
-    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
+    if isinstance(command, str):
+        return shlex.split(interpolate(command))
+    return [interpolate(str(a)) for a in command]
 
 
 def module_of(service: str) -> str:
@@ -431,6 +448,63 @@ def test_monitor_points_at_its_engine_and_at_central(
     assert isinstance(central, CentralSettings)
     assert monitor.central_port == central.http_port
     assert {engine_service, monitor.central_host} <= depends_on(service).keys()
+
+
+def test_fleet_points_at_central_and_its_cps_are_new_ones(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The CP Fleet registers at Central's HTTP API and reports there (its monitoring), so
+    it names Central's service and port and waits for Central to be healthy; its CP ids
+    (CP-00001 …) are none of the engines'; the health URLs it registers name its host."""
+    fleets = [s for s in APP_SERVICES if settings_class(s) is FleetSettings]
+    assert fleets == ["cp-fleet"]
+    (service,) = fleets
+    fleet = container_settings(service, monkeypatch, tmp_path)
+    assert isinstance(fleet, FleetSettings)
+    assert fleet.cps == 100  # FLEET_CPS's default, from the command's ${FLEET_CPS:-100}
+    assert "${FLEET_CPS:-" in services()[service]["command"]
+    assert _env_name(FleetSettings, "cps") == "FLEET_CPS"
+    assert fleet.central_host in services(), f"{service}: no service {fleet.central_host}"
+    assert settings_class(fleet.central_host) is CentralSettings
+    central = container_settings(fleet.central_host, monkeypatch, tmp_path)
+    assert isinstance(central, CentralSettings)
+    assert fleet.central_port == central.http_port
+    assert depends_on(service).get(fleet.central_host) == "service_healthy"
+    assert services()[service].get("hostname") == service
+    ids = {spec.cp_id for spec in fleet_plan(fleet.id_prefix, fleet.first, fleet.cps)}
+    engines = set()
+    for other in APP_SERVICES:
+        engine = container_settings(other, monkeypatch, tmp_path)
+        if isinstance(engine, CPEngineSettings):
+            engines.add(engine.cp_id)
+    assert engines and not ids & engines, f"the fleet and an engine share {ids & engines}"
+    check = " ".join(services()[service]["healthcheck"]["test"])
+    assert f"127.0.0.1:{fleet.http_port}/health" in check
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_a_service_listening_on_every_interface_gets_the_token_from_dotenv(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Protected mode (SPEC §5): a service on 0.0.0.0 refuses to start without a token (or
+    --allow-anonymous). In containers the token is EVCHARGING_API_TOKEN, which `make up`
+    writes into .env and every container reads through env_file."""
+    settings = container_settings(service, monkeypatch, tmp_path)
+    hosts = {name: getattr(settings, name) for name in type(settings).model_fields
+             if name.endswith("_host") and name not in {"central_host", "cp_e_host"}}
+    if not any(host in {"0.0.0.0", "::", ""} for host in hosts.values()):
+        return
+    assert getattr(settings, "allow_anonymous", False) is False, f"{service}: protected mode off"
+    # A fleet's port is its CPs': it takes the CP Engine's token (CP_ENGINE_API_TOKEN).
+    token_class = CPEngineSettings if isinstance(settings, FleetSettings) else type(settings)
+    token = token_class.model_fields.get("api_token")
+    assert token is not None, f"{service} listens on {hosts} but takes no token"
+    assert SHARED_TOKEN_ENV in str(token.validation_alias), (
+        f"{service}: its token does not fall back to {SHARED_TOKEN_ENV}"
+    )
+    assert services()[service].get("env_file"), f"{service} does not read .env"
+    up = re.search(r"^up:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert up and "evcharging.devtools.env_token .env" in up[1], "make up writes no token"
 
 
 def test_each_engine_has_its_own_cp_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
