@@ -35,6 +35,7 @@ __all__ = [
     "RULES_FILE",
     "PrometheusNotFound",
     "Target",
+    "build_parser",
     "command",
     "find_prometheus",
     "graph_url",
@@ -139,7 +140,8 @@ def graph_url(base: str, expr: str, range_: str = "15m") -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``python -m evcharging.devtools.prometheus``."""
     parser = argparse.ArgumentParser(
         prog="python -m evcharging.devtools.prometheus",
         description="Write a Prometheus config scraping the given services, then run "
@@ -164,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         binary = find_prometheus()
     except PrometheusNotFound as exc:

@@ -24,6 +24,7 @@ from evcharging.common.config import (
 )
 from evcharging.devtools.kafka_broker import DEFAULT_PORT as KAFKA_DEFAULT_PORT
 from evcharging.devtools.kafka_broker import KafkaBrokerError
+from evcharging.devtools.prometheus import PrometheusNotFound, find_prometheus
 from evcharging.launcher.broker import (
     LocalBroker,
     StopRequest,
@@ -40,6 +41,7 @@ from evcharging.launcher.console import (
     use_colour,
 )
 from evcharging.launcher.plan import (
+    DEFAULT_PROMETHEUS_PORT,
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
     EXIT_FAILED,
@@ -55,6 +57,7 @@ from evcharging.launcher.plan import (
     Role,
     busy_ports,
     child_specs,
+    metrics_port_uses,
     plan_ports,
     resolve_bootstrap,
     use_fleet,
@@ -171,6 +174,12 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                         help="seconds during which the load's drivers arrive (default: "
                         "$LOAD_DURATION when set, else until Ctrl-C); its summary is printed "
                         "at its end")
+    parser.add_argument("--prometheus", action="store_true",
+                        help="also start a local Prometheus (scripts/ensure_prometheus.sh "
+                        "installs it) scraping every service's /metrics; its data goes to "
+                        ".cache/prometheus")
+    parser.add_argument("--prometheus-port", type=_port, default=DEFAULT_PROMETHEUS_PORT,
+                        metavar="PORT", help="its web UI and API (default: %(default)s)")
     parser.add_argument(
         "--kafka-bootstrap", metavar="HOST:PORT", default=None,
         help="use this broker (default: $KAFKA_BOOTSTRAP or $CENTRAL_KAFKA_BOOTSTRAP, also "
@@ -263,6 +272,7 @@ def options_from_args(
             args.load_duration, load.duration if "duration" in load.model_fields_set else None
         ),
         quiet=frozenset(quiet),
+        prometheus_port=args.prometheus_port if args.prometheus else None,
     )
 
 
@@ -305,7 +315,13 @@ def run_command(args: argparse.Namespace) -> int:
         plan = plan_ports(
             options.http_port, options.listen_port, options.base_health_port, options.cps,
             options.fleet_port if options.fleet and options.cps else None,
+            tuple(metrics_port_uses(options)),
         )
+        if options.prometheus_port is not None:
+            try:
+                find_prometheus()
+            except PrometheusNotFound as exc:
+                raise LaunchError(f"--prometheus: {exc}") from exc
         problems = busy_ports(plan)
         if problems:
             raise LaunchError("; ".join(problems))

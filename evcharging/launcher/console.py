@@ -7,7 +7,8 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import TextIO
 
-from evcharging.launcher.plan import FLEET_THRESHOLD, LaunchOptions, Role
+from evcharging.devtools.prometheus import graph_url
+from evcharging.launcher.plan import FLEET_THRESHOLD, LaunchOptions, Role, metrics_targets
 
 LAUNCHER = "launcher"
 KAFKA = "kafka"
@@ -27,6 +28,7 @@ ROLE_COLOURS = {
     Role.FLEET: "\033[36m",
     Role.DRIVER: "\033[34m",
     Role.LOAD: "\033[34m",
+    Role.PROMETHEUS: "\033[33m",
 }
 
 
@@ -162,6 +164,7 @@ def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
         )
         lines.append((f"  Logs:      {names}: warnings only (*_LOG_LEVEL=INFO: a line per "
                       "CP change)", None))
+    lines += metrics_lines(options)
     lines += [
         (f"  Kafka:     {kafka_note}", None),
         (f"  Database:  {options.db_path}", None),
@@ -170,3 +173,27 @@ def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
     ]
     for text, colour in lines:
         console.say(text, colour)
+
+
+def metrics_lines(options: LaunchOptions) -> list[tuple[str, str | None]]:
+    """Where each service's Prometheus metrics are, and the run's Prometheus (banner)."""
+    ports: dict[str, list[int]] = {}
+    for job, port in metrics_targets(options):
+        ports.setdefault(job, []).append(port)
+    shown = []
+    for job, found in ports.items():
+        where = (f"http://localhost:{found[0]}/metrics" if len(found) == 1 else
+                 f"ports {found[0]}..{found[-1]}/metrics")
+        shown.append(f"{job} {where}")
+    lines: list[tuple[str, str | None]] = [(f"  Metrics:   {'; '.join(shown)}", None)]
+    if options.prometheus_port is None:
+        lines.append(("             (--prometheus: a local Prometheus scraping them, the "
+                      "monitors' and the load's too)", None))
+    else:
+        base = f"http://localhost:{options.prometheus_port}"
+        lines.append((f"  Prometheus: {base}/  (targets: {base}/targets, alerts: "
+                      f"{base}/alerts)", GREEN))
+        lines.append((f"  Sessions/s: "
+                      f"{graph_url(base, 'sum by (result) (rate(evcharging_sessions_total[1m]))')}",
+                      None))
+    return lines

@@ -53,6 +53,7 @@ class Role(enum.Enum):
     FLEET = ("cp-fleet", "the CP Fleet", "evcharging.apps.ev_fleet.main")
     DRIVER = ("driver", "drivers", "evcharging.apps.ev_driver.main")
     LOAD = ("load", "the driver load", "evcharging.apps.ev_load.main")
+    PROMETHEUS = ("prometheus", "Prometheus", "evcharging.devtools.prometheus")
 
     def __init__(self, short: str, plural: str, module: str) -> None:
         self.short = short
@@ -60,7 +61,14 @@ class Role(enum.Enum):
         self.module = module
 
 
-STOP_ORDER = (Role.LOAD, Role.DRIVER, Role.MONITOR, Role.ENGINE, Role.FLEET, Role.CENTRAL)
+STOP_ORDER = (Role.PROMETHEUS, Role.LOAD, Role.DRIVER, Role.MONITOR, Role.ENGINE, Role.FLEET,
+              Role.CENTRAL)
+
+DEFAULT_PROMETHEUS_PORT = 9090
+METRICS_BASE_PORT = 9100
+"""With --prometheus, the load generator's ``/metrics`` port; CP-00i's monitor's is this
+plus i (the other services serve ``/metrics`` on their HTTP port)."""
+PROMETHEUS_INTERVAL = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,7 @@ class PortPlan:
     health: tuple[int, ...]
     fleet: int | None = None
     """The CP Fleet's HTTP port (fleet mode only)."""
+    extra: tuple[PortUse, ...] = ()
 
     def uses(self) -> list[PortUse]:
         uses = [
@@ -99,7 +108,7 @@ class PortPlan:
             PortUse(port, f"the /health endpoint of {cp_id}", "--base-health-port")
             for cp_id, port in zip(cp_ids(len(self.health)), self.health, strict=True)
         ]
-        return uses
+        return uses + list(self.extra)
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,8 @@ class LaunchOptions:
     quiet: frozenset[Role] = frozenset()
     """Children started with ``--log-level WARNING`` (in fleet mode, where INFO is a line
     per CP and per session, unless their ``*_LOG_LEVEL`` is set)."""
+    prometheus_port: int | None = None
+    """A local Prometheus on this port scrapes every service (--prometheus); None: none."""
 
     @property
     def fleet_stop_timeout(self) -> float:
@@ -186,12 +197,14 @@ def driver_ids(count: int) -> list[str]:
 
 
 def plan_ports(
-    http: int, listen: int, base_health: int, cps: int, fleet_port: int | None = None
+    http: int, listen: int, base_health: int, cps: int, fleet_port: int | None = None,
+    extra: tuple[PortUse, ...] = (),
 ) -> PortPlan:
     """The ports of a run (with `fleet_port`, the CPs are a fleet's and need no health
-    ports of their own); LaunchError when one is out of range or two collide."""
+    ports of their own; `extra`: more, e.g. :func:`metrics_port_uses`); LaunchError when one
+    is out of range or two collide."""
     health = () if fleet_port is not None else tuple(range(base_health, base_health + cps))
-    plan = PortPlan(http, listen, health, fleet_port)
+    plan = PortPlan(http, listen, health, fleet_port, extra)
     for use in plan.uses():
         if not 1 <= use.port <= 65535:
             raise LaunchError(
@@ -264,10 +277,12 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
                 ("--kafka-bootstrap", bootstrap, "--cp-id", cp_id, "--health-port", health),
                 cp_id,
             ))
+            metrics = (("--metrics-port", str(METRICS_BASE_PORT + offset + 1))
+                       if options.prometheus_port else ())
             specs.append(ChildSpec(
                 f"cp-m {cp_id}", Role.MONITOR,
                 ("--cp-id", cp_id, "--cp-e-host", "localhost", "--cp-e-port", health,
-                 "--central-host", "localhost", "--central-port", http),
+                 "--central-host", "localhost", "--central-port", http, *metrics),
                 cp_id,
             ))
     specs += [
@@ -280,7 +295,40 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
     ]
     if options.load is not None:
         specs.append(ChildSpec("load", Role.LOAD, load_args(options, bootstrap)))
+    if options.prometheus_port is not None:
+        targets = [f"--target={job}=127.0.0.1:{port}" for job, port in metrics_targets(options)]
+        specs.append(ChildSpec(
+            "prometheus", Role.PROMETHEUS,
+            ("--port", str(options.prometheus_port), "--interval", f"{PROMETHEUS_INTERVAL:g}",
+             *targets),
+        ))
     return specs
+
+
+def metrics_targets(options: LaunchOptions) -> list[tuple[str, int]]:
+    """(job, port) of every ``/metrics`` of a run (a monitor's and the load's only with
+    --prometheus: they have no other HTTP port)."""
+    targets = [("central", options.http_port)]
+    if options.fleet and options.cps:
+        targets.append(("cp-fleet", options.fleet_port))
+    elif not options.fleet:
+        targets += [("cp-engine", options.base_health_port + i) for i in range(options.cps)]
+        if options.prometheus_port:
+            targets += [("cp-monitor", METRICS_BASE_PORT + i + 1) for i in range(options.cps)]
+    if options.load is not None and options.prometheus_port:
+        targets.append(("load", METRICS_BASE_PORT))
+    return targets
+
+
+def metrics_port_uses(options: LaunchOptions) -> list[PortUse]:
+    """The ports --prometheus adds to a run: Prometheus's, the monitors' and the load's."""
+    if options.prometheus_port is None:
+        return []
+    uses = [PortUse(options.prometheus_port, "Prometheus", "--prometheus-port")]
+    uses += [PortUse(port, f"the /metrics of {job}", "--prometheus (ports from "
+                     f"{METRICS_BASE_PORT})")
+             for job, port in metrics_targets(options) if job in ("cp-monitor", "load")]
+    return uses
 
 
 def load_args(options: LaunchOptions, bootstrap: str) -> tuple[str, ...]:
@@ -297,6 +345,8 @@ def load_args(options: LaunchOptions, bootstrap: str) -> tuple[str, ...]:
         args += ["--cps", ",".join(cp_ids(options.cps))]
     if Role.LOAD in options.quiet:
         args += ["--log-level", "WARNING"]
+    if options.prometheus_port is not None:
+        args += ["--metrics-port", str(METRICS_BASE_PORT)]
     return tuple(args)
 
 

@@ -154,7 +154,7 @@ class Supervisor:
                 f"every CP is ACTIVATED: {self.options.cps:,} CPs in "
                 f"{time.monotonic() - began:.1f} s"
             )
-        for spec in by_role[Role.DRIVER] + by_role[Role.LOAD]:
+        for spec in by_role[Role.DRIVER] + by_role[Role.LOAD] + by_role[Role.PROMETHEUS]:
             self._launch(spec)
 
     async def _wait_central(self, central: Child) -> None:

@@ -68,8 +68,9 @@ REQUIRED = {CPEngineSettings: {"cp_id": "CP-001"}, CPMonitorSettings: {"cp_id": 
             DriverSettings: {"driver_id": "driver-1"}}
 LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP"}
 """Not a service setting: the broker `make run` should use (documented in .env.example)."""
-COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT"}
-"""Not a service setting: host ports of docker/docker-compose.yml."""
+COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
+                     "PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD"}
+"""Not a service setting: host ports (and Grafana's password) of docker/docker-compose.yml."""
 SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_", "FLEET_")
 
 
@@ -426,16 +427,22 @@ def test_a_fleet_run_starts_one_fleet_and_the_load() -> None:
 def test_every_child_module_parses_its_seed_flags() -> None:
     """The flags the launcher passes are flags the services know (their own parsers)."""
     from evcharging.common.config import build_parser as settings_parser
+    from evcharging.devtools.prometheus import build_parser as prometheus_parser
 
     classes = {Role.CENTRAL: CentralSettings, Role.ENGINE: CPEngineSettings,
                Role.MONITOR: CPMonitorSettings, Role.DRIVER: DriverSettings,
                Role.FLEET: FleetSettings, Role.LOAD: LoadSettings}
     runs = [LaunchOptions(cps=1, drivers=1, load=3),
             LaunchOptions(cps=30, drivers=1, fleet=True, load=3, load_duration=60,
-                          quiet=frozenset(Role))]
+                          quiet=frozenset(Role)),
+            LaunchOptions(cps=2, drivers=1, load=3, prometheus_port=9090)]
     seen = set()
     for options in runs:
         for spec in child_specs(options, "localhost:9092"):
+            if spec.role is Role.PROMETHEUS:  # not a service: the devtools' own flags
+                assert prometheus_parser().parse_args(list(spec.args)).target
+                seen.add(spec.role)
+                continue
             parser = settings_parser(classes[spec.role], "x", "")
             parsed = vars(parser.parse_args(list(spec.args)))
             assert len(parsed) * 2 == len(spec.args), spec
