@@ -50,7 +50,7 @@ test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Ch
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest tests/e2e $(ARGS)
 
-chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~3 min)
+chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~7 min)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
 	$(PY) -m pytest tests/chaos -m chaos $(ARGS)
 
