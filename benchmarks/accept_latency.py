@@ -8,6 +8,10 @@ Sessions are kept short and each CP is used again only once it is free.
     .venv/bin/python benchmarks/accept_latency.py --requests 200 --cps 4
 
 Prints p50, p90, p99 and max in milliseconds. Not a test: nothing is asserted.
+
+With ``--scrape`` a Prometheus-like client GETs Central's ``/metrics`` every second while
+the requests run (the cost of being scraped on Central's hot path), and the number of
+scrapes and their mean time are printed too.
 """
 
 from __future__ import annotations
@@ -51,7 +55,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-async def measure(bootstrap: str, requests: int, cps: int, work: Path) -> list[float]:
+async def scrape_every_second(url: str, took: list[float]) -> None:
+    """GET `url` every second, as Prometheus would (its answer is not read further)."""
+    async with httpx.AsyncClient(timeout=5.0) as http:
+        while True:
+            started = time.perf_counter()
+            answer = await http.get(url)
+            answer.raise_for_status()
+            took.append(time.perf_counter() - started)
+            await asyncio.sleep(1.0)
+
+
+async def measure(
+    bootstrap: str, requests: int, cps: int, work: Path, scrapes: list[float] | None = None
+) -> list[float]:
     prefix = f"bench-{uuid.uuid4().hex[:6]}."
     http_port = free_port()
     env = {
@@ -118,9 +135,15 @@ async def measure(bootstrap: str, requests: int, cps: int, work: Path) -> list[f
                     request_id=request_id, driver_id="bench", cp_id=cp_id))
                 await asyncio.wait_for(finished[request_id].wait(), 30)
 
+        scraper = None if scrapes is None else asyncio.create_task(
+            scrape_every_second(f"http://127.0.0.1:{http_port}/metrics", scrapes))
         share = [requests // cps + (1 if i < requests % cps else 0) for i in range(cps)]
         await asyncio.gather(*(lane(cp_id, n) for cp_id, n in zip(cp_ids, share, strict=True)))
         task.cancel()
+        if scraper is not None:
+            if scraper.done():
+                scraper.result()  # a failed scrape fails the run
+            scraper.cancel()
     finally:
         await consumer.stop()
         await bus.stop()
@@ -137,19 +160,30 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests to time")
     parser.add_argument("--cps", type=int, default=4, help="CP engines (lanes in parallel)")
     parser.add_argument("--kafka-bootstrap", help="use this broker instead of a local one")
+    parser.add_argument("--scrape", action="store_true",
+                        help="GET Central's /metrics every second meanwhile (as Prometheus)")
     args = parser.parse_args()
+    scrapes: list[float] | None = [] if args.scrape else None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.kafka_bootstrap:
-            latencies = asyncio.run(measure(args.kafka_bootstrap, args.requests, args.cps, work))
+            latencies = asyncio.run(measure(args.kafka_bootstrap, args.requests, args.cps, work,
+                                            scrapes))
         else:
             with KafkaBroker(work_dir=work / "kafka") as broker:
-                latencies = asyncio.run(measure(broker.bootstrap, args.requests, args.cps, work))
+                latencies = asyncio.run(measure(broker.bootstrap, args.requests, args.cps,
+                                                work, scrapes))
     print(f"request → ACCEPTED over Kafka, {len(latencies)} requests on {args.cps} CPs:")
     print(f"  p50 {percentile(latencies, 50):7.2f} ms")
     print(f"  p90 {percentile(latencies, 90):7.2f} ms")
     print(f"  p99 {percentile(latencies, 99):7.2f} ms")
     print(f"  max {max(latencies):7.2f} ms   mean {statistics.fmean(latencies):.2f} ms")
+    if scrapes is not None:
+        mean = statistics.fmean(scrapes) * 1000 if scrapes else float("nan")
+        print(f"  while scraped: {len(scrapes)} GET /metrics, {mean:.2f} ms each on average")
+    load1, load5, _ = os.getloadavg()
+    print(f"  machine: {os.cpu_count()} CPUs, load average {load1:.2f} (1 min), "
+          f"{load5:.2f} (5 min)")
 
 
 if __name__ == "__main__":
