@@ -667,3 +667,27 @@ async def test_breaker_failures_survive_a_restart(
     second = FlushingController(bus, repo, CentralOptions(breaker_failure_threshold=3), clock=clock)
     await second.load()
     assert second.get("CP-001").breaker.failures == 1
+
+
+async def test_after_a_restart_a_replayed_report_from_before_the_session_fails_nothing(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    """Found by the chaos suite: the consumer replays what it had not committed, e.g. the
+    previous session's end, which says nothing about the session that followed."""
+    second, req, session_id = await restarted(bus, repo)
+    try:
+        session = second.get("CP-002").session
+        assert session is not None
+        old = session.started_at - timedelta(seconds=2)
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.ACTIVATED, event=StatusEvent.SESSION_COMPLETE, ts=old,
+        ))
+        assert second.get("CP-002").session is session
+        assert not [u for u in updates(bus, req.request_id) if u.status.is_final]
+        await second.handle_status(CPStatus(
+            cp_id="CP-002", state=CPState.SUPPLYING, event=StatusEvent.HEARTBEAT,
+            session_id=session_id, driver_id="driver-alice",
+        ))
+        assert not session.resumed  # the CP claims it
+    finally:
+        await second.close()

@@ -18,6 +18,7 @@ from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
 from evcharging.common.messages import (
     CentralCommand,
+    CommandType,
     CPRegistration,
     CPState,
     CPStatus,
@@ -251,3 +252,27 @@ async def test_a_lost_end_status_is_recovered_from_the_next_heartbeat(
     final = updates(bus, request_id)[-1]
     assert (final.status, final.kwh) == (DriverStatus.COMPLETED, 0.0367)
     assert central.decide("CP-001") is None
+
+
+async def test_the_start_timeout_runs_from_when_start_supply_leaves(
+    bus: RecordingPublisher, file_repo: SqliteRepository, db_path: Path
+) -> None:
+    """A database that holds a decision back is Central's own delay: the start timeout
+    only runs once START_SUPPLY has left (found by the chaos suite's DB lock)."""
+    central = FlushingController(bus, file_repo, CentralOptions(start_timeout=0.05))
+    try:
+        await central.register(CPRegistration(cp_id="CP-001"))
+        await central.handle_status(
+            CPStatus(cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.CONNECT)
+        )
+        req = driver_request()
+        with locked(db_path), pytest.raises(StorageError):
+            await central.handle_request(req)
+        assert central._watchdogs == {}  # nothing armed while START_SUPPLY waits
+        await central.flush()
+        [start] = [c for c in bus.of(CentralCommand) if c.cmd is CommandType.START_SUPPLY]
+        assert set(central._watchdogs) == {start.payload.session_id}
+        failed = await bus.wait_for(DriverUpdate, lambda u: u.status.is_final)
+        assert failed.reason is not None and "did not confirm" in failed.reason
+    finally:
+        await central.close()

@@ -52,6 +52,7 @@ from evcharging.common.messages import (
     DriverStatus,
     DriverUpdate,
     FaultEventType,
+    Message,
     SessionEnd,
     SessionStatus,
     StatusEvent,
@@ -109,7 +110,7 @@ class Controller:
         self.hub = hub or EventHub()
         self.cps: dict[str, CPView] = {}
         self.stats: Counter[str] = Counter()
-        self.outbox = Outbox(repo, bus, self.stats)
+        self.outbox = Outbox(repo, bus, self.stats, on_sent=self._sent)
         self.read_until = utcnow()
         """The newest timestamp of the CP reports handled so far."""
         self.lag = 0
@@ -267,11 +268,10 @@ class Controller:
         logger.info("ACCEPTED request {} of {} on {} (session {})",
                     request.request_id, request.driver_id, cp.cp_id, session.session_id)
         self._send_update(self._update(session, DriverStatus.ACCEPTED))
+        # The start timeout runs from when START_SUPPLY leaves (see _sent), not from the
+        # decision: a database that holds the decision back is Central's own delay.
         self._send_command(cp.cp_id, CommandType.START_SUPPLY,
                            driver_id=session.driver_id, session_id=session.session_id)
-        self._watchdogs[session.session_id] = asyncio.create_task(
-            self._start_watchdog(cp, session), name=f"start-watchdog-{session.session_id}"
-        )
         self.changed(cp)
 
     def _deny(self, request: DriverRequest, reason: str) -> None:
@@ -286,12 +286,29 @@ class Controller:
             status=DriverStatus.DENIED, reason=reason,
         ))
 
-    async def _start_watchdog(self, cp: CPView, session: ActiveSession) -> None:
-        """Fail a start the CP has not confirmed within the start timeout, once Central has
-        read the CPs' reports up to that moment (its own delay fails no session)."""
+    def _sent(self, message: Message) -> None:
+        """The outbox sent `message`: a START_SUPPLY starts its session's start timeout."""
+        if not (isinstance(message, CentralCommand)
+                and message.cmd is CommandType.START_SUPPLY):
+            return
+        cp = self.cps.get(message.cp_id)
+        session = cp.session if cp is not None else None
+        if cp is None or session is None or session.session_id != message.payload.session_id:
+            return  # ended before its START_SUPPLY left
+        if session.confirmed or session.session_id in self._watchdogs:
+            return
+        self._watchdogs[session.session_id] = asyncio.create_task(
+            self._start_watchdog(cp, session, utcnow()),
+            name=f"start-watchdog-{session.session_id}",
+        )
+
+    async def _start_watchdog(self, cp: CPView, session: ActiveSession, sent: datetime) -> None:
+        """Fail a start the CP has not confirmed within the start timeout of START_SUPPLY
+        leaving, once Central has read the CPs' reports up to that moment (its own delay
+        fails no session)."""
         try:
             await asyncio.sleep(self.options.start_timeout)
-            deadline = session.started_at + timedelta(seconds=self.options.start_timeout)
+            deadline = sent + timedelta(seconds=self.options.start_timeout)
             grace = self.options.start_grace
             while self.reading_position() < deadline and grace > 0 and not session.confirmed:
                 await asyncio.sleep(START_GRACE_POLL)
@@ -336,6 +353,9 @@ class Controller:
             and (session.confirmed or session.resumed)
             and status.event is not StatusEvent.REFUSED
             and (status.state is not CPState.SUPPLYING or status.session_id is not None)
+            # A report from before the session began (replayed after a restart) says
+            # nothing about it.
+            and status.ts >= session.started_at
         ):
             # The CP is not supplying the session, and did not report its end.
             self.end_session(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 
 from loguru import logger
 
@@ -30,8 +31,16 @@ RETRY_MAX_DELAY = 5.0
 
 
 class Outbox:
-    def __init__(self, repo: Repository, bus: Publisher, stats: Counter[str]) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        bus: Publisher,
+        stats: Counter[str],
+        *,
+        on_sent: Callable[[Message], None] | None = None,
+    ) -> None:
         self._repo = repo
+        self._on_sent = on_sent
         self._bus = bus
         self._stats = stats
         self._ops: list[Op] = []
@@ -66,6 +75,8 @@ class Outbox:
             del self._messages[:messages]
             for message in batch:
                 await self._publish(message)
+                if self._on_sent is not None:
+                    self._on_sent(message)
 
     def flush_soon(self) -> None:
         """Flush in a moment, once for everything queued until then (timers that fire by
