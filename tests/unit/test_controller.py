@@ -691,3 +691,22 @@ async def test_after_a_restart_a_replayed_report_from_before_the_session_fails_n
         assert not session.resumed  # the CP claims it
     finally:
         await second.close()
+
+
+async def test_a_round_that_loses_many_monitors_logs_one_line(
+    central: Controller, clock: Clock
+) -> None:
+    from loguru import logger
+
+    for i in range(25):
+        await central.register(CPRegistration(cp_id=f"CP-{i:03d}"))
+        await central.monitor_report(f"CP-{i:03d}", 1.0, True)
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    try:
+        clock.now += 10.0
+        assert len(await central.check_monitors()) == 25
+    finally:
+        logger.remove(sink)
+    assert len(lines) == 11  # ten named, then one line for the whole round
+    assert lines[-1].startswith("25 CPs lost their monitor (CP-000, ")

@@ -23,6 +23,14 @@ from evcharging.common.states import CPState, SessionResult
 __all__ = ["check_monitors", "check_silent_cps", "prune_history", "run", "snapshot_health"]
 
 PRUNE_EVERY = 3600.0
+LOG_EACH_UP_TO = 10
+"""A round that marks more CPs than this logs one summary line, not one line each."""
+
+
+def _log_round(ids: list[str], what: str) -> None:
+    if len(ids) > LOG_EACH_UP_TO:
+        shown = ", ".join(ids[:LOG_EACH_UP_TO])
+        logger.warning("{:,} CPs {} ({}, …)", len(ids), what, shown)
 
 
 def check_silent_cps(central: Controller) -> list[str]:
@@ -38,13 +46,15 @@ def check_silent_cps(central: Controller) -> list[str]:
         if cp.state in (CPState.DISCONNECTED, CPState.FAULT) or central.heard_within(cp, timeout):
             continue
         reason = f"no message from the CP for {timeout:g}s"
-        logger.warning("CP {} is silent: {}", cp.cp_id, reason)
+        logger.log("DEBUG" if len(marked) >= LOG_EACH_UP_TO else "WARNING",
+                   "CP {} is silent: {}", cp.cp_id, reason)
         central.end_session(cp, SessionResult.FAILED, f"CP lost: {reason}",
                             breaker_failure=True)
         central.follow_state(cp, CPState.DISCONNECTED, reason, None)
         central.persist(cp)
         central.changed(cp)
         marked.append(cp.cp_id)
+    _log_round(marked, f"silent for {timeout:g}s: taken as DISCONNECTED")
     return marked
 
 
@@ -59,13 +69,15 @@ def check_monitors(central: Controller) -> list[str]:
             continue
         cp.monitor_lost = True
         reason = f"monitor lost: no report for {3 * cp.monitor_interval:g}s"
-        logger.warning("CP {}: {}", cp.cp_id, reason)
+        logger.log("DEBUG" if len(lost) >= LOG_EACH_UP_TO else "WARNING",
+                   "CP {}: {}", cp.cp_id, reason)
         central.stats["monitors_lost"] += 1
         central.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.MONITOR_LOST, reason,
                                              utcnow()))
         central.event("monitor", cp, reason)
         central.changed(cp)
         lost.append(cp.cp_id)
+    _log_round(lost, "lost their monitor")
     return lost
 
 
