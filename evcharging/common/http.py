@@ -132,6 +132,30 @@ def _log_error(request: Request, status: int, code: str, message: str) -> None:
     logger.info("{} {} -> {} {} {}", request.method, request.url.path, status, code, message)
 
 
+def engine_app(
+    title: str,
+    description: str,
+    *,
+    api_token: SecretStr | str | None,
+    allow_anonymous: bool,
+    trusted_peer: Callable[[str | None], bool],
+) -> FastAPI:
+    """The app of a CP's own HTTP port (an engine's or a fleet's): no API docs, every
+    route guarded by protected mode with the engine's token (`CP_ENGINE_API_TOKEN`), JSON
+    or no body on changes (a cross-site form cannot fault a CP), the 1 MiB body limit and
+    the one error shape."""
+    app = FastAPI(title=title, description=description, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.router.route_class = GuardedRoute  # every route checks app.state.access first
+    app.state.access = AccessPolicy.of(
+        api_token, allow_anonymous=allow_anonymous, require_json=True,
+        trusted_peer=trusted_peer, env_name="CP_ENGINE_API_TOKEN",
+    )
+    app.add_middleware(BodyLimit)
+    install_error_handlers(app)
+    return app
+
+
 def install_error_handlers(app: FastAPI, on_error: ErrorHook = _log_error) -> None:
     """Answer every error of `app` as :class:`ErrorOut`, calling `on_error` for each.
 

@@ -41,7 +41,7 @@ def check_silent_cps(central: Controller) -> list[str]:
     with the totals the ledger holds. Returns the ids of the CPs that were marked.
     """
     timeout = central.options.cp_silence_timeout
-    marked = []
+    marked: list[str] = []
     for cp in central.cps.values():
         if cp.state in (CPState.DISCONNECTED, CPState.FAULT) or central.heard_within(cp, timeout):
             continue
@@ -62,7 +62,7 @@ def check_monitors(central: Controller) -> list[str]:
     """Mark the CPs whose monitor has not reported for 3 of its intervals; a fault event
     "monitor lost" each (the CP itself may still work). Returns their ids."""
     now = central.clock()
-    lost = []
+    lost: list[str] = []
     for cp in central.cps.values():
         if (cp.monitor_interval is None or cp.monitor_lost
                 or now - cp.monitor_seen <= 3 * cp.monitor_interval):

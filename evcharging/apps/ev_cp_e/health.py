@@ -29,14 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from evcharging.apps.ev_cp_e.engine import ChargingPoint
-from evcharging.common.http import (
-    AccessPolicy,
-    BodyLimit,
-    GuardedRoute,
-    error_response,
-    install_error_handlers,
-    is_loopback,
-)
+from evcharging.common.http import engine_app, error_response, is_loopback
 from evcharging.common.kafka import BusStats
 from evcharging.common.messages import REASON_MAX
 from evcharging.common.states import CPState, InvalidTransition
@@ -66,20 +59,10 @@ def create_health_app(
 
     `trusted_peer` decides which client hosts count as this machine (loopback).
     """
-    app = FastAPI(
-        title=f"CP Engine {cp.cp_id}",
-        description="Health endpoint of one simulated charging point.",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
+    app = engine_app(
+        f"CP Engine {cp.cp_id}", "Health endpoint of one simulated charging point.",
+        api_token=api_token, allow_anonymous=allow_anonymous, trusted_peer=trusted_peer,
     )
-    app.router.route_class = GuardedRoute  # every route checks app.state.access first
-    app.state.access = AccessPolicy.of(
-        api_token, allow_anonymous=allow_anonymous, require_json=True,
-        trusted_peer=trusted_peer, env_name="CP_ENGINE_API_TOKEN",
-    )
-    app.add_middleware(BodyLimit)
-    install_error_handlers(app)
 
     def report(*, health_code: bool = True) -> JSONResponse:
         """The CP's snapshot; with `health_code`, 503 while in FAULT (else always 200)."""

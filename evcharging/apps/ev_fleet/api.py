@@ -37,15 +37,7 @@ from evcharging.apps.ev_cp_e.health import FaultRequest
 from evcharging.apps.ev_fleet.faults import FaultStats
 from evcharging.apps.ev_fleet.fleet import Fleet
 from evcharging.apps.ev_fleet.monitoring import FleetMonitor, check
-from evcharging.common.http import (
-    AccessPolicy,
-    BodyLimit,
-    GuardedRoute,
-    HttpError,
-    error_response,
-    install_error_handlers,
-    is_loopback,
-)
+from evcharging.common.http import HttpError, engine_app, error_response, is_loopback
 from evcharging.common.kafka import BusStats
 from evcharging.common.states import CPState, InvalidTransition
 
@@ -95,20 +87,10 @@ def create_fleet_app(
     """The fleet's FastAPI app. `trusted_peer` decides which client hosts count as this
     machine (loopback)."""
     fleet = parts.fleet
-    app = FastAPI(
-        title="CP Fleet",
-        description="Health and fault hooks of many simulated charging points.",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
+    app = engine_app(
+        "CP Fleet", "Health and fault hooks of many simulated charging points.",
+        api_token=api_token, allow_anonymous=allow_anonymous, trusted_peer=trusted_peer,
     )
-    app.router.route_class = GuardedRoute  # every route checks app.state.access first
-    app.state.access = AccessPolicy.of(
-        api_token, allow_anonymous=allow_anonymous, require_json=True,
-        trusted_peer=trusted_peer, env_name="CP_ENGINE_API_TOKEN",
-    )
-    app.add_middleware(BodyLimit)
-    install_error_handlers(app)
 
     def cp_of(cp_id: str) -> ChargingPoint:
         cp = fleet.get(cp_id)
