@@ -3,8 +3,9 @@
     python -m evcharging.devtools.prometheus --target central=127.0.0.1:8000 \\
         --target cp-engine=127.0.0.1:8001 --port 9090
 
-writes ``prometheus.yml`` into ``--dir`` (``.cache/prometheus`` by default; the config is
-JSON, which is YAML), empties the data folder beside it, prints the URL and then *becomes*
+writes ``prometheus.yml`` into ``--dir`` (``.cache/prometheus/<port>`` by default, so two
+runs on two ports keep apart; the config is JSON, which is YAML), empties the data folder
+beside it, prints the URL and then *becomes*
 Prometheus (``exec``): a launcher that started it as a child stops it with SIGTERM like
 any other child, and sees its log lines. The alert rules of the Docker setup
 (``docker/prometheus/rules.yml``) are loaded too when they are there.
@@ -154,9 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="its address (default: %(default)s)")
     parser.add_argument("--interval", type=float, default=DEFAULT_INTERVAL,
                         help="seconds between scrapes (default: %(default)g)")
-    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+    parser.add_argument("--dir", type=Path, default=None,
                         help="folder of the config and the data; the data is emptied at "
-                        "start (default: %(default)s)")
+                        f"start (default: {DEFAULT_DIR}/PORT)")
     parser.add_argument("--rules", type=Path, action="append", default=None,
                         help=f"alert rules file (default: {RULES_FILE.name} of docker/"
                         "prometheus when it is there)")
@@ -176,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"prometheus: port {args.port} is already in use; choose another\n")
         return EXIT_USAGE
     rules = args.rules if args.rules is not None else [p for p in [RULES_FILE] if p.is_file()]
-    folder = args.dir.resolve()
+    folder = (args.dir or DEFAULT_DIR / str(args.port)).resolve()
     config = write_config(folder / "prometheus.yml",
                           scrape_config(args.target, interval=args.interval, rule_files=rules))
     data = folder / "data"

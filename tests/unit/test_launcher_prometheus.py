@@ -7,12 +7,15 @@ others), the Prometheus child that scrapes them all, and what the banner says.
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
 
 from evcharging.__main__ import build_parser
+from evcharging.devtools import prometheus as devtools_prometheus
 from evcharging.devtools.process import free_port
 from evcharging.devtools.prometheus import Target
 from evcharging.devtools.prometheus import build_parser as prometheus_parser
@@ -130,3 +133,53 @@ def test_a_missing_prometheus_stops_the_launcher_before_anything_starts(
     assert "--prometheus: no Prometheus binary" in out
     assert "scripts/ensure_prometheus.sh" in out
     assert "Kafka" not in out
+
+
+# --------------------------------------------------------------------------- the child
+
+
+class Execd(Exception):
+    """os.execv was called (the test stops there instead of becoming Prometheus)."""
+
+
+def test_the_child_writes_its_config_empties_its_data_and_becomes_prometheus(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[list[str]] = []
+
+    def execv(path: str, argv: list[str]) -> None:
+        calls.append([path, *argv])
+        raise Execd
+
+    monkeypatch.setattr(devtools_prometheus.os, "execv", execv)
+    port = free_port()
+    stale = clean_env / ".cache" / "prometheus" / str(port) / "data" / "old-block"
+    stale.mkdir(parents=True)
+    with pytest.raises(Execd):
+        devtools_prometheus.main(["--port", str(port), "--target", "central=127.0.0.1:8000",
+                                  "--interval", "1"])
+    folder = (clean_env / ".cache" / "prometheus" / str(port)).resolve()
+    (call,) = calls
+    assert call[0] == call[1] and Path(call[0]).name == "prometheus"
+    assert f"--config.file={folder / 'prometheus.yml'}" in call
+    assert f"--storage.tsdb.path={folder / 'data'}" in call
+    assert f"--web.listen-address=127.0.0.1:{port}" in call
+    assert not stale.exists() and (folder / "data").is_dir()  # a fresh run
+    config = json.loads((folder / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
+    assert config["rule_files"] == [str(devtools_prometheus.RULES_FILE)]
+    assert f"Prometheus on http://localhost:{port}/" in capsys.readouterr().out
+
+
+def test_the_child_refuses_a_busy_port_and_a_missing_binary(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert devtools_prometheus.main(["--port", str(port)]) == 2
+    assert f"port {port} is already in use" in capsys.readouterr().err
+    monkeypatch.setenv("EVCHARGING_PROMETHEUS", "no-such-prometheus")
+    assert devtools_prometheus.main(["--port", str(free_port())]) == 2
+    assert "scripts/ensure_prometheus.sh" in capsys.readouterr().err
