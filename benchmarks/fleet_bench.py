@@ -564,6 +564,7 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
             lag = LagSampler(http)
             await load.start(stdout=asyncio.subprocess.PIPE)
             pids["load"] = load.pid
+            pids["bench"] = os.getpid()  # its probes cost CPU too
             resources = ResourceSampler(pids, http)
             tasks = [asyncio.create_task(job.run()) for job in (probe, lag, resources)]
             load_began = time.monotonic()
@@ -618,7 +619,8 @@ LATENCY_HEADER = (
 OUTCOME_HEADER = (
     "CPs", "drivers", "completed", "FAILED start not confirmed", "FAILED other",
     "DENIED overloaded", "DENIED other", "no free CP / timed out", "Central CPU % / RSS MiB",
-    "fleet CPU % / RSS MiB", "load gen CPU %", "broker CPU %", "load avg 1 min (max)",
+    "fleet CPU % / RSS MiB", "fleet publish errors", "load gen / bench CPU %", "broker CPU %",
+    "load avg 1 min (max)",
 )
 
 
@@ -643,7 +645,8 @@ def outcome_row(r: SizeResult) -> list[str]:
         f"{r.outcome('no_free_cp'):,} / {r.outcome('timed_out'):,}",
         _group(r.cpu_mean("central"), r.rss_max("central")),
         _group(r.cpu_mean("fleet"), r.rss_max("fleet")),
-        _num(r.cpu_mean("load")),
+        f"{int(r.fleet_health.get('bus', {}).get('publish_errors', 0)):,}",
+        _group(r.cpu_mean("load"), r.cpu_mean("bench")),
         _num(r.cpu_mean("broker") if "broker" in r.usage else None),
         _num(max(r.load_avg) if r.load_avg else None, 2),
     ]
@@ -710,8 +713,13 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "- *FAILED start not confirmed*: sessions Central failed because the CP did not "
         "confirm the start in time (SPEC §4 wants none); *DENIED overloaded*: requests Central "
         "refused because it read them more than `CENTRAL_SHED_AFTER` late.",
-        "- *CPU %*: of one core, the mean over the load; *RSS*: the largest; *load avg*: "
-        "the machine's, the largest during the load.",
+        "- *fleet publish errors*: messages the fleet's producer could not deliver (its "
+        "`/health`, at the end); a CP whose status or telemetry does not leave looks silent "
+        "to Central.",
+        "- *CPU %*: of one core, the mean over the load (*bench*: this script, with its "
+        "probes); *RSS*: the largest; *load avg*: "
+        "the machine's, the largest during the load (above the number of CPUs, the processes "
+        "measured here waited for a core).",
         "",
     ]
     return "\n".join(lines)
@@ -845,8 +853,8 @@ async def run_all(settings: Settings, work: Path, bootstrap: str,
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    command = "python benchmarks/fleet_bench.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = " ".join(["python benchmarks/fleet_bench.py", *(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))])
     machine = Machine.read()
     started = datetime.now(tz=UTC)
     began = time.monotonic()
