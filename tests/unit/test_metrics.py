@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
+from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.metrics import (
     J_PER_KWH,
@@ -561,3 +562,23 @@ def test_load_collector_reads_the_tally() -> None:
     assert got[PREFIX + "load_final_latency_seconds_count"] == 2
     assert got[f'{PREFIX}load_final_latency_seconds_bucket{{le="10.0"}}'] == 1
     assert not math.isnan(got[PREFIX + "load_final_latency_seconds_sum"])
+
+
+async def test_metrics_need_no_token_even_when_central_has_one(
+    bus: RecordingPublisher, file_repo: SqliteRepository
+) -> None:
+    """Protected mode guards mutating calls: Prometheus scrapes without the API token, from
+    any address (as it does from its own container)."""
+    controller = Controller(bus, file_repo)
+    app = create_api(controller, api_token="s3cret", trusted_peer=lambda host: False)
+    mount_metrics(app, central_metrics(controller, file_repo, process=False))
+    transport = httpx.ASGITransport(app, client=("10.1.2.3", 5555))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://central") as c:
+            answer = await c.get("/metrics")
+            assert answer.status_code == 200
+            assert PREFIX + "cps_unmonitored" in parse(answer.text)
+            refused = await c.post("/cp/register", json={"cp_id": "CP-1"})
+            assert refused.status_code == 401  # the token still guards the changes
+    finally:
+        await controller.close()
