@@ -167,6 +167,10 @@ async def prometheus(network: Network, tmp_path: Path) -> AsyncIterator[Promethe
         process.send_signal(signal.SIGTERM)  # the wrapper exec'd: this is Prometheus itself
         try:
             code = process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+            raise
         finally:
             log.close()
         assert code == 0, (tmp_path / "prometheus.log").read_text()
