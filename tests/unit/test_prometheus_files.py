@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
-from evcharging.common.config import CentralSettings, CPEngineSettings, CPMonitorSettings
+from evcharging.common.config import (
+    CentralSettings,
+    CPEngineSettings,
+    CPMonitorSettings,
+    DriverSettings,
+    FleetSettings,
+)
 from evcharging.common.metrics import series_names
 from evcharging.devtools.prometheus import (
     RULES_FILE,
@@ -65,7 +71,10 @@ METRICS_PORT_FIELD: dict[type[Any], str] = {
     CentralSettings: "http_port",
     CPEngineSettings: "health_port",
     CPMonitorSettings: "metrics_port",
+    FleetSettings: "http_port",
 }
+NO_METRICS = frozenset({DriverSettings})
+"""Services with no HTTP port, so no /metrics (one driver process)."""
 
 
 def load_yaml(path: Path) -> Any:
@@ -198,12 +207,13 @@ def test_every_service_with_a_metrics_port_is_scraped(
     scraped = {t.rpartition(":")[0] for ts in _scrape_targets().values() for t in ts}
     for service in APP_SERVICES:
         cls = settings_class(service)
-        if cls not in METRICS_PORT_FIELD:
-            continue  # the driver: no HTTP port
+        if cls in NO_METRICS:
+            continue
+        assert cls in METRICS_PORT_FIELD, f"{service}: where does {cls.__name__} serve /metrics?"
         settings = container_settings(service, monkeypatch, tmp_path)
         if getattr(settings, METRICS_PORT_FIELD[cls]):
             assert service in scraped, f"Prometheus does not scrape {service}"
-    assert {"ev-central", "cp-engine-1", "cp-monitor-1"} <= scraped
+    assert {"ev-central", "cp-engine-1", "cp-monitor-1", "cp-fleet"} <= scraped
 
 
 def test_grafana_data_source_is_the_compose_prometheus_and_the_dashboard_uses_it() -> None:
