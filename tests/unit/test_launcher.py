@@ -735,7 +735,13 @@ async def test_a_second_signal_kills_every_child_at_once() -> None:
         if not run.done():
             run.cancel()
     assert (code, forced) == (0, True)
-    assert central.process is not None and central.process.returncode == -signal.SIGKILL
+    # The launcher sent SIGKILL and the process is gone. (Its exit status is not checked: on
+    # a busy machine asyncio's child watcher of Python 3.11 sometimes finds the child
+    # already reaped and reports 255 with an "Unknown child process" warning.)
+    assert central.killed and central.process is not None
+    assert central.process.returncode is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(central.process.pid, 0)
     text = out.getvalue()
     assert "SIGINT received: stopping" in text
     assert "SIGINT again: killing every process now" in text
