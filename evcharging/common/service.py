@@ -196,6 +196,8 @@ class TaskOwner:
         self.level = level
         self.failed = asyncio.Event()
         self.failure: BaseException | None = None
+        self.failed_task: str | None = None
+        """The name of the task that failed first."""
         self._tasks: set[asyncio.Task[Any]] = set()
         self._cancelling: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -239,6 +241,7 @@ class TaskOwner:
             logger.opt(exception=exc).log(self.level, "{} died ({!r})", task.get_name(), exc)
         if self.failure is None:
             self.failure = exc
+            self.failed_task = task.get_name()
         self.failed.set()
 
     async def wait(self, *events: asyncio.Event) -> bool:

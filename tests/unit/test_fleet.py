@@ -626,7 +626,9 @@ async def test_the_loops_register_again_the_cps_central_forgot(network: Network)
         await monitor.stop()
         assert not tasks.failed.is_set()
     registrations = network.calls("/fleet/register")
-    assert len(registrations) == 2
+    # The first one, then at least one more; on a loaded machine a second liveness round
+    # can list the CPs as unknown before the first re-registration lands (idempotent).
+    assert len(registrations) >= 2
     await fleet.stop()
 
 

@@ -23,7 +23,6 @@ Periodic checks (silent CPs, lost monitors, snapshots) are in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
@@ -62,6 +61,7 @@ from evcharging.common.messages import (
     new_id,
     utcnow,
 )
+from evcharging.common.service import TaskOwner
 from evcharging.common.states import (
     TRANSITIONS,
     CPEvent,
@@ -121,6 +121,7 @@ class Controller:
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
+        self._timers = TaskOwner("start timeouts", level="ERROR")
         self.started_at = utcnow()
 
     # ------------------------------------------------------------------ lifecycle
@@ -168,13 +169,8 @@ class Controller:
 
     async def close(self) -> None:
         """Cancel the start watchdogs and write what is queued; safe to call twice."""
-        tasks = list(self._watchdogs.values())
         self._watchdogs.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._timers.close()
         await self.outbox.close()
         if self.outbox.pending:
             try:
@@ -297,9 +293,9 @@ class Controller:
             return  # ended before its START_SUPPLY left
         if session.confirmed or session.session_id in self._watchdogs:
             return
-        self._watchdogs[session.session_id] = asyncio.create_task(
+        self._watchdogs[session.session_id] = self._timers.spawn(
             self._start_watchdog(cp, session, utcnow()),
-            name=f"start-watchdog-{session.session_id}",
+            f"start-watchdog-{session.session_id}",
         )
 
     async def _start_watchdog(self, cp: CPView, session: ActiveSession, sent: datetime) -> None:

@@ -61,6 +61,7 @@ from evcharging.common.messages import (
     StatusEvent,
     clip_reason,
 )
+from evcharging.common.service import TaskOwner
 from evcharging.common.states import (
     CPEvent,
     CPState,
@@ -139,11 +140,11 @@ class ChargingPoint:
         self._bus_log_level = "ERROR" if log_bus_errors else "DEBUG"
         self._publish_started: float | None = None
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskOwner(f"CP {cp_id}", level="ERROR")
+        """The CP's timers: heartbeat and session; a crash is logged once, as a bug."""
         self._heartbeat: asyncio.Task[None] | None = None
         self._beat_at: float | None = None
         """Clock reading when the last heartbeat (or the connect) went out."""
-        self._crashed: str | None = None
         self._started = False
         self._closed = False
         self._log = logger.bind(cp_id=cp_id)
@@ -209,7 +210,10 @@ class ChargingPoint:
     def crashed(self) -> str | None:
         """Which of the CP's tasks crashed and with what, if one did (a bug: it is logged
         with its traceback, and the CP cannot be trusted any more)."""
-        return self._crashed
+        failure = self._tasks.failure
+        if failure is None:
+            return None
+        return f"task {self._tasks.failed_task} crashed: {failure!r}"
 
     @property
     def heartbeat_age(self) -> float | None:
@@ -271,7 +275,7 @@ class ChargingPoint:
                 if self._heartbeat is not None:
                     self._heartbeat.cancel()
                 await self._shut_down()
-        await self._cancel_tasks()
+        await self._tasks.close()
 
     async def _shut_down(self) -> None:
         if self._state is CPState.SUPPLYING:
@@ -512,25 +516,7 @@ class ChargingPoint:
                 self._beat_at = self._clock()
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.create_task(coro, name=f"{self.cp_id}-{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            self._log.opt(exception=exc).error("task {} crashed", task.get_name())
-            if self._crashed is None:
-                self._crashed = f"task {task.get_name()} crashed: {exc!r}"
-
-    async def _cancel_tasks(self) -> None:
-        current = asyncio.current_task()
-        tasks = [t for t in self._tasks if t is not current]
-        for task in tasks:
-            task.cancel()
-        # Crashes were logged by _task_done; here they only must not stop the shutdown.
-        await asyncio.gather(*tasks, return_exceptions=True)
+        return self._tasks.spawn(coro, f"{self.cp_id}-{name}")
 
     # ---------------------------------------------------------------- publishing
 
