@@ -95,6 +95,12 @@ class KafkaConfig:
     linger_ms: int = 2
     """How long the producer waits to batch messages: 2 ms costs little latency and
     spares the broker thousands of one-message requests a second at 10,000 CPs."""
+    max_batch_size: int = 1024 * 1024
+    """Bytes the producer buffers per partition. aiokafka keeps one open batch per
+    partition and makes ``send`` wait while it is full and not yet sent; with its 16 KiB
+    default (about 50 messages) a 10,000-CP fleet under load waited past the request
+    timeout and lost tens of thousands of messages (benchmarks/fleet_bench.py). Within
+    the broker's default ``message.max.bytes`` (1 MiB + 12)."""
 
     def topic_name(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.value}"
@@ -206,6 +212,7 @@ class KafkaBus:
                 client_id=self.config.client_id,
                 acks=1,
                 linger_ms=self.config.linger_ms,
+                max_batch_size=self.config.max_batch_size,
                 request_timeout_ms=15000,
             )
             try:
