@@ -1,5 +1,8 @@
 """HTTP safety every service's FastAPI app shares (SPEC §5, "Safe defaults").
 
+Over 400 lines: the one place of every service's HTTP safety (body limit, protected
+mode, the error shape), kept together so that no service can take half of it.
+
 * :class:`BodyLimit`: an ASGI middleware that answers 413 to a body over :data:`MAX_BODY`
   before it is read whole. It refuses a too large ``Content-Length`` at once, and counts
   the bytes of a streamed (chunked) or under-declared body, stopping the read at the limit.

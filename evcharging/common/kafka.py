@@ -1,5 +1,9 @@
 """The message bus: Kafka topics of SPEC §2 through aiokafka.
 
+Over 400 lines: the producer, the consumer loop (validation, retries of transient
+handler errors, per-batch settling, commits, lag) and topic creation are one adapter of one
+port, sharing its retry and logging rules; the port itself is :mod:`evcharging.common.bus`.
+
 * :class:`KafkaBus` owns one producer and creates the topics at start (idempotently).
 * :class:`KafkaConsumerLoop` consumes some topics, validates each message with its model,
   hands it to the handler registered for its topic and commits offsets after handling.

@@ -1,5 +1,7 @@
 """Prometheus metrics (SPEC §5: every service serves ``GET /metrics`` on its HTTP port).
 
+Over 400 lines: the catalogue of every metric family, declared once for all services.
+
 This module is the catalogue: every metric family of the project is declared once in
 :data:`FAMILIES` (name, type, labels, help, histogram buckets), and nothing else makes
 one. The services' collectors build their families through :func:`counter`,

@@ -1,5 +1,8 @@
 """Supervision: start the children in order, watch and restart them, stop them in order.
 
+Over 400 lines: start order, supervision, restarts and the ordered stop of every
+child share the one run's state and signals.
+
 Start order: Central (wait for ``GET /health``), then the CPs: either the engines, each
 engine's monitor once Central shows its CP ACTIVATED, or the CP Fleet, until Central counts
 its CPs ACTIVATED (``GET /cp?state=ACTIVATED``, ``X-Total-Count``; a progress line every few

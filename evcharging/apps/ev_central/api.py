@@ -1,5 +1,8 @@
 """Central's HTTP API (SPEC §5), a FastAPI app over the controller.
 
+Over 400 lines: one route each, with its documented errors; the answers' models are
+:mod:`~evcharging.apps.ev_central.schemas` and the HTTP safety :mod:`evcharging.common.http`.
+
 Every answer has a Pydantic model (:mod:`evcharging.apps.ev_central.schemas`), so
 ``/openapi.json`` documents it, errors included. Lists are JSON arrays; ``limit`` and
 ``offset`` select a page. ``/cp`` answers every CP without ``limit``, filters by ``state``

@@ -1,5 +1,10 @@
 """Central's decisions (SPEC §4): assignment, sessions, the ledger, faults, the breakers.
 
+Over 400 lines on purpose: it is the one class that decides (STYLE: each decision in one
+place); the ledger, the sessions and the faults share its state and its outbox, and a
+split would scatter one decision over several files. Periodic checks, the in-memory views,
+the outbox and the SQL are already modules of their own.
+
 The controller is the one place where Central decides. It holds a view of every CP
 (:mod:`~evcharging.apps.ev_central.views`), moves that view only through the shared state
 machine, and talks to the outside only through its ports: a publisher (Kafka) and a

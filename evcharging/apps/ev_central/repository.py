@@ -1,5 +1,8 @@
 """EV Central's persistence (SPEC §7): SQLite through aiosqlite, never blocking the loop.
 
+Over 400 lines: the port (a Protocol) and its one adapter, method by method; the SQL
+itself is :mod:`~evcharging.apps.ev_central.sql`.
+
 Every statement runs on aiosqlite's single connection thread; the event loop only awaits.
 The database is opened in WAL mode (``synchronous=NORMAL``, ``foreign_keys=ON``, a busy
 timeout) and its schema is created idempotently at open by numbered migrations recorded in

@@ -1,5 +1,8 @@
 """Central's SQL: the schema's migrations, the statements, the records and their rows.
 
+Over 400 lines: every statement, record and migration of one schema, pure, in one
+place to read against SPEC §7.
+
 Pure: nothing here touches a database. :mod:`evcharging.apps.ev_central.repository` runs
 these statements on aiosqlite. A write is an :data:`Op` (a statement and its parameters),
 so that the controller can queue the writes of many decisions and the repository can

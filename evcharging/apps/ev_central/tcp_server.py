@@ -1,5 +1,9 @@
 """Central's TCP control plane (SPEC §6): framed JSON requests from operators.
 
+Over 400 lines: the server's connection handling, limits and answers to each command;
+the frame codec and the ACK/NAK link layer are :mod:`~evcharging.common.framing` and
+:mod:`~evcharging.common.link`.
+
 Every frame is ``STX ‖ esc(payload) ‖ ETX ‖ esc(LRC)`` (see :mod:`evcharging.common.framing`).
 One exchange on a connection goes::
 

@@ -1,5 +1,8 @@
 """One charging point: its state, its charging session and what it tells Central.
 
+Over 400 lines: one class, the CP's whole firmware (state changes under one lock,
+sessions, telemetry, heartbeats), whose ordering rules only hold if it stays together.
+
 :class:`ChargingPoint` holds no process-global state, so one process can host many. It
 changes state only through :func:`evcharging.common.states.next_state`, and announces
 every change on ``cp.status``; while it supplies, it sends ``cp.telemetry``.

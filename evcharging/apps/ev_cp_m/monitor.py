@@ -1,5 +1,8 @@
 """CP Monitor: the watchdog of one charging point. It speaks HTTP only (no Kafka).
 
+Over 400 lines: the monitor's three loops and their HTTP calls with the outage rules;
+its decisions are the pure :mod:`~evcharging.apps.ev_cp_m.watch`.
+
 Three owned tasks run side by side (in a :class:`~evcharging.common.service.TaskOwner`: one
 that fails is logged once and stops the monitor, whose process then exits 1):
 

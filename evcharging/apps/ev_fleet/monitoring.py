@@ -1,5 +1,8 @@
 """The fleet's monitoring: what a CP Monitor does for one CP, done in process for all.
 
+Over 400 lines: the in-process checks and the batched calls to Central that replace
+10,000 CP Monitors, with their retry rules; the decisions are the monitor's pure Watch.
+
 Each CP has a :class:`~evcharging.apps.ev_cp_m.watch.Watch` (the CP Monitor's own
 decisions: ``CP_MONITOR_FAILURE_THRESHOLD`` consecutive failed checks make one fault
 report, the first passing check after it one recovery report, the newest undelivered

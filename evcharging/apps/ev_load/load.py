@@ -1,5 +1,8 @@
 """Many drivers in one process: Poisson arrivals, one request each, followed to its end.
 
+Over 400 lines: the generator's schedule, CP chooser and request bookkeeping, which
+share one run's state; the statistics are :mod:`~evcharging.apps.ev_load.stats`.
+
 The pure parts: :func:`arrival_offsets` (the schedule, from a seeded generator),
 :func:`parse_cps` (the ``--cps`` list), :class:`CPChooser` (which CPs are free: Central's
 reading less this run's own open requests) and :class:`OpenRequests` (the requests being
