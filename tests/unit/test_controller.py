@@ -28,6 +28,7 @@ from evcharging.common.messages import (
     new_id,
     utcnow,
 )
+from tests.polling import poll
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
@@ -710,3 +711,30 @@ async def test_a_round_that_loses_many_monitors_logs_one_line(
         logger.remove(sink)
     assert len(lines) == 11  # ten named, then one line for the whole round
     assert lines[-1].startswith("25 CPs lost their monitor (CP-000, ")
+
+
+async def test_a_start_is_failed_only_once_the_cps_reports_past_the_deadline_are_read(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    """SPEC §4: a start counts as confirmed when the CP's message says so, however late
+    Central reads it; behind (lag > 0), Central waits until it has read this CP's reports
+    up to the deadline."""
+    central = FlushingController(bus, repo, CentralOptions(start_timeout=0.05, start_grace=5))
+    try:
+        await activate(central)
+        central.set_lag(500)  # behind: the confirmation may be in the backlog
+        req = await request(central)
+        session_id = updates(bus, req.request_id)[0].session_id
+        await poll(lambda: central._watchdogs, timeout=2, what="the start timeout armed")
+        watchdog = central._watchdogs[session_id or ""]
+        await poll(lambda: central.stats["start_timeouts"] == 0 and not watchdog.done(),
+                   timeout=1, what="still waiting")
+        # The backlog holds the CP's confirmation, sent in time: the session lives.
+        await central.handle_status(CPStatus(
+            cp_id="CP-001", state=CPState.SUPPLYING, event=StatusEvent.START_SUPPLY,
+            session_id=session_id, driver_id="driver-alice",
+        ))
+        assert central.get("CP-001").session is not None
+        assert not [u for u in updates(bus, req.request_id) if u.status.is_final]
+    finally:
+        await central.close()
