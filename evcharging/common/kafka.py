@@ -200,6 +200,7 @@ class KafkaBus:
         self._producer: AIOKafkaProducer | None = None
         self._connected = False
         self._probe_task: asyncio.Task[None] | None = None
+        self._probe_stop = asyncio.Event()
         self._delivery_failing = False
 
     @property
@@ -234,6 +235,7 @@ class KafkaBus:
         )
         self._connected = True
         logger.info("Kafka producer connected to {}", self.config.bootstrap)
+        self._probe_stop = asyncio.Event()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="kafka-probe")
 
     async def stop(self) -> None:
@@ -242,15 +244,25 @@ class KafkaBus:
         probe, self._probe_task = self._probe_task, None
         self._connected = False
         if probe is not None:
+            # Let a probe in flight finish rather than cancel it inside aiokafka's connection
+            # code (which can leave a connection open); cancel only if it overruns.
+            self._probe_stop.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(probe), self.PROBE_TIMEOUT + 1)
             probe.cancel()
             await asyncio.gather(probe, return_exceptions=True)
         if producer is not None:
             await producer.stop()
 
     async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.probe_interval)
+        while not self._probe_stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probe_stop.wait(), self.probe_interval)
+            if self._probe_stop.is_set():
+                return
             reachable = await self._probe()
+            if self._probe_stop.is_set():
+                return
             if reachable != self._connected:
                 if reachable:
                     logger.info("Kafka at {} answers again", self.config.bootstrap)
