@@ -100,7 +100,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         ("Kafka producer", bus.stop),
     )
     try:
-        await until_stopped(stop, _start_parts(bus, consumer, http))
+        await until_stopped(stop, start_parts(bus, consumer, http))
         tasks.spawn(consumer.run(), "central.commands consumer", forever=True)
         await cp.start()
         log.info("CP Engine {} running; health on port {}", settings.cp_id, http.port)
@@ -116,7 +116,8 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         log.info("CP Engine {} stopped (state {})", settings.cp_id, cp.state.value)
 
 
-async def _start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpServer) -> None:
+async def start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpServer) -> None:
+    """Start a CP process's parts in order (the engine's and the fleet's)."""
     await bus.start()  # waits for the broker, with backoff
     await consumer.start()
     await http.start()  # OSError when the port is taken

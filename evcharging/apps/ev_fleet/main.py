@@ -45,6 +45,7 @@ from loguru import logger
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings
 
+from evcharging.apps.ev_cp_e.main import start_parts
 from evcharging.apps.ev_fleet.api import FleetParts, create_fleet_app
 from evcharging.apps.ev_fleet.central import CentralClient
 from evcharging.apps.ev_fleet.faults import FaultPlan, FaultStats, inject_faults
@@ -245,7 +246,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
         ("Central client", central.aclose),
     )
     try:
-        await until_stopped(stop, _start_parts(bus, consumer, http))
+        await until_stopped(stop, start_parts(bus, consumer, http))
         tasks.spawn(consumer.run(), "central.commands consumer", forever=True)
         await until_stopped(stop, monitor.register(REGISTER_WAIT))
         await until_stopped(stop, fleet.connect(s.connect_batch))
@@ -273,12 +274,6 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
         logger.info("CP Fleet stopped ({})", ", ".join(
             f"{count:,} {state}" for state, count in fleet.counts().items() if count
         ))
-
-
-async def _start_parts(bus: KafkaBus, consumer: KafkaConsumerLoop, http: HttpServer) -> None:
-    await bus.start()  # waits for the broker, with backoff
-    await consumer.start()
-    await http.start()  # OSError when the port is taken
 
 
 def _registration(spec: CPSpec, engine: CPEngineSettings, base_url: str) -> CPRegistration:
