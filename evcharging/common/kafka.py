@@ -47,6 +47,7 @@ __all__ = [
     "KafkaBus",
     "KafkaConfig",
     "KafkaConsumerLoop",
+    "KafkaSecurity",
     "Routes",
     "Topic",
     "ensure_topics",
@@ -88,6 +89,36 @@ class BusStats:
         }
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How a client authenticates to the broker (SPEC §11): SASL SCRAM-SHA-512, over TLS
+    with ``SASL_SSL``; ``PLAINTEXT`` (the default) sends no credentials."""
+
+    protocol: SecurityProtocol = "PLAINTEXT"
+    username: str | None = None
+    password: str | None = None
+    ssl_cafile: str | None = None
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every aiokafka client (producer, consumer, admin) takes."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        kwargs: dict[str, Any] = {
+            "security_protocol": self.protocol,
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": self.username,
+            "sasl_plain_password": self.password,
+        }
+        if self.protocol == "SASL_SSL":
+            from aiokafka.helpers import create_ssl_context
+
+            kwargs["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+        return kwargs
+
+
 @dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str
@@ -106,8 +137,16 @@ class KafkaConfig:
     timeout and lost tens of thousands of messages (benchmarks/fleet_bench.py). Within
     the broker's default ``message.max.bytes`` (1 MiB + 12)."""
 
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    """Credentials for a broker that authenticates its clients (SPEC §11)."""
+
     def topic_name(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.value}"
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Bootstrap, client id and security: what every aiokafka client is given."""
+        return {"bootstrap_servers": self.bootstrap, "client_id": self.client_id,
+                **self.security.client_kwargs()}
 
 
 async def retry(
@@ -144,7 +183,7 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[st
     names = [config.topic_name(t) for t in topics]
 
     async def attempt() -> dict[str, list[int]]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=config.bootstrap, client_id=config.client_id)
+        admin = AIOKafkaAdminClient(**config.client_kwargs())
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -213,8 +252,7 @@ class KafkaBus:
 
         async def attempt() -> AIOKafkaProducer:
             producer = AIOKafkaProducer(
-                bootstrap_servers=self.config.bootstrap,
-                client_id=self.config.client_id,
+                **self.config.client_kwargs(),
                 acks=1,
                 linger_ms=self.config.linger_ms,
                 max_batch_size=self.config.max_batch_size,
@@ -428,8 +466,7 @@ class KafkaConsumerLoop:
 
         async def attempt() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.config.bootstrap,
-                client_id=self.config.client_id,
+                **self.config.client_kwargs(),
                 group_id=self.group_id,
                 group_instance_id=self.group_instance_id,
                 enable_auto_commit=False,
