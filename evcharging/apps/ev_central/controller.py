@@ -330,10 +330,9 @@ class Controller:
 
     async def handle_status(self, status: CPStatus) -> None:
         """Follow a CP's state and settle its sessions with the CP's own meter (SPEC §4)."""
-        cp = self.cps.get(status.cp_id)
+        cp = self.cps.get(status.cp_id) or self._cp_from_bus(status.cp_id)
         if cp is None:
-            cp = self._new_view(status.cp_id)
-            logger.info("CP {} registered by its first status message", status.cp_id)
+            return
         self._heard(cp, status.ts)
         before = cp.state
         if cp.state is CPState.STOPPED and status.event is StatusEvent.CONNECT:
@@ -733,6 +732,18 @@ class Controller:
         )
         self.cps[cp_id] = cp
         return cp
+
+    def _cp_from_bus(self, cp_id: str) -> CPView | None:
+        """A CP Central learns of from its first status message (not registered by a
+        monitor, the fleet or the gateway); None when it is not taken in."""
+        logger.info("CP {} registered by its first status message", cp_id)
+        return self._new_view(cp_id)
+
+    def silence(self, cp: CPView) -> float:
+        """Seconds the CP has been silent, as Central judges it (SPEC §4: by how far it
+        has read the CP's own partitions, so Central's own delay never counts)."""
+        heard = cp.last_heard or self.started_at
+        return max(0.0, (self.reading_position() - heard).total_seconds())
 
     def _read_past(self, cp: CPView, moment: datetime) -> bool:
         """Whether Central has read everything `cp` reported up to `moment`: it has caught
