@@ -23,3 +23,20 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with KafkaBroker(work_dir=tmp_path_factory.mktemp("kafka")) as broker:
         yield broker.bootstrap
+
+
+SASL_TOPIC_PREFIXES = ("", "sasl-e2e.")
+"""Topic prefixes the SASL broker grants the ACLs of SPEC §11 for."""
+
+
+@pytest.fixture(scope="session")
+def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    """A real broker of SPEC §11 for the session: SASL SCRAM-SHA-512 and the ACLs of the
+    principals ``central``, ``cp`` and ``driver`` on the topics of each of
+    :data:`SASL_TOPIC_PREFIXES` (``sasl_broker.sasl_users`` has the passwords, with the
+    super user ``admin`` for setting things up)."""
+    with KafkaBroker(
+        work_dir=tmp_path_factory.mktemp("kafka-sasl"), sasl=True,
+        topic_prefixes=SASL_TOPIC_PREFIXES,
+    ) as broker:
+        yield broker

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, StringConstraints, ValidationError
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from evcharging.common.messages import ID_PATTERN
@@ -24,6 +31,55 @@ LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRI
 
 SHARED_TOKEN_ENV = "EVCHARGING_API_TOKEN"  # noqa: S105 - a variable's name, not a secret
 """Every service's token falls back to this variable when its own is not set."""
+
+SecurityProtocol = Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"]
+
+
+# The Kafka security settings of SPEC §11. Each service declares them with its own prefix
+# and its principal: ``<PREFIX>KAFKA_SECURITY_PROTOCOL`` beats the shared
+# ``KAFKA_SECURITY_PROTOCOL``; the user name defaults to the principal (central, cp,
+# driver) and the password falls back to that principal's ``KAFKA_<PRINCIPAL>_PASSWORD``,
+# which `kafka_broker start --sasl` and `make up` write into .env.
+def _choices(*names: str) -> AliasChoices:
+    """The variables a field reads, first one first (duplicates and blanks dropped)."""
+    return AliasChoices(*dict.fromkeys(n for n in names if n and "__" not in n))
+
+
+def kafka_protocol_field(prefix: str) -> Any:
+    return Field(
+        "PLAINTEXT",
+        validation_alias=_choices(f"{prefix}KAFKA_SECURITY_PROTOCOL", "KAFKA_SECURITY_PROTOCOL"),
+        description="how to reach Kafka: PLAINTEXT, SASL_PLAINTEXT or SASL_SSL (SCRAM-SHA-512)",
+    )
+
+
+def kafka_username_field(prefix: str, principal: str) -> Any:
+    return Field(
+        principal or None,
+        validation_alias=_choices(f"{prefix}KAFKA_SASL_USERNAME", "KAFKA_SASL_USERNAME"),
+        description="SASL user (the service's principal of SPEC §11)",
+    )
+
+
+def kafka_password_field(prefix: str, principal: str) -> Any:
+    return Field(
+        None,
+        validation_alias=_choices(
+            f"{prefix}KAFKA_SASL_PASSWORD",
+            "KAFKA_SASL_PASSWORD",
+            f"KAFKA_{principal.upper()}_PASSWORD",
+        ),
+        description="SASL password (prefer a variable or .env: flags show in ps)",
+    )
+
+
+def kafka_cafile_field(prefix: str) -> Any:
+    return Field(
+        None,
+        validation_alias=_choices(f"{prefix}KAFKA_SSL_CAFILE", "KAFKA_SSL_CAFILE"),
+        description="CA file that signed the broker's certificate (SASL_SSL; unset: the "
+        "system's CAs)",
+    )
 
 
 class ServiceSettings(BaseSettings):
@@ -40,12 +96,34 @@ class ServiceSettings(BaseSettings):
     topic_partitions: int = Field(3, ge=1, description="partitions of each topic created at start")
     log_level: LogLevel = Field("INFO", description="log level")
     log_json: bool = Field(False, description="write logs as JSON lines")
+    # SPEC §11; every subclass declares them again with its prefix and principal.
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("")
+    kafka_sasl_username: str | None = kafka_username_field("", "")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("", "")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("")
+
+    @model_validator(mode="after")
+    def _sasl_needs_a_password(self) -> ServiceSettings:
+        if self.kafka_security_protocol != "PLAINTEXT" and (
+            not self.kafka_sasl_username or self.kafka_sasl_password is None
+        ):
+            raise ValueError(
+                f"KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol} needs a SASL user "
+                f"and password (KAFKA_SASL_PASSWORD, or the KAFKA_<PRINCIPAL>_PASSWORD that "
+                "`python -m evcharging.devtools.kafka_broker start --sasl` writes to .env)"
+            )
+        return self
 
 
 class CentralSettings(ServiceSettings):
     """EV Central: the controller."""
 
     model_config = SettingsConfigDict(env_prefix="CENTRAL_")
+
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("CENTRAL_")
+    kafka_sasl_username: str | None = kafka_username_field("CENTRAL_", "central")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("CENTRAL_", "central")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("CENTRAL_")
 
     http_host: str = Field("127.0.0.1", description="address of the dashboard and HTTP API")
     http_port: Port = Field(8000, description="port of the dashboard and HTTP API")
@@ -94,6 +172,11 @@ class CPEngineSettings(ServiceSettings):
     """CP Engine: one charging point."""
 
     model_config = SettingsConfigDict(env_prefix="CP_ENGINE_")
+
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("CP_ENGINE_")
+    kafka_sasl_username: str | None = kafka_username_field("CP_ENGINE_", "cp")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("CP_ENGINE_", "cp")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("CP_ENGINE_")
 
     cp_id: Identifier = Field(description="charging point id")
     health_host: str = Field("127.0.0.1", description="address of the health endpoint")
@@ -154,6 +237,11 @@ class DriverSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DRIVER_")
 
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("DRIVER_")
+    kafka_sasl_username: str | None = kafka_username_field("DRIVER_", "driver")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("DRIVER_", "driver")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("DRIVER_")
+
     driver_id: Identifier = Field(description="driver id")
     requests_file: Path = Field(Path("requests.txt"), description="file of CP ids, one per line")
     request_interval: Annotated[float, Field(ge=0)] = Field(
@@ -166,6 +254,11 @@ class LoadSettings(ServiceSettings):
     """Driver load: many drivers in one process, arriving at random (Poisson) times."""
 
     model_config = SettingsConfigDict(env_prefix="LOAD_")
+
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("LOAD_")
+    kafka_sasl_username: str | None = kafka_username_field("LOAD_", "driver")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("LOAD_", "driver")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("LOAD_")
 
     rate: Positive = Field(10.0, description="driver arrivals per second (Poisson)")
     duration: Positive = Field(60.0, description="seconds during which drivers arrive")
@@ -219,6 +312,11 @@ class FleetSettings(ServiceSettings):
     """
 
     model_config = SettingsConfigDict(env_prefix="FLEET_")
+
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("FLEET_")
+    kafka_sasl_username: str | None = kafka_username_field("FLEET_", "cp")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("FLEET_", "cp")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("FLEET_")
 
     cps: int = Field(100, ge=1, le=100_000, description="how many CPs the fleet runs")
     id_prefix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{0,56}$")] = Field(

@@ -102,6 +102,24 @@ class KafkaSecurity:
     password: str | None = None
     ssl_cafile: str | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> KafkaSecurity:
+        """From a service's settings (:class:`~evcharging.common.config.ServiceSettings`:
+        ``kafka_security_protocol``, ``kafka_sasl_username``, ``kafka_sasl_password``,
+        ``kafka_ssl_cafile``), which checked that SASL has a user and a password."""
+        password = settings.kafka_sasl_password
+        cafile = settings.kafka_ssl_cafile
+        return cls(
+            protocol=settings.kafka_security_protocol,
+            username=settings.kafka_sasl_username,
+            password=password.get_secret_value() if password is not None else None,
+            ssl_cafile=str(cafile) if cafile is not None else None,
+        )
+
+    def __repr__(self) -> str:  # never show the password in a log line or a traceback
+        return (f"KafkaSecurity(protocol={self.protocol!r}, username={self.username!r}, "
+                f"password={'***' if self.password else None}, ssl_cafile={self.ssl_cafile!r})")
+
     def client_kwargs(self) -> dict[str, Any]:
         """The keyword arguments every aiokafka client (producer, consumer, admin) takes."""
         if self.protocol == "PLAINTEXT":

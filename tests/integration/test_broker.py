@@ -7,13 +7,21 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
 
 pytestmark = pytest.mark.integration
 
 
 async def test_produce_then_consume_in_a_group(kafka_bootstrap: str) -> None:
-    topic = f"test-broker-{uuid.uuid4().hex}"  # auto-created on first use
+    topic = f"test-broker-{uuid.uuid4().hex}"
     key, value = b"cp-1", uuid.uuid4().bytes
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:  # the broker creates no topic by itself (SPEC §11)
+        await admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
 
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     await producer.start()
@@ -42,3 +50,20 @@ async def test_produce_then_consume_in_a_group(kafka_bootstrap: str) -> None:
         sent.offset,
     )
     assert (received.key, received.value) == (key, value)
+
+
+async def test_the_broker_does_not_create_topics_on_first_use(kafka_bootstrap: str) -> None:
+    topic = f"test-broker-auto-{uuid.uuid4().hex}"
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, request_timeout_ms=2000)
+    await producer.start()
+    try:
+        with pytest.raises((KafkaError, TimeoutError)):
+            await asyncio.wait_for(producer.send_and_wait(topic, b"x"), 5)
+    finally:
+        await producer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        assert topic not in await admin.list_topics()
+    finally:
+        await admin.close()

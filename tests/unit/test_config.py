@@ -10,9 +10,13 @@ from evcharging.common.config import (
     CPEngineSettings,
     CPMonitorSettings,
     DriverSettings,
+    FleetSettings,
+    LoadSettings,
+    ServiceSettings,
     build_parser,
     load_settings,
 )
+from evcharging.common.kafka import KafkaSecurity
 
 TOKEN_VARIABLES: dict[type[BaseSettings], str] = {
     CentralSettings: "CENTRAL_API_TOKEN",
@@ -168,3 +172,108 @@ def test_evcharging_api_token_is_every_services_fallback(
 def test_help_names_both_token_variables(cls: type[BaseSettings]) -> None:
     text = " ".join(build_parser(cls, "prog", "").format_help().split())
     assert f"{TOKEN_VARIABLES[cls]} or EVCHARGING_API_TOKEN" in text
+
+
+# ------------------------------------------------------------ Kafka security (SPEC §11)
+
+# settings class -> (its prefix, its principal, the flags it needs)
+KAFKA_SERVICES: dict[type[ServiceSettings], tuple[str, str, list[str]]] = {
+    CentralSettings: ("CENTRAL_", "central", []),
+    CPEngineSettings: ("CP_ENGINE_", "cp", ["--cp-id", "CP-1"]),
+    FleetSettings: ("FLEET_", "cp", []),
+    DriverSettings: ("DRIVER_", "driver", ["--driver-id", "d-1"]),
+    LoadSettings: ("LOAD_", "driver", []),
+}
+KAFKA_VARIABLES = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
+                   "KAFKA_SSL_CAFILE")
+
+
+@pytest.fixture
+def no_kafka_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for prefix in ("", *(prefix for prefix, _, _ in KAFKA_SERVICES.values())):
+        for name in KAFKA_VARIABLES:
+            monkeypatch.delenv(prefix + name, raising=False)
+    for principal in ("CENTRAL", "CP", "DRIVER"):
+        monkeypatch.delenv(f"KAFKA_{principal}_PASSWORD", raising=False)
+
+
+def security_of(cls: type[ServiceSettings], argv: list[str] | None = None) -> KafkaSecurity:
+    settings = load_settings(cls, [*KAFKA_SERVICES[cls][2], *(argv or [])], "p", "")
+    return KafkaSecurity.from_settings(settings)
+
+
+@pytest.mark.usefixtures("no_kafka_env")
+@pytest.mark.parametrize("cls", list(KAFKA_SERVICES), ids=lambda cls: cls.__name__)
+def test_kafka_security_defaults_to_plaintext_as_the_services_principal(
+    cls: type[ServiceSettings],
+) -> None:
+    security = security_of(cls)
+    assert (security.protocol, security.username, security.password) == (
+        "PLAINTEXT", KAFKA_SERVICES[cls][1], None)
+    assert security.client_kwargs() == {}
+
+
+@pytest.mark.usefixtures("no_kafka_env")
+@pytest.mark.parametrize("cls", list(KAFKA_SERVICES), ids=lambda cls: cls.__name__)
+def test_the_protocol_and_the_principals_password_are_all_start_sasl_leaves_to_set(
+    cls: type[ServiceSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, principal, _ = KAFKA_SERVICES[cls]
+    with open(".env", "w") as env:  # what `kafka_broker start --sasl` writes
+        env.write("".join(f"KAFKA_{p.upper()}_PASSWORD=secret-of-{p}\n"
+                          for p in ("central", "cp", "driver")))
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    security = security_of(cls)
+    assert (security.protocol, security.username, security.password) == (
+        "SASL_PLAINTEXT", principal, f"secret-of-{principal}")
+    assert security.client_kwargs()["sasl_mechanism"] == "SCRAM-SHA-512"
+
+
+@pytest.mark.usefixtures("no_kafka_env")
+@pytest.mark.parametrize("cls", list(KAFKA_SERVICES), ids=lambda cls: cls.__name__)
+def test_kafka_security_precedence_flag_own_variable_shared_variable_principal(
+    cls: type[ServiceSettings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix, principal, _ = KAFKA_SERVICES[cls]
+    monkeypatch.setenv(f"KAFKA_{principal.upper()}_PASSWORD", "principal")
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    assert security_of(cls).password == "principal"
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "shared")
+    monkeypatch.setenv("KAFKA_SASL_USERNAME", "someone")
+    assert (security_of(cls).username, security_of(cls).password) == ("someone", "shared")
+    monkeypatch.setenv(f"{prefix}KAFKA_SASL_PASSWORD", "own-secret")
+    monkeypatch.setenv(f"{prefix}KAFKA_SASL_USERNAME", "me")
+    monkeypatch.setenv(f"{prefix}KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    assert (security_of(cls).protocol, security_of(cls).username,
+            security_of(cls).password) == ("SASL_PLAINTEXT", "me", "own-secret")
+    flags = ["--kafka-security-protocol", "PLAINTEXT", "--kafka-sasl-username", "flag-user",
+             "--kafka-sasl-password", "flag"]
+    assert (security_of(cls, flags).protocol, security_of(cls, flags).username,
+            security_of(cls, flags).password) == ("PLAINTEXT", "flag-user", "flag")
+    settings = load_settings(cls, KAFKA_SERVICES[cls][2], "p", "")
+    assert "own-secret" not in repr(settings) + repr(security_of(cls))
+
+
+@pytest.mark.usefixtures("no_kafka_env")
+@pytest.mark.parametrize("cls", list(KAFKA_SERVICES), ids=lambda cls: cls.__name__)
+def test_sasl_without_a_password_is_a_clear_error(
+    cls: type[ServiceSettings], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    with pytest.raises(SystemExit) as exit_info:
+        security_of(cls)
+    assert exit_info.value.code == 2
+    assert "needs a SASL user and password" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        security_of(cls, ["--kafka-security-protocol", "TLS"])
+
+
+@pytest.mark.parametrize("cls", list(KAFKA_SERVICES), ids=lambda cls: cls.__name__)
+def test_help_names_the_kafka_security_variables(cls: type[ServiceSettings]) -> None:
+    prefix, principal, _ = KAFKA_SERVICES[cls]
+    text = " ".join(build_parser(cls, "prog", "").format_help().split())
+    assert f"{prefix}KAFKA_SECURITY_PROTOCOL or KAFKA_SECURITY_PROTOCOL" in text
+    assert (f"{prefix}KAFKA_SASL_PASSWORD or KAFKA_SASL_PASSWORD or "
+            f"KAFKA_{principal.upper()}_PASSWORD") in text
+    assert "--kafka-sasl-username" in text and "--kafka-ssl-cafile" in text

@@ -66,8 +66,11 @@ SETTINGS: tuple[type[BaseSettings], ...] = (
 )
 REQUIRED = {CPEngineSettings: {"cp_id": "CP-001"}, CPMonitorSettings: {"cp_id": "CP-001"},
             DriverSettings: {"driver_id": "driver-1"}}
-LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP"}
-"""Not a service setting: the broker `make run` should use (documented in .env.example)."""
+LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_USERNAME",
+                      "KAFKA_SASL_PASSWORD", "KAFKA_SSL_CAFILE", "KAFKA_CENTRAL_PASSWORD",
+                      "KAFKA_CP_PASSWORD", "KAFKA_DRIVER_PASSWORD"}
+"""Not one service's setting: the broker `make run` should use, and the Kafka security every
+service falls back to (SPEC §11; documented in .env.example)."""
 COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
                      "PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD"}
 """Not a service setting: host ports (and Grafana's password) of docker/docker-compose.yml."""

@@ -30,6 +30,7 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
+    KafkaSecurity,
     Routes,
 )
 from evcharging.common.logging import setup_logging
@@ -62,6 +63,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         client_id="ev-central",
         topic_prefix=settings.topic_prefix,
         partitions=settings.topic_partitions,
+        security=KafkaSecurity.from_settings(settings),
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
     async with SqliteRepository(settings.db_path) as repo:

@@ -33,6 +33,7 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
+    KafkaSecurity,
     Routes,
 )
 from evcharging.common.logging import setup_logging
@@ -70,6 +71,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         client_id=f"cp-engine-{settings.cp_id}",
         topic_prefix=settings.topic_prefix,
         partitions=settings.topic_partitions,
+        security=KafkaSecurity.from_settings(settings),
     )
     bus = KafkaBus(config, stats)
     cp = ChargingPoint.from_settings(settings, bus)

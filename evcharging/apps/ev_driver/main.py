@@ -20,7 +20,14 @@ from loguru import logger
 
 from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_requests, plan_text
 from evcharging.common.config import DriverSettings, load_settings
-from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.kafka import (
+    BusError,
+    KafkaBus,
+    KafkaConfig,
+    KafkaConsumerLoop,
+    KafkaSecurity,
+    Routes,
+)
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import DriverUpdate
 from evcharging.common.service import (
@@ -65,6 +72,7 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         client_id=f"driver-{settings.driver_id}",
         topic_prefix=settings.topic_prefix,
         partitions=settings.topic_partitions,
+        security=KafkaSecurity.from_settings(settings),
     )
     bus = KafkaBus(config)
     driver = Driver(

@@ -62,7 +62,14 @@ from evcharging.common.config import (
     settings_problems,
 )
 from evcharging.common.http import check_exposure
-from evcharging.common.kafka import BusError, BusStats, KafkaBus, KafkaConfig, KafkaConsumerLoop
+from evcharging.common.kafka import (
+    BusError,
+    BusStats,
+    KafkaBus,
+    KafkaConfig,
+    KafkaConsumerLoop,
+    KafkaSecurity,
+)
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand, CPRegistration
 from evcharging.common.metrics import BusCollector, ServiceMetrics, mount_metrics
@@ -192,6 +199,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
         client_id=f"cp-fleet-{config.first_id}",
         topic_prefix=s.topic_prefix,
         partitions=s.topic_partitions,
+        security=KafkaSecurity.from_settings(s),
     )
     bus = KafkaBus(kafka, stats)
     fleet = Fleet(specs, bus, config.engine, rng=random.Random(rng.getrandbits(64)))  # noqa: S311

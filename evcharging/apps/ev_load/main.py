@@ -38,7 +38,14 @@ from evcharging.apps.ev_load.load import CPChooser, LoadGenerator, parse_cps
 from evcharging.apps.ev_load.metrics import load_metrics
 from evcharging.apps.ev_load.stats import RunInfo, Summary
 from evcharging.common.config import LoadSettings, build_parser, settings_problems
-from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.kafka import (
+    BusError,
+    KafkaBus,
+    KafkaConfig,
+    KafkaConsumerLoop,
+    KafkaSecurity,
+    Routes,
+)
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import DriverUpdate
 from evcharging.common.metrics import BusCollector, metrics_app
@@ -93,6 +100,7 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
         topic_prefix=settings.topic_prefix,
         partitions=settings.topic_partitions,
         connect_timeout=settings.connect_timeout,
+        security=KafkaSecurity.from_settings(settings),
     )
     bus = KafkaBus(config)
 

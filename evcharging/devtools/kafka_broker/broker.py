@@ -53,6 +53,15 @@ from evcharging.devtools.kafka_broker.errors import (
 )
 from evcharging.devtools.kafka_broker.jars import fetch_jars, find_java
 from evcharging.devtools.kafka_broker.probe import kafka_answers
+from evcharging.devtools.kafka_broker.sasl import (
+    SaslUsers,
+    acl_entries,
+    admin_kwargs,
+    create_acls,
+)
+from evcharging.devtools.kafka_broker.sasl import (
+    broker_properties as sasl_broker_properties,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,11 @@ class KafkaBroker:
     SIGTERM if this process dies without cleaning up. ``detach=True`` is for daemons (the CLI).
     ``class_data_sharing`` (default: on unless ``$EVCHARGING_KAFKA_CDS=0``) keeps an AppCDS
     archive next to the jars to cut the JVM's start time.
+
+    ``sasl=True`` makes it a broker of SPEC §11 (see :mod:`.sasl`): clients authenticate with
+    SCRAM-SHA-512 over ``SASL_PLAINTEXT`` and may do what the ACLs granted for the topics of
+    each of ``topic_prefixes`` allow (:meth:`grant` adds a prefix later); :attr:`sasl_users`
+    has the passwords. Topics are never auto-created, with or without SASL.
     """
 
     def __init__(
@@ -103,6 +117,8 @@ class KafkaBroker:
         libs: str | os.PathLike[str] | None = None,
         detach: bool = False,
         class_data_sharing: bool | None = None,
+        sasl: bool = False,
+        topic_prefixes: Sequence[str] = ("",),
     ) -> None:
         self._port = port if port else process.free_port()
         self._work_dir = Path(work_dir) if work_dir is not None else run_dir(self._port)
@@ -118,6 +134,10 @@ class KafkaBroker:
         self._libs = Path(libs) if libs is not None else None
         self._detach = detach
         self._cds = cds_enabled() if class_data_sharing is None else class_data_sharing
+        self._sasl = sasl
+        self._topic_prefixes = tuple(topic_prefixes)
+        self._users: SaslUsers | None = None
+        self._java_classpath: tuple[str, str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping: subprocess.Popen[bytes] | None = None
         """The process :meth:`stop` is waiting for (for :meth:`kill`)."""
@@ -145,6 +165,17 @@ class KafkaBroker:
     @property
     def running(self) -> bool:
         return self.pid is not None
+
+    @property
+    def sasl(self) -> bool:
+        return self._sasl
+
+    @property
+    def sasl_users(self) -> SaslUsers:
+        """The SCRAM users and their passwords (a SASL broker, once started)."""
+        if self._users is None:
+            raise KafkaBrokerError("no SASL users: not a SASL broker, or not started yet")
+        return self._users
 
     @property
     def work_dir(self) -> Path:
@@ -176,7 +207,7 @@ class KafkaBroker:
             "log.dirs": str(self._data_dir),
             "num.partitions": "1",
             "default.replication.factor": "1",
-            "auto.create.topics.enable": "true",
+            "auto.create.topics.enable": "false",  # SPEC §11: topics are created on purpose
             "group.initial.rebalance.delay.ms": "0",
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "1",
@@ -191,6 +222,8 @@ class KafkaBroker:
             "num.network.threads": "2",
             "num.io.threads": "4",
         }
+        if self._users is not None:
+            props.update(sasl_broker_properties(self._users, HOST, self._port, controller_port))
         props.update(self._extra_properties)
         return props
 
@@ -212,19 +245,35 @@ class KafkaBroker:
             self._work_dir.mkdir(parents=True, exist_ok=True)
             self._data_dir.mkdir(parents=True, exist_ok=True)
             self._clear_state_files()
+            formatted = (self._data_dir / "meta.properties").is_file()
+            self._users = self._load_users(formatted)
             _write_properties(self.properties_file, self.broker_properties(controller_port))
+            self.properties_file.chmod(0o600)  # holds the broker's own password with SASL
             classpath = f"{libs}{os.sep}*"
             archive = cds_archive(libs, java) if self._cds else None
             finish_cds_dump(self._work_dir, clean_exit=False)  # one left by a lost broker
-            if not (self._data_dir / "meta.properties").is_file():
+            if not formatted:
                 self._with_cds(archive, lambda cds: self._format(java, classpath, cds))
+                if self._users is not None:
+                    self._users.save(self._data_dir)
+            self._java_classpath = (java, classpath)
             try:
                 self._with_cds(archive, lambda cds: self._launch(java, classpath, cds), dump=True)
+                if self._users is not None:
+                    self._grant(*self._topic_prefixes)
                 self._write_state_files()
             except BaseException:
                 self._terminate()
                 raise
         return self
+
+    def grant(self, *topic_prefixes: str) -> None:
+        """Create the ACLs of SPEC §11 for the topics named ``<prefix><topic>``, for each
+        of ``topic_prefixes`` (one java run, about 1.5 s)."""
+        with self._lock:
+            if self._proc is None or self._users is None:
+                raise KafkaBrokerError("grant needs a running SASL broker")
+            self._grant(*topic_prefixes)
 
     def stop(self) -> None:
         """Stop the broker: SIGTERM, up to ``stop_timeout`` s for a clean exit, then SIGKILL."""
@@ -284,6 +333,38 @@ class KafkaBroker:
                 self._terminate()
         step(start_cds_dump(archive, self._work_dir) if dump and archive is not None else [])
 
+    def _load_users(self, formatted: bool) -> SaslUsers | None:
+        """The SCRAM users of a SASL broker: those of its storage, or new ones to format."""
+        if not self._sasl:
+            return None
+        users = SaslUsers.load(self._data_dir)
+        if users is None and formatted:
+            raise KafkaBrokerError(
+                f"{self._data_dir} was formatted without SASL users; a SASL broker needs fresh "
+                "storage (`start --sasl --reset` wipes it)"
+            )
+        return users or SaslUsers.new()
+
+    def _grant(self, *topic_prefixes: str) -> None:
+        assert self._users is not None and self._java_classpath is not None
+        java, classpath = self._java_classpath
+        started = time.monotonic()
+        create_acls(
+            java,
+            classpath,
+            self.bootstrap,
+            self._users,
+            [entry for prefix in topic_prefixes for entry in acl_entries(prefix)],
+            cwd=self._work_dir,
+            jvm_opts=("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xshare:auto"),
+        )
+        log.info(
+            "ACLs of SPEC §11 in place for topic prefixes %s on %s (%.1f s)",
+            ", ".join(repr(prefix) for prefix in topic_prefixes),
+            self.bootstrap,
+            time.monotonic() - started,
+        )
+
     def _launch(self, java: str, classpath: str, cds_opts: Sequence[str]) -> None:
         self._spawn(java, classpath, cds_opts)
         self._wait_until_ready()
@@ -302,6 +383,7 @@ class KafkaBroker:
             "-c",
             str(self.properties_file),
             "--standalone",
+            *(self._users.format_args() if self._users is not None else ()),
         ]
         try:
             result = subprocess.run(
@@ -377,8 +459,9 @@ class KafkaBroker:
                     f"{self._start_timeout:g} s; last lines of {self.log_file}:\n"
                     f"{log_tail(self.log_file)}"
                 )
+            security = admin_kwargs(self._users) if self._users is not None else {}
             if process.tcp_accepts(HOST, self._port, min(1.0, remaining)) and kafka_answers(
-                self.bootstrap, max(0.5, min(5.0, remaining))
+                self.bootstrap, max(0.5, min(5.0, remaining)), security
             ):
                 self.start_seconds = time.monotonic() - self._spawned_at
                 log.info("Kafka broker on %s ready in %.1f s", self.bootstrap, self.start_seconds)

@@ -23,11 +23,13 @@ from evcharging.devtools.kafka_broker.config import (
     DEFAULT_STOP_TIMEOUT,
     HOST,
     libs_dir,
+    repo_root,
     run_dir,
 )
 from evcharging.devtools.kafka_broker.daemon import broker_status, stop_broker
 from evcharging.devtools.kafka_broker.errors import KafkaBrokerError, log_tail
 from evcharging.devtools.kafka_broker.jars import fetch_jars
+from evcharging.devtools.kafka_broker.sasl import SaslUsers, write_env
 
 
 def _out(text: str) -> None:
@@ -49,6 +51,12 @@ def _cmd_start(args: argparse.Namespace) -> int:
     status = broker_status(work)
     if status.running:
         _out(f"already running: pid {status.pid}, bootstrap {status.bootstrap}")
+        if args.sasl:
+            users = SaslUsers.load(Path(args.data_dir or work / "data").resolve())
+            if users is None:
+                raise KafkaBrokerError("the running broker has no SASL users (started without "
+                                       "--sasl?); stop it and start it with --sasl --reset")
+            _write_env(args.env_file, users)
         return 0
     broker = KafkaBroker(
         port,
@@ -56,12 +64,16 @@ def _cmd_start(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         start_timeout=args.timeout,
         detach=not args.foreground,
+        sasl=args.sasl,
+        topic_prefixes=args.topic_prefix or [""],
     )
     if args.reset and broker.data_dir.exists():
         shutil.rmtree(broker.data_dir)
     if args.foreground:
-        return _run_foreground(broker)
+        return _run_foreground(broker, args.env_file)
     broker.start()
+    if broker.sasl:
+        _write_env(args.env_file, broker.sasl_users)
     _out(
         f"Kafka broker running: bootstrap {broker.bootstrap}, pid {broker.pid}, "
         f"ready in {broker.start_seconds:.1f} s\n"
@@ -72,12 +84,24 @@ def _cmd_start(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_foreground(broker: KafkaBroker) -> int:
+def _write_env(env_file: Path, users: SaslUsers) -> None:
+    changed = write_env(env_file, users)
+    sasl = "SASL_PLAINTEXT, SCRAM-SHA-512; users central, cp, driver"
+    if changed:
+        _out(f"  sasl: {sasl}; wrote {', '.join(changed)} into {env_file}")
+    else:
+        _out(f"  sasl: {sasl}; {env_file} already holds their passwords")
+    _out("  clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (each service reads its password)")
+
+
+def _run_foreground(broker: KafkaBroker, env_file: Path) -> int:
     # SIGTERM/SIGHUP behave like Ctrl-C: KeyboardInterrupt, then a clean broker stop.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.default_int_handler)
     try:
         broker.start()
+        if broker.sasl:
+            _write_env(env_file, broker.sasl_users)
         _out(
             f"Kafka broker running: bootstrap {broker.bootstrap}, pid {broker.pid}, "
             f"ready in {broker.start_seconds:.1f} s; log {broker.log_file}; Ctrl-C stops it"
@@ -136,7 +160,8 @@ def _build_parser() -> argparse.ArgumentParser:
             "  %(prog)s start              # daemon on 127.0.0.1:9092\n"
             "  %(prog)s status; echo $?    # 0 running, 1 not\n"
             "  %(prog)s stop\n"
-            "  %(prog)s start --port 0 --foreground   # free port, Ctrl-C stops it"
+            "  %(prog)s start --port 0 --foreground   # free port, Ctrl-C stops it\n"
+            "  %(prog)s start --sasl --reset  # SPEC §11: SCRAM users and ACLs, passwords in .env"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -172,6 +197,27 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_START_TIMEOUT,
         help="seconds to wait for the broker to answer (default: %(default)s)",
+    )
+    start.add_argument(
+        "--sasl",
+        action="store_true",
+        help="require SASL SCRAM-SHA-512 and enforce the ACLs of SPEC §11 (users central, cp, "
+        "driver; their passwords go into --env-file); needs fresh storage (--reset)",
+    )
+    start.add_argument(
+        "--env-file",
+        type=Path,
+        default=repo_root() / ".env",
+        help="with --sasl: where KAFKA_CENTRAL_PASSWORD, KAFKA_CP_PASSWORD and "
+        "KAFKA_DRIVER_PASSWORD are written, other lines kept (default: %(default)s)",
+    )
+    start.add_argument(
+        "--topic-prefix",
+        action="append",
+        default=None,
+        metavar="PREFIX",
+        help="with --sasl: grant the ACLs on the topics named PREFIX<topic> (repeatable; "
+        "default: the unprefixed topics only; match the services' *_TOPIC_PREFIX)",
     )
     start.set_defaults(func=_cmd_start)
 

@@ -36,13 +36,14 @@ BOOTSTRAP_FILE = "bootstrap"
 CDS_PENDING_FILE = "cds.pending"
 
 
-def _repo_root() -> Path:
+def repo_root() -> Path:
+    """The checkout this package runs from (else the working directory)."""
     candidate = Path(__file__).resolve().parents[3]
     return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
 def _kafka_home() -> Path:
-    return _repo_root() / ".cache" / "kafka"
+    return repo_root() / ".cache" / "kafka"
 
 
 def libs_dir() -> Path:

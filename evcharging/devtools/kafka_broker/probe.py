@@ -5,18 +5,23 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
 
 
-def kafka_answers(bootstrap: str, timeout: float) -> bool:
-    """Whether the broker at ``bootstrap`` answers within ``timeout`` s (blocking).
+def kafka_answers(
+    bootstrap: str, timeout: float, security: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the broker at ``bootstrap`` answers within ``timeout`` s (blocking);
+    ``security`` are aiokafka's SASL arguments for a broker that wants them.
 
     Works from synchronous code, also when the caller already runs an event loop.
     """
-    return _run_coroutine(functools.partial(_kafka_answers, bootstrap, timeout))
+    return _run_coroutine(
+        functools.partial(_kafka_answers, bootstrap, timeout, dict(security or {}))
+    )
 
 
 def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
@@ -29,7 +34,7 @@ def _run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return pool.submit(asyncio.run, factory()).result()
 
 
-async def _kafka_answers(bootstrap: str, timeout: float) -> bool:
+async def _kafka_answers(bootstrap: str, timeout: float, security: dict[str, str]) -> bool:
     from aiokafka.admin import AIOKafkaAdminClient
     from aiokafka.errors import KafkaError
 
@@ -37,6 +42,7 @@ async def _kafka_answers(bootstrap: str, timeout: float) -> bool:
         bootstrap_servers=bootstrap,
         client_id="evcharging-kafka-broker-probe",
         request_timeout_ms=max(1000, int(timeout * 1000)),
+        **security,
     )
     try:
         await asyncio.wait_for(admin.start(), timeout)
