@@ -25,7 +25,14 @@ from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import (
+    InvalidTxnState,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    TransactionalIdAuthorizationFailed,
+)
 from aiokafka.partitioner import murmur2
 from loguru import logger
 from pydantic import ValidationError
@@ -33,6 +40,7 @@ from pydantic import ValidationError
 from evcharging.common.bus import (
     TOPIC_MODELS,
     BusError,
+    Fenced,
     Routes,
     Topic,
     TransientError,
@@ -40,6 +48,7 @@ from evcharging.common.bus import (
     topic_of,
 )
 from evcharging.common.messages import Message, decode, encode
+from evcharging.common.readclock import ReadClock
 
 __all__ = [
     "BusError",
@@ -50,6 +59,7 @@ __all__ = [
     "KafkaSecurity",
     "Routes",
     "Topic",
+    "committed_offsets",
     "ensure_topics",
     "partition_for_key",
     "partitions_for_keys",
@@ -60,6 +70,14 @@ _RETRY_LOG_EVERY = 30.0
 _RETRY_FIRST_DELAY = 0.1
 _RETRY_MAX_DELAY = 5.0
 _TOPIC_ALREADY_EXISTS = 36
+TRANSACTION_TIMEOUT_MS = 300_000
+"""How long the broker lets a transaction stay open before it aborts it (and fences its
+producer). Central's transactions last milliseconds; a longer limit lets a stalled Central
+(a paused process, a slow disk) finish its flush afterwards instead of being fenced, and
+costs nothing when Central crashes: its successor's start aborts the open transaction."""
+LOG_APPEND_TIME = 1
+"""A record's ``timestamp_type`` when the broker stamped it (topic config
+``message.timestamp.type=LogAppendTime``)."""
 
 
 T = TypeVar("T")
@@ -193,8 +211,23 @@ async def retry(
             delay = min(delay * 2, max_delay)
 
 
-async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[str, list[int]]:
-    """Create the topics that do not exist yet (existing ones are left as they are).
+APPEND_TIME = {"message.timestamp.type": "LogAppendTime"}
+"""Every topic the project creates is stamped by the broker (SPEC §4): ages are measured
+with the broker's append time, never with a producer's clock."""
+_NOT_AUTHORIZED = (29, 31)  # TOPIC_ / CLUSTER_AUTHORIZATION_FAILED
+
+
+class TopicsMissing(KafkaError):
+    """The topics do not exist and this client may not create them (SPEC §11)."""
+
+
+async def ensure_topics(
+    config: KafkaConfig, topics: Iterable[Topic], *, stamp: bool = False
+) -> dict[str, list[int]]:
+    """Create the topics that do not exist yet, stamped with the broker's append time
+    (existing ones keep their partitions). A client that may not create topics waits for
+    them to appear. With `stamp` (Central), an existing topic that keeps the producer's
+    time is changed to the broker's append time.
 
     Returns the partition ids of each topic, once the broker reports them all.
     """
@@ -207,15 +240,9 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[st
             existing = set(await admin.list_topics())
             missing = [n for n in names if n not in existing]
             if missing:
-                response = await admin.create_topics(
-                    [NewTopic(n, num_partitions=config.partitions, replication_factor=1)
-                     for n in missing]
-                )
-                for error in response.topic_errors:
-                    name, code = error[0], error[1]
-                    if code not in (0, _TOPIC_ALREADY_EXISTS):
-                        raise BusError(f"could not create topic {name}: error code {code}")
-                logger.info("created topics {}", ", ".join(missing))
+                await _create(admin, missing, config.partitions)
+            if stamp:
+                await _stamp(admin, [n for n in names if n in existing])
             for _ in range(100):
                 described = await admin.describe_topics(names)
                 partitions = {
@@ -237,6 +264,84 @@ async def ensure_topics(config: KafkaConfig, topics: Iterable[Topic]) -> dict[st
     )
 
 
+async def _create(admin: AIOKafkaAdminClient, names: list[str], partitions: int) -> None:
+    response = await admin.create_topics(
+        [NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=APPEND_TIME)
+         for n in names]
+    )
+    for error in response.topic_errors:
+        name, code = error[0], error[1]
+        if code in _NOT_AUTHORIZED:
+            raise TopicsMissing(f"topic {name} does not exist and this client may not create "
+                                "it; waiting for EV Central to create it")
+        if code not in (0, _TOPIC_ALREADY_EXISTS):
+            raise BusError(f"could not create topic {name}: error code {code}")
+    logger.info("created topics {} ({} partitions each)", ", ".join(names), partitions)
+
+
+async def _stamp(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """Change topics that keep the producer's time to the broker's append time."""
+    if not names:
+        return
+    key = "message.timestamp.type"
+    responses = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, n, {key: None}) for n in names]
+    )
+    keep_producer_time = [
+        resource[3]
+        for response in responses
+        for resource in response.resources
+        if resource[0] == 0
+        and any(entry[0] == key and entry[1] != "LogAppendTime" for entry in resource[4])
+    ]
+    if not keep_producer_time:
+        return
+    try:
+        responses = await admin.alter_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, n, APPEND_TIME) for n in keep_producer_time]
+        )
+        refused = [f"{r[3]}: error code {r[0]}" for response in responses
+                   for r in response.resources if r[0] != 0]
+        if refused:
+            raise BusError("; ".join(refused))
+    except (KafkaError, BusError) as exc:
+        logger.error("topics {} keep the producers' time and could not be changed ({}): "
+                     "their messages are dated when Central reads them",
+                     ", ".join(keep_producer_time), exc)
+        return
+    logger.warning("topics {} kept the producers' time: changed to the broker's append time",
+                   ", ".join(keep_producer_time))
+
+
+async def committed_offsets(
+    config: KafkaConfig, group_id: str, topics: Iterable[Topic]
+) -> dict[tuple[str, int], tuple[int, str]]:
+    """The group's committed offsets and their metadata for every partition of `topics`
+    ((topic name, partition) → (offset, metadata)); offset 0 and metadata "" where the
+    group has none (it starts from the beginning there)."""
+    names = [config.topic_name(t) for t in topics]
+
+    async def attempt() -> dict[tuple[str, int], tuple[int, str]]:
+        admin = AIOKafkaAdminClient(**config.client_kwargs())
+        await admin.start()
+        try:
+            described = await admin.describe_topics(names)
+            partitions = [TopicPartition(t["topic"], p["partition"])
+                          for t in described if t["error_code"] == 0
+                          for p in t["partitions"]]
+            found = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        finally:
+            await admin.close()
+        result = {(tp.topic, tp.partition): (0, "") for tp in partitions}
+        for tp, committed in found.items():
+            if committed.offset >= 0 and (tp.topic, tp.partition) in result:
+                result[(tp.topic, tp.partition)] = (committed.offset, committed.metadata or "")
+        return result
+
+    return await retry(f"reading the offsets of group {group_id}", attempt,
+                       timeout=config.connect_timeout)
+
+
 class KafkaBus:
     """A producer of typed messages, keyed as SPEC §2 says. An async context manager.
 
@@ -249,11 +354,27 @@ class KafkaBus:
     PROBE_TIMEOUT = 3.0
 
     def __init__(
-        self, config: KafkaConfig, stats: BusStats | None = None, *, probe_interval: float = 2.0
+        self,
+        config: KafkaConfig,
+        stats: BusStats | None = None,
+        *,
+        probe_interval: float = 2.0,
+        stamp_topics: bool = False,
+        transactional_id: str | None = None,
+        offsets_group: str | None = None,
     ) -> None:
+        if (transactional_id is None) != (offsets_group is None):
+            raise ValueError("a transactional bus needs both transactional_id and offsets_group")
         self.config = config
         self.stats = stats or BusStats()
         self.probe_interval = probe_interval
+        self.stamp_topics = stamp_topics
+        """Change existing topics that keep the producer's time to the broker's append
+        time at start (Central, SPEC §4)."""
+        self.transactional_id = transactional_id
+        """With it, messages leave only by :meth:`commit_transaction`, with the consumed
+        offsets of ``offsets_group`` (SPEC §4, exactly once); :meth:`publish` refuses."""
+        self.offsets_group = offsets_group
         self._producer: AIOKafkaProducer | None = None
         self._connected = False
         self._probe_task: asyncio.Task[None] | None = None
@@ -266,12 +387,18 @@ class KafkaBus:
         return self._connected
 
     async def start(self, topics: Iterable[Topic] = tuple(Topic)) -> None:
-        await ensure_topics(self.config, topics)
+        await ensure_topics(self.config, topics, stamp=self.stamp_topics)
 
         async def attempt() -> AIOKafkaProducer:
+            delivery: dict[str, Any] = {"acks": 1} if self.transactional_id is None else {
+                "transactional_id": self.transactional_id,
+                "enable_idempotence": True,
+                "acks": "all",
+                "transaction_timeout_ms": TRANSACTION_TIMEOUT_MS,
+            }
             producer = AIOKafkaProducer(
                 **self.config.client_kwargs(),
-                acks=1,
+                **delivery,
                 linger_ms=self.config.linger_ms,
                 max_batch_size=self.config.max_batch_size,
                 request_timeout_ms=15000,
@@ -354,6 +481,8 @@ class KafkaBus:
         """
         if self._producer is None:
             raise BusError("the bus is not started")
+        if self.transactional_id is not None:
+            raise BusError("a transactional bus sends with commit_transaction")
         topic = topic_of(message)
         key = key_of(message)
         try:
@@ -368,6 +497,63 @@ class KafkaBus:
             self.stats.publish_errors += 1
             raise BusError(f"could not publish to {topic.value}: {exc!r}") from exc
         self.stats.produced += 1
+
+    @property
+    def transactional(self) -> bool:
+        """Whether messages leave only in transactions (:meth:`commit_transaction`)."""
+        return self.transactional_id is not None
+
+    async def commit_transaction(
+        self,
+        messages: Sequence[Message],
+        offsets: Mapping[tuple[str, int], int],
+        *,
+        metadata: str,
+    ) -> None:
+        """Send `messages` and commit the consumer group's `offsets` (each with
+        `metadata`) in ONE Kafka transaction: a ``read_committed`` reader sees all of it
+        or none. BusError when it did not commit (it was aborted: try again); Fenced when
+        this producer may never send again (another instance took its transactional id).
+        Not to be called again before a call has returned."""
+        producer = self._producer
+        if producer is None or self.offsets_group is None:
+            raise BusError("the transactional bus is not started")
+        began = False
+        try:
+            await producer.begin_transaction()
+            began = True
+            deliveries = [
+                await producer.send(self.config.topic_name(topic_of(m)), encode(m), key=key_of(m))
+                for m in messages
+            ]
+            if offsets:
+                await producer.send_offsets_to_transaction(
+                    {TopicPartition(t, p): (o, metadata) for (t, p), o in offsets.items()},
+                    self.offsets_group,
+                )
+            await asyncio.gather(*deliveries)
+            await producer.commit_transaction()
+        except (KafkaError, AssertionError) as exc:  # aiokafka asserts its txn states
+            self.stats.publish_errors += 1
+            if self._fatal(producer, exc):
+                raise Fenced(f"transactional id {self.transactional_id}: {exc!r}") from exc
+            if began:
+                try:
+                    await producer.abort_transaction()
+                except (KafkaError, AssertionError) as abort_exc:
+                    raise Fenced(f"transactional id {self.transactional_id}: could not abort "
+                                 f"a failed transaction: {abort_exc!r}") from exc
+            raise BusError(f"transaction aborted: {exc!r}") from exc
+        self.stats.produced += len(messages)
+
+    @staticmethod
+    def _fatal(producer: AIOKafkaProducer, exc: BaseException) -> bool:
+        if isinstance(exc, (ProducerFenced, TransactionalIdAuthorizationFailed,
+                            InvalidTxnState, OutOfOrderSequenceNumber)):
+            return True
+        # aiokafka marks its transaction manager fatal when its sender died.
+        txn_manager = getattr(producer, "_txn_manager", None)
+        return bool(txn_manager is not None and txn_manager.is_fatal_error())
 
     async def flush(self) -> None:
         """Wait until every message sent so far has been delivered (or has failed)."""
@@ -423,6 +609,10 @@ class KafkaConsumerLoop:
     told after each fetch how many messages are still unread on the assigned partitions
     (:attr:`lag` per partition; 0 when the loop has caught up). ``observe`` is told each
     handled message's topic and the seconds its handler took, retries included (metrics).
+    ``on_consumed`` (Central's transactional outbox) is told each partition's next offset
+    as soon as a message is handled; the loop then commits nothing itself: the offsets
+    leave with the decisions they caused, in one Kafka transaction (SPEC §4, exactly
+    once). Every consumer reads ``read_committed``: a transaction is seen whole or not.
     Without a group it reads every partition itself, from ``start_at``, and commits
     nothing: that suits a client that only wants what happens from now on (a driver, a
     CP engine).
@@ -444,6 +634,8 @@ class KafkaConsumerLoop:
         after_batch: Callable[[], Awaitable[None]] | None = None,
         on_lag: Callable[[int], None] | None = None,
         observe: Callable[[Topic, float], None] | None = None,
+        on_consumed: Callable[[TopicPartition, int], None] | None = None,
+        clock: ReadClock | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
@@ -463,6 +655,13 @@ class KafkaConsumerLoop:
         self._after_batch = after_batch
         self._on_lag = on_lag
         self._observe = observe
+        if on_consumed is not None and group_id is None:
+            raise ValueError("on_consumed commits a group's offsets: it needs a group_id")
+        self._on_consumed = on_consumed
+        self.clock = clock
+        """Told each message's append time and each partition's read progress (Central
+        measures ages and silences with it, SPEC §4)."""
+        self._answered: dict[TopicPartition, int | None] = {}
         self.lag: dict[TopicPartition, int] = {}
         """Messages not yet read, per assigned partition, as of the last fetch."""
         self._positions: dict[TopicPartition, int] = {}
@@ -481,6 +680,9 @@ class KafkaConsumerLoop:
 
     async def start(self) -> None:
         partitions = await ensure_topics(self.config, self.routes.topics)
+        if self.clock is not None:
+            for name, topic in self._names.items():
+                self.clock.partition_counts[topic] = len(partitions[name])
 
         async def attempt() -> AIOKafkaConsumer:
             consumer = AIOKafkaConsumer(
@@ -488,6 +690,7 @@ class KafkaConsumerLoop:
                 group_id=self.group_id,
                 group_instance_id=self.group_instance_id,
                 enable_auto_commit=False,
+                isolation_level="read_committed",  # a transaction is seen whole or not
                 auto_offset_reset=self.start_at,
                 fetch_max_wait_ms=self._fetch_max_wait_ms,
                 session_timeout_ms=10000,
@@ -580,20 +783,41 @@ class KafkaConsumerLoop:
                 failing_since = None
             if consumer.assignment():
                 self._assigned.set()
+            clock = self.clock
+            if clock is not None:
+                clock.tick()
             for tp, records in batch.items():
                 for record in records:
                     self._unsettled = True
+                    if clock is not None:
+                        clock.arrived(self._names[record.topic], record.partition,
+                                      record.timestamp / 1000
+                                      if record.timestamp_type == LOG_APPEND_TIME else None)
                     await self._handle(record.topic, record.partition, record.offset, record.value)
                     self._handled[tp] = record.offset + 1
+                    if self._on_consumed is not None:
+                        self._on_consumed(tp, record.offset + 1)
                     self._positions[tp] = record.offset + 1
             if self._after_batch is not None and self._unsettled:
                 await self._after_batch()
             self._unsettled = False
             await self._measure_lag(consumer)
+            if clock is not None:
+                self._tell_progress(consumer, clock)
             # Commit at most every commit_interval while messages flow, and at once when
             # the topics go quiet.
             if not batch or time.monotonic() - self._last_commit >= self.commit_interval:
                 await self._commit(consumer)
+
+    def _tell_progress(self, consumer: AIOKafkaConsumer, clock: ReadClock) -> None:
+        """Tell the clock which partitions the broker answered a fetch for since the
+        last batch, and which of them Central has read to the end."""
+        for tp in consumer.assignment():
+            answered_at = consumer.last_poll_timestamp(tp)
+            answered = answered_at is not None and answered_at != self._answered.get(tp)
+            self._answered[tp] = answered_at
+            clock.fetched(self._names[tp.topic], tp.partition, answered=answered,
+                          caught_up=self.lag.get(tp, 1) == 0)
 
     async def _measure_lag(self, consumer: AIOKafkaConsumer) -> None:
         """Unread messages per partition: the partition's end (as of the last fetch)
@@ -604,14 +828,17 @@ class KafkaConsumerLoop:
                 del self.lag[tp]
                 self._positions.pop(tp, None)
         for tp in assigned:
-            end = consumer.highwater(tp)
+            # read_committed: the end is the last stable offset (a transaction's marker
+            # is never handed out, and the consumer's position steps over it).
+            stable = consumer.last_stable_offset(tp)
+            end = stable if stable is not None and stable >= 0 else consumer.highwater(tp)
             if end is None:
                 continue
-            position = self._positions.get(tp)
-            if position is None:
-                try:
-                    position = self._positions[tp] = await consumer.position(tp)
-                except KafkaError:
+            try:
+                position = self._positions[tp] = await consumer.position(tp)
+            except KafkaError:
+                position = self._positions.get(tp)
+                if position is None:
                     continue
             self.lag[tp] = max(0, end - position)
         if self._on_lag is not None:
@@ -620,8 +847,8 @@ class KafkaConsumerLoop:
     async def _commit(self, consumer: AIOKafkaConsumer) -> None:
         offsets, self._handled = self._handled, {}
         self._last_commit = time.monotonic()
-        if self.group_id is None or not offsets:
-            return
+        if self.group_id is None or self._on_consumed is not None or not offsets:
+            return  # with on_consumed, the offsets leave in the outbox's transactions
         try:
             if self._before_commit is not None:
                 await self._before_commit()

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from loguru import logger
 
 from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from tests.unit.fakes import RecordingPublisher
+
+
+@pytest.fixture
+def logs() -> Iterator[list[tuple[str, str]]]:
+    """(level, message) of every log line while the test runs."""
+    records: list[tuple[str, str]] = []
+    sink_id = logger.add(
+        lambda m: records.append((m.record["level"].name, m.record["message"])),
+        level="DEBUG",
+        format="{message}",
+    )
+    yield records
+    logger.remove(sink_id)
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from evcharging.common.messages import (
     new_id,
     utcnow,
 )
+from evcharging.common.readclock import ReadClock
 from tests.polling import poll
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
@@ -208,11 +209,28 @@ async def test_duplicate_request_id_starts_one_session(
 
 
 async def test_expired_request_is_denied(central: Controller, bus: RecordingPublisher) -> None:
+    """Its age is the broker's: the time since the broker appended it."""
     await activate(central)
-    old = DriverRequest(request_id="old", driver_id="d", cp_id="CP-001",
-                        ts=utcnow() - timedelta(hours=1))
+    old = DriverRequest(request_id="old", driver_id="d", cp_id="CP-001")
+    central.readclock.arrived(Topic.DRIVER_REQUESTS, 0, (utcnow() - timedelta(hours=1)).timestamp())
     await central.handle_request(old)
     assert updates(bus, "old")[0].reason.startswith("request expired")  # type: ignore[union-attr]
+
+
+async def test_a_drivers_clock_never_ages_a_request(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    """SPEC §4: a driver whose clock is an hour behind (or ahead) is decided as any other:
+    the broker appended its request just now."""
+    await activate(central)
+    for request_id, skew in (("behind", -3600), ("ahead", 3600)):
+        skewed = DriverRequest(request_id=request_id, driver_id="d", cp_id="CP-001",
+                               ts=utcnow() + timedelta(seconds=skew))
+        central.readclock.arrived(Topic.DRIVER_REQUESTS, 0, utcnow().timestamp())
+        await central.handle_request(skewed)
+        [accepted] = updates(bus, request_id)
+        assert accepted.status is DriverStatus.ACCEPTED
+        central.end_session(central.get("CP-001"), SessionResult.COMPLETED, None)
 
 
 async def test_monitor_fault_fails_the_session_and_recovery_half_opens(
@@ -532,14 +550,25 @@ async def test_a_restarted_cp_stays_stopped(central: Controller, bus: RecordingP
 
 
 async def test_a_silent_cp_is_disconnected_and_its_session_failed(
-    bus: RecordingPublisher, repo: SqliteRepository
+    bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
 ) -> None:
-    central = FlushingController(bus, repo, CentralOptions(cp_silence_timeout=0.05))
+    """Silence is how far Central has read the CP's partitions past its last message
+    (SPEC §4): a stall or a paused broker counts as one short step, not as silence."""
+    readclock = ReadClock(monotonic=clock)
+    readclock.partition_counts.update({Topic.CP_STATUS: 1, Topic.CP_TELEMETRY: 1})
+    central = FlushingController(bus, repo, CentralOptions(cp_silence_timeout=30),
+                                 readclock=readclock)
     try:
+        read_to(readclock)
         await activate(central)
         req, _ = await start_session(central, bus)
         assert await central.check_silent_cps() == []
-        central.get("CP-001").last_heard = utcnow() - timedelta(seconds=1)
+        clock.now += 600.0  # Central stalled, or the broker paused: nothing read
+        read_to(readclock)  # the first answered fetch counts as one short step
+        assert await central.check_silent_cps() == []
+        for _ in range(16):  # then 32 s of reading, caught up, with nothing from CP-001
+            clock.now += 2.0
+            read_to(readclock)
         assert await central.check_silent_cps() == ["CP-001"]
         final = updates(bus, req.request_id)[-1]
         assert final.status is DriverStatus.FAILED and "CP lost" in (final.reason or "")
@@ -713,22 +742,34 @@ async def test_a_round_that_loses_many_monitors_logs_one_line(
     assert lines[-1].startswith("25 CPs lost their monitor (CP-000, ")
 
 
-async def test_a_start_is_failed_only_once_the_cps_reports_past_the_deadline_are_read(
-    bus: RecordingPublisher, repo: SqliteRepository
+def read_to(readclock: ReadClock, *, caught_up: bool = True) -> None:
+    """The broker answered a fetch of every CP partition (partition 0 of one)."""
+    for topic in (Topic.CP_STATUS, Topic.CP_TELEMETRY):
+        readclock.fetched(topic, 0, answered=True, caught_up=caught_up)
+
+
+async def test_a_start_is_failed_only_once_the_cps_partitions_are_read_past_the_timeout(
+    bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
 ) -> None:
     """SPEC §4: a start counts as confirmed when the CP's message says so, however late
-    Central reads it; behind (lag > 0), Central waits until it has read this CP's reports
-    up to the deadline."""
-    central = FlushingController(bus, repo, CentralOptions(start_timeout=0.05, start_grace=5))
+    Central reads it; while Central cannot read the CP's partitions (a stall, a paused
+    broker) or reads a backlog, the start timeout does not run."""
+    readclock = ReadClock(monotonic=clock)
+    readclock.partition_counts.update({Topic.CP_STATUS: 1, Topic.CP_TELEMETRY: 1})
+    central = FlushingController(bus, repo, CentralOptions(start_timeout=0.05),
+                                 readclock=readclock)
     try:
         await activate(central)
-        central.set_lag(500)  # behind: the confirmation may be in the backlog
+        read_to(readclock)
         req = await request(central)
         session_id = updates(bus, req.request_id)[0].session_id
         await poll(lambda: central._watchdogs, timeout=2, what="the start timeout armed")
         watchdog = central._watchdogs[session_id or ""]
+        clock.now += 60.0  # a minute of Central's own time, but no fetch answered
         await poll(lambda: central.stats["start_timeouts"] == 0 and not watchdog.done(),
-                   timeout=1, what="still waiting")
+                   timeout=0.5, what="still waiting")
+        read_to(readclock, caught_up=False)  # answered, but a backlog: no progress yet
+        await poll(lambda: not watchdog.done(), timeout=0.3, what="still waiting")
         # The backlog holds the CP's confirmation, sent in time: the session lives.
         await central.handle_status(CPStatus(
             cp_id="CP-001", state=CPState.SUPPLYING, event=StatusEvent.START_SUPPLY,
@@ -736,5 +777,28 @@ async def test_a_start_is_failed_only_once_the_cps_reports_past_the_deadline_are
         ))
         assert central.get("CP-001").session is not None
         assert not [u for u in updates(bus, req.request_id) if u.status.is_final]
+    finally:
+        await central.close()
+
+
+async def test_an_unconfirmed_start_fails_once_the_cps_partitions_are_read_past_it(
+    bus: RecordingPublisher, repo: SqliteRepository, clock: Clock
+) -> None:
+    readclock = ReadClock(monotonic=clock)
+    readclock.partition_counts.update({Topic.CP_STATUS: 1, Topic.CP_TELEMETRY: 1})
+    central = FlushingController(bus, repo, CentralOptions(start_timeout=0.05),
+                                 readclock=readclock)
+    try:
+        await activate(central)
+        read_to(readclock)
+        req = await request(central)
+        await poll(lambda: central._watchdogs, timeout=2, what="the start timeout armed")
+        for _ in range(3):  # caught up: Central's own time counts, a step at a time
+            clock.now += 0.05
+            read_to(readclock)
+        final = await bus.wait_for(
+            DriverUpdate, lambda u: u.request_id == req.request_id and u.status.is_final)
+        assert final.status is DriverStatus.FAILED
+        assert central.stats["start_timeouts"] == 1
     finally:
         await central.close()

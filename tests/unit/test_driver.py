@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,18 +83,6 @@ def make_driver(
     driver = Driver(DRIVER, publisher, request_timeout=timeout, request_interval=interval)
     publisher.driver = driver
     return driver, publisher
-
-
-@pytest.fixture
-def logs() -> Iterator[list[tuple[str, str]]]:
-    records: list[tuple[str, str]] = []
-    sink_id = logger.add(
-        lambda m: records.append((m.record["level"].name, m.record["message"])),
-        level="DEBUG",
-        format="{message}",
-    )
-    yield records
-    logger.remove(sink_id)
 
 
 async def run(driver: Driver, cp_ids: list[str], timeout: float = 5.0) -> DriverSummary:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
+from evcharging.common.bus import Topic
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
@@ -133,8 +133,9 @@ async def test_a_request_read_late_is_denied_as_overload(
 ) -> None:
     """SPEC §4: a Central that fell behind (a locked database, a backlog) denies what it
     reads late instead of accepting it and failing it later."""
-    late = DriverRequest(request_id=new_id(), driver_id="driver-alice", cp_id="CP-001",
-                         ts=utcnow() - timedelta(seconds=3))
+    late = DriverRequest(request_id=new_id(), driver_id="driver-alice", cp_id="CP-001")
+    # The broker appended it 3 s before Central reads it.
+    central.readclock.arrived(Topic.DRIVER_REQUESTS, 0, utcnow().timestamp() - 3)
     await central.handle_request(late)
     [denied] = updates(bus, late.request_id)
     assert (denied.status, denied.reason) == (DriverStatus.DENIED, "Central overloaded")

@@ -12,7 +12,6 @@ import random
 import re
 import sqlite3
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,7 @@ from evcharging.common.metrics import (
     mount_metrics,
     series_names,
 )
+from evcharging.common.readclock import ReadClock
 from evcharging.common.states import CPState, SessionResult
 from evcharging.devtools.process import free_port
 from tests.polling import poll
@@ -281,8 +281,9 @@ async def test_central_collector_reads_decisions_sessions_ledger_and_cps(
             await _flushed(controller, controller.handle_status(
                 CPStatus(cp_id=cp_id, state=CPState.ACTIVATED)))
         await controller.monitor_report("CP-1", 5.0, True)
-        request = DriverRequest(request_id=new_id(), driver_id="d1", cp_id="CP-1",
-                                ts=utcnow() - timedelta(milliseconds=30))
+        request = DriverRequest(request_id=new_id(), driver_id="d1", cp_id="CP-1")
+        # The broker appended it 30 ms ago.
+        controller.readclock.arrived(Topic.DRIVER_REQUESTS, 0, utcnow().timestamp() - 0.03)
         await _flushed(controller, handle(request))
         await _flushed(controller, handle(request))  # a duplicate: not decided again
         await _flushed(controller, handle(DriverRequest(request_id=new_id(), driver_id="d2",
@@ -402,12 +403,20 @@ async def test_a_locked_database_shows_as_errors_and_failing(
 async def test_central_lag_is_how_far_behind_it_reads(
     bus: RecordingPublisher, file_repo: SqliteRepository
 ) -> None:
-    controller = Controller(bus, file_repo)
+    """By the broker's time: from the newest message read on a partition Central has not
+    read to its end, to the broker's time as Central reads it."""
+    wall = [1_000_000.0]
+    readclock = ReadClock(monotonic=lambda: wall[0], wall=lambda: wall[0])
+    controller = Controller(bus, file_repo, readclock=readclock)
     metrics = central_metrics(controller, process=False)
-    controller.read_until = utcnow() - timedelta(seconds=8)
+    readclock.arrived(Topic.CP_STATUS, 0, wall[0])  # the newest message read anywhere
+    readclock.arrived(Topic.CP_TELEMETRY, 1, wall[0] - 8)  # behind on this partition
+    readclock.fetched(Topic.CP_TELEMETRY, 1, answered=True, caught_up=False)
+    readclock.fetched(Topic.CP_STATUS, 0, answered=True, caught_up=True)
+    assert scrape(metrics)[PREFIX + "central_lag_seconds"] == pytest.approx(8)
+    wall[0] += 1.0
+    readclock.fetched(Topic.CP_TELEMETRY, 1, answered=True, caught_up=True)
     assert scrape(metrics)[PREFIX + "central_lag_seconds"] == 0  # caught up: lag 0
-    controller.set_lag(120)
-    assert scrape(metrics)[PREFIX + "central_lag_seconds"] == pytest.approx(8, abs=1)
 
 
 # ----------------------------------------------------------------------------- engine, fleet

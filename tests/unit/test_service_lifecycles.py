@@ -7,12 +7,10 @@ on a temporary file, the HTTP servers and the TCP control plane on free ports.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from evcharging.apps.ev_central import main as central_main
 from evcharging.apps.ev_cp_e import main as engine_main
@@ -80,18 +78,6 @@ class FakeKafka:
                 kafka.events.append("consumer.stop")
 
         return Consumer()
-
-
-@pytest.fixture
-def logs() -> Iterator[list[tuple[str, str]]]:
-    records: list[tuple[str, str]] = []
-    sink_id = logger.add(
-        lambda m: records.append((m.record["level"].name, m.record["message"])),
-        level="DEBUG",
-        format="{message}",
-    )
-    yield records
-    logger.remove(sink_id)
 
 
 # ----------------------------------------------------------------------------- Central

@@ -39,12 +39,20 @@ from loguru import logger
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
 from evcharging.apps.ev_central.events import EventHub
+from evcharging.apps.ev_central.limits import (
+    FORGET_UNREGISTERED_AFTER,
+    MAX_CPS,
+    MAX_UNREGISTERED,
+    TooManyCPs,
+)
 from evcharging.apps.ev_central.outbox import Outbox
 from evcharging.apps.ev_central.repository import Repository, StorageError
 from evcharging.apps.ev_central.schemas import cp_out
+from evcharging.apps.ev_central.tally import Tally
 from evcharging.apps.ev_central.views import ActiveSession, ClosedSession, CPView
-from evcharging.common.bus import Publisher
+from evcharging.common.bus import Publisher, Topic
 from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
+from evcharging.common.kafka import partition_for_key
 from evcharging.common.messages import (
     CentralCommand,
     CommandPayload,
@@ -66,6 +74,7 @@ from evcharging.common.messages import (
     new_id,
     utcnow,
 )
+from evcharging.common.readclock import ReadClock
 from evcharging.common.service import TaskOwner
 from evcharging.common.states import (
     TRANSITIONS,
@@ -82,7 +91,9 @@ __all__ = ["ActiveSession", "CPView", "CentralOptions", "Controller"]
 SEEN_REQUESTS_KEPT = 100_000
 CLOSED_SESSIONS_KEPT = 50_000
 OVERLOADED = "Central overloaded"
-START_GRACE_POLL = 0.1
+START_POLL = 0.1
+CP_TOPICS = (Topic.CP_STATUS, Topic.CP_TELEMETRY)
+"""The topics a CP reports on: keyed by its id, so one partition of each holds it."""
 
 
 @dataclass(frozen=True)
@@ -93,9 +104,14 @@ class CentralOptions:
     request_max_age: float = 120.0
     cp_silence_timeout: float = 30.0
     shed_after: float = 1.0
-    """A request read this many seconds after it was sent is DENIED "Central overloaded"."""
-    start_grace: float = 60.0
-    """How long past the start timeout Central waits to read a late confirmation."""
+    """A request read this many seconds after the broker appended it is DENIED
+    "Central overloaded"."""
+    max_cps: int = MAX_CPS
+    """Registered CPs held at most: a new one past it is refused (409, :class:`TooManyCPs`)."""
+    max_unregistered: int = MAX_UNREGISTERED
+    """CPs known only from the bus held at most: statuses of more are counted, ignored."""
+    forget_unregistered_after: float = FORGET_UNREGISTERED_AFTER
+    """A CP known only from the bus silent this long is forgotten (housekeeping)."""
 
 
 class Controller:
@@ -107,6 +123,7 @@ class Controller:
         *,
         clock: Callable[[], float] = time.monotonic,
         hub: EventHub | None = None,
+        readclock: ReadClock | None = None,
     ) -> None:
         self.bus = bus
         self.repo = repo
@@ -114,10 +131,13 @@ class Controller:
         self.clock = clock
         self.hub = hub or EventHub()
         self.cps: dict[str, CPView] = {}
+        self.tally = Tally()
+        """The summary's counts over ``cps``, kept up as they change (limits.py, tally.py)."""
         self.stats: Counter[str] = Counter()
         self.outbox = Outbox(repo, bus, self.stats, on_sent=self._sent)
-        self.read_until = utcnow()
-        """The newest timestamp of the CP reports handled so far."""
+        self.readclock = readclock or ReadClock(standalone=True)
+        """The broker's time and how far Central has read each partition (SPEC §4): ages,
+        silences and start timeouts are measured with it, never with a CP's clock."""
         self.lag = 0
         """Messages the consumer has not read yet (0: Central has caught up)."""
         self.billed_kwh = 0.0
@@ -151,6 +171,7 @@ class Controller:
             cp.euro_rate = record.euro_rate
             cp.health_url = record.health_url
             cp.registered_at = record.registered_at
+            cp.registered = record.registered
             cp.breaker.restore(record.breaker_state, record.breaker_failures,
                                record.breaker_reason)
             if cp.is_faulty and cp.breaker.state is BreakerState.CLOSED:
@@ -167,7 +188,7 @@ class Controller:
             cp.session = ActiveSession(
                 session_id=row.session_id, request_id=row.request_id, driver_id=row.driver_id,
                 cp_id=row.cp_id, started_at=row.started_at, confirmed=True, resumed=True,
-                kwh=row.kwh, euros=row.euros,
+                kwh=row.kwh, euros=row.euros, first_report=row.started_at,
             )
         logger.info("loaded {} CP(s); resumed {} running session(s)", len(self.cps),
                     len(resumed))
@@ -193,11 +214,9 @@ class Controller:
         """The consumer's count of unread messages, after each fetch."""
         self.lag = lag
 
-    def reading_position(self) -> datetime:
-        """How far Central has read the CPs' reports: now when it has caught up, else the
-        newest report it handled. A start or a silence is judged by this, so Central's
-        own delay neither fails a start nor makes a CP look silent."""
-        return utcnow() if self.lag == 0 else self.read_until
+    def behind(self) -> float:
+        """Seconds Central is behind the broker (0 when it has read everything)."""
+        return self.readclock.behind()
 
     # ------------------------------------------------------------------ queries
 
@@ -239,7 +258,9 @@ class Controller:
             return
         self._remember_request(request.request_id)
         self.stats["requests"] += 1
-        age = (utcnow() - request.ts).total_seconds()
+        # Dated by the broker's append time, never by the driver's clock (SPEC §4).
+        received = self.readclock.take_current()
+        age = (self.readclock.now() - received).total_seconds()
         if age > self.options.request_max_age:
             reason: str | None = f"request expired ({age:.0f}s old)"
         elif age > self.options.shed_after:
@@ -247,14 +268,14 @@ class Controller:
         else:
             reason = self.decide(request.cp_id)
         if reason is not None:
-            self._deny(request, reason)
+            self._deny(request, reason, received)
             return
         cp = self.cps[request.cp_id]
         trial = cp.breaker.state is BreakerState.HALF_OPEN
         cp.breaker.try_acquire()
         session = ActiveSession(
             session_id=new_id(), request_id=request.request_id, driver_id=request.driver_id,
-            cp_id=cp.cp_id, started_at=utcnow(), trial=trial,
+            cp_id=cp.cp_id, started_at=received, trial=trial,
         )
         cp.session = session
         self.outbox.write(sql.log_request(session.request_id, session.driver_id, cp.cp_id,
@@ -275,9 +296,9 @@ class Controller:
                            driver_id=session.driver_id, session_id=session.session_id)
         self.changed(cp)
 
-    def _deny(self, request: DriverRequest, reason: str) -> None:
+    def _deny(self, request: DriverRequest, reason: str, received: datetime) -> None:
         self.outbox.write(sql.log_request(request.request_id, request.driver_id, request.cp_id,
-                                          DriverStatus.DENIED.value, reason, utcnow()))
+                                          DriverStatus.DENIED.value, reason, received))
         self.stats["denied"] += 1
         self.stats[f"denied:{reason.split(' (')[0]}"] += 1
         logger.info("DENIED request {} of {} on {}: {}",
@@ -299,21 +320,27 @@ class Controller:
         if session.confirmed or session.session_id in self._watchdogs:
             return
         self._watchdogs[session.session_id] = self._timers.spawn(
-            self._start_watchdog(cp, session, utcnow()),
+            self._start_watchdog(cp, session, self._progress_of(cp)),
             f"start-watchdog-{session.session_id}",
         )
 
-    async def _start_watchdog(self, cp: CPView, session: ActiveSession, sent: datetime) -> None:
-        """Fail a start the CP has not confirmed within the start timeout of START_SUPPLY
-        leaving, once Central has read the CPs' reports up to that moment (its own delay
-        fails no session)."""
+    async def _start_watchdog(
+        self, cp: CPView, session: ActiveSession, sent: float | None
+    ) -> None:
+        """Fail a start the CP has not confirmed once Central has read the CP's own
+        partitions for the start timeout past START_SUPPLY leaving: Central's own delay, a
+        stall or a paused broker fails no session (SPEC §4); a confirmation is taken
+        whenever it is read."""
+        timeout = self.options.start_timeout
         try:
-            await asyncio.sleep(self.options.start_timeout)
-            deadline = sent + timedelta(seconds=self.options.start_timeout)
-            grace = self.options.start_grace
-            while not self._read_past(cp, deadline) and grace > 0 and not session.confirmed:
-                await asyncio.sleep(START_GRACE_POLL)
-                grace -= START_GRACE_POLL
+            await asyncio.sleep(timeout)
+            while cp.session is session and not session.confirmed:
+                now = self._progress_of(cp)
+                if sent is None:
+                    sent = now
+                elif now is not None and now - sent >= timeout:
+                    break
+                await asyncio.sleep(START_POLL)
             if cp.session is session and not session.confirmed:
                 self.stats["start_timeouts"] += 1
                 self.end_session(
@@ -333,7 +360,7 @@ class Controller:
         cp = self.cps.get(status.cp_id) or self._cp_from_bus(status.cp_id)
         if cp is None:
             return
-        self._heard(cp, status.ts)
+        ts = self._heard(cp, status.ts)
         before = cp.state
         if cp.state is CPState.STOPPED and status.event is StatusEvent.CONNECT:
             # The CP restarted and came back ACTIVATED; the operator's stop still holds.
@@ -344,18 +371,18 @@ class Controller:
             return
         end = status.session_end()
         if end is not None and end != cp.last_end:
-            await self._settle(cp, end, status)
+            await self._settle(cp, end, status, ts)
         session = cp.session
         if session is not None and status.session_id == session.session_id:
-            self._follow_own_session(cp, session, status)
+            self._follow_own_session(cp, session, status, ts)
         elif (
             session is not None
             and (session.confirmed or session.resumed)
             and status.event is not StatusEvent.REFUSED
             and (status.state is not CPState.SUPPLYING or status.session_id is not None)
-            # A report from before the session began (replayed after a restart) says
-            # nothing about it.
-            and status.ts >= session.started_at
+            # A report the CP made before its first report of the session (by its own
+            # clock, whichever topic carried it) says nothing about the session.
+            and (session.first_report is None or ts >= session.first_report)
         ):
             # The CP is not supplying the session, and did not report its end.
             self.end_session(
@@ -379,7 +406,11 @@ class Controller:
             self.persist(cp)
         self.changed(cp)
 
-    def _follow_own_session(self, cp: CPView, session: ActiveSession, status: CPStatus) -> None:
+    def _follow_own_session(
+        self, cp: CPView, session: ActiveSession, status: CPStatus, ts: datetime
+    ) -> None:
+        if status.event is not StatusEvent.REFUSED:
+            self._reported(cp, session, ts)
         if status.event is StatusEvent.REFUSED:
             if not session.confirmed:
                 self.end_session(
@@ -393,6 +424,17 @@ class Controller:
             why = status.reason or f"CP is {status.state.value}"
             self.end_session(cp, SessionResult.FAILED, f"CP refused the session: {why}",
                               breaker_failure=True)
+
+    def _reported(self, cp: CPView, session: ActiveSession, ts: datetime) -> None:
+        """The CP reported on its session at `ts` (its own clock): the first report dates
+        the session's start, the last one its end when the CP reports no end itself."""
+        if session.first_report is None:
+            session.first_report = ts
+            if ts != session.started_at:
+                session.started_at = ts
+                self.outbox.write(sql.session_started(session.session_id, ts))
+        if session.last_report is None or ts > session.last_report:
+            session.last_report = ts
 
     def _confirm(self, cp: CPView, session: ActiveSession) -> None:
         if session.confirmed and not session.resumed:
@@ -436,10 +478,11 @@ class Controller:
             self.stats["telemetry_unknown_cp"] += 1
             logger.debug("telemetry from unknown CP {} ignored", telemetry.cp_id)
             return
-        self._heard(cp, telemetry.ts)
+        ts = self._heard(cp, telemetry.ts)
         cp.last_telemetry = telemetry
         session = cp.session
         if session is not None and telemetry.session_id == session.session_id:
+            self._reported(cp, session, ts)
             self._confirm(cp, session)
             session.kw, session.kwh, session.euros = (
                 telemetry.kw, telemetry.kwh, telemetry.euros,
@@ -458,7 +501,9 @@ class Controller:
 
     # ------------------------------------------------------------------ the ledger
 
-    async def _settle(self, cp: CPView, end: SessionEnd, status: CPStatus) -> None:
+    async def _settle(
+        self, cp: CPView, end: SessionEnd, status: CPStatus, ts: datetime
+    ) -> None:
         """Record the end of a session as the CP's meter reports it, exactly once.
 
         The running session ends with the CP's result and totals. A session already
@@ -475,7 +520,7 @@ class Controller:
                 SessionResult.FAILED: f"CP fault: {status.reason or 'unknown fault'}",
             }[end.result]
             self.end_session(cp, end.result, reason, meter_final=True,
-                              breaker_failure=end.result is SessionResult.FAILED)
+                              breaker_failure=end.result is SessionResult.FAILED, ended_at=ts)
         else:
             closed = await self._closed_session(end.session_id)
             if closed is None or closed.cp_id != cp.cp_id:
@@ -537,6 +582,7 @@ class Controller:
         breaker_failure: bool = False,
         stop_reason: str | None = None,
         meter_final: bool = False,
+        ended_at: datetime | None = None,
     ) -> None:
         """End the CP's session; with `stop_reason`, tell the CP to stop supplying it.
 
@@ -553,7 +599,8 @@ class Controller:
         if stop_reason is not None:
             self._send_command(cp.cp_id, CommandType.STOP_SUPPLY,
                                session_id=session.session_id, reason=stop_reason)
-        ended = utcnow()
+        # Dated by the CP's clock: its end report, else its last report of the session.
+        ended = ended_at or session.last_report or self.readclock.now()
         self.outbox.write(sql.finish_session(
             session.session_id, result.value, kwh=session.kwh, euros=session.euros,
             reason=reason, ended_at=ended, meter_final=meter_final,
@@ -594,12 +641,22 @@ class Controller:
     # ------------------------------------------------------------------ monitors, operators
 
     async def register(self, registration: CPRegistration) -> CPView:
+        """Register or update a CP (TooManyCPs, 409: a new one past ``max_cps``)."""
+        known = self.cps.get(registration.cp_id)
+        self._check_room(int(known is None or not known.registered))
         cp = self._register(registration)
         await self.outbox.flush()
         return cp
 
     async def register_many(self, registrations: Sequence[CPRegistration]) -> int:
-        """A fleet's CPs in one call and one transaction; how many were new."""
+        """A fleet's CPs in one call and one transaction; how many were new.
+
+        All or nothing: when the CPs new to the registry would take it past ``max_cps``,
+        none of the call is taken (TooManyCPs, 409), updates included, so a fleet never
+        runs half registered without knowing it."""
+        joining = {reg.cp_id for reg in registrations
+                   if reg.cp_id not in self.cps or not self.cps[reg.cp_id].registered}
+        self._check_room(len(joining))
         new = sum(reg.cp_id not in self.cps for reg in registrations)
         for registration in registrations:
             self._register(registration, quiet=True)
@@ -607,11 +664,24 @@ class Controller:
         logger.info("fleet registration: {} CP(s), {} new", len(registrations), new)
         return new
 
+    def _check_room(self, joining: int) -> None:
+        """Refuse (TooManyCPs) `joining` new registered CPs that would pass ``max_cps``."""
+        if joining and self.tally.registered + joining > self.options.max_cps:
+            self.stats["registrations_refused"] += joining
+            free = max(0, self.options.max_cps - self.tally.registered)
+            raise TooManyCPs(
+                f"Central holds {self.tally.registered:,} registered CPs, at most "
+                f"{self.options.max_cps:,} (CENTRAL_MAX_CPS): {joining:,} new refused, "
+                f"{free:,} free"
+            )
+
     def _register(self, registration: CPRegistration, *, quiet: bool = False) -> CPView:
         cp = self.cps.get(registration.cp_id)
         created = cp is None
         if cp is None:
             cp = self._new_view(registration.cp_id)
+        elif not cp.registered:
+            cp.registered = True  # known from the bus until now
         for name in ("location", "site", "kw_rate", "euro_rate", "health_url"):
             value = getattr(registration, name)
             if value is not None:
@@ -720,7 +790,7 @@ class Controller:
 
     # ------------------------------------------------------------------ internals
 
-    def _new_view(self, cp_id: str) -> CPView:
+    def _new_view(self, cp_id: str, *, registered: bool = True) -> CPView:
         cp = CPView(
             cp_id=cp_id,
             breaker=CircuitBreaker(
@@ -729,39 +799,67 @@ class Controller:
                 clock=self.clock,
             ),
             registered_at=utcnow(),
+            registered=registered,
         )
         self.cps[cp_id] = cp
+        self.tally.add(cp)
         return cp
 
     def _cp_from_bus(self, cp_id: str) -> CPView | None:
         """A CP Central learns of from its first status message (not registered by a
-        monitor, the fleet or the gateway); None when it is not taken in."""
-        logger.info("CP {} registered by its first status message", cp_id)
-        return self._new_view(cp_id)
+        monitor, the fleet or the gateway); None when it is not taken in: Central holds
+        ``max_unregistered`` such CPs already (counted, the first refusal logged)."""
+        if len(self.tally.unregistered) >= self.options.max_unregistered:
+            self.stats["unregistered_refused"] += 1
+            if self.stats["unregistered_refused"] == 1:
+                logger.warning(
+                    "Central holds {:,} CPs known only from the bus (CENTRAL_MAX_UNREGISTERED):"
+                    " statuses of further unregistered CPs, such as {}, are ignored (logged "
+                    "once; counted in evcharging_unregistered_refused_total)",
+                    len(self.tally.unregistered), cp_id)
+            return None
+        logger.info("CP {} known from its first status message (not registered)", cp_id)
+        return self._new_view(cp_id, registered=False)
 
     def silence(self, cp: CPView) -> float:
-        """Seconds the CP has been silent, as Central judges it (SPEC §4: by how far it
-        has read the CP's own partitions, so Central's own delay never counts)."""
-        heard = cp.last_heard or self.started_at
-        return max(0.0, (self.reading_position() - heard).total_seconds())
+        """Seconds the CP has been silent, as Central judges it (SPEC §4): how far Central
+        has read the CP's own partitions since its last message, so neither Central's own
+        delay nor a paused broker counts. A CP not heard from since the start counts from
+        the first time this is asked."""
+        progress = self._progress_of(cp)
+        if progress is None:
+            return 0.0
+        if cp.heard_progress is None:
+            cp.heard_progress = progress
+        return max(0.0, progress - cp.heard_progress)
 
-    def _read_past(self, cp: CPView, moment: datetime) -> bool:
-        """Whether Central has read everything `cp` reported up to `moment`: it has caught
-        up, or it has read a report of this CP sent at `moment` or later (one CP's reports
-        share a partition, so its earlier ones were read before)."""
-        return self.lag == 0 or (cp.last_heard is not None and cp.last_heard >= moment)
+    def _progress_of(self, cp: CPView) -> float | None:
+        """How far Central has read the CP's own partitions (seconds of read progress,
+        :class:`ReadClock`); None before it has read them at all."""
+        clock = self.readclock
+        least: float | None = None
+        for topic in CP_TOPICS:
+            count = clock.partition_counts.get(topic)
+            partition = (cp.partition if cp.partition is not None
+                         else partition_for_key(cp.cp_id, range(count)) if count else 0)
+            progress = clock.progress(topic, partition)
+            if progress is None:
+                return None
+            least = progress if least is None else min(least, progress)
+        return least
 
-    def heard_within(self, cp: CPView, seconds: float) -> bool:
-        """Whether the CP's last message was sent within `seconds` of how far Central has
-        read (a CP never heard from counts from Central's start)."""
-        heard = cp.last_heard or self.started_at
-        return (self.reading_position() - heard).total_seconds() < seconds
-
-    def _heard(self, cp: CPView, ts: datetime) -> None:
+    def _heard(self, cp: CPView, ts: datetime) -> datetime:
+        """The CP reported, stamped `ts` by its own clock: remember how far its partitions
+        were read, and return `ts`, or the append time when `ts` is later (a message
+        stamped in the future moves nothing, SPEC §4)."""
+        received = self.readclock.take_current()
         cp.last_seen = utcnow()
+        if self.readclock.current_partition is not None:
+            cp.partition = self.readclock.current_partition
+        cp.heard_progress = self._progress_of(cp)
+        ts = min(ts, received)
         cp.last_heard = ts
-        if ts > self.read_until:
-            self.read_until = ts
+        return ts
 
     def _remember_request(self, request_id: str) -> None:
         self._seen_requests[request_id] = None

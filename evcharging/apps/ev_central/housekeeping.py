@@ -1,9 +1,9 @@
 """Central's periodic checks: silent CPs, lost monitors, health snapshots, retention.
 
 Each check decides through the controller and queues its writes in the controller's
-outbox; :func:`run` flushes once per round. Silence is judged against how far Central has
-read the CPs' reports (``Controller.read_until``), so a Central that falls behind, or
-waits for a locked database, never takes a working CP for a silent one.
+outbox; :func:`run` flushes once per round. Silence is judged by how far Central has read
+each CP's own partitions (``Controller.silence``), so a Central that falls behind, stalls,
+waits for a locked database or a paused broker never takes a working CP for a silent one.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from evcharging.apps.ev_central.repository import StorageError
 from evcharging.common.messages import FaultEventType, utcnow
 from evcharging.common.states import CPState, SessionResult
 
-__all__ = ["check_monitors", "check_silent_cps", "prune_history", "run", "snapshot_health"]
+__all__ = [
+    "check_monitors",
+    "check_silent_cps",
+    "forget_unregistered",
+    "prune_history",
+    "run",
+    "snapshot_health",
+]
 
 PRUNE_EVERY = 3600.0
 LOG_EACH_UP_TO = 10
@@ -43,7 +50,7 @@ def check_silent_cps(central: Controller) -> list[str]:
     timeout = central.options.cp_silence_timeout
     marked: list[str] = []
     for cp in central.cps.values():
-        if cp.state in (CPState.DISCONNECTED, CPState.FAULT) or central.heard_within(cp, timeout):
+        if cp.state in (CPState.DISCONNECTED, CPState.FAULT) or central.silence(cp) < timeout:
             continue
         reason = f"no message from the CP for {timeout:g}s"
         logger.log("DEBUG" if len(marked) >= LOG_EACH_UP_TO else "WARNING",
@@ -81,6 +88,29 @@ def check_monitors(central: Controller) -> list[str]:
     return lost
 
 
+def forget_unregistered(central: Controller) -> list[str]:
+    """Forget the CPs known only from the bus (never registered) that have been silent for
+    ``forget_unregistered_after`` (an hour; SPEC §11): out of memory, the summary and the
+    database. One with a session running is kept until the session ends. Returns their
+    ids; the round is logged in one line."""
+    after = central.options.forget_unregistered_after
+    forgotten: list[str] = []
+    for cp in list(central.tally.unregistered.values()):
+        if cp.session is not None or central.silence(cp) < after:
+            continue
+        del central.cps[cp.cp_id]
+        central.tally.remove(cp)
+        central.outbox.write(sql.forget_cp(cp.cp_id))
+        forgotten.append(cp.cp_id)
+    if forgotten:
+        central.stats["unregistered_forgotten"] += len(forgotten)
+        shown = ", ".join(forgotten[:LOG_EACH_UP_TO])
+        logger.info("forgot {:,} CP(s) known only from the bus, silent for {:g}s ({}{})",
+                    len(forgotten), after, shown,
+                    ", …" if len(forgotten) > LOG_EACH_UP_TO else "")
+    return forgotten
+
+
 def snapshot_health(central: Controller) -> int:
     """Queue a health snapshot of every CP that changed since its last one."""
     count = 0
@@ -103,6 +133,7 @@ async def run(central: Controller, interval: float, retention_days: float) -> No
         await asyncio.sleep(interval)
         check_silent_cps(central)
         check_monitors(central)
+        forget_unregistered(central)
         snapshot_health(central)
         since_prune += interval
         if since_prune >= PRUNE_EVERY:

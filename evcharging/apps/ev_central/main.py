@@ -20,7 +20,7 @@ from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
-from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.repository import DatabaseInUse, SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
 from evcharging.common.http import check_exposure
@@ -32,10 +32,12 @@ from evcharging.common.kafka import (
     KafkaConsumerLoop,
     KafkaSecurity,
     Routes,
+    committed_offsets,
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from evcharging.common.metrics import BusCollector, mount_metrics
+from evcharging.common.readclock import ReadClock
 from evcharging.common.service import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -66,8 +68,19 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         security=KafkaSecurity.from_settings(settings),
     )
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    async with SqliteRepository(settings.db_path) as repo:
-        bus = KafkaBus(kafka, stats)
+    repository = SqliteRepository(settings.db_path, exclusive=True)
+    try:
+        await repository.open()  # one Central per file: a second one stops here
+    except DatabaseInUse as exc:
+        logger.critical("{}", exc)
+        return EXIT_FAILURE
+    async with repository as repo:
+        # Exactly once (SPEC §4): decisions leave with the offsets they consumed, in one
+        # Kafka transaction; the id is this instance's, as its place in the group is.
+        bus = KafkaBus(kafka, stats, stamp_topics=True,
+                       transactional_id=f"{settings.group_id}-central",
+                       offsets_group=settings.group_id)
+        readclock = ReadClock()
         controller = Controller(
             bus,
             repo,
@@ -78,7 +91,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 request_max_age=settings.request_max_age,
                 cp_silence_timeout=settings.cp_silence_timeout,
                 shed_after=settings.shed_after,
+                max_cps=settings.max_cps,
+                max_unregistered=settings.max_unregistered,
             ),
+            readclock=readclock,
         )
         metrics = central_metrics(controller, repo)
         consumer = KafkaConsumerLoop(
@@ -91,21 +107,24 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             group_instance_id=f"{settings.group_id}-central",
             start_at="earliest",
             stats=stats,
-            before_commit=bus.flush,
+            on_consumed=controller.outbox.consumed,  # committed by its transactions
             after_batch=controller.flush,  # the batch's decisions, in one transaction
             on_lag=controller.set_lag,
             observe=metrics.handler_observer(),
+            clock=readclock,
         )
         metrics.add(BusCollector(stats, [consumer], lambda: bus.connected))
 
         async def health() -> dict[str, Any]:
-            db_ok = await repo.ping()
+            # At most 1 s for the database, behind a big write included: /health answers
+            # within its 2 s whatever floods Central (SPEC §5).
+            db_ok, busy = await repo.probe(within=1.0)
             kafka_ok = bus.connected
             return {
                 "status": "ok" if db_ok and kafka_ok else "degraded",
                 "kafka": {"connected": kafka_ok, "bootstrap": settings.kafka_bootstrap,
                           **stats.as_dict()},
-                "database": {"ok": db_ok, "path": str(settings.db_path)},
+                "database": {"ok": db_ok, "busy": busy, "path": str(settings.db_path)},
                 "tcp": tcp.stats(),
             }
 
@@ -127,6 +146,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         try:
             await until_stopped(stop, bus.start())
             await controller.load()
+            # A flush recorded before a crash and not in Kafka is sent now, before anything
+            # is consumed or decided.
+            await until_stopped(stop, controller.outbox.recover(
+                lambda: committed_offsets(kafka, settings.group_id, consumer.topics)))
             await http.start()
             await tcp.start()
             await until_stopped(stop, consumer.start())

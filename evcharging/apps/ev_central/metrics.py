@@ -22,7 +22,7 @@ from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.schemas import cp_power_kw
 from evcharging.common.bus import Handler
 from evcharging.common.circuit_breaker import BreakerState
-from evcharging.common.messages import DriverRequest, DriverStatus, utcnow
+from evcharging.common.messages import DriverRequest, DriverStatus
 from evcharging.common.metrics import PREFIX, ServiceMetrics, counter, described, gauge
 from evcharging.common.states import CPState, SessionResult
 
@@ -45,7 +45,10 @@ class CentralCollector:
         "faults_total", "recoveries_total", "monitors_lost_total", "db_transactions_total",
         "db_writes_total", "db_retries_total", "db_errors_total", "db_write_failing", "cps",
         "cps_faulty", "cps_unmonitored", "cps_monitor_lost", "breakers", "sessions_active",
-        "network_power_watts", "central_lag_seconds",
+        "network_power_watts", "central_lag_seconds", "cps_unregistered",
+        "unregistered_refused_total", "unregistered_forgotten_total",
+        "registrations_refused_total", "auth_failures_total", "auth_throttled_total",
+        "tcp_connections_evicted_total",
     ))
 
     def __init__(self, controller: Controller, repo: SqliteRepository | None = None) -> None:
@@ -75,9 +78,19 @@ class CentralCollector:
                           ("ledger_corrections_total", "ledger_corrections"),
                           ("faults_total", "faults"), ("recoveries_total", "recoveries"),
                           ("monitors_lost_total", "monitors_lost"),
+                          ("unregistered_refused_total", "unregistered_refused"),
+                          ("unregistered_forgotten_total", "unregistered_forgotten"),
+                          ("registrations_refused_total", "registrations_refused"),
+                          ("tcp_connections_evicted_total", "tcp_connections_evicted"),
                           ("db_transactions_total", "db_transactions"),
                           ("db_writes_total", "db_writes"), ("db_retries_total", "db_retries")):
             yield counter(PREFIX + name, stats[key])
+        for name, kind in (("auth_failures_total", "auth_failures"),
+                           ("auth_throttled_total", "auth_throttled")):
+            yield counter(PREFIX + name, {
+                (plane,): stats[f"{kind}:{plane}"] for plane in ("http", "tcp")
+            })
+        yield gauge(PREFIX + "cps_unregistered", len(c.tally.unregistered))
         yield counter(PREFIX + "energy_delivered_joules_total", c.billed_kwh * J_PER_KWH)
         yield counter(PREFIX + "revenue_euros_total", c.billed_euros)
         if self.repo is not None:
@@ -85,7 +98,7 @@ class CentralCollector:
             yield gauge(PREFIX + "db_write_failing",
                         0.0 if self.repo.write_error is None else 1.0)
         yield from self._cps()
-        behind = (utcnow() - c.reading_position()).total_seconds()
+        behind = c.behind()
         yield gauge(PREFIX + "central_lag_seconds", max(0.0, behind))
 
     def _cps(self) -> Iterator[Metric]:
@@ -124,16 +137,19 @@ _BREAKER_STATE = attrgetter("breaker.state")
 def timed_requests(
     controller: Controller, metrics: ServiceMetrics
 ) -> Handler[DriverRequest]:
-    """The controller's request handler, observing request→ACCEPTED: from the request's
-    ``ts`` to the moment Central decided (its clock against the driver's)."""
+    """The controller's request handler, observing request→ACCEPTED: from the broker's
+    append time of the request to the moment Central decided (by the broker's time as
+    Central reads it, never the driver's clock)."""
     accepted = metrics.histogram(PREFIX + "accept_latency_seconds")
     stats = controller.stats
+    clock = controller.readclock
 
     async def handle(request: DriverRequest) -> None:
         before = stats["accepted"]
+        received = clock.current
         await controller.handle_request(request)
-        if stats["accepted"] != before:
-            accepted.observe(max(0.0, (utcnow() - request.ts).total_seconds()))
+        if stats["accepted"] != before and received is not None:
+            accepted.observe(max(0.0, (clock.now() - received).total_seconds()))
 
     return handle
 

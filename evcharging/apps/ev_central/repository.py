@@ -35,6 +35,7 @@ import aiosqlite
 from loguru import logger
 
 from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central.dblock import DatabaseInUse, DatabaseLock
 from evcharging.apps.ev_central.errors import Unavailable
 from evcharging.apps.ev_central.sql import (
     MAX_LIMIT,
@@ -59,6 +60,7 @@ __all__ = [
     "SESSION_ACTIVE",
     "SESSION_STATUSES",
     "CPRecord",
+    "DatabaseInUse",
     "FaultEvent",
     "FaultEventType",
     "HealthSnapshot",
@@ -147,6 +149,7 @@ class Repository(Protocol):
     ) -> None: ...
     async def record_health_many(self, rows: Sequence[HealthSnapshot]) -> None: ...
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]: ...
+    async def load_pending(self) -> sql.PendingRow | None: ...
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -165,12 +168,16 @@ class SqliteRepository:
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
         clock: Clock = sql.utcnow_,
+        exclusive: bool = False,
     ) -> None:
         if busy_timeout_ms < 0:
             raise ValueError("busy_timeout_ms must be >= 0")
         self._path = path
         self._busy_timeout_ms = int(busy_timeout_ms)
         self._clock = clock
+        self._file_lock = (DatabaseLock(Path(path)) if exclusive and path != ":memory:"
+                           else None)
+        """With `exclusive` (Central), one process per file: DatabaseInUse otherwise."""
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self.write_error: str | None = None
@@ -197,13 +204,22 @@ class SqliteRepository:
                 return
             if self._path != ":memory:":
                 await asyncio.to_thread(_make_parent_dir, Path(self._path))
-            db = await aiosqlite.connect(self._path, isolation_level=None)
+            if self._file_lock is not None:
+                self._file_lock.acquire()
+            try:
+                db = await aiosqlite.connect(self._path, isolation_level=None)
+            except BaseException:
+                if self._file_lock is not None:
+                    self._file_lock.release()
+                raise
             try:
                 db.row_factory = sqlite3.Row
                 await self._configure(db)
                 await _migrate(db, self._clock())
             except BaseException:
                 await db.close()
+                if self._file_lock is not None:
+                    self._file_lock.release()
                 raise
             self._db = db
         logger.info("database {} open (schema version {})", self._path, SCHEMA_VERSION)
@@ -224,6 +240,8 @@ class SqliteRepository:
             db, self._db = self._db, None
             if db is not None:
                 await db.close()
+            if self._file_lock is not None:
+                self._file_lock.release()
 
     async def __aenter__(self) -> Self:
         await self.open()
@@ -247,6 +265,17 @@ class SqliteRepository:
         except (sqlite3.Error, StorageError, ValueError, RuntimeError):
             return False
         return len(rows) == 1 and rows[0][0] == 1
+
+    async def probe(self, within: float) -> tuple[bool, bool]:
+        """``(usable, busy)`` within `within` seconds, whatever runs: :meth:`ping` queues
+        behind the transaction in progress (one connection), so a ping that does not get
+        through in time finds the database *busy*, usable unless the last write failed
+        (a write stuck on a lock fails at the busy timeout, and then it is not)."""
+        try:
+            async with asyncio.timeout(within):
+                return await self.ping(), False
+        except TimeoutError:
+            return self.write_error is None, True
 
     # ---------------------------------------------------------------------- writes
 
@@ -421,6 +450,14 @@ class SqliteRepository:
         """A CP's health snapshots newest first; at most `limit` (1..1000)."""
         rows = await self._fetchall(sql.SQL_CP_HISTORY, (cp_id, sql.clamp(limit)))
         return [sql.health_from_row(row) for row in rows]
+
+    async def load_pending(self) -> sql.PendingRow | None:
+        """The outbox's last flush (None before the first)."""
+        rows = await self._fetchall(sql.SQL_LOAD_PENDING, ())
+        if not rows:
+            return None
+        return sql.PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
+                              str(rows[0]["messages"]))
 
     # ------------------------------------------------------------------ internals
 

@@ -118,6 +118,9 @@ class CPRecord(_AsDict):
     breaker_failures: int = 0
     breaker_reason: str | None = None
     site: str | None = None
+    registered: bool = True
+    """Registered by a monitor, the fleet or the gateway; False for a CP known only from
+    the bus. An upsert never turns True back into False."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,24 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE cp_registry ADD COLUMN site TEXT",
         "CREATE INDEX IF NOT EXISTS idx_cp_registry_site ON cp_registry (site)",
     ),
+    # 5: whether a CP was registered (a monitor, the fleet, the gateway) or is known only
+    # from the bus (SPEC §11: capped, forgotten after an hour of silence). The CPs of an
+    # older database count as registered: nothing tells them apart, and forgetting a real
+    # CP is worse than keeping a stray one.
+    (
+        "ALTER TABLE cp_registry ADD COLUMN registered INTEGER NOT NULL DEFAULT 1"
+        " CHECK (registered IN (0, 1))",
+    ),
+    # The outbox's last flush (SPEC §4, exactly once): written in the flush's own
+    # transaction, so that a restart sends again a flush that did not reach Kafka.
+    (
+        """CREATE TABLE IF NOT EXISTS outbox_pending (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            seq      INTEGER NOT NULL,
+            offsets  TEXT NOT NULL,
+            messages TEXT NOT NULL
+        )""",
+    ),
 )
 """Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -256,7 +277,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _CP_COLUMNS = (
     "cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty, fault_reason,"
     " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason,"
-    " site"
+    " site, registered"
 )
 _SESSION_COLUMNS = (
     "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
@@ -267,9 +288,10 @@ _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_i
 SQL_UPSERT_CP = """
     INSERT INTO cp_registry (cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty,
                              fault_reason, registered_at, updated_at, state_reason,
-                             breaker_state, breaker_failures, breaker_reason, site)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             breaker_state, breaker_failures, breaker_reason, site, registered)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (cp_id) DO UPDATE SET
+        registered = MAX(cp_registry.registered, excluded.registered),
         site = excluded.site,
         state_reason = excluded.state_reason,
         breaker_state = excluded.breaker_state,
@@ -351,6 +373,7 @@ def cp_from_row(row: sqlite3.Row) -> CPRecord:
         breaker_failures=int(row["breaker_failures"]),
         breaker_reason=row["breaker_reason"],
         site=row["site"],
+        registered=bool(row["registered"]),
     )
 
 
@@ -429,7 +452,13 @@ def upsert_cp(cp: CPRecord, now: datetime) -> Op:
         int(cp.breaker_failures),
         cp.breaker_reason,
         cp.site,
+        int(bool(cp.registered)),
     )
+
+
+def forget_cp(cp_id: str) -> Op:
+    """Delete a CP known only from the bus (a registered CP is never deleted by it)."""
+    return "DELETE FROM cp_registry WHERE cp_id = ? AND registered = 0", (cp_id,)
 
 
 def log_request(
@@ -458,6 +487,13 @@ def start_session(session: SessionRecord) -> Op:
     )
 
 
+def session_started(session_id: str, started_at: datetime) -> Op:
+    """Date a running session by its CP's first report of it (SPEC §4: sessions are dated
+    by their CP's times)."""
+    return ("UPDATE charging_sessions SET start_time = ? WHERE session_id = ? "
+            "AND status = 'ACTIVE'", (ts_text(started_at), session_id))
+
+
 def finish_session(
     session_id: str, status: str, *, kwh: float, euros: float, reason: str | None,
     ended_at: datetime, meter_final: bool = False,
@@ -484,6 +520,29 @@ def fault_event(cp_id: str, event_type: str, reason: str | None, ts: datetime) -
 
 def health(snapshot: HealthSnapshot) -> Op:
     return SQL_INSERT_HEALTH, health_params(snapshot)
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """The outbox's last flush (``outbox_pending``): its sequence number, and the consumed
+    offsets and messages it sends, as JSON text (the outbox reads and writes them)."""
+
+    seq: int
+    offsets: str
+    messages: str
+
+
+SQL_LOAD_PENDING = "SELECT seq, offsets, messages FROM outbox_pending WHERE id = 1"
+
+
+def save_pending(seq: int, offsets: str, messages: str) -> Op:
+    """Replace the outbox's last flush (the table has one row)."""
+    return (
+        "INSERT INTO outbox_pending (id, seq, offsets, messages) VALUES (1, ?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, offsets = excluded.offsets,"
+        " messages = excluded.messages",
+        (int(seq), offsets, messages),
+    )
 
 
 def prune_health(before: datetime) -> Op:

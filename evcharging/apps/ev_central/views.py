@@ -1,9 +1,16 @@
-"""What Central holds in memory of each CP and session (the controller decides on these)."""
+"""What Central holds in memory of each CP and session (the controller decides on these).
+
+A view that belongs to a :class:`~evcharging.apps.ev_central.tally.Tally` (its ``tally``
+is set) tells it whenever a field the network's summary counts is written (its state,
+site, fault, session, telemetry, monitor, or its session's power), so ``GET /summary``
+never goes over every CP: see :data:`SUMMARY_FIELDS`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from evcharging.apps.ev_central.sql import CPRecord, HealthSnapshot, SessionRecord
 from evcharging.common.circuit_breaker import CircuitBreaker
@@ -15,7 +22,15 @@ from evcharging.common.messages import (
 )
 from evcharging.common.states import CPState
 
-__all__ = ["ActiveSession", "CPView", "ClosedSession"]
+if TYPE_CHECKING:
+    from evcharging.apps.ev_central.tally import Part, Tally
+
+__all__ = ["SUMMARY_FIELDS", "ActiveSession", "CPView", "ClosedSession"]
+
+SUMMARY_FIELDS = frozenset({"state", "site", "is_faulty", "session", "last_telemetry",
+                            "monitor_interval", "monitor_lost"})
+"""The fields of a :class:`CPView` the summary depends on: writing one marks the view
+for a recount in its tally (a session's ``kw`` does the same for the view it runs on)."""
 
 
 @dataclass
@@ -36,6 +51,20 @@ class ActiveSession:
     kw: float = 0.0
     kwh: float = 0.0
     euros: float = 0.0
+    first_report: datetime | None = None
+    """The CP's own time of its first report of this session: its reports from before
+    say nothing about the session (SPEC §4)."""
+    last_report: datetime | None = None
+    """The CP's own time of its last report of this session."""
+    view: CPView | None = field(default=None, init=False, repr=False, compare=False)
+    """The CP it runs on, once set as that CP's ``session``."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "kw":
+            view = self.__dict__.get("view")
+            if view is not None:
+                view.touched()
 
 
 @dataclass
@@ -80,8 +109,13 @@ class CPView:
     last_seen: datetime | None = None
     """When Central last heard from the CP (wall clock, for people)."""
     last_heard: datetime | None = None
-    """The CP's own timestamp of its last message (compared with how far Central has
-    read, so that Central's own delay never makes a CP look silent)."""
+    """The CP's own timestamp of its last message (for people; never compared with
+    Central's clock)."""
+    partition: int | None = None
+    """The partition its reports arrive on (the same number on each CP topic)."""
+    heard_progress: float | None = None
+    """How far Central had read the CP's partitions when it last heard from it
+    (:meth:`Controller.silence`)."""
     session: ActiveSession | None = None
     last_telemetry: CPTelemetry | None = None
     state_reason: str | None = None
@@ -96,6 +130,34 @@ class CPView:
     monitor_lost: bool = False
     snapshot_key: tuple[object, ...] | None = None
     """What the last health snapshot of this CP recorded (no new one while unchanged)."""
+    registered: bool = True
+    """Registered by a monitor, the fleet or the gateway; False for a CP known only from
+    the bus (capped, and forgotten after an hour of silence). Never goes back to False."""
+    tally: Tally | None = field(default=None, repr=False, compare=False)
+    """The tally that counts this CP in the network's summary (None: none does)."""
+    tallied: Part | None = field(default=None, repr=False, compare=False)
+    tallied_ukw: int = field(default=0, repr=False, compare=False)
+    """What the tally counted for this CP last (its key, its power in µkW)."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "registered":
+            before = self.__dict__.get("registered")
+            object.__setattr__(self, name, value)
+            tally = self.__dict__.get("tally")
+            if tally is not None and before is not None and before != value:
+                tally.reclassify(self)
+            return
+        object.__setattr__(self, name, value)
+        if name in SUMMARY_FIELDS:
+            if name == "session" and isinstance(value, ActiveSession):
+                object.__setattr__(value, "view", self)
+            self.touched()
+
+    def touched(self) -> None:
+        """A summary field changed: the tally recounts this CP before its next answer."""
+        tally = self.__dict__.get("tally")
+        if tally is not None:
+            tally.touch(self)
 
     @property
     def monitored(self) -> bool:
@@ -119,6 +181,7 @@ class CPView:
             breaker_failures=self.breaker.failures,
             breaker_reason=self.breaker.reason,
             site=self.site,
+            registered=self.registered,
         )
 
     def health_key(self) -> tuple[object, ...]:
