@@ -26,6 +26,7 @@ __all__ = [
     "TOPIC_KEYS",
     "TOPIC_MODELS",
     "BusError",
+    "Fenced",
     "Handler",
     "Publisher",
     "Routes",
@@ -73,6 +74,12 @@ Handler = Callable[[M], Awaitable[None]]
 
 class BusError(Exception):
     """The bus could not do what was asked (e.g. the broker stayed unreachable)."""
+
+
+class Fenced(BusError):
+    """A transactional producer may never send again: another instance with the same
+    transactional id took over (or the broker refused the id). Nothing it had not
+    committed is visible; the process must stop rather than decide on."""
 
 
 class TransientError(Exception):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytest
 
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.controller import Controller
-from evcharging.apps.ev_central.outbox import Outbox
+from evcharging.apps.ev_central.outbox import OFFSETS_EVERY, Outbox, PendingFlush, Position
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
+from evcharging.common.bus import BusError, Fenced
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
@@ -19,9 +23,11 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverUpdate,
     FaultEventType,
+    Message,
     StatusEvent,
     utcnow,
 )
+from tests.polling import poll
 from tests.unit.fakes import RecordingPublisher
 
 
@@ -72,3 +78,206 @@ async def test_a_failed_flush_keeps_everything_for_the_next(
     assert [f.event_type for f in await repo.list_faults()] == ["FAULT"]
     assert len(bus.of(CentralCommand)) == 1
     assert stats["db_transactions"] == 1
+
+
+# ------------------------------------------------------------------ exactly once (SPEC §4)
+
+
+class TransactionalBus:
+    """Kafka's transactions in memory: what each commit carried, and the group's offsets
+    as the last commit left them (offset and metadata per partition)."""
+
+    transactional = True
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[list[Message], dict[Position, int], str]] = []
+        self.group: dict[Position, tuple[int, str]] = {}
+        self.failures = 0
+        """The next commits that fail (aborted: nothing of them is visible)."""
+        self.fenced = False
+        self.attempts = 0
+
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
+        raise BusError("a transactional bus sends with commit_transaction")
+
+    async def commit_transaction(
+        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str
+    ) -> None:
+        self.attempts += 1
+        if self.fenced:
+            raise Fenced("another Central took over")
+        if self.failures:
+            self.failures -= 1
+            raise BusError("broker unreachable")
+        self.commits.append((list(messages), dict(offsets), metadata))
+        self.group.update({pos: (offset, metadata) for pos, offset in offsets.items()})
+
+    async def read_committed(self) -> dict[Position, tuple[int, str]]:
+        return dict(self.group)
+
+    @property
+    def sent(self) -> list[Message]:
+        return [m for messages, _, _ in self.commits for m in messages]
+
+
+T0 = utcnow()
+
+
+def command(cp_id: str) -> CentralCommand:
+    return CentralCommand(cp_id=cp_id, cmd=CommandType.STOP_CP, ts=T0)
+
+
+async def started(repo: SqliteRepository, kafka: TransactionalBus, **kwargs: Any) -> Outbox:
+    outbox = Outbox(repo, kafka, Counter(), **kwargs)
+    await outbox.recover(kafka.read_committed)
+    return outbox
+
+
+async def test_a_flush_is_one_db_transaction_and_one_kafka_transaction_with_its_offsets(
+    repo: SqliteRepository,
+) -> None:
+    kafka = TransactionalBus()
+    sent: list[Message] = []
+    outbox = await started(repo, kafka, on_sent=sent.append)
+    assert outbox.transactional
+    outbox.write(sql.fault_event("CP-1", FaultEventType.FAULT, "hot", utcnow()))
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 0), 41)
+    outbox.consumed(("cp.status", 0), 42)
+    outbox.consumed(("driver.requests", 3), 7)
+    await outbox.flush()
+    assert kafka.commits == [([command("CP-1")], {("cp.status", 0): 42,
+                                                  ("driver.requests", 3): 7}, "seq=1")]
+    assert sent == [command("CP-1")]  # told once Kafka committed it
+    row = await repo.load_pending()
+    assert row is not None and row.seq == 1
+    assert PendingFlush.from_row(row).messages == (command("CP-1"),)
+    assert [f.event_type for f in await repo.list_faults()] == ["FAULT"]
+    outbox.send(command("CP-2"))
+    await outbox.flush()
+    assert kafka.commits[-1] == ([command("CP-2")], {("cp.status", 0): 42,
+                                                     ("driver.requests", 3): 7}, "seq=2")
+    await outbox.flush()  # nothing new: no transaction at all
+    assert len(kafka.commits) == 2 and outbox.seq == 2
+
+
+async def test_a_failed_kafka_transaction_is_tried_again_with_the_same_content(
+    repo: SqliteRepository,
+) -> None:
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    kafka.failures = 2
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 1), 5)
+    await outbox.flush()
+    assert kafka.attempts == 3
+    assert kafka.commits == [([command("CP-1")], {("cp.status", 1): 5}, "seq=1")]
+
+
+async def test_offsets_alone_wait_and_keep_the_sequence_number(repo: SqliteRepository) -> None:
+    now = [100.0]
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka, clock=lambda: now[0])
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 0), 1)
+    await outbox.flush()
+    outbox.consumed(("cp.status", 0), 9)  # a heartbeat that decided nothing
+    await outbox.flush()
+    assert len(kafka.commits) == 1  # too soon for offsets alone
+    now[0] += OFFSETS_EVERY
+    await outbox.flush()
+    assert kafka.commits[-1] == ([], {("cp.status", 0): 9}, "seq=1")
+    row = await repo.load_pending()
+    assert row is not None and row.seq == 1  # no row written for offsets alone
+
+
+async def test_a_fenced_producer_stops_the_flush(repo: SqliteRepository) -> None:
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    kafka.fenced = True
+    outbox.send(command("CP-1"))
+    with pytest.raises(Fenced):
+        await outbox.flush()
+
+
+async def test_no_flush_before_recover(repo: SqliteRepository) -> None:
+    outbox = Outbox(repo, TransactionalBus(), Counter())
+    outbox.send(command("CP-1"))
+    with pytest.raises(RuntimeError, match="recover"):
+        await outbox.flush()
+
+
+async def crash_between_db_and_kafka(repo: SqliteRepository) -> TransactionalBus:
+    """A Central that flushed twice: flush 1 reached Kafka, flush 2 only the database."""
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 0), 10)
+    await outbox.flush()
+    kafka.failures = 1_000_000  # the broker is gone; then the process dies
+    outbox.send(command("CP-2"))
+    outbox.send(command("CP-3"))
+    outbox.consumed(("cp.status", 0), 12)
+    outbox.consumed(("cp.status", 1), 3)
+    flush = asyncio.create_task(outbox.flush())
+    await poll(lambda: kafka.attempts >= 2, timeout=5.0, what="a failed attempt")
+    flush.cancel()
+    await asyncio.gather(flush, return_exceptions=True)
+    kafka.failures = 0
+    return kafka
+
+
+async def test_recover_sends_again_exactly_the_flush_kafka_did_not_get(
+    repo: SqliteRepository,
+) -> None:
+    kafka = await crash_between_db_and_kafka(repo)
+    assert kafka.sent == [command("CP-1")]
+    restarted = Outbox(repo, kafka, Counter())
+    await restarted.recover(kafka.read_committed)
+    assert kafka.sent == [command("CP-1"), command("CP-2"), command("CP-3")]
+    assert kafka.commits[-1][1:] == ({("cp.status", 0): 12, ("cp.status", 1): 3}, "seq=2")
+    assert restarted.seq == 2
+    # A second restart finds Kafka up to date: nothing is sent again.
+    again = Outbox(repo, kafka, Counter())
+    await again.recover(kafka.read_committed)
+    assert len(kafka.commits) == 2
+    again.send(command("CP-4"))
+    await again.flush()
+    assert kafka.commits[-1][2] == "seq=3"
+
+
+async def test_recover_sends_nothing_when_kafka_has_the_last_flush(
+    repo: SqliteRepository,
+) -> None:
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 0), 10)
+    await outbox.flush()
+    restarted = Outbox(repo, kafka, Counter())
+    await restarted.recover(kafka.read_committed)
+    assert len(kafka.commits) == 1 and restarted.seq == 1
+    restarted.consumed(("cp.status", 0), 11)  # resumes from Kafka's offsets
+    restarted.send(command("CP-2"))
+    await restarted.flush()
+    assert kafka.commits[-1] == ([command("CP-2")], {("cp.status", 0): 11}, "seq=2")
+
+
+async def test_a_cancelled_flush_is_finished_by_the_next_not_sent_twice(
+    repo: SqliteRepository,
+) -> None:
+    """A caller cancelled while its flush is in Kafka's hands (shutdown): the next flush
+    waits for that same attempt, and sends its own after it, in a transaction of its own."""
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    kafka.failures = 3
+    outbox.send(command("CP-1"))
+    first = asyncio.create_task(outbox.flush())
+    await poll(lambda: kafka.attempts >= 1, timeout=5.0, what="an attempt")
+    first.cancel()
+    await asyncio.gather(first, return_exceptions=True)
+    outbox.send(command("CP-2"))
+    await outbox.flush()
+    assert [messages for messages, _, _ in kafka.commits] == [[command("CP-1")],
+                                                              [command("CP-2")]]
+    assert [meta for _, _, meta in kafka.commits] == ["seq=1", "seq=2"]

@@ -4,30 +4,116 @@ The controller decides in memory and queues here what each decision writes (SQL
 :data:`~evcharging.apps.ev_central.sql.Op` values) and what it sends (Kafka messages).
 :meth:`Outbox.flush` writes everything queued in one transaction and only then publishes
 the messages queued with it, in order. When the database cannot be written, nothing is
-lost and nothing is announced: the queue stays as it is for the next flush, and the
-consumer does not commit the offsets of the messages whose decisions are in it.
+lost and nothing is announced: the queue stays as it is for the next flush.
 
 The consumer flushes once per batch it reads, so at 10,000 CPs a transaction carries the
 writes of hundreds of messages instead of one each.
+
+Exactly once (SPEC §4), with a transactional bus (Central's :class:`KafkaBus`): the
+consumer tells :meth:`Outbox.consumed` each partition's next offset as soon as a message
+is handled, and every flush is
+
+1. ONE database transaction: the queued writes and the one row of ``outbox_pending``
+   (the flush's sequence number, the consumed offsets, the messages);
+2. ONE Kafka transaction: the messages and the consumed offsets, each offset with the
+   metadata ``seq=N``, so the group's committed offsets say which flush last reached
+   Kafka. It is tried again (the same content) until it commits, and no next flush
+   starts before it has.
+
+A crash before (1) loses nothing: the messages are read again and decided again. A crash
+between (1) and (2) leaves a flush the database holds and Kafka does not:
+:meth:`Outbox.recover`, run before consuming, sends it again (decided once, sent once).
+A flush that only moves offsets (a batch that decided nothing) writes no row and keeps
+the last sequence number; it waits for :data:`OFFSETS_EVERY` seconds (re-reading such
+messages after a crash changes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from loguru import logger
 
+from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.repository import Repository, StorageError
 from evcharging.apps.ev_central.sql import Op
-from evcharging.common.bus import BusError, Publisher
-from evcharging.common.messages import Message
+from evcharging.common.bus import TOPIC_MODELS, BusError, Fenced, Publisher, Topic, topic_of
+from evcharging.common.messages import Message, decode, encode
 
-__all__ = ["Outbox"]
+__all__ = [
+    "OFFSETS_EVERY",
+    "Committed",
+    "Outbox",
+    "PendingFlush",
+    "Position",
+    "TransactionalBus",
+    "seq_of",
+]
 
 RETRY_FIRST_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
+OFFSETS_EVERY = 1.0
+"""Seconds between Kafka transactions that only move offsets."""
+STABLE_TIMEOUT = 30.0
+"""How long :meth:`Outbox.recover` waits to read back the offsets it committed."""
+
+Position = tuple[str, int]
+"""A consumed partition: (topic name, partition); aiokafka's ``TopicPartition`` is one."""
+
+Committed = Mapping[Position, tuple[int, str]]
+"""A group's committed offsets: the next offset and its metadata, per partition."""
+
+_SEQ = re.compile(r"^seq=(\d+)$")
+
+
+def seq_of(metadata: str | None) -> int:
+    """The flush sequence number in an offset's metadata (0 when it has none)."""
+    match = _SEQ.match(metadata or "")
+    return int(match.group(1)) if match else 0
+
+
+@runtime_checkable
+class TransactionalBus(Protocol):
+    """A bus that sends messages and consumed offsets in one Kafka transaction."""
+
+    @property
+    def transactional(self) -> bool: ...
+
+    async def commit_transaction(
+        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str
+    ) -> None:
+        """Send `messages` and commit `offsets` (each with `metadata`) atomically.
+        BusError: the transaction did not commit (none of it is visible; try again);
+        :class:`~evcharging.common.bus.Fenced`: this producer may never send again."""
+
+
+@dataclass(frozen=True)
+class PendingFlush:
+    """One flush as the ``outbox_pending`` row keeps it."""
+
+    seq: int
+    offsets: dict[Position, int]
+    messages: tuple[Message, ...]
+
+    def row(self) -> Op:
+        offsets = [[topic, partition, offset]
+                   for (topic, partition), offset in sorted(self.offsets.items())]
+        messages = [[topic_of(m).value, encode(m).decode()] for m in self.messages]
+        return sql.save_pending(self.seq, json.dumps(offsets), json.dumps(messages))
+
+    @classmethod
+    def from_row(cls, row: sql.PendingRow) -> PendingFlush:
+        offsets = {(str(t), int(p)): int(o) for t, p, o in json.loads(row.offsets)}
+        messages = tuple(decode(TOPIC_MODELS[Topic(t)], text.encode())
+                         for t, text in json.loads(row.messages))
+        return cls(row.seq, offsets, messages)
 
 
 class Outbox:
@@ -38,21 +124,46 @@ class Outbox:
         stats: Counter[str],
         *,
         on_sent: Callable[[Message], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._repo = repo
         self._on_sent = on_sent
         self._bus = bus
+        self._txn = bus if isinstance(bus, TransactionalBus) and bus.transactional else None
         self._stats = stats
+        self._clock = clock
         self._ops: list[Op] = []
         self._messages: list[Message] = []
         self._lock = asyncio.Lock()
         self._publish_failing = False
         self._soon: asyncio.Task[None] | None = None
+        # Exactly once (a transactional bus only):
+        self._seq = 0
+        """The last flush written to the database (and to Kafka once it is delivered)."""
+        self._recovered = False
+        self._consumed: dict[Position, int] = {}
+        """The next offset of every partition read, as the consumer handled it."""
+        self._committed: dict[Position, int] = {}
+        """The offsets the last committed Kafka transaction carried."""
+        self._committed_at = -OFFSETS_EVERY
+        self._delivery: asyncio.Task[None] | None = None
+        self._delivering: PendingFlush | None = None
+
+    @property
+    def transactional(self) -> bool:
+        """Messages leave with the consumed offsets in one Kafka transaction."""
+        return self._txn is not None
 
     @property
     def pending(self) -> int:
-        """Writes and messages queued and not yet flushed."""
-        return len(self._ops) + len(self._messages)
+        """Writes and messages queued and not yet flushed (or flushed and not delivered)."""
+        undelivered = 0 if self._delivering is None else len(self._delivering.messages)
+        return len(self._ops) + len(self._messages) + undelivered
+
+    @property
+    def seq(self) -> int:
+        """The sequence number of the last flush written (0: none yet)."""
+        return self._seq
 
     def write(self, op: Op) -> None:
         self._ops.append(op)
@@ -61,22 +172,158 @@ class Outbox:
         """Publish `message` once the writes queued before it are recorded."""
         self._messages.append(message)
 
+    def consumed(self, position: Position, next_offset: int) -> None:
+        """The consumer handled a message: `next_offset` is where its partition resumes.
+        The next flush commits it with the decisions queued so far."""
+        self._consumed[(position[0], position[1])] = next_offset
+
     async def flush(self) -> None:
         """Write what is queued in one transaction, then publish the messages queued with
-        it. StorageError when the database cannot be written (the queue is kept)."""
+        it. StorageError when the database cannot be written (the queue is kept);
+        :class:`~evcharging.common.bus.Fenced` when another Central took over."""
         async with self._lock:
-            ops, messages = len(self._ops), len(self._messages)
-            if ops:
-                await self._repo.apply(self._ops[:ops])
-                del self._ops[:ops]
-                self._stats["db_transactions"] += 1
-                self._stats["db_writes"] += ops
-            batch = self._messages[:messages]
+            if self._txn is None:
+                await self._flush_plain()
+            else:
+                await self._flush_transaction()
+
+    async def _flush_plain(self) -> None:
+        ops, messages = len(self._ops), len(self._messages)
+        if ops:
+            await self._repo.apply(self._ops[:ops])
+            del self._ops[:ops]
+            self._stats["db_transactions"] += 1
+            self._stats["db_writes"] += ops
+        batch = self._messages[:messages]
+        del self._messages[:messages]
+        for message in batch:
+            await self._publish(message)
+            if self._on_sent is not None:
+                self._on_sent(message)
+
+    async def _flush_transaction(self) -> None:
+        if not self._recovered:
+            raise RuntimeError("the outbox flushes only after recover()")
+        if self._delivering is not None:  # a flush written whose delivery was interrupted
+            await self._finish_delivery()
+        ops, messages = len(self._ops), len(self._messages)
+        offsets = dict(self._consumed)
+        if not ops and not messages:
+            if offsets == self._committed or (
+                self._clock() - self._committed_at < OFFSETS_EVERY
+            ):
+                return
+            flush = PendingFlush(self._seq, offsets, ())  # no row: nothing to send again
+        else:
+            flush = PendingFlush(self._seq + 1, offsets, tuple(self._messages[:messages]))
+            await self._repo.apply([*self._ops[:ops], flush.row()])
+            self._seq = flush.seq
+            del self._ops[:ops]
             del self._messages[:messages]
-            for message in batch:
-                await self._publish(message)
-                if self._on_sent is not None:
-                    self._on_sent(message)
+            self._stats["db_transactions"] += 1
+            self._stats["db_writes"] += ops
+        self._delivering = flush
+        await self._finish_delivery()
+
+    async def _finish_delivery(self) -> None:
+        """Deliver the flush written last, trying until Kafka commits it. The attempt runs
+        in a task of its own: a caller that is cancelled does not cut a transaction in
+        two, and the next flush waits for that same attempt instead of starting one."""
+        flush = self._delivering
+        assert flush is not None
+        failed = self._delivery is not None and self._delivery.done() and (
+            self._delivery.cancelled() or self._delivery.exception() is not None)
+        if self._delivery is None or failed:
+            self._delivery = asyncio.get_running_loop().create_task(
+                self._deliver(flush), name="outbox-delivery"
+            )
+        await asyncio.shield(self._delivery)
+        self._delivery = None
+        self._delivering = None
+        self._committed = flush.offsets
+        self._committed_at = self._clock()
+        self._stats["kafka_transactions"] += 1
+        if self._on_sent is not None:
+            for message in flush.messages:
+                self._on_sent(message)
+
+    async def _deliver(self, flush: PendingFlush) -> None:
+        assert self._txn is not None
+        delay = RETRY_FIRST_DELAY
+        while True:
+            try:
+                await self._txn.commit_transaction(
+                    flush.messages, flush.offsets, metadata=f"seq={flush.seq}"
+                )
+            except Fenced as exc:
+                logger.critical("flush {} cannot be sent, another Central took over ({}); "
+                                "stopping", flush.seq, exc)
+                raise
+            except BusError as exc:
+                self._stats["publish_errors"] += 1
+                self._stats["kafka_retries"] += 1
+                if not self._publish_failing:
+                    self._publish_failing = True
+                    logger.error("flush {} ({} message(s)) not sent: {}; retrying (logged "
+                                 "once until sending works again)", flush.seq,
+                                 len(flush.messages), exc)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, RETRY_MAX_DELAY)
+                continue
+            if self._publish_failing:
+                self._publish_failing = False
+                logger.info("sending works again")
+            return
+
+    async def recover(self, read_committed: Callable[[], Awaitable[Committed]]) -> None:
+        """Before Central consumes: send again the flush the database holds and Kafka
+        did not get (its decisions are recorded; nothing is decided twice), then wait
+        until the group's committed offsets show it. `read_committed` reads the group's
+        committed offsets with their metadata, every partition Central reads included
+        (offset 0 and no metadata where the group has none), so that every flush carries
+        its sequence number to Kafka."""
+        if self._txn is None:
+            self._recovered = True
+            return
+        async with self._lock:
+            committed = await read_committed()
+            kafka_seq = max((seq_of(meta) for _, meta in committed.values()), default=0)
+            self._consumed = {pos: offset for pos, (offset, _) in committed.items()}
+            row = await self._repo.load_pending()
+            pending = None if row is None else PendingFlush.from_row(row)
+            db_seq = 0 if pending is None else pending.seq
+            self._seq = max(db_seq, kafka_seq)
+            self._recovered = True
+            if db_seq < kafka_seq:
+                logger.warning("Kafka holds flush {} but the database only flush {}: the "
+                               "database is older than the consumer group", kafka_seq, db_seq)
+            if pending is None or db_seq <= kafka_seq:
+                self._committed = dict(self._consumed)
+                logger.info("outbox: flush {} is the last one, in the database and in Kafka",
+                            self._seq)
+                return
+            self._consumed.update(pending.offsets)
+            flush = PendingFlush(pending.seq, dict(self._consumed), pending.messages)
+            logger.warning("outbox: flush {} ({} message(s)) was recorded but did not reach "
+                           "Kafka; sending it again", flush.seq, len(flush.messages))
+            self._delivering = flush
+            await self._finish_delivery()
+            self._stats["flushes_recovered"] += 1
+            if flush.offsets:
+                await self._wait_stable(read_committed, flush.seq)
+
+    async def _wait_stable(
+        self, read_committed: Callable[[], Awaitable[Committed]], seq: int
+    ) -> None:
+        """The group coordinator applies a transaction's offsets once its commit marker is
+        written, just after the commit returns: wait until they show before consuming."""
+        deadline = time.monotonic() + STABLE_TIMEOUT
+        while time.monotonic() < deadline:
+            committed = await read_committed()
+            if max((seq_of(meta) for _, meta in committed.values()), default=0) >= seq:
+                return
+            await asyncio.sleep(0.05)
+        raise BusError(f"the offsets of flush {seq} were committed but do not show")
 
     def flush_soon(self) -> None:
         """Flush in a moment, once for everything queued until then (timers that fire by
@@ -91,7 +338,8 @@ class Outbox:
         await self.flush_retrying()
 
     async def close(self) -> None:
-        """Wait for a pending :meth:`flush_soon`; safe to call twice."""
+        """Wait for a pending :meth:`flush_soon`; safe to call twice. A delivery in flight
+        is left to finish (the next flush waits for it; a restart sends it again)."""
         soon, self._soon = self._soon, None
         if soon is not None:
             soon.cancel()
