@@ -17,6 +17,7 @@ from evcharging.apps.ev_driver.driver import (
     Driver,
     DriverSummary,
     Outcome,
+    RequestResult,
     load_requests,
     parse_requests,
 )
@@ -478,3 +479,15 @@ async def test_a_correction_after_the_final_status_updates_the_result_and_totals
     assert summary.total_kwh == pytest.approx(result.kwh + 0.01)
     assert summary.total_euros == pytest.approx(result.euros + 0.003)
     assert driver.ignored_updates == 0
+
+
+async def test_a_failed_request_the_cps_meter_completed_is_counted_completed() -> None:
+    """Central corrects a FAILED whose CP completed the session (SPEC §4)."""
+    summary = DriverSummary()
+    summary.results.append(RequestResult("CP-001", "r1", Outcome.FAILED, "CP lost"))
+    summary.failed = 1
+    corrected = summary.correct("r1", DriverStatus.COMPLETED, 0.06, 0.018)
+    assert corrected is not None and corrected.outcome is Outcome.COMPLETED
+    assert (summary.completed, summary.failed) == (1, 0)
+    assert summary.total_kwh == pytest.approx(0.06)
+    assert summary.correct("nobody", DriverStatus.COMPLETED, 1.0, 1.0) is None

@@ -201,6 +201,31 @@ async def test_a_late_end_report_corrects_a_closed_session(
     assert len(bus.messages) == count
 
 
+async def test_a_session_the_cps_meter_completed_is_never_left_failed(
+    central: Controller, bus: RecordingPublisher, file_repo: SqliteRepository
+) -> None:
+    """SPEC §4: a fault report raced the session's end; the CP's meter says COMPLETED, so
+    the ledger records COMPLETED and the driver is told once more, 'corrected:'."""
+    request_id, session_id = await running_session(central, bus)
+    await central.report_fault("CP-001", True, "health check failed 3 times")
+    assert updates(bus, request_id)[-1].status is DriverStatus.FAILED
+    failed_before = central.stats["sessions_failed"]
+    await central.handle_status(end_status(session_id, 0.0611, 0.0183, SessionResult.COMPLETED))
+    corrected = updates(bus, request_id)[-1]
+    assert (corrected.status, corrected.kwh) == (DriverStatus.COMPLETED, 0.0611)
+    assert corrected.reason is not None and corrected.reason.startswith("corrected:")
+    row = await file_repo.get_session(session_id)
+    assert row is not None and (row.status, row.kwh) == ("COMPLETED", 0.0611)
+    assert central.stats["sessions_failed"] == failed_before - 1
+    count = len(bus.messages)  # the heartbeats that repeat the end change nothing more
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
+        last_session=SessionEnd(session_id=session_id, result=SessionResult.COMPLETED,
+                                kwh=0.0611, euros=0.0183),
+    ))
+    assert len(bus.messages) == count
+
+
 async def test_late_telemetry_after_central_closed_the_session_corrects_it(
     central: Controller, bus: RecordingPublisher, file_repo: SqliteRepository
 ) -> None:

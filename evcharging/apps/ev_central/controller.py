@@ -527,9 +527,30 @@ class Controller:
                 logger.debug("CP {} reports the end of unknown session {}",
                              cp.cp_id, end.session_id)
             else:
+                flipped = (end.result is SessionResult.COMPLETED
+                           and self._completed_by_meter(closed))
                 self._correct(closed, end.kwh, end.euros, meter_final=True,
-                              resend=status.event is not StatusEvent.HEARTBEAT)
+                              resend=flipped or status.event is not StatusEvent.HEARTBEAT)
         cp.last_end = end
+
+    def _completed_by_meter(self, closed: ClosedSession) -> bool:
+        """The CP's meter completed a session Central had closed FAILED (it took the CP
+        for silent, or a start for unconfirmed, or a fault report raced the end): the
+        ledger follows the meter (the caller tells the driver, ``corrected:``). Whether
+        it changed the session."""
+        if closed.status is not SessionStatus.FAILED:
+            return False
+        was = closed.reason or "failed"
+        closed.status = SessionStatus.COMPLETED
+        closed.reason = clip_reason(f"corrected: the CP completed the session (was FAILED: "
+                                    f"{was})")
+        self.outbox.write(sql.completed_by_meter(closed.session_id, closed.reason))
+        self.stats["sessions_failed"] -= 1
+        self.stats["sessions_completed"] += 1
+        self.stats["ledger_corrections"] += 1
+        logger.warning("session {} on {}: the CP completed it; FAILED corrected to COMPLETED "
+                       "({})", closed.session_id, closed.cp_id, was)
+        return True
 
     def _correct(
         self, closed: ClosedSession, kwh: float, euros: float, *, meter_final: bool,

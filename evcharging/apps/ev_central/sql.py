@@ -514,6 +514,13 @@ def correct_totals(session_id: str, *, kwh: float, euros: float, meter_final: bo
     )
 
 
+def completed_by_meter(session_id: str, reason: str) -> Op:
+    """A session Central had closed FAILED that its CP's meter completed (SPEC §4: a CP
+    that completed a session is never recorded FAILED)."""
+    return ("UPDATE charging_sessions SET status = 'COMPLETED', reason = ? "
+            "WHERE session_id = ? AND status = 'FAILED'", (reason, session_id))
+
+
 def fault_event(cp_id: str, event_type: str, reason: str | None, ts: datetime) -> Op:
     return SQL_INSERT_FAULT, (cp_id, str(event_type), reason, ts_text(ts))
 

@@ -94,18 +94,28 @@ class DriverSummary:
     def correct(
         self, request_id: str, status: DriverStatus, kwh: float, euros: float
     ) -> RequestResult | None:
-        """Central corrected a finished request's totals (the CP's meter reported later):
-        the result and the run's totals follow. None for a request not in this run, or
-        one that ended otherwise (a request has one final status)."""
+        """Central corrected a finished request (the CP's meter reported later): its
+        totals, or a FAILED the CP's meter completed after all. The result and the run's
+        totals follow. None for a request not in this run, or one that ended otherwise
+        (DENIED, timed out)."""
         outcome = {DriverStatus.COMPLETED: Outcome.COMPLETED,
                    DriverStatus.FAILED: Outcome.FAILED}.get(status)
+        settled = (Outcome.COMPLETED, Outcome.FAILED)
         for index, result in enumerate(self.results):
-            if result.request_id == request_id and result.outcome is outcome:
-                if result.outcome is Outcome.COMPLETED:
-                    self.total_kwh += kwh - result.kwh
-                    self.total_euros += euros - result.euros
-                self.results[index] = replace(result, kwh=kwh, euros=euros)
-                return self.results[index]
+            if (outcome is None or result.request_id != request_id
+                    or result.outcome not in settled):
+                continue
+            if result.outcome is Outcome.COMPLETED:
+                self.total_kwh -= result.kwh
+                self.total_euros -= result.euros
+            if outcome is Outcome.COMPLETED:
+                self.total_kwh += kwh
+                self.total_euros += euros
+            if outcome is not result.outcome:  # FAILED → COMPLETED by the CP's meter
+                self.completed += 1 if outcome is Outcome.COMPLETED else -1
+                self.failed += 1 if outcome is Outcome.FAILED else -1
+            self.results[index] = replace(result, outcome=outcome, kwh=kwh, euros=euros)
+            return self.results[index]
         return None
 
     def add(self, result: RequestResult) -> None:
