@@ -166,6 +166,16 @@ class CentralSettings(ServiceSettings):
         7.0, description="days of CP health history kept in the database"
     )
     group_id: str = Field("ev-central", description="Kafka consumer group of Central")
+    max_cps: int = Field(
+        100_000, ge=1, description="most registered CPs Central holds: registering a new one "
+        "beyond it gets 409 (updates of CPs it holds do not; CPs known only from the bus do "
+        "not count)"
+    )
+    max_unregistered: int = Field(
+        1_000, ge=0, description="most CPs known only from the bus (never registered by a "
+        "monitor, the fleet or the gateway); statuses of more are counted and ignored, and "
+        "such a CP is forgotten after an hour of silence"
+    )
 
 
 class CPEngineSettings(ServiceSettings):

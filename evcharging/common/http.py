@@ -11,7 +11,9 @@ mode, the error shape), kept together so that no service can take half of it.
   clients may make them (protected mode, as Redis has it), unless ``allow_anonymous``.
   Either way a browser request from another origin is refused, so a web page cannot make
   the operator's browser change anything. :class:`GuardedRoute` applies the policy in
-  ``app.state.access`` before FastAPI reads the body.
+  ``app.state.access`` before FastAPI reads the body. With a throttle
+  (:class:`~evcharging.common.throttle.AuthThrottle`), an address that failed the token
+  20 times within 10 s gets 429 (with ``Retry-After``) for 10 s, before its token is read.
 * :func:`check_exposure`: the start-up check that refuses to listen on a non-loopback
   address with no token, unless ``--allow-anonymous`` is given.
 * One error shape, ``{"error": "...", "code": "...", ...}`` (:class:`ErrorOut`), answered at
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import math
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +41,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evcharging.common.config import SHARED_TOKEN_ENV
+from evcharging.common.throttle import AuthThrottle
 
 __all__ = [
     "MAX_BODY",
@@ -71,6 +75,7 @@ HTTP_CODES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    429: "too_many_requests",
     503: "unavailable",
 }
 """The ``code`` of an error by its status, for the errors Starlette/FastAPI raise themselves."""
@@ -98,7 +103,7 @@ class ErrorOut(BaseModel):
     code: str = Field(
         description="what went wrong, for programs: invalid_request, unauthorized, forbidden, "
         "not_found, method_not_allowed, not_allowed, too_large, unsupported_media_type, "
-        "unknown_cp, unavailable, internal"
+        "too_many_requests, too_many_cps, unknown_cp, unavailable, internal"
     )
     details: list[ErrorDetail] | None = Field(
         None, description="the invalid fields of a 422, when there are some"
@@ -402,7 +407,9 @@ class AccessPolicy:
     Without it, mutating calls come from clients `trusted_peer` accepts (loopback) only,
     unless `allow_anonymous`. A cross-origin browser request is refused either way.
     With `require_json`, a mutating call's body is JSON or absent: a form post is refused
-    (415) even when empty.
+    (415) even when empty. With a `throttle` and a token, a client address the throttle
+    has blocked gets 429 before its token is looked at, and each wrong or missing token
+    counts as a failure of its address.
     """
 
     token: str | None = None
@@ -410,6 +417,7 @@ class AccessPolicy:
     require_json: bool = False
     trusted_peer: Callable[[str | None], bool] = field(default=is_loopback)
     env_name: str = SHARED_TOKEN_ENV
+    throttle: AuthThrottle | None = field(default=None, compare=False)
 
     @classmethod
     def of(
@@ -420,10 +428,12 @@ class AccessPolicy:
         require_json: bool = False,
         trusted_peer: Callable[[str | None], bool] = is_loopback,
         env_name: str = SHARED_TOKEN_ENV,
+        throttle: AuthThrottle | None = None,
     ) -> AccessPolicy:
         """A policy from a settings token (a ``SecretStr``, a string, empty or None)."""
         return cls(
-            _token_text(token), allow_anonymous, require_json, trusted_peer, env_name
+            _token_text(token), allow_anonymous, require_json, trusted_peer, env_name,
+            throttle,
         )
 
     def check(self, request: HTTPConnection, method: str) -> None:
@@ -433,7 +443,22 @@ class AccessPolicy:
         if is_cross_origin(request):
             raise HttpError(403, "forbidden", "cross-origin request refused")
         if self.token is not None:
+            address = request.client.host if request.client else None
+            throttle = self.throttle
+            if throttle is not None and address:
+                wait = throttle.retry_after(address)
+                if wait > 0:
+                    raise HttpError(
+                        429, "too_many_requests",
+                        "too many failed authentications from this address: try again in "
+                        f"{math.ceil(wait)}s",
+                        headers={"Retry-After": str(math.ceil(wait))},
+                    )
             if not token_matches(request.headers.get("authorization"), self.token):
+                if throttle is not None and address and throttle.failed(address):
+                    logger.warning("client {} failed authentication {} times within {:g}s: "
+                                   "refused (429) for {:g}s", address, throttle.failures,
+                                   throttle.window, throttle.block)
                 raise HttpError(
                     401, "unauthorized",
                     "missing or wrong API token (Authorization: Bearer <token>)",

@@ -190,6 +190,21 @@ _CATALOGUE: tuple[Family, ...] = (
     _g("network_power_watts", "Power the supplying CPs deliver now", service="central"),
     _g("central_lag_seconds", "How far behind Central reads the CPs' reports (0 when it "
        "has caught up)", service="central"),
+    _g("cps_unregistered", "CPs known only from the bus (never registered), at most "
+       "CENTRAL_MAX_UNREGISTERED", service="central"),
+    _c("unregistered_refused", "Statuses of CPs known only from the bus ignored because "
+       "Central held CENTRAL_MAX_UNREGISTERED of them", service="central"),
+    _c("unregistered_forgotten", "CPs known only from the bus forgotten after an hour of "
+       "silence", service="central"),
+    _c("registrations_refused", "New CPs refused (409) because Central held "
+       "CENTRAL_MAX_CPS registered CPs", service="central"),
+    _c("auth_failures", "Calls with a missing or wrong API token, by plane (http, tcp)",
+       "plane", service="central"),
+    _c("auth_throttled", "Calls refused (429, too_many_requests) because their address "
+       "failed authentication 20 times within 10 s, by plane (http, tcp)", "plane",
+       service="central"),
+    _c("tcp_connections_evicted", "TCP control connections closed, idle longest, to admit "
+       "a new one at the connection cap", service="central"),
     # --- one CP Engine -------------------------------------------------------------------
     _g("cp_state", "1 for the CP's current state, 0 for the others", "state",
        service="engine"),

@@ -44,6 +44,7 @@ from evcharging.common.messages import (
     DriverUpdate,
     SessionResult,
 )
+from evcharging.common.throttle import AuthThrottle
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 
@@ -116,7 +117,11 @@ async def shared_central() -> AsyncIterator[Shared]:
     async with SqliteRepository(":memory:") as repository:
         controller = FlushingController(bus, repository, CentralOptions(start_timeout=30.0))
         await layout(controller)
-        apps = create_api(controller), create_api(controller, api_token=TOKEN)
+        # The many 401 tests all come from one address: a throttle that never blocks
+        # (test_api_limits.py tests the 429).
+        apps = create_api(controller), create_api(
+            controller, api_token=TOKEN, auth_throttle=AuthThrottle(failures=1_000_000)
+        )
         async with (
             httpx.AsyncClient(transport=httpx.ASGITransport(apps[0]), base_url=BASE) as client,
             httpx.AsyncClient(transport=httpx.ASGITransport(apps[1]), base_url=BASE) as secured,

@@ -454,6 +454,7 @@ async def test_as_dict_is_json_ready(repo: SqliteRepository) -> None:
         "breaker_failures": 0,
         "breaker_reason": None,
         "site": None,
+        "registered": True,
     }
     assert sess_d["status"] == "COMPLETED"
     assert sess_d["started_at"] == "2024-05-01T12:00:00.000000Z"

@@ -737,30 +737,75 @@ async def test_stats_has_every_counter(server: TcpControlServer, client: RawClie
         "errors": 0,
         "forbidden": 0,
         "retransmits": 0,
+        "evicted": 0,
+        "auth_failures": 0,
+        "throttled": 0,
     }
 
 
-async def test_connections_over_the_cap_are_closed_at_once(controller: Controller) -> None:
-    cap = 256  # the default
+async def test_at_the_cap_the_connection_idle_longest_is_closed_for_a_new_one(
+    controller: Controller,
+) -> None:
+    cap = 256  # the default (SPEC §6)
     async with contextlib.AsyncExitStack() as stack:
         srv = await stack.enter_async_context(TcpControlServer(controller, HOST, 0))
         assert srv.max_connections == cap
         held = [await stack.enter_async_context(raw_client(srv.port)) for _ in range(cap)]
         await poll(lambda: srv.active_connections == cap, timeout=TIMEOUT, what="256 open")
+        assert (await held[0].exchange({"cmd": "PING"}))["ok"] is True  # no longer idlest
         with warnings_logged() as warnings:
-            for _ in range(3):  # one burst of three refusals
-                async with raw_client(srv.port) as extra:
-                    await extra.expect_eof()  # closed at once, long before any idle timeout
-        assert srv.stats()["refused_connections"] == 3
-        assert srv.stats()["active_connections"] == cap and srv.connections == cap
-        assert len([w for w in warnings if "refusing" in w]) == 1
-        # the held connections still work; when one closes, a new one is accepted
+            for n in range(3):  # one burst of three evictions
+                operator = await stack.enter_async_context(raw_client(srv.port))
+                assert (await operator.exchange({"cmd": "PING", "id": n}))["id"] == n
+                await held[1 + n].expect_eof()  # the idle longest, in the order they opened
+        assert srv.stats()["evicted"] == 3 and srv.refused_connections == 0
+        assert controller.stats["tcp_connections_evicted"] == 3
+        assert srv.active_connections == cap and srv.connections == cap + 3
+        assert len([w for w in warnings if "idle longest" in w]) == 1
+        # the connection that had a request answered lately was kept, and still works
         assert (await held[0].exchange({"cmd": "PING"}))["ok"] is True
-        await held[-1].close()
-        await poll(lambda: srv.active_connections < cap, timeout=TIMEOUT, what="one closed")
-        async with raw_client(srv.port) as late:
-            assert (await late.exchange({"cmd": "PING"}))["ok"] is True
-        assert srv.connections == cap + 1 and srv.refused_connections == 3
+
+
+async def test_at_the_cap_the_idle_one_goes_not_those_with_recent_requests(
+    controller: Controller,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        srv = await stack.enter_async_context(
+            TcpControlServer(controller, HOST, 0, max_connections=3))
+        a, b, c = [await stack.enter_async_context(raw_client(srv.port)) for _ in range(3)]
+        await poll(lambda: srv.active_connections == 3, timeout=TIMEOUT, what="3 open")
+        for raw in (c, a):  # b alone never asks anything
+            assert (await raw.exchange({"cmd": "PING"}))["ok"] is True
+        d = await stack.enter_async_context(raw_client(srv.port))
+        assert (await d.exchange({"cmd": "STATUS"}))["ok"] is True
+        await b.expect_eof()
+        e = await stack.enter_async_context(raw_client(srv.port))
+        assert (await e.exchange({"cmd": "PING"}))["ok"] is True
+        await c.expect_eof()  # c's request came before a's
+        for raw in (a, d):
+            assert (await raw.exchange({"cmd": "PING"}))["ok"] is True
+        assert srv.evicted == 2 and srv.active_connections == 3
+
+
+async def test_at_the_cap_with_every_connection_mid_request_a_new_one_is_refused(
+    controller: Controller,
+) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        srv = await stack.enter_async_context(
+            TcpControlServer(controller, HOST, 0, max_connections=2, ack_timeout=5.0))
+        held = [await stack.enter_async_context(raw_client(srv.port)) for _ in range(2)]
+        for raw in held:  # each reads its answer and never acknowledges it: busy
+            await raw.send(encode_message({"cmd": "PING"}))
+            assert await raw.read_byte() == ACK
+            assert (await raw.read_answer())["pong"] is True
+        with warnings_logged() as warnings:
+            async with raw_client(srv.port) as extra:
+                await extra.expect_eof()  # closed at once
+        assert srv.refused_connections == 1 and srv.evicted == 0
+        assert len([w for w in warnings if "refusing" in w]) == 1
+        for raw in held:  # the requests in progress were not cut
+            await raw.send(bytes((ACK,)))
+            assert (await raw.exchange({"cmd": "PING"}))["ok"] is True
 
 
 async def test_idle_connection_is_closed_and_counted(controller: Controller) -> None:

@@ -21,7 +21,12 @@ Protected mode (SPEC §5 "Safe defaults"): every mutating call passes the app's
 :class:`~evcharging.common.http.AccessPolicy` before its body is read. With a token it needs
 ``Authorization: Bearer <token>`` (401 otherwise); without one it is accepted from loopback
 clients only (403 otherwise) unless ``allow_anonymous``; a browser page of another origin
-is refused (403) either way.
+is refused (403) either way. A client address whose token failed 20 times within 10 s
+gets 429 for the next 10 s (:class:`~evcharging.common.throttle.AuthThrottle`).
+
+Limits (SPEC §5): ``/summary`` is kept up as CPs change (:mod:`~.tally`), never counted per
+call; registering a new CP past ``CENTRAL_MAX_CPS`` gets 409 ``too_many_cps``, and so does a
+``/fleet/register`` whose new CPs would pass it (all or nothing: none of it is taken).
 
 ``/health`` answers within :data:`HEALTH_BUDGET` seconds whatever the probe does: 200 while
 Kafka and the database are usable, else 503 with what is known.
@@ -70,7 +75,6 @@ from evcharging.apps.ev_central.schemas import (
     fault_out,
     history_out,
     session_out,
-    summarise,
     telemetry_out,
 )
 from evcharging.common.http import (
@@ -94,8 +98,16 @@ from evcharging.common.messages import (
     SessionStatus,
     utcnow,
 )
+from evcharging.common.throttle import AuthThrottle
 
-__all__ = ["HEALTH_BUDGET", "HealthProbe", "OperatorAction", "create_api"]
+__all__ = [
+    "AUTH_FAILED_HTTP",
+    "HEALTH_BUDGET",
+    "THROTTLED_HTTP",
+    "HealthProbe",
+    "OperatorAction",
+    "create_api",
+]
 
 CpId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="most rows to return")]
@@ -105,6 +117,10 @@ HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
 HEALTH_BUDGET = 1.5
 """Seconds the health probe gets: ``/health`` answers within 2 s whatever it does."""
 
+AUTH_FAILED_HTTP = "auth_failures:http"
+THROTTLED_HTTP = "auth_throttled:http"
+"""The controller's stats of HTTP calls answered 401 and 429 (the metrics read them)."""
+
 SWAGGER_ASSETS = ("swagger-ui-bundle.js", "swagger-ui.css")
 DOCS_ASSETS = "/docs/assets"
 
@@ -113,9 +129,12 @@ _ERRORS = {
     403: "protected mode: no token is configured and the client is not on this machine; "
     "or a browser page of another origin sent the call",
     404: "unknown CP",
-    409: "the CP's state machine refuses the command in the CP's current state",
+    409: "the CP's state machine refuses the command in the CP's current state; or, when "
+    "registering, Central holds CENTRAL_MAX_CPS registered CPs (code too_many_cps)",
     413: "the request body is larger than 1 MiB",
     422: "invalid path, query or body",
+    429: "this client address failed authentication 20 times within 10 s: refused for "
+    "10 s from the 20th failure (Retry-After)",
 }
 """When each error status is answered, for the OpenAPI document."""
 
@@ -140,8 +159,10 @@ def create_api(
     health: HealthProbe | None = None,
     health_budget: float = HEALTH_BUDGET,
     trusted_peer: Callable[[str | None], bool] = is_loopback,
+    auth_throttle: AuthThrottle | None = None,
 ) -> FastAPI:
-    """Central's app. `trusted_peer` decides which client hosts count as this machine."""
+    """Central's app. `trusted_peer` decides which client hosts count as this machine;
+    `auth_throttle` limits failed tokens per client address (one is made when None)."""
     app = FastAPI(
         title="EV Central",
         description="Controller of the EV charging network: CPs, sessions, faults.",
@@ -152,7 +173,7 @@ def create_api(
     app.router.route_class = GuardedRoute  # every route checks app.state.access first
     access = AccessPolicy.of(
         api_token, allow_anonymous=allow_anonymous, trusted_peer=trusted_peer,
-        env_name="CENTRAL_API_TOKEN",
+        env_name="CENTRAL_API_TOKEN", throttle=auth_throttle or AuthThrottle(),
     )
     app.state.controller = controller
     app.state.access = access
@@ -161,6 +182,8 @@ def create_api(
 
     def count_error(request: Request, status: int, code: str, message: str) -> None:
         app.state.error_count += 1
+        if status in (401, 429):  # /metrics: auth_failures_total, auth_throttled_total
+            controller.stats[AUTH_FAILED_HTTP if status == 401 else THROTTLED_HTTP] += 1
         logger.info("{} {} -> {} {} {}", request.method, request.url.path, status, code, message)
 
     install_error_handlers(app, count_error)
@@ -220,7 +243,7 @@ def create_api(
         response_model=SummaryOut,
     )
     async def summary() -> SummaryOut:
-        return summarise(controller.cps.values(), utcnow())
+        return controller.tally.summary(utcnow())
 
     # Documents the bearer scheme in /docs; the check itself is GuardedRoute's.
     bearer = [Security(HTTPBearer(auto_error=False))] if access.token else []

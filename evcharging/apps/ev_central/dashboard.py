@@ -54,7 +54,6 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import Delta, Event, Subscription
 from evcharging.apps.ev_central.repository import FaultEvent, SessionRecord
-from evcharging.apps.ev_central.schemas import summarise
 from evcharging.common.http import ErrorOut, is_cross_origin
 from evcharging.common.messages import (
     FaultEventType,
@@ -146,7 +145,7 @@ async def recent_feed(controller: Controller, limit: int) -> list[Event]:
 
 def summary_json(controller: Controller) -> dict[str, Any]:
     """The network's :class:`~evcharging.apps.ev_central.schemas.SummaryOut`, as JSON."""
-    return summarise(controller.cps.values(), utcnow()).model_dump(mode="json")
+    return controller.tally.summary(utcnow()).model_dump(mode="json")
 
 
 async def snapshot(controller: Controller) -> Event:

@@ -11,6 +11,7 @@ This module imports nothing of the controller at run time, so the controller can
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -53,6 +54,7 @@ __all__ = [
     "cp_site",
     "fault_out",
     "history_out",
+    "micro_kw",
     "session_out",
     "summarise",
     "telemetry_out",
@@ -350,21 +352,29 @@ def cp_power_kw(view: CPView) -> float:
     return view.last_telemetry.kw if view.last_telemetry is not None else 0.0
 
 
+def micro_kw(kw: float) -> int:
+    """A power in whole µkW, so that sums of many never drift (a non-finite one, which no
+    valid report carries, as 0)."""
+    return round(kw * 1_000_000) if math.isfinite(kw) else 0
+
+
 def summarise(views: Iterable[CPView], now: datetime) -> SummaryOut:
-    """The :class:`SummaryOut` of `views`, in one pass."""
+    """The :class:`SummaryOut` of `views`, in one pass over them (O(N): ``GET /summary``
+    answers from :class:`~evcharging.apps.ev_central.tally.Tally`, kept up as CPs change,
+    and is held to this full recount by the tests)."""
     by_state = dict.fromkeys(CPState, 0)
-    sites: dict[str | None, list[float]] = {}  # site -> [cps, supplying, faulty, kW]
+    sites: dict[str | None, list[int]] = {}  # site -> [cps, supplying, faulty, µkW]
     total = supplying = sessions = faulty = unmonitored = 0
-    power = 0.0
+    power = 0
     for view in views:
         total += 1
         by_state[view.state] += 1
-        kw = cp_power_kw(view)
+        kw = micro_kw(cp_power_kw(view))
         is_supplying = view.state is CPState.SUPPLYING
         is_faulty = view.is_faulty or view.state is CPState.FAULT
         site = sites.get(view.site)
         if site is None:
-            site = sites[view.site] = [0, 0, 0, 0.0]
+            site = sites[view.site] = [0, 0, 0, 0]
         site[0] += 1
         site[1] += is_supplying
         site[2] += is_faulty
@@ -378,13 +388,13 @@ def summarise(views: Iterable[CPView], now: datetime) -> SummaryOut:
         cps=total,
         by_state=by_state,
         by_site=[
-            SiteSummaryOut(site=name, cps=int(counts[0]), supplying=int(counts[1]),
-                           faulty=int(counts[2]), power_kw=round(counts[3], 3))
+            SiteSummaryOut(site=name, cps=counts[0], supplying=counts[1],
+                           faulty=counts[2], power_kw=round(counts[3] / 1e6, 3))
             for name, counts in sorted(sites.items(), key=lambda item: (item[0] is None,
                                                                         item[0] or ""))
         ],
         supplying=supplying,
-        power_kw=round(power, 3),
+        power_kw=round(power / 1e6, 3),
         active_sessions=sessions,
         faulty=faulty,
         unmonitored=unmonitored,

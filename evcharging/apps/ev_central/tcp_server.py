@@ -30,9 +30,16 @@ Safe defaults (SPEC §5, §6), all set by the constructor:
   else gets ``{"ok": false, "code": "forbidden"}`` (unless ``allow_anonymous``: protected
   mode off). PING and STATUS are open. Central's settings bind the plane to 127.0.0.1
   unless a host is given.
-* **At most ``max_connections`` (256) open connections.** One more is closed at once and
-  counted (``refused_connections``); the first refusal of a burst is logged, and the end of
-  the burst (the next connection accepted) once more, with how many were refused.
+* **At most ``max_connections`` (256) open connections.** At the cap, the connection idle
+  longest (no whole request since it opened or since its last answer, and none being
+  answered) is closed to admit the new one and counted (``evicted``), so idle sockets never
+  lock an operator out (SPEC §6). Only when every connection is in the middle of a request
+  is the new one closed at once (``refused_connections``). The first eviction or refusal of
+  a burst is logged, and the end of the burst once more, with how many there were.
+* **Failed tokens are throttled** (with a token): an address whose token failed 20 times
+  within 10 s is answered ``too_many_requests`` for 10 s from the 20th failure, whatever
+  it sends (:class:`~evcharging.common.throttle.AuthThrottle`; ``auth_failures`` and
+  ``throttled`` count them).
 * **Idle connections are closed**: one that brings no whole request frame for
   ``idle_timeout`` (60 s) is closed and counted (``idle_closed``). Noise and bad frames do
   not keep a connection open.
@@ -65,13 +72,16 @@ import hmac
 import ipaddress
 import json
 import re
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Final, Protocol, Self
 
 from loguru import logger
 
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
+from evcharging.apps.ev_central.limits import Throttled
 from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.views import CPView
 from evcharging.common.framing import (
@@ -91,10 +101,14 @@ from evcharging.common.link import (
     Rejected,
 )
 from evcharging.common.messages import ID_PATTERN, utcnow
+from evcharging.common.throttle import AuthThrottle
 
 __all__ = [
+    "AUTH_FAILED_TCP",
+    "EVICTED_TCP",
     "MAX_PENDING",
     "MUTATING",
+    "THROTTLED_TCP",
     "CPView",
     "ControlTarget",
     "Forbidden",
@@ -107,6 +121,11 @@ MUTATING: Final = frozenset({"STOP_CP", "RESUME_CP"})
 """Commands that change a CP: without a token, loopback clients only."""
 
 _ID_RE: Final = re.compile(ID_PATTERN)
+
+AUTH_FAILED_TCP: Final = "auth_failures:tcp"
+THROTTLED_TCP: Final = "auth_throttled:tcp"
+EVICTED_TCP: Final = "tcp_connections_evicted"
+"""Keys the server also counts in its controller's ``stats`` (Central's), for /metrics."""
 
 
 def _cp(cp: CPView) -> dict[str, Any]:
@@ -151,7 +170,11 @@ class _Client:
 
     name: str
     trusted: bool  # may change CPs without a token: loopback, or allow_anonymous
+    address: str = ""  # the peer's address, what the auth throttle counts by
     warned: bool = False  # its bad input has been logged
+    active_at: float = 0.0  # loop time it opened or last had a request answered
+    busy: bool = False  # a request of it is being answered
+    evicted: bool = False  # closed to admit a new connection at the cap
 
 
 def is_loopback(peername: object) -> bool:
@@ -204,6 +227,7 @@ class TcpControlServer:
         backlog: int = 256,
         allow_anonymous: bool = False,
         is_local: Callable[[object], bool] = is_loopback,
+        auth_throttle: AuthThrottle | None = None,
     ) -> None:
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
@@ -221,8 +245,15 @@ class TcpControlServer:
         self.backlog = backlog
         self.allow_anonymous = allow_anonymous
         self.is_local = is_local
+        self.throttle = auth_throttle or AuthThrottle()
+        shared = getattr(controller, "stats", None)
+        self._shared_stats: Counter[str] | None = shared if isinstance(shared, Counter) else None
+        """Central's ``stats`` (the controller's), which also count throttling and
+        evictions for /metrics; None for a controller without one."""
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._open: dict[asyncio.Task[None], _Client] = {}
+        """The connections that count against the cap (not those being evicted)."""
         self._links: set[Link] = set()
         self._routes: dict[str, Handler] = {
             "PING": self._ping,
@@ -240,6 +271,9 @@ class TcpControlServer:
         self.requests = 0
         self.errors = 0
         self.forbidden = 0
+        self.evicted = 0
+        self.auth_failures = 0
+        self.throttled = 0
         self._closed_retransmits = 0  # of the connections already closed
         self._closed_bytes_ignored = 0
 
@@ -252,7 +286,7 @@ class TcpControlServer:
 
     @property
     def active_connections(self) -> int:
-        return len(self._tasks)
+        return len(self._open)
 
     @property
     def serving(self) -> bool:
@@ -282,7 +316,14 @@ class TcpControlServer:
             "errors": self.errors,
             "forbidden": self.forbidden,
             "retransmits": self.retransmits,
+            "evicted": self.evicted,
+            "auth_failures": self.auth_failures,
+            "throttled": self.throttled,
         }
+
+    def _count(self, key: str) -> None:
+        if self._shared_stats is not None:
+            self._shared_stats[key] += 1
 
     async def start(self) -> None:
         if self._server is not None:
@@ -331,31 +372,64 @@ class TcpControlServer:
         if self._server is None:  # stopping: a late accept gets no handler
             writer.close()
             return
-        if len(self._tasks) >= self.max_connections:
+        if len(self._open) >= self.max_connections and not self._make_room():
             self.refused_connections += 1
             self._burst += 1
             if self._burst == 1:
                 logger.warning(
-                    "TCP control plane: {} connections open, the limit; refusing new ones "
-                    "until one closes (logged once per burst)",
+                    "TCP control plane: {} connections open, the limit, each in the middle "
+                    "of a request; refusing new ones until one is idle (logged once per burst)",
                     self.max_connections,
                 )
             writer.close()
             return
-        if self._burst:
-            logger.info("TCP control plane accepts again ({} refused while full)", self._burst)
+        if self._burst and len(self._open) < self.max_connections - 1:
+            logger.info("TCP control plane below its limit again ({} connection(s) evicted "
+                        "or refused while full)", self._burst)
             self._burst = 0
         self.connections += 1
-        task = asyncio.create_task(
-            self._serve(reader, writer), name=f"tcp-control-{self.connections}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peername = writer.get_extra_info("peername")
-        trusted = self.allow_anonymous or self.is_local(peername)
-        client = _Client(_show_peer(peername), trusted)
+        client = _Client(
+            _show_peer(peername), self.allow_anonymous or self.is_local(peername),
+            _peer_address(peername), active_at=asyncio.get_running_loop().time(),
+        )
+        task = asyncio.create_task(
+            self._serve(reader, writer, client), name=f"tcp-control-{self.connections}"
+        )
+        self._open[task] = client
+        self._tasks.add(task)
+        task.add_done_callback(self._closed)
+
+    def _closed(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._open.pop(task, None)
+
+    def _make_room(self) -> bool:
+        """At the cap: close the connection idle longest (none being answered); whether
+        there was one (SPEC §6: idle sockets never lock an operator out)."""
+        idle = [(client.active_at, task) for task, client in self._open.items()
+                if not client.busy]
+        if not idle:
+            return False
+        _, task = min(idle, key=itemgetter(0))
+        victim = self._open.pop(task)
+        victim.evicted = True
+        task.cancel()
+        self.evicted += 1
+        self._count(EVICTED_TCP)
+        self._burst += 1
+        if self._burst == 1:
+            idle_for = asyncio.get_running_loop().time() - victim.active_at
+            logger.warning(
+                "TCP control plane: {} connections open, the limit; closing the one idle "
+                "longest ({}, idle {:.1f}s) to admit a new one (logged once per burst)",
+                self.max_connections, victim.name, idle_for,
+            )
+        return True
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: _Client
+    ) -> None:
         link = Link(reader, writer, self._link_options)
         self._links.add(link)
         logger.debug("control client {} connected", client.name)
@@ -367,7 +441,8 @@ class TcpControlServer:
         except (ConnectionError, OSError) as exc:
             why = f"connection error: {exc!r}"
         except asyncio.CancelledError:
-            why = "Central is stopping"
+            why = ("closed to admit a new connection (idle longest at the limit)"
+                   if client.evicted else "Central is stopping")
             raise
         except Exception:  # noqa: BLE001 - one broken connection must not stop the server
             # Defensive: _answer already turns handler failures into replies.
@@ -406,9 +481,14 @@ class TcpControlServer:
                 self.frames_bad += item.count
                 continue
             self.frames_ok += 1
-            answer = await self._answer(item, client)
-            await link.send(_encode_answer(answer))
-            idle_until = loop.time() + self.idle_timeout
+            client.busy = True
+            try:
+                answer = await self._answer(item, client)
+                await link.send(_encode_answer(answer))
+            finally:
+                client.busy = False
+            client.active_at = loop.time()
+            idle_until = client.active_at + self.idle_timeout
 
     def _note_bad_input(self, link: Link, client: _Client, item: object) -> None:
         """Log a connection's first bad frame or noise; the rest is only counted."""
@@ -440,7 +520,7 @@ class TcpControlServer:
             except FramingError as exc:
                 raise InvalidRequest(f"invalid request: {exc}") from None
             request_id = request.get("id")
-            self._check_token(request)
+            self._check_token(request, client)
             cmd = request.get("cmd")
             if not isinstance(cmd, str):
                 raise InvalidRequest("'cmd' must be a string")
@@ -471,11 +551,24 @@ class TcpControlServer:
             answer["id"] = request_id
         return answer
 
-    def _check_token(self, request: dict[str, Any]) -> None:
+    def _check_token(self, request: dict[str, Any], client: _Client) -> None:
+        """With a token: Throttled while the client's address is blocked, Unauthorized
+        (a failure of its address) when the request does not carry the token."""
         if self._token is None:
             return
+        wait = self.throttle.retry_after(client.address)
+        if wait > 0:
+            self.throttled += 1
+            self._count(THROTTLED_TCP)
+            raise Throttled(wait)
         token = request.get("token")
         if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self._token):
+            self.auth_failures += 1
+            self._count(AUTH_FAILED_TCP)
+            if self.throttle.failed(client.address):
+                logger.warning("control client {} failed authentication {} times within "
+                               "{:g}s: refused for {:g}s", client.name, self.throttle.failures,
+                               self.throttle.window, self.throttle.block)
             raise Unauthorized("unauthorized")
 
     async def _ping(self, request: dict[str, Any]) -> Answer:
@@ -504,6 +597,13 @@ class TcpControlServer:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _peer_address(peername: object) -> str:
+    """The address part of a TCP peer (what the auth throttle counts by)."""
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername)
 
 
 def _show_peer(peername: object) -> str:
