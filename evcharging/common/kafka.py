@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     InvalidTxnState,
@@ -63,6 +63,7 @@ __all__ = [
     "ensure_topics",
     "partition_for_key",
     "partitions_for_keys",
+    "repair_topics",
     "retry",
 ]
 
@@ -75,6 +76,7 @@ TRANSACTION_TIMEOUT_MS = 300_000
 producer). Central's transactions last milliseconds; a longer limit lets a stalled Central
 (a paused process, a slow disk) finish its flush afterwards instead of being fenced, and
 costs nothing when Central crashes: its successor's start aborts the open transaction."""
+METADATA_MAX_AGE_MS = 5000
 LOG_APPEND_TIME = 1
 """A record's ``timestamp_type`` when the broker stamped it (topic config
 ``message.timestamp.type=LogAppendTime``)."""
@@ -264,6 +266,27 @@ async def ensure_topics(
     )
 
 
+async def repair_topics(
+    config: KafkaConfig, expected: Mapping[str, int], found: Mapping[str, int]
+) -> None:
+    """Create the topics that are gone (0 partitions found) with their expected partition
+    count, and add partitions to those that have fewer (e.g. auto-created with one)."""
+    admin = AIOKafkaAdminClient(**config.client_kwargs())
+    await admin.start()
+    try:
+        gone = [name for name, count in found.items() if count == 0]
+        for name in gone:
+            await _create(admin, [name], expected[name])
+        fewer = {name: NewPartitions(total_count=expected[name])
+                 for name, count in found.items() if 0 < count < expected[name]}
+        if fewer:
+            await admin.create_partitions(fewer)
+            logger.warning("partitions added back: {}", ", ".join(
+                f"{name} to {new.total_count}" for name, new in fewer.items()))
+    finally:
+        await admin.close()
+
+
 async def _create(admin: AIOKafkaAdminClient, names: list[str], partitions: int) -> None:
     response = await admin.create_topics(
         [NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=APPEND_TIME)
@@ -369,8 +392,12 @@ class KafkaBus:
         self.stats = stats or BusStats()
         self.probe_interval = probe_interval
         self.stamp_topics = stamp_topics
-        """Change existing topics that keep the producer's time to the broker's append
-        time at start (Central, SPEC §4)."""
+        """Central's bus (SPEC §4): at start, change existing topics that keep the
+        producer's time to the broker's append time; while running, watch the topics and
+        recreate them when the broker lost or changed them (:attr:`topics_ok`)."""
+        self._expected: dict[str, int] = {}
+        self.topics_problem: str | None = None
+        """Why the topics are not as Central made them (None: they are)."""
         self.transactional_id = transactional_id
         """With it, messages leave only by :meth:`commit_transaction`, with the consumed
         offsets of ``offsets_group`` (SPEC §4, exactly once); :meth:`publish` refuses."""
@@ -387,7 +414,8 @@ class KafkaBus:
         return self._connected
 
     async def start(self, topics: Iterable[Topic] = tuple(Topic)) -> None:
-        await ensure_topics(self.config, topics, stamp=self.stamp_topics)
+        found = await ensure_topics(self.config, topics, stamp=self.stamp_topics)
+        self._expected = {name: len(partitions) for name, partitions in found.items()}
 
         async def attempt() -> AIOKafkaProducer:
             delivery: dict[str, Any] = {"acks": 1} if self.transactional_id is None else {
@@ -459,10 +487,46 @@ class KafkaBus:
             return False
         try:
             async with asyncio.timeout(self.PROBE_TIMEOUT):
-                await producer.client.fetch_all_metadata()
+                metadata = await producer.client.fetch_all_metadata()
         except (KafkaError, OSError, TimeoutError):
             return False
+        if self.stamp_topics:
+            await self._check_topics(metadata)
         return True
+
+    @property
+    def topics_ok(self) -> bool:
+        """Whether the topics are as Central found or made them at start."""
+        return self.topics_problem is None
+
+    async def _check_topics(self, metadata: Any) -> None:
+        """Recreate topics the broker lost, and add partitions it dropped (SPEC §4): a
+        broker that lost its data must not leave Central reading nothing."""
+        wrong: dict[str, int] = {}
+        for name, expected in self._expected.items():
+            partitions = metadata.partitions_for_topic(name)
+            count = len(partitions) if partitions else 0
+            if count > expected:  # partitions can't be taken away: go on with them
+                logger.error("topic {} has {} partitions, more than the {} Central made: "
+                             "its keys now map to other partitions", name, count, expected)
+                self._expected[name] = count
+            elif count < expected:
+                wrong[name] = count
+        if not wrong:
+            if self.topics_problem is not None:
+                logger.warning("topics are back as they were: {}", ", ".join(self._expected))
+                self.topics_problem = None
+            return
+        problem = "; ".join(f"{name} has {count} partition(s), not {self._expected[name]}"
+                            if count else f"{name} is gone" for name, count in wrong.items())
+        if self.topics_problem is None:
+            logger.error("the broker lost or changed Central's topics ({}): recreating them",
+                         problem)
+        self.topics_problem = problem
+        try:
+            await repair_topics(self.config, {n: self._expected[n] for n in wrong}, wrong)
+        except (KafkaError, BusError, OSError) as exc:
+            logger.debug("repairing the topics failed: {!r}", exc)
 
     async def __aenter__(self) -> KafkaBus:
         await self.start()
@@ -695,6 +759,9 @@ class KafkaConsumerLoop:
                 fetch_max_wait_ms=self._fetch_max_wait_ms,
                 session_timeout_ms=10000,
                 heartbeat_interval_ms=1000,
+                # Notice within seconds that topics were lost and recreated (or gained
+                # partitions), not after aiokafka's default 5 minutes.
+                metadata_max_age_ms=METADATA_MAX_AGE_MS,
             )
             try:
                 await consumer.start()

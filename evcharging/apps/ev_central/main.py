@@ -119,11 +119,12 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             # At most 1 s for the database, behind a big write included: /health answers
             # within its 2 s whatever floods Central (SPEC §5).
             db_ok, busy = await repo.probe(within=1.0)
-            kafka_ok = bus.connected
+            kafka_ok = bus.connected and bus.topics_ok
             return {
                 "status": "ok" if db_ok and kafka_ok else "degraded",
-                "kafka": {"connected": kafka_ok, "bootstrap": settings.kafka_bootstrap,
-                          **stats.as_dict()},
+                "kafka": {"connected": bus.connected, "topics_ok": bus.topics_ok,
+                          "topics_problem": bus.topics_problem,
+                          "bootstrap": settings.kafka_bootstrap, **stats.as_dict()},
                 "database": {"ok": db_ok, "busy": busy, "path": str(settings.db_path)},
                 "tcp": tcp.stats(),
             }
