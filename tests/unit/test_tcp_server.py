@@ -50,6 +50,7 @@ from evcharging.common.framing import (
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import CentralCommand, CommandType, CPRegistration, CPStatus
 from evcharging.common.states import CPState
+from evcharging.common.throttle import AuthThrottle
 from tests.polling import poll
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
@@ -1195,3 +1196,46 @@ def test_format_table_of_a_charging_cp() -> None:
         "0.37",
     ]
     assert len(header) == len(row)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_address_failing_the_token_20_times_in_10s_is_refused_for_10s(
+    controller: Controller,
+) -> None:
+    clock = FakeClock()
+    async with (
+        TcpControlServer(controller, HOST, 0, TOKEN,
+                         auth_throttle=AuthThrottle(clock=clock)) as srv,
+        raw_client(srv.port) as raw,
+        raw_client(srv.port) as second,
+    ):
+        for n in range(20):
+            clock.now += 0.45
+            answer = await raw.exchange({"cmd": "PING", "token": "wrong", "id": n})
+            assert answer["code"] == "unauthorized" and answer["id"] == n
+        blocked_at = clock.now
+        # refused whatever it sends, on this connection and any other from its address
+        for client in (raw, second):
+            refused = await client.exchange({"cmd": "STATUS", "token": TOKEN})
+            assert refused["ok"] is False and refused["code"] == "too_many_requests"
+            assert "10s" in refused["error"]
+        clock.now = blocked_at + 10.0
+        assert (await raw.exchange({"cmd": "PING", "token": TOKEN}))["pong"] is True
+    assert (srv.auth_failures, srv.throttled) == (20, 2)
+    assert srv.stats()["throttled"] == 2
+    assert controller.stats["auth_failures:tcp"] == 20
+    assert controller.stats["auth_throttled:tcp"] == 2
+
+
+async def test_without_a_token_the_tcp_plane_throttles_nothing(controller: Controller) -> None:
+    async with TcpControlServer(controller, HOST, 0) as srv, raw_client(srv.port) as raw:
+        for _ in range(25):
+            assert (await raw.exchange({"cmd": "PING", "token": "anything"}))["ok"] is True
+        assert srv.throttle.failed_total == 0 and srv.auth_failures == 0

@@ -247,11 +247,11 @@ def create_api(
 
     # Documents the bearer scheme in /docs; the check itself is GuardedRoute's.
     bearer = [Security(HTTPBearer(auto_error=False))] if access.token else []
-    mutation_errors = _errors(401, 403, 413, 422)
+    mutation_errors = _errors(401, 403, 413, 422, 429)
 
     @app.post(
         "/cp/register", summary="Register or update a CP", response_model=CPChangeOut,
-        responses=mutation_errors, dependencies=bearer,
+        responses=mutation_errors | _errors(409), dependencies=bearer,
     )
     async def register(body: CPRegistration) -> CPChangeOut:
         cp = await controller.register(body)
@@ -267,7 +267,7 @@ def create_api(
 
     @app.post(
         "/fleet/register", summary="A fleet registers many CPs", response_model=FleetOut,
-        responses=mutation_errors, dependencies=bearer,
+        responses=mutation_errors | _errors(409), dependencies=bearer,
     )
     async def fleet_register(body: FleetRegistration) -> FleetOut:
         """Registers or updates every CP of the body in one transaction (a CP Fleet sends
