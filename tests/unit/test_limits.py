@@ -15,10 +15,12 @@ import pytest
 from evcharging.apps.ev_central import housekeeping, sql
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.limits import MAX_CPS, MAX_UNREGISTERED, TooManyCPs
+from evcharging.apps.ev_central.metrics import central_metrics
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.views import CPView
 from evcharging.common.config import CentralSettings
 from evcharging.common.messages import CPRegistration, CPStatus, DriverRequest
+from evcharging.common.metrics import PREFIX
 from evcharging.common.states import CPState
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
@@ -86,6 +88,9 @@ async def test_2000_statuses_from_random_ids_leave_exactly_1000_bus_only_cps(
     assert len(central.tally.unregistered) == 1000 and central.tally.registered == 0
     assert central.stats["unregistered_refused"] == 1000
     assert central.tally.summary(sql.utcnow_()).cps == 1000
+    page = central_metrics(central, process=False).render().decode()
+    assert f"{PREFIX}cps_unregistered 1000.0" in page.splitlines()
+    assert f"{PREFIX}unregistered_refused_total 1000.0" in page.splitlines()
     refusals = [m for level, m in logs if "CENTRAL_MAX_UNREGISTERED" in m]
     assert len(refusals) == 1 and logs.count(("WARNING", refusals[0])) == 1  # once, not 1000x
     # a refused CP stays unknown: its next status is ignored too, and so is a request
@@ -150,6 +155,8 @@ async def test_bus_only_cps_silent_for_an_hour_are_forgotten(
     assert housekeeping.forget_unregistered(central) == ["BUS-1"]
     await central.outbox.flush()
     assert set(central.cps) == {"BUS-2", "BUS-3", "REG-1"}  # a registered CP is never
+    page = central_metrics(central, process=False).render().decode().splitlines()
+    assert f"{PREFIX}unregistered_forgotten_total 1.0" in page
     assert central.stats["unregistered_forgotten"] == 1
     assert central.tally.summary(sql.utcnow_()).cps == 3
     assert [r.cp_id for r in await repo.load_cps()] == ["BUS-2", "BUS-3", "REG-1"]
