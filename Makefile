@@ -36,6 +36,7 @@ test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its
 	$(PY) -m evcharging.devtools.kafka_broker fetch
 	bash scripts/ensure_chromium.sh
 	bash scripts/ensure_prometheus.sh
+	bash scripts/ensure_faketime.sh
 	$(PY) -m pytest -m "not chaos" $(ARGS)
 
 test-unit: $(STAMP) ## only the unit tests (no broker; promtool checks the alert rules)
@@ -50,8 +51,9 @@ test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Ch
 	bash scripts/ensure_chromium.sh
 	$(PY) -m pytest tests/e2e $(ARGS)
 
-chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~7 min)
+chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~15 min)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
+	bash scripts/ensure_faketime.sh
 	$(PY) -m pytest tests/chaos -m chaos $(ARGS)
 
 lint: $(STAMP) ## ruff and mypy

@@ -13,21 +13,35 @@ Detection, per fault:
 * frozen or killed engine: the CP shown faulty or disconnected, or a FAILED update of a
   session on it;
 * monitor kill: the CP shown ``monitored: false``.
+* Central stalled (SIGSTOP), a full disk under its database, a paused broker, a broker
+  that lost its data: Central's ``/health`` stops answering 200;
+* a second Central on the same database: it exits, naming the lock;
+* the clock faults (Central's stepped, a CP's or a driver's off) and a future-stamped
+  message: nothing to notice; Central must go on as if nothing happened (no CP shown
+  faulty or disconnected, no request shed: see ``quiet`` in test_chaos.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import re
+import shutil
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
-from evcharging.common.messages import DriverStatus
+from evcharging.common.bus import Topic
+from evcharging.common.messages import DriverStatus, encode
 from evcharging.devtools.kafka_broker import KafkaBroker
 from evcharging.devtools.process import free_port
-from tests.chaos.harness import ChaosRun, DbLock, Sign, now
+from tests.chaos.harness import ChaosRun, DbLock, FakeClock, Sign, now
+from tests.e2e.conftest import Proc
 from tests.polling import poll
 
 FAST_BROKER_RESTART = {
@@ -53,7 +67,11 @@ Fault = Callable[[ChaosRun, float], Awaitable[Window]]
 
 def target(run: ChaosRun) -> str:
     """The CP a CP fault hits; the others keep working beside it."""
-    return run.cps[0]
+    return target_of(run.cps)
+
+
+def target_of(cps: Sequence[str]) -> str:
+    return cps[0]
 
 
 def health_bad(sign: Sign) -> bool:
@@ -186,3 +204,272 @@ async def own_broker(work_dir: Path) -> AsyncIterator[KafkaBroker]:
         yield broker
     finally:
         await asyncio.to_thread(broker.stop)
+
+
+# --------------------------------------------------------------------------- issue 14
+
+
+async def central_stall(run: ChaosRun, hold: float) -> Window:
+    """SIGSTOP Central for `hold` seconds, then SIGCONT: a process that cannot run (a
+    stalled VM, a swap storm, a debugger); its clock goes on meanwhile."""
+    assert run.central is not None
+    central = run.central
+    start = now()
+    central.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(hold)  # the fault itself
+    finally:
+        central.signal(signal.SIGCONT)
+    return Window(start, now(), lambda: run.watcher.first(start, health_bad))
+
+
+class Tmpfs:
+    """A small tmpfs of its own (``mount -t tmpfs -o size=…``; needs root) for Central's
+    database, which :meth:`fill` fills to the last byte."""
+
+    FILLER = "filler"
+
+    def __init__(self, path: Path, size_mib: int) -> None:
+        self.path = path
+        self.size_mib = size_mib
+
+    def mount(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.size_mib}m,mode=0755", "tmpfs",
+             str(self.path)],
+            capture_output=True, text=True, check=False,
+        )
+        if result.returncode != 0:
+            raise AssertionError(
+                f"mount -t tmpfs on {self.path} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()}"
+            )
+
+    def unmount(self) -> None:
+        result = subprocess.run(["umount", str(self.path)], capture_output=True, check=False)
+        if result.returncode != 0:  # a process still holds a file there: detach it
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True, check=False)
+
+    def fill(self) -> int:
+        """Write a file until the tmpfs is full; returns its size in bytes."""
+        chunk = b"\0" * (1 << 20)
+        written = 0
+        fd = os.open(self.path / self.FILLER, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for size in (len(chunk), 4096, 1):  # the last bytes one page, then one byte, at a time
+                while True:
+                    try:
+                        written += os.write(fd, chunk[:size])
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
+        return written
+
+    def free(self) -> None:
+        (self.path / self.FILLER).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_mib: int) -> Iterator[Tmpfs]:
+    disk = Tmpfs(path, size_mib)
+    disk.mount()
+    try:
+        yield disk
+    finally:
+        disk.unmount()
+
+
+def disk_full(disk: Tmpfs) -> Fault:
+    """Fill the tmpfs under Central's database for `hold` seconds, then free it."""
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        start = now()
+        written = await asyncio.to_thread(disk.fill)
+        try:
+            await asyncio.sleep(hold)  # the fault itself
+        finally:
+            await asyncio.to_thread(disk.free)
+        window = Window(start, now(), lambda: run.watcher.first(start, health_bad))
+        window.notes.append(f"the {disk.size_mib} MiB tmpfs filled with {written >> 20} MiB")
+        return window
+
+    return inject
+
+
+def broker_pause(broker: KafkaBroker) -> Fault:
+    """SIGSTOP the broker for `hold` seconds, then SIGCONT: connections stay open, nothing
+    is answered (a frozen VM, a GC pause, a full network buffer)."""
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        pid = broker.pid
+        assert pid is not None, "the broker is not running"
+        start = now()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(hold)  # the fault itself
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return Window(start, now(), lambda: run.watcher.first(start, health_bad))
+
+    return inject
+
+
+def broker_lost(broker: KafkaBroker) -> Fault:
+    """SIGKILL the broker, delete its data, start it again empty on the same port: every
+    topic, message and committed offset is gone (a broker replaced, a volume lost)."""
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        start = now()
+        broker.kill()
+        await asyncio.to_thread(broker.stop)
+        await asyncio.to_thread(shutil.rmtree, broker.data_dir)
+        await asyncio.sleep(hold)  # the broker stays away: the fault itself
+        end = now()
+        await asyncio.to_thread(broker.start)
+        return Window(start, end, lambda: run.watcher.first(start, health_bad))
+
+    return inject
+
+
+def quietly(run: ChaosRun, start: float) -> Window:
+    """The window of a fault Central should not notice at all."""
+    return Window(start, now(), lambda: None)
+
+
+def clock_steps(clock: FakeClock, offsets: Sequence[int]) -> Fault:
+    """Step a running process's wall clock to the next of `offsets` (seconds off the true
+    time) each round, and let the load run `hold` seconds on the stepped clock. The clock
+    stays where it is (an NTP step is not undone)."""
+    steps = iter(offsets)
+
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        start = now()
+        clock.step(next(steps))
+        await asyncio.sleep(hold)  # sessions run on the stepped clock: the fault itself
+        return quietly(run, start)
+
+    return inject
+
+
+async def wrong_clock(run: ChaosRun, hold: float) -> Window:
+    """A process runs with its clock off from its start (see the rig): the load runs
+    `hold` seconds more with it."""
+    start = now()
+    await asyncio.sleep(hold)  # sessions run on the wrong clock: the fault itself
+    return quietly(run, start)
+
+
+def driver_clock(clock: FakeClock, cps: Sequence[str], requests: int) -> Fault:
+    """A real driver process (ev_driver) whose clock is off asks for `requests` sessions on
+    `cps` in turn, one after the other; the fault lasts until it has its last answer. The
+    test's own load stops first and the CPs finish their sessions, so that the driver's
+    requests find them free: each must be ACCEPTED and run."""
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        start = now()
+        await run.stop_load()
+        await run.settle()
+        driver_id = f"chaos-skewed{clock.offset:+d}s"
+        run.observer.adopt(driver_id)
+        plan = [cps[i % len(cps)] for i in range(requests)]
+        driver = run.system.start_driver(driver_id, plan, {
+            **clock.env(), "DRIVER_REQUEST_INTERVAL": f"{hold:g}",
+            "DRIVER_REQUEST_TIMEOUT": "40",
+        })
+        window = quietly(run, start)
+        code = await driver.wait_exit(timeout=requests * 50)
+        window.end = now()
+        answers = []
+        for request_id in run.observer.adopted[driver_id]:
+            final = run.observer.final(request_id)
+            answers.append("no final status" if final is None else
+                           f"{final.status.value}" + (f" ({final.reason})" if final.reason else ""))
+        window.notes.append(f"driver {driver_id} exited {code}; its requests: "
+                            + (", ".join(answers) or "none read"))
+        if len(answers) < requests:
+            window.problems.append(f"{len(answers)} of the driver's {requests} requests read")
+        accepted = [r for r in run.observer.adopted[driver_id]
+                    if run.observer.answered(r) is DriverStatus.ACCEPTED]
+        if len(accepted) < len(answers):
+            window.problems.append(
+                f"{len(answers) - len(accepted)} of the driver's requests on free CPs were not "
+                f"ACCEPTED (its clock is {clock.offset:+d} s off)"
+            )
+        return window
+
+    return inject
+
+
+FUTURE = timedelta(hours=1)
+BEHIND = 2.0
+"""How long Central is held back after the forged message: well under every limit."""
+
+
+async def future_stamp(run: ChaosRun, hold: float) -> Window:
+    """Publish a copy of the target CP's last heartbeat stamped an hour ahead (one CP's
+    clock glitched once); once Central has read it, hold Central back for BEHIND seconds
+    (SIGSTOP: a busy Central falls behind like this all the time) so that it has a backlog
+    to catch up on, in which a clock moved by the stamp shows; the load runs `hold`
+    seconds in all."""
+    assert run.central is not None
+    central = run.central
+    cp_id = target(run)
+    mark = now()
+    await poll(lambda: run.observer.heard.get(cp_id, 0.0) > mark, timeout=15,
+               what=f"a heartbeat of {cp_id}")
+    real = run.observer.last_status[cp_id]
+    forged = real.model_copy(update={"ts": real.ts + FUTURE})
+    start = now()
+    await run.observer.publish(Topic.CP_STATUS, cp_id, encode(forged))
+    await asyncio.sleep(1.0)  # Central reads it (a fetch is 0.1 s; nothing to wait on)
+    central.signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(BEHIND)  # Central behind: the other half of the fault
+    finally:
+        central.signal(signal.SIGCONT)
+    await asyncio.sleep(max(0.0, start + hold - now()))
+    window = quietly(run, start)
+    window.notes.append(f"forged {forged.state.value} heartbeat of {cp_id} stamped {forged.ts};"
+                        f" Central then held back {BEHIND:g} s")
+    return window
+
+
+LOCK_WORD = re.compile(r"lock", re.IGNORECASE)
+
+
+async def second_central(run: ChaosRun, hold: float) -> Window:
+    """Start a second Central on the first one's database (same file, topics and consumer
+    group; ports of its own), as an operator who forgot the first would. It must refuse
+    to start with an error naming the lock; one still running after `hold` seconds is a
+    problem (and runs beside the first that long), then it is stopped."""
+    system = run.system
+    env = system.env(run.central_env)
+    second = Proc("central-2", [
+        "-m", "evcharging.apps.ev_central.main", "--kafka-bootstrap", system.bootstrap,
+        "--http-port", str(free_port()), "--listen-port", str(free_port()),
+    ], env, system.tmp).start()
+    start = now()
+    exited: list[float] = []
+    window = Window(start, start, lambda: exited[0] if exited else None)
+    try:
+        code = await second.wait_exit(timeout=hold)
+    except AssertionError:
+        await second.stop()
+        window.problems.append(
+            f"a second Central on {system.db_path} did not refuse to start: it ran for "
+            f"{hold:g} s beside the first (log: {_tail(second.log())!r})"
+        )
+    else:
+        exited.append(now())
+        said = _tail(second.log())
+        window.notes.append(f"the second Central exited {code}: {said!r}")
+        if code == 0 or not LOCK_WORD.search(second.log()):
+            window.problems.append(
+                f"the second Central exited {code} without an error naming the lock: {said!r}"
+            )
+    window.end = now()
+    return window
+
+
+def _tail(log: str, lines: int = 3) -> str:
+    return " | ".join(line.strip() for line in log.strip().splitlines()[-lines:])[-400:]

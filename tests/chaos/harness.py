@@ -1,10 +1,14 @@
 """The chaos harness: a system under load, what it says on the broker, and the ledger check.
 
-* :class:`Observer` reads ``driver.updates``, ``cp.status`` and ``cp.telemetry`` of one
-  system from the beginning with its own aiokafka consumer (no group, nothing committed)
+* :class:`Observer` reads ``driver.updates``, ``cp.status``, ``cp.telemetry`` and
+  ``driver.requests`` of one system from the beginning with its own aiokafka consumer (no
+  group, nothing committed, ``read_committed`` as every reader of Central's transactions)
   and publishes driver requests with its own producer. It does not use the project's bus
   (it observes it), and it survives a broker restart: aiokafka reconnects, and a request
-  whose send failed is sent again with the same id.
+  whose send failed is sent again with the same id. Requests of a real driver process
+  count as the test's once its driver id is adopted (:meth:`Observer.adopt`).
+* :class:`FakeClock` is the wall clock of one service process, stepped by the test
+  (libfaketime).
 * :class:`Watcher` polls Central's ``/health`` and ``/cp`` and keeps every change it sees
   with its time: the signs that Central noticed a fault.
 * :class:`DbLock` is another process holding ``BEGIN EXCLUSIVE`` on Central's database.
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
 import sqlite3
 import sys
 import time
@@ -39,6 +45,7 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverStatus,
     DriverUpdate,
+    StatusEvent,
     decode,
     encode,
     new_id,
@@ -53,6 +60,15 @@ CHAOS_ENGINE = {
     "CP_ENGINE_STATUS_INTERVAL": "1",
 }
 CHAOS_MONITOR = {"CP_MONITOR_HEALTH_INTERVAL": "0.5"}
+FLEET_PACE = {
+    "CP_ENGINE_STATUS_INTERVAL": "5",
+    "CP_MONITOR_HEALTH_INTERVAL": "5",
+    "CP_MONITOR_HEALTH_TIMEOUT": "2",
+    "CP_MONITOR_FAILURE_THRESHOLD": "3",
+}
+"""A fleet's heartbeats and health checks at the services' defaults."""
+BUSY_FLEET = {**FLEET_PACE, "CP_ENGINE_STATUS_INTERVAL": "1"}
+"""A heartbeat a second from every CP: Central always has something left to read."""
 KW_RATE = 22.0
 """The engines' default power (CP_ENGINE_KW_RATE): telemetry kWh tell how long a session ran."""
 LOAD_INTERVAL = 1.5
@@ -98,7 +114,7 @@ class Seen:
 class Observer:
     """What one system's CPs and Central say on the broker; the test's driver requests."""
 
-    TOPICS = (Topic.DRIVER_UPDATES, Topic.CP_STATUS, Topic.CP_TELEMETRY)
+    TOPICS = (Topic.DRIVER_UPDATES, Topic.CP_STATUS, Topic.CP_TELEMETRY, Topic.DRIVER_REQUESTS)
 
     def __init__(self, bootstrap: str, prefix: str) -> None:
         self.bootstrap = bootstrap
@@ -115,8 +131,11 @@ class Observer:
         """CP id → (when, session id, kWh) of its last telemetry read."""
         self.ended: list[tuple[float, str, str]] = []
         """(when, CP id, session id) of every end-of-session status read (not heartbeats)."""
-        self.results: dict[str, set[str]] = {}
-        """session id → how its CP said it ended (end statuses and heartbeats)."""
+        self.last_status: dict[str, CPStatus] = {}
+        """CP id → the last heartbeat read of it."""
+        self.adopted: dict[str, list[str]] = {}
+        """Driver id of a real driver process whose requests count as the test's → the ids
+        of its requests read so far."""
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -131,6 +150,7 @@ class Observer:
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap, client_id="chaos-observer", group_id=None,
             enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100,
+            isolation_level="read_committed",
         )
         await consumer.start()
         self._consumer = consumer
@@ -177,21 +197,38 @@ class Observer:
                 for record in records:
                     self._read(record.topic.removeprefix(self.prefix), record.value)
 
+    @property
+    def results(self) -> dict[str, set[str]]:
+        """session id → how its CP said it ended (end statuses and heartbeats)."""
+        return self.meter.results
+
+    def adopt(self, driver_id: str) -> None:
+        """Count the requests of the driver process `driver_id` as the test's."""
+        self.adopted.setdefault(driver_id, [])
+
     def _read(self, topic: str, value: bytes) -> None:
         try:
-            if topic == Topic.DRIVER_UPDATES:
+            if topic == Topic.DRIVER_REQUESTS:
+                request = decode(DriverRequest, value)
+                if request.driver_id in self.adopted:
+                    if request.request_id not in self.requests:
+                        self.adopted[request.driver_id].append(request.request_id)
+                    self.requests.setdefault(request.request_id, request.cp_id)
+            elif topic == Topic.DRIVER_UPDATES:
                 update = decode(DriverUpdate, value)
                 self.updates.setdefault(update.request_id, []).append(update)
                 self.seen.append(Seen(now(), update))
             elif topic == Topic.CP_STATUS:
                 status = decode(CPStatus, value)
                 self.heard[status.cp_id] = now()
+                if status.event in (None, StatusEvent.HEARTBEAT):
+                    self.last_status[status.cp_id] = status
                 if status.session_result is not None and status.session_id is not None:
                     self.ended.append((now(), status.cp_id, status.session_id))
                 end = status.session_end()
                 if end is not None:
-                    self.meter.add_end(end.session_id, Totals(end.kwh, end.euros))
-                    self.results.setdefault(end.session_id, set()).add(end.result.value)
+                    self.meter.add_end(end.session_id, Totals(end.kwh, end.euros),
+                                       end.result.value)
             elif topic == Topic.CP_TELEMETRY:
                 telemetry = decode(CPTelemetry, value)
                 if telemetry.session_id is not None:
@@ -220,6 +257,12 @@ class Observer:
                 if now() > deadline:
                     raise
                 await asyncio.sleep(0.3)
+
+    async def publish(self, topic: Topic, key: str, value: bytes) -> None:
+        """Put a message of the test's own making on one of the system's topics."""
+        assert self._producer is not None
+        await self._producer.send_and_wait(f"{self.prefix}{topic.value}", value,
+                                           key=key.encode())
 
     def answered(self, request_id: str) -> DriverStatus | None:
         """ACCEPTED or the final status once the request has one, else None."""
@@ -260,6 +303,8 @@ class Watcher:
     def __init__(self, http: httpx.AsyncClient, interval: float = 0.2) -> None:
         self.http = http
         self.interval = interval
+        self.limit: int | None = None
+        """Only the first this many CPs of /cp (by id): the run's CPs of a large fleet."""
         self.signs: list[Sign] = []
         self._last: dict[tuple[str, str | None], Any] = {}
         self._task: asyncio.Task[None] | None = None
@@ -285,7 +330,8 @@ class Watcher:
             try:
                 health = await self.http.get("/health", timeout=3)
                 self._note("health", None, health.status_code)
-                cps = await self.http.get("/cp", timeout=3)
+                params = {} if self.limit is None else {"limit": str(self.limit)}
+                cps = await self.http.get("/cp", params=params, timeout=3)
                 if cps.status_code == 200:
                     for cp in cps.json():
                         cp_id = cp["cp_id"]
@@ -298,6 +344,65 @@ class Watcher:
 
     def first(self, since: float, match: Callable[[Sign], bool]) -> float | None:
         return next((s.at for s in self.signs if s.at >= since and match(s)), None)
+
+
+# --------------------------------------------------------------------------- clocks
+
+LIBFAKETIME_PATHS = ("/usr/lib/*/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1",
+                     "/usr/local/lib/faketime/libfaketime.so.1")
+
+
+def libfaketime() -> str:
+    """The path of libfaketime.so.1: ``$EVCHARGING_LIBFAKETIME``, else Debian's (installed by
+    ``scripts/ensure_faketime.sh``, which ``make chaos`` and ``make test`` run)."""
+    given = os.environ.get("EVCHARGING_LIBFAKETIME")
+    found = [given] if given else [p for pattern in LIBFAKETIME_PATHS
+                                   for p in sorted(glob.glob(pattern))]
+    for path in found:
+        if os.access(path, os.R_OK):
+            return path
+    raise AssertionError(
+        "libfaketime.so.1 not found (the clock faults need it): run scripts/ensure_faketime.sh"
+        " or point EVCHARGING_LIBFAKETIME at it"
+    )
+
+
+class FakeClock:
+    """The wall clock of one service process, stepped by the test while it runs.
+
+    The process is started with :meth:`env`: libfaketime (``LD_PRELOAD``) reads its offset
+    from a file on every call (``FAKETIME_NO_CACHE``), so :meth:`step` moves the running
+    process's clock at once. Only ``CLOCK_REALTIME`` moves (``time.time()``,
+    ``datetime.now()``, the timestamps it stamps on messages): a real clock step (NTP,
+    ``date -s``) moves the wall clock, never ``CLOCK_MONOTONIC``, so asyncio's timers and
+    every ``time.monotonic()`` stay true (``FAKETIME_DONT_FAKE_MONOTONIC``).
+    """
+
+    def __init__(self, path: Path, offset: int = 0) -> None:
+        self.path = path
+        self.offset = offset
+        self.library = libfaketime()
+        self._write()
+
+    def env(self) -> dict[str, str]:
+        preload = os.environ.get("LD_PRELOAD")
+        return {
+            "LD_PRELOAD": f"{self.library} {preload}" if preload else self.library,
+            "FAKETIME_TIMESTAMP_FILE": str(self.path),
+            "FAKETIME_NO_CACHE": "1",
+            # A real step (NTP, `date -s`) moves CLOCK_REALTIME, not CLOCK_MONOTONIC.
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+
+    def step(self, offset: int) -> None:
+        """From now on the process's wall clock is `offset` seconds off the true time."""
+        self.offset = offset
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".new")
+        tmp.write_text(f"{self.offset:+d}\n")
+        tmp.replace(self.path)  # a reader sees the old offset or the new, never half a file
 
 
 # --------------------------------------------------------------------------- database
@@ -414,25 +519,48 @@ class ChaosRun:
         self.engines: dict[str, Proc] = {}
         self.monitors: dict[str, Proc] = {}
         self.central_env: dict[str, str] = {}
+        self.engine_envs: dict[str, dict[str, str]] = {}
+        """Extra settings of one CP's engine (e.g. its fake clock), restarts included."""
+        self.fleet: Proc | None = None
         self._load: asyncio.Task[None] | None = None
 
-    async def start(self, central_env: dict[str, str] | None = None) -> None:
+    async def start(
+        self, central_env: dict[str, str] | None = None, fleet: int = 0,
+        fleet_env: dict[str, str] | None = None,
+    ) -> None:
+        """Central, then the CPs: an engine and a monitor each, or (`fleet` > 0) one CP
+        Fleet of that many CPs (with `fleet_env`), of which the run's CPs are the first."""
         self.system.engine_env.update(CHAOS_ENGINE)
         self.central_env = dict(central_env or {})
         self.central = await self.system.start_central(self.central_env)
-        await asyncio.gather(*(self.start_cp(cp) for cp in self.cps))
+        if fleet:
+            await self.start_fleet(fleet, FLEET_PACE if fleet_env is None else fleet_env)
+        else:
+            await asyncio.gather(*(self.start_cp(cp) for cp in self.cps))
         await self.observer.start()
         self.watcher.start()
 
+    async def start_fleet(self, size: int, env: dict[str, str]) -> None:
+        """A CP Fleet of `size` CPs with the chaos sessions and `env`. Returns once
+        Central lists every one ACTIVATED."""
+        self.fleet = await self.system.start_fleet(size, {**CHAOS_ENGINE, **env}, timeout=120)
+        self.watcher.limit = len(self.cps)
+
+        async def activated() -> bool:
+            return await self.system.count_cps(state="ACTIVATED") >= size
+
+        await poll(activated, timeout=120, what=f"{size} CPs ACTIVATED", interval=0.5,
+                   retry_on=(httpx.HTTPError, OSError, KeyError))
+
     async def start_cp(self, cp_id: str) -> None:
-        self.engines[cp_id] = await self.system.start_engine(cp_id)
+        self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
         self.monitors[cp_id] = await self.system.start_monitor(cp_id, CHAOS_MONITOR)
 
     async def restart_central(self) -> None:
         self.central = await self.system.start_central(self.central_env)
 
     async def restart_engine(self, cp_id: str) -> None:
-        self.engines[cp_id] = await self.system.start_engine(cp_id)
+        self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
 
     async def restart_monitor(self, cp_id: str) -> None:
         self.monitors[cp_id] = await self.system.start_monitor(cp_id, CHAOS_MONITOR)
@@ -533,7 +661,8 @@ class ChaosRun:
     async def settle(self, timeout: float = 30.0) -> None:
         """Until Central shows every CP idle, and every CP has spoken since."""
         async def idle() -> bool:
-            response = await self.system.http.get("/cp")
+            params = {} if self.watcher.limit is None else {"limit": str(self.watcher.limit)}
+            response = await self.system.http.get("/cp", params=params)
             return response.status_code == 200 and all(
                 cp["current_session"] is None and cp["state"] != "SUPPLYING"
                 for cp in response.json() if cp["cp_id"] in self.cps
@@ -550,7 +679,9 @@ class ChaosRun:
     async def rows(self) -> list[SessionRow]:
         return await asyncio.to_thread(read_rows, self.system.db_path)
 
-    async def check(self, timeout: float = 15.0) -> tuple[list[SessionRow], list[Breach]]:
+    async def check(
+        self, timeout: float = 15.0, *, exactly_once: bool = False
+    ) -> tuple[list[SessionRow], list[Breach]]:
         """The ledger check, repeated until it passes or `timeout` ends (late corrections
         may still be on their way); returns the last rows and breaches."""
         last: tuple[list[SessionRow], list[Breach]] = ([], [])
@@ -559,7 +690,8 @@ class ChaosRun:
             nonlocal last
             rows = await self.rows()
             last = rows, check_ledger(
-                self.observer.requests, rows, self.observer.meter, self.observer.updates
+                self.observer.requests, rows, self.observer.meter, self.observer.updates,
+                exactly_once=exactly_once,
             )
             return not last[1]
 

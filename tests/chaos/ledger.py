@@ -8,6 +8,10 @@ of each request in the order the broker kept them. :func:`check_ledger` returns 
 The invariants:
 
 * no session row is ACTIVE once things have settled;
+* no session is FAILED that its CP's own meter completed (an end status or a heartbeat's
+  ``last_session`` said COMPLETED): SPEC §4, the meter is the truth;
+* no request has two session rows, and no request's updates name two sessions (the same
+  request never starts two sessions);
 * a row's kWh and € are the last totals its CP reported for the session: an end report
   (an end status, or a heartbeat's ``last_session``) when there is one, else its last
   telemetry, else nothing (0 and 0); a CP that reports two different ends is a breach too;
@@ -18,13 +22,17 @@ The invariants:
   no ACCEPTED or IN_PROGRESS follows a final update;
 * the final status agrees with the row (COMPLETED with COMPLETED; FAILED with FAILED or
   STOPPED); the request's last update is that final status for the row's session, with
-  the row's totals.
+  the row's totals;
+* with ``exactly_once`` (the rows that restart Central under load): no final update is
+  repeated, i.e. no final update equals an earlier one of the same request in status,
+  session, totals and reason (a correction is a new update, not a repeat).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -48,6 +56,9 @@ class BreachKind(StrEnum):
     AFTER_FINAL = "ACCEPTED or IN_PROGRESS after the final status"
     STATUS_MISMATCH = "final status disagrees with the session row"
     LAST_UPDATE = "driver's last update does not carry the ledger's totals"
+    FAILED_COMPLETED = "session FAILED though its CP completed it"
+    TWO_SESSIONS = "one request started two sessions"
+    REPEATED_FINAL = "final update repeated"
 
 
 @dataclass(frozen=True)
@@ -92,11 +103,15 @@ class MeterLog:
     """The last telemetry totals of each session."""
     ends: dict[str, list[Totals]] = field(default_factory=dict)
     """The distinct end totals reported for each session (end status, ``last_session``)."""
+    results: dict[str, set[str]] = field(default_factory=dict)
+    """How the CP said each session ended (``COMPLETED``, ``STOPPED``, ``FAILED``)."""
 
     def add_telemetry(self, session_id: str, totals: Totals) -> None:
         self.telemetry[session_id] = totals
 
-    def add_end(self, session_id: str, totals: Totals) -> None:
+    def add_end(self, session_id: str, totals: Totals, result: str | None = None) -> None:
+        if result is not None:
+            self.results.setdefault(session_id, set()).add(result)
         seen = self.ends.setdefault(session_id, [])
         if not any(t.matches(totals) for t in seen):
             seen.append(totals)
@@ -143,9 +158,21 @@ def check_rows(rows: Iterable[SessionRow], meter: MeterLog, requests: Collection
 ]:
     """The invariants of the session rows alone (they need no driver updates)."""
     breaches: list[Breach] = []
+    rows = list(rows)
+    sessions_of = Counter(row.request_id for row in rows)
     for row in rows:
         if row.status == "ACTIVE":
             breaches.append(Breach(BreachKind.ACTIVE, row.session_id, f"on {row.cp_id}"))
+        if row.status == "FAILED" and "COMPLETED" in meter.results.get(row.session_id, ()):
+            breaches.append(Breach(
+                BreachKind.FAILED_COMPLETED, row.session_id,
+                f"on {row.cp_id}: Central says FAILED ({row.reason!r}), its CP reported "
+                f"COMPLETED {meter.last(row.session_id) or NOTHING}",
+            ))
+        if sessions_of[row.request_id] > 1:
+            breaches.append(Breach(BreachKind.TWO_SESSIONS, row.session_id,
+                                   f"request {row.request_id} has {sessions_of[row.request_id]}"
+                                   f" session rows"))
         ends = meter.ends.get(row.session_id, [])
         if len(ends) > 1:
             breaches.append(Breach(
@@ -167,8 +194,18 @@ def check_rows(rows: Iterable[SessionRow], meter: MeterLog, requests: Collection
     return breaches
 
 
+def _same(a: DriverUpdate, b: DriverUpdate) -> bool:
+    """The same update sent twice: status, session, totals and reason alike."""
+    ta, tb = _totals_of(a), _totals_of(b)
+    return (
+        a.status == b.status and a.session_id == b.session_id and a.reason == b.reason
+        and ((ta is None and tb is None) or (ta is not None and tb is not None and ta.matches(tb)))
+    )
+
+
 def check_request(
-    request_id: str, updates: Sequence[DriverUpdate], row: SessionRow | None
+    request_id: str, updates: Sequence[DriverUpdate], row: SessionRow | None,
+    *, exactly_once: bool = False,
 ) -> list[Breach]:
     """The invariants of one request's updates against its row (None: no row)."""
     breaches: list[Breach] = []
@@ -177,6 +214,13 @@ def check_request(
         breaches.append(Breach(kind, request_id, describe(updates) or "no update"))
 
     finals = [i for i, u in enumerate(updates) if u.status.is_final]
+    if len({u.session_id for u in updates if u.session_id is not None}) > 1:
+        breach(BreachKind.TWO_SESSIONS)
+    if exactly_once and any(
+        _same(updates[later], updates[earlier])
+        for earlier, later in itertools.combinations(finals, 2)
+    ):
+        breach(BreachKind.REPEATED_FINAL)
     if not finals:
         breach(BreachKind.NO_FINAL)
     else:
@@ -227,6 +271,8 @@ def check_ledger(
     rows: Iterable[SessionRow],
     meter: MeterLog,
     updates: Mapping[str, Sequence[DriverUpdate]],
+    *,
+    exactly_once: bool = False,
 ) -> list[Breach]:
     """Every breach of the ledger's invariants; [] when the ledger is exact."""
     rows = list(rows)
@@ -234,6 +280,7 @@ def check_ledger(
     breaches = check_rows(rows, meter, requests)
     for request_id in requests:
         breaches += check_request(
-            request_id, updates.get(request_id, ()), by_request.get(request_id)
+            request_id, updates.get(request_id, ()), by_request.get(request_id),
+            exactly_once=exactly_once,
         )
     return breaches

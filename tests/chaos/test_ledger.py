@@ -63,12 +63,15 @@ def check(
     rows: list[SessionRow] | None = None,
     log: MeterLog | None = None,
     requests: Sequence[str] | None = None,
+    *,
+    exactly_once: bool = False,
 ) -> list[BreachKind]:
     return kinds(check_ledger(
         requests if requests is not None else list(updates),
         [row()] if rows is None else rows,
         meter() if log is None else log,
         updates,
+        exactly_once=exactly_once,
     ))
 
 
@@ -144,7 +147,7 @@ def test_the_last_update_must_carry_the_ledgers_totals() -> None:
     stale = [*COMPLETED[:2], update("r1", S.COMPLETED, 0.02, 0.006)]
     assert check({"r1": stale}) == [BreachKind.LAST_UPDATE]
     other = [*COMPLETED[:2], update("r1", S.COMPLETED, 0.03, 0.009, session_id="s9")]
-    assert check({"r1": other}) == [BreachKind.LAST_UPDATE]
+    assert check({"r1": other}) == [BreachKind.LAST_UPDATE, BreachKind.TWO_SESSIONS]
     no_totals = [*COMPLETED[:2], update("r1", S.COMPLETED)]
     assert check({"r1": no_totals}) == [BreachKind.LAST_UPDATE]
 
@@ -176,6 +179,38 @@ def test_the_final_status_agrees_with_the_row(
 def test_an_answer_without_a_row_is_a_breach() -> None:
     assert check({"r1": COMPLETED}, rows=[]) == [BreachKind.NO_ROW]
     assert check({"r2": DENIED}, rows=[]) == []
+
+
+def test_a_session_its_cp_completed_is_never_failed() -> None:
+    log = meter(end=None)
+    log.add_end("s1", Totals(0.03, 0.009), "COMPLETED")
+    failed = [*COMPLETED[:2], update("r1", S.FAILED, 0.03, 0.009, reason="CP lost")]
+    assert check({"r1": failed}, [row(status="FAILED")], log) == [BreachKind.FAILED_COMPLETED]
+    assert log.results == {"s1": {"COMPLETED"}}
+    assert check({"r1": COMPLETED}, [row()], log) == []
+    faulted = meter(end=None)
+    faulted.add_end("s1", Totals(0.03, 0.009), "FAILED")
+    assert check({"r1": failed}, [row(status="FAILED")], faulted) == []
+
+
+def test_one_request_with_two_sessions_is_a_breach() -> None:
+    twice = [row(), row(session_id="s2")]
+    assert BreachKind.TWO_SESSIONS in check({"r1": COMPLETED}, twice)
+    other = [update("r1", S.ACCEPTED, session_id="s2"), *COMPLETED]
+    assert check({"r1": other}) == [BreachKind.TWO_SESSIONS]
+
+
+def test_a_repeated_final_update_is_a_breach_only_where_exactly_once_holds() -> None:
+    repeated = {"r1": [*COMPLETED, update("r1", S.COMPLETED, 0.03, 0.009)]}
+    assert check(repeated) == []
+    assert check(repeated, exactly_once=True) == [BreachKind.REPEATED_FINAL]
+    late = [*COMPLETED[:2], update("r1", S.COMPLETED, 0.02, 0.006)]
+    corrected = {"r1": [*late, update("r1", S.COMPLETED, 0.03, 0.009, reason="corrected: m")]}
+    assert check(corrected, exactly_once=True) == []
+    twice = {"r1": [*corrected["r1"], corrected["r1"][-1]]}
+    assert check(twice, exactly_once=True) == [BreachKind.REPEATED_FINAL]
+    denied = {"r2": DENIED * 2}
+    assert check(denied, rows=[], exactly_once=True) == [BreachKind.REPEATED_FINAL]
 
 
 def test_the_table_shows_each_fault_and_its_breaches() -> None:
