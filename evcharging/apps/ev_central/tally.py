@@ -114,9 +114,8 @@ class Tally:
         self._count(part, ukw, +1)
         view.tallied, view.tallied_ukw = part, ukw
 
-    def _count(self, part: tuple[object, ...], ukw: int, sign: int) -> None:
+    def _count(self, part: Part, ukw: int, sign: int) -> None:
         state, site, faulty, session, monitored = part
-        assert isinstance(state, CPState)
         supplying = state is CPState.SUPPLYING
         self.cps += sign
         self.by_state[state] += sign
