@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import pytest
 
+from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
 from evcharging.apps.ev_central.repository import SqliteRepository
@@ -676,6 +677,20 @@ async def test_a_silent_monitor_is_lost_after_three_intervals_and_back_on_its_re
     assert cp.monitored
     back = await repo.list_faults(cp_id="CP-001")
     assert [f.event_type for f in back] == ["MONITOR_BACK", "MONITOR_LOST"]
+
+
+async def test_a_stall_of_centrals_own_is_not_counted_against_the_monitors(
+    central: Controller, clock: Clock
+) -> None:
+    """Central was stopped (SIGSTOP) for 45 s: its monitors could not reach it."""
+    await activate(central)
+    await central.monitor_report("CP-001", 1.0, True)
+    clock.now += 45.0
+    housekeeping.forgive_stall(central, 45.0 - 5.0)  # the round came 40 s late
+    assert await central.check_monitors() == []
+    housekeeping.forgive_stall(central, 1.0)  # a round a second late is no stall
+    clock.now += 3.5
+    assert await central.check_monitors() == ["CP-001"]
 
 
 async def test_a_monitor_report_for_an_unknown_cp_is_refused(central: Controller) -> None:

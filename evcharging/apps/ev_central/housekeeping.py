@@ -23,6 +23,7 @@ from evcharging.common.states import CPState, SessionResult
 __all__ = [
     "check_monitors",
     "check_silent_cps",
+    "forgive_stall",
     "forget_unregistered",
     "prune_history",
     "run",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 PRUNE_EVERY = 3600.0
+STALL_SLACK = 2.0
+"""A housekeeping round later than this (seconds) means Central itself was stalled."""
 LOG_EACH_UP_TO = 10
 """A round that marks more CPs than this logs one summary line, not one line each."""
 
@@ -63,6 +66,17 @@ def check_silent_cps(central: Controller) -> list[str]:
         marked.append(cp.cp_id)
     _log_round(marked, f"silent for {timeout:g}s: taken as DISCONNECTED")
     return marked
+
+
+def forgive_stall(central: Controller, late: float) -> None:
+    """A round came `late` seconds late: Central itself was stalled (SIGSTOP, a blocked
+    event loop), so the monitors could not reach it. That time does not count against
+    them (SPEC §4: while Central cannot work, nobody is silent)."""
+    if late <= STALL_SLACK:
+        return
+    logger.warning("Central was stalled for {:.0f}s: not counted against the monitors", late)
+    for cp in central.cps.values():
+        cp.monitor_seen += late
 
 
 def check_monitors(central: Controller) -> list[str]:
@@ -129,8 +143,12 @@ def prune_history(central: Controller, retention_days: float) -> None:
 async def run(central: Controller, interval: float, retention_days: float) -> None:
     """Every `interval`: silent CPs, lost monitors and snapshots; hourly, retention."""
     since_prune = PRUNE_EVERY
+    last = central.clock()
     while True:
         await asyncio.sleep(interval)
+        now = central.clock()
+        forgive_stall(central, now - last - interval)
+        last = now
         check_silent_cps(central)
         check_monitors(central)
         forget_unregistered(central)
