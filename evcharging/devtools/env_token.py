@@ -1,9 +1,14 @@
-"""``make up``: make sure ``.env`` holds an API token before Docker Compose starts.
+"""``make up``: make sure ``.env`` holds an API token and the Kafka passwords before Docker
+Compose starts.
 
 Compose binds every service on the containers' network, so SPEC §5's protected mode needs
 a token there. When ``.env`` is missing it is copied from ``.env.example``; when it has
 no ``EVCHARGING_API_TOKEN`` (or an empty one) a random one is appended. An existing token
-is never changed. Standard library only: it runs before any virtualenv exists.
+is never changed. Likewise the passwords of the Compose broker's users (SPEC §11):
+``KAFKA_CENTRAL_PASSWORD``, ``KAFKA_CP_PASSWORD`` and ``KAFKA_DRIVER_PASSWORD`` (the
+principals of the services), ``KAFKA_ADMIN_PASSWORD`` (the super user that sets up the users
+and ACLs, and tools) and ``KAFKA_BROKER_PASSWORD`` (the broker's own); missing ones are
+appended, existing ones kept. Standard library only: it runs before any virtualenv exists.
 
     python3 -m evcharging.devtools.env_token [.env] [.env.example]
 """
@@ -18,6 +23,8 @@ from pathlib import Path
 
 VARIABLE = "EVCHARGING_API_TOKEN"
 _SET = re.compile(rf"^[ \t]*{VARIABLE}[ \t]*=[ \t]*\S", re.MULTILINE)
+KAFKA_PASSWORDS = tuple(f"KAFKA_{user}_PASSWORD"
+                        for user in ("CENTRAL", "CP", "DRIVER", "ADMIN", "BROKER"))
 
 
 def ensure_token(env: Path, example: Path) -> str | None:
@@ -41,12 +48,31 @@ def ensure_token(env: Path, example: Path) -> str | None:
     return "; ".join(done) or None
 
 
+def ensure_kafka_passwords(env: Path) -> str | None:
+    """Append a random password for each of :data:`KAFKA_PASSWORDS` that `env` (which
+    exists) does not set; returns what was done, in words, or None if nothing."""
+    text = env.read_text(encoding="utf-8")
+    missing = [name for name in KAFKA_PASSWORDS
+               if not re.search(rf"^[ \t]*{name}[ \t]*=[ \t]*\S", text, re.MULTILINE)]
+    if not missing:
+        return None
+    separator = "" if not text or text.endswith("\n") else "\n"
+    with env.open("a", encoding="utf-8") as out:
+        out.write(f"{separator}# Written by `make up`: the Kafka users' passwords (SPEC §11).\n")
+        out.writelines(f"{name}={secrets.token_urlsafe(24)}\n" for name in missing)
+    env.chmod(0o600)
+    return f"wrote random {', '.join(missing)} into {env}"
+
+
 def main(argv: list[str]) -> int:
     env = Path(argv[0] if argv else ".env")
     example = Path(argv[1] if len(argv) > 1 else ".env.example")
     done = ensure_token(env, example)
     if done:
         sys.stderr.write(f"{done} (mutating calls need it: Authorization: Bearer <token>)\n")
+    done = ensure_kafka_passwords(env)
+    if done:
+        sys.stderr.write(f"{done} (the Compose broker's SASL users)\n")
     return 0
 
 

@@ -41,6 +41,9 @@ DOCKERFILE = DOCKER_DIR / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 
 KAFKA = "kafka"
+KAFKA_SETUP = "kafka-setup"
+"""Runs docker/kafka/setup.sh once the broker is healthy: SPEC §11's users and ACLs."""
+SETUP_SCRIPT = DOCKER_DIR / "kafka" / "setup.sh"
 METRICS_SERVICES = frozenset({"prometheus", "grafana"})
 """Third-party images (checked in tests/unit/test_prometheus_files.py)."""
 SETTINGS_BY_MODULE: dict[str, type[BaseSettings]] = {
@@ -82,6 +85,7 @@ ENV_EXCEPTIONS = frozenset({"PYTHONUNBUFFERED"})
 EXPECTED_SERVICES = frozenset(
     {
         KAFKA,
+        KAFKA_SETUP,
         "ev-central",
         "cp-engine-1",
         "cp-engine-2",
@@ -118,7 +122,8 @@ def _app_service_names() -> list[str]:
         found = services()
     except (OSError, yaml.YAMLError, AssertionError, KeyError):
         return []
-    return sorted(name for name in found if name != KAFKA and name not in METRICS_SERVICES)
+    return sorted(name for name in found
+                  if name not in {KAFKA, KAFKA_SETUP} and name not in METRICS_SERVICES)
 
 
 APP_SERVICES = _app_service_names()
@@ -560,8 +565,11 @@ def test_kafka_is_apache_kafka_4_in_kraft_mode_with_a_real_healthcheck() -> None
     test = kafka["healthcheck"]["test"]
     words = " ".join(test if isinstance(test, list) else [test])
     assert re.search(r"kafka-(broker-api-versions|topics)\.sh", words), words
-    _, port = internal_listener()
-    assert f"localhost:{port}" in words, "the healthcheck should ask the services' listener"
+    # SPEC §11: it authenticates, as admin on the listener whose users need no setup.
+    port = listener_port("INTERNAL")
+    assert f"localhost:{port}" in words, "the healthcheck should ask the INTERNAL listener"
+    assert "--command-config /tmp/admin.properties" in words
+    assert "/tmp/admin.properties" in kafka_script()
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
@@ -687,3 +695,170 @@ def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = {line.strip() for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()}
     for entry in (".venv", ".cache", ".git", ".pytest_cache", "*.db", ".env"):
         assert entry in ignored, f".dockerignore should exclude {entry}"
+
+
+# --- who may write to the bus (SPEC §11) ------------------------------------------------
+
+KAFKA_PRINCIPALS: dict[type[BaseSettings], str] = {
+    CentralSettings: "central",
+    CPEngineSettings: "cp",
+    FleetSettings: "cp",
+    DriverSettings: "driver",
+}
+"""The principal of each kind of Kafka service (SPEC §11's table)."""
+KAFKA_SERVICES = [s for s in APP_SERVICES if issubclass(settings_class(s), ServiceSettings)]
+
+
+def kafka_script() -> str:
+    """The shell script the broker's container runs before the image's start script."""
+    command = services()[KAFKA]["command"]
+    assert isinstance(command, list) and command[:2] == ["bash", "-c"], command
+    return str(command[2])
+
+
+def listener_port(name: str) -> int:
+    for listener in kafka_env()["KAFKA_LISTENERS"].split(","):
+        listener_name, _, address = listener.partition("://")
+        if listener_name == name:
+            return int(address.rpartition(":")[2])
+    pytest.fail(f"Kafka has no {name} listener")
+
+
+def test_every_listener_authenticates_and_acls_decide() -> None:
+    env = kafka_env()
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"]
+                     .split(","))
+    listeners = {item.partition("://")[0] for item in env["KAFKA_LISTENERS"].split(",")}
+    assert listeners == set(protocols)
+    assert set(protocols.values()) == {"SASL_PLAINTEXT"}, "a listener lets anyone in"
+    for name in listeners:
+        mechanisms = env[f"KAFKA_LISTENER_NAME_{name}_SASL_ENABLED_MECHANISMS"].split(",")
+        assert set(mechanisms) <= {"SCRAM-SHA-512", "PLAIN"}, (name, mechanisms)
+    services_listener = internal_listener()
+    assert services_listener == ("kafka", listener_port("CLIENT"))
+    assert env["KAFKA_LISTENER_NAME_CLIENT_SASL_ENABLED_MECHANISMS"] == "SCRAM-SHA-512"
+    assert env["KAFKA_AUTHORIZER_CLASS_NAME"] == (
+        "org.apache.kafka.metadata.authorizer.StandardAuthorizer")
+    assert env["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert env["KAFKA_SUPER_USERS"] == "User:broker;User:admin"
+    assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] == "INTERNAL"
+    # The image makes every KAFKA_* variable a property and drops values holding "=": the
+    # JAAS file is written by the container's command from variables named otherwise.
+    jaas = env["KAFKA_OPTS"].removeprefix("-Djava.security.auth.login.config=")
+    script = kafka_script()
+    assert f"cat > {jaas} <<JAAS" in script
+    for login in ("plain.PlainLoginModule", "scram.ScramLoginModule"):
+        assert f"org.apache.kafka.common.security.{login} required" in script
+    for user, variable in (("broker", "EV_BROKER_PASSWORD"), ("admin", "EV_ADMIN_PASSWORD")):
+        assert f'user_{user}="$${{{variable}' in script
+        assert environment(KAFKA)[variable] == "${KAFKA_" + user.upper() + "_PASSWORD:-}"
+    assert script.rstrip().endswith("exec /etc/kafka/docker/run")
+    assert not any(name.startswith("KAFKA_") and "PASSWORD" in name for name in env)
+
+
+@pytest.mark.parametrize("service", KAFKA_SERVICES)
+def test_each_service_is_its_principal_with_its_password_from_dotenv(
+    service: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cls = settings_class(service)
+    principal = KAFKA_PRINCIPALS[cls]
+    env = environment(service)
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    assert env.get(f"{prefix}KAFKA_SECURITY_PROTOCOL") == "SASL_PLAINTEXT"
+    assert env.get(f"{prefix}KAFKA_SASL_PASSWORD") == (
+        "${KAFKA_" + principal.upper() + "_PASSWORD:-}")
+    settings = container_settings(service, monkeypatch, tmp_path)
+    assert getattr(settings, "kafka_sasl_username") == principal  # noqa: B009
+    assert depends_on(service).get(KAFKA_SETUP) == "service_completed_successfully"
+
+
+def test_kafka_setup_runs_the_script_after_the_broker_with_dotenv() -> None:
+    setup = services()[KAFKA_SETUP]
+    assert setup["image"] == services()[KAFKA]["image"]
+    assert depends_on(KAFKA_SETUP) == {KAFKA: "service_healthy"}
+    assert setup.get("restart") == "no"
+    (mount,) = volumes(KAFKA_SETUP)
+    assert (DOCKER_DIR / mount["source"]).resolve() == SETUP_SCRIPT
+    assert mount.get("read_only") is True
+    assert setup["entrypoint"] == ["bash", mount["target"]]
+    (entry,) = setup["env_file"]
+    assert (DOCKER_DIR / entry["path"]).resolve() == ROOT / ".env"
+    assert environment(KAFKA_SETUP)["KAFKA_SETUP_BOOTSTRAP"] == (
+        f"kafka:{listener_port('INTERNAL')}")
+
+
+def _run_setup(tmp_path: Path, prefix: str) -> list[list[str]]:
+    """docker/kafka/setup.sh with stand-ins for kafka-configs.sh and kafka-acls.sh that
+    record their arguments (one JSON list per line)."""
+    import json
+    import subprocess
+
+    record = tmp_path / "calls.jsonl"
+    for tool in ("kafka-configs.sh", "kafka-acls.sh"):
+        stub = tmp_path / tool
+        stub.write_text(
+            "#!/usr/bin/env python3\nimport json, sys\n"
+            f"open({str(record)!r}, 'a').write(json.dumps([{tool!r}, *sys.argv[1:]]) + '\\n')\n",
+            encoding="utf-8",
+        )
+        stub.chmod(0o755)
+    env = {"PATH": os.environ["PATH"], "KAFKA_BIN": str(tmp_path),
+           "KAFKA_ADMIN_PASSWORD": "a", "KAFKA_CENTRAL_PASSWORD": "c",
+           "KAFKA_CP_PASSWORD": "p", "KAFKA_DRIVER_PASSWORD": "d",
+           "CENTRAL_TOPIC_PREFIX": prefix}
+    result = subprocess.run(["bash", str(SETUP_SCRIPT)], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in record.read_text(encoding="utf-8").splitlines()]
+
+
+def _option_values(args: list[str], option: str) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args) if arg == option]
+
+
+@pytest.mark.parametrize("prefix", ["", "run1."])
+def test_kafka_setup_grants_the_acls_of_the_devtool_broker(
+    tmp_path: Path, prefix: str
+) -> None:
+    """One table of SPEC §11: what Compose's setup grants is what `start --sasl` grants."""
+    from evcharging.devtools.kafka_broker.sasl import acl_entries
+
+    calls = _run_setup(tmp_path, prefix)
+    users = {(_option_values(c, "--entity-name")[0], _option_values(c, "--add-config")[0])
+             for c in calls if c[0] == "kafka-configs.sh"}
+    assert users == {("central", "SCRAM-SHA-512=[password=c]"),
+                     ("cp", "SCRAM-SHA-512=[password=p]"),
+                     ("driver", "SCRAM-SHA-512=[password=d]")}
+    names = {"TOPIC": "--topic", "GROUP": "--group", "TRANSACTIONAL_ID": "--transactional-id"}
+    granted = set()
+    for call in calls:
+        if call[0] != "kafka-acls.sh":
+            continue
+        assert "--add" in call and _option_values(call, "--bootstrap-server") == ["kafka:9094"]
+        pattern = (_option_values(call, "--resource-pattern-type") or ["literal"])[0].upper()
+        resources = [(kind, name) for kind, option in names.items()
+                     for name in _option_values(call, option)]
+        if "--cluster" in call:
+            resources.append(("CLUSTER", "kafka-cluster"))
+        for principal in _option_values(call, "--allow-principal"):
+            for operation in _option_values(call, "--operation"):
+                for kind, name in resources:
+                    op = re.sub(r"(?<!^)([A-Z])", r"_\1", operation).upper()
+                    granted.add((principal.removeprefix("User:"), kind, pattern, name, op))
+    expected = {(e.principal, e.resource_type, e.pattern_type, e.name, e.operation)
+                for e in acl_entries(prefix)}
+    assert granted == expected
+
+
+def test_make_up_writes_every_password_compose_reads() -> None:
+    from evcharging.devtools.env_token import KAFKA_PASSWORDS
+
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    read = set(re.findall(r"\$\{(KAFKA_\w+_PASSWORD)", text))
+    script = SETUP_SCRIPT.read_text(encoding="utf-8")
+    read |= set(re.findall(r"(KAFKA_\w+_PASSWORD)", script)) - {"KAFKA_${user^^}_PASSWORD"}
+    read |= {f"KAFKA_{user.upper()}_PASSWORD" for user in ("central", "cp", "driver")}
+    assert read == set(KAFKA_PASSWORDS)
+    up = re.search(r"^up:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert up and "evcharging.devtools.env_token .env" in up[1]

@@ -7,7 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evcharging.devtools.env_token import VARIABLE, ensure_token
+from evcharging.devtools.env_token import (
+    KAFKA_PASSWORDS,
+    VARIABLE,
+    ensure_kafka_passwords,
+    ensure_token,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,3 +71,24 @@ def test_make_up_writes_the_token_before_compose_starts() -> None:
     compose = next(i for i, line in enumerate(recipe) if "docker compose" in line)
     assert token < compose
     assert "--env-file .env " in recipe[compose]
+
+
+def passwords(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if line.startswith("KAFKA_") and "=" in line)
+
+
+def test_the_kafka_passwords_are_written_once_and_kept(tmp_path: Path) -> None:
+    """SPEC §11: `make up` gives every Kafka user of Compose a password in .env."""
+    env = tmp_path / ".env"
+    env.write_text("KAFKA_CP_PASSWORD=mine\nOTHER=1")
+    done = ensure_kafka_passwords(env)
+    assert done is not None and "KAFKA_CENTRAL_PASSWORD" in done and "KAFKA_CP_" not in done
+    first = passwords(env)
+    assert set(first) == set(KAFKA_PASSWORDS) and first["KAFKA_CP_PASSWORD"] == "mine"
+    assert all(len(v) >= 24 for k, v in first.items() if k != "KAFKA_CP_PASSWORD")
+    assert len(set(first.values())) == len(KAFKA_PASSWORDS)
+    assert "OTHER=1\n" in env.read_text()
+    assert stat.S_IMODE(env.stat().st_mode) == 0o600
+    assert ensure_kafka_passwords(env) is None  # a second `make up` keeps them
+    assert passwords(env) == first

@@ -12,6 +12,7 @@ from evcharging.devtools.kafka_broker.sasl import (
     SaslUsers,
     acl_entries,
     broker_properties,
+    read_env_passwords,
     set_env_values,
     write_env,
 )
@@ -121,3 +122,15 @@ def test_a_broker_without_sasl_has_no_users_and_creates_no_topics(tmp_path: Path
         _ = broker.sasl_users
     with pytest.raises(KafkaBrokerError, match="running SASL broker"):
         broker.grant("x.")
+
+
+def test_a_new_broker_takes_the_passwords_env_has(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    env.write_text("KAFKA_CP_PASSWORD=from-make-up\nexport KAFKA_DRIVER_PASSWORD = d-2\n"
+                   "KAFKA_CENTRAL_PASSWORD=\n", encoding="utf-8")
+    given = read_env_passwords(env)
+    assert given == {"cp": "from-make-up", "driver": "d-2"}
+    users = SaslUsers.new(given)
+    assert (users.password("cp"), users.password("driver")) == ("from-make-up", "d-2")
+    assert users.password("central") and users.password("admin")
+    assert read_env_passwords(tmp_path / "missing") == {}

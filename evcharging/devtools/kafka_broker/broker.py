@@ -100,7 +100,9 @@ class KafkaBroker:
     ``sasl=True`` makes it a broker of SPEC §11 (see :mod:`.sasl`): clients authenticate with
     SCRAM-SHA-512 over ``SASL_PLAINTEXT`` and may do what the ACLs granted for the topics of
     each of ``topic_prefixes`` allow (:meth:`grant` adds a prefix later); :attr:`sasl_users`
-    has the passwords. Topics are never auto-created, with or without SASL.
+    has the passwords: random ones, or ``sasl_passwords`` (user -> password) when the storage
+    is formatted; a formatted storage keeps its own. Topics are never auto-created, with or
+    without SASL.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class KafkaBroker:
         class_data_sharing: bool | None = None,
         sasl: bool = False,
         topic_prefixes: Sequence[str] = ("",),
+        sasl_passwords: Mapping[str, str] | None = None,
     ) -> None:
         self._port = port if port else process.free_port()
         self._work_dir = Path(work_dir) if work_dir is not None else run_dir(self._port)
@@ -136,6 +139,7 @@ class KafkaBroker:
         self._cds = cds_enabled() if class_data_sharing is None else class_data_sharing
         self._sasl = sasl
         self._topic_prefixes = tuple(topic_prefixes)
+        self._sasl_passwords = dict(sasl_passwords or {})
         self._users: SaslUsers | None = None
         self._java_classpath: tuple[str, str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -343,7 +347,7 @@ class KafkaBroker:
                 f"{self._data_dir} was formatted without SASL users; a SASL broker needs fresh "
                 "storage (`start --sasl --reset` wipes it)"
             )
-        return users or SaslUsers.new()
+        return users or SaslUsers.new(self._sasl_passwords)
 
     def _grant(self, *topic_prefixes: str) -> None:
         assert self._users is not None and self._java_classpath is not None

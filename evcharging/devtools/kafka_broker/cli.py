@@ -29,7 +29,7 @@ from evcharging.devtools.kafka_broker.config import (
 from evcharging.devtools.kafka_broker.daemon import broker_status, stop_broker
 from evcharging.devtools.kafka_broker.errors import KafkaBrokerError, log_tail
 from evcharging.devtools.kafka_broker.jars import fetch_jars
-from evcharging.devtools.kafka_broker.sasl import SaslUsers, write_env
+from evcharging.devtools.kafka_broker.sasl import SaslUsers, read_env_passwords, write_env
 
 
 def _out(text: str) -> None:
@@ -66,6 +66,8 @@ def _cmd_start(args: argparse.Namespace) -> int:
         detach=not args.foreground,
         sasl=args.sasl,
         topic_prefixes=args.topic_prefix or [""],
+        # A new storage takes the passwords .env already has (e.g. from `make up`).
+        sasl_passwords=read_env_passwords(args.env_file) if args.sasl else None,
     )
     if args.reset and broker.data_dir.exists():
         shutil.rmtree(broker.data_dir)

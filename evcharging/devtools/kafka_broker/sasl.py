@@ -117,8 +117,11 @@ class SaslUsers:
     passwords: Mapping[str, str]
 
     @classmethod
-    def new(cls) -> SaslUsers:
-        return cls({name: secrets.token_urlsafe(24) for name in SUPER_USERS + SERVICE_PRINCIPALS})
+    def new(cls, given: Mapping[str, str] | None = None) -> SaslUsers:
+        """Every user with a random password, or the one ``given`` for it."""
+        given = given or {}
+        return cls({name: given.get(name) or secrets.token_urlsafe(24)
+                    for name in SUPER_USERS + SERVICE_PRINCIPALS})
 
     @classmethod
     def load(cls, data_dir: Path) -> SaslUsers | None:
@@ -238,6 +241,23 @@ def create_acls(
             f"creating the ACLs on {bootstrap} failed (exit code {result.returncode}):\n"
             f"{summary(result.stdout)}"
         )
+
+
+def read_env_passwords(path: Path) -> dict[str, str]:
+    """The service principals' passwords that the ``.env`` at ``path`` sets (e.g. by
+    ``make up``), so that a new SASL broker takes them instead of making new ones."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return {}
+    found: dict[str, str] = {}
+    for principal in SERVICE_PRINCIPALS:
+        name = re.escape(env_variable(principal))
+        pattern = rf"^[ \t]*(?:export[ \t]+)?{name}[ \t]*=[ \t]*([A-Za-z0-9._~+/-]+)[ \t]*$"
+        match = re.search(pattern, text, re.MULTILINE)
+        if match:
+            found[principal] = match[1]
+    return found
 
 
 def write_env(path: Path, users: SaslUsers) -> list[str]:
