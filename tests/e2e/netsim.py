@@ -77,6 +77,7 @@ class SimulatedNetwork:
             if self.rng.random() < 0.01:
                 view.monitor_lost = True
             self.controller.cps[view.cp_id] = view
+            self.controller.tally.add(view)  # /summary counts what the tally holds
             self.ids.append(view.cp_id)
 
     def _view(self, cp_id: str, site: str, n: int) -> CPView:
@@ -101,6 +102,7 @@ class SimulatedNetwork:
         """A new CP registers (ACTIVATED)."""
         view = self._view(cp_id, site, len(self.controller.cps))
         self.controller.cps[cp_id] = view
+        self.controller.tally.add(view)
         self.controller.changed(view)
         return view
 
