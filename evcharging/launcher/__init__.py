@@ -8,7 +8,10 @@ It starts the whole network on one machine, with every process's output in one t
    (on 9092 when free, else on a free port) and stopped at the end. It lives where the
    broker CLI keeps the broker of that port, ``.cache/kafka/run/PORT`` (so ``make
    broker-status`` sees it); on a fixed port its data survives between runs, like Central's
-   database, and a broker on a port picked at random keeps none.
+   database, and a broker on a port picked at random keeps none. With ``--sasl`` it is the
+   broker of SPEC §11 (SASL SCRAM-SHA-512, the ACLs of the principals central, cp and
+   driver; its data in ``data-sasl``) and the children get ``KAFKA_SECURITY_PROTOCOL`` and
+   the principals' passwords in their environment.
 2. **EV Central**, then wait until ``GET /health`` answers 200.
 3. **N charging points**. Up to :data:`~evcharging.launcher.plan.FLEET_THRESHOLD` (20) CPs,
    or with ``--no-fleet``: the engines ``CP-001`` … (health ports ``base``, ``base+1``, …);

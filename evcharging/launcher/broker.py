@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
 
@@ -23,6 +23,7 @@ from evcharging.devtools.kafka_broker import (
     libs_dir,
     run_dir,
 )
+from evcharging.devtools.kafka_broker.sasl import SERVICE_PRINCIPALS, SaslUsers, env_variable
 from evcharging.devtools.process import free_port, port_free, tcp_accepts
 from evcharging.launcher.console import Console
 from evcharging.launcher.plan import STOP_SIGNALS, LaunchError, LaunchOptions
@@ -92,8 +93,31 @@ class LocalBroker:
             shutil.rmtree(self.broker.work_dir, ignore_errors=True)
 
 
-def prepare_broker(console: Console, options: LaunchOptions, taken: set[int]) -> LocalBroker:
-    """The broker to start: on 9092 (or --kafka-port); a port picked at random keeps no data."""
+SASL_DATA_DIR = "data-sasl"
+"""A SASL broker's storage, next to the plain one's (``data``) in the broker's run folder:
+switching between ``make run`` and ``make run ARGS=--sasl`` keeps both."""
+
+
+def sasl_child_env(users: SaslUsers) -> dict[str, str]:
+    """What the children of a run on the launcher's SASL broker need (SPEC §11): the
+    protocol and each principal's password (each service picks its own)."""
+    env = {"KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT"}
+    env.update({env_variable(p): users.password(p) for p in SERVICE_PRINCIPALS})
+    return env
+
+
+def prepare_broker(
+    console: Console,
+    options: LaunchOptions,
+    taken: set[int],
+    *,
+    sasl: bool = False,
+    topic_prefixes: Sequence[str] = ("",),
+) -> LocalBroker:
+    """The broker to start: on 9092 (or --kafka-port); a port picked at random keeps no data.
+
+    With ``sasl`` it is the broker of SPEC §11 (SCRAM users and the ACLs for the topics of
+    ``topic_prefixes``), its data in :data:`SASL_DATA_DIR`."""
     port = options.kafka_port
     keep_data = bool(port)
     if port is None:
@@ -113,7 +137,12 @@ def prepare_broker(console: Console, options: LaunchOptions, taken: set[int]) ->
     elif port in taken or not port_free(port, "127.0.0.1"):
         raise LaunchError(f"port {port} (the local Kafka broker) is already in use; "
                           "choose another with --kafka-port")
-    return LocalBroker(KafkaBroker(port, run_dir(port)), keep_data)
+    work = run_dir(port)
+    if not sasl:
+        return LocalBroker(KafkaBroker(port, work), keep_data)
+    broker = KafkaBroker(port, work, data_dir=work / SASL_DATA_DIR, sasl=True,
+                         topic_prefixes=topic_prefixes)
+    return LocalBroker(broker, keep_data)
 
 
 def start_broker(console: Console, local: LocalBroker) -> None:

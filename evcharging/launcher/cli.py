@@ -30,6 +30,7 @@ from evcharging.launcher.broker import (
     StopRequest,
     kafka_reachable,
     prepare_broker,
+    sasl_child_env,
     start_broker,
 )
 from evcharging.launcher.console import (
@@ -186,6 +187,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         "from .env; when none is set, a local broker is started and stopped with the system)",
     )
     parser.add_argument(
+        "--sasl", action="store_true",
+        help="who may write to the bus (SPEC §11): the local broker requires SASL "
+        "SCRAM-SHA-512 and enforces the ACLs of the principals central, cp and driver, and "
+        "the services connect as theirs; with --kafka-bootstrap the services connect with "
+        "SASL_PLAINTEXT and the passwords of the environment or .env",
+    )
+    parser.add_argument(
         "--kafka-port", type=_kafka_port, default=None, metavar="PORT",
         help=f"port of the local broker, 0 for any free one (default: {KAFKA_DEFAULT_PORT} "
         "when free, else any free port)",
@@ -276,6 +284,16 @@ def options_from_args(
     )
 
 
+def options_topic_prefixes() -> set[str]:
+    """The topic prefixes of the run's Kafka services (environment, then .env)."""
+    try:
+        return {CentralSettings().topic_prefix, FleetSettings().topic_prefix,
+                LoadSettings().topic_prefix, DriverSettings(driver_id="driver-1").topic_prefix,
+                CPEngineSettings(cp_id="CP-001").topic_prefix}
+    except ValidationError:  # reported by options_from_args already
+        return set()
+
+
 def option_warnings(args: argparse.Namespace, options: LaunchOptions) -> list[str]:
     """What the user asked for that will not do what they may expect."""
     warnings = []
@@ -343,10 +361,15 @@ def run_command(args: argparse.Namespace) -> int:
                      "will be refused by Central")
 
     local: LocalBroker | None = None
+    child_environ = dict(os.environ)
+    # The topics the services name (their prefix, as .env or the environment says).
+    topic_prefixes = sorted({"", *options_topic_prefixes()})
     if options.kafka is not None:
         bootstrap = options.kafka.bootstrap
         kafka_note = f"{bootstrap} (from {options.kafka.origin})"
         console.say(f"Kafka: using {kafka_note}")
+        if args.sasl:
+            child_environ.setdefault("KAFKA_SECURITY_PROTOCOL", "SASL_PLAINTEXT")
         if not kafka_reachable(bootstrap):
             console.warn(f"nothing answers at {bootstrap} yet; the services will keep trying")
     else:
@@ -359,7 +382,8 @@ def run_command(args: argparse.Namespace) -> int:
         stop = StopRequest(kill_half_started)
         try:
             with stop.installed():
-                local = prepare_broker(console, options, {u.port for u in plan.uses()})
+                local = prepare_broker(console, options, {u.port for u in plan.uses()},
+                                       sasl=args.sasl, topic_prefixes=topic_prefixes)
                 start_broker(console, local)
                 if stop.requested:
                     raise KeyboardInterrupt
@@ -380,10 +404,14 @@ def run_command(args: argparse.Namespace) -> int:
             return EXIT_KILLED if killed else EXIT_OK
         bootstrap = local.broker.bootstrap
         kafka_note = f"{bootstrap} (started by the launcher; log {local.broker.log_file})"
+        if local.broker.sasl:
+            child_environ.update(sasl_child_env(local.broker.sasl_users))
+            kafka_note += "; SASL SCRAM-SHA-512 and the ACLs of SPEC §11"
+            console.say("Kafka: SASL and ACLs on; the services connect as central, cp and driver")
     code, killed = EXIT_FAILED, False
     try:
         supervisor = Supervisor(
-            options, bootstrap, console, os.environ, kafka_note, local is not None
+            options, bootstrap, console, child_environ, kafka_note, local is not None
         )
         code, killed = asyncio.run(supervise(supervisor))
     except KeyboardInterrupt:  # only in the instant before the handlers are installed

@@ -363,3 +363,51 @@ def test_run_with_a_fleet_and_the_load_generator(
     assert "all 3 processes have stopped" in out
     assert "killed (SIGKILL)" not in out
     assert_nothing_left(launcher, prefix, [http, listen, fleet])
+
+
+def test_run_with_sasl_charges_on_its_own_secured_broker(
+    tmp_path: Path, prefix: str, launchers: list[Launcher]
+) -> None:
+    """`make run ARGS=--sasl` (SPEC §11): the launcher's broker authenticates and
+    authorizes, and the services it starts connect as their principals and charge."""
+    http, listen, health = free_ports(1), free_ports(1), free_ports(2)
+    requests = tmp_path / "requests.txt"
+    requests.write_text("CP-001\nCP-002\n")
+    env = base_env(prefix, tmp_path)
+    env["CENTRAL_GROUP_ID"] = f"ev-central-{uuid.uuid4().hex[:8]}"  # Central's ACLs' prefix
+    launcher = Launcher(
+        tmp_path,
+        ["--sasl", "--cps", "2", "--drivers", "1", "--kafka-port", "0",
+         "--http-port", str(http), "--listen-port", str(listen), "--base-health-port",
+         str(health), "--db-path", str(tmp_path / "central.db"),
+         "--requests-file", str(requests)],
+        env,
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 120)
+    out = launcher.output()
+    assert "SASL SCRAM-SHA-512 and the ACLs of SPEC §11" in out
+    match = re.search(r"Kafka: +127\.0\.0\.1:(\d+) \(started by the launcher", out)
+    assert match, out
+    kafka = int(match[1])
+    properties = (run_dir(kafka) / "server.properties").read_text()
+    assert "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer" in (
+        properties)
+    assert "PLAINTEXT://" not in properties.replace("SASL_PLAINTEXT://", "")
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:
+
+        def completed() -> list[object] | None:
+            launcher.collect_children()
+            rows = client.get("/sessions", params={"status": "COMPLETED"}).json()
+            return rows if len(rows) == 2 else None
+
+        wait_for(completed, 90, "both sessions COMPLETED")
+    launcher.wait_output(r"driver-1 finished its requests file", 60)
+    assert "Authorization" not in launcher.output()
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(90) == 0
+    assert "the Kafka broker has stopped" in launcher.output()
+    assert_nothing_left(launcher, prefix, [http, listen, health, health + 1, kafka])
+    assert not run_dir(kafka).exists()

@@ -27,8 +27,15 @@ from evcharging.common.config import (
     FleetSettings,
     LoadSettings,
 )
+from evcharging.devtools.kafka_broker.sasl import SaslUsers
 from evcharging.devtools.process import port_free, terminate
-from evcharging.launcher.broker import StopRequest, stop_broker
+from evcharging.launcher.broker import (
+    SASL_DATA_DIR,
+    StopRequest,
+    prepare_broker,
+    sasl_child_env,
+    stop_broker,
+)
 from evcharging.launcher.children import (
     RESTART_FIRST_DELAY,
     RESTART_MAX_DELAY,
@@ -112,6 +119,27 @@ def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "COMMAND" in out
     assert re.search(r"^\s+run\s+start the whole system", out, re.MULTILINE)
+
+
+def test_sasl_makes_a_secured_broker_and_gives_the_children_their_passwords(
+    clean_env: Path,
+) -> None:
+    """`make run ARGS=--sasl` (SPEC §11): the local broker is a SASL one, with its own
+    storage, and the children learn the protocol and the principals' passwords."""
+    args = parse("--sasl", "--kafka-port", "0")
+    assert args.sasl is True and parse().sasl is False
+    options = options_from_args(args, {}, {})
+    console = Console(io.StringIO(), colour=False)
+    local = prepare_broker(console, options, set(), sasl=True, topic_prefixes=("", "run1."))
+    assert local.broker.sasl and local.broker.data_dir.name == SASL_DATA_DIR
+    assert not local.keep_data
+    plain = prepare_broker(console, options, set())
+    assert not plain.broker.sasl and plain.broker.data_dir.name == "data"
+    users = SaslUsers({"central": "c", "cp": "p", "driver": "d", "admin": "a"})
+    assert sasl_child_env(users) == {
+        "KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "KAFKA_CENTRAL_PASSWORD": "c",
+        "KAFKA_CP_PASSWORD": "p", "KAFKA_DRIVER_PASSWORD": "d",
+    }
 
 
 def test_a_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
