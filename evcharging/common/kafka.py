@@ -219,7 +219,7 @@ with the broker's append time, never with a producer's clock."""
 _NOT_AUTHORIZED = (29, 31)  # TOPIC_ / CLUSTER_AUTHORIZATION_FAILED
 
 
-class TopicsMissing(KafkaError):
+class TopicsMissing(KafkaError):  # type: ignore[misc]  # aiokafka has no types
     """The topics do not exist and this client may not create them (SPEC §11)."""
 
 
