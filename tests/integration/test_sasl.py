@@ -5,13 +5,18 @@ writes and reads of other topics, topic creation, consumer groups and transactio
 outside Central's, a wrong password, a client without SASL. Then a real Central, CP engine
 and driver, configured only by ``KAFKA_SECURITY_PROTOCOL`` and the passwords that
 ``start --sasl`` writes to ``.env``, run a session end to end while a forged command from
-the driver's principal is refused.
+the driver's principal is refused. A CP that starts before Central waits for the topics it
+may not create, and the command line's ``start --sasl`` writes the passwords into ``.env``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+import shutil
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,14 +33,17 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailed,
 )
+from loguru import logger
 
 from evcharging.apps.ev_central import main as central_main
 from evcharging.apps.ev_cp_e import main as engine_main
 from evcharging.apps.ev_driver import main as driver_main
+from evcharging.common.bus import Topic
 from evcharging.common.config import CentralSettings, CPEngineSettings, DriverSettings
-from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaSecurity
+from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaSecurity, ensure_topics
 from evcharging.common.messages import CentralCommand, CommandType
-from evcharging.devtools.kafka_broker import KafkaBroker
+from evcharging.devtools.kafka_broker import KafkaBroker, run_dir
+from evcharging.devtools.kafka_broker.sasl import SaslUsers
 from evcharging.devtools.process import free_port
 from tests.conftest import SASL_TOPIC_PREFIXES
 from tests.polling import poll
@@ -322,3 +330,86 @@ async def test_central_engine_and_driver_charge_on_the_sasl_broker_and_forgery_f
         stop.set()
         codes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
     assert codes == [0] * len(tasks), codes
+
+
+async def test_a_cp_that_starts_before_central_waits_for_its_topics(
+    sasl_broker: KafkaBroker,
+) -> None:
+    """The principal cp may not create topics: its bus waits until Central made them."""
+    prefix = f"sasl-late-{uuid.uuid4().hex[:6]}."
+    sasl_broker.grant(prefix)
+    users = sasl_broker.sasl_users
+
+    def config(principal: str) -> KafkaConfig:
+        return KafkaConfig(bootstrap=sasl_broker.bootstrap, client_id=f"late-{principal}",
+                           topic_prefix=prefix, connect_timeout=60,
+                           security=KafkaSecurity("SASL_PLAINTEXT", principal,
+                                                  users.password(principal)))
+
+    waiting: list[str] = []
+    sink = logger.add(lambda message: waiting.append(str(message)), level="WARNING")
+    cp = KafkaBus(config("cp"))
+    starting = asyncio.create_task(cp.start())
+    try:
+        await poll(lambda: starting.done() or any("may not create" in m for m in waiting),
+                   timeout=TIMEOUT, what="the cp's bus waiting for its topics")
+        assert not starting.done(), starting
+        assert not await topics_exist(sasl_broker, prefix)
+        await ensure_topics(config("central"), tuple(Topic))  # Central starts
+        await asyncio.wait_for(starting, TIMEOUT)
+    finally:
+        logger.remove(sink)
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await cp.stop()
+
+
+def test_the_cli_starts_a_sasl_broker_and_writes_the_passwords_into_env(
+    tmp_path: Path,
+) -> None:
+    """`python -m evcharging.devtools.kafka_broker start --sasl`: the passwords go into the
+    .env it is given (its other lines kept); a restart keeps them; `stop` ends it."""
+    env = tmp_path / ".env"
+    env.write_text("EVCHARGING_API_TOKEN=keep-me\nKAFKA_DRIVER_PASSWORD=chosen-before\n")
+    data = tmp_path / "data"
+
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "evcharging.devtools.kafka_broker", *args],
+            capture_output=True, text=True, timeout=180, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    out = cli("start", "--sasl", "--port", "0", "--data-dir", str(data), "--env-file", str(env))
+    match = re.search(r"bootstrap 127\.0\.0\.1:(\d+)", out)
+    assert match, out
+    port = match[1]
+    try:
+        lines = env.read_text().splitlines()
+        assert lines[:2] == ["EVCHARGING_API_TOKEN=keep-me", "KAFKA_DRIVER_PASSWORD=chosen-before"]
+        users = SaslUsers.load(data)
+        assert users is not None and users.password("driver") == "chosen-before"
+        for principal in ("central", "cp"):
+            assert f"KAFKA_{principal.upper()}_PASSWORD={users.password(principal)}" in lines
+        cli("stop", "--port", port)
+        cli("start", "--sasl", "--port", port, "--data-dir", str(data), "--env-file", str(env))
+        assert SaslUsers.load(data) == users
+        assert env.read_text().splitlines() == lines
+
+        async def central_reaches_it() -> None:
+            admin = AIOKafkaAdminClient(
+                bootstrap_servers=f"127.0.0.1:{port}",
+                **KafkaSecurity("SASL_PLAINTEXT", "central",
+                                users.password("central")).client_kwargs())
+            await admin.start()
+            await admin.close()
+
+        asyncio.run(central_reaches_it())
+    finally:
+        cli("stop", "--port", port)
+    assert "not running" in subprocess.run(
+        [sys.executable, "-m", "evcharging.devtools.kafka_broker", "status", "--port", port],
+        capture_output=True, text=True, timeout=60, check=False).stdout
+    assert not (run_dir(int(port)) / "broker.pid").exists()
+    shutil.rmtree(run_dir(int(port)))  # its log and properties (the data was in tmp_path)
