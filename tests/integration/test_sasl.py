@@ -42,7 +42,7 @@ from evcharging.common.bus import Topic
 from evcharging.common.config import CentralSettings, CPEngineSettings, DriverSettings
 from evcharging.common.kafka import BusError, KafkaBus, KafkaConfig, KafkaSecurity, ensure_topics
 from evcharging.common.messages import CentralCommand, CommandType
-from evcharging.devtools.kafka_broker import KafkaBroker, run_dir
+from evcharging.devtools.kafka_broker import KafkaBroker, KafkaBrokerError, run_dir
 from evcharging.devtools.kafka_broker.sasl import SaslUsers
 from evcharging.devtools.process import free_port
 from tests.conftest import SASL_TOPIC_PREFIXES
@@ -413,3 +413,15 @@ def test_the_cli_starts_a_sasl_broker_and_writes_the_passwords_into_env(
         capture_output=True, text=True, timeout=60, check=False).stdout
     assert not (run_dir(int(port)) / "broker.pid").exists()
     shutil.rmtree(run_dir(int(port)))  # its log and properties (the data was in tmp_path)
+
+
+def test_a_sasl_broker_refuses_storage_formatted_without_its_users(tmp_path: Path) -> None:
+    """Storage a plain broker formatted has no SCRAM users: say so (and how to start fresh)
+    instead of starting a broker nobody can log in to."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "meta.properties").write_text("node.id=1\n")
+    broker = KafkaBroker(work_dir=tmp_path, sasl=True)
+    with pytest.raises(KafkaBrokerError, match=r"formatted without SASL users.*--reset"):
+        broker.start()
+    assert not broker.running
