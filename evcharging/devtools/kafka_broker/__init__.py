@@ -16,6 +16,7 @@ Command line::
     python -m evcharging.devtools.kafka_broker status [--port 9092]   # exit 0 running, 1 not
     python -m evcharging.devtools.kafka_broker stop [--port 9092]
     python -m evcharging.devtools.kafka_broker start --foreground     # until Ctrl-C / SIGTERM
+    python -m evcharging.devtools.kafka_broker start --sasl --reset  # SPEC §11 (see below)
 
     A CLI broker keeps its state in ``<repo>/.cache/kafka/run/<port>/`` (``server.properties``,
     ``broker.log``, ``broker.pid``, ``bootstrap`` and, unless ``--data-dir`` says otherwise, the
@@ -28,14 +29,22 @@ From Python (e.g. pytest)::
     with KafkaBroker(work_dir=tmp_path) as broker:   # free port, fresh KRaft storage
         use(broker.bootstrap)                         # "127.0.0.1:<port>"
 
+Every broker refuses to create a topic on first use (``auto.create.topics.enable=false``).
+``start --sasl`` / ``KafkaBroker(sasl=True)`` is the broker of SPEC §11 (:mod:`.sasl`):
+SASL SCRAM-SHA-512 for every client, KRaft's ``StandardAuthorizer``, the users ``central``,
+``cp`` and ``driver`` with the ACLs of §11 (``--topic-prefix`` for prefixed topics) and the
+super users ``broker`` and ``admin``; the CLI writes the three passwords into ``.env``
+(``--env-file``) and a new storage takes the ones ``.env`` already has.
+
 ``KafkaBroker.start()`` returns only once the broker answers a real Kafka request (a metadata
 request through aiokafka) and raises :class:`KafkaBrokerError` with the tail of the broker log
 if it does not; it never leaves a java process behind when it fails.
 
 The modules, by responsibility: :mod:`.config` (defaults and paths), :mod:`.jars` (fetching
 the jars, finding java), :mod:`.cds` (the class-data archive), :mod:`.probe` (is it ready),
-:mod:`.broker` (:class:`KafkaBroker`), :mod:`.daemon` (status and stop by work directory),
-:mod:`.cli` (the command line). Port and process helpers are :mod:`evcharging.devtools.process`.
+:mod:`.broker` (:class:`KafkaBroker`), :mod:`.sasl` (users, ACLs, ``.env``), :mod:`.daemon`
+(status and stop by work directory), :mod:`.cli` (the command line). Port and process
+helpers are :mod:`evcharging.devtools.process`.
 """
 
 from evcharging.devtools.kafka_broker.broker import KafkaBroker, new_cluster_id
