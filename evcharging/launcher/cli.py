@@ -1,4 +1,8 @@
-"""``python -m evcharging run``: the flags, their defaults, and the command from start to end."""
+"""``python -m evcharging run``: the flags, their defaults, and the command from start to end.
+
+Over 400 lines: the flags, how they resolve against the services' settings and the one
+command that uses them (broker, SASL, supervision, exit codes) read best side by side.
+"""
 
 from __future__ import annotations
 

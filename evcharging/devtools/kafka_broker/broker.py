@@ -4,8 +4,9 @@
 request through aiokafka) and raises :class:`KafkaBrokerError` with the tail of the broker log
 if it does not; it never leaves a java process behind when it fails.
 
-About 400 lines and kept whole: start, stop and kill share one lock and one process. Its
-helpers live in :mod:`.jars`, :mod:`.cds`, :mod:`.probe` and :mod:`.daemon`.
+About 500 lines and kept whole: start, stop, kill and granting ACLs share one lock and one
+process. Its helpers live in :mod:`.jars`, :mod:`.cds`, :mod:`.probe`, :mod:`.sasl` and
+:mod:`.daemon`.
 """
 
 from __future__ import annotations
