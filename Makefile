@@ -70,8 +70,8 @@ bench: $(STAMP) ## request→ACCEPTED latency over a real broker (see benchmarks
 bench-fleet: $(STAMP) ## Central + a CP Fleet + load at 100..10,000 CPs: report and plot in benchmarks/results/ (~15 min)
 	$(PY) benchmarks/fleet_bench.py $(ARGS)
 
-broker-start: $(STAMP) ## start a local Kafka broker on 127.0.0.1:9092 in the background
-	$(PY) -m evcharging.devtools.kafka_broker start --port 9092
+broker-start: $(STAMP) ## start a local Kafka broker on 127.0.0.1:9092 in the background (ARGS="--sasl --reset": SPEC §11)
+	$(PY) -m evcharging.devtools.kafka_broker start --port 9092 $(ARGS)
 
 broker-stop: $(STAMP) ## stop the local Kafka broker
 	$(PY) -m evcharging.devtools.kafka_broker stop --port 9092
@@ -79,7 +79,7 @@ broker-stop: $(STAMP) ## stop the local Kafka broker
 broker-status: $(STAMP) ## is the local Kafka broker running?
 	@$(PY) -m evcharging.devtools.kafka_broker status --port 9092 || true
 
-up: ## Docker Compose: build and start Kafka and every service (writes an API token into .env)
+up: ## Docker Compose: build and start Kafka and every service (writes an API token and the Kafka passwords into .env)
 	$(PYTHON) -m evcharging.devtools.env_token .env .env.example
 	docker compose -f docker/docker-compose.yml --env-file .env up --build -d
 	@echo "Dashboard: http://localhost:$${CENTRAL_HTTP_PORT:-8000}/"
