@@ -23,8 +23,8 @@ from evcharging.common.states import CPState, SessionResult
 __all__ = [
     "check_monitors",
     "check_silent_cps",
-    "forgive_stall",
     "forget_unregistered",
+    "forgive_stall",
     "prune_history",
     "run",
     "snapshot_health",
