@@ -373,6 +373,58 @@ class FleetSettings(ServiceSettings):
     )
 
 
+class OcppSettings(ServiceSettings):
+    """OCPP gateway (SPEC §8): real chargers over OCPP-J 1.6 and 2.0.1, turned into CPs."""
+
+    model_config = SettingsConfigDict(env_prefix="OCPP_")
+
+    kafka_security_protocol: SecurityProtocol = kafka_protocol_field("OCPP_")
+    kafka_sasl_username: str | None = kafka_username_field("OCPP_", "cp")
+    kafka_sasl_password: SecretStr | None = kafka_password_field("OCPP_", "cp")
+    kafka_ssl_cafile: Path | None = kafka_cafile_field("OCPP_")
+
+    host: str = Field("127.0.0.1", description="address chargers connect to")
+    ws_port: Port = Field(9000, description="WebSocket port: ws://HOST:PORT/ocpp/{charger_id}")
+    passwords_file: Path | None = Field(
+        None, description="Basic-auth passwords, 'charger_id:password' or "
+        "'charger_id:sha256:<hex>' a line (unset: protected mode, loopback chargers only)"
+    )
+    tls_cert: Path | None = Field(None, description="TLS certificate (with tls_key: wss:// only)")
+    tls_key: Path | None = Field(None, description="TLS private key (with tls_cert)")
+    allow_anonymous: bool = Field(
+        False, description="with no passwords file, listen on a non-loopback address anyway "
+        "and accept chargers from any address (protected mode off)"
+    )
+    heartbeat_interval: int = Field(
+        60, ge=1, le=86_400, description="the interval a BootNotification is answered with (s)"
+    )
+    status_interval: Positive = Field(
+        5.0, description="seconds between the heartbeat statuses the gateway publishes for "
+        "each of its CPs (keep it well below Central's CENTRAL_CP_SILENCE_TIMEOUT)"
+    )
+    euro_rate: Annotated[float, Field(ge=0)] = Field(
+        0.30, description="price per kWh of the gateway's CPs (€)"
+    )
+    call_timeout: Positive = Field(
+        30.0, description="seconds a CALL to a charger waits for its answer"
+    )
+    http_host: str = Field("127.0.0.1", description="address of /health and /metrics")
+    http_port: Port = Field(9001, description="port of the gateway's /health and /metrics")
+    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_port: Port = Field(8000, description="port of Central's HTTP API")
+    api_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OCPP_API_TOKEN", SHARED_TOKEN_ENV),
+        description="token sent to Central's API when it has one",
+    )
+
+    @model_validator(mode="after")
+    def _tls_needs_both(self) -> OcppSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("OCPP_TLS_CERT and OCPP_TLS_KEY go together: set both or neither")
+        return self
+
+
 class CtlSettings(BaseSettings):
     """ctl, the operator CLI of Central's TCP control plane: where Central is, and its token.
 

@@ -231,6 +231,23 @@ _CATALOGUE: tuple[Family, ...] = (
     _g("monitor_cps", "CPs by what their monitoring believes (UNKNOWN, HEALTHY, FAILING, "
        "FAULT)",
        "view", service="monitor"),
+    # --- the OCPP gateway ----------------------------------------------------------------
+    _g("ocpp_chargers", "Chargers connected, by OCPP protocol (ocpp1.6, ocpp2.0.1)",
+       "protocol", service="ocpp"),
+    _g("ocpp_cps", "The gateway's CPs (connectors, EVSEs) by state", "state", service="ocpp"),
+    _c("ocpp_messages", "OCPP messages handled, by action (unknown: not an OCPP action), "
+       "direction (in: the charger's CALL, out: the gateway's) and result (accepted, "
+       "rejected, timeout, or the CALLERROR code)", "action", "direction", "result",
+       service="ocpp"),
+    _h("ocpp_call_duration", "Round trip of one CALL from the gateway to a charger",
+       LATENCY_BUCKETS, "action", service="ocpp"),
+    _c("ocpp_handshakes_refused", "WebSocket handshakes refused, by reason (unknown_path, "
+       "unauthorized, unknown_charger, not_loopback, no_subprotocol)", "reason",
+       service="ocpp"),
+    _c("ocpp_unknown_transactions", "Stops and meter values for a transaction the gateway "
+       "does not know (answered as usual, no session changed)", service="ocpp"),
+    _c("ocpp_commands", "Central's commands for the gateway's CPs, by command and outcome "
+       "(done, refused)", "cmd", "outcome", service="ocpp"),
     # --- the driver load generator -------------------------------------------------------
     _c("load_arrivals", "Drivers that arrived", service="load"),
     _c("load_requests_sent", "Requests published", service="load"),

@@ -44,6 +44,7 @@ from evcharging.apps.ev_fleet.plan import fleet_plan
 from evcharging.apps.ev_load.load import CPChooser, LoadGenerator
 from evcharging.apps.ev_load.metrics import LoadCollector, load_metrics
 from evcharging.apps.ev_load.stats import Outcome
+from evcharging.apps.ev_ocpp.metrics import OcppCollector
 from evcharging.common.bus import Topic
 from evcharging.common.config import CPEngineSettings, CPMonitorSettings
 from evcharging.common.kafka import BusStats, KafkaConfig
@@ -81,11 +82,11 @@ Samples = dict[str, float]
 HOT_PATH_HISTOGRAMS = {
     PREFIX + "accept_latency_seconds", PREFIX + "db_write_duration_seconds",
     PREFIX + "handler_duration_seconds", PREFIX + "load_accept_latency_seconds",
-    PREFIX + "load_final_latency_seconds",
+    PREFIX + "load_final_latency_seconds", PREFIX + "ocpp_call_duration_seconds",
 }
 """Histograms observed as things happen (or built from the load's latencies)."""
 COLLECTORS: list[Any] = [BusCollector, CentralCollector, EngineCollector, FleetCollector,
-                         MonitorCollector, LoadCollector]
+                         MonitorCollector, LoadCollector, OcppCollector]
 
 
 def parse(text: str) -> Samples:

@@ -1,0 +1,435 @@
+"""The gateway's CPs: each connector (1.6) or EVSE (2.0.1) of a charger is one CP of §2–§4.
+
+Over 400 lines: the one place that holds every CP's state, session and last end, and
+turns what chargers say into the statuses and telemetry an engine would publish, and
+Central's commands into CALLs; its ordering rules only hold if it stays together.
+
+What Central sees is what a CP Engine would publish (:mod:`evcharging.apps.ev_cp_e.engine`):
+
+* every state change is a ``CPStatus`` with the state-machine event that led there (none
+  when no single event does: Central then follows the state, as for a heartbeat);
+* the end of a session is a ``CPStatus`` with ``session_id``, ``driver_id``, ``kwh``,
+  ``euros`` and ``session_result``, dated by the charger's own stop timestamp;
+* every ``status_interval`` seconds, and at each OCPP Heartbeat, each CP publishes a
+  heartbeat status (``event=HEARTBEAT``) repeating its state, its running session and
+  ``last_session``, the end of its last session: a lost end is recovered (SPEC §4). CPs of
+  a charger that is offline go on beating: an idle one as DISCONNECTED, one with a running
+  session as SUPPLYING (the session stays open until the charger's queued stop arrives);
+* meter values become ``CPTelemetry`` (running totals of the session).
+
+A refused command (SHUTDOWN always; any other when the charger is offline, answers
+Rejected or does not answer within ``call_timeout``) is a ``CPStatus`` with
+``event=REFUSED`` and ``cmd`` naming it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from loguru import logger
+
+from evcharging.apps.ev_ocpp.logic import connector_cp_id, stop_result
+from evcharging.common.bus import BusError, Publisher
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandType,
+    CPRegistration,
+    CPStatus,
+    CPTelemetry,
+    Message,
+    SessionEnd,
+    StatusEvent,
+    clip_reason,
+    utcnow,
+)
+from evcharging.common.states import CPEvent, CPState, SessionResult, path
+
+if TYPE_CHECKING:
+    from evcharging.apps.ev_ocpp.link import ChargerLink
+
+__all__ = ["Connector", "Gateway", "GatewayStats", "Session"]
+
+_REMEMBERED_TRANSACTIONS = 100_000
+"""Transactions (running and ended) the gateway remembers, to answer replays."""
+_SECONDS_PER_HOUR = 3600.0
+
+
+@dataclass
+class Session:
+    """A charging session: one transaction on one connector."""
+
+    session_id: str
+    driver_id: str
+    cp_id: str
+    transaction: str
+    """The charger's transaction id (1.6: the gateway's integer, as text)."""
+    meter_start_wh: float
+    started_at: datetime
+    kw: float = 0.0
+    kwh: float = 0.0
+    euros: float = 0.0
+    last_wh: float | None = None
+    last_at: datetime | None = None
+    stop_cp: bool = False
+    """Central's STOP_CP is ending it (the stop then ends it STOPPED)."""
+    offline: bool = False
+    """Its charger's connection dropped while it ran."""
+    ended: SessionEnd | None = None
+    """Its end, once reported (a replayed stop changes nothing)."""
+    seq_no: int = -1
+    """2.0.1: the highest TransactionEvent seqNo seen."""
+
+
+@dataclass
+class PendingStart:
+    """A START_SUPPLY sent to the charger as a remote start, not yet started by it."""
+
+    session_id: str
+    driver_id: str
+    remote_start_id: int = 0
+
+
+@dataclass
+class Connector:
+    """One CP: connector (or EVSE) `number` of `charger_id`."""
+
+    charger_id: str
+    number: int
+    state: CPState = CPState.DISCONNECTED
+    reason: str | None = None
+    session: Session | None = None
+    last_end: SessionEnd | None = None
+    pending: PendingStart | None = None
+
+    @property
+    def cp_id(self) -> str:
+        return connector_cp_id(self.charger_id, self.number)
+
+
+@dataclass
+class GatewayStats:
+    """Counters the gateway's ``/metrics`` reads (read them, do not write them)."""
+
+    messages: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    """(action, direction, result) → count."""
+    handshakes_refused: Counter[str] = field(default_factory=Counter)
+    unknown_transactions: int = 0
+    commands: Counter[tuple[str, str]] = field(default_factory=Counter)
+    """(cmd, outcome) → count."""
+    publish_failures: int = 0
+
+
+def _event_between(old: CPState, new: CPState) -> StatusEvent | None:
+    """The one state-machine event that leads from `old` to `new`, if one does."""
+    if old is new:
+        return None
+    steps = path(old, new)
+    return StatusEvent.of(steps[0]) if len(steps) == 1 else None
+
+
+class Gateway:
+    """Every CP the gateway speaks for, the chargers connected now and the transactions
+    it remembers; the bridge between the chargers' links and the bus."""
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        *,
+        euro_rate: float = 0.30,
+        heartbeat_interval: int = 60,
+        status_interval: float = 5.0,
+        call_timeout: float = 30.0,
+        register: Callable[[CPRegistration], None] = lambda _: None,
+        observe_call: Callable[[str, float], None] = lambda _a, _s: None,
+    ) -> None:
+        self.publisher = publisher
+        self.euro_rate = euro_rate
+        self.heartbeat_interval = heartbeat_interval
+        self.status_interval = status_interval
+        self.call_timeout = call_timeout
+        self.register = register
+        self.observe_call = observe_call
+        self.stats = GatewayStats()
+        self.connectors: dict[str, Connector] = {}
+        self.links: dict[str, ChargerLink] = {}
+        """The connected chargers, by charger id."""
+        self.transactions: OrderedDict[tuple[str, str], Session | None] = OrderedDict()
+        """(charger id, transaction id) → its session (None: refused, no session)."""
+        self._publish_failing = False
+
+    # ---------------------------------------------------------------- chargers
+
+    def attach(self, link: ChargerLink) -> ChargerLink | None:
+        """A charger connected; the link it replaces (the same charger connected again
+        before its old connection was seen to close), if any."""
+        old = self.links.get(link.charger_id)
+        self.links[link.charger_id] = link
+        return old
+
+    async def detach(self, link: ChargerLink) -> None:
+        """A charger's connection closed: its idle CPs become DISCONNECTED, a running
+        session stays open (SPEC §8: it ends by the charger's stop when it is back)."""
+        if self.links.get(link.charger_id) is not link:
+            return  # replaced by a newer connection of the same charger
+        del self.links[link.charger_id]
+        for conn in self.of_charger(link.charger_id):
+            conn.pending = None
+            if conn.session is not None:
+                conn.session.offline = True
+                continue
+            if conn.state is CPState.ACTIVATED:
+                await self.change(conn, CPState.DISCONNECTED, "charger offline")
+
+    def of_charger(self, charger_id: str) -> list[Connector]:
+        prefix = f"{charger_id}."
+        return [c for cp_id, c in self.connectors.items() if cp_id.startswith(prefix)
+                and c.charger_id == charger_id]
+
+    def connector(self, charger_id: str, number: int) -> Connector:
+        """The CP of this connector, created (and registered with Central) on first use."""
+        cp_id = connector_cp_id(charger_id, number)
+        conn = self.connectors.get(cp_id)
+        if conn is None:
+            conn = Connector(charger_id, number)
+            self.connectors[cp_id] = conn
+            self.register(CPRegistration(cp_id=cp_id, euro_rate=self.euro_rate))
+        return conn
+
+    # ---------------------------------------------------------------- states
+
+    async def change(
+        self, conn: Connector, new: CPState, reason: str, *, ts: datetime | None = None
+    ) -> None:
+        """Move `conn` to `new` and announce it; a running session ends as the state
+        machine says (FAULT: FAILED; STOPPED: STOPPED) at its last meter."""
+        old = conn.state
+        session = conn.session
+        if session is not None and new in (CPState.FAULT, CPState.STOPPED):
+            result = SessionResult.FAILED if new is CPState.FAULT else SessionResult.STOPPED
+            await self.end(session, session.last_wh, result, reason, ts=ts, state=new)
+            return
+        if old is new and conn.reason == reason:
+            return
+        conn.state = new
+        conn.reason = clip_reason(reason)
+        logger.info("CP {}: {} → {} ({})", conn.cp_id, old.value, new.value, reason)
+        await self.publish(CPStatus(
+            cp_id=conn.cp_id, state=new, event=_event_between(old, new), reason=conn.reason,
+            session_id=session.session_id if session else None,
+            driver_id=session.driver_id if session else None,
+            ts=ts or utcnow(),
+        ))
+
+    async def heartbeat(self, conn: Connector) -> None:
+        session = conn.session
+        await self.publish(CPStatus(
+            cp_id=conn.cp_id, state=conn.state, event=StatusEvent.HEARTBEAT,
+            reason=conn.reason, last_session=conn.last_end,
+            session_id=session.session_id if session else None,
+            driver_id=session.driver_id if session else None,
+        ))
+
+    async def heartbeats(self, charger_id: str | None = None) -> None:
+        """A heartbeat status of every CP (of one charger, when given)."""
+        conns = (self.of_charger(charger_id) if charger_id is not None
+                 else list(self.connectors.values()))
+        for conn in conns:
+            await self.heartbeat(conn)
+
+    async def beat_forever(self) -> None:
+        """Every ``status_interval``: a heartbeat of every CP (Central's silence check)."""
+        while True:
+            await asyncio.sleep(self.status_interval)
+            await self.heartbeats()
+
+    # ---------------------------------------------------------------- sessions
+
+    def remember(self, charger_id: str, transaction: str, session: Session | None) -> None:
+        self.transactions[(charger_id, transaction)] = session
+        self.transactions.move_to_end((charger_id, transaction))
+        while len(self.transactions) > _REMEMBERED_TRANSACTIONS:
+            self.transactions.popitem(last=False)
+
+    async def start(
+        self,
+        conn: Connector,
+        *,
+        transaction: str,
+        driver_id: str,
+        meter_start_wh: float,
+        ts: datetime,
+        own_session_id: str,
+    ) -> Session:
+        """A transaction began on `conn`: Central's session when it asked for one for
+        this driver (a remote start), else a session of the driver with no request."""
+        pending = conn.pending
+        if pending is not None and pending.driver_id == driver_id:
+            session_id = pending.session_id
+            conn.pending = None
+        else:
+            session_id = own_session_id
+            logger.info("CP {}: session {} started at the charger by {} (no request)",
+                        conn.cp_id, session_id, driver_id)
+        running = conn.session
+        if running is not None:
+            await self.end(running, running.last_wh, SessionResult.FAILED,
+                           "a new transaction started on the connector", ts=ts)
+        session = Session(session_id, driver_id, conn.cp_id, transaction, meter_start_wh, ts,
+                          last_wh=meter_start_wh, last_at=ts)
+        conn.session = session
+        self.remember(conn.charger_id, transaction, session)
+        old = conn.state
+        conn.state, conn.reason = CPState.SUPPLYING, "charging"
+        logger.info("CP {}: {} → SUPPLYING, session {} of {} (transaction {})",
+                    conn.cp_id, old.value, session_id, driver_id, transaction)
+        await self.publish(CPStatus(
+            cp_id=conn.cp_id, state=CPState.SUPPLYING,
+            event=StatusEvent.START_SUPPLY if old is CPState.ACTIVATED else None,
+            reason="charging", session_id=session_id, driver_id=driver_id, ts=ts,
+        ))
+        return session
+
+    async def meter(
+        self, session: Session, energy_wh: float | None, power_w: float | None,
+        ts: datetime | None,
+    ) -> None:
+        """Meter values of a session: telemetry with its running totals."""
+        ts = ts or utcnow()
+        if energy_wh is not None:
+            kwh = max(0.0, (energy_wh - session.meter_start_wh) / 1000.0)
+            if power_w is None and session.last_wh is not None and session.last_at is not None:
+                hours = (ts - session.last_at).total_seconds() / _SECONDS_PER_HOUR
+                if hours > 0:
+                    session.kw = max(0.0, (energy_wh - session.last_wh) / 1000.0 / hours)
+            session.kwh, session.euros = kwh, kwh * self.euro_rate
+            session.last_wh, session.last_at = energy_wh, ts
+        if power_w is not None:
+            session.kw = max(0.0, power_w / 1000.0)
+        await self.publish(CPTelemetry(
+            cp_id=session.cp_id, kw=session.kw, kwh=session.kwh, euros=session.euros,
+            driver_id=session.driver_id, session_id=session.session_id, ts=ts,
+        ))
+
+    async def stop(
+        self, session: Session, meter_stop_wh: float | None, reason: str | None,
+        ts: datetime,
+    ) -> None:
+        """The charger stopped `session`'s transaction (StopTransaction, Ended)."""
+        result = stop_result(reason, stopped_by_operator=session.stop_cp)
+        await self.end(session, meter_stop_wh, result, f"transaction stopped ({reason or 'Local'})",
+                       ts=ts)
+
+    async def end(
+        self,
+        session: Session,
+        final_wh: float | None,
+        result: SessionResult,
+        reason: str,
+        *,
+        ts: datetime | None = None,
+        state: CPState | None = None,
+    ) -> None:
+        """End `session` with its final meter; announced as an engine announces an end.
+
+        A session already ended (by a fault, then by the charger's own stop) is announced
+        again only when the final meter changes its totals: Central corrects the ledger.
+        """
+        if final_wh is not None:
+            kwh = max(0.0, (final_wh - session.meter_start_wh) / 1000.0)
+            session.kwh, session.euros = kwh, kwh * self.euro_rate
+        end = SessionEnd(session_id=session.session_id, result=result, kwh=session.kwh,
+                         euros=session.euros)
+        conn = self.connectors[session.cp_id]
+        already = session.ended
+        if already is not None and (already.kwh, already.euros) == (end.kwh, end.euros):
+            return
+        session.ended = end
+        if conn.session is session:
+            conn.session = None
+        last = conn.last_end
+        if already is None or (last is not None and last.session_id == end.session_id):
+            conn.last_end = end
+        old = conn.state
+        if state is None:
+            state = (CPState.STOPPED if result is SessionResult.STOPPED
+                     else old if old in (CPState.FAULT, CPState.STOPPED)
+                     else CPState.ACTIVATED)
+        conn.state, conn.reason = state, clip_reason(reason)
+        event: StatusEvent | None
+        if already is not None or old is not CPState.SUPPLYING:
+            event = _event_between(old, state)
+        else:
+            event = StatusEvent.of({
+                SessionResult.COMPLETED: CPEvent.SESSION_COMPLETE,
+                SessionResult.STOPPED: CPEvent.STOP_CP,
+                SessionResult.FAILED: CPEvent.FAULT if state is CPState.FAULT
+                else CPEvent.STOP_SUPPLY,
+            }[result])
+        logger.info("CP {}: session {} of {} {}: {:.4f} kWh, {:.4f} € ({})", conn.cp_id,
+                    session.session_id, session.driver_id, result.value, end.kwh, end.euros,
+                    reason)
+        await self.publish(CPStatus(
+            cp_id=conn.cp_id, state=state, event=event, reason=conn.reason,
+            session_id=session.session_id, driver_id=session.driver_id, kwh=end.kwh,
+            euros=end.euros, session_result=result, ts=ts or utcnow(),
+        ))
+
+    def unknown_transaction(self, charger_id: str, what: str, transaction: object) -> None:
+        self.stats.unknown_transactions += 1
+        logger.warning("charger {}: {} for unknown transaction {}; answered, no session "
+                       "changed", charger_id, what, transaction)
+
+    # ---------------------------------------------------------------- Central's commands
+
+    async def handle_command(self, cmd: CentralCommand) -> None:
+        """A command of Central's for one of the gateway's CPs (others are ignored): queued
+        to its charger's link, so a slow charger holds up no other."""
+        conn = self.connectors.get(cmd.cp_id)
+        if conn is None:
+            return
+        logger.info("command {} for {} {}", cmd.cmd.value, cmd.cp_id,
+                    cmd.payload.model_dump(exclude_none=True))
+        if cmd.cmd is CommandType.SHUTDOWN:
+            await self.refuse(conn, cmd, "a charger cannot be shut down from Central")
+            return
+        link = self.links.get(conn.charger_id)
+        if link is None:
+            await self.refuse(conn, cmd, "charger offline")
+            return
+        link.enqueue(cmd)
+
+    async def refuse(self, conn: Connector, cmd: CentralCommand, why: str) -> None:
+        self.stats.commands[(cmd.cmd.value, "refused")] += 1
+        reason = f"refused {cmd.cmd.value}: {why}"
+        logger.warning("CP {}: {}", conn.cp_id, reason)
+        await self.publish(CPStatus(
+            cp_id=conn.cp_id, state=conn.state, event=StatusEvent.REFUSED, cmd=cmd.cmd,
+            reason=clip_reason(reason), session_id=cmd.payload.session_id,
+        ))
+
+    def done(self, cmd: CentralCommand) -> None:
+        self.stats.commands[(cmd.cmd.value, "done")] += 1
+
+    # ---------------------------------------------------------------- publishing
+
+    async def publish(self, message: Message) -> None:
+        """Queue `message` on the bus; a failure is logged once per outage (the next
+        heartbeat repeats the state and the last end)."""
+        try:
+            await self.publisher.publish(message, wait=False)
+        except BusError as exc:
+            self.stats.publish_failures += 1
+            if not self._publish_failing:
+                self._publish_failing = True
+                logger.error("could not publish {}: {} (logged once until it works again)",
+                             type(message).__name__, exc)
+            return
+        if self._publish_failing:
+            self._publish_failing = False
+            logger.info("publishing works again")
+

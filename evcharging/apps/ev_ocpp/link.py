@@ -1,0 +1,419 @@
+"""One charger's connection: OCPP-J messages in, CALLs out (SPEC §8).
+
+:class:`ChargerLink` is the `ocpp` library's ``ChargePoint`` (its CALL/answer matching, its
+message classes and JSON schemas) with the gateway's own dispatch of the charger's CALLs:
+
+* an action OCPP does not define gets CALLERROR ``NotImplemented``, an action of the
+  version that the gateway does not handle ``NotSupported`` (the library answers these
+  two the other way round);
+* a payload that breaks the version's schema gets the code of
+  :func:`~evcharging.apps.ev_ocpp.logic.schema_error_code` (the library answers
+  ``ProtocolError`` for a missing field and ``FormatViolation`` for a bad value);
+* each such error is logged once per connection and kind, counted every time, and the
+  connection stays up.
+
+Central's commands for the charger's CPs wait in the link's queue and are carried out one
+at a time by the link's worker: one CALL is in flight per charger (the library's lock), it
+waits ``call_timeout`` at most, and a slow charger holds up only itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, ClassVar
+
+from jsonschema import ValidationError as SchemaError
+from loguru import logger
+from ocpp.charge_point import ChargePoint
+from ocpp.exceptions import OCPPError, UnknownCallErrorCodeError
+from ocpp.messages import Call, CallError, CallResult, MessageType, get_validator, unpack
+from ocpp.v16 import call as call16
+from ocpp.v16.enums import Action as Action16
+from websockets.exceptions import ConnectionClosed
+
+from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
+from evcharging.apps.ev_ocpp.logic import (
+    connector_state,
+    is_valid_id_tag,
+    parse_ocpp_time,
+    read_meter,
+    schema_error_code,
+    session_id_of,
+    transaction_id,
+)
+from evcharging.common.messages import CentralCommand, CommandType, clip_reason, utcnow
+from evcharging.common.states import CPState, SessionResult
+
+__all__ = ["ChargerLink", "V16Link"]
+
+Payload = dict[str, Any]
+CallHandler = Callable[[Payload], Awaitable[Payload]]
+
+_LIBRARY_LOG = logging.getLogger("evcharging.ocpp.library")
+_LIBRARY_LOG.addHandler(logging.NullHandler())
+_LIBRARY_LOG.propagate = False
+"""The library logs every message at INFO; the gateway logs what matters itself."""
+
+
+def now_text() -> str:
+    return utcnow().isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def charger_time(text: object) -> datetime:
+    """A charger's timestamp; its own clock dates its sessions (now when unreadable)."""
+    try:
+        return parse_ocpp_time(str(text))
+    except ValueError:
+        return utcnow()
+
+
+class Refused(Exception):
+    """A command the charger did not carry out (the reason says why)."""
+
+
+class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
+    """One connected charger, for one version of OCPP (a subclass per version)."""
+
+    version: ClassVar[str]
+    protocol: ClassVar[str]
+    known_actions: ClassVar[frozenset[str]]
+
+    def __init__(self, charger_id: str, connection: Any, gateway: Gateway) -> None:
+        super().__init__(charger_id, connection, response_timeout=gateway.call_timeout,
+                         logger=_LIBRARY_LOG)
+        self.charger_id = charger_id
+        self.gateway = gateway
+        self.vendor: str | None = None
+        self.model: str | None = None
+        self._queue: asyncio.Queue[CentralCommand] = asyncio.Queue()
+        self._logged: set[tuple[str, str]] = set()
+        self.handlers: dict[str, CallHandler] = self.call_handlers()
+        self._log = logger.bind(charger_id=charger_id)
+
+    def call_handlers(self) -> dict[str, CallHandler]:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- the connection
+
+    async def serve(self) -> None:
+        """Read the charger's messages and carry out its commands until it disconnects
+        (ConnectionClosed ends it)."""
+        worker = asyncio.create_task(self._work(), name=f"ocpp-{self.charger_id}-commands")
+        try:
+            await self.start()
+        finally:
+            worker.cancel()
+            await asyncio.gather(worker, return_exceptions=True)
+
+    def once(self, kind: str, what: str, message: str, *args: object) -> None:
+        """Log a problem once per connection and kind."""
+        if (kind, what) not in self._logged:
+            self._logged.add((kind, what))
+            self._log.warning("charger {}: " + message + " (logged once per connection)",
+                              self.charger_id, *args)
+
+    def count(self, action: str, direction: str, result: str) -> None:
+        self.gateway.stats.messages[(action, direction, result)] += 1
+
+    async def route_message(self, raw_msg: str | bytes) -> None:
+        """One message from the charger: a CALL is answered here; an answer goes to the
+        CALL waiting for it."""
+        try:
+            msg = unpack(raw_msg)
+        except OCPPError as exc:
+            self.count("unknown", "in", exc.code)
+            self.once("unparsable", exc.code, "message that is not OCPP-J ({}): {!r}",
+                      exc.code, str(raw_msg)[:200])
+            return
+        if msg.message_type_id == MessageType.Call:
+            await self._answer(msg)
+        elif msg.message_type_id in (MessageType.CallResult, MessageType.CallError):
+            self._response_queue.put_nowait(msg)
+
+    async def _answer(self, msg: Call) -> None:
+        action = str(msg.action)
+        handler = self.handlers.get(action)
+        if handler is None:
+            known = action in self.known_actions
+            code = "NotSupported" if known else "NotImplemented"
+            label = action if known else "unknown"
+            await self._error(msg, label, code, f"{action} is not "
+                              f"{'supported by this gateway' if known else 'an OCPP action'}")
+            return
+        payload = msg.payload
+        try:
+            validator = get_validator(MessageType.Call, action, self.version)
+            validator.validate(payload)
+        except SchemaError as exc:
+            code = schema_error_code(str(exc.validator), exc.path, self.version)
+            await self._error(msg, action, code, exc.message[:300])
+            return
+        try:
+            answer = await handler(payload)
+        except Exception as exc:  # noqa: BLE001 - a bug answers InternalError, not a crash
+            self.count(action, "in", "InternalError")
+            self._log.opt(exception=exc).error("charger {}: {} failed", self.charger_id, action)
+            await self._send(CallError(msg.unique_id, "InternalError", "the gateway failed "
+                                       "to handle the message", {}).to_json())
+            return
+        self.count(action, "in", "accepted")
+        await self._send(CallResult(msg.unique_id, answer).to_json())
+
+    async def _error(self, msg: Call, action: str, code: str, description: str) -> None:
+        self.count(action, "in", code)
+        self.once(code, action, "{} answered CALLERROR {}: {}", msg.action, code, description)
+        await self._send(CallError(msg.unique_id, code, clip_reason(description)[:255],
+                                   {}).to_json())
+
+    # ---------------------------------------------------------------- CALLs to the charger
+
+    def enqueue(self, cmd: CentralCommand) -> None:
+        self._queue.put_nowait(cmd)
+
+    async def _work(self) -> None:
+        while True:
+            cmd = await self._queue.get()
+            conn = self.gateway.connectors.get(cmd.cp_id)
+            if conn is None:
+                continue
+            try:
+                await self.execute(conn, cmd)
+            except Refused as exc:
+                await self.gateway.refuse(conn, cmd, str(exc))
+            else:
+                self.gateway.done(cmd)
+
+    async def execute(self, conn: Connector, cmd: CentralCommand) -> None:
+        raise NotImplementedError
+
+    async def request(self, payload: Any) -> Any:
+        """Send one CALL and return the charger's answer; Refused when it answers with a
+        CALLERROR, does not answer within ``call_timeout`` or is gone."""
+        action = type(payload).__name__
+        started = time.perf_counter()
+        try:
+            answer = await self.call(payload, suppress=False)
+        except TimeoutError:
+            self.count(action, "out", "timeout")
+            raise Refused(f"{action}: no answer within {self.gateway.call_timeout:g} s") from None
+        except (OCPPError, UnknownCallErrorCodeError) as exc:
+            code = getattr(exc, "code", "unknown")
+            self.count(action, "out", str(code))
+            raise Refused(f"{action}: CALLERROR {code}") from None
+        except ConnectionClosed:
+            self.count(action, "out", "closed")
+            raise Refused(f"{action}: the charger disconnected") from None
+        self.gateway.observe_call(action, time.perf_counter() - started)
+        return answer
+
+    def accepted(self, action: str, status: object, *ok: str) -> bool:
+        text = str(getattr(status, "value", status))
+        accepted = text in (ok or ("Accepted",))
+        self.count(action, "out", "accepted" if accepted else "rejected")
+        return accepted
+
+
+class V16Link(ChargerLink):
+    """OCPP 1.6J, Core profile."""
+
+    version = "1.6"
+    protocol = "ocpp1.6"
+    known_actions = frozenset(action.value for action in Action16)
+
+    def call_handlers(self) -> dict[str, CallHandler]:
+        return {
+            "BootNotification": self.on_boot_notification,
+            "Heartbeat": self.on_heartbeat,
+            "StatusNotification": self.on_status_notification,
+            "Authorize": self.on_authorize,
+            "StartTransaction": self.on_start_transaction,
+            "MeterValues": self.on_meter_values,
+            "StopTransaction": self.on_stop_transaction,
+        }
+
+    # ---------------------------------------------------------------- the charger's CALLs
+
+    async def on_boot_notification(self, payload: Payload) -> Payload:
+        self.vendor = str(payload["chargePointVendor"])
+        self.model = str(payload["chargePointModel"])
+        self._log.info("charger {} booted: {} {} (OCPP 1.6)", self.charger_id, self.vendor,
+                       self.model)
+        return {"status": "Accepted", "currentTime": now_text(),
+                "interval": self.gateway.heartbeat_interval}
+
+    async def on_heartbeat(self, payload: Payload) -> Payload:
+        await self.gateway.heartbeats(self.charger_id)
+        return {"currentTime": now_text()}
+
+    async def on_authorize(self, payload: Payload) -> Payload:
+        return {"idTagInfo": {"status": _tag_status(str(payload["idTag"]))}}
+
+    async def on_status_notification(self, payload: Payload) -> Payload:
+        number = int(payload["connectorId"])
+        status = str(payload["status"])
+        conns = (self.gateway.of_charger(self.charger_id) if number == 0
+                 else [self.gateway.connector(self.charger_id, number)])
+        ts = charger_time(payload["timestamp"]) if "timestamp" in payload else None
+        for conn in conns:
+            await self.apply_status(conn, status, payload.get("errorCode"),
+                                    payload.get("info"), ts)
+        return {}
+
+    async def apply_status(
+        self, conn: Connector, status: str, error: object, info: object,
+        ts: datetime | None,
+    ) -> None:
+        session = conn.session
+        state = connector_state(status, session_running=session is not None)
+        if state is None:
+            return
+        if session is not None and state is CPState.ACTIVATED:
+            if session.offline and status == "Available":
+                # Back online with the connector free and no stop: the session is over.
+                await self.gateway.end(session, session.last_wh,
+                                       SessionResult.FAILED, "charger came back without the "
+                                       "transaction's stop", ts=ts)
+            return  # Finishing before the stop: the stop ends the session
+        if state is CPState.FAULT:
+            reason = ": ".join(str(p) for p in (error, info) if p and p != "NoError")
+            await self.gateway.change(conn, state, reason or "Faulted", ts=ts)
+            return
+        reason = {"Unavailable": "unavailable", "Charging": "charging"}.get(
+            status, status.lower())
+        if conn.state is CPState.FAULT:
+            await self.gateway.change(conn, CPState.ACTIVATED, "recovered", ts=ts)
+        if state is CPState.SUPPLYING:
+            return  # already SUPPLYING since its transaction started
+        await self.gateway.change(conn, state, reason, ts=ts)
+
+    async def on_start_transaction(self, payload: Payload) -> Payload:
+        number = int(payload["connectorId"])
+        id_tag = str(payload["idTag"])
+        meter_start = int(payload["meterStart"])
+        stamp = str(payload["timestamp"])
+        tx = transaction_id(self.charger_id, number, id_tag, meter_start, stamp)
+        key = (self.charger_id, str(tx))
+        if key in self.gateway.transactions:
+            session = self.gateway.transactions[key]
+            self._log.info("charger {}: StartTransaction replayed: transaction {} again",
+                           self.charger_id, tx)
+            status = "Accepted" if session is not None else "Invalid"
+            return {"transactionId": tx, "idTagInfo": {"status": status}}
+        if not is_valid_id_tag(id_tag):
+            self.gateway.remember(self.charger_id, str(tx), None)
+            self.once("id_tag", "start", "StartTransaction with id tag {!r}, not a driver id: "
+                      "Invalid", id_tag)
+            return {"transactionId": tx, "idTagInfo": {"status": "Invalid"}}
+        conn = self.gateway.connector(self.charger_id, number)
+        await self.gateway.start(
+            conn, transaction=str(tx), driver_id=id_tag, meter_start_wh=float(meter_start),
+            ts=charger_time(stamp), own_session_id=session_id_of(self.charger_id, tx),
+        )
+        return {"transactionId": tx, "idTagInfo": {"status": "Accepted"}}
+
+    def _session(self, transaction: object, what: str) -> Session | None:
+        session = self.gateway.transactions.get((self.charger_id, str(transaction)))
+        if session is None:
+            self.gateway.unknown_transaction(self.charger_id, what, transaction)
+        return session
+
+    async def on_meter_values(self, payload: Payload) -> Payload:
+        number = int(payload["connectorId"])
+        reading = read_meter(payload.get("meterValue", []))
+        if "transactionId" in payload:
+            session = self._session(payload["transactionId"], "MeterValues")
+        else:
+            conn = self.gateway.connectors.get(f"{self.charger_id}.{number}")
+            session = conn.session if conn is not None else None
+        if session is not None and (reading.energy_wh is not None or reading.power_w is not None):
+            await self.gateway.meter(session, reading.energy_wh, reading.power_w, reading.ts)
+        return {}
+
+    async def on_stop_transaction(self, payload: Payload) -> Payload:
+        tx = payload["transactionId"]
+        answer: Payload = {}
+        if "idTag" in payload:
+            answer["idTagInfo"] = {"status": _tag_status(str(payload["idTag"]))}
+        session = self._session(tx, "StopTransaction")
+        if session is None:
+            return answer
+        meter_stop = float(payload["meterStop"])
+        ts = charger_time(payload["timestamp"])
+        data = payload.get("transactionData")
+        if data:
+            reading = read_meter(data)
+            if reading.energy_wh is not None:
+                session.last_wh = reading.energy_wh
+        await self.gateway.stop(session, meter_stop, payload.get("reason"), ts)
+        return answer
+
+    # ---------------------------------------------------------------- Central's commands
+
+    async def execute(self, conn: Connector, cmd: CentralCommand) -> None:
+        p = cmd.payload
+        match cmd.cmd:
+            case CommandType.START_SUPPLY:
+                assert p.session_id is not None and p.driver_id is not None  # the model's rule
+                running = conn.session
+                if running is not None and running.session_id == p.session_id:
+                    return  # a duplicate START_SUPPLY
+                if conn.state is not CPState.ACTIVATED or running is not None:
+                    raise Refused(f"CP is {conn.state.value}")
+                if not is_valid_id_tag(p.driver_id):
+                    raise Refused(f"driver id {p.driver_id!r} is no OCPP 1.6 idTag (20 "
+                                  "characters at most)")
+                pending = PendingStart(p.session_id, p.driver_id)
+                conn.pending = pending  # before the CALL: the start may come before its answer
+                try:
+                    answer = await self.request(call16.RemoteStartTransaction(
+                        id_tag=p.driver_id, connector_id=conn.number))
+                    if not self.accepted("RemoteStartTransaction", answer.status):
+                        raise Refused("RemoteStartTransaction Rejected")
+                except Refused:
+                    if conn.pending is pending:
+                        conn.pending = None
+                    raise
+            case CommandType.STOP_SUPPLY:
+                session = conn.session
+                if session is None:
+                    raise Refused("no running session")
+                if p.session_id and p.session_id != session.session_id:
+                    raise Refused(f"session {p.session_id} is not the running session")
+                await self._remote_stop(session)
+            case CommandType.STOP_CP:
+                session = conn.session
+                if session is not None:
+                    session.stop_cp = True
+                    await self._remote_stop(session)
+                await self._availability(conn, "Inoperative", CPState.STOPPED,
+                                         p.reason or "stopped by operator")
+            case CommandType.RESUME_CP:
+                await self._availability(conn, "Operative", CPState.ACTIVATED,
+                                         p.reason or "resumed by operator")
+            case _:
+                raise Refused(f"{cmd.cmd.value} is not supported")
+
+    async def _remote_stop(self, session: Session) -> None:
+        answer = await self.request(call16.RemoteStopTransaction(
+            transaction_id=int(session.transaction)))
+        if not self.accepted("RemoteStopTransaction", answer.status):
+            raise Refused("RemoteStopTransaction Rejected")
+
+    async def _availability(self, conn: Connector, kind: str, state: CPState, reason: str
+                            ) -> None:
+        answer = await self.request(call16.ChangeAvailability(
+            connector_id=conn.number, type=kind))
+        if not self.accepted("ChangeAvailability", answer.status, "Accepted", "Scheduled"):
+            raise Refused(f"ChangeAvailability {kind} Rejected")
+        if str(getattr(answer.status, "value", answer.status)) == "Accepted" and (
+            conn.session is None and conn.state in (CPState.ACTIVATED, CPState.STOPPED)
+        ):
+            await self.gateway.change(conn, state, reason)
+
+
+def _tag_status(id_tag: str) -> str:
+    return "Accepted" if is_valid_id_tag(id_tag) else "Invalid"

@@ -1,0 +1,225 @@
+"""The OCPP gateway's pure rules (SPEC §8): transaction ids, meter values, states, stop
+results, CALLERROR codes, the handshake's path and the passwords file."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from evcharging.apps.ev_ocpp.logic import (
+    connector_state,
+    is_valid_id_tag,
+    parse_ocpp_time,
+    read_meter,
+    schema_error_code,
+    session_id_of,
+    stop_result,
+    transaction_id,
+)
+from evcharging.apps.ev_ocpp.server import PasswordBook, charger_of_path
+from evcharging.common.states import CPState, SessionResult
+
+# ----------------------------------------------------------------------------- transaction ids
+
+
+def test_transaction_id_depends_only_on_its_five_fields() -> None:
+    args = ("CH-1", 1, "alice", 1200, "2026-12-07T10:00:00Z")
+    tx = transaction_id(*args)
+    assert tx == transaction_id(*args)
+    assert 1 <= tx <= 2**31 - 1
+    # The same instant written another way is the same start.
+    assert transaction_id("CH-1", 1, "alice", 1200, "2026-12-07T10:00:00.000+00:00") == tx
+    others = {
+        transaction_id("CH-2", 1, "alice", 1200, "2026-12-07T10:00:00Z"),
+        transaction_id("CH-1", 2, "alice", 1200, "2026-12-07T10:00:00Z"),
+        transaction_id("CH-1", 1, "bob", 1200, "2026-12-07T10:00:00Z"),
+        transaction_id("CH-1", 1, "alice", 1201, "2026-12-07T10:00:00Z"),
+        transaction_id("CH-1", 1, "alice", 1200, "2026-12-07T10:00:01Z"),
+    }
+    assert tx not in others and len(others) == 5
+
+
+def test_session_ids_of_charger_sessions_are_stable_ids() -> None:
+    sid = session_id_of("CH-1", 42)
+    assert sid == session_id_of("CH-1", "42")
+    assert sid != session_id_of("CH-2", 42)
+    assert len(sid) == 32 and all(c in "0123456789abcdef" for c in sid)
+
+
+def test_ocpp_times_are_utc() -> None:
+    assert parse_ocpp_time("2026-12-07T10:00:00Z") == datetime(2026, 12, 7, 10, tzinfo=UTC)
+    assert parse_ocpp_time("2026-12-07T11:00:00+01:00") == datetime(2026, 12, 7, 10, tzinfo=UTC)
+    assert parse_ocpp_time("2026-12-07T10:00:00") == datetime(2026, 12, 7, 10, tzinfo=UTC)
+    with pytest.raises(ValueError):
+        parse_ocpp_time("yesterday")
+
+
+def test_id_tags_are_driver_ids_within_ocpp_limits() -> None:
+    assert is_valid_id_tag("driver-alice")
+    assert not is_valid_id_tag("a" * 21)  # 1.6's CiString20
+    assert is_valid_id_tag("a" * 36, max_length=36)
+    assert not is_valid_id_tag("bad tag")
+    assert not is_valid_id_tag("")
+
+
+# ----------------------------------------------------------------------------- meter values
+
+
+def sample(value: str, **fields: str) -> dict[str, str]:
+    return {"value": value, **fields}
+
+
+def test_energy_in_wh_by_default_and_kwh_when_said() -> None:
+    reading = read_meter([{"timestamp": "2026-12-07T10:00:00Z",
+                           "sampledValue": [sample("1500")]}])
+    assert reading.energy_wh == 1500.0 and reading.power_w is None
+    assert reading.ts == datetime(2026, 12, 7, 10, tzinfo=UTC)
+    kwh = read_meter([{"sampledValue": [sample("1.5", unit="kWh",
+                                               measurand="Energy.Active.Import.Register")]}])
+    assert kwh.energy_wh == 1500.0
+
+
+def test_power_in_w_or_kw_and_phases_summed() -> None:
+    reading = read_meter([{"sampledValue": [
+        sample("11", measurand="Power.Active.Import", unit="kW"),
+        sample("2000", measurand="Energy.Active.Import.Register"),
+    ]}])
+    assert reading.power_w == 11000.0 and reading.energy_wh == 2000.0
+    phases = read_meter([{"sampledValue": [
+        sample(v, measurand="Power.Active.Import", unit="W", phase=p)
+        for v, p in (("1000", "L1"), ("2000", "L2"), ("3000", "L3"), ("7", "L1-N"))
+    ]}])
+    assert phases.power_w == 6000.0
+
+
+def test_2_0_1_unit_of_measure_with_multiplier() -> None:
+    reading = read_meter([{"timestamp": "2026-12-07T10:00:00Z", "sampledValue": [
+        {"value": 2.5, "measurand": "Energy.Active.Import.Register",
+         "unitOfMeasure": {"unit": "kWh"}},
+        {"value": 7.2, "measurand": "Power.Active.Import",
+         "unitOfMeasure": {"unit": "W", "multiplier": 3}},
+    ]}])
+    assert reading.energy_wh == 2500.0
+    assert reading.power_w == pytest.approx(7200.0)
+
+
+def test_other_measurands_units_and_garbage_are_left_out() -> None:
+    reading = read_meter([{"sampledValue": [
+        sample("230", measurand="Voltage", unit="V"),
+        sample("12", measurand="Energy.Active.Import.Register", unit="varh"),
+        sample("not a number"),
+        sample("NaN", measurand="Power.Active.Import"),
+    ]}])
+    assert reading.energy_wh is None and reading.power_w is None
+    assert read_meter([]).energy_wh is None
+
+
+def test_the_last_sample_wins() -> None:
+    reading = read_meter([
+        {"timestamp": "2026-12-07T10:00:00Z", "sampledValue": [sample("100")]},
+        {"timestamp": "2026-12-07T10:01:00Z", "sampledValue": [sample("300")]},
+    ])
+    assert reading.energy_wh == 300.0
+    assert reading.ts == datetime(2026, 12, 7, 10, 1, tzinfo=UTC)
+
+
+# ----------------------------------------------------------------------------- states
+
+
+@pytest.mark.parametrize(("status", "running", "state"), [
+    ("Available", False, CPState.ACTIVATED),
+    ("Preparing", False, CPState.ACTIVATED),
+    ("Finishing", True, CPState.ACTIVATED),
+    ("Reserved", False, CPState.ACTIVATED),
+    ("Charging", True, CPState.SUPPLYING),
+    ("SuspendedEV", True, CPState.SUPPLYING),
+    ("SuspendedEVSE", True, CPState.SUPPLYING),
+    ("Charging", False, CPState.ACTIVATED),
+    ("Occupied", True, CPState.SUPPLYING),
+    ("Occupied", False, CPState.ACTIVATED),
+    ("Unavailable", False, CPState.STOPPED),
+    ("Faulted", True, CPState.FAULT),
+    ("Exploded", False, None),
+])
+def test_status_notification_states(status: str, running: bool, state: CPState | None) -> None:
+    assert connector_state(status, session_running=running) is state
+
+
+@pytest.mark.parametrize(("reason", "by_operator", "result"), [
+    (None, False, SessionResult.COMPLETED),
+    ("Local", False, SessionResult.COMPLETED),
+    ("Remote", False, SessionResult.COMPLETED),
+    ("EVDisconnected", False, SessionResult.COMPLETED),
+    ("Remote", True, SessionResult.STOPPED),
+    ("EmergencyStop", False, SessionResult.FAILED),
+    ("PowerLoss", True, SessionResult.FAILED),
+    ("Reboot", False, SessionResult.FAILED),
+    ("HardReset", False, SessionResult.FAILED),
+    ("SoftReset", False, SessionResult.FAILED),
+    ("Other", False, SessionResult.FAILED),
+])
+def test_stop_results(reason: str | None, by_operator: bool, result: SessionResult) -> None:
+    assert stop_result(reason, stopped_by_operator=by_operator) is result
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("validator", "path", "v16", "v201"), [
+    ("required", [], "OccurenceConstraintViolation", "OccurrenceConstraintViolation"),
+    ("type", ["connectorId"], "TypeConstraintViolation", "TypeConstraintViolation"),
+    ("maxLength", ["idTag"], "TypeConstraintViolation", "TypeConstraintViolation"),
+    ("enum", ["status"], "PropertyConstraintViolation", "PropertyConstraintViolation"),
+    ("minimum", ["meterStart"], "PropertyConstraintViolation", "PropertyConstraintViolation"),
+    ("additionalProperties", [], "FormationViolation", "FormatViolation"),
+    ("type", [], "FormationViolation", "FormatViolation"),
+])
+def test_schema_error_codes_as_each_version_spells_them(
+    validator: str, path: list[str], v16: str, v201: str
+) -> None:
+    assert schema_error_code(validator, path, "1.6") == v16
+    assert schema_error_code(validator, path, "2.0.1") == v201
+
+
+# ----------------------------------------------------------------------------- handshake
+
+
+def test_charger_paths() -> None:
+    assert charger_of_path("/ocpp/CH-1") == "CH-1"
+    assert charger_of_path("/ocpp/CH-1?x=1") == "CH-1"
+    for bad in ("/", "/ocpp/", "/ocpp/a/b", "/other/CH-1", "/ocpp/bad id", "/ocpp/" + "a" * 61):
+        assert charger_of_path(bad) is None, bad
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_passwords_plain_and_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "passwords"
+    digest = hashlib.sha256(b"s3cret:with:colons").hexdigest()
+    path.write_text(f"# chargers\nCH-1:plain-pass\n\nCH-2:sha256:{digest}\n")
+    book = PasswordBook(path)
+    assert len(book) == 2 and book.knows("CH-1") and not book.knows("CH-3")
+    assert book.check("CH-1", basic("CH-1", "plain-pass"))
+    assert not book.check("CH-1", basic("CH-1", "wrong"))
+    assert not book.check("CH-1", basic("CH-2", "plain-pass"))  # user must be the charger
+    assert not book.check("CH-1", None)
+    assert not book.check("CH-1", "Bearer plain-pass")
+    assert not book.check("CH-1", "Basic !!!")
+    assert book.check("CH-2", basic("CH-2", "s3cret:with:colons"))
+    assert not book.check("CH-2", basic("CH-2", digest))
+
+
+def test_passwords_file_errors_are_clear(tmp_path: Path) -> None:
+    path = tmp_path / "passwords"
+    path.write_text("CH-1\n")
+    with pytest.raises(ValueError, match="line 1"):
+        PasswordBook(path)
+    path.write_text("CH-1:sha256:abc\n")
+    with pytest.raises(ValueError, match="64 hex digits"):
+        PasswordBook(path)
