@@ -286,3 +286,12 @@ def test_a_larger_limit_takes_nothing_from_anyone_under_equal_and_never_less_in_
     if policy is Policy.EQUAL:
         for sid, share in small.items():
             assert large[sid] >= share - 1e-9
+
+
+@given(limits, demand_lists())
+def test_without_departures_least_laxity_shares_equally(
+    limit: float, demands: list[Demand]
+) -> None:
+    undated = [Demand(d.session_id, d.cp_kw, d.car_kw, d.kwh_left) for d in demands]
+    assert allocate(limit, undated, policy=Policy.LEAST_LAXITY, now=NOW) == allocate(
+        limit, undated)

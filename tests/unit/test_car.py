@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from evcharging.common.car import (
@@ -200,6 +200,7 @@ def test_two_steps_are_one_step_of_their_sum(
         second.car.soc, FULL_SOC, abs_=1e-9)
 
 
+@settings(deadline=None)  # thousands of steps per example
 @given(cars(st.floats(0.0, 0.98)), rates, limits, st.floats(0.1, 100.0))
 def test_the_wanted_energy_is_delivered_exactly_however_it_is_stepped(
     car: Car, cp_kw: float, limit_kw: float | None, kwh_wanted: float
@@ -223,6 +224,7 @@ def test_the_wanted_energy_is_delivered_exactly_however_it_is_stepped(
         assert delivered <= kwh_wanted + 1e-9
 
 
+@settings(deadline=None)  # thousands of steps per example
 @given(cars(st.floats(0.0, 0.98)), rates, limits)
 def test_the_exact_step_agrees_with_fine_euler_integration(
     car: Car, cp_kw: float, limit_kw: float | None
