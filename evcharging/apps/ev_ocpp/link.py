@@ -32,6 +32,7 @@ from ocpp.charge_point import ChargePoint
 from ocpp.exceptions import OCPPError, UnknownCallErrorCodeError
 from ocpp.messages import Call, CallError, CallResult, MessageType, get_validator, unpack
 from ocpp.v16 import call as call16
+from ocpp.v16 import call_result as result16
 from ocpp.v16.enums import Action as Action16
 from websockets.exceptions import ConnectionClosed
 
@@ -184,6 +185,10 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 await self.execute(conn, cmd)
             except Refused as exc:
                 await self.gateway.refuse(conn, cmd, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a bug refuses the command, not the link
+                self._log.opt(exception=exc).error("charger {}: {} failed", self.charger_id,
+                                                   cmd.cmd.value)
+                await self.gateway.refuse(conn, cmd, f"gateway error {type(exc).__name__}")
             else:
                 self.gateway.done(cmd)
 
@@ -222,6 +227,9 @@ class V16Link(ChargerLink):
 
     version = "1.6"
     protocol = "ocpp1.6"
+    _ocpp_version = "1.6"  # what the library's call() validates and answers with
+    _call = call16
+    _call_result = result16
     known_actions = frozenset(action.value for action in Action16)
 
     def call_handlers(self) -> dict[str, CallHandler]:

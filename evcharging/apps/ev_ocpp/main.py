@@ -25,15 +25,16 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from loguru import logger
 
 from evcharging.apps.ev_cp_e.main import start_parts
 from evcharging.apps.ev_fleet.central import CentralClient
 from evcharging.apps.ev_ocpp.central import Registrar
 from evcharging.apps.ev_ocpp.gateway import Gateway
+from evcharging.apps.ev_ocpp.logic import PROTOCOLS
 from evcharging.apps.ev_ocpp.metrics import OcppCollector
 from evcharging.apps.ev_ocpp.server import OcppServer, PasswordBook, tls_context
 from evcharging.common.bus import Routes
@@ -79,21 +80,24 @@ def exposure_problem(settings: OcppSettings) -> str | None:
 
 def create_app(gateway: Gateway, server: OcppServer, bus: KafkaBus, registrar: Registrar
                ) -> FastAPI:
-    """``/health``: the gateway at a glance (``/metrics`` is mounted by the caller)."""
+    """``/health``: the gateway at a glance, 200 while it listens for chargers and reaches
+    Kafka, else 503 (``/metrics`` is mounted by the caller)."""
     app = FastAPI(title="OCPP gateway", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> JSONResponse:
         links = list(gateway.links.values())
-        return {
-            "status": "ok" if bus.connected else "degraded",
+        ok = server.listening and bus.connected
+        body = {
+            "status": "ok" if ok else "starting" if not server.listening else "degraded",
+            "listening": server.listening,
             "kafka_connected": bus.connected,
             "url": server.url,
-            "chargers": {p: sum(1 for link in links if link.protocol == p)
-                         for p in ("ocpp1.6", "ocpp2.0.1")},
+            "chargers": {p: sum(1 for link in links if link.protocol == p) for p in PROTOCOLS},
             "cps": len(gateway.connectors),
             "registrations_pending": registrar.pending,
         }
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     return app
 

@@ -194,6 +194,10 @@ class OcppServer:
         return int(next(iter(self._server.sockets)).getsockname()[1])
 
     @property
+    def listening(self) -> bool:
+        return self._server is not None and self._server.is_serving()
+
+    @property
     def url(self) -> str:
         scheme = "wss" if self.tls is not None else "ws"
         host = f"[{self.host}]" if ":" in self.host else self.host

@@ -1,0 +1,514 @@
+"""The OCPP gateway on the real broker, with Central's own ``run`` and chargers played by
+the mobilityhouse `ocpp` library's ``ChargePoint`` over real WebSockets (SPEC §8).
+
+Central and the gateways run in this process on topics with a unique prefix (only the
+broker is shared). A probe reads ``cp.status`` and ``driver.updates`` to see what the
+gateway published and what the driver got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import ssl
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from ocpp.routing import on
+from ocpp.v16 import ChargePoint as ChargePoint16
+from ocpp.v16 import call, call_result
+from websockets.asyncio.client import ClientConnection
+from websockets.typing import Subprotocol
+
+from evcharging.apps.ev_central import main as central_main
+from evcharging.apps.ev_ocpp import main as ocpp_main
+from evcharging.common.config import CentralSettings, OcppSettings
+from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandType,
+    CPStatus,
+    DriverRequest,
+    DriverStatus,
+    DriverUpdate,
+    StatusEvent,
+    new_id,
+)
+from evcharging.common.states import CPState
+from evcharging.devtools.process import free_port
+from tests.polling import poll
+
+pytestmark = pytest.mark.integration
+
+EURO_RATE = 0.30
+OCPP16 = [Subprotocol("ocpp1.6")]
+
+
+@dataclass
+class System:
+    prefix: str
+    bootstrap: str
+    central: httpx.AsyncClient
+    bus: KafkaBus
+    updates: dict[str, list[DriverUpdate]] = field(default_factory=dict)
+    statuses: list[CPStatus] = field(default_factory=list)
+
+    async def cp_state(self, cp_id: str) -> str | None:
+        answer = await self.central.get(f"/cp/{cp_id}")
+        return str(answer.json()["state"]) if answer.status_code == 200 else None
+
+    async def wait_state(self, cp_id: str, state: CPState, timeout: float = 30.0) -> None:
+        async def reached() -> bool:
+            return await self.cp_state(cp_id) == state.value
+
+        await poll(reached, timeout=timeout, what=f"{cp_id} {state.value} at Central",
+                   retry_on=(httpx.HTTPError,))
+
+    def of(self, cp_id: str) -> list[CPStatus]:
+        return [s for s in self.statuses if s.cp_id == cp_id]
+
+
+@pytest.fixture(scope="module")
+async def system(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+                 ) -> AsyncIterator[System]:
+    prefix = f"ocpp-{uuid.uuid4().hex[:8]}."
+    http_port = free_port()
+    stop = asyncio.Event()
+    settings = CentralSettings(
+        kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix, http_port=http_port,
+        listen_port=free_port(), db_path=tmp_path_factory.mktemp("ocpp") / "central.db",
+        group_id=f"central-{prefix}", start_timeout=20.0,
+    )
+    central = asyncio.create_task(central_main.run(settings, stop))
+    config = KafkaConfig(bootstrap=kafka_bootstrap, client_id="probe", topic_prefix=prefix)
+    bus = KafkaBus(config)
+    await bus.start()
+    probe = System(prefix, kafka_bootstrap,
+                   httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}"), bus)
+
+    async def on_update(update: DriverUpdate) -> None:
+        probe.updates.setdefault(update.request_id, []).append(update)
+
+    async def on_status(status: CPStatus) -> None:
+        probe.statuses.append(status)
+
+    reader = KafkaConsumerLoop(
+        config, Routes().add(DriverUpdate, on_update).add(CPStatus, on_status),
+        start_at="latest",
+    )
+    await reader.start()
+    reading = asyncio.create_task(reader.run())
+
+    async def central_up() -> bool:
+        return (await probe.central.get("/health")).status_code == 200
+
+    try:
+        await poll(central_up, timeout=60, what="Central's /health",
+                   retry_on=(httpx.HTTPError,))
+        yield probe
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(central, 30)
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        await reader.stop()
+        await bus.stop()
+        await probe.central.aclose()
+        assert code == 0
+
+
+@dataclass
+class Gateway:
+    ws_url: str
+    http: httpx.AsyncClient
+
+    async def metric(self, name: str) -> float:
+        text = (await self.http.get("/metrics")).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+StartGateway = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def start_gateway(system: System) -> AsyncIterator[StartGateway]:
+    stop = asyncio.Event()
+    runs: list[asyncio.Task[int]] = []
+    clients: list[httpx.AsyncClient] = []
+
+    async def start(**overrides: Any) -> Gateway:
+        ws_port, http_port = free_port(), free_port()
+        central_port = int(str(system.central.base_url).rsplit(":", 1)[1].rstrip("/"))
+        settings = OcppSettings(
+            kafka_bootstrap=system.bootstrap, topic_prefix=system.prefix, ws_port=ws_port,
+            http_port=http_port, central_port=central_port, central_host="127.0.0.1",
+            call_timeout=5.0, status_interval=1.0, euro_rate=EURO_RATE, **overrides,
+        )
+        runs.append(asyncio.create_task(ocpp_main.run(settings, stop)))
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}")
+        clients.append(http)
+
+        async def up() -> bool:
+            if runs[-1].done():
+                raise AssertionError(f"the gateway exited with {runs[-1].result()}")
+            return (await http.get("/health")).status_code == 200
+
+        await poll(up, timeout=60, what="the gateway's /health", retry_on=(httpx.HTTPError,))
+        scheme = "wss" if "tls_cert" in overrides else "ws"
+        return Gateway(f"{scheme}://127.0.0.1:{ws_port}/ocpp/", http)
+
+    try:
+        yield start
+    finally:
+        stop.set()
+        codes = await asyncio.wait_for(asyncio.gather(*runs), 30)
+        for client in clients:
+            await client.aclose()
+        assert all(code == 0 for code in codes), codes
+
+
+# ----------------------------------------------------------------------------- chargers
+
+
+class Charger(ChargePoint16):  # type: ignore[misc]
+    """A 1.6 charger played by the `ocpp` library: it accepts what the gateway asks and
+    tells the test through queues."""
+
+    def __init__(self, charger_id: str, connection: ClientConnection) -> None:
+        super().__init__(charger_id, connection)
+        self.remote_starts: asyncio.Queue[tuple[str, int | None]] = asyncio.Queue()
+        self.remote_stops: asyncio.Queue[int] = asyncio.Queue()
+        self.availability: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self.answer = "Accepted"
+
+    @on("RemoteStartTransaction")
+    async def on_remote_start(self, id_tag: str, connector_id: int | None = None,
+                              **_: Any) -> Any:
+        self.remote_starts.put_nowait((id_tag, connector_id))
+        return call_result.RemoteStartTransaction(status=self.answer)
+
+    @on("RemoteStopTransaction")
+    async def on_remote_stop(self, transaction_id: int, **_: Any) -> Any:
+        self.remote_stops.put_nowait(transaction_id)
+        return call_result.RemoteStopTransaction(status=self.answer)
+
+    @on("ChangeAvailability")
+    async def on_change_availability(self, connector_id: int, type: str, **_: Any) -> Any:
+        self.availability.put_nowait((connector_id, type))
+        return call_result.ChangeAvailability(status=self.answer)
+
+    async def boot(self) -> None:
+        answer = await self.call(call.BootNotification(
+            charge_point_model="Test-22", charge_point_vendor="evcharging-tests"))
+        assert answer.status == "Accepted" and answer.interval == 60
+
+    async def status(self, connector: int, status: str, error: str = "NoError",
+                     info: str | None = None) -> None:
+        await self.call(call.StatusNotification(connector_id=connector, error_code=error,
+                                                status=status, info=info))
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[..., Awaitable[Charger]]]:
+    opened: list[tuple[ClientConnection, asyncio.Task[None]]] = []
+
+    async def open_charger(url: str, charger_id: str, **kwargs: Any) -> Charger:
+        ws = await websockets.connect(url + charger_id, subprotocols=OCPP16, **kwargs)
+        charger = Charger(charger_id, ws)
+        opened.append((ws, asyncio.create_task(charger.start())))
+        return charger
+
+    yield open_charger
+    for ws, task in opened:
+        await ws.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def charger_id() -> str:
+    return f"CH-{uuid.uuid4().hex[:6]}"
+
+
+# ----------------------------------------------------------------------------- connection
+
+
+async def test_handshake_refusals_unknown_path_charger_and_password(
+    start_gateway: StartGateway, tmp_path: Path, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    passwords = tmp_path / "passwords"
+    passwords.write_text("CH-AUTH:open-sesame\n")
+    gateway = await start_gateway(passwords_file=passwords)
+    cases = [
+        (gateway.ws_url.replace("/ocpp/", "/nope/") + "CH-AUTH", {}, 404),
+        (gateway.ws_url + "bad%20id", {}, 404),
+        (gateway.ws_url + "CH-STRANGER", basic("CH-STRANGER", "x"), 404),
+        (gateway.ws_url + "CH-AUTH", {}, 401),
+        (gateway.ws_url + "CH-AUTH", basic("CH-AUTH", "wrong"), 401),
+        (gateway.ws_url + "CH-AUTH", basic("CH-OTHER", "open-sesame"), 401),
+    ]
+    for url, headers, code in cases:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await websockets.connect(url, subprotocols=OCPP16, additional_headers=headers)
+        assert refused.value.response.status_code == code, url
+        if code == 401:
+            assert refused.value.response.headers["WWW-Authenticate"].startswith("Basic")
+    charger = await connect(gateway.ws_url, "CH-AUTH",
+                            additional_headers=basic("CH-AUTH", "open-sesame"))
+    await charger.boot()
+    assert await gateway.metric("evcharging_ocpp_handshakes_refused_total") == len(cases)
+    assert await gateway.metric('evcharging_ocpp_chargers{protocol="ocpp1.6"}') == 1
+
+
+async def test_no_shared_subprotocol_gets_the_handshake_then_is_closed(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway()
+    async with websockets.connect(gateway.ws_url + "CH-OLD",
+                                  subprotocols=[Subprotocol("ocpp1.5")]) as ws:
+        assert ws.subprotocol is None
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1002
+
+
+async def test_tls_only_wss(
+    start_gateway: StartGateway, tmp_path: Path, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    gateway = await start_gateway(tls_cert=cert, tls_key=key)
+    context = ssl.create_default_context(cafile=str(cert))
+    charger = await connect(gateway.ws_url, "CH-TLS", ssl=context)
+    await charger.boot()
+    with pytest.raises((websockets.InvalidMessage, OSError, EOFError)):
+        plain = gateway.ws_url.replace("wss://", "ws://")
+        await asyncio.wait_for(websockets.connect(plain + "CH-TLS", subprotocols=OCPP16), 10)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+async def test_callerrors_leave_the_connection_up(start_gateway: StartGateway) -> None:
+    gateway = await start_gateway()
+    async with websockets.connect(gateway.ws_url + "CH-ERR", subprotocols=OCPP16) as ws:
+
+        async def exchange(message: list[Any]) -> list[Any]:
+            await ws.send(json.dumps(message))
+            answer: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert answer[1] == message[1]
+            return answer
+
+        unknown = await exchange([2, "1", "FlyToTheMoon", {}])
+        assert unknown[:3] == [4, "1", "NotImplemented"]
+        unhandled = await exchange([2, "2", "DataTransfer", {"vendorId": "x"}])
+        assert unhandled[:3] == [4, "2", "NotSupported"]
+        missing = await exchange([2, "3", "BootNotification", {"chargePointVendor": "v"}])
+        assert missing[:3] == [4, "3", "OccurenceConstraintViolation"]
+        wrong_type = await exchange([2, "4", "StatusNotification", {
+            "connectorId": "one", "errorCode": "NoError", "status": "Available"}])
+        assert wrong_type[:3] == [4, "4", "TypeConstraintViolation"]
+        bad_value = await exchange([2, "5", "StatusNotification", {
+            "connectorId": 1, "errorCode": "NoError", "status": "Exploded"}])
+        assert bad_value[:3] == [4, "5", "PropertyConstraintViolation"]
+        extra = await exchange([2, "6", "Heartbeat", {"surprise": 1}])
+        assert extra[:3] == [4, "6", "FormationViolation"]
+        alive = await exchange([2, "7", "Heartbeat", {}])
+        assert alive[0] == 3 and "currentTime" in alive[2]
+    assert await gateway.metric(
+        'evcharging_ocpp_messages_total{action="unknown",direction="in",'
+        'result="NotImplemented"}') == 1
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+async def test_a_remote_start_from_a_driver_request_to_completed_with_the_meters_kwh(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    cid = charger_id()
+    cp_id = f"{cid}.1"
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+
+    request_id = new_id()
+    await system.bus.publish(DriverRequest(request_id=request_id, driver_id="alice",
+                                           cp_id=cp_id))
+    id_tag, connector = await asyncio.wait_for(charger.remote_starts.get(), 30)
+    assert (id_tag, connector) == ("alice", 1)
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="alice", meter_start=10_000, timestamp=now()))
+    assert started.id_tag_info["status"] == "Accepted"
+    await charger.status(1, "Charging")
+    await charger.call(call.MeterValues(connector_id=1, transaction_id=started.transaction_id,
+                                        meter_value=[{"timestamp": now(), "sampledValue": [
+                                            {"value": "15000", "unit": "Wh"},
+                                            {"value": "11", "unit": "kW",
+                                             "measurand": "Power.Active.Import"}]}]))
+
+    def in_progress() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, [])
+                     if u.status is DriverStatus.IN_PROGRESS and u.kwh), None)
+
+    update: DriverUpdate = await poll(in_progress, timeout=30, what="IN_PROGRESS with kWh")
+    assert update.kwh == pytest.approx(5.0) and update.kw == pytest.approx(11.0)
+    assert update.euros == pytest.approx(5.0 * EURO_RATE)
+
+    await charger.call(call.StopTransaction(meter_stop=17_500, timestamp=now(),
+                                            transaction_id=started.transaction_id,
+                                            reason="EVDisconnected"))
+    await charger.status(1, "Finishing")
+
+    def final() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, []) if u.status.is_final),
+                    None)
+
+    done: DriverUpdate = await poll(final, timeout=30, what="the final update")
+    assert done.status is DriverStatus.COMPLETED, done
+    assert done.kwh == pytest.approx(7.5) and done.euros == pytest.approx(7.5 * EURO_RATE)
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+
+
+async def test_a_rejected_remote_start_is_refused_and_the_driver_gets_failed(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    cid = charger_id()
+    cp_id = f"{cid}.1"
+    charger = await connect(gateway.ws_url, cid)
+    charger.answer = "Rejected"
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+    request_id = new_id()
+    await system.bus.publish(DriverRequest(request_id=request_id, driver_id="bob",
+                                           cp_id=cp_id))
+
+    def final() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, []) if u.status.is_final),
+                    None)
+
+    done: DriverUpdate = await poll(final, timeout=30, what="the final update")
+    assert done.status is DriverStatus.FAILED
+    refused = [s for s in system.of(cp_id) if s.event is StatusEvent.REFUSED]
+    assert refused and refused[0].cmd is not None and refused[0].cmd.value == "START_SUPPLY"
+
+
+async def test_a_replayed_start_gets_the_same_transaction_and_no_second_session(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    cid = charger_id()
+    cp_id = f"{cid}.1"
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+    start = call.StartTransaction(connector_id=1, id_tag="carol", meter_start=500,
+                                  timestamp="2026-12-07T09:00:00Z")
+    first = await charger.call(start)
+    again = await charger.call(start)
+    assert first.transaction_id == again.transaction_id
+
+    def starts() -> list[CPStatus]:
+        return [s for s in system.of(cp_id) if s.event is StatusEvent.START_SUPPLY]
+
+    (status,) = await poll(starts, timeout=30, what="the start status")
+    assert status.driver_id == "carol" and status.state is CPState.SUPPLYING
+    # An offline transaction is dated by the charger's own clock.
+    assert status.ts.isoformat().startswith("2026-12-07T09:00:00")
+    # Central does not know sessions a charger starts by itself yet: it asks to stop it.
+    await asyncio.wait_for(charger.remote_stops.get(), 30)
+    assert len(starts()) == 1
+
+
+async def test_a_stop_for_an_unknown_transaction_is_answered_and_counted(
+    start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    charger = await connect(gateway.ws_url, charger_id())
+    await charger.boot()
+    for tx in (-1, 123456):
+        answer = await charger.call(call.StopTransaction(
+            meter_stop=0, timestamp=now(), transaction_id=tx, id_tag="dave"))
+        assert answer.id_tag_info["status"] == "Accepted"
+    assert await gateway.metric("evcharging_ocpp_unknown_transactions_total") == 2
+
+
+async def test_a_faulted_connector_is_a_faulty_cp_and_recovers(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    cid = charger_id()
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await charger.status(2, "Available")
+    await system.wait_state(f"{cid}.2", CPState.ACTIVATED)
+    await charger.status(1, "Faulted", error="GroundFailure", info="earth leak")
+    await system.wait_state(f"{cid}.1", CPState.FAULT)
+    fault = next(s for s in system.of(f"{cid}.1") if s.state is CPState.FAULT)
+    assert fault.event is StatusEvent.FAULT and fault.reason == "GroundFailure: earth leak"
+    assert await system.cp_state(f"{cid}.2") == "ACTIVATED"
+    await charger.status(1, "Available")
+    await system.wait_state(f"{cid}.1", CPState.ACTIVATED)
+    # Connector 0 speaks for every connector.
+    await charger.status(0, "Unavailable")
+    await system.wait_state(f"{cid}.1", CPState.STOPPED)
+    await system.wait_state(f"{cid}.2", CPState.STOPPED)
+
+
+async def test_operator_stop_resume_shutdown_and_a_closed_connection(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    cid = charger_id()
+    cp_id = f"{cid}.1"
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+
+    assert (await system.central.post(f"/cp/{cp_id}/stop")).status_code == 200
+    assert await asyncio.wait_for(charger.availability.get(), 30) == (1, "Inoperative")
+    await system.wait_state(cp_id, CPState.STOPPED)
+    assert (await system.central.post(f"/cp/{cp_id}/resume")).status_code == 200
+    assert await asyncio.wait_for(charger.availability.get(), 30) == (1, "Operative")
+    await system.wait_state(cp_id, CPState.ACTIVATED)
+
+    await system.bus.publish(CentralCommand(cp_id=cp_id, cmd=CommandType.SHUTDOWN))
+
+    def refused() -> list[CPStatus]:
+        return [s for s in system.of(cp_id) if s.event is StatusEvent.REFUSED]
+
+    (status,) = await poll(refused, timeout=30, what="the refused SHUTDOWN")
+    assert status.cmd is CommandType.SHUTDOWN
+
+    await charger._connection.close()
+    await system.wait_state(cp_id, CPState.DISCONNECTED)
