@@ -43,7 +43,7 @@ from evcharging.common.messages import (
     StatusEvent,
     new_id,
 )
-from evcharging.common.states import CPState
+from evcharging.common.states import CPState, SessionResult
 from evcharging.devtools.process import free_port
 from tests.polling import poll
 
@@ -193,11 +193,13 @@ class Charger(ChargePoint16):  # type: ignore[misc]
         self.remote_stops: asyncio.Queue[int] = asyncio.Queue()
         self.availability: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
         self.answer = "Accepted"
+        self.delay = 0.0
 
     @on("RemoteStartTransaction")
     async def on_remote_start(self, id_tag: str, connector_id: int | None = None,
                               **_: Any) -> Any:
         self.remote_starts.put_nowait((id_tag, connector_id))
+        await asyncio.sleep(self.delay)  # a slow charger
         return call_result.RemoteStartTransaction(status=self.answer)
 
     @on("RemoteStopTransaction")
@@ -512,3 +514,127 @@ async def test_operator_stop_resume_shutdown_and_a_closed_connection(
 
     await charger._connection.close()
     await system.wait_state(cp_id, CPState.DISCONNECTED)
+
+
+# ----------------------------------------------------------------------------- more sessions
+
+
+async def ready(system: System, gateway: Gateway,
+                connect: Callable[..., Awaitable[Charger]]) -> tuple[Charger, str]:
+    """A booted charger whose connector 1 is ACTIVATED at Central; it and its CP id."""
+    cid = charger_id()
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(f"{cid}.1", CPState.ACTIVATED)
+    return charger, f"{cid}.1"
+
+
+async def request(system: System, cp_id: str, driver_id: str) -> str:
+    request_id = new_id()
+    await system.bus.publish(DriverRequest(request_id=request_id, driver_id=driver_id,
+                                           cp_id=cp_id))
+    return request_id
+
+
+async def final_update(system: System, request_id: str) -> DriverUpdate:
+    def final() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, []) if u.status.is_final),
+                    None)
+
+    found: DriverUpdate = await poll(final, timeout=30, what=f"{request_id}'s final update")
+    return found
+
+
+async def test_a_silent_charger_times_out_refused_and_delays_no_other(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    slow, slow_cp = await ready(system, gateway, connect)
+    fast, fast_cp = await ready(system, gateway, connect)
+    slow.delay = 8.0  # past the gateway's call_timeout of 5 s
+    slow_request = await request(system, slow_cp, "erin")
+    await asyncio.wait_for(slow.remote_starts.get(), 30)
+    fast_request = await request(system, fast_cp, "frank")
+    await asyncio.wait_for(fast.remote_starts.get(), 3)  # while the slow one still hangs
+    done = await final_update(system, slow_request)
+    assert done.status is DriverStatus.FAILED
+    refused = [s for s in system.of(slow_cp) if s.event is StatusEvent.REFUSED]
+    assert refused and "no answer within 5 s" in (refused[0].reason or "")
+    assert await gateway.metric('evcharging_ocpp_messages_total{action="RemoteStartTransaction"'
+                                ',direction="out",result="timeout"}') == 1
+    assert fast_request in system.updates
+
+
+async def test_an_operator_stop_in_mid_session_ends_it_stopped_with_the_meter(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    charger, cp_id = await ready(system, gateway, connect)
+    request_id = await request(system, cp_id, "grace")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="grace", meter_start=0, timestamp=now()))
+    await charger.status(1, "Charging")
+    await system.wait_state(cp_id, CPState.SUPPLYING)
+
+    assert (await system.central.post(f"/cp/{cp_id}/stop")).status_code == 200
+    assert await asyncio.wait_for(charger.remote_stops.get(), 30) == started.transaction_id
+    assert await asyncio.wait_for(charger.availability.get(), 30) == (1, "Inoperative")
+    await charger.call(call.StopTransaction(meter_stop=2_000, timestamp=now(),
+                                            transaction_id=started.transaction_id,
+                                            reason="Remote"))
+    await charger.status(1, "Unavailable")
+    done = await final_update(system, request_id)
+    assert done.status is DriverStatus.FAILED and done.kwh == pytest.approx(2.0)
+    end = next(s for s in system.of(cp_id) if s.session_result is not None)
+    assert end.session_result is SessionResult.STOPPED and end.state is CPState.STOPPED
+    await system.wait_state(cp_id, CPState.STOPPED)
+
+
+async def test_a_charger_offline_in_mid_session_settles_its_queued_stop_when_back(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    charger, cp_id = await ready(system, gateway, connect)
+    cid = cp_id.rsplit(".", 1)[0]
+    request_id = await request(system, cp_id, "heidi")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    started_at = now()
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="heidi", meter_start=1_000, timestamp=started_at))
+    await system.wait_state(cp_id, CPState.SUPPLYING)
+    await charger._connection.close()  # offline: the session stays open
+    await poll(lambda: any(s.event is StatusEvent.HEARTBEAT and s.session_id
+                           for s in system.of(cp_id)[-3:]),
+               timeout=10, what="heartbeats of the open session while offline")
+    assert await system.cp_state(cp_id) == "SUPPLYING"
+    back = await connect(gateway.ws_url, cid)
+    await back.boot()
+    await back.call(call.StopTransaction(meter_stop=4_000, timestamp=now(),
+                                         transaction_id=started.transaction_id,
+                                         reason="EVDisconnected"))
+    await back.status(1, "Available")
+    done = await final_update(system, request_id)
+    assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(3.0)
+
+
+async def test_a_charger_back_available_without_the_stop_fails_the_session_at_its_meter(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    charger, cp_id = await ready(system, gateway, connect)
+    cid = cp_id.rsplit(".", 1)[0]
+    request_id = await request(system, cp_id, "ivan")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="ivan", meter_start=0, timestamp=now()))
+    await charger.call(call.MeterValues(connector_id=1, transaction_id=started.transaction_id,
+                                        meter_value=[{"timestamp": now(), "sampledValue": [
+                                            {"value": "1.25", "unit": "kWh"}]}]))
+    await charger._connection.close()
+    back = await connect(gateway.ws_url, cid)
+    await back.boot()
+    await back.status(1, "Available")
+    done = await final_update(system, request_id)
+    assert done.status is DriverStatus.FAILED and done.kwh == pytest.approx(1.25)

@@ -3,6 +3,7 @@ results, CALLERROR codes, the handshake's path and the passwords file."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from evcharging.apps.ev_ocpp import main as ocpp_main
 from evcharging.apps.ev_ocpp.logic import (
     connector_state,
     is_valid_id_tag,
@@ -20,7 +22,9 @@ from evcharging.apps.ev_ocpp.logic import (
     stop_result,
     transaction_id,
 )
+from evcharging.apps.ev_ocpp.main import exposure_problem
 from evcharging.apps.ev_ocpp.server import PasswordBook, charger_of_path
+from evcharging.common.config import OcppSettings, load_settings
 from evcharging.common.states import CPState, SessionResult
 
 # ----------------------------------------------------------------------------- transaction ids
@@ -223,3 +227,25 @@ def test_passwords_file_errors_are_clear(tmp_path: Path) -> None:
     path.write_text("CH-1:sha256:abc\n")
     with pytest.raises(ValueError, match="64 hex digits"):
         PasswordBook(path)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_seed_flags_and_protected_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env
+    settings = load_settings(OcppSettings, [
+        "--kafka-bootstrap", "localhost:9092", "--ws-port", "9000", "--central-host",
+        "localhost", "--central-port", "8000"], "prog", "desc")
+    assert (settings.ws_port, settings.http_port, settings.host) == (9000, 9001, "127.0.0.1")
+    assert (settings.heartbeat_interval, settings.euro_rate, settings.call_timeout) == (
+        60, 0.30, 30.0)
+    assert exposure_problem(settings) is None
+    exposed = OcppSettings(host="0.0.0.0")
+    problem = exposure_problem(exposed)
+    assert problem is not None and "OCPP_PASSWORDS_FILE" in problem
+    assert exposure_problem(OcppSettings(host="0.0.0.0", allow_anonymous=True)) is None
+    assert exposure_problem(OcppSettings(host="0.0.0.0", passwords_file=tmp_path)) is None
+    assert asyncio.run(ocpp_main.run(exposed, asyncio.Event())) == 1
+    with pytest.raises(ValueError, match="go together"):
+        OcppSettings(tls_cert=tmp_path / "cert.pem")
