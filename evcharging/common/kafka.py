@@ -72,11 +72,12 @@ _RETRY_FIRST_DELAY = 0.1
 _RETRY_MAX_DELAY = 5.0
 _TOPIC_ALREADY_EXISTS = 36
 TRANSACTION_TIMEOUT_MS = 300_000
-TRANSACTION_RETRY_BACKOFF_MS = 10
 """How long the broker lets a transaction stay open before it aborts it (and fences its
 producer). Central's transactions last milliseconds; a longer limit lets a stalled Central
 (a paused process, a slow disk) finish its flush afterwards instead of being fenced, and
 costs nothing when Central crashes: its successor's start aborts the open transaction."""
+TRANSACTION_RETRY_BACKOFF_MS = 10
+"""How soon Central's transactional producer asks the broker again (aiokafka: 100)."""
 METADATA_MAX_AGE_MS = 5000
 LOG_APPEND_TIME = 1
 """A record's ``timestamp_type`` when the broker stamped it (topic config
