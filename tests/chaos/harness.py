@@ -26,6 +26,7 @@ import os
 import sqlite3
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -273,6 +274,19 @@ class Observer:
 
     def final(self, request_id: str) -> DriverUpdate | None:
         return next((u for u in self.updates.get(request_id, ()) if u.status.is_final), None)
+
+    def answers(self, cp_id: str) -> str:
+        """How the requests on `cp_id` ended so far, counted by final status and reason."""
+        counts = Counter(
+            (final.status.value, (final.reason or "").split(" (")[0][:60]) if final else
+            ("no final status", "")
+            for request_id, cp in self.requests.items() if cp == cp_id
+            for final in (self.final(request_id),)
+        )
+        return f"{cp_id}'s requests: " + (", ".join(
+            f"{n} {status}" + (f" ({reason})" if reason else "")
+            for (status, reason), n in counts.most_common()
+        ) or "none")
 
     def accepted_since(self, cp_id: str, since: float) -> float | None:
         """When the observer first read an ACCEPTED on `cp_id` after `since`."""
@@ -592,6 +606,9 @@ class ChaosRun:
         async with asyncio.TaskGroup() as group:
             for cp_id in self.cps:
                 group.create_task(one(cp_id))
+
+    def answers(self, cp_id: str) -> str:
+        return self.observer.answers(cp_id)
 
     async def wait_phase(self, phase: Phase, cp_id: str, timeout: float = 40.0) -> None:
         """Until the load has brought `cp_id`'s session to `phase` (see :class:`Phase`)."""

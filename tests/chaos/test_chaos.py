@@ -128,8 +128,8 @@ FULL = [
              steps=(f"{DRIVER_BEHIND:+d}s",)),
     Scenario("future-stamp", 8, (MID,), central_only=True, quiet=True, behind=True,
              steps=("+1h",), fleet=BUSY, follow=2, fleet_env=BUSY_FLEET),
-    Scenario("central-kill-fleet", 0, (MID,), meter_settles=True, exactly_once=True,
-             fleet=FLEET, steps=(f"restart at once, {FLEET:,} CPs",)),
+    Scenario("central-kill-fleet", 0, (END, MID), meter_settles=True, exactly_once=True,
+             fleet=FLEET, steps=(f"restart at once, {FLEET:,} CPs",) * 2),
     Scenario("second-central", 20, (MID,), central_only=True, quiet=True),
 ]
 FAST = [
@@ -222,7 +222,11 @@ async def one_round(
     """One fault at `phase`; `known` holds what earlier rounds reported (breaches, and
     failed sessions)."""
     run.start_load()
-    await run.wait_phase(phase, faults.target(run))
+    try:
+        await run.wait_phase(phase, faults.target(run))
+    except AssertionError:
+        outcome.problems.append(f"before the fault, {run.answers(faults.target(run))}")
+        raise
     window = await inject(run, scenario.hold)
     await run.stop_load()
     recovered = await run.recover(window.end)
@@ -295,6 +299,7 @@ def calm_problems(
     """CPs shown faulty or disconnected from `start` on; unless `shedding` is allowed,
     requests denied as if Central were behind."""
     problems = []
+    shown: dict[tuple[str, str], list[float]] = {}
     for sign in run.watcher.signs:
         alarming = ((sign.kind == "state" and sign.value in ("DISCONNECTED", "FAULT"))
                     or (sign.kind == "faulty" and sign.value is True))
@@ -303,8 +308,9 @@ def calm_problems(
         key = ("SHOWN", f"{sign.cp_id} {sign.kind} {sign.at}")
         if key not in known:
             known.add(key)
-            problems.append(f"{sign.cp_id} shown {sign.kind} {sign.value} "
-                            f"{sign.at - start:.1f} s into the fault")
+            shown.setdefault((str(sign.cp_id), f"{sign.kind} {sign.value}"), []).append(sign.at)
+    problems += [f"{cp_id} shown {what} {len(times)} time(s), first {times[0] - start:.1f} s "
+                 f"into the fault" for (cp_id, what), times in shown.items()]
     shed: dict[str, list[str]] = {}
     for request_id in run.observer.requests if not shedding else ():
         final = run.observer.final(request_id)
