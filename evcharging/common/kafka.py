@@ -79,6 +79,9 @@ costs nothing when Central crashes: its successor's start aborts the open transa
 TRANSACTION_RETRY_BACKOFF_MS = 10
 """How soon Central's transactional producer asks the broker again (aiokafka: 100)."""
 METADATA_MAX_AGE_MS = 5000
+REPAIR_TIMEOUT = 10.0
+"""Seconds one attempt to recreate lost topics may take (a half-up broker must not hold
+the probe, and with it /health, for longer)."""
 LOG_APPEND_TIME = 1
 """A record's ``timestamp_type`` when the broker stamped it (topic config
 ``message.timestamp.type=LogAppendTime``)."""
@@ -285,6 +288,7 @@ async def repair_topics(
             await admin.create_partitions(fewer)
             logger.warning("partitions added back: {}", ", ".join(
                 f"{name} to {new.total_count}" for name, new in fewer.items()))
+            await _stamp(admin, list(fewer))  # auto-created: it kept the producers' time
     finally:
         await admin.close()
 
@@ -304,26 +308,37 @@ async def _create(admin: AIOKafkaAdminClient, names: list[str], partitions: int)
     logger.info("created topics {} ({} partitions each)", ", ".join(names), partitions)
 
 
+_TOPIC_OVERRIDE = 1
+"""DescribeConfigs' config source of a value set on the topic itself (DYNAMIC_TOPIC_CONFIG)."""
+
+
 async def _stamp(admin: AIOKafkaAdminClient, names: list[str]) -> None:
-    """Change topics that keep the producer's time to the broker's append time."""
+    """Change topics that keep the producer's time to the broker's append time. The
+    legacy AlterConfigs call replaces a topic's whole configuration, so the topic's own
+    settings (retention, cleanup policy, …) are sent back with the change."""
     if not names:
         return
     key = "message.timestamp.type"
     responses = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, n, {key: None}) for n in names]
+        [ConfigResource(ConfigResourceType.TOPIC, n) for n in names]
     )
-    keep_producer_time = [
-        resource[3]
-        for response in responses
-        for resource in response.resources
-        if resource[0] == 0
-        and any(entry[0] == key and entry[1] != "LogAppendTime" for entry in resource[4])
-    ]
-    if not keep_producer_time:
+    changes: dict[str, dict[str, str]] = {}
+    for response in responses:
+        for error, _, _, name, entries in response.resources:
+            if error != 0:
+                continue
+            current = {entry[0]: entry[1] for entry in entries}
+            if current.get(key) == "LogAppendTime":
+                continue
+            own = {entry[0]: entry[1] for entry in entries
+                   if entry[3] == _TOPIC_OVERRIDE and entry[1] is not None}
+            changes[name] = {**own, **APPEND_TIME}
+    if not changes:
         return
     try:
         responses = await admin.alter_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, n, APPEND_TIME) for n in keep_producer_time]
+            [ConfigResource(ConfigResourceType.TOPIC, name, configs)
+             for name, configs in changes.items()]
         )
         refused = [f"{r[3]}: error code {r[0]}" for response in responses
                    for r in response.resources if r[0] != 0]
@@ -332,10 +347,10 @@ async def _stamp(admin: AIOKafkaAdminClient, names: list[str]) -> None:
     except (KafkaError, BusError) as exc:
         logger.error("topics {} keep the producers' time and could not be changed ({}): "
                      "their messages are dated when Central reads them",
-                     ", ".join(keep_producer_time), exc)
+                     ", ".join(changes), exc)
         return
     logger.warning("topics {} kept the producers' time: changed to the broker's append time",
-                   ", ".join(keep_producer_time))
+                   ", ".join(changes))
 
 
 async def committed_offsets(
@@ -531,8 +546,9 @@ class KafkaBus:
                          problem)
         self.topics_problem = problem
         try:
-            await repair_topics(self.config, {n: self._expected[n] for n in wrong}, wrong)
-        except (KafkaError, BusError, OSError) as exc:
+            async with asyncio.timeout(REPAIR_TIMEOUT):
+                await repair_topics(self.config, {n: self._expected[n] for n in wrong}, wrong)
+        except (KafkaError, BusError, OSError, TimeoutError) as exc:
             logger.debug("repairing the topics failed: {!r}", exc)
 
     async def __aenter__(self) -> KafkaBus:
@@ -868,6 +884,8 @@ class KafkaConsumerLoop:
                                       record.timestamp / 1000
                                       if record.timestamp_type == LOG_APPEND_TIME else None)
                     await self._handle(record.topic, record.partition, record.offset, record.value)
+                    if clock is not None:
+                        clock.handled()
                     self._handled[tp] = record.offset + 1
                     if self._on_consumed is not None:
                         self._on_consumed(tp, record.offset + 1)
@@ -885,8 +903,14 @@ class KafkaConsumerLoop:
 
     def _tell_progress(self, consumer: AIOKafkaConsumer, clock: ReadClock) -> None:
         """Tell the clock which partitions the broker answered a fetch for since the
-        last batch, and which of them Central has read to the end."""
-        for tp in consumer.assignment():
+        last batch, and which of them Central has read to the end; and which it no
+        longer reads (given up in a rebalance, or gone with a lost topic)."""
+        assigned = consumer.assignment()
+        owned = {(self._names[tp.topic], tp.partition) for tp in assigned}
+        for topic, partition in clock.known():
+            if (topic, partition) not in owned:
+                clock.forget(topic, partition)
+        for tp in assigned:
             answered_at = consumer.last_poll_timestamp(tp)
             answered = answered_at is not None and answered_at != self._answered.get(tp)
             self._answered[tp] = answered_at

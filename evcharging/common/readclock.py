@@ -49,6 +49,9 @@ class _Partition:
     answered_at: float | None = None
     """Central's monotonic time of the last answered fetch."""
     caught_up: bool = False
+    anchor: float | None = None
+    """The broker time that ``progress`` stands for: the broker's time at the last
+    answered fetch when Central had read everything, else the newest message read."""
 
 
 class ReadClock:
@@ -81,6 +84,8 @@ class ReadClock:
         """Partitions of each topic read (set by the consumer at start)."""
         self.current: datetime | None = None
         """The date of the message being handled (its append time, or receive time)."""
+        self.current_append: float | None = None
+        """Its append time (epoch seconds; None on a topic that keeps producer time)."""
         self.current_partition: int | None = None
 
     # ------------------------------------------------------------------ the consumer's side
@@ -97,6 +102,7 @@ class ReadClock:
         """A message read at `partition` of `topic`, appended at `append_ts` (epoch
         seconds; None when the topic keeps the producer's time): its date."""
         self.tick()
+        fresh = False
         if append_ts is None:
             when = self._now if self._now is not None else self._wall()
         else:
@@ -104,10 +110,15 @@ class ReadClock:
             state = self._partitions.setdefault((topic, partition), _Partition())
             if state.newest is None or when > state.newest:
                 state.newest = when
-        if self._now is None or when > self._now:
+            # Read up to the end at the last fetch: this message was appended just now,
+            # so its append time is the broker's time, even if that went back (a broker
+            # whose clock was stepped back must not make every request look expired).
+            fresh = state.caught_up
+        if self._now is None or when > self._now or fresh:
             self._now = when
             self._now_at = self._monotonic()
         self.current = datetime.fromtimestamp(when, UTC)
+        self.current_append = append_ts
         self.current_partition = partition
         return self.current
 
@@ -127,6 +138,7 @@ class ReadClock:
         state.newest_counted = state.newest
         state.answered_at = at
         state.caught_up = caught_up
+        state.anchor = self.now().timestamp() if caught_up else state.newest
 
     # ------------------------------------------------------------------ Central's side
 
@@ -139,11 +151,23 @@ class ReadClock:
             self._now + min(max(0.0, at - self._now_at), self.now_step_cap), UTC
         )
 
-    def take_current(self) -> datetime:
-        """The date of the message being handled, once (a second call, or a call outside
-        the consumer, gets :meth:`now`)."""
-        current, self.current = self.current, None
-        return current if current is not None else self.now()
+    def dated(self) -> datetime:
+        """The date of the message being handled (outside the consumer: :meth:`now`)."""
+        return self.current if self.current is not None else self.now()
+
+    def handled(self) -> None:
+        """The consumer is done with the current message (a retry keeps its date)."""
+        self.current = None
+        self.current_append = None
+        self.current_partition = None
+
+    def forget(self, topic: Topic, partition: int) -> None:
+        """This Central no longer reads the partition (given up in a rebalance)."""
+        self._partitions.pop((topic, partition), None)
+
+    def known(self) -> list[tuple[Topic, int]]:
+        """The partitions the clock has heard of."""
+        return list(self._partitions)
 
     def progress(self, topic: Topic, partition: int) -> float | None:
         """Seconds of `partition` read so far; None before its first answered fetch."""
@@ -153,6 +177,28 @@ class ReadClock:
         if state is None or state.answered_at is None:
             return None
         return state.progress
+
+    def position_of(self, topic: Topic, partition: int, append_ts: float | None) -> float | None:
+        """Where a message just read (appended at `append_ts`) stands in the partition's
+        progress: never past what the next fetch will credit, so a CP's silence is never
+        negative and never counts the batch it was read in."""
+        state = self._partitions.get((topic, partition))
+        if self.standalone or state is None or state.answered_at is None:
+            return self.progress(topic, partition)
+        ahead = 0.0
+        if append_ts is not None and state.anchor is not None:
+            ahead = append_ts - state.anchor
+        return state.progress + min(max(0.0, ahead), self.step_cap)
+
+    def position_now(self, topic: Topic, partition: int) -> float | None:
+        """Where this moment stands in the partition's progress (a START_SUPPLY leaving):
+        the progress read so far plus the broker's time since the newest message counted
+        (with a backlog, Central must read that far before the moment is reached)."""
+        state = self._partitions.get((topic, partition))
+        if self.standalone or state is None or state.answered_at is None:
+            return self.progress(topic, partition)
+        ahead = 0.0 if state.anchor is None else self.now().timestamp() - state.anchor
+        return state.progress + max(0.0, ahead)
 
     def behind(self) -> float:
         """Seconds between the broker's time and the oldest partition Central has not

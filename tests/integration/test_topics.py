@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from evcharging.common.kafka import (
     LOG_APPEND_TIME,
@@ -73,8 +74,13 @@ async def test_central_stamps_a_topic_that_keeps_the_producers_time(
     config: KafkaConfig, admin: AIOKafkaAdminClient
 ) -> None:
     name = config.topic_name(Topic.CP_TELEMETRY)
-    await admin.create_topics([NewTopic(name, 3, 1)])  # CreateTime, as an old release made it
+    # CreateTime, as an old release made it, with a retention of the operator's own
+    await admin.create_topics([NewTopic(name, 3, 1, topic_configs={"retention.ms": "123456"})])
     await ensure_topics(config, [Topic.CP_TELEMETRY], stamp=True)
+    [described] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, name)])
+    kept = {entry[0]: entry[1] for entry in described.resources[0][4]}
+    assert kept["retention.ms"] == "123456"  # the change kept the topic's own settings
+    assert kept["message.timestamp.type"] == "LogAppendTime"
     producer = AIOKafkaProducer(bootstrap_servers=config.bootstrap)
     await producer.start()
     try:

@@ -166,3 +166,50 @@ async def test_a_future_stamped_status_makes_no_cp_silent(
     assert central.silence(central.get("CP-001")) < 2.0
     assert central.readclock.now().timestamp() <= clocks.wall + 1e-6
     assert finals(bus, req.request_id) == []
+    # Dated by its append time, not an hour ahead.
+    heard = central.get("CP-666").last_heard
+    assert heard is not None and heard.timestamp() == pytest.approx(clocks.wall - 1.0)
+
+
+async def test_a_cps_reports_are_ordered_by_its_own_clock_even_when_ahead(
+    central: Controller, bus: RecordingPublisher, clocks: Clocks
+) -> None:
+    """A CP an hour ahead: a heartbeat it sent before START_SUPPLY, appended after the
+    session's first telemetry (another topic, another batch), says nothing about it.
+    Clamping both to their append times would have put the heartbeat after it."""
+    req, session_id = await accepted_session(central, bus, clocks)
+    own = utcnow() + timedelta(hours=1)
+    await telemetry(central, clocks, CPTelemetry(
+        cp_id="CP-001", kw=22, kwh=0.1, euros=0.03, driver_id="driver-alice",
+        session_id=session_id, ts=own))
+    clocks.step(0.2)
+    await status(central, clocks, CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
+        ts=own - timedelta(seconds=0.5)))
+    assert central.get("CP-001").session is not None
+    assert finals(bus, req.request_id) == []
+
+
+async def test_a_resumed_session_its_cp_never_reported_is_judged_by_append_time(
+    bus: RecordingPublisher, repo: SqliteRepository, clocks: Clocks
+) -> None:
+    """Central crashed before the CP's first report: the row carries the broker's time
+    of the request, so the CP's own clock (a minute behind) is never compared with it."""
+    readclock = ReadClock(monotonic=lambda: clocks.mono, wall=lambda: clocks.wall)
+    first = FlushingController(bus, repo, CentralOptions(start_timeout=30.0),
+                               readclock=readclock)
+    req, _session_id = await accepted_session(first, bus, clocks)
+    await first.close()
+    second = FlushingController(bus, repo, CentralOptions(start_timeout=30.0),
+                                readclock=readclock)
+    await second.load()
+    try:
+        clocks.step(1.0)
+        # Appended after the request: the CP shows it does not know the session.
+        await status(second, clocks, CPStatus(
+            cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.HEARTBEAT,
+            ts=utcnow() - timedelta(minutes=1)))
+        [final] = finals(bus, req.request_id)
+        assert final.status is DriverStatus.FAILED
+    finally:
+        await second.close()

@@ -6,8 +6,11 @@ import random
 from datetime import UTC, datetime
 
 import pytest
+from aiokafka import TopicPartition
 
-from evcharging.common.bus import Topic
+from evcharging.common.bus import Routes, Topic
+from evcharging.common.kafka import KafkaConfig, KafkaConsumerLoop
+from evcharging.common.messages import CPStatus
 from evcharging.common.readclock import NOW_STEP_CAP, STEP_CAP, ReadClock
 
 T0 = 1_800_000_000.0
@@ -42,14 +45,60 @@ def at(seconds: float) -> datetime:
 
 def test_a_message_is_dated_by_its_append_time(clock: ReadClock) -> None:
     assert clock.arrived(S, 0, T0 - 3) == at(T0 - 3)
-    assert clock.take_current() == at(T0 - 3)
-    assert clock.current_partition == 0
+    assert clock.dated() == at(T0 - 3)
+    assert clock.dated() == at(T0 - 3)  # a handler retried keeps the message's date
+    assert (clock.current_partition, clock.current_append) == (0, T0 - 3)
 
 
-def test_the_current_date_is_taken_once(clock: ReadClock, clocks: Clocks) -> None:
+def test_outside_a_message_the_date_is_the_brokers_time(clock: ReadClock) -> None:
     clock.arrived(S, 0, T0 - 3)
-    clock.take_current()
-    assert clock.take_current() == clock.now()  # outside a message: the broker's time
+    clock.handled()
+    assert clock.dated() == clock.now()
+    assert (clock.current_partition, clock.current_append) == (None, None)
+
+
+def test_a_fresh_message_sets_the_brokers_time_even_back(
+    clock: ReadClock, clocks: Clocks
+) -> None:
+    """The broker's clock was stepped back an hour: what it appends now is now."""
+    clock.arrived(S, 0, T0)
+    clock.fetched(S, 0, answered=True, caught_up=True)
+    clock.arrived(S, 0, T0 - 3600)
+    assert clock.now() == at(T0 - 3600)
+    clock.fetched(S, 1, answered=True, caught_up=False)  # a backlog: old news moves nothing
+    clock.arrived(S, 1, T0 - 7200)
+    assert clock.now() == at(T0 - 3600)
+
+
+def test_a_message_stands_within_the_next_fetchs_credit(
+    clock: ReadClock, clocks: Clocks
+) -> None:
+    clock.arrived(S, 0, T0)
+    clock.fetched(S, 0, answered=True, caught_up=True)
+    assert clock.position_of(S, 0, T0 + 0.5) == pytest.approx(0.5)
+    assert clock.position_of(S, 0, T0 + 60) == STEP_CAP  # never past the next credit
+    assert clock.position_of(S, 0, T0 - 60) == 0.0
+    assert clock.position_of(S, 1, T0) is None  # a partition not read yet
+
+
+def test_the_moment_a_command_leaves_stands_where_the_log_will_be(
+    clock: ReadClock, clocks: Clocks
+) -> None:
+    """Behind by 8 s, Central must read 8 s more of the log to reach this moment."""
+    clock.arrived(S, 0, T0)  # the newest message anywhere
+    clock.arrived(S, 1, T0 - 8)
+    clock.fetched(S, 1, answered=True, caught_up=False)
+    assert clock.position_now(S, 1) == pytest.approx(8.0)
+    clock.fetched(S, 0, answered=True, caught_up=True)
+    clocks.step(1.5)  # caught up: the moment is Central's own time past the last fetch
+    assert clock.position_now(S, 0) == pytest.approx(1.5)
+
+
+def test_a_partition_given_up_is_forgotten(clock: ReadClock) -> None:
+    clock.fetched(S, 0, answered=True, caught_up=True)
+    assert clock.known() == [(S, 0)]
+    clock.forget(S, 0)
+    assert clock.progress(S, 0) is None and clock.known() == []
 
 
 def test_without_append_time_a_message_is_dated_on_arrival(
@@ -180,3 +229,44 @@ def test_standalone_progress_follows_own_clock(clocks: Clocks) -> None:
     assert clock.progress(S, 0) == clocks.mono
     assert clock.now() == at(clocks.wall)
     assert clock.behind() == 0.0
+
+
+class FakeConsumer:
+    """What the consumer loop asks aiokafka's consumer after each batch."""
+
+    def __init__(self, *assigned: TopicPartition) -> None:
+        self.assigned = set(assigned)
+        self.polled: dict[TopicPartition, int] = {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return self.assigned
+
+    def last_poll_timestamp(self, tp: TopicPartition) -> int | None:
+        return self.polled.get(tp)
+
+
+async def ignore(_: CPStatus) -> None:
+    pass
+
+
+def test_the_consumer_credits_only_answered_fetches_and_forgets_given_up_partitions(
+    clock: ReadClock, clocks: Clocks
+) -> None:
+    loop = KafkaConsumerLoop(KafkaConfig(bootstrap="x:1", client_id="t", topic_prefix="p."),
+                             Routes().add(CPStatus, ignore), clock=clock)
+    tp0, tp1 = TopicPartition("p.cp.status", 0), TopicPartition("p.cp.status", 1)
+    consumer = FakeConsumer(tp0, tp1)
+    loop.lag.update({tp0: 0, tp1: 5})
+    consumer.polled.update({tp0: 1000, tp1: 1000})
+    loop._tell_progress(consumer, clock)  # type: ignore[arg-type]
+    assert clock.progress(S, 0) == 0.0 and clock.progress(S, 1) == 0.0
+    clocks.step(1.0)
+    loop._tell_progress(consumer, clock)  # type: ignore[arg-type]  # no new answer
+    clocks.step(1.0)
+    consumer.polled[tp0] = 3000  # the broker answered again; partition 1 still behind
+    loop._tell_progress(consumer, clock)  # type: ignore[arg-type]
+    assert clock.progress(S, 0) == pytest.approx(STEP_CAP)
+    assert clock.progress(S, 1) == 0.0
+    consumer.assigned = {tp0}  # partition 1 given up
+    loop._tell_progress(consumer, clock)  # type: ignore[arg-type]
+    assert clock.progress(S, 1) is None

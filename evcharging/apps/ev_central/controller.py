@@ -188,7 +188,7 @@ class Controller:
             cp.session = ActiveSession(
                 session_id=row.session_id, request_id=row.request_id, driver_id=row.driver_id,
                 cp_id=row.cp_id, started_at=row.started_at, confirmed=True, resumed=True,
-                kwh=row.kwh, euros=row.euros, first_report=row.started_at,
+                kwh=row.kwh, euros=row.euros, first_report=row.first_report,
             )
         logger.info("loaded {} CP(s); resumed {} running session(s)", len(self.cps),
                     len(resumed))
@@ -259,7 +259,7 @@ class Controller:
         self._remember_request(request.request_id)
         self.stats["requests"] += 1
         # Dated by the broker's append time, never by the driver's clock (SPEC §4).
-        received = self.readclock.take_current()
+        received = self.readclock.dated()
         age = (self.readclock.now() - received).total_seconds()
         if age > self.options.request_max_age:
             reason: str | None = f"request expired ({age:.0f}s old)"
@@ -320,12 +320,12 @@ class Controller:
         if session.confirmed or session.session_id in self._watchdogs:
             return
         self._watchdogs[session.session_id] = self._timers.spawn(
-            self._start_watchdog(cp, session, self._progress_of(cp)),
+            self._start_watchdog(cp, session, self._positions_now(cp)),
             f"start-watchdog-{session.session_id}",
         )
 
     async def _start_watchdog(
-        self, cp: CPView, session: ActiveSession, sent: float | None
+        self, cp: CPView, session: ActiveSession, sent: list[float | None]
     ) -> None:
         """Fail a start the CP has not confirmed once Central has read the CP's own
         partitions for the start timeout past START_SUPPLY leaving: Central's own delay, a
@@ -335,10 +335,7 @@ class Controller:
         try:
             await asyncio.sleep(timeout)
             while cp.session is session and not session.confirmed:
-                now = self._progress_of(cp)
-                if sent is None:
-                    sent = now
-                elif now is not None and now - sent >= timeout:
+                if self._read_past(cp, sent, timeout):
                     break
                 await asyncio.sleep(START_POLL)
             if cp.session is session and not session.confirmed:
@@ -360,7 +357,7 @@ class Controller:
         cp = self.cps.get(status.cp_id) or self._cp_from_bus(status.cp_id)
         if cp is None:
             return
-        ts = self._heard(cp, status.ts)
+        ts = self._heard(cp, status.ts, Topic.CP_STATUS)
         before = cp.state
         if cp.state is CPState.STOPPED and status.event is StatusEvent.CONNECT:
             # The CP restarted and came back ACTIVATED; the operator's stop still holds.
@@ -382,7 +379,7 @@ class Controller:
             and (status.state is not CPState.SUPPLYING or status.session_id is not None)
             # A report the CP made before its first report of the session (by its own
             # clock, whichever topic carried it) says nothing about the session.
-            and (session.first_report is None or ts >= session.first_report)
+            and self._after_first_report(session, status.ts)
         ):
             # The CP is not supplying the session, and did not report its end.
             self.end_session(
@@ -410,7 +407,7 @@ class Controller:
         self, cp: CPView, session: ActiveSession, status: CPStatus, ts: datetime
     ) -> None:
         if status.event is not StatusEvent.REFUSED:
-            self._reported(cp, session, ts)
+            self._reported(session, status.ts, ts)
         if status.event is StatusEvent.REFUSED:
             if not session.confirmed:
                 self.end_session(
@@ -425,16 +422,25 @@ class Controller:
             self.end_session(cp, SessionResult.FAILED, f"CP refused the session: {why}",
                               breaker_failure=True)
 
-    def _reported(self, cp: CPView, session: ActiveSession, ts: datetime) -> None:
-        """The CP reported on its session at `ts` (its own clock): the first report dates
-        the session's start, the last one its end when the CP reports no end itself."""
+    def _reported(self, session: ActiveSession, own: datetime, dated: datetime) -> None:
+        """The CP reported on its session at `own` (its own clock; `dated`: that time, or
+        the append time when it is later). The first report dates the session's start,
+        and orders the CP's other reports (:meth:`_after_first_report`); the last one
+        dates its end when the CP reports no end itself."""
         if session.first_report is None:
-            session.first_report = ts
-            if ts != session.started_at:
-                session.started_at = ts
-                self.outbox.write(sql.session_started(session.session_id, ts))
-        if session.last_report is None or ts > session.last_report:
-            session.last_report = ts
+            session.first_report = own
+            session.started_at = dated
+            self.outbox.write(sql.session_started(session.session_id, dated, own))
+        if session.last_report is None or dated > session.last_report:
+            session.last_report = dated
+
+    def _after_first_report(self, session: ActiveSession, own: datetime) -> bool:
+        """Whether a report the CP made at `own` (its clock) can speak of the session: it
+        was made at or after the CP's first report of it. A session resumed after a
+        restart whose CP had not reported yet is judged by the broker's time instead."""
+        if session.first_report is not None:
+            return own >= session.first_report
+        return self.readclock.dated() >= session.started_at
 
     def _confirm(self, cp: CPView, session: ActiveSession) -> None:
         if session.confirmed and not session.resumed:
@@ -478,11 +484,11 @@ class Controller:
             self.stats["telemetry_unknown_cp"] += 1
             logger.debug("telemetry from unknown CP {} ignored", telemetry.cp_id)
             return
-        ts = self._heard(cp, telemetry.ts)
+        ts = self._heard(cp, telemetry.ts, Topic.CP_TELEMETRY)
         cp.last_telemetry = telemetry
         session = cp.session
         if session is not None and telemetry.session_id == session.session_id:
-            self._reported(cp, session, ts)
+            self._reported(session, telemetry.ts, ts)
             self._confirm(cp, session)
             session.kw, session.kwh, session.euros = (
                 telemetry.kw, telemetry.kwh, telemetry.euros,
@@ -545,8 +551,7 @@ class Controller:
         closed.reason = clip_reason(f"corrected: the CP completed the session (was FAILED: "
                                     f"{was})")
         self.outbox.write(sql.completed_by_meter(closed.session_id, closed.reason))
-        self.stats["sessions_failed"] -= 1
-        self.stats["sessions_completed"] += 1
+        self.stats["sessions_completed_by_meter"] += 1
         self.stats["ledger_corrections"] += 1
         logger.warning("session {} on {}: the CP completed it; FAILED corrected to COMPLETED "
                        "({})", closed.session_id, closed.cp_id, was)
@@ -844,40 +849,65 @@ class Controller:
 
     def silence(self, cp: CPView) -> float:
         """Seconds the CP has been silent, as Central judges it (SPEC §4): how far Central
-        has read the CP's own partitions since its last message, so neither Central's own
-        delay nor a paused broker counts. A CP not heard from since the start counts from
-        the first time this is asked."""
-        progress = self._progress_of(cp)
-        if progress is None:
-            return 0.0
-        if cp.heard_progress is None:
-            cp.heard_progress = progress
-        return max(0.0, progress - cp.heard_progress)
-
-    def _progress_of(self, cp: CPView) -> float | None:
-        """How far Central has read the CP's own partitions (seconds of read progress,
-        :class:`ReadClock`); None before it has read them at all."""
+        has read the CP's own partitions since its last message on them, so neither
+        Central's own delay nor a paused broker counts. A topic the CP has not been heard
+        on since the start counts from the first time this is asked; 0 while Central has
+        not read the CP's partitions at all."""
         clock = self.readclock
         least: float | None = None
-        for topic in CP_TOPICS:
-            count = clock.partition_counts.get(topic)
-            partition = (cp.partition if cp.partition is not None
-                         else partition_for_key(cp.cp_id, range(count)) if count else 0)
+        for index, (topic, partition) in enumerate(zip(CP_TOPICS, self._partitions_of(cp),
+                                                       strict=True)):
             progress = clock.progress(topic, partition)
             if progress is None:
-                return None
-            least = progress if least is None else min(least, progress)
-        return least
+                return 0.0
+            heard = cp.heard[index]
+            if heard is None:
+                cp.heard[index] = heard = progress
+            gap = progress - heard
+            least = gap if least is None else min(least, gap)
+        return max(0.0, least or 0.0)
 
-    def _heard(self, cp: CPView, ts: datetime) -> datetime:
-        """The CP reported, stamped `ts` by its own clock: remember how far its partitions
-        were read, and return `ts`, or the append time when `ts` is later (a message
-        stamped in the future moves nothing, SPEC §4)."""
-        received = self.readclock.take_current()
+    def _partitions_of(self, cp: CPView) -> tuple[int, ...]:
+        """The CP's partition on each CP topic (Kafka's default partitioner on its id)."""
+        counts = tuple(self.readclock.partition_counts.get(t, 0) for t in CP_TOPICS)
+        if cp.partitions_for != counts:
+            cp.partitions_for = counts
+            cp.partitions = tuple(partition_for_key(cp.cp_id, range(count)) if count else 0
+                                  for count in counts)
+        return cp.partitions
+
+    def _positions_now(self, cp: CPView) -> list[float | None]:
+        """Where this moment stands in the progress of each of the CP's partitions."""
+        clock = self.readclock
+        return [clock.position_now(topic, partition)
+                for topic, partition in zip(CP_TOPICS, self._partitions_of(cp), strict=True)]
+
+    def _read_past(self, cp: CPView, sent: list[float | None], seconds: float) -> bool:
+        """Whether Central has read every partition of the CP for `seconds` past the
+        positions `sent` (unknown positions are taken from the first reading)."""
+        clock = self.readclock
+        past = True
+        for index, (topic, partition) in enumerate(zip(CP_TOPICS, self._partitions_of(cp),
+                                                       strict=True)):
+            progress = clock.progress(topic, partition)
+            if progress is None:
+                return False
+            mark = sent[index]
+            if mark is None:
+                sent[index] = mark = progress
+            past = past and progress - mark >= seconds
+        return past
+
+    def _heard(self, cp: CPView, ts: datetime, topic: Topic) -> datetime:
+        """The CP reported on `topic`, stamped `ts` by its own clock: remember where that
+        stands in its partition's read progress, and return `ts`, or the append time when
+        `ts` is later (a message stamped in the future moves nothing, SPEC §4)."""
+        clock = self.readclock
+        received = clock.dated()
         cp.last_seen = utcnow()
-        if self.readclock.current_partition is not None:
-            cp.partition = self.readclock.current_partition
-        cp.heard_progress = self._progress_of(cp)
+        index = CP_TOPICS.index(topic)
+        cp.heard[index] = clock.position_of(topic, self._partitions_of(cp)[index],
+                                            clock.current_append)
         ts = min(ts, received)
         cp.last_heard = ts
         return ts

@@ -22,6 +22,7 @@ class DatabaseInUse(RuntimeError):
 
 class DatabaseLock:
     def __init__(self, database: Path) -> None:
+        database = database.resolve()  # one lock per file, whatever path names it
         self.path = database.with_name(database.name + ".lock")
         self._fd: int | None = None
 
@@ -39,9 +40,11 @@ class DatabaseLock:
                 "this one its own database (--db-path); several Centrals share work only on "
                 "PostgreSQL"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        # The pid is for the message only: a full disk must not stop a Central starting.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
         """Let the lock go; safe to call twice."""

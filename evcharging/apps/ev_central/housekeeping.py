@@ -75,8 +75,9 @@ def forgive_stall(central: Controller, late: float) -> None:
     if late <= STALL_SLACK:
         return
     logger.warning("Central was stalled for {:.0f}s: not counted against the monitors", late)
+    now = central.clock()
     for cp in central.cps.values():
-        cp.monitor_seen += late
+        cp.monitor_seen = min(now, cp.monitor_seen + late)
 
 
 def check_monitors(central: Controller) -> list[str]:

@@ -140,6 +140,8 @@ class SessionRecord(_AsDict):
     reason: str | None = None
     meter_final: bool = False
     """The CP reported this session's end: kwh and euros are its meter's final totals."""
+    first_report: datetime | None = None
+    """The CP's own time of its first report of the session (None: not yet reported)."""
 
 
 @dataclass(frozen=True)
@@ -267,6 +269,11 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             messages TEXT NOT NULL
         )""",
     ),
+    # 7: the CP's own time of its first report of a session (SPEC §4): the CP's reports
+    # from before it say nothing about the session, also after a restart.
+    (
+        "ALTER TABLE charging_sessions ADD COLUMN first_report TEXT",
+    ),
 )
 """Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -281,7 +288,7 @@ _CP_COLUMNS = (
 )
 _SESSION_COLUMNS = (
     "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
-    " meter_final"
+    " meter_final, first_report"
 )
 _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_id, timestamp"
 
@@ -390,6 +397,7 @@ def session_from_row(row: sqlite3.Row) -> SessionRecord:
         euros=row["euros"],
         reason=row["reason"],
         meter_final=bool(row["meter_final"]),
+        first_report=ts_opt_parse(row["first_report"]),
     )
 
 
@@ -487,11 +495,12 @@ def start_session(session: SessionRecord) -> Op:
     )
 
 
-def session_started(session_id: str, started_at: datetime) -> Op:
+def session_started(session_id: str, started_at: datetime, first_report: datetime) -> Op:
     """Date a running session by its CP's first report of it (SPEC §4: sessions are dated
-    by their CP's times)."""
-    return ("UPDATE charging_sessions SET start_time = ? WHERE session_id = ? "
-            "AND status = 'ACTIVE'", (ts_text(started_at), session_id))
+    by their CP's times; `first_report` is that report's own time, unclamped)."""
+    return ("UPDATE charging_sessions SET start_time = ?, first_report = ? WHERE "
+            "session_id = ? AND status = 'ACTIVE'",
+            (ts_text(started_at), ts_text(first_report), session_id))
 
 
 def finish_session(

@@ -111,11 +111,12 @@ class CPView:
     last_heard: datetime | None = None
     """The CP's own timestamp of its last message (for people; never compared with
     Central's clock)."""
-    partition: int | None = None
-    """The partition its reports arrive on (the same number on each CP topic)."""
-    heard_progress: float | None = None
-    """How far Central had read the CP's partitions when it last heard from it
-    (:meth:`Controller.silence`)."""
+    heard: list[float | None] = field(default_factory=lambda: [None, None])
+    """Where its last message on each CP topic (cp.status, cp.telemetry) stood in the
+    read progress of its partition (:meth:`Controller.silence`)."""
+    partitions: tuple[int, ...] = ()
+    """Its partition on each CP topic, for the partition counts in ``partitions_for``."""
+    partitions_for: tuple[int, ...] = ()
     session: ActiveSession | None = None
     last_telemetry: CPTelemetry | None = None
     state_reason: str | None = None
