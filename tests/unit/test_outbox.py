@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from evcharging.apps.ev_central import outbox as outbox_module
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.outbox import OFFSETS_EVERY, Outbox, PendingFlush, Position
@@ -281,3 +282,21 @@ async def test_a_cancelled_flush_is_finished_by_the_next_not_sent_twice(
     assert [messages for messages, _, _ in kafka.commits] == [[command("CP-1")],
                                                               [command("CP-2")]]
     assert [meta for _, _, meta in kafka.commits] == ["seq=1", "seq=2"]
+
+
+async def test_at_shutdown_a_flush_waits_for_kafka_only_so_long_and_the_restart_sends_it(
+    repo: SqliteRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(outbox_module, "CLOSING_DELIVERY_TIMEOUT", 0.2)
+    kafka = TransactionalBus()
+    outbox = await started(repo, kafka)
+    await outbox.close()
+    kafka.failures = 1_000_000  # the broker is gone
+    outbox.send(command("CP-1"))
+    outbox.consumed(("cp.status", 0), 4)
+    with pytest.raises(BusError, match="next start sends it"):
+        await outbox.flush()
+    kafka.failures = 0
+    restarted = Outbox(repo, kafka, Counter())
+    await restarted.recover(kafka.read_committed)
+    assert kafka.commits == [([command("CP-1")], {("cp.status", 0): 4}, "seq=1")]

@@ -61,6 +61,9 @@ RETRY_FIRST_DELAY = 0.1
 RETRY_MAX_DELAY = 5.0
 OFFSETS_EVERY = 1.0
 """Seconds between Kafka transactions that only move offsets."""
+CLOSING_DELIVERY_TIMEOUT = 10.0
+"""After :meth:`Outbox.close`, how long a flush waits for Kafka before it gives up (the
+database holds the flush: the next start sends it)."""
 STABLE_TIMEOUT = 30.0
 """How long :meth:`Outbox.recover` waits to read back the offsets it committed."""
 
@@ -148,6 +151,7 @@ class Outbox:
         self._committed_at = -OFFSETS_EVERY
         self._delivery: asyncio.Task[None] | None = None
         self._delivering: PendingFlush | None = None
+        self._closing = False
 
     @property
     def transactional(self) -> bool:
@@ -237,7 +241,15 @@ class Outbox:
             self._delivery = asyncio.get_running_loop().create_task(
                 self._deliver(flush), name="outbox-delivery"
             )
-        await asyncio.shield(self._delivery)
+        if self._closing:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._delivery), CLOSING_DELIVERY_TIMEOUT)
+            except TimeoutError:
+                self._delivery.cancel()
+                raise BusError(f"flush {flush.seq} did not reach Kafka before shutdown; the "
+                               "database holds it and the next start sends it") from None
+        else:
+            await asyncio.shield(self._delivery)
         self._delivery = None
         self._delivering = None
         self._committed = flush.offsets
@@ -339,7 +351,9 @@ class Outbox:
 
     async def close(self) -> None:
         """Wait for a pending :meth:`flush_soon`; safe to call twice. A delivery in flight
-        is left to finish (the next flush waits for it; a restart sends it again)."""
+        is left to finish (the next flush waits for it; a restart sends it again); from
+        now on a flush waits at most :data:`CLOSING_DELIVERY_TIMEOUT` for Kafka."""
+        self._closing = True
         soon, self._soon = self._soon, None
         if soon is not None:
             soon.cancel()
