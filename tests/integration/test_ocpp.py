@@ -26,6 +26,9 @@ import websockets
 from ocpp.routing import on
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call, call_result
+from ocpp.v201 import ChargePoint as ChargePoint201
+from ocpp.v201 import call as call201
+from ocpp.v201 import call_result as call_result201
 from websockets.asyncio.client import ClientConnection
 from websockets.typing import Subprotocol
 
@@ -638,3 +641,87 @@ async def test_a_charger_back_available_without_the_stop_fails_the_session_at_it
     await back.status(1, "Available")
     done = await final_update(system, request_id)
     assert done.status is DriverStatus.FAILED and done.kwh == pytest.approx(1.25)
+
+
+# ----------------------------------------------------------------------------- OCPP 2.0.1
+
+
+class Station(ChargePoint201):  # type: ignore[misc]
+    """A 2.0.1 charging station played by the `ocpp` library."""
+
+    def __init__(self, station_id: str, connection: ClientConnection) -> None:
+        super().__init__(station_id, connection)
+        self.remote_starts: asyncio.Queue[tuple[str, int, int | None]] = asyncio.Queue()
+        self.remote_stops: asyncio.Queue[str] = asyncio.Queue()
+
+    @on("RequestStartTransaction")
+    async def on_request_start(self, id_token: dict[str, str], remote_start_id: int,
+                               evse_id: int | None = None, **_: Any) -> Any:
+        self.remote_starts.put_nowait((id_token["id_token"], remote_start_id, evse_id))
+        return call_result201.RequestStartTransaction(status="Accepted")
+
+    @on("RequestStopTransaction")
+    async def on_request_stop(self, transaction_id: str, **_: Any) -> Any:
+        self.remote_stops.put_nowait(transaction_id)
+        return call_result201.RequestStopTransaction(status="Accepted")
+
+    async def event(self, event_type: str, seq_no: int, tx: str, wh: float | None = None,
+                    **extra: Any) -> Any:
+        meter = ([{"timestamp": now(), "sampled_value": [{
+            "value": wh, "measurand": "Energy.Active.Import.Register",
+            "unit_of_measure": {"unit": "Wh"}}]}] if wh is not None else None)
+        return await self.call(call201.TransactionEvent(
+            event_type=event_type, timestamp=now(), seq_no=seq_no,
+            trigger_reason=extra.pop("trigger_reason", "MeterValuePeriodic"),
+            transaction_info={"transaction_id": tx, **extra.pop("info", {})},
+            meter_value=meter, **extra))
+
+
+async def test_ocpp_2_0_1_remote_start_events_replay_and_end(
+    system: System, start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway()
+    sid = charger_id()
+    cp_id = f"{sid}.1"
+    async with websockets.connect(gateway.ws_url + sid,
+                                  subprotocols=[Subprotocol("ocpp2.0.1")]) as ws:
+        assert ws.subprotocol == "ocpp2.0.1"
+        station = Station(sid, ws)
+        serving = asyncio.create_task(station.start())
+        try:
+            boot = await station.call(call201.BootNotification(
+                charging_station={"model": "T-201", "vendor_name": "tests"}, reason="PowerUp"))
+            assert boot.status == "Accepted"
+            await station.call(call201.StatusNotification(
+                timestamp=now(), connector_status="Available", evse_id=1, connector_id=1))
+            await system.wait_state(cp_id, CPState.ACTIVATED)
+            request_id = await request(system, cp_id, "judy")
+            token, remote_id, evse = await asyncio.wait_for(station.remote_starts.get(), 30)
+            assert (token, evse) == ("judy", 1)
+            tx = f"tx-{uuid.uuid4().hex[:8]}"
+            started = await station.event(
+                "Started", 0, tx, 100_000.0, trigger_reason="RemoteStart",
+                info={"remote_start_id": remote_id, "charging_state": "Charging"},
+                evse={"id": 1, "connector_id": 1},
+                id_token={"id_token": "judy", "type": "Central"})
+            assert started.id_token_info["status"] == "Accepted"
+            await station.event("Updated", 1, tx, 104_000.0)
+            await station.event("Updated", 1, tx, 199_000.0)  # a replay: changes nothing
+
+            def in_progress() -> DriverUpdate | None:
+                return next((u for u in system.updates.get(request_id, [])
+                             if u.status is DriverStatus.IN_PROGRESS and u.kwh), None)
+
+            update: DriverUpdate = await poll(in_progress, timeout=30, what="IN_PROGRESS")
+            assert update.kwh == pytest.approx(4.0)
+            await station.event("Ended", 2, tx, 106_500.0, trigger_reason="EVDeparted",
+                                info={"stopped_reason": "EVDisconnected"})
+            done = await final_update(system, request_id)
+            assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(6.5)
+            assert done.euros == pytest.approx(6.5 * EURO_RATE)
+            unknown = await station.event("Ended", 9, "never-started", 1.0)
+            assert unknown is not None
+            assert await gateway.metric("evcharging_ocpp_unknown_transactions_total") == 1
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)

@@ -68,7 +68,8 @@ class Session:
     cp_id: str
     transaction: str
     """The charger's transaction id (1.6: the gateway's integer, as text)."""
-    meter_start_wh: float
+    meter_start_wh: float | None
+    """The energy register at the start (Wh); None until a 2.0.1 charger reports it."""
     started_at: datetime
     kw: float = 0.0
     kwh: float = 0.0
@@ -261,15 +262,17 @@ class Gateway:
         *,
         transaction: str,
         driver_id: str,
-        meter_start_wh: float,
+        meter_start_wh: float | None,
         ts: datetime,
         own_session_id: str,
+        remote_start_id: int | None = None,
     ) -> Session:
         """A transaction began on `conn`: Central's session when it asked for one for
         this driver (a remote start), else a session of the driver with no request."""
         pending = conn.pending
-        if pending is not None and pending.driver_id == driver_id:
-            session_id = pending.session_id
+        if pending is not None and (pending.driver_id == driver_id or (
+                remote_start_id is not None and pending.remote_start_id == remote_start_id)):
+            session_id, driver_id = pending.session_id, pending.driver_id
             conn.pending = None
         else:
             session_id = own_session_id
@@ -300,7 +303,9 @@ class Gateway:
     ) -> None:
         """Meter values of a session: telemetry with its running totals."""
         ts = ts or utcnow()
-        if energy_wh is not None:
+        if energy_wh is not None and session.meter_start_wh is None:
+            session.meter_start_wh = energy_wh
+        if energy_wh is not None and session.meter_start_wh is not None:
             kwh = max(0.0, (energy_wh - session.meter_start_wh) / 1000.0)
             if power_w is None and session.last_wh is not None and session.last_at is not None:
                 hours = (ts - session.last_at).total_seconds() / _SECONDS_PER_HOUR
@@ -339,7 +344,7 @@ class Gateway:
         A session already ended (by a fault, then by the charger's own stop) is announced
         again only when the final meter changes its totals: Central corrects the ledger.
         """
-        if final_wh is not None:
+        if final_wh is not None and session.meter_start_wh is not None:
             kwh = max(0.0, (final_wh - session.meter_start_wh) / 1000.0)
             session.kwh, session.euros = kwh, kwh * self.euro_rate
         end = SessionEnd(session_id=session.session_id, result=result, kwh=session.kwh,

@@ -20,6 +20,7 @@ waits ``call_timeout`` at most, and a slow charger holds up only itself.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,9 @@ from ocpp.messages import Call, CallError, CallResult, MessageType, get_validato
 from ocpp.v16 import call as call16
 from ocpp.v16 import call_result as result16
 from ocpp.v16.enums import Action as Action16
+from ocpp.v201 import call as call201
+from ocpp.v201 import call_result as result201
+from ocpp.v201.enums import Action as Action201
 from websockets.exceptions import ConnectionClosed
 
 from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
@@ -49,7 +53,7 @@ from evcharging.apps.ev_ocpp.logic import (
 from evcharging.common.messages import CentralCommand, CommandType, clip_reason, utcnow
 from evcharging.common.states import CPState, SessionResult
 
-__all__ = ["ChargerLink", "V16Link"]
+__all__ = ["ChargerLink", "V16Link", "V201Link"]
 
 Payload = dict[str, Any]
 CallHandler = Callable[[Payload], Awaitable[Payload]]
@@ -82,6 +86,7 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
     version: ClassVar[str]
     protocol: ClassVar[str]
     known_actions: ClassVar[frozenset[str]]
+    id_tag_max: ClassVar[int]
 
     def __init__(self, charger_id: str, connection: Any, gateway: Gateway) -> None:
         super().__init__(charger_id, connection, response_timeout=gateway.call_timeout,
@@ -170,6 +175,42 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         await self._send(CallError(msg.unique_id, code, clip_reason(description)[:255],
                                    {}).to_json())
 
+    # ---------------------------------------------------------------- what both versions share
+
+    async def apply_status(
+        self, conn: Connector, status: str, error: object, info: object,
+        ts: datetime | None,
+    ) -> None:
+        """A connector's (EVSE's) status as SPEC §8 maps it."""
+        session = conn.session
+        state = connector_state(status, session_running=session is not None)
+        if state is None:
+            return
+        if session is not None and state is CPState.ACTIVATED:
+            if session.offline and status == "Available":
+                # Back online with the connector free and no stop: the session is over.
+                await self.gateway.end(session, session.last_wh,
+                                       SessionResult.FAILED, "charger came back without the "
+                                       "transaction's stop", ts=ts)
+            return  # Finishing before the stop: the stop ends the session
+        if state is CPState.FAULT:
+            reason = ": ".join(str(p) for p in (error, info) if p and p != "NoError")
+            await self.gateway.change(conn, state, reason or "Faulted", ts=ts)
+            return
+        reason = {"Unavailable": "unavailable", "Charging": "charging"}.get(
+            status, status.lower())
+        if conn.state is CPState.FAULT:
+            await self.gateway.change(conn, CPState.ACTIVATED, "recovered", ts=ts)
+        if state is CPState.SUPPLYING:
+            return  # already SUPPLYING since its transaction started
+        await self.gateway.change(conn, state, reason, ts=ts)
+
+    def _session(self, transaction: object, what: str) -> Session | None:
+        session = self.gateway.transactions.get((self.charger_id, str(transaction)))
+        if session is None:
+            self.gateway.unknown_transaction(self.charger_id, what, transaction)
+        return session
+
     # ---------------------------------------------------------------- CALLs to the charger
 
     def enqueue(self, cmd: CentralCommand) -> None:
@@ -193,6 +234,62 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 self.gateway.done(cmd)
 
     async def execute(self, conn: Connector, cmd: CentralCommand) -> None:
+        """Carry out one of Central's commands (SPEC §8, Commands); Refused when the
+        charger does not."""
+        p = cmd.payload
+        match cmd.cmd:
+            case CommandType.START_SUPPLY:
+                assert p.session_id is not None and p.driver_id is not None  # the model's rule
+                running = conn.session
+                if running is not None and running.session_id == p.session_id:
+                    return  # a duplicate START_SUPPLY
+                if conn.state is not CPState.ACTIVATED or running is not None:
+                    raise Refused(f"CP is {conn.state.value}")
+                if not is_valid_id_tag(p.driver_id, max_length=self.id_tag_max):
+                    raise Refused(f"driver id {p.driver_id!r} is no OCPP {self.version} id "
+                                  f"token ({self.id_tag_max} characters at most)")
+                pending = PendingStart(p.session_id, p.driver_id, remote_start_id(p.session_id))
+                conn.pending = pending  # before the CALL: the start may come before its answer
+                try:
+                    await self.remote_start(conn, pending)
+                except Refused:
+                    if conn.pending is pending:
+                        conn.pending = None
+                    raise
+            case CommandType.STOP_SUPPLY:
+                session = conn.session
+                if session is None:
+                    raise Refused("no running session")
+                if p.session_id and p.session_id != session.session_id:
+                    raise Refused(f"session {p.session_id} is not the running session")
+                await self.remote_stop(session)
+            case CommandType.STOP_CP:
+                session = conn.session
+                if session is not None:
+                    session.stop_cp = True
+                    await self.remote_stop(session)
+                if await self.change_availability(conn, operative=False):
+                    await self._now(conn, CPState.STOPPED, p.reason or "stopped by operator")
+            case CommandType.RESUME_CP:
+                if await self.change_availability(conn, operative=True):
+                    await self._now(conn, CPState.ACTIVATED, p.reason or "resumed by operator")
+            case _:
+                raise Refused(f"{cmd.cmd.value} is not supported")
+
+    async def _now(self, conn: Connector, state: CPState, reason: str) -> None:
+        """The charger accepted an availability change at once: the CP changes now (a
+        running session's stop changes it when it comes)."""
+        if conn.session is None and conn.state in (CPState.ACTIVATED, CPState.STOPPED):
+            await self.gateway.change(conn, state, reason)
+
+    async def remote_start(self, conn: Connector, pending: PendingStart) -> None:
+        raise NotImplementedError
+
+    async def remote_stop(self, session: Session) -> None:
+        raise NotImplementedError
+
+    async def change_availability(self, conn: Connector, operative: bool) -> bool:
+        """Whether the charger changed it at once (Accepted; Scheduled: later)."""
         raise NotImplementedError
 
     async def request(self, payload: Any) -> Any:
@@ -216,8 +313,7 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         return answer
 
     def accepted(self, action: str, status: object, *ok: str) -> bool:
-        text = str(getattr(status, "value", status))
-        accepted = text in (ok or ("Accepted",))
+        accepted = _text(status) in (ok or ("Accepted",))
         self.count(action, "out", "accepted" if accepted else "rejected")
         return accepted
 
@@ -227,6 +323,7 @@ class V16Link(ChargerLink):
 
     version = "1.6"
     protocol = "ocpp1.6"
+    id_tag_max = 20
     _ocpp_version = "1.6"  # what the library's call() validates and answers with
     _call = call16
     _call_result = result16
@@ -271,33 +368,6 @@ class V16Link(ChargerLink):
                                     payload.get("info"), ts)
         return {}
 
-    async def apply_status(
-        self, conn: Connector, status: str, error: object, info: object,
-        ts: datetime | None,
-    ) -> None:
-        session = conn.session
-        state = connector_state(status, session_running=session is not None)
-        if state is None:
-            return
-        if session is not None and state is CPState.ACTIVATED:
-            if session.offline and status == "Available":
-                # Back online with the connector free and no stop: the session is over.
-                await self.gateway.end(session, session.last_wh,
-                                       SessionResult.FAILED, "charger came back without the "
-                                       "transaction's stop", ts=ts)
-            return  # Finishing before the stop: the stop ends the session
-        if state is CPState.FAULT:
-            reason = ": ".join(str(p) for p in (error, info) if p and p != "NoError")
-            await self.gateway.change(conn, state, reason or "Faulted", ts=ts)
-            return
-        reason = {"Unavailable": "unavailable", "Charging": "charging"}.get(
-            status, status.lower())
-        if conn.state is CPState.FAULT:
-            await self.gateway.change(conn, CPState.ACTIVATED, "recovered", ts=ts)
-        if state is CPState.SUPPLYING:
-            return  # already SUPPLYING since its transaction started
-        await self.gateway.change(conn, state, reason, ts=ts)
-
     async def on_start_transaction(self, payload: Payload) -> Payload:
         number = int(payload["connectorId"])
         id_tag = str(payload["idTag"])
@@ -322,12 +392,6 @@ class V16Link(ChargerLink):
             ts=charger_time(stamp), own_session_id=session_id_of(self.charger_id, tx),
         )
         return {"transactionId": tx, "idTagInfo": {"status": "Accepted"}}
-
-    def _session(self, transaction: object, what: str) -> Session | None:
-        session = self.gateway.transactions.get((self.charger_id, str(transaction)))
-        if session is None:
-            self.gateway.unknown_transaction(self.charger_id, what, transaction)
-        return session
 
     async def on_meter_values(self, payload: Payload) -> Payload:
         number = int(payload["connectorId"])
@@ -361,67 +425,178 @@ class V16Link(ChargerLink):
 
     # ---------------------------------------------------------------- Central's commands
 
-    async def execute(self, conn: Connector, cmd: CentralCommand) -> None:
-        p = cmd.payload
-        match cmd.cmd:
-            case CommandType.START_SUPPLY:
-                assert p.session_id is not None and p.driver_id is not None  # the model's rule
-                running = conn.session
-                if running is not None and running.session_id == p.session_id:
-                    return  # a duplicate START_SUPPLY
-                if conn.state is not CPState.ACTIVATED or running is not None:
-                    raise Refused(f"CP is {conn.state.value}")
-                if not is_valid_id_tag(p.driver_id):
-                    raise Refused(f"driver id {p.driver_id!r} is no OCPP 1.6 idTag (20 "
-                                  "characters at most)")
-                pending = PendingStart(p.session_id, p.driver_id)
-                conn.pending = pending  # before the CALL: the start may come before its answer
-                try:
-                    answer = await self.request(call16.RemoteStartTransaction(
-                        id_tag=p.driver_id, connector_id=conn.number))
-                    if not self.accepted("RemoteStartTransaction", answer.status):
-                        raise Refused("RemoteStartTransaction Rejected")
-                except Refused:
-                    if conn.pending is pending:
-                        conn.pending = None
-                    raise
-            case CommandType.STOP_SUPPLY:
-                session = conn.session
-                if session is None:
-                    raise Refused("no running session")
-                if p.session_id and p.session_id != session.session_id:
-                    raise Refused(f"session {p.session_id} is not the running session")
-                await self._remote_stop(session)
-            case CommandType.STOP_CP:
-                session = conn.session
-                if session is not None:
-                    session.stop_cp = True
-                    await self._remote_stop(session)
-                await self._availability(conn, "Inoperative", CPState.STOPPED,
-                                         p.reason or "stopped by operator")
-            case CommandType.RESUME_CP:
-                await self._availability(conn, "Operative", CPState.ACTIVATED,
-                                         p.reason or "resumed by operator")
-            case _:
-                raise Refused(f"{cmd.cmd.value} is not supported")
+    async def remote_start(self, conn: Connector, pending: PendingStart) -> None:
+        answer = await self.request(call16.RemoteStartTransaction(
+            id_tag=pending.driver_id, connector_id=conn.number))
+        if not self.accepted("RemoteStartTransaction", answer.status):
+            raise Refused("RemoteStartTransaction Rejected")
 
-    async def _remote_stop(self, session: Session) -> None:
+    async def remote_stop(self, session: Session) -> None:
         answer = await self.request(call16.RemoteStopTransaction(
             transaction_id=int(session.transaction)))
         if not self.accepted("RemoteStopTransaction", answer.status):
             raise Refused("RemoteStopTransaction Rejected")
 
-    async def _availability(self, conn: Connector, kind: str, state: CPState, reason: str
-                            ) -> None:
+    async def change_availability(self, conn: Connector, operative: bool) -> bool:
+        kind = "Operative" if operative else "Inoperative"
         answer = await self.request(call16.ChangeAvailability(
             connector_id=conn.number, type=kind))
         if not self.accepted("ChangeAvailability", answer.status, "Accepted", "Scheduled"):
             raise Refused(f"ChangeAvailability {kind} Rejected")
-        if str(getattr(answer.status, "value", answer.status)) == "Accepted" and (
-            conn.session is None and conn.state in (CPState.ACTIVATED, CPState.STOPPED)
+        return _text(answer.status) == "Accepted"
+
+
+class V201Link(ChargerLink):
+    """OCPP 2.0.1: boot, heartbeat, status, authorization, transactions (TransactionEvent,
+    RequestStart/StopTransaction) and availability. The charger's transactionId names the
+    session; ``seqNo`` orders a transaction's events and a replayed event changes nothing."""
+
+    version = "2.0.1"
+    protocol = "ocpp2.0.1"
+    id_tag_max = 36
+    _ocpp_version = "2.0.1"
+    _call = call201
+    _call_result = result201
+    known_actions = frozenset(action.value for action in Action201)
+
+    def call_handlers(self) -> dict[str, CallHandler]:
+        return {
+            "BootNotification": self.on_boot_notification,
+            "Heartbeat": self.on_heartbeat,
+            "StatusNotification": self.on_status_notification,
+            "Authorize": self.on_authorize,
+            "TransactionEvent": self.on_transaction_event,
+            "MeterValues": self.on_meter_values,
+        }
+
+    async def on_boot_notification(self, payload: Payload) -> Payload:
+        station = payload["chargingStation"]
+        self.vendor, self.model = str(station["vendorName"]), str(station["model"])
+        self._log.info("charger {} booted: {} {} (OCPP 2.0.1)", self.charger_id, self.vendor,
+                       self.model)
+        return {"status": "Accepted", "currentTime": now_text(),
+                "interval": self.gateway.heartbeat_interval}
+
+    async def on_heartbeat(self, payload: Payload) -> Payload:
+        await self.gateway.heartbeats(self.charger_id)
+        return {"currentTime": now_text()}
+
+    async def on_authorize(self, payload: Payload) -> Payload:
+        token = str(payload["idToken"]["idToken"])
+        return {"idTokenInfo": {"status": _tag_status(token, self.id_tag_max)}}
+
+    async def on_status_notification(self, payload: Payload) -> Payload:
+        evse = int(payload["evseId"])
+        conns = (self.gateway.of_charger(self.charger_id) if evse == 0
+                 else [self.gateway.connector(self.charger_id, evse)])
+        for conn in conns:
+            await self.apply_status(conn, str(payload["connectorStatus"]), None, None,
+                                    charger_time(payload["timestamp"]))
+        return {}
+
+    async def on_meter_values(self, payload: Payload) -> Payload:
+        conn = self.gateway.connectors.get(f"{self.charger_id}.{int(payload['evseId'])}")
+        reading = read_meter(payload.get("meterValue", []))
+        session = conn.session if conn is not None else None
+        if session is not None and (reading.energy_wh is not None or reading.power_w is not None):
+            await self.gateway.meter(session, reading.energy_wh, reading.power_w, reading.ts)
+        return {}
+
+    async def on_transaction_event(self, payload: Payload) -> Payload:
+        info = payload["transactionInfo"]
+        tx = str(info["transactionId"])
+        event = str(payload["eventType"])
+        seq = int(payload["seqNo"])
+        ts = charger_time(payload["timestamp"])
+        reading = read_meter(payload.get("meterValue", []))
+        token = payload.get("idToken", {}).get("idToken")
+        answer: Payload = {}
+        if token is not None:
+            answer["idTokenInfo"] = {"status": _tag_status(str(token), self.id_tag_max)}
+        key = (self.charger_id, tx)
+        if key not in self.gateway.transactions:
+            session = await self._begin(payload, info, tx, token, reading.energy_wh, ts)
+            if session is None:
+                return answer
+        else:
+            found = self.gateway.transactions[key]
+            if found is None:
+                return answer  # a transaction the gateway refused: no session
+            session = found
+            if seq <= session.seq_no:
+                self._log.info("charger {}: TransactionEvent {} seqNo {} of transaction {} "
+                               "replayed: nothing changes", self.charger_id, event, seq, tx)
+                return answer
+        session.seq_no = max(session.seq_no, seq)
+        if event == "Ended":
+            final = reading.energy_wh if reading.energy_wh is not None else session.last_wh
+            await self.gateway.stop(session, final, info.get("stoppedReason"), ts)
+        elif reading.energy_wh is not None or reading.power_w is not None:
+            await self.gateway.meter(session, reading.energy_wh, reading.power_w,
+                                     reading.ts or ts)
+        return answer
+
+    async def _begin(self, payload: Payload, info: Payload, tx: str, token: object,
+                     energy_wh: float | None, ts: datetime) -> Session | None:
+        """The first event of a transaction (Started, or a later one whose Started was
+        lost): its session, or None when none can be made."""
+        evse = payload.get("evse", {}).get("id")
+        if evse is None:
+            self.gateway.unknown_transaction(self.charger_id, "TransactionEvent without an "
+                                             "EVSE", tx)
+            return None
+        conn = self.gateway.connector(self.charger_id, int(evse))
+        remote = info.get("remoteStartId")
+        pending = conn.pending
+        driver = str(token) if token is not None else None
+        if (driver is None or not is_valid_id_tag(driver, max_length=self.id_tag_max)) and (
+            pending is not None and remote is not None and pending.remote_start_id == remote
         ):
-            await self.gateway.change(conn, state, reason)
+            driver = pending.driver_id
+        if driver is None or not is_valid_id_tag(driver, max_length=self.id_tag_max):
+            self.gateway.remember(self.charger_id, tx, None)
+            self.once("id_tag", "start", "transaction {} with id token {!r}, not a driver id: "
+                      "no session", tx, token)
+            return None
+        return await self.gateway.start(
+            conn, transaction=tx, driver_id=driver, meter_start_wh=energy_wh, ts=ts,
+            own_session_id=session_id_of(self.charger_id, tx),
+            remote_start_id=int(remote) if remote is not None else None,
+        )
+
+    # ---------------------------------------------------------------- Central's commands
+
+    async def remote_start(self, conn: Connector, pending: PendingStart) -> None:
+        answer = await self.request(call201.RequestStartTransaction(
+            id_token={"id_token": pending.driver_id, "type": "Central"},
+            remote_start_id=pending.remote_start_id, evse_id=conn.number))
+        if not self.accepted("RequestStartTransaction", answer.status):
+            raise Refused("RequestStartTransaction Rejected")
+
+    async def remote_stop(self, session: Session) -> None:
+        answer = await self.request(call201.RequestStopTransaction(
+            transaction_id=session.transaction))
+        if not self.accepted("RequestStopTransaction", answer.status):
+            raise Refused("RequestStopTransaction Rejected")
+
+    async def change_availability(self, conn: Connector, operative: bool) -> bool:
+        kind = "Operative" if operative else "Inoperative"
+        answer = await self.request(call201.ChangeAvailability(
+            operational_status=kind, evse={"id": conn.number}))
+        if not self.accepted("ChangeAvailability", answer.status, "Accepted", "Scheduled"):
+            raise Refused(f"ChangeAvailability {kind} Rejected")
+        return _text(answer.status) == "Accepted"
 
 
-def _tag_status(id_tag: str) -> str:
-    return "Accepted" if is_valid_id_tag(id_tag) else "Invalid"
+def _tag_status(id_tag: str, max_length: int = 20) -> str:
+    return "Accepted" if is_valid_id_tag(id_tag, max_length=max_length) else "Invalid"
+
+
+def _text(status: object) -> str:
+    return str(getattr(status, "value", status))
+
+
+def remote_start_id(session_id: str) -> int:
+    """The remoteStartId (2.0.1) of Central's session: a positive 31-bit integer."""
+    return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big") % (
+        2**31 - 1) + 1

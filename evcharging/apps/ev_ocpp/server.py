@@ -36,7 +36,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from evcharging.apps.ev_ocpp.gateway import Gateway
-from evcharging.apps.ev_ocpp.link import ChargerLink, V16Link
+from evcharging.apps.ev_ocpp.link import ChargerLink, V16Link, V201Link
 from evcharging.apps.ev_ocpp.logic import CHARGER_ID_PATTERN, PROTOCOLS
 from evcharging.common.http import is_loopback
 
@@ -162,7 +162,7 @@ def _select(connection: ServerConnection, offered: Sequence[Subprotocol]) -> Sub
     return None  # the handshake goes on without one; the handler closes at once
 
 
-LINKS: dict[str, type[ChargerLink]] = {"ocpp1.6": V16Link}
+LINKS: dict[str, type[ChargerLink]] = {"ocpp1.6": V16Link, "ocpp2.0.1": V201Link}
 """The link class of each subprotocol."""
 
 
