@@ -22,6 +22,7 @@ from aiokafka import AIOKafkaProducer
 
 from evcharging.apps.ev_central.outbox import Outbox
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.common.bus import Fenced
 from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
@@ -182,3 +183,22 @@ async def test_recovery_sends_again_exactly_the_flush_kafka_did_not_get(
         finally:
             await second.stop()
             await first.stop()
+
+
+async def test_a_second_producer_with_the_same_id_fences_the_first(
+    config: KafkaConfig, reader: Reader
+) -> None:
+    first = central_bus(config)
+    await first.start()
+    second = central_bus(config)
+    try:
+        await first.commit_transaction([update(1)], {}, metadata="seq=1")
+        await second.start()  # another Central took this id over
+        with pytest.raises(Fenced):
+            await first.commit_transaction([update(2)], {}, metadata="seq=2")
+        await second.commit_transaction([update(3)], {}, metadata="seq=2")
+        await reader.wait_for("r-3")
+        assert reader.ids() == ["r-1", "r-3"]
+    finally:
+        await second.stop()
+        await first.stop()
