@@ -177,9 +177,10 @@ class Controller:
             if cp.is_faulty and cp.breaker.state is BreakerState.CLOSED:
                 cp.breaker.trip(cp.fault_reason)
         # Requests older than request_max_age are refused anyway, so remembering the ids
-        # of younger ones is enough to keep a replayed request from being decided twice.
-        since = utcnow() - timedelta(seconds=self.options.request_max_age)
-        for request_id in await self.repo.recent_request_ids(since):
+        # of younger ones is enough to keep a replayed request from being decided twice
+        # (younger than the newest decided: this process's clock is not consulted).
+        within = timedelta(seconds=2 * self.options.request_max_age)
+        for request_id in await self.repo.recent_request_ids(within):
             self._remember_request(request_id)
         resumed = await self.repo.active_sessions()
         for row in resumed:

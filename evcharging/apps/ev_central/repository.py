@@ -26,7 +26,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -118,7 +118,7 @@ class Repository(Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
     async def get_session_by_request(self, request_id: str) -> SessionRecord | None: ...
     async def active_sessions(self) -> list[SessionRecord]: ...
-    async def recent_request_ids(self, since: datetime) -> list[str]: ...
+    async def recent_request_ids(self, within: timedelta) -> list[str]: ...
     async def record_request(
         self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
         ts: datetime,
@@ -405,8 +405,13 @@ class SqliteRepository:
         )
         return [sql.session_from_row(row) for row in rows]
 
-    async def recent_request_ids(self, since: datetime) -> list[str]:
-        """The ids of the requests decided at `since` or later, oldest first."""
+    async def recent_request_ids(self, within: timedelta) -> list[str]:
+        """The ids of the requests decided within `within` of the newest one, oldest
+        first (measured on the log's own dates, never on this process's clock)."""
+        newest = await self._fetchall("SELECT MAX(timestamp) FROM request_log", ())
+        if not newest or newest[0][0] is None:
+            return []
+        since = sql.ts_parse(str(newest[0][0])) - within
         rows = await self._fetchall(
             "SELECT request_id FROM request_log WHERE timestamp >= ? "
             "ORDER BY timestamp, rowid",
