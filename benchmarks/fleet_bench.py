@@ -29,7 +29,11 @@ Meanwhile it samples, every second:
 The load generator's ``--json`` summary gives request → ACCEPTED p50/p90/p99 and the
 outcomes. A session FAILED because "CP did not confirm the start" counts against Central
 (SPEC §4: no session fails for Central's own delay); DENIED "Central overloaded" is
-Central shedding load as it should when behind, counted apart.
+Central shedding load as it should when behind, counted apart. Once the services have
+stopped, ``driver.updates`` and ``cp.status`` are read from the start (``read_committed``)
+to count the sessions Central FAILED though their CP's own meter reported them COMPLETED
+(an end status or a heartbeat's ``last_session``): SPEC §4 wants 0, also above the
+fleet's ceiling (an overload run: ``--sizes`` above what the machine carries).
 
 Writes ``<out>/fleet-<date>.md`` (the machine, the settings, two tables, notes) and
 ``<out>/fleet-<date>.png`` (latency, lag and CPU against the number of CPs), and prints the
@@ -387,6 +391,63 @@ def _epoch(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
+async def failed_though_completed(bootstrap: str, prefix: str,
+                                  idle: float = 10.0) -> tuple[int, int]:
+    """(sessions whose driver got FAILED though their CP reported them COMPLETED, sessions
+    whose driver got FAILED): ``driver.updates`` and ``cp.status`` of the run read from
+    the start to their end as of now. Stops early when nothing arrives for `idle` s."""
+    config = KafkaConfig(bootstrap=bootstrap, client_id="fleet-bench-ledger", topic_prefix=prefix)
+    topics = (Topic.DRIVER_UPDATES, Topic.CP_STATUS)
+    names = {config.topic_name(t): t for t in topics}
+    known = await ensure_topics(config, topics)
+    partitions = [TopicPartition(name, p) for name, ps in known.items() for p in ps]
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                                client_id="fleet-bench-ledger", enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    failed: set[str] = set()
+    completed: set[str] = set()
+    try:
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        last = time.monotonic()
+
+        async def behind() -> bool:
+            return any([await consumer.position(tp) < end for tp, end in ends.items()])
+
+        while await behind():
+            batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
+            if batch:
+                last = time.monotonic()
+            elif time.monotonic() - last > idle:
+                break
+            for tp, records in batch.items():
+                status = names[tp.topic] is Topic.CP_STATUS
+                for record in records:
+                    if record.value is None:
+                        continue
+                    with contextlib.suppress(ValueError, TypeError, AttributeError):
+                        message = json.loads(record.value)
+                        if status:
+                            _note_end(message, completed)
+                        elif message.get("status") == "FAILED" and message.get("session_id"):
+                            failed.add(str(message["session_id"]))
+    finally:
+        await consumer.stop()
+    return len(failed & completed), len(failed)
+
+
+def _note_end(status: dict[str, Any], completed: set[str]) -> None:
+    """Add the session a CP status reports COMPLETED (its own end, or a heartbeat's
+    ``last_session``) to `completed`."""
+    if status.get("session_result") == "COMPLETED" and status.get("session_id"):
+        completed.add(str(status["session_id"]))
+    last = status.get("last_session")
+    if isinstance(last, dict) and last.get("result") == "COMPLETED" and last.get("session_id"):
+        completed.add(str(last["session_id"]))
+
+
 # --------------------------------------------------------------------------- one size
 
 
@@ -404,6 +465,8 @@ class SizeResult:
     load_avg: list[float]
     central_stats: dict[str, Any]
     fleet_health: dict[str, Any]
+    failed_completed: int | None = None
+    """Sessions FAILED though the CP completed them (None: not counted)."""
 
     # --- derived numbers (None when nothing was measured)
 
@@ -462,6 +525,7 @@ class SizeResult:
                             "max_seconds": self.lag_seconds(100)},
             "failed_start_not_confirmed": self.failed_start(),
             "denied_overloaded": self.denied_overloaded(),
+            "failed_though_cp_completed": self.failed_completed,
             "cpu_percent_mean": {name: self.cpu_mean(name) for name in self.usage},
             "rss_mib_max": {name: self.rss_max(name) for name in self.usage},
             "load_average_max": max(self.load_avg) if self.load_avg else None,
@@ -586,6 +650,10 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
             await probe.stop()
             for service in services:
                 await service.stop()
+    say(f"  {cps:,} CPs: reading the ledger (driver.updates, cp.status)")
+    failed_completed, failed_sessions = await failed_though_completed(bootstrap, prefix)
+    say(f"  {cps:,} CPs: {failed_completed:,} of {failed_sessions:,} FAILED sessions were "
+        "COMPLETED by their CP")
     in_load = [(t, lag_, r) for t, lag_, r in lag.samples if load_began <= t <= load_ended]
     return SizeResult(
         cps=cps, to_activated_s=to_activated, rate=rate,
@@ -595,6 +663,7 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
         supplying=[n for t, n in resources.supplying if steady[0] <= t <= steady[1]],
         usage=resources.usage,
         load_avg=resources.load, central_stats=stats, fleet_health=fleet_health,
+        failed_completed=failed_completed,
     )
 
 
@@ -618,7 +687,8 @@ LATENCY_HEADER = (
 )
 OUTCOME_HEADER = (
     "CPs", "drivers", "completed", "FAILED start not confirmed", "FAILED other",
-    "DENIED overloaded", "DENIED other", "no free CP / timed out", "Central CPU % / RSS MiB",
+    "FAILED though the CP completed", "DENIED overloaded", "DENIED other",
+    "no free CP / timed out", "Central CPU % / RSS MiB",
     "fleet CPU % / RSS MiB", "fleet publish errors", "load gen / bench CPU %", "broker CPU %",
     "load avg 1 min (max)",
 )
@@ -641,6 +711,7 @@ def outcome_row(r: SizeResult) -> list[str]:
     return [
         f"{r.cps:,}", f"{int(r.load.get('arrivals', 0)):,}", f"{r.outcome('completed'):,}",
         f"{r.failed_start():,}", f"{failed - r.failed_start():,}",
+        _num(r.failed_completed),
         f"{r.denied_overloaded():,}", f"{denied - r.denied_overloaded():,}",
         f"{r.outcome('no_free_cp'):,} / {r.outcome('timed_out'):,}",
         _group(r.cpu_mean("central"), r.rss_max("central")),
@@ -713,6 +784,10 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "- *FAILED start not confirmed*: sessions Central failed because the CP did not "
         "confirm the start in time (SPEC §4 wants none); *DENIED overloaded*: requests Central "
         "refused because it read them more than `CENTRAL_SHED_AFTER` late.",
+        "- *FAILED though the CP completed*: sessions whose driver got FAILED while their "
+        "CP's own meter reported them COMPLETED (end status or a heartbeat's "
+        "`last_session`), read from the topics after the run; SPEC §4 wants 0, at every "
+        "size, above the ceiling too.",
         "- *fleet publish errors*: messages the fleet's producer could not deliver (its "
         "`/health`, at the end); a CP whose status or telemetry does not leave looks silent "
         "to Central.",
