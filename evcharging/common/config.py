@@ -410,6 +410,10 @@ class OcppSettings(ServiceSettings):
     )
     http_host: str = Field("127.0.0.1", description="address of /health and /metrics")
     http_port: Port = Field(9001, description="port of the gateway's /health and /metrics")
+    state_file: Path = Field(
+        Path("ev_ocpp_state.json"), description="where the gateway keeps its CPs, running "
+        "sessions and recent transactions across restarts"
+    )
     central_host: str = Field("localhost", description="host of Central's HTTP API")
     central_port: Port = Field(8000, description="port of Central's HTTP API")
     api_token: SecretStr | None = Field(

@@ -133,6 +133,12 @@ async def system(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 class Gateway:
     ws_url: str
     http: httpx.AsyncClient
+    stopping: asyncio.Event
+    run: asyncio.Task[int]
+
+    async def stop(self) -> None:
+        self.stopping.set()
+        assert await asyncio.wait_for(self.run, 30) == 0
 
     async def metric(self, name: str) -> float:
         text = (await self.http.get("/metrics")).text
@@ -147,20 +153,22 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def start_gateway(system: System) -> AsyncIterator[StartGateway]:
-    stop = asyncio.Event()
+async def start_gateway(system: System, tmp_path: Path) -> AsyncIterator[StartGateway]:
     runs: list[asyncio.Task[int]] = []
     clients: list[httpx.AsyncClient] = []
 
     async def start(**overrides: Any) -> Gateway:
         ws_port, http_port = free_port(), free_port()
+        overrides.setdefault("state_file", tmp_path / f"state-{len(runs)}.json")
+        stopping = asyncio.Event()
         central_port = int(str(system.central.base_url).rsplit(":", 1)[1].rstrip("/"))
         settings = OcppSettings(
             kafka_bootstrap=system.bootstrap, topic_prefix=system.prefix, ws_port=ws_port,
             http_port=http_port, central_port=central_port, central_host="127.0.0.1",
             call_timeout=5.0, status_interval=1.0, euro_rate=EURO_RATE, **overrides,
         )
-        runs.append(asyncio.create_task(ocpp_main.run(settings, stop)))
+        runs.append(asyncio.create_task(ocpp_main.run(settings, stopping)))
+        stops.append(stopping)
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}")
         clients.append(http)
 
@@ -171,12 +179,14 @@ async def start_gateway(system: System) -> AsyncIterator[StartGateway]:
 
         await poll(up, timeout=60, what="the gateway's /health", retry_on=(httpx.HTTPError,))
         scheme = "wss" if "tls_cert" in overrides else "ws"
-        return Gateway(f"{scheme}://127.0.0.1:{ws_port}/ocpp/", http)
+        return Gateway(f"{scheme}://127.0.0.1:{ws_port}/ocpp/", http, stopping, runs[-1])
 
+    stops: list[asyncio.Event] = []
     try:
         yield start
     finally:
-        stop.set()
+        for stopping in stops:
+            stopping.set()
         codes = await asyncio.wait_for(asyncio.gather(*runs), 30)
         for client in clients:
             await client.aclose()
@@ -725,3 +735,35 @@ async def test_ocpp_2_0_1_remote_start_events_replay_and_end(
         finally:
             serving.cancel()
             await asyncio.gather(serving, return_exceptions=True)
+
+
+# ----------------------------------------------------------------------------- restarts
+
+
+async def test_a_restarted_gateway_settles_the_session_a_charger_ran_meanwhile(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "kept.json"
+    first = await start_gateway(state_file=state)
+    charger, cp_id = await ready(system, first, connect)
+    cid = cp_id.rsplit(".", 1)[0]
+    request_id = await request(system, cp_id, "kim")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    start = call.StartTransaction(connector_id=1, id_tag="kim", meter_start=2_000,
+                                  timestamp=now())
+    started = await charger.call(start)
+    await system.wait_state(cp_id, CPState.SUPPLYING)
+    await first.stop()  # the charger goes on charging, offline
+
+    second = await start_gateway(state_file=state)
+    back = await connect(second.ws_url, cid)
+    await back.boot()
+    replayed = await back.call(start)  # a queued start sent again: same transaction
+    assert replayed.transaction_id == started.transaction_id
+    await back.call(call.StopTransaction(meter_stop=9_000, timestamp=now(),
+                                         transaction_id=started.transaction_id))
+    await back.status(1, "Available")
+    done = await final_update(system, request_id)
+    assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(7.0)
+    assert len([s for s in system.of(cp_id) if s.event is StatusEvent.START_SUPPLY]) == 1

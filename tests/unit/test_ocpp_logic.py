@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evcharging.apps.ev_ocpp import main as ocpp_main
+from evcharging.apps.ev_ocpp.gateway import Gateway
 from evcharging.apps.ev_ocpp.logic import (
     connector_state,
     is_valid_id_tag,
@@ -24,8 +25,10 @@ from evcharging.apps.ev_ocpp.logic import (
 )
 from evcharging.apps.ev_ocpp.main import exposure_problem
 from evcharging.apps.ev_ocpp.server import PasswordBook, charger_of_path
+from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.config import OcppSettings, load_settings
 from evcharging.common.states import CPState, SessionResult
+from tests.unit.fakes import RecordingPublisher
 
 # ----------------------------------------------------------------------------- transaction ids
 
@@ -249,3 +252,14 @@ def test_seed_flags_and_protected_mode(tmp_path: Path, monkeypatch: pytest.Monke
     assert asyncio.run(ocpp_main.run(exposed, asyncio.Event())) == 1
     with pytest.raises(ValueError, match="go together"):
         OcppSettings(tls_cert=tmp_path / "cert.pem")
+
+
+def test_a_state_file_that_cannot_be_read_stops_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="move it away"):
+        StateStore(path).load(Gateway(RecordingPublisher()))
+    path.write_text('{"version": 99}')
+    with pytest.raises(ValueError, match="version"):
+        StateStore(path).load(Gateway(RecordingPublisher()))
+    StateStore(tmp_path / "none-yet.json").load(Gateway(RecordingPublisher()))  # empty start

@@ -162,6 +162,8 @@ class Gateway:
         self.transactions: OrderedDict[tuple[str, str], Session | None] = OrderedDict()
         """(charger id, transaction id) → its session (None: refused, no session)."""
         self._publish_failing = False
+        self.dirty = False
+        """Something the state file keeps changed since it was last written."""
 
     # ---------------------------------------------------------------- chargers
 
@@ -198,6 +200,7 @@ class Gateway:
         if conn is None:
             conn = Connector(charger_id, number)
             self.connectors[cp_id] = conn
+            self.dirty = True
             self.register(CPRegistration(cp_id=cp_id, euro_rate=self.euro_rate))
         return conn
 
@@ -218,6 +221,7 @@ class Gateway:
             return
         conn.state = new
         conn.reason = clip_reason(reason)
+        self.dirty = True
         logger.info("CP {}: {} → {} ({})", conn.cp_id, old.value, new.value, reason)
         await self.publish(CPStatus(
             cp_id=conn.cp_id, state=new, event=_event_between(old, new), reason=conn.reason,
@@ -252,6 +256,7 @@ class Gateway:
 
     def remember(self, charger_id: str, transaction: str, session: Session | None) -> None:
         self.transactions[(charger_id, transaction)] = session
+        self.dirty = True
         self.transactions.move_to_end((charger_id, transaction))
         while len(self.transactions) > _REMEMBERED_TRANSACTIONS:
             self.transactions.popitem(last=False)
@@ -315,6 +320,7 @@ class Gateway:
             session.last_wh, session.last_at = energy_wh, ts
         if power_w is not None:
             session.kw = max(0.0, power_w / 1000.0)
+        self.dirty = True
         await self.publish(CPTelemetry(
             cp_id=session.cp_id, kw=session.kw, kwh=session.kwh, euros=session.euros,
             driver_id=session.driver_id, session_id=session.session_id, ts=ts,
@@ -354,6 +360,7 @@ class Gateway:
         if already is not None and (already.kwh, already.euros) == (end.kwh, end.euros):
             return
         session.ended = end
+        self.dirty = True
         if conn.session is session:
             conn.session = None
         last = conn.last_end

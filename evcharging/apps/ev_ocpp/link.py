@@ -267,7 +267,11 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 session = conn.session
                 if session is not None:
                     session.stop_cp = True
-                    await self.remote_stop(session)
+                    try:
+                        await self.remote_stop(session)
+                    except Refused:
+                        session.stop_cp = False
+                        raise
                 if await self.change_availability(conn, operative=False):
                     await self._now(conn, CPState.STOPPED, p.reason or "stopped by operator")
             case CommandType.RESUME_CP:

@@ -37,6 +37,7 @@ from evcharging.apps.ev_ocpp.gateway import Gateway
 from evcharging.apps.ev_ocpp.logic import PROTOCOLS
 from evcharging.apps.ev_ocpp.metrics import OcppCollector
 from evcharging.apps.ev_ocpp.server import OcppServer, PasswordBook, tls_context
+from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.bus import Routes
 from evcharging.common.config import OcppSettings, load_settings
 from evcharging.common.http import is_loopback
@@ -137,6 +138,12 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
         register=registrar.add,
         observe_call=lambda action, seconds: calls.labels(action).observe(seconds),
     )
+    store = StateStore(settings.state_file)
+    try:
+        store.load(gateway)
+    except (OSError, ValueError) as exc:
+        logger.critical("OCPP gateway cannot start: {}", exc)
+        return EXIT_FAILURE
     consumer = KafkaConsumerLoop(
         kafka, Routes().add(CentralCommand, gateway.handle_command), group_id=None,
         start_at="latest", stats=stats, observe=metrics.handler_observer(),
@@ -153,7 +160,9 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
     background: list[asyncio.Task[None]] = []
     shutdown = Shutdown(
         ("WebSocket server", server.stop),
-        ("heartbeats and registrations", lambda: tasks.cancel(*background)),
+        ("heartbeats, registrations and the state file's writer",
+         lambda: tasks.cancel(*background)),
+        ("state file", lambda: store.save(gateway)),
         ("HTTP server", http.stop),
         ("command consumer task", tasks.close),
         ("command consumer", consumer.stop),
@@ -165,6 +174,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
         tasks.spawn(consumer.run(), "central.commands consumer", forever=True)
         background.append(tasks.spawn(gateway.beat_forever(), "heartbeats", forever=True))
         background.append(tasks.spawn(registrar.run(), "registrations", forever=True))
+        background.append(tasks.spawn(store.keep_saved(gateway), "state file", forever=True))
         await server.start()
         mode = ("Basic auth for " + f"{len(passwords)} charger(s)" if passwords is not None
                 else "protected mode (loopback chargers only)" if not settings.allow_anonymous
