@@ -157,6 +157,7 @@ class Gateway:
         self.observe_call = observe_call
         self.stats = GatewayStats()
         self.connectors: dict[str, Connector] = {}
+        self._by_charger: dict[str, list[Connector]] = {}
         self.links: dict[str, ChargerLink] = {}
         """The connected chargers, by charger id."""
         self.transactions: OrderedDict[tuple[str, str], Session | None] = OrderedDict()
@@ -189,9 +190,13 @@ class Gateway:
                 await self.change(conn, CPState.DISCONNECTED, "charger offline")
 
     def of_charger(self, charger_id: str) -> list[Connector]:
-        prefix = f"{charger_id}."
-        return [c for cp_id, c in self.connectors.items() if cp_id.startswith(prefix)
-                and c.charger_id == charger_id]
+        return list(self._by_charger.get(charger_id, ()))
+
+    def add(self, conn: Connector) -> None:
+        """Hold `conn` (a new CP, or one the state file restores)."""
+        self.connectors[conn.cp_id] = conn
+        self._by_charger.setdefault(conn.charger_id, []).append(conn)
+        self.dirty = True
 
     def connector(self, charger_id: str, number: int) -> Connector:
         """The CP of this connector, created (and registered with Central) on first use."""
@@ -199,8 +204,7 @@ class Gateway:
         conn = self.connectors.get(cp_id)
         if conn is None:
             conn = Connector(charger_id, number)
-            self.connectors[cp_id] = conn
-            self.dirty = True
+            self.add(conn)
             self.register(CPRegistration(cp_id=cp_id, euro_rate=self.euro_rate))
         return conn
 

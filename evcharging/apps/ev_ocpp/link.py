@@ -202,6 +202,8 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         if conn.state is CPState.FAULT:
             await self.gateway.change(conn, CPState.ACTIVATED, "recovered", ts=ts)
         if state is CPState.SUPPLYING:
+            if session is not None:
+                session.offline = False  # back online and still charging
             return  # already SUPPLYING since its transaction started
         await self.gateway.change(conn, state, reason, ts=ts)
 

@@ -99,7 +99,7 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
             conn.session.offline = True
         elif conn.state is CPState.ACTIVATED:
             conn.state, conn.reason = CPState.DISCONNECTED, "gateway restarted"
-        gateway.connectors[conn.cp_id] = conn
+        gateway.add(conn)
 
 
 class StateStore:
