@@ -767,3 +767,38 @@ async def test_a_restarted_gateway_settles_the_session_a_charger_ran_meanwhile(
     done = await final_update(system, request_id)
     assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(7.0)
     assert len([s for s in system.of(cp_id) if s.event is StatusEvent.START_SUPPLY]) == 1
+
+
+async def test_a_charger_connecting_again_replaces_its_old_connection(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    old, cp_id = await ready(system, gateway, connect)
+    cid = cp_id.rsplit(".", 1)[0]
+    new = await connect(gateway.ws_url, cid)
+    await new.boot()
+    await asyncio.wait_for(old._connection.wait_closed(), 15)
+    assert await system.cp_state(cp_id) == "ACTIVATED"  # no DISCONNECTED in between
+    assert not any(s.state is CPState.DISCONNECTED for s in system.of(cp_id))
+    assert (await system.central.post(f"/cp/{cp_id}/stop")).status_code == 200
+    assert await asyncio.wait_for(new.availability.get(), 30) == (1, "Inoperative")
+
+
+async def test_ocpp_2_0_1_errors_are_spelled_as_2_0_1_spells_them(
+    start_gateway: StartGateway,
+) -> None:
+    gateway = await start_gateway()
+    async with websockets.connect(gateway.ws_url + "CH-ERR2",
+                                  subprotocols=[Subprotocol("ocpp2.0.1")]) as ws:
+
+        async def exchange(message: list[Any]) -> list[Any]:
+            await ws.send(json.dumps(message))
+            answer: list[Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            return answer
+
+        assert (await exchange([2, "1", "FlyToTheMoon", {}]))[2] == "NotImplemented"
+        assert (await exchange([2, "2", "NotifyEvent", {}]))[2] == "NotSupported"
+        assert (await exchange([2, "3", "BootNotification", {"reason": "PowerUp"}]))[2] == (
+            "OccurrenceConstraintViolation")
+        assert (await exchange([2, "4", "Heartbeat", {"x": 1}]))[2] == "FormatViolation"
+        assert (await exchange([2, "5", "Heartbeat", {}]))[0] == 3

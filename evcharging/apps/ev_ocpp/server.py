@@ -19,6 +19,7 @@ closed (the charger lost it and reconnected).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -186,6 +187,7 @@ class OcppServer:
         self.allow_anonymous = allow_anonymous
         self.tls = tls
         self._server: Server | None = None
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def port(self) -> int:
@@ -266,7 +268,13 @@ class OcppServer:
         if replaced is not None:
             logger.info("charger {} connected again; closing its previous connection",
                         charger_id)
-            await replaced._connection.close(1000, "replaced by a new connection")
+            # In the background: a dead peer's close waits for its timeout, the new
+            # connection must not.
+            closing = asyncio.create_task(
+                replaced._connection.close(1000, "replaced by a new connection"),
+                name=f"ocpp-{charger_id}-close-replaced")
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
         logger.info("charger {} connected from {} ({})", charger_id, _address(connection),
                     protocol)
         try:
