@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import ssl
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -306,6 +309,10 @@ async def test_no_shared_subprotocol_gets_the_handshake_then_is_closed(
         with pytest.raises(websockets.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 10)
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1002
+    async with websockets.connect(gateway.ws_url + "CH-NONE") as ws:  # offers none at all
+        assert ws.subprotocol is None
+        with pytest.raises(websockets.ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
 
 
 async def test_tls_only_wss(
@@ -802,3 +809,44 @@ async def test_ocpp_2_0_1_errors_are_spelled_as_2_0_1_spells_them(
             "OccurrenceConstraintViolation")
         assert (await exchange([2, "4", "Heartbeat", {"x": 1}]))[2] == "FormatViolation"
         assert (await exchange([2, "5", "Heartbeat", {}]))[0] == 3
+
+
+# ----------------------------------------------------------------------------- the process
+
+
+async def test_the_process_with_its_seed_flags_serves_chargers_and_stops_cleanly(
+    system: System, tmp_path: Path,
+) -> None:
+    ws_port, http_port = free_port(), free_port()
+    central_port = str(system.central.base_url).rsplit(":", 1)[1].rstrip("/")
+    env = {**os.environ, "OCPP_TOPIC_PREFIX": system.prefix, "OCPP_HTTP_PORT": str(http_port),
+           "OCPP_STATE_FILE": str(tmp_path / "state.json")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "evcharging.apps.ev_ocpp.main", "--kafka-bootstrap",
+        system.bootstrap, "--ws-port", str(ws_port), "--central-host", "127.0.0.1",
+        "--central-port", central_port, env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+
+            async def up() -> bool:
+                return (await http.get("/health")).status_code == 200
+
+            await poll(up, timeout=60, what="the gateway process's /health",
+                       retry_on=(httpx.HTTPError,))
+            cid = charger_id()
+            async with websockets.connect(f"ws://127.0.0.1:{ws_port}/ocpp/{cid}",
+                                          subprotocols=OCPP16) as ws:
+                charger = Charger(cid, ws)
+                serving = asyncio.create_task(charger.start())
+                await charger.boot()
+                await charger.status(1, "Available")
+                await system.wait_state(f"{cid}.1", CPState.ACTIVATED)
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, err.decode()[-2000:]
+    assert (tmp_path / "state.json").exists()
