@@ -10,16 +10,30 @@ waiting; while Central is down or refuses the token they are tried again every
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from loguru import logger
+from pydantic import StringConstraints
 
 from evcharging.apps.ev_fleet.central import CentralClient, Outcome
 from evcharging.common.messages import CPRegistration
 
-__all__ = ["RETRY", "Registrar"]
+__all__ = ["RETRY", "OcppRegistration", "Registrar"]
 
 RETRY = 2.0
 """Seconds between two tries while Central cannot take the registrations."""
+
+Text = Annotated[str, StringConstraints(max_length=50)]
+
+
+class OcppRegistration(CPRegistration):
+    """A CP's registration with what its charger said of itself (SPEC §8: its protocol,
+    vendor and model from BootNotification). Central ignores fields it does not know, so
+    these reach it once its registration model has them."""
+
+    protocol: Text | None = None
+    vendor: Text | None = None
+    model: Text | None = None
 
 
 class Registrar:

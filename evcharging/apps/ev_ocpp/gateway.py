@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from loguru import logger
 
+from evcharging.apps.ev_ocpp.central import OcppRegistration
 from evcharging.apps.ev_ocpp.logic import connector_cp_id, stop_result
 from evcharging.common.bus import BusError, Publisher
 from evcharging.common.messages import (
@@ -205,8 +206,24 @@ class Gateway:
         if conn is None:
             conn = Connector(charger_id, number)
             self.add(conn)
-            self.register(CPRegistration(cp_id=cp_id, euro_rate=self.euro_rate))
+            self.register(self.registration(conn))
         return conn
+
+    def registration(self, conn: Connector) -> CPRegistration:
+        """What Central is told of `conn`: its price and its charger's protocol, vendor
+        and model (as its BootNotification said)."""
+        link = self.links.get(conn.charger_id)
+        return OcppRegistration(
+            cp_id=conn.cp_id, euro_rate=self.euro_rate,
+            protocol=link.protocol if link is not None else None,
+            vendor=link.vendor[:50] if link is not None and link.vendor else None,
+            model=link.model[:50] if link is not None and link.model else None,
+        )
+
+    def booted(self, charger_id: str) -> None:
+        """A charger (re)booted: its known CPs are registered again with what it said."""
+        for conn in self.of_charger(charger_id):
+            self.register(self.registration(conn))
 
     # ---------------------------------------------------------------- states
 

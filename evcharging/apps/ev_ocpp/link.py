@@ -353,6 +353,7 @@ class V16Link(ChargerLink):
         self.model = str(payload["chargePointModel"])
         self._log.info("charger {} booted: {} {} (OCPP 1.6)", self.charger_id, self.vendor,
                        self.model)
+        self.gateway.booted(self.charger_id)
         return {"status": "Accepted", "currentTime": now_text(),
                 "interval": self.gateway.heartbeat_interval}
 
@@ -480,6 +481,7 @@ class V201Link(ChargerLink):
         self.vendor, self.model = str(station["vendorName"]), str(station["model"])
         self._log.info("charger {} booted: {} {} (OCPP 2.0.1)", self.charger_id, self.vendor,
                        self.model)
+        self.gateway.booted(self.charger_id)
         return {"status": "Accepted", "currentTime": now_text(),
                 "interval": self.gateway.heartbeat_interval}
 
