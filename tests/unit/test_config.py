@@ -12,6 +12,7 @@ from evcharging.common.config import (
     DriverSettings,
     FleetSettings,
     LoadSettings,
+    OcppSettings,
     ServiceSettings,
     build_parser,
     load_settings,
@@ -22,11 +23,13 @@ TOKEN_VARIABLES: dict[type[BaseSettings], str] = {
     CentralSettings: "CENTRAL_API_TOKEN",
     CPEngineSettings: "CP_ENGINE_API_TOKEN",
     CPMonitorSettings: "CP_MONITOR_API_TOKEN",
+    OcppSettings: "OCPP_API_TOKEN",
 }
 REQUIRED_FLAGS: dict[type[BaseSettings], list[str]] = {
     CentralSettings: [],
     CPEngineSettings: ["--cp-id", "CP-1"],
     CPMonitorSettings: ["--cp-id", "CP-1"],
+    OcppSettings: [],
 }
 
 
@@ -183,6 +186,7 @@ KAFKA_SERVICES: dict[type[ServiceSettings], tuple[str, str, list[str]]] = {
     FleetSettings: ("FLEET_", "cp", []),
     DriverSettings: ("DRIVER_", "driver", ["--driver-id", "d-1"]),
     LoadSettings: ("LOAD_", "driver", []),
+    OcppSettings: ("OCPP_", "cp", []),
 }
 KAFKA_VARIABLES = ("KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD",
                    "KAFKA_SSL_CAFILE")

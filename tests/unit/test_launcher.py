@@ -26,6 +26,7 @@ from evcharging.common.config import (
     DriverSettings,
     FleetSettings,
     LoadSettings,
+    OcppSettings,
 )
 from evcharging.devtools.kafka_broker.sasl import SaslUsers
 from evcharging.devtools.process import port_free, terminate
@@ -69,7 +70,7 @@ from tests.polling import poll, poll_sync
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS: tuple[type[BaseSettings], ...] = (
     CentralSettings, CPEngineSettings, CPMonitorSettings, DriverSettings, LoadSettings,
-    FleetSettings,
+    FleetSettings, OcppSettings,
 )
 REQUIRED = {CPEngineSettings: {"cp_id": "CP-001"}, CPMonitorSettings: {"cp_id": "CP-001"},
             DriverSettings: {"driver_id": "driver-1"}}
