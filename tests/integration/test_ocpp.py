@@ -358,6 +358,12 @@ async def test_callerrors_leave_the_connection_up(start_gateway: StartGateway) -
         assert bad_value[:3] == [4, "5", "PropertyConstraintViolation"]
         extra = await exchange([2, "6", "Heartbeat", {"surprise": 1}])
         assert extra[:3] == [4, "6", "FormationViolation"]
+        no_connector = await exchange([2, "6a", "StartTransaction", {
+            "connectorId": 0, "idTag": "x", "meterStart": 0, "timestamp": now()}])
+        assert no_connector[:3] == [4, "6a", "PropertyConstraintViolation"]
+        too_far = await exchange([2, "6b", "StatusNotification", {
+            "connectorId": 5000, "errorCode": "NoError", "status": "Available"}])
+        assert too_far[:3] == [4, "6b", "PropertyConstraintViolation"]
         alive = await exchange([2, "7", "Heartbeat", {}])
         assert alive[0] == 3 and "currentTime" in alive[2]
     assert await gateway.metric(

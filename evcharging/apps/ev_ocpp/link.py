@@ -80,6 +80,18 @@ class Refused(Exception):
     """A command the charger did not carry out (the reason says why)."""
 
 
+class Violation(Exception):
+    """A CALL the schema allows but the gateway cannot take (answered with `code`)."""
+
+    def __init__(self, code: str, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
+MAX_CONNECTOR = 999
+"""The highest connector (EVSE) number: ``{charger}.{n}`` stays a CP id."""
+
+
 class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
     """One connected charger, for one version of OCPP (a subclass per version)."""
 
@@ -160,6 +172,9 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             return
         try:
             answer = await handler(payload)
+        except Violation as exc:
+            await self._error(msg, action, exc.code, str(exc))
+            return
         except Exception as exc:  # noqa: BLE001 - a bug answers InternalError, not a crash
             self.count(action, "in", "InternalError")
             self._log.opt(exception=exc).error("charger {}: {} failed", self.charger_id, action)
@@ -176,6 +191,15 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                                    {}).to_json())
 
     # ---------------------------------------------------------------- what both versions share
+
+    def number(self, value: object, *, zero: bool = False) -> int:
+        """A connector (EVSE) number of a CALL: 1 to :data:`MAX_CONNECTOR` (0 too where
+        it means the whole charger), else PropertyConstraintViolation."""
+        number = int(str(value))
+        if not (0 if zero else 1) <= number <= MAX_CONNECTOR:
+            raise Violation("PropertyConstraintViolation",
+                            f"connector {number} is outside 1..{MAX_CONNECTOR}")
+        return number
 
     async def apply_status(
         self, conn: Connector, status: str, error: object, info: object,
@@ -365,7 +389,7 @@ class V16Link(ChargerLink):
         return {"idTagInfo": {"status": _tag_status(str(payload["idTag"]))}}
 
     async def on_status_notification(self, payload: Payload) -> Payload:
-        number = int(payload["connectorId"])
+        number = self.number(payload["connectorId"], zero=True)
         status = str(payload["status"])
         conns = (self.gateway.of_charger(self.charger_id) if number == 0
                  else [self.gateway.connector(self.charger_id, number)])
@@ -376,7 +400,7 @@ class V16Link(ChargerLink):
         return {}
 
     async def on_start_transaction(self, payload: Payload) -> Payload:
-        number = int(payload["connectorId"])
+        number = self.number(payload["connectorId"])
         id_tag = str(payload["idTag"])
         meter_start = int(payload["meterStart"])
         stamp = str(payload["timestamp"])
@@ -401,7 +425,7 @@ class V16Link(ChargerLink):
         return {"transactionId": tx, "idTagInfo": {"status": "Accepted"}}
 
     async def on_meter_values(self, payload: Payload) -> Payload:
-        number = int(payload["connectorId"])
+        number = self.number(payload["connectorId"], zero=True)
         reading = read_meter(payload.get("meterValue", []))
         if "transactionId" in payload:
             session = self._session(payload["transactionId"], "MeterValues")
@@ -494,7 +518,7 @@ class V201Link(ChargerLink):
         return {"idTokenInfo": {"status": _tag_status(token, self.id_tag_max)}}
 
     async def on_status_notification(self, payload: Payload) -> Payload:
-        evse = int(payload["evseId"])
+        evse = self.number(payload["evseId"], zero=True)
         conns = (self.gateway.of_charger(self.charger_id) if evse == 0
                  else [self.gateway.connector(self.charger_id, evse)])
         for conn in conns:
@@ -503,7 +527,8 @@ class V201Link(ChargerLink):
         return {}
 
     async def on_meter_values(self, payload: Payload) -> Payload:
-        conn = self.gateway.connectors.get(f"{self.charger_id}.{int(payload['evseId'])}")
+        evse = self.number(payload["evseId"], zero=True)
+        conn = self.gateway.connectors.get(f"{self.charger_id}.{evse}")
         reading = read_meter(payload.get("meterValue", []))
         session = conn.session if conn is not None else None
         if session is not None and (reading.energy_wh is not None or reading.power_w is not None):
@@ -553,7 +578,7 @@ class V201Link(ChargerLink):
             self.gateway.unknown_transaction(self.charger_id, "TransactionEvent without an "
                                              "EVSE", tx)
             return None
-        conn = self.gateway.connector(self.charger_id, int(evse))
+        conn = self.gateway.connector(self.charger_id, self.number(evse))
         remote = info.get("remoteStartId")
         pending = conn.pending
         driver = str(token) if token is not None else None
