@@ -458,6 +458,11 @@ async def test_a_replayed_start_gets_the_same_transaction_and_no_second_session(
     await charger.boot()
     await charger.status(1, "Available")
     await system.wait_state(cp_id, CPState.ACTIVATED)
+    for tag, status in (("carol", "Accepted"), ("not a driver", "Invalid")):
+        assert (await charger.call(call.Authorize(id_tag=tag))).id_tag_info["status"] == status
+    refused = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="bad tag", meter_start=0, timestamp=now()))
+    assert refused.id_tag_info["status"] == "Invalid"
     start = call.StartTransaction(connector_id=1, id_tag="carol", meter_start=500,
                                   timestamp="2026-12-07T09:00:00Z")
     first = await charger.call(start)
