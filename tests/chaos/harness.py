@@ -240,13 +240,14 @@ class Observer:
         except ValidationError:
             self.invalid += 1
 
-    async def request(self, cp_id: str, driver_id: str) -> str:
-        """Publish a DriverRequest; a failed send is repeated with the same request id."""
+    async def request(self, cp_id: str, driver_id: str, within: float = SEND_DEADLINE) -> str:
+        """Publish a DriverRequest; a failed send is repeated with the same request id, for
+        up to `within` seconds."""
         assert self._producer is not None
         request = DriverRequest(request_id=new_id(), driver_id=driver_id, cp_id=cp_id)
         self.requests[request.request_id] = cp_id
         self.sent_at[request.request_id] = now()
-        deadline = now() + SEND_DEADLINE
+        deadline = now() + within
         while True:
             try:
                 await self._producer.send_and_wait(
@@ -658,7 +659,12 @@ class ChaosRun:
                     continue
                 request_id = pending.get(cp_id)
                 if request_id is None or self.observer.answered(request_id) is not None:
-                    pending[cp_id] = await self.observer.request(cp_id, "chaos-probe")
+                    try:
+                        pending[cp_id] = await self.observer.request(
+                            cp_id, "chaos-probe", within=max(deadline - now(), 1.0)
+                        )
+                    except KafkaError as exc:
+                        raise AssertionError(f"no request could be sent: {exc!r}") from exc
             return all(self.observer.accepted_since(cp, since) is not None for cp in self.cps)
 
         with contextlib.suppress(AssertionError):
