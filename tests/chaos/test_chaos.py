@@ -23,7 +23,10 @@ no session its CP completed is recorded FAILED (:mod:`tests.chaos.ledger`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ from tests.chaos.harness import (
     format_table,
 )
 from tests.chaos.ledger import CORRECTED, describe
+from tests.polling import poll
 
 CPS = ("CP-1", "CP-2")
 SESSION_SECONDS = float(CHAOS_ENGINE["CP_ENGINE_SESSION_SECONDS"])
@@ -322,6 +326,44 @@ def calm_problems(
     problems += [f"{len(ids)} request(s) DENIED {reason!r} though Central was not behind "
                  f"(drivers {', '.join(sorted(set(ids)))})" for reason, ids in shed.items()]
     return problems
+
+
+CLOCK_CHILD = """
+import asyncio, sys, time
+async def main():
+    for _ in range(400):  # asyncio's timers run on the monotonic clock, which stays true
+        print(f"{time.time() - time.monotonic():.3f}", flush=True)
+        await asyncio.sleep(0.05)
+asyncio.run(main())
+"""
+
+
+async def test_a_fake_clock_steps_a_running_process(tmp_path: Path) -> None:
+    """The clock faults' premise: a process started with FakeClock.env() sees its wall
+    clock jump when the test steps it, while asyncio (monotonic) runs on undisturbed."""
+    clock = FakeClock(tmp_path / "clock")
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLOCK_CHILD, env={**os.environ, **clock.env()},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    stdout = child.stdout
+
+    async def offset() -> float:
+        return float(await asyncio.wait_for(stdout.readline(), 10))
+
+    try:
+        base = await offset()
+        for step in (120, -3, 0):
+            clock.step(step)
+
+            async def stepped(step: int = step) -> bool:
+                return abs(await offset() - base - step) < 0.5
+
+            await poll(stepped, timeout=10, what=f"the child's clock {step:+d} s off")
+    finally:
+        child.kill()
+        await child.wait()
 
 
 @pytest.mark.parametrize("scenario", _params())
