@@ -311,6 +311,11 @@ class CPRegistration(HttpBody):
     kw_rate: NonNegative | None = None
     euro_rate: NonNegative | None = None
     health_url: Annotated[str, StringConstraints(max_length=300)] | None = None
+    protocol: Annotated[str, StringConstraints(max_length=20)] | None = None
+    """How the CP speaks to the network: ``ocpp1.6`` or ``ocpp2.0.1`` through the OCPP
+    gateway (SPEC §8); None for the project's own engines."""
+    vendor: Annotated[str, StringConstraints(max_length=64)] | None = None
+    model: Annotated[str, StringConstraints(max_length=64)] | None = None
 
 
 class MonitorReport(HttpBody):

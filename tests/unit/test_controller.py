@@ -11,6 +11,7 @@ from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import (
@@ -817,3 +818,22 @@ async def test_an_unconfirmed_start_fails_once_the_cps_partitions_are_read_past_
         assert central.stats["start_timeouts"] == 1
     finally:
         await central.close()
+
+
+async def test_an_ocpp_chargers_protocol_vendor_and_model_are_kept_and_shown(
+    bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    """SPEC §8: the gateway registers each connector with what BootNotification said."""
+    first = Controller(bus, repo)
+    await first.register(CPRegistration(cp_id="ACME-7.1", protocol="ocpp1.6",
+                                        vendor="Acme", model="Volt 22"))
+    shown = cp_out(first.get("ACME-7.1"))
+    assert (shown.protocol, shown.vendor, shown.model) == ("ocpp1.6", "Acme", "Volt 22")
+    await first.register(CPRegistration(cp_id="ACME-7.1", location="bay 3"))  # kept
+    await first.close()
+    second = Controller(bus, repo)
+    await second.load()
+    again = second.get("ACME-7.1")
+    assert (again.protocol, again.vendor, again.model, again.location) == (
+        "ocpp1.6", "Acme", "Volt 22", "bay 3")
+    await second.close()

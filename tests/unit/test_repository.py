@@ -455,6 +455,9 @@ async def test_as_dict_is_json_ready(repo: SqliteRepository) -> None:
         "breaker_reason": None,
         "site": None,
         "registered": True,
+        "protocol": None,
+        "vendor": None,
+        "model": None,
     }
     assert sess_d["status"] == "COMPLETED"
     assert sess_d["started_at"] == "2024-05-01T12:00:00.000000Z"

@@ -167,6 +167,7 @@ class Controller:
             cp.fault_reason = record.fault_reason
             cp.location = record.location
             cp.site = record.site
+            cp.protocol, cp.vendor, cp.model = record.protocol, record.vendor, record.model
             cp.kw_rate = record.kw_rate
             cp.euro_rate = record.euro_rate
             cp.health_url = record.health_url
@@ -709,7 +710,8 @@ class Controller:
             cp = self._new_view(registration.cp_id)
         elif not cp.registered:
             cp.registered = True  # known from the bus until now
-        for name in ("location", "site", "kw_rate", "euro_rate", "health_url"):
+        for name in ("location", "site", "kw_rate", "euro_rate", "health_url", "protocol",
+                     "vendor", "model"):
             value = getattr(registration, name)
             if value is not None:
                 setattr(cp, name, value)

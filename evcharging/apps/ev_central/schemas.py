@@ -111,6 +111,11 @@ class CPOut(Out):
         description="false when the CP's monitor has not reported for 3 health intervals"
     )
     site: str | None = Field(None, description="the site the CP belongs to, when known")
+    protocol: str | None = Field(
+        None, description="ocpp1.6 or ocpp2.0.1 for a charger behind the OCPP gateway; null "
+        "for the project's own engines")
+    vendor: str | None = Field(None, description="the charger's vendor (OCPP BootNotification)")
+    model: str | None = Field(None, description="the charger's model (OCPP BootNotification)")
     location: str | None = None
     kw_rate: float | None = None
     euro_rate: float | None = None
@@ -168,6 +173,9 @@ def cp_out(
         circuit_breaker_reason=view.breaker.reason,
         monitored=view.monitored,
         site=cp_site(view),
+        protocol=view.protocol,
+        vendor=view.vendor,
+        model=view.model,
         location=view.location,
         kw_rate=view.kw_rate,
         euro_rate=view.euro_rate,

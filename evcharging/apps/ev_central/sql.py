@@ -121,6 +121,10 @@ class CPRecord(_AsDict):
     registered: bool = True
     """Registered by a monitor, the fleet or the gateway; False for a CP known only from
     the bus. An upsert never turns True back into False."""
+    protocol: str | None = None
+    vendor: str | None = None
+    model: str | None = None
+    """What an OCPP charger says of itself (BootNotification, SPEC §8)."""
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE charging_sessions ADD COLUMN first_report TEXT",
     ),
+    # 8: how a CP speaks to the network, and its vendor and model (OCPP chargers, §8).
+    (
+        "ALTER TABLE cp_registry ADD COLUMN protocol TEXT",
+        "ALTER TABLE cp_registry ADD COLUMN vendor TEXT",
+        "ALTER TABLE cp_registry ADD COLUMN model TEXT",
+    ),
 )
 """Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -284,7 +294,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 _CP_COLUMNS = (
     "cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty, fault_reason,"
     " registered_at, updated_at, state_reason, breaker_state, breaker_failures, breaker_reason,"
-    " site, registered"
+    " site, registered, protocol, vendor, model"
 )
 _SESSION_COLUMNS = (
     "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
@@ -295,9 +305,13 @@ _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_i
 SQL_UPSERT_CP = """
     INSERT INTO cp_registry (cp_id, state, location, kw_rate, euro_rate, health_url, is_faulty,
                              fault_reason, registered_at, updated_at, state_reason,
-                             breaker_state, breaker_failures, breaker_reason, site, registered)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                             breaker_state, breaker_failures, breaker_reason, site, registered,
+                             protocol, vendor, model)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (cp_id) DO UPDATE SET
+        protocol = excluded.protocol,
+        vendor = excluded.vendor,
+        model = excluded.model,
         registered = MAX(cp_registry.registered, excluded.registered),
         site = excluded.site,
         state_reason = excluded.state_reason,
@@ -381,6 +395,9 @@ def cp_from_row(row: sqlite3.Row) -> CPRecord:
         breaker_reason=row["breaker_reason"],
         site=row["site"],
         registered=bool(row["registered"]),
+        protocol=row["protocol"],
+        vendor=row["vendor"],
+        model=row["model"],
     )
 
 
@@ -461,6 +478,9 @@ def upsert_cp(cp: CPRecord, now: datetime) -> Op:
         cp.breaker_reason,
         cp.site,
         int(bool(cp.registered)),
+        cp.protocol,
+        cp.vendor,
+        cp.model,
     )
 
 

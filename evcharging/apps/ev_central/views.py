@@ -102,6 +102,10 @@ class CPView:
     fault_reason: str | None = None
     location: str | None = None
     site: str | None = None
+    protocol: str | None = None
+    """``ocpp1.6`` / ``ocpp2.0.1`` for a charger behind the OCPP gateway (SPEC §8)."""
+    vendor: str | None = None
+    model: str | None = None
     kw_rate: float | None = None
     euro_rate: float | None = None
     health_url: str | None = None
@@ -183,6 +187,9 @@ class CPView:
             breaker_reason=self.breaker.reason,
             site=self.site,
             registered=self.registered,
+            protocol=self.protocol,
+            vendor=self.vendor,
+            model=self.model,
         )
 
     def health_key(self) -> tuple[object, ...]:

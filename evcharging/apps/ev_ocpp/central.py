@@ -28,8 +28,8 @@ Text = Annotated[str, StringConstraints(max_length=50)]
 
 class OcppRegistration(CPRegistration):
     """A CP's registration with what its charger said of itself (SPEC §8: its protocol,
-    vendor and model from BootNotification). Central ignores fields it does not know, so
-    these reach it once its registration model has them."""
+    vendor and model from BootNotification); Central keeps them and shows them on /cp and
+    the dashboard."""
 
     protocol: Text | None = None
     vendor: Text | None = None

@@ -800,6 +800,7 @@
       where: q(".cp-where"),
       site: q(".cp-site"),
       location: q(".cp-location"),
+      charger: q(".cp-charger"),
       kw: q(".cp-kw"),
       kwh: q(".cp-kwh"),
       euros: q(".cp-euros"),
@@ -815,6 +816,14 @@
     card.id.title = cpId;
     root.addEventListener("animationend", () => root.classList.remove("flash"));
     return card;
+  }
+
+  /** "OCPP 1.6 · Vendor Model" for a charger behind the OCPP gateway, else "". */
+  function chargerOf(cp) {
+    if (!cp.protocol) return "";
+    const protocol = String(cp.protocol).replace(/^ocpp/i, "OCPP ");
+    const made = [cp.vendor, cp.model].filter(Boolean).join(" ");
+    return made ? `${protocol} · ${made}` : protocol;
   }
 
   function setOptional(el, value, shown) {
@@ -850,7 +859,10 @@
     setHidden(card.unmonitored, cp.monitored !== false);
     setText(card.site, cp.site || "");
     setText(card.location, cp.location || "");
-    setHidden(card.where, !cp.site && !cp.location);
+    const charger = chargerOf(cp);
+    setText(card.charger, charger);
+    setTitle(card.charger, charger);
+    setHidden(card.where, !cp.site && !cp.location && !charger);
 
     const v = liveValues(cp);
     setMetric(card.kw, v.kw.toFixed(1), "kW");
