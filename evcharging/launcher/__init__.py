@@ -13,6 +13,11 @@ It starts the whole network on one machine, with every process's output in one t
    driver; its data in ``data-sasl``) and the children get ``KAFKA_SECURITY_PROTOCOL`` and
    the principals' passwords in their environment.
 2. **EV Central**, then wait until ``GET /health`` answers 200.
+   With ``--ocpp``, then the **OCPP gateway** (``evcharging.apps.ev_ocpp``, prefix ``ocpp``;
+   WebSocket port ``--ocpp-port``, default 9000, its ``/health`` on ``--ocpp-http-port``,
+   default 9001), waited for until its ``/health`` answers 200; the banner shows the URL a
+   charger connects to, ``ws://127.0.0.1:9000/ocpp/<charger-id>``. It stops after the CPs,
+   before Central.
 3. **N charging points**. Up to :data:`~evcharging.launcher.plan.FLEET_THRESHOLD` (20) CPs,
    or with ``--no-fleet``: the engines ``CP-001`` … (health ports ``base``, ``base+1``, …);
    each engine's monitor starts as soon as Central shows that CP ACTIVATED, so that a monitor

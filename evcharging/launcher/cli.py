@@ -25,6 +25,7 @@ from evcharging.common.config import (
     DriverSettings,
     FleetSettings,
     LoadSettings,
+    OcppSettings,
 )
 from evcharging.devtools.kafka_broker import DEFAULT_PORT as KAFKA_DEFAULT_PORT
 from evcharging.devtools.kafka_broker import KafkaBrokerError
@@ -63,6 +64,7 @@ from evcharging.launcher.plan import (
     busy_ports,
     child_specs,
     metrics_port_uses,
+    ocpp_port_uses,
     plan_ports,
     resolve_bootstrap,
     use_fleet,
@@ -185,6 +187,16 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                         ".cache/prometheus")
     parser.add_argument("--prometheus-port", type=_port, default=DEFAULT_PROMETHEUS_PORT,
                         metavar="PORT", help="its web UI and API (default: %(default)s)")
+    parser.add_argument("--ocpp", action="store_true",
+                        help="also start the OCPP gateway (evcharging.apps.ev_ocpp): real "
+                        "chargers and OCPP simulators connect to "
+                        "ws://127.0.0.1:PORT/ocpp/<charger-id> (OCPP 1.6J or 2.0.1) and "
+                        "become the CPs <charger-id>.<connector>")
+    parser.add_argument("--ocpp-port", type=_port, default=None, metavar="PORT",
+                        help="the gateway's WebSocket port (default: $OCPP_WS_PORT or 9000)")
+    parser.add_argument("--ocpp-http-port", type=_port, default=None, metavar="PORT",
+                        help="the gateway's /health and /metrics (default: $OCPP_HTTP_PORT "
+                        "or 9001)")
     parser.add_argument(
         "--kafka-bootstrap", metavar="HOST:PORT", default=None,
         help="use this broker (default: $KAFKA_BOOTSTRAP or $CENTRAL_KAFKA_BOOTSTRAP, also "
@@ -243,6 +255,7 @@ def options_from_args(
         driver = DriverSettings(driver_id="driver-1")
         fleet = FleetSettings()
         load = LoadSettings()
+        ocpp = OcppSettings()
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors()
@@ -285,6 +298,8 @@ def options_from_args(
         ),
         quiet=frozenset(quiet),
         prometheus_port=args.prometheus_port if args.prometheus else None,
+        ocpp_port=pick(args.ocpp_port, ocpp.ws_port) if args.ocpp else None,
+        ocpp_http_port=pick(args.ocpp_http_port, ocpp.http_port),
     )
 
 
@@ -293,6 +308,7 @@ def options_topic_prefixes() -> set[str]:
     try:
         return {CentralSettings().topic_prefix, FleetSettings().topic_prefix,
                 LoadSettings().topic_prefix, DriverSettings(driver_id="driver-1").topic_prefix,
+                OcppSettings().topic_prefix,
                 CPEngineSettings(cp_id="CP-001").topic_prefix}
     except ValidationError:  # reported by options_from_args already
         return set()
@@ -301,6 +317,9 @@ def options_topic_prefixes() -> set[str]:
 def option_warnings(args: argparse.Namespace, options: LaunchOptions) -> list[str]:
     """What the user asked for that will not do what they may expect."""
     warnings = []
+    if (args.ocpp_port is not None or args.ocpp_http_port is not None) and not args.ocpp:
+        warnings.append("--ocpp-port and --ocpp-http-port place the OCPP gateway; without "
+                        "--ocpp none is started")
     if args.sites is not None and not options.fleet:
         warnings.append("--sites groups the CP Fleet's CPs; with engines (--no-fleet, or "
                         f"{FLEET_THRESHOLD} CPs or fewer) it is ignored")
@@ -337,7 +356,7 @@ def run_command(args: argparse.Namespace) -> int:
         plan = plan_ports(
             options.http_port, options.listen_port, options.base_health_port, options.cps,
             options.fleet_port if options.fleet and options.cps else None,
-            tuple(metrics_port_uses(options)),
+            tuple(metrics_port_uses(options) + ocpp_port_uses(options)),
         )
         if options.prometheus_port is not None:
             try:
@@ -363,6 +382,10 @@ def run_command(args: argparse.Namespace) -> int:
     if os.environ.get("CENTRAL_API_TOKEN") and not os.environ.get("CP_MONITOR_API_TOKEN"):
         console.warn("CENTRAL_API_TOKEN is set but CP_MONITOR_API_TOKEN is not: the monitors "
                      "will be refused by Central")
+    if (options.ocpp_port is not None and os.environ.get("CENTRAL_API_TOKEN")
+            and not (os.environ.get("OCPP_API_TOKEN") or os.environ.get("EVCHARGING_API_TOKEN"))):
+        console.warn("CENTRAL_API_TOKEN is set but OCPP_API_TOKEN (or EVCHARGING_API_TOKEN) "
+                     "is not: Central will refuse the OCPP gateway's CPs")
 
     local: LocalBroker | None = None
     child_environ = dict(os.environ)

@@ -23,6 +23,7 @@ GREEN = "\033[32m"
 YELLOW = "\033[33m"
 ROLE_COLOURS = {
     Role.CENTRAL: "\033[1;35m",
+    Role.OCPP: "\033[35m",
     Role.ENGINE: "\033[36m",
     Role.MONITOR: "\033[32m",
     Role.FLEET: "\033[36m",
@@ -153,6 +154,13 @@ def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
         *fleet_lines,
         (f"  CP health: {health}", None),
     ]
+    if options.ocpp_url is not None:
+        lines += [
+            (f"  OCPP:      chargers connect to {options.ocpp_url}", GREEN),
+            (f"             (OCPP 1.6J or 2.0.1 subprotocol; connector n is the CP "
+             f"<charger-id>.n; gateway http://localhost:{options.ocpp_http_port}/health)",
+             None),
+        ]
     if options.load is not None:
         until = ("until Ctrl-C" if options.load_duration is None
                  else f"for {options.load_duration:g} s")

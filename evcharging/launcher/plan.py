@@ -48,6 +48,7 @@ class Role(enum.Enum):
     """The kinds of child, in start order; :data:`STOP_ORDER` is the reverse."""
 
     CENTRAL = ("central", "EV Central", "evcharging.apps.ev_central.main")
+    OCPP = ("ocpp", "the OCPP gateway", "evcharging.apps.ev_ocpp.main")
     ENGINE = ("cp-e", "CP engines", "evcharging.apps.ev_cp_e.main")
     MONITOR = ("cp-m", "CP monitors", "evcharging.apps.ev_cp_m.main")
     FLEET = ("cp-fleet", "the CP Fleet", "evcharging.apps.ev_fleet.main")
@@ -62,7 +63,7 @@ class Role(enum.Enum):
 
 
 STOP_ORDER = (Role.PROMETHEUS, Role.LOAD, Role.DRIVER, Role.MONITOR, Role.ENGINE, Role.FLEET,
-              Role.CENTRAL)
+              Role.OCPP, Role.CENTRAL)
 
 DEFAULT_PROMETHEUS_PORT = 9090
 METRICS_BASE_PORT = 9100
@@ -144,6 +145,18 @@ class LaunchOptions:
     per CP and per session, unless their ``*_LOG_LEVEL`` is set)."""
     prometheus_port: int | None = None
     """A local Prometheus on this port scrapes every service (--prometheus); None: none."""
+    ocpp_port: int | None = None
+    """With --ocpp, the OCPP gateway's WebSocket port (chargers connect there); None: no
+    gateway."""
+    ocpp_http_port: int = 9001
+    """The gateway's ``/health`` and ``/metrics`` (with --ocpp)."""
+
+    @property
+    def ocpp_url(self) -> str | None:
+        """The URL a charger connects to (with --ocpp), its id at the end."""
+        if self.ocpp_port is None:
+            return None
+        return f"ws://127.0.0.1:{self.ocpp_port}/ocpp/<charger-id>"
 
     @property
     def fleet_stop_timeout(self) -> float:
@@ -261,6 +274,13 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
              *quiet(Role.CENTRAL)),
         )
     ]
+    if options.ocpp_port is not None:
+        specs.append(ChildSpec(
+            "ocpp", Role.OCPP,
+            ("--kafka-bootstrap", bootstrap, "--ws-port", str(options.ocpp_port),
+             "--central-host", "localhost", "--central-port", http,
+             "--http-port", str(options.ocpp_http_port), *quiet(Role.OCPP)),
+        ))
     if options.fleet and options.cps:
         specs.append(ChildSpec(
             "cp-fleet", Role.FLEET,
@@ -309,6 +329,8 @@ def metrics_targets(options: LaunchOptions) -> list[tuple[str, int]]:
     """(job, port) of every ``/metrics`` of a run (a monitor's and the load's only with
     --prometheus: they have no other HTTP port)."""
     targets = [("central", options.http_port)]
+    if options.ocpp_port is not None:
+        targets.append(("ocpp", options.ocpp_http_port))
     if options.fleet and options.cps:
         targets.append(("cp-fleet", options.fleet_port))
     elif not options.fleet:
@@ -329,6 +351,15 @@ def metrics_port_uses(options: LaunchOptions) -> list[PortUse]:
                      f"{METRICS_BASE_PORT})")
              for job, port in metrics_targets(options) if job in ("cp-monitor", "load")]
     return uses
+
+
+def ocpp_port_uses(options: LaunchOptions) -> list[PortUse]:
+    """The ports --ocpp adds to a run: the gateway's WebSocket and HTTP ports."""
+    if options.ocpp_port is None:
+        return []
+    return [PortUse(options.ocpp_port, "the OCPP gateway's WebSocket port", "--ocpp-port"),
+            PortUse(options.ocpp_http_port, "the OCPP gateway's /health and /metrics",
+                    "--ocpp-http-port")]
 
 
 def load_args(options: LaunchOptions, bootstrap: str) -> tuple[str, ...]:

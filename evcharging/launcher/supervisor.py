@@ -3,13 +3,15 @@
 Over 400 lines: start order, supervision, restarts and the ordered stop of every
 child share the one run's state and signals.
 
-Start order: Central (wait for ``GET /health``), then the CPs: either the engines, each
+Start order: Central (wait for ``GET /health``), with --ocpp the OCPP gateway (wait for its
+``GET /health``), then the CPs: either the engines, each
 engine's monitor once Central shows its CP ACTIVATED, or the CP Fleet, until Central counts
 its CPs ACTIVATED (``GET /cp?state=ACTIVATED``, ``X-Total-Count``; a progress line every few
 seconds); then the drivers and the load generator. Stop order (:data:`STOP_ORDER`): load,
-drivers, monitors, engines, fleet, Central. The first SIGINT/SIGTERM/SIGHUP stops everything
-in that order (SIGTERM, up to ``--stop-timeout`` s each, the fleet a little longer, then
-SIGKILL); a second one kills what is left at once, as uvicorn's second Ctrl-C forces its exit.
+drivers, monitors, engines, fleet, the OCPP gateway, Central. The first
+SIGINT/SIGTERM/SIGHUP stops everything in that order (SIGTERM, up to ``--stop-timeout`` s
+each, the fleet a little longer, then SIGKILL); a second one kills what is left at once,
+as uvicorn's second Ctrl-C forces its exit.
 """
 
 from __future__ import annotations
@@ -133,6 +135,16 @@ class Supervisor:
         began = time.monotonic()
         await self._wait_central(central)
         self.console.ok(f"Central is up ({time.monotonic() - began:.1f} s)")
+        if by_role[Role.OCPP]:
+            gateway = self._launch(by_role[Role.OCPP][0])
+            url = f"http://127.0.0.1:{self.options.ocpp_http_port}/health"
+            self.console.say(f"waiting for the OCPP gateway at {url} ...")
+            began = time.monotonic()
+            await self._wait_gateway(central, gateway, url)
+            self.console.ok(
+                f"the OCPP gateway is up ({time.monotonic() - began:.1f} s): chargers connect "
+                f"to {self.options.ocpp_url}"
+            )
         if by_role[Role.ENGINE]:
             engines = [self._launch(spec) for spec in by_role[Role.ENGINE]]
             monitors = {spec.cp_id or "": spec for spec in by_role[Role.MONITOR]}
@@ -180,6 +192,28 @@ class Supervisor:
                         f"{self.options.start_timeout:g} s (last: {last}); see the central "
                         f"lines above; is Kafka reachable at {self.bootstrap}? "
                         "(--start-timeout changes the wait)"
+                    )
+                await self._pause()
+
+    async def _wait_gateway(self, central: Child, gateway: Child, url: str) -> None:
+        """Until the OCPP gateway's ``/health`` answers 200 (it listens and reaches Kafka)."""
+        deadline = time.monotonic() + self.options.start_timeout
+        last = "no answer yet"
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                self._check_starting(central, gateway)
+                try:
+                    response = await http.get(url)
+                    if response.status_code == 200:
+                        return
+                    last = f"HTTP {response.status_code}: {response.text[:300]}"
+                except httpx.HTTPError as exc:
+                    last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if time.monotonic() >= deadline:
+                    raise StartupError(
+                        f"the OCPP gateway did not answer GET {url} with 200 within "
+                        f"{self.options.start_timeout:g} s (last: {last}); see the ocpp "
+                        "lines above (--start-timeout changes the wait)"
                     )
                 await self._pause()
 

@@ -8,6 +8,7 @@ Everything is waited for by polling with a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -21,6 +22,10 @@ from typing import TypeVar
 
 import httpx
 import pytest
+import websockets
+from ocpp.v16 import ChargePoint as ChargePoint16
+from ocpp.v16 import call
+from websockets.typing import Subprotocol
 
 from evcharging.devtools.kafka_broker import run_dir
 from tests.polling import poll_sync
@@ -154,7 +159,7 @@ def base_env(prefix: str, tmp: Path) -> dict[str, str]:
     env = {
         key: value for key, value in os.environ.items()
         if not key.startswith(("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "FLEET_",
-                               "LOAD_"))
+                               "LOAD_", "OCPP_"))
         and key != "KAFKA_BOOTSTRAP"
     }
     env.update({
@@ -169,6 +174,8 @@ def base_env(prefix: str, tmp: Path) -> dict[str, str]:
         "DRIVER_TOPIC_PREFIX": prefix,
         "FLEET_TOPIC_PREFIX": prefix,
         "LOAD_TOPIC_PREFIX": prefix,
+        "OCPP_TOPIC_PREFIX": prefix,
+        "OCPP_STATUS_INTERVAL": "1",
         "CENTRAL_GROUP_ID": f"{prefix}central",
         "CENTRAL_DB_PATH": str(tmp / "ignored.db"),  # the flag must win
     })
@@ -411,3 +418,65 @@ def test_run_with_sasl_charges_on_its_own_secured_broker(
     assert "the Kafka broker has stopped" in launcher.output()
     assert_nothing_left(launcher, prefix, [http, listen, health, health + 1, kafka])
     assert not run_dir(kafka).exists()
+
+
+async def _charge_point_joins(url: str, central: str) -> dict[str, object]:
+    """A 1.6 charger played by the `ocpp` library boots at `url` and reports connector 1
+    Available; returns its CP as Central's /cp lists it, once ACTIVATED."""
+    async with websockets.connect(url, subprotocols=[Subprotocol("ocpp1.6")]) as ws:
+        charger = ChargePoint16(url.rsplit("/", 1)[1], ws)
+        listening = asyncio.create_task(charger.start())
+        try:
+            boot = await charger.call(call.BootNotification(
+                charge_point_model="Launcher-1", charge_point_vendor="evcharging-e2e"))
+            assert boot.status == "Accepted"
+            await charger.call(call.StatusNotification(connector_id=1, error_code="NoError",
+                                                       status="Available"))
+            async with httpx.AsyncClient(base_url=central, timeout=5, trust_env=False) as http:
+                for _ in range(300):
+                    rows = (await http.get("/cp")).json()
+                    found = [cp for cp in rows if cp["cp_id"] == "CH-E2E.1"]
+                    if found and found[0]["state"] == "ACTIVATED":
+                        return dict(found[0])
+                    await asyncio.sleep(0.1)
+            raise AssertionError(f"CH-E2E.1 not ACTIVATED at Central within 30 s: {rows}")
+        finally:
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+
+
+def test_run_with_ocpp_starts_the_gateway_a_charger_joins(
+    kafka_bootstrap: str, tmp_path: Path, prefix: str, launchers: list[Launcher]
+) -> None:
+    """`make run ARGS=--ocpp`: the OCPP gateway starts after Central, the banner prints the
+    URL a charger connects to, a charger played by the `ocpp` library there becomes the CP
+    ``CH-E2E.1`` at Central, and Ctrl-C stops the gateway before Central."""
+    http, listen, ws_port, gateway_http = (free_ports(1) for _ in range(4))
+    launcher = Launcher(
+        tmp_path,
+        ["--cps", "0", "--no-drivers", "--ocpp", "--ocpp-port", str(ws_port),
+         "--ocpp-http-port", str(gateway_http), "--kafka-bootstrap", kafka_bootstrap,
+         "--http-port", str(http), "--listen-port", str(listen),
+         "--db-path", str(tmp_path / "central.db")],
+        base_env(prefix, tmp_path),
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 90)
+    out = launcher.output()
+    url = f"ws://127.0.0.1:{ws_port}/ocpp/"
+    assert f"OCPP:      chargers connect to {url}<charger-id>" in out
+    assert out.index("Central is up") < out.index("waiting for the OCPP gateway")
+    assert re.search(r"^ocpp +\| .*OCPP gateway running", out, re.MULTILINE), out
+    programs = [cmd for cmd in launcher.collect_children().values() if "evcharging.apps" in cmd]
+    assert sorted(cmd.split(" -m ")[1].split()[0] for cmd in programs) == [
+        "evcharging.apps.ev_central.main", "evcharging.apps.ev_ocpp.main"], programs
+
+    cp = asyncio.run(_charge_point_joins(url + "CH-E2E", f"http://127.0.0.1:{http}"))
+    assert cp["state"] == "ACTIVATED"
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(60) == 0
+    out = launcher.output()
+    assert out.index("stopping the OCPP gateway: ") < out.index("stopping EV Central: ")
+    assert "killed (SIGKILL)" not in out
+    assert_nothing_left(launcher, prefix, [http, listen, ws_port, gateway_http])

@@ -48,11 +48,13 @@ from evcharging.launcher.cli import option_warnings, options_from_args, run_comm
 from evcharging.launcher.console import Console, banner, format_line, prefix_width
 from evcharging.launcher.plan import (
     LOAD_FOREVER,
+    STOP_ORDER,
     ChildSpec,
     KafkaChoice,
     LaunchError,
     LaunchOptions,
     PortPlan,
+    PortUse,
     Role,
     busy_ports,
     child_env,
@@ -60,6 +62,8 @@ from evcharging.launcher.plan import (
     cp_ids,
     driver_ids,
     fleet_ids,
+    metrics_targets,
+    ocpp_port_uses,
     plan_ports,
     resolve_bootstrap,
     use_fleet,
@@ -83,7 +87,8 @@ COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
                      "PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD",
                      "KAFKA_ADMIN_PASSWORD", "KAFKA_BROKER_PASSWORD"}
 """Not a service setting: host ports (and Grafana's password) of docker/docker-compose.yml."""
-SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_", "FLEET_")
+SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_", "FLEET_",
+                    "OCPP_")
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:
@@ -297,6 +302,61 @@ def test_bootstrap_precedence() -> None:
     assert resolve_bootstrap("", {}, {}) is None
 
 
+def test_ocpp_starts_the_gateway_after_central_with_its_ports(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert options_from_args(parse(), {}, {}).ocpp_port is None
+    options = options_from_args(parse("--ocpp"), {}, {})
+    assert (options.ocpp_port, options.ocpp_http_port) == (9000, 9001)
+    assert options.ocpp_url == "ws://127.0.0.1:9000/ocpp/<charger-id>"
+    options = options_from_args(
+        parse("--ocpp", "--ocpp-port", "9100", "--ocpp-http-port", "9101", "--http-port",
+              "8100"), {}, {})
+    assert options.ocpp_url == "ws://127.0.0.1:9100/ocpp/<charger-id>"
+    specs = child_specs(options, "127.0.0.1:9092")
+    assert [(s.name, s.role) for s in specs][:2] == [("central", Role.CENTRAL),
+                                                      ("ocpp", Role.OCPP)]
+    assert specs[1].argv("py") == [
+        "py", "-m", "evcharging.apps.ev_ocpp.main", "--kafka-bootstrap", "127.0.0.1:9092",
+        "--ws-port", "9100", "--central-host", "localhost", "--central-port", "8100",
+        "--http-port", "9101",
+    ]
+    assert STOP_ORDER.index(Role.OCPP) == STOP_ORDER.index(Role.CENTRAL) - 1
+    assert [(u.port, u.flag) for u in ocpp_port_uses(options)] == [
+        (9100, "--ocpp-port"), (9101, "--ocpp-http-port")]
+    assert ("ocpp", 9101) in metrics_targets(options)
+    with pytest.raises(LaunchError, match=r"port 9101 .*OCPP gateway's /health.*--ocpp-http"):
+        plan_ports(8000, 9999, 8001, 2, extra=(*ocpp_port_uses(options),
+                                               PortUse(9101, "x", "--x")))
+    monkeypatch.setenv("OCPP_WS_PORT", "9200")  # the gateway's own setting is the default
+    monkeypatch.setenv("OCPP_HTTP_PORT", "9201")
+    options = options_from_args(parse("--ocpp"), {}, {})
+    assert (options.ocpp_port, options.ocpp_http_port) == (9200, 9201)
+    assert "--ocpp-port and --ocpp-http-port place the OCPP gateway" in " ".join(
+        option_warnings(parse("--ocpp-port", "9300"), options_from_args(
+            parse("--ocpp-port", "9300"), {}, {})))
+
+
+async def test_banner_with_ocpp_shows_where_chargers_connect() -> None:
+    out = io.StringIO()
+    banner(Console(out, colour=False), LaunchOptions(cps=2, ocpp_port=9000), "x:1")
+    text = out.getvalue()
+    assert "OCPP:      chargers connect to ws://127.0.0.1:9000/ocpp/<charger-id>" in text
+    assert "gateway http://localhost:9001/health" in text
+    assert "ocpp http://localhost:9001/metrics" in text
+    out = io.StringIO()
+    banner(Console(out, colour=False), LaunchOptions(cps=2), "x:1")
+    assert "OCPP" not in out.getvalue()
+
+
+async def test_the_stop_message_names_the_gateway_before_central() -> None:
+    out = io.StringIO()
+    sup = Supervisor(LaunchOptions(cps=1, drivers=0, ocpp_port=9000), "x:1",
+                     Console(out, colour=False), os.environ, "", False)
+    sup.on_signal(signal.SIGTERM)
+    assert "stopping CP monitors, CP engines, the OCPP gateway and EV Central" in out.getvalue()
+
+
 # --------------------------------------------------------------------------- ports
 
 
@@ -464,8 +524,8 @@ def test_every_child_module_parses_its_seed_flags() -> None:
 
     classes = {Role.CENTRAL: CentralSettings, Role.ENGINE: CPEngineSettings,
                Role.MONITOR: CPMonitorSettings, Role.DRIVER: DriverSettings,
-               Role.FLEET: FleetSettings, Role.LOAD: LoadSettings}
-    runs = [LaunchOptions(cps=1, drivers=1, load=3),
+               Role.FLEET: FleetSettings, Role.LOAD: LoadSettings, Role.OCPP: OcppSettings}
+    runs = [LaunchOptions(cps=1, drivers=1, load=3, ocpp_port=9000),
             LaunchOptions(cps=30, drivers=1, fleet=True, load=3, load_duration=60,
                           quiet=frozenset(Role)),
             LaunchOptions(cps=2, drivers=1, load=3, prometheus_port=9090)]
