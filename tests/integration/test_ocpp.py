@@ -476,8 +476,21 @@ async def test_a_replayed_start_gets_the_same_transaction_and_no_second_session(
     assert status.driver_id == "carol" and status.state is CPState.SUPPLYING
     # An offline transaction is dated by the charger's own clock.
     assert status.ts.isoformat().startswith("2026-12-07T09:00:00")
-    # Central does not know sessions a charger starts by itself yet: it asks to stop it.
-    await asyncio.wait_for(charger.remote_stops.get(), 30)
+    # Central records the charger's own session as carol's, with no request, and bills
+    # it by the meter when the charger stops it (SPEC §8).
+    await charger.call(call.StopTransaction(
+        meter_stop=7500, timestamp="2026-12-07T09:30:00Z", transaction_id=first.transaction_id,
+        id_tag="carol"))
+
+    async def billed() -> dict[str, object] | None:
+        answer = await system.central.get("/sessions", params={"limit": 200})
+        rows = [r for r in answer.json() if r["session_id"] == status.session_id]
+        return rows[0] if rows and rows[0]["status"] != "ACTIVE" else None
+
+    row = await poll(billed, timeout=30, what="the charger's session billed",
+                     retry_on=(httpx.HTTPError,))
+    assert (row["status"], row["driver_id"], row["kwh"]) == ("COMPLETED", "carol", 7.0)
+    assert charger.remote_stops.empty()  # Central did not stop it
     assert len(starts()) == 1
 
 

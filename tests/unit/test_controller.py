@@ -837,3 +837,51 @@ async def test_an_ocpp_chargers_protocol_vendor_and_model_are_kept_and_shown(
     assert (again.protocol, again.vendor, again.model, again.location) == (
         "ocpp1.6", "Acme", "Volt 22", "bay 3")
     await second.close()
+
+
+async def test_a_session_the_charger_started_is_recorded_and_billed_without_a_request(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    """SPEC §8: an id tag at an OCPP charger; the charger is already charging."""
+    await activate(central)
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.SUPPLYING, event=StatusEvent.START_SUPPLY,
+        session_id="tx-abc", driver_id="driver-bob"))
+    session = central.get("CP-001").session
+    assert session is not None and session.driver_id == "driver-bob"
+    assert commands(bus, CommandType.STOP_SUPPLY) == []
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.SESSION_COMPLETE,
+        last_session=SessionEnd(session_id="tx-abc", result=SessionResult.COMPLETED,
+                                kwh=4.2, euros=1.26)))
+    row = await repo.get_session("tx-abc")
+    assert row is not None and (row.status, row.kwh, row.request_id) == (
+        "COMPLETED", 4.2, "charger.tx-abc")
+    assert central.stats["sessions_started_by_charger"] == 1
+
+
+async def test_a_session_the_charger_started_where_central_would_deny_is_stopped(
+    central: Controller, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central)
+    central.get("CP-001").breaker.trip("three failed starts")
+    await central.handle_status(CPStatus(
+        cp_id="CP-001", state=CPState.SUPPLYING, event=StatusEvent.START_SUPPLY,
+        session_id="tx-def", driver_id="driver-bob"))
+    [stop] = commands(bus, CommandType.STOP_SUPPLY)
+    assert stop.payload.session_id == "tx-def"
+    assert stop.payload.reason == "Central would have denied it: circuit open"
+    row = await repo.get_session("tx-def")
+    assert row is not None and row.status == "ACTIVE"  # billed by its meter when it ends
+
+
+async def test_an_unknown_session_an_engine_supplies_is_still_stopped(
+    central: Controller, bus: RecordingPublisher
+) -> None:
+    """No driver and no start event: not a charger's own session."""
+    await activate(central)
+    await central.handle_status(CPStatus(cp_id="CP-001", state=CPState.SUPPLYING,
+                                         session_id="ghost", event=StatusEvent.HEARTBEAT))
+    [stop] = commands(bus, CommandType.STOP_SUPPLY)
+    assert stop.payload.reason == "session unknown to Central"
+    assert central.get("CP-001").session is None

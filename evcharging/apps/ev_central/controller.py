@@ -395,14 +395,48 @@ class Controller:
             and status.state is CPState.SUPPLYING
             and status.session_id is not None
             and status.session_id != cp.last_closed
+            and await self._closed_session(status.session_id) is None
         ):
-            logger.warning("CP {} supplies unknown session {}; stopping it",
-                           cp.cp_id, status.session_id)
-            self._send_command(cp.cp_id, CommandType.STOP_SUPPLY,
-                               session_id=status.session_id, reason="session unknown to Central")
+            if status.event is StatusEvent.START_SUPPLY and status.driver_id is not None:
+                self._adopt(cp, status, ts)
+            else:
+                logger.warning("CP {} supplies unknown session {}; stopping it",
+                               cp.cp_id, status.session_id)
+                self._send_command(cp.cp_id, CommandType.STOP_SUPPLY,
+                                   session_id=status.session_id,
+                                   reason="session unknown to Central")
         self.follow_state(cp, status.state, status.reason, status.event)
         if cp.state is not before:
             self.persist(cp)
+        self.changed(cp)
+
+    def _adopt(self, cp: CPView, status: CPStatus, ts: datetime) -> None:
+        """A session the charger started by itself (an id tag at an OCPP charger, SPEC
+        §8): the charger is already charging, so Central records it as a session of that
+        driver with no request and bills it by its meter. Where Central would have denied
+        a request, it stops the session (it is still billed)."""
+        assert status.session_id is not None and status.driver_id is not None
+        refused = self.decide(cp.cp_id)
+        session = ActiveSession(
+            session_id=status.session_id, request_id=f"charger.{status.session_id}"[:64],
+            driver_id=status.driver_id, cp_id=cp.cp_id, started_at=ts, confirmed=True,
+            first_report=status.ts, last_report=ts,
+        )
+        cp.session = session
+        self.outbox.write(sql.start_session(sql.SessionRecord(
+            session_id=session.session_id, request_id=session.request_id, cp_id=cp.cp_id,
+            driver_id=session.driver_id, status=SessionStatus.ACTIVE, started_at=ts,
+            first_report=status.ts,
+        )))
+        self.outbox.write(sql.session_started(session.session_id, ts, status.ts))
+        self.stats["sessions_started_by_charger"] += 1
+        logger.info("CP {}: session {} of {} started at the charger, recorded with no request",
+                    cp.cp_id, session.session_id, session.driver_id)
+        if refused is not None:
+            logger.warning("CP {}: stopping session {} started at the charger: {}",
+                           cp.cp_id, session.session_id, refused)
+            self._send_command(cp.cp_id, CommandType.STOP_SUPPLY, session_id=session.session_id,
+                               reason=f"Central would have denied it: {refused}")
         self.changed(cp)
 
     def _follow_own_session(
