@@ -76,8 +76,10 @@ TRANSACTION_TIMEOUT_MS = 300_000
 producer). Central's transactions last milliseconds; a longer limit lets a stalled Central
 (a paused process, a slow disk) finish its flush afterwards instead of being fenced, and
 costs nothing when Central crashes: its successor's start aborts the open transaction."""
-TRANSACTION_RETRY_BACKOFF_MS = 10
-"""How soon Central's transactional producer asks the broker again (aiokafka: 100)."""
+TRANSACTION_RETRY_BACKOFF_MS = 20
+"""How soon Central's transactional producer asks the broker again (aiokafka: 100; 20 is
+aiokafka's own wait between transactions). While the broker is down it asks this often
+too: about 4 % of a core, its per-attempt errors filtered (evcharging.common.logging)."""
 METADATA_MAX_AGE_MS = 5000
 REPAIR_TIMEOUT = 10.0
 """Seconds one attempt to recreate lost topics may take (a half-up broker must not hold

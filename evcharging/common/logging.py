@@ -42,7 +42,8 @@ class _DropConnectRetries(logging.Filter):
     elects its group coordinator; evcharging.common.kafka.retry says so once per outage.
     """
 
-    NOISE = ("Unable connect to", "Group Coordinator Request failed")
+    NOISE = ("Unable connect to", "Group Coordinator Request failed",
+             "Unable to update metadata from")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOISE)
