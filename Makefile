@@ -85,8 +85,10 @@ broker-status: $(STAMP) ## is the local Kafka broker running?
 
 up: ## Docker Compose: build and start Kafka and every service (writes an API token and the Kafka passwords into .env)
 	$(PYTHON) -m evcharging.devtools.env_token .env .env.example
+	@test -e ocpp-passwords.txt || printf '%s\n' '# OCPP chargers that may connect to ocpp-gateway (SPEC 8): charger_id:password or charger_id:sha256:<hex>, one a line' > ocpp-passwords.txt
 	docker compose -f docker/docker-compose.yml --env-file .env up --build -d
 	@echo "Dashboard: http://localhost:$${CENTRAL_HTTP_PORT:-8000}/"
+	@echo "OCPP chargers: ws://localhost:$${OCPP_WS_PORT:-9000}/ocpp/<charger-id> (passwords in ocpp-passwords.txt)"
 
 down: ## Docker Compose: stop everything
 	$(COMPOSE) down

@@ -30,6 +30,7 @@ from evcharging.common.config import (
     CPMonitorSettings,
     DriverSettings,
     FleetSettings,
+    OcppSettings,
     ServiceSettings,
     load_settings,
 )
@@ -52,6 +53,7 @@ SETTINGS_BY_MODULE: dict[str, type[BaseSettings]] = {
     "evcharging.apps.ev_cp_m.main": CPMonitorSettings,
     "evcharging.apps.ev_driver.main": DriverSettings,
     "evcharging.apps.ev_fleet.main": FleetSettings,
+    "evcharging.apps.ev_ocpp.main": OcppSettings,
 }
 # SPEC §1: the seed flags each service must be started with.
 SEED_FLAGS: dict[type[BaseSettings], set[str]] = {
@@ -73,12 +75,14 @@ SEED_FLAGS: dict[type[BaseSettings], set[str]] = {
         "--central-host",
         "--central-port",
     },
+    OcppSettings: {"--kafka-bootstrap", "--ws-port", "--central-host", "--central-port"},
 }
 # The ports a service listens on (the others in its settings are ports it connects to).
 LISTEN_PORT_FIELDS: dict[type[BaseSettings], tuple[str, ...]] = {
     CentralSettings: ("http_port", "listen_port"),
     CPEngineSettings: ("health_port",),
     FleetSettings: ("http_port",),
+    OcppSettings: ("ws_port", "http_port"),
 }
 # Variables a service may set that are not evcharging settings: Python's own.
 ENV_EXCEPTIONS = frozenset({"PYTHONUNBUFFERED"})
@@ -92,6 +96,7 @@ EXPECTED_SERVICES = frozenset(
         "cp-monitor-1",
         "cp-monitor-2",
         "cp-fleet",
+        "ocpp-gateway",
         "ev-driver",
     }
 )
@@ -512,6 +517,55 @@ def test_a_service_listening_on_every_interface_gets_the_token_from_dotenv(
     assert up and "evcharging.devtools.env_token .env" in up[1], "make up writes no token"
 
 
+def test_ocpp_gateway_is_protected_by_passwords_and_keeps_its_state_on_a_volume(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The OCPP gateway (SPEC §8) listens on 0.0.0.0 in its container, so its protected
+    mode wants a passwords file: ocpp-passwords.txt of the repository, mounted read-only
+    (`make up` creates it, git and the image leave it out). Its state file is on a named
+    volume (the code is read-only), it points at Central and waits for it, publishes its
+    two ports on the host's loopback only, and its healthcheck asks its /health."""
+    gateways = [s for s in APP_SERVICES if settings_class(s) is OcppSettings]
+    assert gateways == ["ocpp-gateway"]
+    (service,) = gateways
+    gateway = container_settings(service, monkeypatch, tmp_path)
+    assert isinstance(gateway, OcppSettings)
+    assert gateway.host == "0.0.0.0" and gateway.http_host == "0.0.0.0"
+    assert gateway.allow_anonymous is False
+    assert gateway.passwords_file is not None
+    mounts = [v for v in volumes(service)
+              if PurePosixPath(v["target"]) == PurePosixPath(str(gateway.passwords_file))]
+    assert len(mounts) == 1, f"{service}: nothing is mounted at {gateway.passwords_file}"
+    (mount,) = mounts
+    assert mount["type"] == "bind" and mount.get("read_only") is True
+    assert mount.get("bind", {}).get("create_host_path") is False  # never a directory
+    source = (DOCKER_DIR / mount["source"]).resolve()
+    assert source.parent == ROOT
+    up = re.search(r"^up:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert up and f"test -e {source.name} ||" in up[1] and f"> {source.name}" in up[1]
+    assert source.name in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+    assert source.name in DOCKERIGNORE.read_text(encoding="utf-8").split()
+
+    state = PurePosixPath(str(gateway.state_file))
+    assert state.is_absolute()
+    named = {PurePosixPath(v["target"]) for v in volumes(service) if v["type"] == "volume"}
+    assert state.parent in named, f"{service}: {state} is not on a named volume"
+
+    assert gateway.central_host in services()
+    central = container_settings(gateway.central_host, monkeypatch, tmp_path)
+    assert isinstance(central, CentralSettings)
+    assert gateway.central_port == central.http_port
+    assert depends_on(service).get(gateway.central_host) == "service_healthy"
+    published = [interpolate(str(p)) for p in services()[service]["ports"]]
+    assert published == [f"127.0.0.1:{gateway.ws_port}:{gateway.ws_port}",
+                         f"127.0.0.1:{gateway.http_port}:{gateway.http_port}"]
+    assert "${OCPP_WS_PORT:-9000}" in str(services()[service]["ports"][0])
+    check = " ".join(services()[service]["healthcheck"]["test"])
+    assert f"127.0.0.1:{gateway.http_port}/health" in check
+    exposed = next(args for k, args in dockerfile_instructions() if k == "EXPOSE").split()
+    assert {str(gateway.ws_port), str(gateway.http_port)} <= set(exposed)
+
+
 def test_each_engine_has_its_own_cp_id(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     engines = [s for s in APP_SERVICES if settings_class(s) is CPEngineSettings]
     assert engines
@@ -703,6 +757,7 @@ KAFKA_PRINCIPALS: dict[type[BaseSettings], str] = {
     CentralSettings: "central",
     CPEngineSettings: "cp",
     FleetSettings: "cp",
+    OcppSettings: "cp",
     DriverSettings: "driver",
 }
 """The principal of each kind of Kafka service (SPEC §11's table)."""

@@ -25,6 +25,7 @@ from evcharging.common.config import (
     CPMonitorSettings,
     DriverSettings,
     FleetSettings,
+    OcppSettings,
 )
 from evcharging.common.metrics import series_names
 from evcharging.devtools.prometheus import (
@@ -72,6 +73,7 @@ METRICS_PORT_FIELD: dict[type[Any], str] = {
     CPEngineSettings: "health_port",
     CPMonitorSettings: "metrics_port",
     FleetSettings: "http_port",
+    OcppSettings: "http_port",
 }
 NO_METRICS = frozenset({DriverSettings})
 """Services with no HTTP port, so no /metrics (one driver process)."""
