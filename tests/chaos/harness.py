@@ -68,6 +68,7 @@ FLEET_PACE = {
     "CP_MONITOR_FAILURE_THRESHOLD": "3",
 }
 """A fleet's heartbeats and health checks at the services' defaults."""
+DRIVER_LOAD_PREFIX = "chaos-load-"
 BUSY_FLEET = {**FLEET_PACE, "CP_ENGINE_STATUS_INTERVAL": "1"}
 """A heartbeat a second from every CP: Central always has something left to read."""
 KW_RATE = 22.0
@@ -135,8 +136,8 @@ class Observer:
         self.last_status: dict[str, CPStatus] = {}
         """CP id → the last heartbeat read of it."""
         self.adopted: dict[str, list[str]] = {}
-        """Driver id of a real driver process whose requests count as the test's → the ids
-        of its requests read so far."""
+        """Driver id of a real driver process whose requests count as the test's (or a
+        prefix of such ids, ending in ``*``) → the ids of its requests read so far."""
         self.invalid = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -204,16 +205,24 @@ class Observer:
         return self.meter.results
 
     def adopt(self, driver_id: str) -> None:
-        """Count the requests of the driver process `driver_id` as the test's."""
+        """Count the requests of the driver `driver_id` (a prefix when it ends in ``*``)
+        as the test's."""
         self.adopted.setdefault(driver_id, [])
+
+    def _adopter(self, driver_id: str) -> str | None:
+        if driver_id in self.adopted:
+            return driver_id
+        return next((key for key in self.adopted
+                     if key.endswith("*") and driver_id.startswith(key[:-1])), None)
 
     def _read(self, topic: str, value: bytes) -> None:
         try:
             if topic == Topic.DRIVER_REQUESTS:
                 request = decode(DriverRequest, value)
-                if request.driver_id in self.adopted:
+                adopter = self._adopter(request.driver_id)
+                if adopter is not None:
                     if request.request_id not in self.requests:
-                        self.adopted[request.driver_id].append(request.request_id)
+                        self.adopted[adopter].append(request.request_id)
                     self.requests.setdefault(request.request_id, request.cp_id)
             elif topic == Topic.DRIVER_UPDATES:
                 update = decode(DriverUpdate, value)
@@ -570,6 +579,21 @@ class ChaosRun:
     async def start_cp(self, cp_id: str) -> None:
         self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
         self.monitors[cp_id] = await self.system.start_monitor(cp_id, CHAOS_MONITOR)
+
+    def start_driver_load(self, rate: float, duration: float, cps: int) -> Proc:
+        """The driver load generator (ev_load) at `rate` drivers a second for `duration`
+        seconds on the fleet's `cps` CPs; its requests count as the test's."""
+        self.observer.adopt(f"{DRIVER_LOAD_PREFIX}*")
+        system = self.system
+        proc = Proc("load", [
+            "-m", "evcharging.apps.ev_load.main", "--kafka-bootstrap", system.bootstrap,
+            "--topic-prefix", system.prefix, "--rate", f"{rate:g}",
+            "--duration", f"{duration:g}", "--seed", "1", "--driver-prefix", DRIVER_LOAD_PREFIX,
+            "--central-url", f"http://127.0.0.1:{system.http_port}", "--cps", str(cps),
+            "--cp-prefix", "CP-", "--refresh-interval", "1", "--progress-interval", "10",
+        ], system.env(), system.tmp).start()
+        system.procs.append(proc)
+        return proc
 
     async def restart_central(self) -> None:
         self.central = await self.system.start_central(self.central_env)
