@@ -368,9 +368,23 @@ class Controller:
                                reason=cp.state_reason or "stopped by operator")
             self.changed(cp)
             return
+        # Read what the decision needs before it queues anything: an HTTP call's flush
+        # while this handler awaits must not send half a decision (exactly once, §4).
         end = status.session_end()
+        closed_end = (await self._closed_session(end.session_id)
+                      if end is not None and end != cp.last_end
+                      and (cp.session is None or cp.session.session_id != end.session_id)
+                      else None)
+        unknown = (
+            status.state is CPState.SUPPLYING
+            and status.session_id is not None
+            and status.session_id != cp.last_closed
+            and (cp.session is None or cp.session.session_id != status.session_id)
+            and (end is None or end.session_id != status.session_id)
+            and await self._closed_session(status.session_id) is None
+        )
         if end is not None and end != cp.last_end:
-            await self._settle(cp, end, status, ts)
+            self._settle(cp, end, status, ts, closed_end)
         session = cp.session
         if session is not None and status.session_id == session.session_id:
             self._follow_own_session(cp, session, status, ts)
@@ -390,13 +404,7 @@ class Controller:
                 f"({status.reason or 'no reason given'})",
                 breaker_failure=not session.resumed,
             )
-        elif (
-            session is None
-            and status.state is CPState.SUPPLYING
-            and status.session_id is not None
-            and status.session_id != cp.last_closed
-            and await self._closed_session(status.session_id) is None
-        ):
+        elif session is None and unknown:
             if status.event is StatusEvent.START_SUPPLY and status.driver_id is not None:
                 self._adopt(cp, status, ts)
             else:
@@ -543,15 +551,17 @@ class Controller:
 
     # ------------------------------------------------------------------ the ledger
 
-    async def _settle(
-        self, cp: CPView, end: SessionEnd, status: CPStatus, ts: datetime
+    def _settle(
+        self, cp: CPView, end: SessionEnd, status: CPStatus, ts: datetime,
+        closed: ClosedSession | None,
     ) -> None:
         """Record the end of a session as the CP's meter reports it, exactly once.
 
         The running session ends with the CP's result and totals. A session already
-        closed gets the CP's totals (:meth:`_correct`); an explicit end status that finds
-        the ledger as it was sends the final status again, since the answer to a replayed
-        message may not have left before a crash.
+        closed (`closed`, read by the caller before anything was queued) gets the CP's
+        totals (:meth:`_correct`). An end that finds the ledger as it was sends nothing:
+        with Central's updates leaving in one Kafka transaction with the offsets that
+        caused them, a message handled again after a crash had its answer not sent.
         """
         session = cp.session
         if session is not None and session.session_id == end.session_id:
@@ -564,15 +574,13 @@ class Controller:
             self.end_session(cp, end.result, reason, meter_final=True,
                               breaker_failure=end.result is SessionResult.FAILED, ended_at=ts)
         else:
-            closed = await self._closed_session(end.session_id)
             if closed is None or closed.cp_id != cp.cp_id:
                 logger.debug("CP {} reports the end of unknown session {}",
                              cp.cp_id, end.session_id)
             else:
                 flipped = (end.result is SessionResult.COMPLETED
                            and self._completed_by_meter(closed))
-                self._correct(closed, end.kwh, end.euros, meter_final=True,
-                              resend=flipped or status.event is not StatusEvent.HEARTBEAT)
+                self._correct(closed, end.kwh, end.euros, meter_final=True, resend=flipped)
         cp.last_end = end
 
     def _completed_by_meter(self, closed: ClosedSession) -> bool:
