@@ -69,8 +69,6 @@ FLEET_PACE = {
 }
 """A fleet's heartbeats and health checks at the services' defaults."""
 DRIVER_LOAD_PREFIX = "chaos-load-"
-BUSY_FLEET = {**FLEET_PACE, "CP_ENGINE_STATUS_INTERVAL": "1"}
-"""A heartbeat a second from every CP: Central always has something left to read."""
 KW_RATE = 22.0
 """The engines' default power (CP_ENGINE_KW_RATE): telemetry kWh tell how long a session ran."""
 LOAD_INTERVAL = 1.5

@@ -36,7 +36,6 @@ import pytest
 from evcharging.common.messages import DriverStatus
 from tests.chaos import faults
 from tests.chaos.harness import (
-    BUSY_FLEET,
     CHAOS_ENGINE,
     FLEET_PACE,
     RECOVERY_DEADLINE,
@@ -115,9 +114,6 @@ DRIVER_LOAD = 40.0
 """Drivers a second on the 1,000-CP fleet (with 6 s sessions about 240 supply at once):
 Central always has a batch in hand, so a kill finds work handled and not yet committed."""
 DRIVER_LOAD_SECONDS = 20.0
-BUSY = 200
-"""The future-stamp row's fleet: with a heartbeat a second from each CP, Central often has
-messages left to read when it judges silence (the state in which the finding showed)."""
 DB_TMPFS_MIB = 64
 
 FULL = [
@@ -138,7 +134,7 @@ FULL = [
     Scenario("driver-clock", 1, (MID,), central_only=True, quiet=True,
              steps=(f"{DRIVER_BEHIND:+d}s",)),
     Scenario("future-stamp", 8, (MID,), central_only=True, quiet=True, behind=True,
-             steps=("+1h",), fleet=BUSY, follow=2, fleet_env=BUSY_FLEET),
+             steps=("+1h",), fleet=FLEET, follow=2, driver_load=DRIVER_LOAD),
     Scenario("central-kill-fleet", 0, (END, MID), meter_settles=True, exactly_once=True,
              fleet=FLEET, steps=(f"restart at once, {FLEET:,} CPs",) * 2,
              driver_load=DRIVER_LOAD),
