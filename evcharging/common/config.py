@@ -371,6 +371,19 @@ class FleetSettings(ServiceSettings):
         30.0, description="a CP whose heartbeat has not gone out for this many seconds counts "
         "as stuck: its health checks fail (keep it above twice CP_ENGINE_STATUS_INTERVAL)"
     )
+    protocol: Literal["kafka", "ocpp1.6", "ocpp2.0.1"] = Field(
+        "kafka", description="how the CPs join: kafka (the engine's protocol), or as OCPP "
+        "chargers with one connector each, connected to an OCPP gateway at --ocpp-url "
+        "(ocpp1.6 or ocpp2.0.1; the gateway makes charger X the CP X.1)"
+    )
+    ocpp_url: Annotated[str, StringConstraints(pattern=r"^wss?://[^\s]+$")] = Field(
+        "ws://127.0.0.1:9000/ocpp/", description="with an OCPP protocol: the gateway's URL; "
+        "each charger connects to it followed by its id"
+    )
+    ocpp_password: SecretStr | None = Field(
+        None, description="with an OCPP protocol: the Basic-auth password every charger "
+        "sends (the gateway's OCPP_PASSWORDS_FILE); unset: none"
+    )
 
 
 class OcppSettings(ServiceSettings):

@@ -23,6 +23,11 @@ up to :data:`REGISTER_WAIT` seconds, then in the background), then the CPs conne
 ``--connect-batch`` at a time, with a progress line every few seconds; then the monitoring
 and, with ``--fault-rate``, the random faults.
 
+With ``--protocol ocpp1.6`` or ``ocpp2.0.1`` the CPs are OCPP chargers instead, each on its
+own WebSocket to the gateway at ``--ocpp-url`` (:mod:`evcharging.apps.ev_fleet.ocpp_fleet`):
+no Kafka, no registration, no monitoring (the gateway reports them); the HTTP port serves
+``GET /health`` with the chargers' counters and round-trip times.
+
 It runs until SIGINT/SIGTERM (exit 0) or until a background task fails (exit 1: the
 consumer, the HTTP server, a monitoring loop). Shutdown order: the monitoring and the random
 faults, the CPs (a running session ends STOPPED, an ACTIVATED CP disconnects), the HTTP
@@ -52,6 +57,7 @@ from evcharging.apps.ev_fleet.faults import FaultPlan, FaultStats, inject_faults
 from evcharging.apps.ev_fleet.fleet import Fleet
 from evcharging.apps.ev_fleet.metrics import FleetCollector
 from evcharging.apps.ev_fleet.monitoring import FleetMonitor
+from evcharging.apps.ev_fleet.ocpp_fleet import OcppFleet, create_ocpp_fleet_app
 from evcharging.apps.ev_fleet.plan import CPSpec, cp_id, fleet_plan
 from evcharging.common.bus import Routes
 from evcharging.common.config import (
@@ -190,6 +196,8 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
     seed = s.seed if s.seed is not None else secrets.randbits(32)
     rng = random.Random(seed)  # noqa: S311 - a simulation, not secrets
     specs = fleet_plan(s.id_prefix, s.first, s.cps, s.sites, s.site_prefix)
+    if s.protocol != "kafka":
+        return await run_ocpp(config, [spec.cp_id for spec in specs], stop)
     logger.info("CP Fleet: {:,} CPs {} … {} in {} site(s), seed {}", len(specs),
                 specs[0].cp_id, specs[-1].cp_id, len({spec.site for spec in specs}), seed)
 
@@ -282,6 +290,41 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
         logger.info("CP Fleet stopped ({})", ", ".join(
             f"{count:,} {state}" for state, count in fleet.counts().items() if count
         ))
+
+
+async def run_ocpp(config: FleetConfig, ids: list[str], stop: asyncio.Event) -> int:
+    """The fleet as OCPP chargers (``--protocol ocpp1.6|ocpp2.0.1``): no Kafka, no
+    registration (the gateway does both); ``GET /health`` on the fleet's port."""
+    s, engine = config.fleet, config.engine
+    password = s.ocpp_password.get_secret_value() if s.ocpp_password is not None else None
+    fleet = OcppFleet(ids, s.protocol, s.ocpp_url, kw_rate=engine.kw_rate,
+                      session_seconds=engine.session_seconds,
+                      telemetry_interval=engine.telemetry_interval, password=password)
+    logger.info("CP Fleet: {:,} OCPP chargers ({}) {} … {} at {}", len(ids), s.protocol,
+                ids[0], ids[-1], fleet.url)
+    tasks = TaskOwner("CP Fleet")
+    http = HttpServer(create_ocpp_fleet_app(fleet), s.http_host, s.http_port,
+                      name="fleet HTTP", tasks=tasks)
+    shutdown = Shutdown(("chargers", fleet.stop), ("HTTP server", http.stop),
+                        ("tasks", tasks.close))
+    try:
+        await until_stopped(stop, http.start())
+        await until_stopped(stop, fleet.connect(s.connect_batch))
+        logger.info("CP Fleet running: {:,} OCPP chargers; HTTP on {}:{}", len(fleet),
+                    s.http_host, http.port)
+        if await tasks.wait(stop):
+            logger.error("stopping the CP Fleet after the failure above")
+            return EXIT_FAILURE
+        return EXIT_OK
+    except OSError as exc:
+        logger.error("CP Fleet could not start: {}", exc)
+        return EXIT_FAILURE
+    except Stopped:
+        logger.info("stopped while starting")
+        return EXIT_OK
+    finally:
+        await shutdown.run()
+        logger.info("CP Fleet stopped")
 
 
 def _registration(spec: CPSpec, engine: CPEngineSettings, base_url: str) -> CPRegistration:
