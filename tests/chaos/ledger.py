@@ -18,10 +18,12 @@ The invariants:
 * a row belongs to a request the test sent; a request that was answered with anything but
   DENIED has a row;
 * every request has a final update (COMPLETED, FAILED or DENIED); all of its final updates
-  carry the same status; a later final update that changes the totals says ``corrected:``;
+  carry the same status, but that a FAILED the CP's meter completed after all may become
+  COMPLETED with a ``corrected:`` update; a later final update that changes the totals
+  says ``corrected:``;
   no ACCEPTED or IN_PROGRESS follows a final update;
-* the final status agrees with the row (COMPLETED with COMPLETED; FAILED with FAILED or
-  STOPPED); the request's last update is that final status for the row's session, with
+* the last final status agrees with the row (COMPLETED with COMPLETED; FAILED with
+  FAILED or STOPPED); the request's last update is that final status for the row's session, with
   the row's totals;
 * with ``exactly_once`` (the rows that restart Central under load): no final update is
   repeated, i.e. no final update equals an earlier one of the same request in status,
@@ -203,6 +205,16 @@ def _same(a: DriverUpdate, b: DriverUpdate) -> bool:
     )
 
 
+def _same_or_completed_by_meter(before: DriverUpdate, after: DriverUpdate) -> bool:
+    """A request keeps its final status, but for one change: a FAILED that its CP's
+    meter completed after all becomes COMPLETED, with a 'corrected:' update (SPEC §4: a
+    CP that completed a session is never recorded FAILED)."""
+    return before.status == after.status or (
+        before.status is DriverStatus.FAILED and after.status is DriverStatus.COMPLETED
+        and (after.reason or "").startswith(CORRECTED)
+    )
+
+
 def check_request(
     request_id: str, updates: Sequence[DriverUpdate], row: SessionRow | None,
     *, exactly_once: bool = False,
@@ -225,7 +237,8 @@ def check_request(
         breach(BreachKind.NO_FINAL)
     else:
         first = finals[0]
-        if len({updates[i].status for i in finals}) > 1:
+        if any(not _same_or_completed_by_meter(updates[before], updates[after])
+               for before, after in itertools.pairwise(finals)):
             breach(BreachKind.FINAL_CONFLICT)
         if any(not u.status.is_final for u in updates[first:]):
             breach(BreachKind.AFTER_FINAL)
@@ -240,7 +253,7 @@ def check_request(
             breach(BreachKind.NO_ROW)
         return breaches
     if finals:
-        final = updates[finals[0]].status
+        final = updates[finals[-1]].status
         agrees = {
             DriverStatus.COMPLETED: ("COMPLETED",),
             DriverStatus.FAILED: ("FAILED", "STOPPED"),

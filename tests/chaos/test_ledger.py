@@ -130,7 +130,19 @@ def test_a_request_without_a_final_status_is_a_breach() -> None:
 
 def test_two_final_statuses_are_a_breach() -> None:
     updates = {"r1": [*COMPLETED, update("r1", S.FAILED, 0.03, 0.009, reason="corrected: x")]}
-    assert check(updates) == [BreachKind.FINAL_CONFLICT]
+    # A COMPLETED never turns FAILED; the last final (FAILED) disagrees with the row too.
+    assert check(updates) == [BreachKind.FINAL_CONFLICT, BreachKind.STATUS_MISMATCH]
+
+
+def test_a_failed_the_meter_completed_may_become_completed_once_corrected() -> None:
+    """SPEC §4: the CP's meter completed a session Central had closed FAILED."""
+    log = meter(end=None)
+    log.add_end("s1", Totals(0.03, 0.009), "COMPLETED")
+    failed = [*COMPLETED[:2], update("r1", S.FAILED, 0.02, 0.006, reason="CP fault: x")]
+    flipped = [*failed, update("r1", S.COMPLETED, 0.03, 0.009, reason="corrected: completed")]
+    assert check({"r1": flipped}, [row()], log) == []
+    unmarked = [*failed, update("r1", S.COMPLETED, 0.03, 0.009, reason="done")]
+    assert BreachKind.FINAL_CONFLICT in check({"r1": unmarked}, [row()], log)
 
 
 def test_a_correction_says_so_and_repeats_the_status() -> None:
