@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import hypothesis  # noqa: F401 - see below
 import pytest
 
 from evcharging.devtools.kafka_broker import KafkaBroker
+
+# hypothesis is imported here, at the start, not by its pytest plugin's end-of-run summary:
+# CPython 3.11's AST compiler shares its recursion counter between threads (gh-106905),
+# and a run that never imported hypothesis otherwise compiled it at the very end, beside
+# threads the tests had left (aiosqlite's, the broker's log readers), and failed the
+# whole run with "SystemError: AST constructor recursion depth mismatch".
 
 
 @pytest.fixture(scope="session")

@@ -81,6 +81,12 @@ TRANSACTION_RETRY_BACKOFF_MS = 20
 aiokafka's own wait between transactions). While the broker is down it asks this often
 too: about 4 % of a core, its per-attempt errors filtered (evcharging.common.logging)."""
 METADATA_MAX_AGE_MS = 5000
+TRANSACTION_ATTEMPT_TIMEOUT = 20.0
+"""Seconds one transaction may take to be delivered and committed before it is given up
+(aborted, and tried again)."""
+RENEW_PRODUCER_AFTER = 30.0
+"""Seconds of failing transactions after which the producer is replaced (a broker that
+lost its data answers the old producer's transactions with errors for ever)."""
 REPAIR_TIMEOUT = 10.0
 """Seconds one attempt to recreate lost topics may take (a half-up broker must not hold
 the probe, and with it /health, for longer)."""
@@ -426,6 +432,8 @@ class KafkaBus:
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_stop = asyncio.Event()
         self._delivery_failing = False
+        self._committed_at = time.monotonic()
+        """When a transaction last committed (or the producer started)."""
 
     @property
     def connected(self) -> bool:
@@ -435,6 +443,16 @@ class KafkaBus:
     async def start(self, topics: Iterable[Topic] = tuple(Topic)) -> None:
         found = await ensure_topics(self.config, topics, stamp=self.stamp_topics)
         self._expected = {name: len(partitions) for name, partitions in found.items()}
+        self._producer = await self._new_producer()
+        self._connected = True
+        self._committed_at = time.monotonic()
+        logger.info("Kafka producer connected to {}", self.config.bootstrap)
+        self._probe_stop = asyncio.Event()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="kafka-probe")
+
+    async def _new_producer(self) -> AIOKafkaProducer:
+        """A started producer (transactional: registered with the transaction
+        coordinator, which fences any older producer of the same id)."""
 
         async def attempt() -> AIOKafkaProducer:
             delivery: dict[str, Any] = {"acks": 1} if self.transactional_id is None else {
@@ -463,15 +481,25 @@ class KafkaBus:
                 raise
             return producer
 
-        self._producer = await retry(
+        return await retry(
             f"connecting a producer to {self.config.bootstrap}",
             attempt,
             timeout=self.config.connect_timeout,
         )
-        self._connected = True
-        logger.info("Kafka producer connected to {}", self.config.bootstrap)
-        self._probe_stop = asyncio.Event()
-        self._probe_task = asyncio.create_task(self._probe_loop(), name="kafka-probe")
+
+    async def _renew_producer(self) -> None:
+        """Replace a transactional producer whose transactions keep failing: a broker
+        that lost its data has no transaction coordinator state for it any more, and
+        answers its transactions with errors aiokafka retries for ever."""
+        old, self._producer = self._producer, None
+        logger.warning("transactions have failed for {:.0f}s: starting a new transactional "
+                       "producer", time.monotonic() - self._committed_at)
+        if old is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5.0):
+                    await old.stop()
+        self._producer = await self._new_producer()
+        self._committed_at = time.monotonic()
 
     async def stop(self) -> None:
         """Flush and close; safe to call twice."""
@@ -620,19 +648,28 @@ class KafkaBus:
                     {TopicPartition(t, p): (o, metadata) for (t, p), o in offsets.items()},
                     self.offsets_group,
                 )
-            await asyncio.gather(*deliveries)
-            await producer.commit_transaction()
-        except (KafkaError, AssertionError) as exc:  # aiokafka asserts its txn states
+            async with asyncio.timeout(TRANSACTION_ATTEMPT_TIMEOUT):
+                await asyncio.gather(*deliveries)
+                await producer.commit_transaction()
+        except (KafkaError, AssertionError, TimeoutError) as exc:  # aiokafka asserts states
             self.stats.publish_errors += 1
             if self._fatal(producer, exc):
                 raise Fenced(f"transactional id {self.transactional_id}: {exc!r}") from exc
+            if (isinstance(exc, TimeoutError)
+                    or time.monotonic() - self._committed_at > RENEW_PRODUCER_AFTER):
+                await self._renew_producer()  # the old one's transaction dies with it
+                raise BusError(f"transaction aborted: {exc!r}") from exc
             if began:
                 try:
-                    await producer.abort_transaction()
+                    async with asyncio.timeout(TRANSACTION_ATTEMPT_TIMEOUT):
+                        await producer.abort_transaction()
                 except (KafkaError, AssertionError) as abort_exc:
                     raise Fenced(f"transactional id {self.transactional_id}: could not abort "
                                  f"a failed transaction: {abort_exc!r}") from exc
+                except TimeoutError:
+                    await self._renew_producer()
             raise BusError(f"transaction aborted: {exc!r}") from exc
+        self._committed_at = time.monotonic()
         self.stats.produced += len(messages)
 
     @staticmethod
