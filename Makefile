@@ -13,7 +13,7 @@ COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcar
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-unit test-integration test-e2e chaos lint format bench \
-        bench-fleet bench-energy broker-start broker-stop broker-status up down logs clean
+        bench-fleet bench-energy bench-ocpp broker-start broker-stop broker-status up down logs clean
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -69,6 +69,9 @@ bench: $(STAMP) ## request→ACCEPTED latency over a real broker (see benchmarks
 
 bench-fleet: $(STAMP) ## Central + a CP Fleet + load at 100..10,000 CPs: report and plot in benchmarks/results/ (~15 min)
 	$(PY) benchmarks/fleet_bench.py $(ARGS)
+
+bench-ocpp: $(STAMP) ## 1,000 and 5,000 OCPP chargers on one OCPP gateway: boot, round trips, CPU/RSS vs the targets (ARGS=--quick: 50, 20 s)
+	$(PY) benchmarks/ocpp_bench.py $(ARGS)
 
 bench-energy: $(STAMP) ## one limited site for a simulated day: equal vs least_laxity, seconds (ARGS=--acnportal adds Caltech's ACN-Sim)
 	$(if $(findstring --acnportal,$(ARGS)),$(PY) -m pip install --quiet -r requirements-bench.txt)
