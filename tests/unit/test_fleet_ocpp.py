@@ -4,6 +4,8 @@ answers in 1.6 and 2.0.1, every payload checked against the version's JSON schem
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from ocpp.messages import MessageType, get_validator
 
 from evcharging.apps.ev_fleet.main import load_config
 from evcharging.apps.ev_fleet.ocpp_charger import ChargerModel, Outgoing, Reply
-from evcharging.apps.ev_fleet.ocpp_fleet import OcppFleetStats, quantile
+from evcharging.apps.ev_fleet.ocpp_fleet import OcppFleet, OcppFleetStats, quantile
 
 VERSION = {"ocpp1.6": "1.6", "ocpp2.0.1": "2.0.1"}
 WALL = "2026-12-07T10:00:00.000Z"
@@ -255,3 +257,80 @@ def test_fleet_flags_choose_the_protocol_and_the_gateway(monkeypatch: pytest.Mon
         load_config(["--protocol", "ocpp1.5"])
     with pytest.raises(SystemExit):
         load_config(["--protocol", "ocpp1.6", "--ocpp-url", "http://gw/"])
+
+
+# ----------------------------------------------------------------------------- the connection
+
+
+class FakeWebSocket:
+    """What a charger's connection sends (the frames, decoded)."""
+
+    def __init__(self) -> None:
+        self.frames: list[list[Any]] = []
+
+    async def send(self, text: str) -> None:
+        self.frames.append(json.loads(text))
+
+    async def close(self) -> None:
+        return None
+
+
+def actions(ws: FakeWebSocket) -> list[str]:
+    return [frame[2] for frame in ws.frames if frame[0] == 2]
+
+
+BOOTED = json.dumps({"status": "Accepted", "interval": 30, "currentTime": WALL})
+
+
+async def test_one_call_in_flight_and_the_transaction_kept_while_offline() -> None:
+    fleet = OcppFleet(["CH-1"], "ocpp1.6", "ws://gw/ocpp", kw_rate=36.0, session_seconds=10.0,
+                      telemetry_interval=1.0)
+    (charger,) = fleet.chargers
+    assert charger.url == "ws://gw/ocpp/CH-1"
+    ws = FakeWebSocket()
+    charger._opened(ws)  # type: ignore[arg-type]
+    await charger.flush()
+    assert actions(ws) == ["BootNotification"]
+    await charger.call(charger.model.heartbeat())
+    assert actions(ws) == ["BootNotification"]  # waits for the boot's answer
+    await charger.receive(f'[3,"1",{BOOTED}]')
+    assert charger.booted and fleet.booted == 1
+    assert actions(ws) == ["BootNotification", "Heartbeat"]
+    await charger.receive('[3,"2",{"currentTime":"2026-12-07T10:00:00Z"}]')
+    assert actions(ws)[-1] == "StatusNotification"
+    await charger.receive('[3,"3",{}]')
+    assert charger.inflight is None and not charger.outbox
+
+    # The gateway's remote start: answered at once, then StartTransaction.
+    await charger.receive('[2,"g1","RemoteStartTransaction",{"idTag":"alice","connectorId":1}]')
+    assert ws.frames[-2] == [3, "g1", {"status": "Accepted"}]
+    assert actions(ws)[-1] == "StartTransaction"
+    # An unknown action gets a CALLERROR; a broken payload FormationViolation.
+    await charger.receive('[2,"g2","FlyToTheMoon",{}]')
+    assert ws.frames[-1] == [4, "g2", "NotImplemented", "", {}]
+    await charger.receive('[2,"g3","RemoteStartTransaction",{}]')
+    assert ws.frames[-1][:3] == [3, "g3", {"status": "Rejected"}]  # one already runs
+
+    # The connection drops with StartTransaction in flight: it is kept, a heartbeat is not.
+    charger._closed()
+    assert fleet.stats.results[("StartTransaction", "lost")] == 1
+    await charger.call(charger.model.heartbeat())
+    assert [out.action for out in charger.outbox] == ["StartTransaction"]
+    again = FakeWebSocket()
+    charger._opened(again)  # type: ignore[arg-type]
+    await charger.flush()
+    await charger.receive(f'[3,"{again.frames[-1][1]}",{BOOTED}]')
+    assert actions(again) == ["BootNotification", "StartTransaction"]  # replayed after boot
+    assert fleet.booted == 1  # a charger counts once
+    started = '{"transactionId":5,"idTagInfo":{"status":"Accepted"}}'
+    await charger.receive(f'[3,"{again.frames[-1][1]}",{started}]')
+    assert charger.model.tx is not None and charger.model.tx.transaction_id == "5"
+    assert fleet.stats.round_trips()["BootNotification"]["count"] == 2
+    assert fleet.health()["charging"] == 1
+
+    # A CALL unanswered for call_timeout is given up by the scheduler's tick.
+    fleet.call_timeout = 0.0
+    assert charger.inflight is not None
+    assert charger.due(0.0, time.perf_counter() + 1)
+    await charger.tick(0.0)
+    assert sum(n for (_, result), n in fleet.stats.results.items() if result == "timeout") == 1
