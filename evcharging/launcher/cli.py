@@ -137,8 +137,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             f"{FLEET_THRESHOLD} CPs each CP is a CP Engine and a CP Monitor process "
             f"(CP-001 …); more than {FLEET_THRESHOLD} run in one CP Fleet process (CP-00001 "
             "…, see --fleet). --load starts the driver load generator too. Ctrl-C stops "
-            "everything in order (load, drivers, monitors, engines or fleet, Central, "
-            "broker); a second Ctrl-C kills."
+            "everything in order (load, drivers, monitors, engines or fleet, the OCPP "
+            "gateway, Central, broker); a second Ctrl-C kills. --ocpp also starts the OCPP "
+            "gateway for real chargers."
         ),
         epilog=(
             "Other settings (e.g. CP_ENGINE_SESSION_SECONDS, CENTRAL_API_TOKEN) reach the "
