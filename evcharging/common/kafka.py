@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
@@ -421,6 +421,8 @@ class KafkaBus:
         producer's time to the broker's append time; while running, watch the topics and
         recreate them when the broker lost or changed them (:attr:`topics_ok`)."""
         self._expected: dict[str, int] = {}
+        self.on_recreated: Callable[[list[str]], Awaitable[None]] | None = None
+        """Told the names of the topics it recreated: they start again from offset 0."""
         self.topics_problem: str | None = None
         """Why the topics are not as Central made them (None: they are)."""
         self.transactional_id = transactional_id
@@ -580,6 +582,10 @@ class KafkaBus:
                 await repair_topics(self.config, {n: self._expected[n] for n in wrong}, wrong)
         except (KafkaError, BusError, OSError, TimeoutError) as exc:
             logger.debug("repairing the topics failed: {!r}", exc)
+            return
+        recreated = [name for name, count in wrong.items() if count == 0]
+        if recreated and self.on_recreated is not None:
+            await self.on_recreated(recreated)
 
     async def __aenter__(self) -> KafkaBus:
         await self.start()
@@ -637,25 +643,29 @@ class KafkaBus:
             raise BusError("the transactional bus is not started")
         began = False
         try:
-            await producer.begin_transaction()
-            began = True
-            deliveries = [
-                await producer.send(self.config.topic_name(topic_of(m)), encode(m), key=key_of(m))
-                for m in messages
-            ]
-            if offsets:
-                await producer.send_offsets_to_transaction(
-                    {TopicPartition(t, p): (o, metadata) for (t, p), o in offsets.items()},
-                    self.offsets_group,
-                )
+            # The whole attempt has a deadline: a broker that lost its data can leave a
+            # step (the offsets' coordinator, say) waiting for ever.
             async with asyncio.timeout(TRANSACTION_ATTEMPT_TIMEOUT):
+                await producer.begin_transaction()
+                began = True
+                deliveries = [
+                    await producer.send(self.config.topic_name(topic_of(m)), encode(m),
+                                        key=key_of(m))
+                    for m in messages
+                ]
+                if offsets:
+                    await producer.send_offsets_to_transaction(
+                        {TopicPartition(t, p): (o, metadata) for (t, p), o in offsets.items()},
+                        self.offsets_group,
+                    )
                 await asyncio.gather(*deliveries)
                 await producer.commit_transaction()
         except (KafkaError, AssertionError, TimeoutError) as exc:  # aiokafka asserts states
             self.stats.publish_errors += 1
-            if self._fatal(producer, exc):
+            if self._fenced(producer, exc):
                 raise Fenced(f"transactional id {self.transactional_id}: {exc!r}") from exc
-            if (isinstance(exc, TimeoutError)
+            if (isinstance(exc, (TimeoutError, InvalidTxnState, OutOfOrderSequenceNumber))
+                    or self._broken(producer)
                     or time.monotonic() - self._committed_at > RENEW_PRODUCER_AFTER):
                 await self._renew_producer()  # the old one's transaction dies with it
                 raise BusError(f"transaction aborted: {exc!r}") from exc
@@ -663,23 +673,38 @@ class KafkaBus:
                 try:
                     async with asyncio.timeout(TRANSACTION_ATTEMPT_TIMEOUT):
                         await producer.abort_transaction()
-                except (KafkaError, AssertionError) as abort_exc:
-                    raise Fenced(f"transactional id {self.transactional_id}: could not abort "
-                                 f"a failed transaction: {abort_exc!r}") from exc
-                except TimeoutError:
+                except (KafkaError, AssertionError, TimeoutError):
+                    if self._fenced(producer, exc):
+                        raise Fenced(f"transactional id {self.transactional_id}: "
+                                     f"{exc!r}") from exc
                     await self._renew_producer()
             raise BusError(f"transaction aborted: {exc!r}") from exc
         self._committed_at = time.monotonic()
         self.stats.produced += len(messages)
 
     @staticmethod
-    def _fatal(producer: AIOKafkaProducer, exc: BaseException) -> bool:
-        if isinstance(exc, (ProducerFenced, TransactionalIdAuthorizationFailed,
-                            InvalidTxnState, OutOfOrderSequenceNumber)):
+    def _fenced(producer: AIOKafkaProducer, exc: BaseException) -> bool:
+        """Another producer took this transactional id (another Central): never send
+        again. Any other fatal state of aiokafka's (a broker that lost its data and knows
+        the producer no more) is :meth:`_broken`, and a new producer mends it."""
+        fenced = (ProducerFenced, TransactionalIdAuthorizationFailed)
+        if isinstance(exc, fenced):
             return True
-        # aiokafka marks its transaction manager fatal when its sender died.
+        return isinstance(KafkaBus._fatal_cause(producer), fenced)
+
+    @staticmethod
+    def _broken(producer: AIOKafkaProducer) -> bool:
         txn_manager = getattr(producer, "_txn_manager", None)
         return bool(txn_manager is not None and txn_manager.is_fatal_error())
+
+    @staticmethod
+    def _fatal_cause(producer: AIOKafkaProducer) -> BaseException | None:
+        """Why aiokafka's transaction manager turned fatal, if it did."""
+        txn_manager = getattr(producer, "_txn_manager", None)
+        waiter = getattr(txn_manager, "_transaction_waiter", None)
+        if not KafkaBus._broken(producer) or waiter is None or not waiter.done():
+            return None
+        return None if waiter.cancelled() else waiter.exception()
 
     async def flush(self) -> None:
         """Wait until every message sent so far has been delivered (or has failed)."""
@@ -703,6 +728,19 @@ class KafkaBus:
 
 
 StartAt = Literal["earliest", "latest"]
+
+
+class _Restarts(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka has no types
+    """Keeps a recreated topic's partitions from being read from a stale offset."""
+
+    def __init__(self, loop: KafkaConsumerLoop) -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        pass
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._loop._reassigned(assigned)
 
 
 def partition_for_key(key: str, partitions: Sequence[int]) -> int:
@@ -788,6 +826,10 @@ class KafkaConsumerLoop:
         """Told each message's append time and each partition's read progress (Central
         measures ages and silences with it, SPEC §4)."""
         self._answered: dict[TopicPartition, int | None] = {}
+        self._recreated: set[str] = set()
+        """Topics Central recreated after the broker lost them (:meth:`restart_topics`)."""
+        self._new_era: dict[TopicPartition, int] = {}
+        """Where this loop got to in a recreated topic's partitions."""
         self.lag: dict[TopicPartition, int] = {}
         """Messages not yet read, per assigned partition, as of the last fetch."""
         self._positions: dict[TopicPartition, int] = {}
@@ -830,7 +872,7 @@ class KafkaConsumerLoop:
                 if self.group_id is None:
                     await self._assign_all(consumer, partitions)
                 else:
-                    consumer.subscribe(list(self._names))
+                    consumer.subscribe(list(self._names), listener=_Restarts(self))
             except BaseException:
                 with contextlib.suppress(Exception):
                     await consumer.stop()
@@ -862,6 +904,33 @@ class KafkaConsumerLoop:
         # Resolve the positions now, so that nothing published after start() is missed.
         for tp in partitions:
             await consumer.position(tp)
+
+    async def restart_topics(self, names: Iterable[str]) -> None:
+        """These topics were recreated (the broker lost them): their partitions start
+        again at offset 0, so read them from the beginning, now and after any rebalance
+        (the group's committed offsets, from before, must not skip new messages)."""
+        consumer = self._consumer
+        self._recreated.update(names)
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            if tp.topic in self._recreated:
+                self._positions.pop(tp, None)
+                self._new_era[tp] = 0
+                consumer.seek(tp, 0)
+        logger.warning("reading the recreated topics {} from their beginning",
+                       ", ".join(sorted(set(names))))
+
+    async def _reassigned(self, assigned: Iterable[TopicPartition]) -> None:
+        """A rebalance gave these partitions: a recreated topic's are read from where
+        this loop got to since the topic came back, never from an older committed
+        offset."""
+        consumer = self._consumer
+        if consumer is None:
+            return
+        for tp in assigned:
+            if tp.topic in self._recreated:
+                consumer.seek(tp, self._new_era.get(tp, 0))
 
     async def wait_assigned(self, timeout: float = 30.0) -> None:
         """Wait until this consumer has partitions to read (a group member got its share)."""
@@ -925,6 +994,8 @@ class KafkaConsumerLoop:
                     await self._handle(record.topic, record.partition, record.offset, record.value)
                     if clock is not None:
                         clock.handled()
+                    if record.topic in self._recreated:
+                        self._new_era[tp] = record.offset + 1
                     self._handled[tp] = record.offset + 1
                     if self._on_consumed is not None:
                         self._on_consumed(tp, record.offset + 1)

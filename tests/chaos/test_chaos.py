@@ -79,6 +79,9 @@ class Scenario:
     """The fault holds Central back for a moment: shedding requests is right then."""
     exactly_once: bool = False
     """Central restarts under load: no final update may be repeated (SPEC §4)."""
+    loses_data: bool = False
+    """The fault deletes the broker's data: a request the broker acknowledged just before
+    and lost with it reached nobody, and no final status can be asked for it."""
     fleet: int = 0
     """The CPs are the first `follow` of a CP Fleet of this many (0: two CPs, an engine and
     a monitor each)."""
@@ -127,7 +130,8 @@ FULL = [
     Scenario("central-stall", STALL, (MID,), STALL_SILENCE, central_only=True, calm=True),
     Scenario("disk-full", 2 * STALL_S, (MID,), STALL_SILENCE, central_only=True, calm=True),
     Scenario("broker-pause", STALL, (MID,), STALL_SILENCE, central_only=True, calm=True),
-    Scenario("broker-lost", 3, (MID,), STALL_SILENCE, central_only=True, calm=True),
+    Scenario("broker-lost", 3, (MID,), STALL_SILENCE, central_only=True, calm=True,
+             loses_data=True),
     Scenario("central-clock", 12, (MID, MID), central_only=True, quiet=True,
              steps=("+120s", "-120s")),
     Scenario("cp-clock", 15, (MID,), central_only=True, quiet=True, steps=(f"{CP_BEHIND:+d}s",)),
@@ -257,6 +261,14 @@ async def one_round(
 
     unanswered = [r for r in await run.drain(timeout=SESSION_SECONDS + 45)
                   if ("NO_FINAL", r) not in known]
+    if scenario.loses_data:
+        lost = [r for r in unanswered if run.observer.sent_at.get(r, window.end) < window.end
+                and not run.observer.updates.get(r)]
+        if lost:
+            outcome.notes.append(f"{len(lost)} request(s) sent before the broker lost its "
+                                 "data reached nobody (lost with it)")
+            known.update(("NO_FINAL", r) for r in lost)
+            unanswered = [r for r in unanswered if r not in lost]
     if unanswered:
         outcome.problems.append(f"{len(unanswered)} request(s) without a final status")
     await run.settle()

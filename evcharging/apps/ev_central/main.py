@@ -113,6 +113,13 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             observe=metrics.handler_observer(),
             clock=readclock,
         )
+        async def recreated(names: list[str]) -> None:
+            """The broker lost its topics and Central recreated them (SPEC §4): read them
+            from offset 0 again, and commit that, not the lost topics' offsets."""
+            controller.outbox.restart_topics(names)
+            await consumer.restart_topics(names)
+
+        bus.on_recreated = recreated
         metrics.add(BusCollector(stats, [consumer], lambda: bus.connected))
 
         async def health() -> dict[str, Any]:

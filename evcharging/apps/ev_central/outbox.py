@@ -35,7 +35,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -180,6 +180,16 @@ class Outbox:
         """The consumer handled a message: `next_offset` is where its partition resumes.
         The next flush commits it with the decisions queued so far."""
         self._consumed[(position[0], position[1])] = next_offset
+
+    def restart_topics(self, names: Iterable[str]) -> None:
+        """The broker lost these topics and Central recreated them: their partitions start
+        again at offset 0, and the next flush commits that instead of the offsets of the
+        lost topics (which would skip the new topics' first messages)."""
+        recreated = set(names)
+        for position in self._consumed:
+            if position[0] in recreated:
+                self._consumed[position] = 0
+        self._committed = {}
 
     async def flush(self) -> None:
         """Write what is queued in one transaction, then publish the messages queued with
