@@ -914,7 +914,8 @@ class Controller:
 
     def _partitions_of(self, cp: CPView) -> tuple[int, ...]:
         """The CP's partition on each CP topic (Kafka's default partitioner on its id)."""
-        counts = tuple(self.readclock.partition_counts.get(t, 0) for t in CP_TOPICS)
+        known = self.readclock.partition_counts  # per message: no generator, two gets
+        counts = (known.get(Topic.CP_STATUS, 0), known.get(Topic.CP_TELEMETRY, 0))
         if cp.partitions_for != counts:
             cp.partitions_for = counts
             cp.partitions = tuple(partition_for_key(cp.cp_id, range(count)) if count else 0
@@ -949,7 +950,7 @@ class Controller:
         `ts` is later (a message stamped in the future moves nothing, SPEC §4)."""
         clock = self.readclock
         received = clock.dated()
-        cp.last_seen = utcnow()
+        cp.last_seen = received  # for people: when the broker took the message in
         index = CP_TOPICS.index(topic)
         cp.heard[index] = clock.position_of(topic, self._partitions_of(cp)[index],
                                             clock.current_append)

@@ -111,7 +111,7 @@ class CPView:
     health_url: str | None = None
     registered_at: datetime | None = None
     last_seen: datetime | None = None
-    """When Central last heard from the CP (wall clock, for people)."""
+    """When the broker took in the CP's last message (for people)."""
     last_heard: datetime | None = None
     """The CP's own timestamp of its last message (for people; never compared with
     Central's clock)."""
