@@ -874,3 +874,30 @@ async def test_the_process_with_its_seed_flags_serves_chargers_and_stops_cleanly
         _, err = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, err.decode()[-2000:]
     assert (tmp_path / "state.json").exists()
+
+
+async def test_the_gateway_reports_its_chargers_cps_alive_as_a_monitor_does(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    """SPEC §5 ``monitored``: the gateway is its chargers' watchdog; a charger gone is no
+    longer reported, and Central shows its CP unmonitored after 3 intervals."""
+    gateway = await start_gateway()
+    cid = charger_id()
+    cp_id = f"{cid}.1"
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+
+    async def monitored() -> object:
+        answer = await system.central.get(f"/cp/{cp_id}")
+        return answer.status_code == 200 and answer.json()["monitored"]
+
+    await poll(monitored, timeout=30, what=f"{cp_id} monitored", retry_on=(httpx.HTTPError,))
+    await charger._connection.close()  # the charger goes away
+
+    async def unmonitored() -> bool:
+        answer = await system.central.get(f"/cp/{cp_id}")
+        return answer.status_code == 200 and answer.json()["monitored"] is False
+
+    await poll(unmonitored, timeout=30, what=f"{cp_id} unmonitored once its charger left",
+               retry_on=(httpx.HTTPError,))

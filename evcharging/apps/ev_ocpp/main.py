@@ -32,7 +32,7 @@ from loguru import logger
 
 from evcharging.apps.ev_cp_e.main import start_parts
 from evcharging.apps.ev_fleet.central import CentralClient
-from evcharging.apps.ev_ocpp.central import Registrar
+from evcharging.apps.ev_ocpp.central import Registrar, report_liveness
 from evcharging.apps.ev_ocpp.gateway import Gateway
 from evcharging.apps.ev_ocpp.logic import PROTOCOLS
 from evcharging.apps.ev_ocpp.metrics import OcppCollector
@@ -174,6 +174,8 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
         tasks.spawn(consumer.run(), "central.commands consumer", forever=True)
         background.append(tasks.spawn(gateway.beat_forever(), "heartbeats", forever=True))
         background.append(tasks.spawn(registrar.run(), "registrations", forever=True))
+        background.append(tasks.spawn(report_liveness(gateway, central), "liveness",
+                                      forever=True))
         background.append(tasks.spawn(store.keep_saved(gateway), "state file", forever=True))
         await server.start()
         mode = ("Basic auth for " + f"{len(passwords)} charger(s)" if passwords is not None
