@@ -33,8 +33,10 @@ import signal
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
+
+import httpx
 
 from evcharging.common.bus import Topic
 from evcharging.common.messages import DriverStatus, encode
@@ -421,7 +423,16 @@ async def future_stamp(run: ChaosRun, hold: float) -> Window:
     forged = real.model_copy(update={"ts": real.ts + FUTURE})
     start = now()
     await run.observer.publish(Topic.CP_STATUS, cp_id, encode(forged))
-    await asyncio.sleep(1.0)  # Central reads it (a fetch is 0.1 s; nothing to wait on)
+
+    async def read_past_it() -> bool:
+        """Central has read a message of the CP appended after the forged one (one CP's
+        messages share a partition, so it read the forged one before)."""
+        answer = await run.system.http.get(f"/cp/{cp_id}", timeout=3)
+        seen = answer.json().get("last_seen") if answer.status_code == 200 else None
+        return seen is not None and datetime.fromisoformat(seen).timestamp() > start
+
+    await poll(read_past_it, timeout=15, what=f"Central reading past the forged {cp_id}",
+               retry_on=(httpx.HTTPError,))
     central.signal(signal.SIGSTOP)
     try:
         await asyncio.sleep(BEHIND)  # Central behind: the other half of the fault

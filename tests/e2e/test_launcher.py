@@ -28,7 +28,7 @@ from ocpp.v16 import call
 from websockets.typing import Subprotocol
 
 from evcharging.devtools.kafka_broker import run_dir
-from tests.polling import poll_sync
+from tests.polling import poll, poll_sync
 
 pytestmark = pytest.mark.e2e
 
@@ -433,13 +433,16 @@ async def _charge_point_joins(url: str, central: str) -> dict[str, object]:
             await charger.call(call.StatusNotification(connector_id=1, error_code="NoError",
                                                        status="Available"))
             async with httpx.AsyncClient(base_url=central, timeout=5, trust_env=False) as http:
-                for _ in range(300):
+
+                async def activated() -> dict[str, object] | None:
                     rows = (await http.get("/cp")).json()
                     found = [cp for cp in rows if cp["cp_id"] == "CH-E2E.1"]
-                    if found and found[0]["state"] == "ACTIVATED":
-                        return dict(found[0])
-                    await asyncio.sleep(0.1)
-            raise AssertionError(f"CH-E2E.1 not ACTIVATED at Central within 30 s: {rows}")
+                    return dict(found[0]) if found and found[0]["state"] == "ACTIVATED" else None
+
+                found: dict[str, object] = await poll(
+                    activated, timeout=30, what="CH-E2E.1 ACTIVATED at Central",
+                    retry_on=(httpx.HTTPError,))
+                return found
         finally:
             listening.cancel()
             await asyncio.gather(listening, return_exceptions=True)

@@ -38,11 +38,11 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     db = tmp_path / "central.db"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from pathlib import Path; "
+         "import sys; from pathlib import Path; "
          "from evcharging.apps.ev_central.dblock import DatabaseLock; "
          "DatabaseLock(Path(sys.argv[1])).acquire(); print('held', flush=True); "
-         "time.sleep(60)", str(db)],
-        stdout=subprocess.PIPE, text=True,
+         "sys.stdin.read()", str(db)],  # holds the lock until killed
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
@@ -59,7 +59,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
 async def test_a_second_central_on_the_same_file_exits_1_naming_the_lock(
     tmp_path: Path, logs: list[tuple[str, str]]
 ) -> None:
-    settings = CentralSettings(_env_file=None, http_port=0, listen_port=0,  # type: ignore[call-arg]
+    settings = CentralSettings(_env_file=None, http_port=0, listen_port=0,
                                db_path=tmp_path / "central.db", api_token=None)
     lock = DatabaseLock(settings.db_path)
     lock.acquire()
