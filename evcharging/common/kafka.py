@@ -191,6 +191,14 @@ class KafkaConfig:
     security: KafkaSecurity = field(default_factory=KafkaSecurity)
     """Credentials for a broker that authenticates its clients (SPEC §11)."""
 
+    @classmethod
+    def from_settings(cls, settings: Any, client_id: str, **more: Any) -> KafkaConfig:
+        """A service's Kafka settings (:class:`~evcharging.common.config.ServiceSettings`:
+        bootstrap, topic prefix and partitions, security), under `client_id`."""
+        return cls(bootstrap=settings.kafka_bootstrap, client_id=client_id,
+                   topic_prefix=settings.topic_prefix, partitions=settings.topic_partitions,
+                   security=KafkaSecurity.from_settings(settings), **more)
+
     def topic_name(self, topic: Topic) -> str:
         return f"{self.topic_prefix}{topic.value}"
 

@@ -30,7 +30,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
     Routes,
     committed_offsets,
 )
@@ -60,13 +59,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             logger.critical("{}", refused)
             return EXIT_FAILURE
     stats = BusStats()
-    kafka = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id="ev-central",
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.topic_partitions,
-        security=KafkaSecurity.from_settings(settings),
-    )
+    kafka = KafkaConfig.from_settings(settings, "ev-central")
     token = settings.api_token.get_secret_value() if settings.api_token else None
     repository = SqliteRepository(settings.db_path, exclusive=True)
     try:

@@ -33,7 +33,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
     Routes,
 )
 from evcharging.common.logging import setup_logging
@@ -66,13 +65,7 @@ async def run(settings: CPEngineSettings, stop: asyncio.Event) -> int:
         log.critical("{}", exposure)
         return EXIT_FAILURE
     stats = BusStats()
-    config = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id=f"cp-engine-{settings.cp_id}",
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.topic_partitions,
-        security=KafkaSecurity.from_settings(settings),
-    )
+    config = KafkaConfig.from_settings(settings, f"cp-engine-{settings.cp_id}")
     bus = KafkaBus(config, stats)
     cp = ChargingPoint.from_settings(settings, bus)
     metrics = engine_metrics(cp)

@@ -25,7 +25,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
     Routes,
 )
 from evcharging.common.logging import setup_logging
@@ -67,13 +66,7 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         return EXIT_OK
     logger.info("{} request(s) to make: {}", len(cp_ids), plan_text(cp_ids))
 
-    config = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id=f"driver-{settings.driver_id}",
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.topic_partitions,
-        security=KafkaSecurity.from_settings(settings),
-    )
+    config = KafkaConfig.from_settings(settings, f"driver-{settings.driver_id}")
     bus = KafkaBus(config)
     driver = Driver(
         settings.driver_id,

@@ -74,7 +74,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand, CPRegistration
@@ -202,13 +201,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
                 specs[0].cp_id, specs[-1].cp_id, len({spec.site for spec in specs}), seed)
 
     stats = BusStats()
-    kafka = KafkaConfig(
-        bootstrap=s.kafka_bootstrap,
-        client_id=f"cp-fleet-{config.first_id}",
-        topic_prefix=s.topic_prefix,
-        partitions=s.topic_partitions,
-        security=KafkaSecurity.from_settings(s),
-    )
+    kafka = KafkaConfig.from_settings(s, f"cp-fleet-{config.first_id}")
     bus = KafkaBus(kafka, stats)
     fleet = Fleet(specs, bus, config.engine, rng=random.Random(rng.getrandbits(64)))  # noqa: S311
     metrics = ServiceMetrics()

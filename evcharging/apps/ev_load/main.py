@@ -43,7 +43,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
     Routes,
 )
 from evcharging.common.logging import setup_logging
@@ -94,14 +93,8 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
         random.Random(seed + 1),  # noqa: S311 - reproducible choices, not a secret
         only=only, allow_busy=settings.allow_busy,
     )
-    config = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id=f"ev-load-{settings.driver_prefix or 'drivers'}",
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.topic_partitions,
-        connect_timeout=settings.connect_timeout,
-        security=KafkaSecurity.from_settings(settings),
-    )
+    config = KafkaConfig.from_settings(settings, f"ev-load-{settings.driver_prefix or 'drivers'}",
+                                       connect_timeout=settings.connect_timeout)
     bus = KafkaBus(config)
 
     def progress(line: str) -> None:

@@ -47,7 +47,6 @@ from evcharging.common.kafka import (
     KafkaBus,
     KafkaConfig,
     KafkaConsumerLoop,
-    KafkaSecurity,
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CentralCommand
@@ -118,13 +117,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
         logger.critical("OCPP gateway cannot start: {}", exc)
         return EXIT_FAILURE
     stats = BusStats()
-    kafka = KafkaConfig(
-        bootstrap=settings.kafka_bootstrap,
-        client_id="ocpp-gateway",
-        topic_prefix=settings.topic_prefix,
-        partitions=settings.topic_partitions,
-        security=KafkaSecurity.from_settings(settings),
-    )
+    kafka = KafkaConfig.from_settings(settings, "ocpp-gateway")
     bus = KafkaBus(kafka, stats)
     metrics = ServiceMetrics()
     calls = metrics.histogram(PREFIX + "ocpp_call_duration_seconds")
