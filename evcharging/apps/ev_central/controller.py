@@ -138,8 +138,6 @@ class Controller:
         self.readclock = readclock or ReadClock(standalone=True)
         """The broker's time and how far Central has read each partition (SPEC §4): ages,
         silences and start timeouts are measured with it, never with a CP's clock."""
-        self.lag = 0
-        """Messages the consumer has not read yet (0: Central has caught up)."""
         self.billed_kwh = 0.0
         self.billed_euros = 0.0
         """What the sessions ended since the start billed, corrections included (metrics)."""
@@ -147,7 +145,6 @@ class Controller:
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
         self._timers = TaskOwner("start timeouts", level="ERROR")
-        self.started_at = utcnow()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -211,10 +208,6 @@ class Controller:
         """Record and announce the decisions taken so far (retrying while the database
         cannot be written): the consumer calls this after each batch."""
         await self.outbox.flush_retrying()
-
-    def set_lag(self, lag: int) -> None:
-        """The consumer's count of unread messages, after each fetch."""
-        self.lag = lag
 
     def behind(self) -> float:
         """Seconds Central is behind the broker (0 when it has read everything)."""

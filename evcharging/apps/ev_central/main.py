@@ -102,7 +102,6 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             stats=stats,
             on_consumed=controller.outbox.consumed,  # committed by its transactions
             after_batch=controller.flush,  # the batch's decisions, in one transaction
-            on_lag=controller.set_lag,
             observe=metrics.handler_observer(),
             clock=readclock,
         )
