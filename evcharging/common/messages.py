@@ -33,6 +33,7 @@ __all__ = [
     "CPState",
     "CPStatus",
     "CPTelemetry",
+    "CarSpec",
     "CentralCommand",
     "CommandPayload",
     "CommandType",
@@ -154,6 +155,7 @@ class CommandType(StrEnum):
     STOP_CP = "STOP_CP"
     RESUME_CP = "RESUME_CP"
     SHUTDOWN = "SHUTDOWN"
+    SET_LIMIT = "SET_LIMIT"
 
 
 class Message(BaseModel):
@@ -162,13 +164,32 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+KwhWanted = Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)]
+
+
+class CarSpec(Message):
+    """The car of a request (SPEC §10): battery (kWh), state of charge at arrival (0–1) and
+    the most it takes (kW). Its acceptance curve is :mod:`evcharging.common.car`'s."""
+
+    battery_kwh: Annotated[float, Field(gt=0, le=1_000, allow_inf_nan=False)]
+    soc: Fraction
+    max_kw: Annotated[float, Field(gt=0, le=1_000, allow_inf_nan=False)]
+
+
 class DriverRequest(Message):
-    """driver.requests, keyed by cp_id: a driver asks to charge at a CP."""
+    """driver.requests, keyed by cp_id: a driver asks to charge at a CP.
+
+    ``kwh_wanted``, ``departure`` and ``car`` are optional (SPEC §10); Central passes them to
+    the CP with START_SUPPLY and uses them to share a limited site's power."""
 
     request_id: Identifier
     driver_id: Identifier
     cp_id: Identifier
     ts: UtcDatetime = Field(default_factory=utcnow)
+    kwh_wanted: KwhWanted | None = None
+    departure: UtcDatetime | None = None
+    car: CarSpec | None = None
 
 
 class DriverUpdate(Message):
@@ -187,9 +208,16 @@ class DriverUpdate(Message):
 
 
 class CommandPayload(Message):
+    """What a command carries: the session of START_SUPPLY (with the car fields of SPEC §10
+    when the driver gave them), the limit ``kw`` of SET_LIMIT (None: no limit) or a reason."""
+
     driver_id: Identifier | None = None
     session_id: Identifier | None = None
     reason: Reason | None = None
+    kw: NonNegative | None = None
+    kwh_wanted: KwhWanted | None = None
+    departure: UtcDatetime | None = None
+    car: CarSpec | None = None
 
 
 class CentralCommand(Message):
@@ -206,6 +234,8 @@ class CentralCommand(Message):
             self.payload.driver_id and self.payload.session_id
         ):
             raise ValueError("START_SUPPLY needs payload.driver_id and payload.session_id")
+        if self.cmd is CommandType.SET_LIMIT and not self.payload.session_id:
+            raise ValueError("SET_LIMIT needs payload.session_id")
         return self
 
 
@@ -293,6 +323,8 @@ class CPTelemetry(Message):
     euros: NonNegative
     driver_id: Identifier | None = None
     session_id: Identifier | None = None
+    soc: Fraction | None = None
+    """The car's state of charge (SPEC §10); None without a car."""
     ts: UtcDatetime = Field(default_factory=utcnow)
 
 
