@@ -850,6 +850,8 @@ async def test_a_session_the_charger_started_is_recorded_and_billed_without_a_re
     session = central.get("CP-001").session
     assert session is not None and session.driver_id == "driver-bob"
     assert commands(bus, CommandType.STOP_SUPPLY) == []
+    [confirm] = commands(bus, CommandType.START_SUPPLY)  # the verdict the gateway awaits
+    assert (confirm.payload.session_id, confirm.payload.driver_id) == ("tx-abc", "driver-bob")
     await central.handle_status(CPStatus(
         cp_id="CP-001", state=CPState.ACTIVATED, event=StatusEvent.SESSION_COMPLETE,
         last_session=SessionEnd(session_id="tx-abc", result=SessionResult.COMPLETED,
@@ -871,6 +873,7 @@ async def test_a_session_the_charger_started_where_central_would_deny_is_stopped
     [stop] = commands(bus, CommandType.STOP_SUPPLY)
     assert stop.payload.session_id == "tx-def"
     assert stop.payload.reason == "Central would have denied it: circuit open"
+    assert commands(bus, CommandType.START_SUPPLY) == []
     row = await repo.get_session("tx-def")
     assert row is not None and row.status == "ACTIVE"  # billed by its meter when it ends
 
