@@ -19,6 +19,9 @@ Detection, per fault:
 * the clock faults (Central's stepped, a CP's or a driver's off) and a future-stamped
   message: nothing to notice; Central must go on as if nothing happened (no CP shown
   faulty or disconnected, no request shed: see ``quiet`` in test_chaos.py).
+* the OCPP gateway killed, an OCPP charger's connection dropped (issue 15): the chargers'
+  CPs (the dropped one's) shown ``monitored: false`` (the gateway is their watchdog and
+  reports only the chargers connected to it), faulty or disconnected, or a FAILED update.
 """
 
 from __future__ import annotations
@@ -479,6 +482,69 @@ async def second_central(run: ChaosRun, hold: float) -> Window:
                 f"the second Central exited {code} without an error naming the lock: {said!r}"
             )
     window.end = now()
+    return window
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+def ocpp_trouble(run: ChaosRun, cps: Sequence[str], since: float) -> float | None:
+    """The first sign after `since` that Central saw one of `cps` (OCPP chargers' CPs)
+    lose its charger or its gateway."""
+    unwatched = run.watcher.first(since, lambda s: s.cp_id in cps and s.kind == "monitored"
+                                  and s.value is False)
+    times = [t for t in (unwatched, *(cp_trouble(run, cp, since) for cp in cps))
+             if t is not None]
+    return min(times) if times else None
+
+
+async def replayed(run: ChaosRun, cps: Sequence[str], window: Window) -> None:
+    """Wait until the chargers of `cps` are connected again and have sent everything they
+    queued offline; a note of what they replayed, a problem when they did not."""
+    chargers = [run.chargers[cp] for cp in cps]
+    try:
+        await poll(lambda: all(c.online.is_set() and not c.queue for c in chargers),
+                   timeout=30, what=f"{', '.join(cps)} back online with their queues sent")
+    except AssertionError as exc:
+        window.problems.append(str(exc))
+    window.notes.append("; ".join(
+        f"{c.cp_id}: {c.stats.replayed} queued message(s) replayed in all, "
+        f"{c.stats.lost_answers} answer(s) lost and sent again, {c.stats.connects} connects"
+        for c in chargers))
+
+
+async def gateway_kill(run: ChaosRun, hold: float) -> Window:
+    """SIGKILL the OCPP gateway mid-session; its chargers go on charging offline, queueing
+    their meter values and stops; restart it `hold` seconds later (same port and state
+    file): the chargers reconnect, boot and replay their queues."""
+    assert run.gateway is not None
+    gateway = run.gateway
+    start = now()
+    gateway.signal(signal.SIGKILL)
+    await gateway.wait_exit()
+    await poll(lambda: not any(c.online.is_set() for c in run.chargers.values()),
+               timeout=15, what="every charger to see the gateway gone")
+    await asyncio.sleep(max(0.0, start + hold - now()))  # the gateway stays dead: the fault
+    end = now()
+    await run.start_gateway()
+    window = Window(start, end, lambda: ocpp_trouble(run, run.cps, start))
+    await replayed(run, run.cps, window)
+    return window
+
+
+async def charger_drop(run: ChaosRun, hold: float) -> Window:
+    """Drop the target charger's connection mid-session (the TCP connection reset, as a
+    lost network link does) and keep it offline `hold` seconds while it goes on charging
+    and queueing; then it reconnects, boots and replays its queue."""
+    cp_id = target(run)
+    charger = run.chargers[cp_id]
+    start = now()
+    charger.go_offline()
+    await asyncio.sleep(hold)  # the charger stays offline: the fault itself
+    end = now()
+    charger.go_online()
+    window = Window(start, end, lambda: ocpp_trouble(run, (cp_id,), start))
+    await replayed(run, (cp_id,), window)
     return window
 
 

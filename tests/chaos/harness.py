@@ -14,7 +14,11 @@
 * :class:`DbLock` is another process holding ``BEGIN EXCLUSIVE`` on Central's database.
 * :class:`ChaosRun` starts Central and its CPs (the e2e fixtures' :class:`System`), keeps
   requests coming, measures recovery after a fault and checks the ledger once things have
-  settled (:func:`tests.chaos.ledger.check_ledger`).
+  settled (:func:`tests.chaos.ledger.check_ledger`). Its CPs are engines with monitors, a CP
+  Fleet, or (``ocpp``) OCPP chargers played by the `ocpp` library
+  (:class:`tests.chaos.chargers.Charger`) behind the OCPP gateway process
+  (``evcharging.apps.ev_ocpp.main``, configured by its ``OCPP_*`` variables); then the
+  chargers' own meters are the truth the ledger is held to (:meth:`ChaosRun.meter_problems`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
+import math
 import os
 import sqlite3
 import sys
@@ -29,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,8 @@ from evcharging.common.messages import (
     encode,
     new_id,
 )
+from evcharging.devtools.process import free_port
+from tests.chaos.chargers import Charger
 from tests.chaos.ledger import Breach, MeterLog, SessionRow, Totals, check_ledger
 from tests.e2e.conftest import Proc, System
 from tests.polling import poll
@@ -68,6 +76,12 @@ FLEET_PACE = {
     "CP_MONITOR_FAILURE_THRESHOLD": "3",
 }
 """A fleet's heartbeats and health checks at the services' defaults."""
+CHAOS_GATEWAY = {
+    "OCPP_STATUS_INTERVAL": "1",
+    "OCPP_CALL_TIMEOUT": "5",
+}
+"""The OCPP gateway's heartbeat statuses (and its liveness reports) every second, as the
+chaos engines'."""
 DRIVER_LOAD_PREFIX = "chaos-load-"
 KW_RATE = 22.0
 """The engines' default power (CP_ENGINE_KW_RATE): telemetry kWh tell how long a session ran."""
@@ -471,6 +485,17 @@ class DbLock:
         assert line.strip() == b"released", f"the locker said {line!r}"
 
 
+def read_times(db_path: Path) -> dict[str, tuple[str, str | None]]:
+    """session id → (start_time, end_time) of every ``charging_sessions`` row."""
+    with contextlib.closing(
+        sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+    ) as db:
+        rows = db.execute(
+            "SELECT session_id, start_time, end_time FROM charging_sessions"
+        ).fetchall()
+    return {sid: (start, end) for sid, start, end in rows}
+
+
 def read_rows(db_path: Path) -> list[SessionRow]:
     """Every ``charging_sessions`` row, read through a read-only connection."""
     with contextlib.closing(
@@ -544,18 +569,26 @@ class ChaosRun:
         self.engine_envs: dict[str, dict[str, str]] = {}
         """Extra settings of one CP's engine (e.g. its fake clock), restarts included."""
         self.fleet: Proc | None = None
+        self.gateway: Proc | None = None
+        self.gateway_env: dict[str, str] = {}
+        self.chargers: dict[str, Charger] = {}
+        """CP id → the OCPP charger whose connector it is (runs with ``ocpp``)."""
         self._load: asyncio.Task[None] | None = None
 
     async def start(
         self, central_env: dict[str, str] | None = None, fleet: int = 0,
-        fleet_env: dict[str, str] | None = None,
+        fleet_env: dict[str, str] | None = None, ocpp: str = "",
     ) -> None:
         """Central, then the CPs: an engine and a monitor each, or (`fleet` > 0) one CP
-        Fleet of that many CPs (with `fleet_env`), of which the run's CPs are the first."""
+        Fleet of that many CPs (with `fleet_env`), of which the run's CPs are the first, or
+        (`ocpp`, a protocol) the OCPP gateway and one charger of that protocol per CP (the
+        run's CPs are ``{charger}.1``)."""
         self.system.engine_env.update(CHAOS_ENGINE)
         self.central_env = dict(central_env or {})
         self.central = await self.system.start_central(self.central_env)
-        if fleet:
+        if ocpp:
+            await self.start_chargers(ocpp)
+        elif fleet:
             await self.start_fleet(fleet, FLEET_PACE if fleet_env is None else fleet_env)
         else:
             await asyncio.gather(*(self.start_cp(cp) for cp in self.cps))
@@ -573,6 +606,50 @@ class ChaosRun:
 
         await poll(activated, timeout=120, what=f"{size} CPs ACTIVATED", interval=0.5,
                    retry_on=(httpx.HTTPError, OSError, KeyError))
+
+    async def start_gateway(self) -> Proc:
+        """The OCPP gateway process on this system's topics, configured by its ``OCPP_*``
+        variables; the same ports and state file when it is started again. Returns once it
+        logs that it runs."""
+        system = self.system
+        if not self.gateway_env:
+            self.gateway_env = {
+                "OCPP_TOPIC_PREFIX": system.prefix,
+                "OCPP_HOST": "127.0.0.1",
+                "OCPP_WS_PORT": str(free_port()),
+                "OCPP_HTTP_PORT": str(free_port()),
+                "OCPP_STATE_FILE": str(system.tmp / "ocpp-state.json"),
+                "OCPP_CENTRAL_HOST": "127.0.0.1",
+                "OCPP_CENTRAL_PORT": str(system.http_port),
+                **CHAOS_GATEWAY,
+            }
+        proc = Proc("ocpp", ["-m", "evcharging.apps.ev_ocpp.main", "--kafka-bootstrap",
+                             system.bootstrap], system.env(self.gateway_env), system.tmp).start()
+        system.procs.append(proc)
+        self.gateway = proc
+        await proc.wait_log(r"OCPP gateway running", timeout=60)
+        return proc
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.gateway_env['OCPP_WS_PORT']}/ocpp/"
+
+    async def start_chargers(self, protocol: str) -> None:
+        """The gateway, then a charger of `protocol` for each of the run's CPs (``X.1`` is
+        connector 1 of charger ``X``); returns once Central lists each ACTIVATED."""
+        await self.start_gateway()
+        session = float(CHAOS_ENGINE["CP_ENGINE_SESSION_SECONDS"])
+        interval = float(CHAOS_ENGINE["CP_ENGINE_TELEMETRY_INTERVAL"])
+        for cp_id in self.cps:
+            charger_id, connector = cp_id.rsplit(".", 1)
+            assert connector == "1", f"an OCPP run's CP is connector 1 of a charger: {cp_id}"
+            charger = Charger(charger_id, self.gateway_url, protocol, kw=KW_RATE,
+                              session_seconds=session, meter_interval=interval)
+            self.chargers[cp_id] = charger
+            charger.start()
+        for cp_id in self.cps:
+            await self.system.wait_cp(cp_id, lambda cp: cp["state"] == "ACTIVATED",
+                                      "ACTIVATED", 60)
 
     async def start_cp(self, cp_id: str) -> None:
         self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
@@ -604,6 +681,8 @@ class ChaosRun:
 
     async def close(self) -> None:
         await self.stop_load()
+        for charger in self.chargers.values():
+            await charger.close()
         await self.watcher.stop()
         await self.observer.stop()
 
@@ -723,6 +802,52 @@ class ChaosRun:
 
     async def rows(self) -> list[SessionRow]:
         return await asyncio.to_thread(read_rows, self.system.db_path)
+
+    async def meter_problems(self) -> list[str]:
+        """The ledger held to the OCPP chargers' own meters: each transaction a charger
+        ran and stopped is one COMPLETED session of Central's on its CP that starts and
+        ends at the charger's own times and is billed (kWh) exactly its meter's stop minus
+        start; every COMPLETED session on those CPs is one of these transactions."""
+        rows = await self.rows()
+        times = await asyncio.to_thread(read_times, self.system.db_path)
+        problems: list[str] = []
+        matched: set[str] = set()
+        for charger in self.chargers.values():
+            for tx in charger.transactions:
+                if tx.stopped is None or tx.kwh is None:
+                    continue  # still running (the end of the test stops it)
+                started = datetime.fromisoformat(tx.started)
+                found = [r for r in rows if r.cp_id == tx.cp_id
+                         and datetime.fromisoformat(times[r.session_id][0]) == started]
+                what = (f"{tx.cp_id}'s transaction {tx.transaction_id} ({tx.started} → "
+                        f"{tx.stopped}, {tx.kwh:.3f} kWh by its meter, "
+                        f"{tx.offline_messages} message(s) queued offline)")
+                if len(found) != 1:
+                    starts = sorted(times[r.session_id][0] for r in rows if r.cp_id == tx.cp_id)
+                    problems.append(f"{what}: {len(found)} session(s) of Central's start at "
+                                    f"its start; the CP's sessions start at {starts}")
+                    continue
+                row = found[0]
+                matched.add(row.session_id)
+                end = times[row.session_id][1]
+                if row.status != "COMPLETED" or not math.isclose(
+                        row.kwh, tx.kwh, rel_tol=0, abs_tol=1e-9):
+                    problems.append(f"{what}: Central's session {row.session_id} is "
+                                    f"{row.status} {row.kwh:.6f} kWh ({row.reason!r})")
+                if end is None or datetime.fromisoformat(end) != datetime.fromisoformat(
+                        tx.stopped):
+                    problems.append(f"{what}: Central's session {row.session_id} ends at "
+                                    f"{end}, not at the charger's stop")
+        problems += [
+            f"session {r.session_id} on {r.cp_id} is COMPLETED {r.totals}, but no "
+            f"transaction of its charger ran then ({r.reason!r})"
+            for r in rows
+            if r.cp_id in self.chargers and r.status == "COMPLETED"
+            and r.session_id not in matched
+        ]
+        for cp_id, charger in self.chargers.items():
+            problems += [f"{cp_id}'s charger: {error}" for error in charger.stats.errors]
+        return problems
 
     async def check(
         self, timeout: float = 15.0, *, exactly_once: bool = False

@@ -50,6 +50,8 @@ from tests.chaos.ledger import CORRECTED, describe
 from tests.polling import poll
 
 CPS = ("CP-1", "CP-2")
+OCPP_CPS = ("CH-1.1", "CH-2.1")
+"""Connector 1 of the chargers CH-1 and CH-2 (the OCPP rows)."""
 SESSION_SECONDS = float(CHAOS_ENGINE["CP_ENGINE_SESSION_SECONDS"])
 
 
@@ -92,10 +94,19 @@ class Scenario:
     driver_load: float = 0.0
     """Drivers a second of the load generator (ev_load) on the whole fleet, during each
     round's first DRIVER_LOAD_SECONDS, beside the test's own requests."""
+    ocpp: str = ""
+    """The CPs are OCPP chargers of this protocol behind the OCPP gateway (issue 15); the
+    ledger is held to the chargers' own meters and times too."""
 
     def label(self, phase: Phase, index: int = 0) -> str:
         what = self.steps[index] if self.steps else f"{self.hold:g}s"
+        if self.ocpp:
+            what += f" {self.ocpp}"
         return f"{self.fault} {what} {phase.value}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.fault}-{self.ocpp}" if self.ocpp else self.fault
 
 
 MID, LATE, END, RECORDED, NEXT = (
@@ -118,6 +129,7 @@ DRIVER_LOAD = 40.0
 Central always has a batch in hand, so a kill finds work handled and not yet committed."""
 DRIVER_LOAD_SECONDS = 20.0
 DB_TMPFS_MIB = 64
+OCPP16, OCPP201 = "ocpp1.6", "ocpp2.0.1"
 
 FULL = [
     Scenario("db-lock", 20, (MID, RECORDED), central_only=True),
@@ -143,6 +155,12 @@ FULL = [
              fleet=FLEET, steps=(f"restart at once, {FLEET:,} CPs",) * 2,
              driver_load=DRIVER_LOAD),
     Scenario("second-central", 20, (MID,), central_only=True, quiet=True),
+    # issue 15: OCPP chargers behind the gateway
+    Scenario("gateway-kill", 5, (MID,), meter_settles=True, exactly_once=True, ocpp=OCPP16),
+    Scenario("gateway-kill", 5, (MID,), meter_settles=True, exactly_once=True, ocpp=OCPP201),
+    Scenario("charger-drop", 30, (MID,), meter_settles=True, exactly_once=True, ocpp=OCPP16),
+    Scenario("charger-drop", 30, (MID,), meter_settles=True, exactly_once=True,
+             ocpp=OCPP201),
 ]
 FAST = [
     Scenario("db-lock", 8, (MID,), central_only=True),
@@ -161,8 +179,8 @@ FAST = [
 
 def _params() -> list[object]:
     return [
-        *(pytest.param(s, id=f"full-{s.fault}", marks=pytest.mark.chaos) for s in FULL),
-        *(pytest.param(s, id=f"fast-{s.fault}", marks=pytest.mark.chaos_fast) for s in FAST),
+        *(pytest.param(s, id=f"full-{s.id}", marks=pytest.mark.chaos) for s in FULL),
+        *(pytest.param(s, id=f"fast-{s.id}", marks=pytest.mark.chaos_fast) for s in FAST),
     ]
 
 
@@ -193,6 +211,8 @@ PLAIN_FAULTS: dict[str, faults.Fault] = {
     "future-stamp": faults.future_stamp,
     "central-kill-fleet": faults.central_kill,
     "second-central": faults.second_central,
+    "gateway-kill": faults.gateway_kill,
+    "charger-drop": faults.charger_drop,
 }
 
 
@@ -307,6 +327,10 @@ async def one_round(
         any((u.reason or "").startswith(CORRECTED) for u in updates)
         for updates in run.observer.updates.values()
     )
+    if scenario.ocpp:
+        charged = [p for p in await run.meter_problems() if ("METER", p) not in known]
+        known.update(("METER", p) for p in charged)
+        outcome.problems += charged
     metered = [r for r in rows if r.status == "COMPLETED" and r.kwh > 0
                and run.observer.meter.last(r.session_id) is not None]
     if not metered:  # the check would hold vacuously
@@ -394,7 +418,8 @@ async def test_the_ledger_survives(
 ) -> None:
     outcomes: list[Outcome] = []
     known: set[tuple[str, str]] = set()
-    cps = tuple(f"CP-{i:05d}" for i in range(1, scenario.follow + 1)) if scenario.fleet else CPS
+    cps = (tuple(f"CP-{i:05d}" for i in range(1, scenario.follow + 1)) if scenario.fleet
+           else OCPP_CPS if scenario.ocpp else CPS)
     async with (
         rig_for(scenario, request, tmp_path, cps) as rig,
         chaos_system(rig.bootstrap, tmp_path, cps) as run,
@@ -403,7 +428,7 @@ async def test_the_ledger_survives(
             run.system.db_path = rig.db_dir / "central.db"
         run.engine_envs.update(rig.engine_envs)
         await run.start({**scenario.central_env, **rig.central_env}, fleet=scenario.fleet,
-                        fleet_env=scenario.fleet_env)
+                        fleet_env=scenario.fleet_env, ocpp=scenario.ocpp)
         for index, phase in enumerate(scenario.phases):
             outcome = Outcome(scenario.label(phase, index))
             outcomes.append(outcome)
