@@ -13,7 +13,8 @@ COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcar
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-unit test-integration test-e2e chaos lint format bench \
-        bench-fleet bench-energy bench-ocpp broker-start broker-stop broker-status up down logs clean
+        bench-fleet bench-energy bench-ocpp broker-start broker-stop broker-status \
+        postgres-start postgres-stop postgres-status up down logs clean
 
 help: ## list the commands
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -37,14 +38,16 @@ test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its
 	bash scripts/ensure_chromium.sh
 	bash scripts/ensure_prometheus.sh
 	bash scripts/ensure_faketime.sh
+	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest -m "not chaos" $(ARGS)
 
 test-unit: $(STAMP) ## only the unit tests (no broker; promtool checks the alert rules)
 	bash scripts/ensure_prometheus.sh
 	$(PY) -m pytest tests/unit $(ARGS)
 
-test-integration: $(STAMP) ## only the integration tests (real broker, a real Prometheus)
+test-integration: $(STAMP) ## only the integration tests (real broker, a real Prometheus, PostgreSQL)
 	bash scripts/ensure_prometheus.sh
+	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest tests/integration $(ARGS)
 
 test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Chromium)
@@ -86,6 +89,16 @@ broker-stop: $(STAMP) ## stop the local Kafka broker
 broker-status: $(STAMP) ## is the local Kafka broker running?
 	@$(PY) -m evcharging.devtools.kafka_broker status --port 9092 || true
 
+postgres-start: $(STAMP) ## start a local PostgreSQL on 127.0.0.1:55432 in the background; prints CENTRAL_DB_URL
+	bash scripts/ensure_postgres.sh
+	$(PY) -m evcharging.devtools.postgres start --port 55432 $(ARGS)
+
+postgres-stop: $(STAMP) ## stop the local PostgreSQL
+	$(PY) -m evcharging.devtools.postgres stop --port 55432
+
+postgres-status: $(STAMP) ## is the local PostgreSQL running? (and its CENTRAL_DB_URL)
+	@$(PY) -m evcharging.devtools.postgres status --port 55432 || true
+
 up: ## Docker Compose: build and start Kafka and every service (writes an API token and the Kafka passwords into .env)
 	$(PYTHON) -m evcharging.devtools.env_token .env .env.example
 	@test -e ocpp-passwords.txt || printf '%s\n' '# OCPP chargers that may connect to ocpp-gateway (SPEC 8): charger_id:password or charger_id:sha256:<hex>, one a line' > ocpp-passwords.txt
@@ -99,8 +112,9 @@ down: ## Docker Compose: stop everything
 logs: ## Docker Compose: follow the logs
 	$(COMPOSE) logs -f
 
-clean: ## remove the venv, caches, databases and local broker data (not the jar cache)
+clean: ## remove the venv, caches, databases, local broker and PostgreSQL data (not the jar cache)
 	-$(COMPOSE) down -v 2>/dev/null
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .cache/kafka/run
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .cache/kafka/run \
+	  .cache/postgres
 	rm -f ev_charging.db ev_charging.db-wal ev_charging.db-shm
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
