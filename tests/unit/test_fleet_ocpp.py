@@ -214,8 +214,76 @@ def test_availability_and_charging_profiles(protocol: str) -> None:
     assert reply.payload == {"status": "Scheduled"} and not reply.then
     outs = charger.stop(clock.now, "Local")
     assert "Unavailable" in outs[-1].payload.values()
-    profile = charger.handle("SetChargingProfile", {}, clock.now)
-    assert profile.payload == {"status": "Accepted"}
+    profile = charger.handle("SetChargingProfile", profile_call(protocol, 11_000.0, "1"),
+                             clock.now)
+    assert profile.payload == {"status": "Rejected"}  # no transaction runs
+
+
+def profile_call(protocol: str, watts: float, tx: str, *, purpose: str = "TxProfile"
+                 ) -> dict[str, Any]:
+    """SetChargingProfile of a TxProfile as the gateway sends it (id 9001, one period)."""
+    period = {"startPeriod": 0, "limit": watts}
+    if protocol == "ocpp1.6":
+        payload: dict[str, Any] = {"connectorId": 1, "csChargingProfiles": {
+            "chargingProfileId": 9001, "transactionId": int(tx), "stackLevel": 0,
+            "chargingProfilePurpose": purpose, "chargingProfileKind": "Relative",
+            "chargingSchedule": {"chargingRateUnit": "W", "chargingSchedulePeriod": [period]}}}
+    else:
+        payload = {"evseId": 1, "chargingProfile": {
+            "id": 9001, "stackLevel": 0, "chargingProfilePurpose": purpose,
+            "chargingProfileKind": "Relative", "transactionId": tx,
+            "chargingSchedule": [{"id": 9001, "chargingRateUnit": "W",
+                                  "chargingSchedulePeriod": [period]}]}}
+    checked([Outgoing("SetChargingProfile", payload)], protocol)
+    return payload
+
+
+@pytest.mark.parametrize("protocol", ["ocpp1.6", "ocpp2.0.1"])
+def test_a_tx_profile_limits_the_power_and_energy_until_it_is_cleared(protocol: str) -> None:
+    clock = Clock()
+    charger = booted(protocol, clock)
+    v16 = protocol == "ocpp1.6"
+    start = (("RemoteStartTransaction", {"idTag": "alice"}) if v16 else
+             ("RequestStartTransaction", {"idToken": {"idToken": "alice", "type": "Central"},
+                                          "remoteStartId": 5}))
+    charger.handle(*start, clock.now)
+    if v16:
+        charger.on_started({"transactionId": 42, "idTagInfo": {"status": "Accepted"}},
+                           clock.now)
+    assert charger.tx is not None and charger.tx.transaction_id is not None
+    tx = charger.tx.transaction_id
+
+    def power_and_energy() -> tuple[float, float]:
+        meter = charger.meter(clock.now)
+        samples = checked([meter], protocol)[0].payload["meterValue"]
+        values = {v["measurand"]: float(v["value"]) for v in samples[0]["sampledValue"]}
+        return values["Power.Active.Import"], values["Energy.Active.Import.Register"]
+
+    clock.now += 1.0  # 36 kW for 1 s: 10 Wh
+    for wrong in (profile_call(protocol, 9_000.0, "999"),  # another transaction
+                  profile_call(protocol, 9_000.0, tx, purpose="TxDefaultProfile")):
+        assert charger.handle("SetChargingProfile", wrong, clock.now).payload == {
+            "status": "Rejected"}
+    reply = charger.handle("SetChargingProfile", profile_call(protocol, 18_000.0, tx),
+                           clock.now)
+    assert answered("SetChargingProfile", reply, protocol) == {"status": "Accepted"}
+    assert charger.power_kw() == 18.0
+    clock.now += 2.0  # 18 kW for 2 s: 10 Wh more
+    assert power_and_energy() == (18_000.0, pytest.approx(20.0))
+    # A limit above the charger's own rate: it delivers its rate.
+    charger.handle("SetChargingProfile", profile_call(protocol, 50_000.0, tx), clock.now)
+    assert charger.power_kw() == 36.0
+    charger.handle("SetChargingProfile", profile_call(protocol, 7_200.0, tx), clock.now)
+    clock.now += 1.0  # 7.2 kW for 1 s: 2 Wh
+    assert power_and_energy() == (7_200.0, pytest.approx(22.0))
+    clear = {"id": 9001} if v16 else {"chargingProfileId": 9001}
+    checked([Outgoing("ClearChargingProfile", clear)], protocol)
+    reply = charger.handle("ClearChargingProfile", clear, clock.now)
+    assert answered("ClearChargingProfile", reply, protocol) == {"status": "Accepted"}
+    clock.now += 1.0  # its own 36 kW again: 10 Wh
+    assert power_and_energy() == (36_000.0, pytest.approx(32.0))
+    again = charger.handle("ClearChargingProfile", clear, clock.now)
+    assert again.payload == {"status": "Unknown"}  # nothing left to clear
 
 
 @pytest.mark.parametrize("protocol", ["ocpp1.6", "ocpp2.0.1"])

@@ -19,7 +19,12 @@ What a charger does, like the CP Engine's session:
   transaction ends it at once (reason ``Remote``); then the connector is Available again;
 * ChangeAvailability Inoperative makes the connector Unavailable (after a running
   transaction's stop) and refuses remote starts; Operative makes it Available;
-  SetChargingProfile is Accepted (the power stays ``kw_rate``);
+* SetChargingProfile of a TxProfile for the running transaction (on its connector, of
+  its transactionId when the profile names one) is Accepted and limits the power to its
+  first period's limit (W; A at 230 V a phase): the charger delivers min(``kw_rate``, the
+  limit) from then on, in its meter readings' power and energy; ClearChargingProfile of it
+  (by its id, or of every TxProfile) lifts the limit (Unknown: it has none); a profile
+  with no transaction running, for another one or of another purpose is Rejected;
 * any other action of its version gets CALLERROR ``NotSupported``, a name OCPP does not
   define ``NotImplemented``.
 
@@ -90,6 +95,13 @@ class Transaction:
     """1.6: the gateway's, once StartTransaction is answered; 2.0.1: the charger's own."""
     seq_no: int = 0
     next_meter: float = 0.0
+    limit_kw: float | None = None
+    """The power limit of its TxProfile (None: none)."""
+    profile_id: int | None = None
+    wh_at: float | None = None
+    """The energy register when the power last changed (None: at the start)."""
+    since: float = 0.0
+    """When the power last changed (the model's clock)."""
 
 
 class ChargerModel:
@@ -160,17 +172,32 @@ class ChargerModel:
                        "evseId": CONNECTOR, "connectorId": CONNECTOR}
         return Outgoing("StatusNotification", payload, "status")
 
+    def power_kw(self) -> float:
+        """The power it delivers: min(``kw_rate``, its transaction's limit)."""
+        tx = self.tx
+        if tx is None or tx.limit_kw is None:
+            return self.kw_rate
+        return min(self.kw_rate, tx.limit_kw)
+
     def energy_wh(self, now: float) -> float:
         """The energy register now."""
         tx = self.tx
         if tx is None:
             return self.meter_wh
-        elapsed = min(max(now - tx.started, 0.0), self.session_seconds)
-        return tx.meter_start_wh + self.kw_rate * 1000.0 * elapsed / 3600.0
+        start = tx.since if tx.wh_at is not None else tx.started
+        base = tx.wh_at if tx.wh_at is not None else tx.meter_start_wh
+        end = min(now, tx.started + self.session_seconds)
+        return base + self.power_kw() * 1000.0 * max(end - start, 0.0) / 3600.0
+
+    def _limit(self, tx: Transaction, limit_kw: float | None, profile_id: int | None,
+               now: float) -> None:
+        """The transaction's power changes now (the energy so far at the old power)."""
+        tx.wh_at, tx.since = self.energy_wh(now), now
+        tx.limit_kw, tx.profile_id = limit_kw, profile_id
 
     def _samples(self, now: float, *, power: bool) -> list[Payload]:
         wh = round(self.energy_wh(now), 1)
-        watts = round(self.kw_rate * 1000.0, 1)
+        watts = round(self.power_kw() * 1000.0, 1)
         if self.v16:
             values: list[Payload] = [{"value": f"{wh:.1f}", "measurand":
                                       "Energy.Active.Import.Register", "unit": "Wh"}]
@@ -281,7 +308,8 @@ class ChargerModel:
             "RequestStartTransaction": self._remote_start201,
             "RequestStopTransaction": self._remote_stop201,
             "ChangeAvailability": self._change_availability,
-            "SetChargingProfile": self._accept,
+            "SetChargingProfile": self._set_profile,
+            "ClearChargingProfile": self._clear_profile,
         }
         handler = handlers.get(action)
         if handler is None or (action.startswith("Remote") != self.v16
@@ -334,5 +362,36 @@ class ChargerModel:
             return Reply({"status": "Scheduled"})
         return Reply({"status": "Accepted"}, then=(self.status(),))
 
-    def _accept(self, payload: Payload, now: float) -> Reply:
+    def _set_profile(self, payload: Payload, now: float) -> Reply:
+        """A TxProfile for the running transaction limits its power (see the module)."""
+        if self.v16:
+            where, profile = payload.get("connectorId"), payload.get("csChargingProfiles", {})
+            schedule = profile.get("chargingSchedule", {})
+            profile_id = profile.get("chargingProfileId")
+        else:
+            where, profile = payload.get("evseId"), payload.get("chargingProfile", {})
+            schedule = (profile.get("chargingSchedule") or [{}])[0]
+            profile_id = profile.get("id")
+        tx = self.tx
+        periods = sorted(schedule.get("chargingSchedulePeriod") or [],
+                         key=lambda period: period.get("startPeriod", 0))
+        named = profile.get("transactionId")
+        if (tx is None or tx.transaction_id is None or where != CONNECTOR or not periods
+                or profile.get("chargingProfilePurpose") != "TxProfile"
+                or (named is not None and not self._running(named))):
+            return Reply({"status": "Rejected"})
+        limit = float(periods[0]["limit"])
+        if schedule.get("chargingRateUnit") == "A":
+            limit *= 230.0 * int(periods[0].get("numberPhases", 3))
+        self._limit(tx, limit / 1000.0, profile_id, now)
+        return Reply({"status": "Accepted"})
+
+    def _clear_profile(self, payload: Payload, now: float) -> Reply:
+        """ClearChargingProfile of the transaction's TxProfile lifts its limit."""
+        wanted = payload.get("id") if self.v16 else payload.get("chargingProfileId")
+        tx = self.tx
+        if tx is None or tx.limit_kw is None or (wanted is not None
+                                                 and wanted != tx.profile_id):
+            return Reply({"status": "Unknown"})
+        self._limit(tx, None, None, now)
         return Reply({"status": "Accepted"})
