@@ -210,6 +210,8 @@ _CATALOGUE: tuple[Family, ...] = (
        service="engine"),
     _g("cp_publish_failures", "The CP's failed publishes in a row (0: the bus works)",
        service="engine"),
+    _c("cp_ignored_limits", "SET_LIMIT commands ignored: for another session, or while "
+       "none runs", service="engine"),
     # --- the CP Fleet --------------------------------------------------------------------
     _g("fleet_cps", "The fleet's CPs by state", "state", service="fleet"),
     _g("fleet_publish_failing_cps", "The fleet's CPs whose last publish failed",

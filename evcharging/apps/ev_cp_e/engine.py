@@ -35,6 +35,21 @@ beating), how long its publish in progress has waited for the bus
 (:attr:`~ChargingPoint.crashed`). With ``log_bus_errors=False`` a failed publish is logged
 at DEBUG only (a fleet says once for all its CPs that Kafka is down).
 
+Cars and limits (SPEC §10). START_SUPPLY may carry ``kwh_wanted``, ``departure`` and a
+``car``. Every session is metered at min(the CP's ``kw_rate``, Central's limit for the
+session, the car's acceptance) by :func:`evcharging.common.car.charge`, which integrates
+exactly; telemetry adds the car's ``soc`` (None without a car). A session with neither
+``kwh_wanted`` nor a car ends after ``session_seconds``, as it always did; one with either
+ends COMPLETED at the moment exactly ``kwh_wanted`` has been delivered or the car is full
+(``session_seconds`` does not apply to it). SET_LIMIT for the running session is kept and
+applied from the next telemetry on (``kw`` None: no limit); SET_LIMIT for another session or
+when none runs is ignored and counted (:attr:`~ChargingPoint.ignored_limits`). It is not a
+state-machine event: it never changes the state and is never refused.
+
+The metering holds exact: the session's energy is computed from the start of its current
+*segment* (the session's start, or the telemetry where a new limit took effect) in one step,
+never summed over telemetry ticks.
+
 Shutdown. :meth:`ChargingPoint.stop` ends a running session as ``STOPPED`` and, from
 ACTIVATED, disconnects (``DISCONNECTED``, reason ``shutdown``). The state machine has no
 DISCONNECT from STOPPED or FAULT, so from there the CP only announces its current state
@@ -45,15 +60,18 @@ stopped or faulty, which is what an operator needs to see when it comes back.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from evcharging.common.bus import BusError, Publisher
+from evcharging.common.car import Car, Done, charge
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
@@ -83,6 +101,30 @@ _REMEMBERED_SESSIONS = 64
 """How many ended session ids a CP remembers, to ignore a late duplicate START_SUPPLY."""
 
 _SECONDS_PER_HOUR = 3600.0
+_HORIZON = 1e7
+"""Seconds (about 116 days) beyond which a metered session counts as never ending."""
+
+
+@dataclass(frozen=True)
+class _Limit:
+    """A SET_LIMIT waiting for the next telemetry: ``kw`` None removes the limit."""
+
+    kw: float | None
+
+
+@dataclass(frozen=True)
+class _Reading:
+    """A session's meter at some moment."""
+
+    kwh: float
+    kw: float
+    """The power drawn at that moment (0 once done)."""
+    car: Car | None
+    done: Done | None
+    """Why the session is over (a metered session only), or None."""
+    done_after: float | None = None
+    """Seconds from the session's start at which it is over under the present offer, if
+    within the horizon (a metered session only)."""
 
 
 @dataclass
@@ -93,7 +135,24 @@ class _Session:
     driver_id: str
     started_at: float
     """Clock reading at the start, for the energy delivered so far."""
+    kwh_wanted: float | None = None
+    departure: datetime | None = None
+    car: Car | None = None
+    """The car at the start of the current segment."""
+    limit_kw: float | None = None
+    """Central's limit for the session, in effect since the segment's start."""
+    pending: _Limit | None = None
+    """A SET_LIMIT received, to take effect at the next telemetry."""
+    segment_at: float = 0.0
+    """Seconds from the session's start to the start of the current segment."""
+    segment_kwh: float = 0.0
+    """Energy delivered before the current segment."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def metered(self) -> bool:
+        """Whether it ends by its energy (wanted, or the car full), not session_seconds."""
+        return self.car is not None or self.kwh_wanted is not None
 
 
 class ChargingPoint:
@@ -140,6 +199,8 @@ class ChargingPoint:
         self._last_end: SessionEnd | None = None
         self.publish_failures = 0
         """Failed publishes in a row (the bus is down while this is above 0)."""
+        self.ignored_limits = 0
+        """SET_LIMIT commands ignored: for another session, or while none runs."""
         self._bus_log_level = "ERROR" if log_bus_errors else "DEBUG"
         self._publish_started: float | None = None
         self._lock = asyncio.Lock()
@@ -242,15 +303,17 @@ class ChargingPoint:
     def snapshot(self) -> dict[str, Any]:
         """The CP at a glance, for the health endpoint."""
         session = self._session
-        kwh, euros = self._totals(session) if session else (None, None)
+        reading = self._read(session) if session else None
         return {
             "cp_id": self.cp_id,
             "state": self._state.value,
             "session_id": session.session_id if session else None,
             "driver_id": session.driver_id if session else None,
-            "kw": self.kw_rate if session else 0.0,
-            "kwh": kwh,
-            "euros": euros,
+            "kw": reading.kw if reading else 0.0,
+            "kwh": reading.kwh if reading else None,
+            "euros": reading.kwh * self.euro_rate if reading else None,
+            "soc": reading.car.soc if reading and reading.car else None,
+            "limit_kw": session.limit_kw if session else None,
         }
 
     # ---------------------------------------------------------------- lifecycle
@@ -307,6 +370,10 @@ class ChargingPoint:
         if self._closed:
             self._log.info("ignoring {}: the CP is shutting down", cmd.cmd.value)
             return
+        if cmd.cmd is CommandType.SET_LIMIT:
+            async with self._lock:
+                self._set_limit(cmd)
+            return
         self._log.info("command {} {}", cmd.cmd.value, cmd.payload.model_dump(exclude_none=True))
         if cmd.cmd is CommandType.SHUTDOWN:
             await self.stop()
@@ -339,8 +406,21 @@ class ChargingPoint:
                 await self._change(CPEvent.STOP_CP, payload.reason or "stopped by operator")
             case CommandType.RESUME_CP:
                 await self._change(CPEvent.RESUME_CP, payload.reason or "resumed by operator")
-            case CommandType.SHUTDOWN:  # pragma: no cover - handled before taking the lock
-                raise AssertionError("SHUTDOWN is handled by handle_command")
+            case CommandType.SHUTDOWN | CommandType.SET_LIMIT:  # pragma: no cover
+                raise AssertionError(f"{cmd.cmd.value} is handled by handle_command")
+
+    def _set_limit(self, cmd: CentralCommand) -> None:
+        """Keep Central's limit for the running session until the next telemetry; a limit
+        for another session, or while none runs, is ignored and counted (hold the lock)."""
+        session, kw = self._session, cmd.payload.kw
+        if session is None or session.session_id != cmd.payload.session_id:
+            self.ignored_limits += 1
+            self._log.debug("SET_LIMIT {} for session {} ignored: the running session is {}",
+                            kw, cmd.payload.session_id, self.session_id)
+            return
+        self._log.debug("SET_LIMIT {} for session {} (from the next telemetry)",
+                        "none" if kw is None else f"{kw:g} kW", session.session_id)
+        session.pending = _Limit(kw)
 
     async def _start_supply(self, cmd: CentralCommand) -> None:
         session_id, driver_id = cmd.payload.session_id, cmd.payload.driver_id
@@ -352,7 +432,8 @@ class ChargingPoint:
             self._log.warning("START_SUPPLY for ended session {} ignored", session_id)
             return
         await self._change(
-            CPEvent.START_SUPPLY, "supplying", driver_id=driver_id, session_id=session_id
+            CPEvent.START_SUPPLY, "supplying", driver_id=driver_id, session_id=session_id,
+            command=cmd,
         )
 
     async def _refuse(self, cmd: CentralCommand, why: str) -> None:
@@ -399,9 +480,11 @@ class ChargingPoint:
         *,
         driver_id: str | None = None,
         session_id: str | None = None,
+        command: CentralCommand | None = None,
     ) -> None:
         """Apply `event` through the state machine and announce it (hold the lock).
 
+        ``command`` is the START_SUPPLY that starts a session (its car fields).
         Raises InvalidTransition, having changed nothing, when the machine refuses.
         """
         old = self._state
@@ -411,8 +494,9 @@ class ChargingPoint:
         reason = clip_reason(reason)
         kwh = euros = 0.0
         if ended is not None:
-            elapsed = self.session_seconds if result is SessionResult.COMPLETED else None
-            kwh, euros = self._totals(ended, elapsed)
+            final = self._final(ended) if result is SessionResult.COMPLETED else None
+            kwh = (final or self._read(ended)).kwh
+            euros = kwh * self.euro_rate
             status = CPStatus(
                 cp_id=self.cp_id,
                 state=new,
@@ -451,11 +535,22 @@ class ChargingPoint:
             self._log.info("{} --{}--> {} ({})", old.value, event.value, new.value, reason)
         if event is CPEvent.START_SUPPLY:
             assert driver_id is not None and session_id is not None  # the guard saw them
-            self._begin_session(session_id, driver_id)
+            self._begin_session(session_id, driver_id, command)
         await self._publish(status)
 
-    def _begin_session(self, session_id: str, driver_id: str) -> None:
+    def _begin_session(
+        self, session_id: str, driver_id: str, command: CentralCommand | None
+    ) -> None:
         session = _Session(session_id, driver_id, started_at=self._clock())
+        if command is not None:
+            payload = command.payload
+            session.kwh_wanted, session.departure = payload.kwh_wanted, payload.departure
+            if payload.car is not None:
+                spec = payload.car
+                session.car = Car(spec.battery_kwh, spec.soc, spec.max_kw)
+            if session.metered:
+                self._log.info("session {}: {} kWh wanted, car {}, departure {}",
+                               session_id, session.kwh_wanted, session.car, session.departure)
         self._session = session
         session.task = self._spawn(self._run_session(session), f"session-{session_id}")
 
@@ -466,47 +561,130 @@ class ChargingPoint:
         if task is not None and task is not asyncio.current_task():
             task.cancel()  # stop() awaits it, as it awaits every task
 
-    def _totals(self, session: _Session, elapsed: float | None = None) -> tuple[float, float]:
-        """kWh and € of `session` after `elapsed` seconds (default: as of now)."""
+    # ---------------------------------------------------------------- the meter
+
+    def _read(self, session: _Session, elapsed: float | None = None) -> _Reading:
+        """The meter of `session` `elapsed` seconds after its start (default: now), under
+        the offer of its current segment: min(kw_rate, its limit, the car's acceptance).
+
+        A session that is not metered stops at ``session_seconds``; a metered one at its
+        ``kwh_wanted`` (exactly) or when the car is full."""
         if elapsed is None:
             elapsed = self._clock() - session.started_at
-        elapsed = min(max(elapsed, 0.0), self.session_seconds)
-        kwh = self.kw_rate * elapsed / _SECONDS_PER_HOUR
-        return kwh, kwh * self.euro_rate
+        limit = session.limit_kw
+        offer = self.kw_rate if limit is None else min(self.kw_rate, limit)
+        if not session.metered:
+            elapsed = min(max(elapsed, 0.0), self.session_seconds)
+            seconds = max(0.0, elapsed - session.segment_at)
+            kwh = session.segment_kwh + offer * seconds / _SECONDS_PER_HOUR
+            return _Reading(kwh, offer, None, None)
+        seconds = min(max(0.0, elapsed - session.segment_at), _HORIZON)
+        wanted = session.kwh_wanted
+        left = None if wanted is None else max(0.0, wanted - session.segment_kwh)
+        if session.car is None:
+            assert wanted is not None and left is not None
+            to_done = left / offer * _SECONDS_PER_HOUR if offer > 0 else math.inf
+            done_after = session.segment_at + to_done if to_done <= _HORIZON else None
+            if seconds >= to_done:
+                return _Reading(wanted, 0.0, None, Done.WANTED, done_after)
+            kwh = session.segment_kwh + offer * seconds / _SECONDS_PER_HOUR
+            return _Reading(kwh, offer, None, None, done_after)
+        step = charge(session.car, seconds, cp_kw=self.kw_rate, limit_kw=limit, kwh_left=left)
+        if step.done is not None:
+            kwh = wanted if step.done is Done.WANTED and wanted is not None else (
+                session.segment_kwh + step.kwh)
+            return _Reading(kwh, 0.0, step.car, step.done, session.segment_at + step.seconds)
+        ahead = charge(session.car, _HORIZON, cp_kw=self.kw_rate, limit_kw=limit,
+                       kwh_left=left)
+        done_after = session.segment_at + ahead.seconds if ahead.done is not None else None
+        return _Reading(session.segment_kwh + step.kwh, step.kw, step.car, None, done_after)
+
+    def _final(self, session: _Session) -> _Reading:
+        """The meter of a session that completes: at ``session_seconds``, or at the moment
+        a metered session was done (exactly ``kwh_wanted``, or the car full)."""
+        if not session.metered:
+            return self._read(session, self.session_seconds)
+        reading = self._read(session, session.segment_at + _HORIZON)
+        return reading if reading.done is not None else self._read(session)
+
+    def _apply_limit(self, session: _Session, elapsed: float) -> _Reading:
+        """At a telemetry: the meter now, after a pending limit took effect (a new segment)."""
+        reading = self._read(session, elapsed)
+        pending = session.pending
+        if pending is None or reading.done is not None:
+            return reading
+        session.pending = None
+        if pending.kw == session.limit_kw:
+            return reading
+        session.segment_at = elapsed if session.metered else min(
+            max(elapsed, 0.0), self.session_seconds)
+        session.segment_kwh, session.car = reading.kwh, reading.car
+        session.limit_kw = pending.kw
+        self._log.info("session {}: limit {} from now on", session.session_id,
+                       "none" if pending.kw is None else f"{pending.kw:g} kW")
+        return self._read(session, elapsed)
 
     # ---------------------------------------------------------------- background tasks
 
     async def _run_session(self, session: _Session) -> None:
-        """Send telemetry every telemetry_interval; complete after session_seconds."""
+        """Send telemetry every telemetry_interval; complete after session_seconds, or
+        for a metered session at the moment it is done (the end as the meter foresees it
+        under the present offer, foreseen again at every telemetry)."""
         loop = asyncio.get_running_loop()
-        end = loop.time() + self.session_seconds
-        tick = loop.time()
+        start = tick = loop.time()
+        end: float | None = start + self.session_seconds
+        if session.metered:
+            end = self._end_at(session, self._read(session, 0.0), 0.0, start)
         while True:
             tick += self.telemetry_interval
             now = loop.time()
             if tick <= now:  # fell behind (a slow publish): skip the missed ticks
                 tick = now + self.telemetry_interval
-            if tick >= end:
-                await asyncio.sleep(end - now)
+            if end is not None and tick >= end:
+                await asyncio.sleep(max(0.0, end - now))
                 break
             await asyncio.sleep(tick - now)
             async with self._lock:
                 if self._session is not session:
                     return
-                kwh, euros = self._totals(session)
+                elapsed = self._clock() - session.started_at
+                reading = self._apply_limit(session, elapsed)
+                if reading.done is not None:
+                    break
                 await self._publish(
                     CPTelemetry(
                         cp_id=self.cp_id,
-                        kw=self.kw_rate,
-                        kwh=kwh,
-                        euros=euros,
+                        kw=reading.kw,
+                        kwh=reading.kwh,
+                        euros=reading.kwh * self.euro_rate,
                         driver_id=session.driver_id,
                         session_id=session.session_id,
+                        soc=reading.car.soc if reading.car else None,
                     ),
                 )
+                if session.metered:
+                    end = self._end_at(session, reading, elapsed, loop.time())
         async with self._lock:
             if self._session is session:
-                await self._change(CPEvent.SESSION_COMPLETE, "session completed")
+                await self._change(CPEvent.SESSION_COMPLETE, self._completion(session))
+
+    @staticmethod
+    def _end_at(session: _Session, reading: _Reading, elapsed: float, now: float) -> float | None:
+        """The loop time at which a metered session will be done (None: not foreseen)."""
+        if reading.done_after is None:
+            return None
+        return now + max(0.0, reading.done_after - elapsed)
+
+    def _completion(self, session: _Session) -> str:
+        """The reason of a session's completion, for people."""
+        if not session.metered:
+            return "session completed"
+        done = self._final(session).done
+        if done is Done.WANTED:
+            return f"session completed: {session.kwh_wanted:g} kWh delivered"
+        if done is Done.FULL:
+            return "session completed: the battery is full"
+        return "session completed"
 
     async def _heartbeat_loop(self) -> None:
         delay = self.first_heartbeat

@@ -10,16 +10,25 @@ from collections.abc import Iterator
 from prometheus_client.metrics_core import Metric
 
 from evcharging.apps.ev_cp_e.engine import ChargingPoint
-from evcharging.common.metrics import PREFIX, ServiceMetrics, described, gauge, one_hot
+from evcharging.common.metrics import (
+    PREFIX,
+    ServiceMetrics,
+    counter,
+    described,
+    gauge,
+    one_hot,
+)
 from evcharging.common.states import CPState
 
 __all__ = ["EngineCollector", "engine_metrics"]
 
 
 class EngineCollector:
-    """One CP: its state (one-hot) and its failed publishes in a row."""
+    """One CP: its state (one-hot), its failed publishes in a row and the SET_LIMITs it
+    ignored."""
 
-    NAMES = (PREFIX + "cp_state", PREFIX + "cp_publish_failures")
+    NAMES = (PREFIX + "cp_state", PREFIX + "cp_publish_failures",
+             PREFIX + "cp_ignored_limits_total")
 
     def __init__(self, cp: ChargingPoint) -> None:
         self.cp = cp
@@ -30,6 +39,7 @@ class EngineCollector:
     def collect(self) -> Iterator[Metric]:
         yield gauge(PREFIX + "cp_state", one_hot((s.value for s in CPState), self.cp.state.value))
         yield gauge(PREFIX + "cp_publish_failures", self.cp.publish_failures)
+        yield counter(PREFIX + "cp_ignored_limits_total", self.cp.ignored_limits)
 
 
 def engine_metrics(cp: ChargingPoint) -> ServiceMetrics:
