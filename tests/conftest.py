@@ -1,14 +1,20 @@
-"""Shared fixtures: a real Kafka broker for integration and end-to-end tests."""
+"""Shared fixtures: a real Kafka broker and a real PostgreSQL for integration and end-to-end
+tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import hypothesis  # noqa: F401 - see below
 import pytest
 
 from evcharging.devtools.kafka_broker import KafkaBroker
+from evcharging.devtools.postgres import LocalPostgres
 
 # hypothesis is imported here, at the start, not by its pytest plugin's end-of-run summary:
 # CPython 3.11's AST compiler shares its recursion counter between threads (gh-106905),
@@ -47,3 +53,27 @@ def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroke
         topic_prefixes=SASL_TOPIC_PREFIXES,
     ) as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[LocalPostgres]:
+    """A real PostgreSQL for the session (``evcharging.devtools.postgres``, free port, new
+    cluster without fsync), stopped and deleted at the end; if it cannot be started the
+    fixture raises. Its folder is a new one under the system's temp folder: run as root, the
+    server runs as the user ``postgres``, who may not enter pytest's ``/tmp/pytest-of-root``."""
+    work = Path(tempfile.mkdtemp(prefix="evcharging-postgres-"))
+    try:
+        with LocalPostgres(work_dir=work, durable=False) as server:
+            yield server
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: LocalPostgres) -> Iterator[str]:
+    """CENTRAL_DB_URL of a throwaway database for the session, owned by the user
+    ``evcharging`` (``postgres_server.create_database`` makes more)."""
+    name = f"evcharging_test_{uuid.uuid4().hex[:12]}"
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)

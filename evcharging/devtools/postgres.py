@@ -14,7 +14,8 @@ Command line::
     python -m evcharging.devtools.postgres stop [--port 55432]
     python -m evcharging.devtools.postgres start --foreground     # until Ctrl-C / SIGTERM
 
-    A CLI server keeps its state in ``<repo>/.cache/postgres/<port>/``: the cluster in
+    A CLI server keeps its state in ``<repo>/.cache/postgres/<port>/`` (or
+    ``$EVCHARGING_POSTGRES_HOME/<port>/``): the cluster in
     ``data/``, its log ``postgres.log``, and ``passwords.json`` (mode 600, random passwords
     made with the cluster). The cluster survives a stop/start; ``start --reset`` wipes it.
     ``start`` on a running server only says so (and makes sure the database exists).
@@ -84,6 +85,7 @@ SUPERUSER = "postgres"
 SERVICE_USER = "postgres"
 """The system user the server runs as when this tool runs as root."""
 BIN_ENV = "EVCHARGING_POSTGRES_BIN"
+HOME_ENV = "EVCHARGING_POSTGRES_HOME"
 DEBIAN_LIB = Path("/usr/lib/postgresql")
 MIN_MAJOR = 15
 
@@ -107,9 +109,17 @@ def repo_root() -> Path:
     return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
+def home_dir() -> Path:
+    """Where the CLI's servers live: ``$EVCHARGING_POSTGRES_HOME`` or ``<repo>/.cache/postgres``."""
+    override = os.environ.get(HOME_ENV)
+    if override:
+        return Path(override).expanduser().resolve()
+    return repo_root() / ".cache" / "postgres"
+
+
 def run_dir(port: int) -> Path:
     """The work directory of the CLI server listening on ``port``."""
-    return repo_root() / ".cache" / "postgres" / str(port)
+    return home_dir() / str(port)
 
 
 def find_bin_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -177,9 +187,10 @@ def service_user() -> RunAs | None:
 
 
 def unreachable_parent(path: Path, user: RunAs) -> Path | None:
-    """The first folder on the way to ``path`` that ``user`` may not enter, if any."""
+    """The first folder above ``path`` that ``user`` may not enter, if any (``path`` itself
+    is given to ``user``)."""
     groups = {user.gid, *(g.gr_gid for g in _groups_of(user.name))}
-    for folder in [*reversed(path.parents), path]:
+    for folder in reversed(path.parents):
         try:
             st = folder.stat()
         except FileNotFoundError:
@@ -824,8 +835,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="python -m evcharging.devtools.postgres",
         description=(
             f"Run a local PostgreSQL server on {HOST} for Central (SPEC §9) from Debian's\n"
-            f"binaries ({DEBIAN_LIB}/<version>/bin, or ${BIN_ENV}); state in "
-            f"{repo_root() / '.cache' / 'postgres'}/PORT.\n"
+            f"binaries ({DEBIAN_LIB}/<version>/bin, or ${BIN_ENV});\nstate in "
+            f"{home_dir()}/PORT (or ${HOME_ENV}/PORT).\n"
             f"Database and user {DATABASE!r}; prints CENTRAL_DB_URL."
         ),
         epilog=(
