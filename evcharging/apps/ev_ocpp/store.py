@@ -7,10 +7,15 @@ and the transactions it remembers (the most recent :data:`KEPT` and every runnin
 replayed StartTransaction still gets its first answer).
 
 The file is written whole, atomically (a temporary file renamed over it), at most once a
-:data:`SAVE_INTERVAL` after a change and once more at shutdown. A change in the last
-interval before a crash can be lost: the charger's next message (a queued stop, a status)
-then finds the gateway as it was a moment before. A file that cannot be read is an error at
-start: the gateway refuses to start rather than forget sessions silently.
+:data:`SAVE_INTERVAL` after a change (less often when writing it takes long: its encoding
+takes at most :data:`MAX_SAVE_SHARE` of the gateway's time) and once more at shutdown. Each
+session's and CP's JSON is kept between writes and made again only when it changed
+(:class:`SnapshotEncoder`): with thousands of chargers the file holds some ten thousand
+transactions, and encoding them all anew every half second took most of the event loop.
+A change in the last interval before a crash can be lost: the charger's next message (a
+queued stop, a status) then finds the gateway as it was a moment before. A file that
+cannot be read is an error at start: the gateway refuses to start rather than forget
+sessions silently.
 
 After a restart every charger is offline until it connects again: running sessions stay
 open (SPEC §8), idle CPs are DISCONNECTED.
@@ -21,8 +26,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import asdict
+import time
+from dataclasses import fields
 from datetime import datetime
+from itertools import compress, islice, repeat
+from operator import attrgetter, is_, is_not
 from pathlib import Path
 from typing import Any
 
@@ -32,50 +40,135 @@ from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, Session
 from evcharging.common.messages import SessionEnd
 from evcharging.common.states import CPState
 
-__all__ = ["KEPT", "SAVE_INTERVAL", "StateStore"]
+__all__ = ["KEPT", "MAX_SAVE_SHARE", "SAVE_INTERVAL", "SnapshotEncoder", "StateStore"]
 
 KEPT = 10_000
 """Ended transactions the file keeps (the most recent ones)."""
 SAVE_INTERVAL = 0.5
 """Seconds between two writes while things change."""
+MAX_SAVE_SHARE = 0.05
+"""The largest share of the event loop's time that encoding the file may take: after a
+write that took `t` seconds to encode, the next waits ``max(SAVE_INTERVAL, t /
+MAX_SAVE_SHARE)``."""
 VERSION = 1
+
+_SESSION_FIELDS = tuple(f.name for f in fields(Session))
+_session_values = attrgetter(*_SESSION_FIELDS)
+"""A session's fields as one tuple: what its JSON is made from."""
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, separators=(",", ":"))
 
 
 def _session_out(session: Session) -> dict[str, Any]:
-    data = asdict(session)
+    # Not dataclasses.asdict: it deep-copies every value, and the fields are plain values.
+    data = {name: getattr(session, name) for name in _SESSION_FIELDS}
     data["started_at"] = session.started_at.isoformat()
     data["last_at"] = session.last_at.isoformat() if session.last_at else None
     data["ended"] = session.ended.model_dump(mode="json") if session.ended else None
     return data
 
 
+def _end_in(data: dict[str, Any]) -> SessionEnd:
+    # The file holds JSON (a result as its text): not the messages' strict Python mode,
+    # which takes only a SessionResult and refused every ended session of the file.
+    return SessionEnd.model_validate(data, strict=False)
+
+
 def _session_in(data: dict[str, Any]) -> Session:
     data = dict(data)
     data["started_at"] = datetime.fromisoformat(data["started_at"])
     data["last_at"] = datetime.fromisoformat(data["last_at"]) if data["last_at"] else None
-    data["ended"] = SessionEnd.model_validate(data["ended"]) if data["ended"] else None
+    data["ended"] = _end_in(data["ended"]) if data["ended"] else None
     return Session(**data)
+
+
+def _kept(gateway: Gateway) -> list[tuple[tuple[str, str], Session | None]]:
+    """The transactions the file keeps: the most recent :data:`KEPT` ended (or refused)
+    ones, then every running one."""
+    # In C (map, compress, islice), not a Python loop: the gateway remembers up to
+    # 100,000 transactions and this runs at every write. A refused transaction (None)
+    # counts as ended: its "end" is taken as True.
+    transactions = gateway.transactions
+    ended = list(islice(compress(reversed(transactions.items()), map(
+        is_not, map(getattr, reversed(transactions.values()), repeat("ended"),
+                    repeat(True)), repeat(None))), KEPT))
+    ended.reverse()
+    running = compress(transactions.items(), map(
+        is_, map(getattr, transactions.values(), repeat("ended"), repeat(True)),
+        repeat(None)))
+    return [*ended, *running]
+
+
+def _connector_out(c: Connector) -> dict[str, Any]:
+    return {"charger_id": c.charger_id, "number": c.number, "state": c.state.value,
+            "reason": c.reason,
+            "last_end": c.last_end.model_dump(mode="json") if c.last_end else None,
+            "session": [c.charger_id, c.session.transaction] if c.session else None}
+
+
+def _connector_values(c: Connector) -> tuple[object, ...]:
+    return (c.charger_id, c.number, c.state, c.reason, c.last_end,
+            c.session.transaction if c.session else None)
 
 
 def snapshot(gateway: Gateway) -> dict[str, Any]:
     """Everything the file keeps, as JSON-ready data."""
-    items = list(gateway.transactions.items())
-    ended = [(k, s) for k, s in items if s is None or s.ended is not None][-KEPT:]
-    running = [(k, s) for k, s in items if s is not None and s.ended is None]
     return {
         "version": VERSION,
         "transactions": [
             [charger, tx, _session_out(s) if s is not None else None]
-            for (charger, tx), s in [*ended, *running]
+            for (charger, tx), s in _kept(gateway)
         ],
-        "connectors": [
-            {"charger_id": c.charger_id, "number": c.number, "state": c.state.value,
-             "reason": c.reason,
-             "last_end": c.last_end.model_dump(mode="json") if c.last_end else None,
-             "session": [c.charger_id, c.session.transaction] if c.session else None}
-            for c in gateway.connectors.values()
-        ],
+        "connectors": [_connector_out(c) for c in gateway.connectors.values()],
     }
+
+
+_Cached = tuple[object, tuple[object, ...], str]
+"""(the session or CP, the values its JSON was made from, its JSON)."""
+
+
+class SnapshotEncoder:
+    """``json.dumps(snapshot(gateway))``, compact, without encoding again what did not
+    change: each transaction's and CP's JSON is kept with the values it was made from and
+    reused while the same object still has the same values (the sessions' ends are frozen
+    messages, compared by value). What a write no longer holds is forgotten."""
+
+    def __init__(self) -> None:
+        self._transactions: dict[tuple[str, str], _Cached] = {}
+        self._connectors: dict[str, _Cached] = {}
+
+    def encode(self, gateway: Gateway) -> str:
+        cache = self._transactions
+        kept: dict[tuple[str, str], _Cached] = {}
+        parts: list[str] = []
+        for key, session in _kept(gateway):
+            values = _session_values(session) if session is not None else ()
+            hit = cache.get(key)
+            if hit is not None and hit[0] is session and hit[1] == values:
+                text = hit[2]
+            else:
+                text = _dumps([key[0], key[1], _session_out(session)
+                               if session is not None else None])
+            kept[key] = (session, values, text)
+            parts.append(text)
+        self._transactions = kept
+        conn_cache = self._connectors
+        conns: dict[str, _Cached] = {}
+        conn_parts: list[str] = []
+        for cp_id, conn in gateway.connectors.items():
+            conn_values = _connector_values(conn)
+            found = conn_cache.get(cp_id)
+            if found is not None and found[0] is conn and found[1] == conn_values:
+                text = found[2]
+            else:
+                text = _dumps(_connector_out(conn))
+            conns[cp_id] = (conn, conn_values, text)
+            conn_parts.append(text)
+        self._connectors = conns
+        return (f'{{"version":{VERSION},"transactions":[{",".join(parts)}],'
+                f'"connectors":[{",".join(conn_parts)}]}}')
 
 
 def restore(gateway: Gateway, data: dict[str, Any]) -> None:
@@ -92,7 +185,7 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
         conn = Connector(str(item["charger_id"]), int(item["number"]),
                          CPState(item["state"]), item["reason"])
         if item["last_end"] is not None:
-            conn.last_end = SessionEnd.model_validate(item["last_end"])
+            conn.last_end = _end_in(item["last_end"])
         if item["session"] is not None:
             conn.session = sessions.get((str(item["session"][0]), str(item["session"][1])))
         if conn.session is not None:
@@ -107,6 +200,9 @@ class StateStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.encoder = SnapshotEncoder()
+        self.encode_seconds = 0.0
+        """How long the last write took to encode (the event loop's time)."""
 
     def load(self, gateway: Gateway) -> None:
         """Restore `gateway` from the file (none yet: nothing to restore). OSError or
@@ -131,15 +227,18 @@ class StateStore:
 
     async def save(self, gateway: Gateway) -> None:
         gateway.dirty = False
-        text = json.dumps(snapshot(gateway), separators=(",", ":"))
+        began = time.perf_counter()
+        text = self.encoder.encode(gateway)
+        self.encode_seconds = time.perf_counter() - began
         await asyncio.to_thread(self._write, text)
 
     async def keep_saved(self, gateway: Gateway, interval: float = SAVE_INTERVAL) -> None:
-        """Write the file after changes, at most once per `interval` (runs until
+        """Write the file after changes, at most once per `interval`, and less often when
+        encoding it takes more than :data:`MAX_SAVE_SHARE` of the time (runs until
         cancelled); a failed write is logged and tried again."""
         failing = False
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(interval, self.encode_seconds / MAX_SAVE_SHARE))
             if not gateway.dirty:
                 continue
             try:
