@@ -11,7 +11,20 @@ ends that wait and the following of the current request at once.
 
 The requests file holds one CP id per line; blank lines and ``#`` comments (whole-line or
 trailing) are skipped and surrounding whitespace is stripped. An invalid id is logged and
-skipped.
+skipped (as is a line with blanks but no ``key=value`` after its first word). After the
+id a line may give the fields of SPEC §10 as ``key=value``, in any order, separated by
+blanks::
+
+    CP-001 kwh=20 departure=+2h car=60/0.35/11
+
+* ``kwh=K``: the energy wanted, in kWh (> 0); the session ends when it is delivered.
+* ``departure=+2h`` (also ``+90m``, ``+1h30m``: counted from when the request is sent) or
+  an ISO 8601 time with its zone (``2026-12-07T18:00Z``): when the car leaves.
+* ``car=B/S/M``: the car's battery in kWh, its state of charge at arrival (0–1) and the
+  most it takes in kW.
+
+A bad field (an unknown key, one given twice, a value out of range) is an error naming the
+line (:class:`RequestsFileError`): nothing is sent.
 """
 
 from __future__ import annotations
@@ -21,33 +34,44 @@ import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
 from loguru import logger
+from pydantic import ValidationError
 
 from evcharging.common.bus import BusError, Publisher
 from evcharging.common.messages import (
     ID_PATTERN,
+    CarSpec,
     DriverRequest,
     DriverStatus,
     DriverUpdate,
     new_id,
+    utcnow,
 )
 
 __all__ = [
     "Driver",
     "DriverSummary",
     "Outcome",
+    "PlannedRequest",
     "Publisher",
     "RequestResult",
+    "RequestsFileError",
+    "load_plan",
     "load_requests",
     "log_summary",
+    "parse_plan",
     "parse_requests",
     "plan_text",
 ]
 
 _CP_ID = re.compile(ID_PATTERN)
+_RELATIVE = re.compile(r"\+(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?")
+"""``+2h``, ``+90m``, ``+1h30m``, ``+1.5h``."""
+_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
 
 
 class Outcome(StrEnum):
@@ -138,24 +162,146 @@ class DriverSummary:
                 self.interrupted += 1
 
 
-def parse_requests(text: str, source: str = "requests") -> list[str]:
-    """The CP ids of a requests file's text, in order; invalid ids are logged and skipped."""
-    cp_ids: list[str] = []
+class RequestsFileError(ValueError):
+    """A requests file's line with a bad field; the message names the file and the line."""
+
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One line of a requests file: the CP and the optional fields of SPEC §10."""
+
+    cp_id: str
+    kwh_wanted: float | None = None
+    departure: datetime | timedelta | None = None
+    """When the car leaves: a time, or a delay counted from when the request is sent."""
+    car: CarSpec | None = None
+
+    def request(self, request_id: str, driver_id: str, now: datetime) -> DriverRequest:
+        """The request to send at `now`."""
+        departure = self.departure
+        if isinstance(departure, timedelta):
+            departure = now + departure
+        return DriverRequest(request_id=request_id, driver_id=driver_id, cp_id=self.cp_id,
+                             ts=now, kwh_wanted=self.kwh_wanted, departure=departure,
+                             car=self.car)
+
+    def describe(self) -> str:
+        """The CP id and the fields given, for the log."""
+        parts = [self.cp_id]
+        if self.kwh_wanted is not None:
+            parts.append(f"{self.kwh_wanted:g} kWh wanted")
+        if isinstance(self.departure, timedelta):
+            parts.append(f"leaving in {self.departure}")
+        elif self.departure is not None:
+            parts.append(f"leaving at {self.departure.isoformat()}")
+        if self.car is not None:
+            car = self.car
+            parts.append(f"car {car.battery_kwh:g} kWh at {car.soc:.0%}, {car.max_kw:g} kW")
+        return ", ".join(parts)
+
+
+def _departure(text: str) -> datetime | timedelta:
+    relative = _RELATIVE.fullmatch(text)
+    if relative is not None and text != "+":
+        hours, minutes = relative.groups()
+        delay = timedelta(hours=float(hours or 0), minutes=float(minutes or 0))
+        if delay <= timedelta(0):
+            raise ValueError("a departure from now must be later than now")
+        return delay
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"departure {text!r} is neither +2h, +90m, +1h30m nor an ISO 8601 "
+                         "time such as 2026-12-07T18:00Z") from None
+    if when.tzinfo is None:
+        raise ValueError(f"departure {text!r} needs its time zone (e.g. a trailing Z)")
+    return when.astimezone(UTC)
+
+
+def _number(key: str, text: str) -> float:
+    if _NUMBER.fullmatch(text) is None:
+        raise ValueError(f"{key} {text!r} is not a number")
+    return float(text)
+
+
+def _car(text: str) -> CarSpec:
+    parts = text.split("/")
+    if len(parts) != 3:
+        raise ValueError(f"car {text!r} is not battery_kwh/soc/max_kw (e.g. 60/0.35/11)")
+    battery, soc, max_kw = (_number(name, part) for name, part in
+                            zip(("battery_kwh", "soc", "max_kw"), parts, strict=True))
+    try:
+        return CarSpec(battery_kwh=battery, soc=soc, max_kw=max_kw)
+    except ValidationError as exc:
+        raise ValueError(_problems(exc, "car.")) from None
+
+
+def _problems(exc: ValidationError, prefix: str = "") -> str:
+    """A validation error's problems in one line: ``field: message; …``."""
+    return "; ".join(
+        f"{prefix}{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}"
+        for error in exc.errors())
+
+
+def _fields(cp_id: str, tokens: Sequence[str]) -> PlannedRequest:
+    """The fields after a line's CP id; ValueError naming what is wrong."""
+    given: dict[str, str] = {}
+    for token in tokens:
+        key, _, value = token.partition("=")
+        if not value:
+            raise ValueError(f"{token!r} is not key=value (kwh=20, departure=+2h, "
+                             "car=60/0.35/11)")
+        if key not in ("kwh", "departure", "car"):
+            raise ValueError(f"unknown field {key!r} (known: kwh, departure, car)")
+        if key in given:
+            raise ValueError(f"{key} given twice")
+        given[key] = value
+    try:
+        kwh = _number("kwh", given["kwh"]) if "kwh" in given else None
+        departure = _departure(given["departure"]) if "departure" in given else None
+        car = _car(given["car"]) if "car" in given else None
+        planned = PlannedRequest(cp_id, kwh, departure, car)
+        planned.request("check", "check", utcnow())  # the message's own ranges
+    except ValidationError as exc:
+        raise ValueError(_problems(exc)) from None
+    return planned
+
+
+def parse_plan(text: str, source: str = "requests") -> list[PlannedRequest]:
+    """The requests of a requests file's text, in order; invalid CP ids are logged and
+    skipped, a bad field raises :class:`RequestsFileError` naming its line."""
+    plan: list[PlannedRequest] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        cp_id = line.split("#", 1)[0].strip()
-        if not cp_id:
+        tokens = line.split("#", 1)[0].split()
+        if not tokens:
             continue
-        if _CP_ID.fullmatch(cp_id) is None:
-            logger.warning("{} line {}: skipped invalid CP id {!r}", source, number, cp_id)
+        cp_id = tokens[0]
+        if _CP_ID.fullmatch(cp_id) is None or not all("=" in t for t in tokens[1:]):
+            # Blanks without key=value fields: an id with blanks, as before the fields.
+            logger.warning("{} line {}: skipped invalid CP id {!r}", source, number,
+                           " ".join(tokens))
             continue
-        cp_ids.append(cp_id)
-    return cp_ids
+        try:
+            plan.append(_fields(cp_id, tokens[1:]))
+        except ValueError as exc:
+            raise RequestsFileError(f"{source} line {number}: {exc}") from None
+    return plan
+
+
+def parse_requests(text: str, source: str = "requests") -> list[str]:
+    """The CP ids of a requests file's text, in order (see :func:`parse_plan`)."""
+    return [planned.cp_id for planned in parse_plan(text, source)]
+
+
+def load_plan(path: Path) -> list[PlannedRequest]:
+    """Read a requests file (UTF-8); raises OSError (e.g. FileNotFoundError) or
+    UnicodeDecodeError when it cannot be read, RequestsFileError for a bad field."""
+    return parse_plan(path.read_text(encoding="utf-8"), source=str(path))
 
 
 def load_requests(path: Path) -> list[str]:
-    """Read a requests file (UTF-8); raises OSError (e.g. FileNotFoundError) or
-    UnicodeDecodeError when it cannot be read."""
-    return parse_requests(path.read_text(encoding="utf-8"), source=str(path))
+    """The CP ids of a requests file (see :func:`load_plan`)."""
+    return [planned.cp_id for planned in load_plan(path)]
 
 
 class Driver:
@@ -220,14 +366,15 @@ class Driver:
             return
         queue.put_nowait(update)
 
-    async def run(self, cp_ids: Iterable[str]) -> DriverSummary:
-        """Request a charge at each CP in order; returns (and logs) the summary."""
-        plan = list(cp_ids)
+    async def run(self, requests: Iterable[str | PlannedRequest]) -> DriverSummary:
+        """Request a charge at each CP in order (a CP id, or a line of a requests file with
+        its fields); returns (and logs) the summary."""
+        plan = [PlannedRequest(r) if isinstance(r, str) else r for r in requests]
         summary = self._summary = DriverSummary(planned=len(plan))
-        for index, cp_id in enumerate(plan):
+        for index, planned in enumerate(plan):
             if self.stopping:
                 break
-            result = await self._request(cp_id)
+            result = await self._request(planned)
             summary.add(result)
             if result.outcome is Outcome.NOT_SENT:
                 summary.bus_error = result.reason
@@ -239,19 +386,20 @@ class Driver:
         log_summary(self.driver_id, summary)
         return summary
 
-    async def _request(self, cp_id: str) -> RequestResult:
+    async def _request(self, planned: PlannedRequest) -> RequestResult:
+        cp_id = planned.cp_id
         request_id = new_id()
         queue: asyncio.Queue[DriverUpdate | None] = asyncio.Queue()
         # Registered before publishing, so an answer that arrives at once is not lost.
         self._waiting[request_id] = queue
         try:
-            request = DriverRequest(request_id=request_id, driver_id=self.driver_id, cp_id=cp_id)
+            request = planned.request(request_id, self.driver_id, utcnow())
             try:
                 await self._publisher.publish(request)
             except BusError as exc:
                 logger.error("could not send the request for {}: {}", cp_id, exc)
                 return RequestResult(cp_id, request_id, Outcome.NOT_SENT, reason=str(exc))
-            logger.info("requested a charge at {} (request {})", cp_id, request_id)
+            logger.info("requested a charge at {} (request {})", planned.describe(), request_id)
             return await self._follow(cp_id, request_id, queue)
         finally:
             del self._waiting[request_id]

@@ -18,7 +18,14 @@ from collections.abc import Sequence
 
 from loguru import logger
 
-from evcharging.apps.ev_driver.driver import Driver, DriverSummary, load_requests, plan_text
+from evcharging.apps.ev_driver.driver import (
+    Driver,
+    DriverSummary,
+    PlannedRequest,
+    RequestsFileError,
+    load_plan,
+    plan_text,
+)
 from evcharging.common.config import DriverSettings, load_settings
 from evcharging.common.kafka import (
     BusError,
@@ -41,7 +48,10 @@ from evcharging.common.service import (
 PROG = "python -m evcharging.apps.ev_driver.main"
 DESCRIPTION = (
     "EV Driver: asks EV Central over Kafka to charge at each CP listed in a requests file "
-    "(one CP id per line, # comments) and follows every request to its end."
+    "and follows every request to its end. The file has one CP id per line (# comments), "
+    "optionally followed by kwh=KWH (energy wanted), departure=+2h (or +90m, or an ISO 8601 "
+    "time with its zone) and car=BATTERY_KWH/SOC/MAX_KW (e.g. CP-001 kwh=20 departure=+2h "
+    "car=60/0.35/11)."
 )
 
 EXIT_OK = 0
@@ -54,17 +64,20 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
     """Run the driver over its requests file until done or `stop`; returns the exit code."""
     path = settings.requests_file
     try:
-        cp_ids = load_requests(path)
+        plan = load_plan(path)
+    except RequestsFileError as exc:
+        logger.error("{}; nothing was sent", exc)
+        return EXIT_USAGE
     except FileNotFoundError:
         logger.error("requests file {} not found", path)
         return EXIT_USAGE
     except (OSError, UnicodeDecodeError) as exc:
         logger.error("cannot read requests file {}: {}", path, exc)
         return EXIT_USAGE
-    if not cp_ids:
+    if not plan:
         logger.warning("requests file {} lists no valid CP id; nothing to do", path)
         return EXIT_OK
-    logger.info("{} request(s) to make: {}", len(cp_ids), plan_text(cp_ids))
+    logger.info("{} request(s) to make: {}", len(plan), plan_text([p.cp_id for p in plan]))
 
     config = KafkaConfig.from_settings(settings, f"driver-{settings.driver_id}")
     bus = KafkaBus(config)
@@ -85,7 +98,7 @@ async def run(settings: DriverSettings, stop: asyncio.Event) -> int:
         except Stopped:
             logger.info("stopped while connecting to Kafka; no request was sent")
             return EXIT_INTERRUPTED
-        summary, failed = await _drive(driver, consumer, cp_ids, stop)
+        summary, failed = await _drive(driver, consumer, plan, stop)
     except BusError as exc:
         logger.error("the message bus failed: {}", exc)
         return EXIT_BUS
@@ -105,7 +118,10 @@ async def _start(bus: KafkaBus, consumer: KafkaConsumerLoop) -> None:
 
 
 async def _drive(
-    driver: Driver, consumer: KafkaConsumerLoop, cp_ids: Sequence[str], stop: asyncio.Event
+    driver: Driver,
+    consumer: KafkaConsumerLoop,
+    plan: Sequence[PlannedRequest],
+    stop: asyncio.Event,
 ) -> tuple[DriverSummary | None, bool]:
     """Run the consumer and the driver side by side.
 
@@ -116,7 +132,7 @@ async def _drive(
         driver.stop()
     async with TaskOwner("EV Driver") as tasks:
         tasks.spawn(consumer.run(), "driver.updates consumer", forever=True)
-        driving = tasks.spawn(driver.run(cp_ids), "driver")
+        driving = tasks.spawn(driver.run(plan), "driver")
         await wait_first([stop, tasks.failed], [driving])
         if not driving.done():
             if tasks.failed.is_set():
