@@ -12,6 +12,7 @@ reads them are one precedence rule, kept in one place.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -22,6 +23,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -180,6 +182,61 @@ class CentralSettings(ServiceSettings):
         "monitor, the fleet or the gateway); statuses of more are counted and ignored, and "
         "such a CP is forgotten after an hour of silence"
     )
+    site_limits: str = Field(
+        "", description="sites' power limits in kW set at start, over those persisted "
+        "(SPEC §10), e.g. site-A=66,site-B=150"
+    )
+    allocation: Literal["equal", "least_laxity"] = Field(
+        "equal", description="how a limited site's power is shared among its sessions: equal "
+        "shares, or least_laxity (the least slack before departure first)"
+    )
+    allocation_interval: Positive = Field(
+        2.0, description="seconds between reallocations of the limited sites' power"
+    )
+
+    @field_validator("site_limits")
+    @classmethod
+    def _valid_site_limits(cls, value: str) -> str:
+        parse_site_limits(value)
+        return value
+
+    @property
+    def site_limit_map(self) -> dict[str, float]:
+        """``site_limits`` as a mapping of site to kW."""
+        return parse_site_limits(self.site_limits)
+
+
+SITE_MAX = 64
+"""The longest site name (as ``CPRegistration.site``)."""
+
+
+def parse_site_limits(text: str) -> dict[str, float]:
+    """``site-A=66,site-B=150`` as ``{"site-A": 66.0, "site-B": 150.0}`` (blank: none).
+
+    ValueError names the item at fault: no ``=``, an empty or too long site name, a site
+    named twice, a limit that is not a finite number >= 0."""
+    limits: dict[str, float] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        site, equals, kw_text = item.rpartition("=")
+        site = site.strip()
+        if not equals or not site:
+            raise ValueError(f"{item!r} is not site=kW (e.g. site-A=66)")
+        if len(site) > SITE_MAX:
+            raise ValueError(f"site name {site[:20]!r}... is longer than {SITE_MAX} characters")
+        if site in limits:
+            raise ValueError(f"site {site!r} is given twice")
+        try:
+            kw = float(kw_text)
+        except ValueError:
+            raise ValueError(f"{item!r}: the limit {kw_text.strip()!r} is not a number of kW"
+                             ) from None
+        if not math.isfinite(kw) or kw < 0:
+            raise ValueError(f"{item!r}: the limit must be a finite number of kW >= 0")
+        limits[site] = kw
+    return limits
 
 
 class CPEngineSettings(ServiceSettings):

@@ -188,6 +188,12 @@ _CATALOGUE: tuple[Family, ...] = (
        service="central"),
     _g("sessions_active", "Sessions from ACCEPTED until their end", service="central"),
     _g("network_power_watts", "Power the supplying CPs deliver now", service="central"),
+    _g("site_limit_watts", "A site's power limit (SPEC §10; only limited sites)", "site",
+       service="central"),
+    _g("site_allocated_watts", "What smart charging shares among a limited site's sessions",
+       "site", service="central"),
+    _g("site_measured_watts", "The latest telemetry power of a site's supplying CPs", "site",
+       service="central"),
     _g("central_lag_seconds", "How far behind Central reads the CPs' reports (0 when it "
        "has caught up)", service="central"),
     _g("cps_unregistered", "CPs known only from the bus (never registered), at most "

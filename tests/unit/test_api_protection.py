@@ -136,7 +136,7 @@ def test_every_mutating_route_of_central_is_guarded(controller: Controller) -> N
     mutating = [r for r in routes if r.methods & {"POST", "PUT", "PATCH", "DELETE"}]
     assert {r.path for r in mutating} == {
         "/cp/register", "/cp/fault", "/cp/{cp_id}/stop", "/cp/{cp_id}/resume",
-        "/cp/{cp_id}/monitor", "/fleet/register", "/fleet/monitor",
+        "/cp/{cp_id}/monitor", "/fleet/register", "/fleet/monitor", "/sites/{site}/limit",
     }
     assert all(isinstance(r, GuardedRoute) for r in routes)
 

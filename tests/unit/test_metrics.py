@@ -27,6 +27,7 @@ from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.metrics import (
     J_PER_KWH,
     CentralCollector,
+    SiteCollector,
     central_metrics,
     timed_requests,
 )
@@ -86,7 +87,7 @@ HOT_PATH_HISTOGRAMS = {
 }
 """Histograms observed as things happen (or built from the load's latencies)."""
 COLLECTORS: list[Any] = [BusCollector, CentralCollector, EngineCollector, FleetCollector,
-                         MonitorCollector, LoadCollector, OcppCollector]
+                         MonitorCollector, LoadCollector, OcppCollector, SiteCollector]
 
 
 def parse(text: str) -> Samples:

@@ -54,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.dashboard import mount_dashboard
+from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
 from evcharging.apps.ev_central.repository import MAX_LIMIT
 from evcharging.apps.ev_central.schemas import (
@@ -67,6 +68,7 @@ from evcharging.apps.ev_central.schemas import (
     HistoryOut,
     MonitorOut,
     SessionOut,
+    SiteOut,
     StatsOut,
     SummaryOut,
     TelemetryOut,
@@ -110,6 +112,8 @@ __all__ = [
 ]
 
 CpId = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+SiteName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+"""A site's name: as ``CPRegistration.site`` (at most 64 characters)."""
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="most rows to return")]
 Offset = Annotated[int, Query(ge=0, description="rows to skip (newest first)")]
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
@@ -143,6 +147,13 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorOut, "description": _ERRORS[status]} for status in statuses}
 
 
+class SiteLimitIn(BaseModel):
+    """The body of ``PUT /sites/{site}/limit``: the site's power limit in kW."""
+
+    kw: Annotated[float, Field(ge=0, le=1_000_000, allow_inf_nan=False,
+                               description="the most the site's CPs may draw together (kW)")]
+
+
 class OperatorAction(BaseModel):
     """The optional body of an operator command; no body, ``{}`` or ``null`` all mean none."""
 
@@ -160,9 +171,12 @@ def create_api(
     health_budget: float = HEALTH_BUDGET,
     trusted_peer: Callable[[str | None], bool] = is_loopback,
     auth_throttle: AuthThrottle | None = None,
+    energy: Energy | None = None,
 ) -> FastAPI:
     """Central's app. `trusted_peer` decides which client hosts count as this machine;
-    `auth_throttle` limits failed tokens per client address (one is made when None)."""
+    `auth_throttle` limits failed tokens per client address (one is made when None);
+    `energy` holds the site limits (one with the defaults is made when None)."""
+    energy = energy or Energy(controller)
     app = FastAPI(
         title="EV Central",
         description="Controller of the EV charging network: CPs, sessions, faults.",
@@ -314,6 +328,29 @@ def create_api(
         reason = (body.reason if body else None) or "resumed by operator"
         cp = await controller.resume_cp(cp_id, reason)
         return CommandOut(sent=CommandType.RESUME_CP, cp=cp_out(cp))
+
+    @app.get("/sites", summary="Every site: its limit, allocation and measured power",
+             response_model=list[SiteOut])
+    async def sites() -> list[SiteOut]:
+        """The sites of the registered CPs and every site with a limit (SPEC §10)."""
+        return energy.sites()
+
+    @app.put(
+        "/sites/{site}/limit", summary="Set a site's power limit", response_model=SiteOut,
+        responses=mutation_errors, dependencies=bearer,
+    )
+    async def put_site_limit(site: SiteName, body: SiteLimitIn) -> SiteOut:
+        """Smart charging shares it among the site's sessions at once (SET_LIMIT to each
+        CP whose limit changes); it never denies a request."""
+        return await energy.set_limit(site, body.kw)
+
+    @app.delete(
+        "/sites/{site}/limit", summary="Remove a site's power limit", response_model=SiteOut,
+        responses=mutation_errors, dependencies=bearer,
+    )
+    async def delete_site_limit(site: SiteName) -> SiteOut:
+        """The site's supplying CPs get SET_LIMIT with ``kw`` null (no limit)."""
+        return await energy.remove_limit(site)
 
     @app.get("/cp/{cp_id}", summary="One CP", response_model=CPOut, responses=_errors(404, 422))
     async def get_cp(cp_id: CpId) -> CPOut:

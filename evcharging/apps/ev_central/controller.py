@@ -49,7 +49,7 @@ from evcharging.apps.ev_central.outbox import Outbox
 from evcharging.apps.ev_central.repository import Repository, StorageError
 from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.tally import Tally
-from evcharging.apps.ev_central.views import ActiveSession, ClosedSession, CPView
+from evcharging.apps.ev_central.views import ActiveSession, ClosedSession, CPView, car_of
 from evcharging.common.bus import Publisher, Topic
 from evcharging.common.circuit_breaker import BreakerState, CircuitBreaker
 from evcharging.common.kafka import partition_for_key
@@ -145,6 +145,9 @@ class Controller:
         self._closed: OrderedDict[str, ClosedSession] = OrderedDict()
         self._watchdogs: dict[str, asyncio.Task[None]] = {}
         self._timers = TaskOwner("start timeouts", level="ERROR")
+        self.session_hooks: list[Callable[[CPView, ActiveSession, bool], None]] = []
+        """Told of each session that starts (True) or ends (False) on a CP, at once and
+        cheaply (smart charging, :mod:`~evcharging.apps.ev_central.energy`)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -188,6 +191,7 @@ class Controller:
                 session_id=row.session_id, request_id=row.request_id, driver_id=row.driver_id,
                 cp_id=row.cp_id, started_at=row.started_at, confirmed=True, resumed=True,
                 kwh=row.kwh, euros=row.euros, first_report=row.first_report,
+                kwh_wanted=row.kwh_wanted, departure=row.departure, car=car_of(row),
             )
         logger.info("loaded {} CP(s); resumed {} running session(s)", len(self.cps),
                     len(resumed))
@@ -271,6 +275,7 @@ class Controller:
         session = ActiveSession(
             session_id=new_id(), request_id=request.request_id, driver_id=request.driver_id,
             cp_id=cp.cp_id, started_at=received, trial=trial,
+            kwh_wanted=request.kwh_wanted, departure=request.departure, car=request.car,
         )
         cp.session = session
         self.outbox.write(sql.log_request(session.request_id, session.driver_id, cp.cp_id,
@@ -279,7 +284,11 @@ class Controller:
         self.outbox.write(sql.start_session(sql.SessionRecord(
             session_id=session.session_id, request_id=session.request_id, cp_id=cp.cp_id,
             driver_id=session.driver_id, status=SessionStatus.ACTIVE,
-            started_at=session.started_at,
+            started_at=session.started_at, kwh_wanted=request.kwh_wanted,
+            departure=request.departure,
+            car_battery_kwh=request.car.battery_kwh if request.car else None,
+            car_soc=request.car.soc if request.car else None,
+            car_max_kw=request.car.max_kw if request.car else None,
         )))
         self.stats["accepted"] += 1
         logger.info("ACCEPTED request {} of {} on {} (session {})",
@@ -287,8 +296,13 @@ class Controller:
         self._send_update(self._update(session, DriverStatus.ACCEPTED))
         # The start timeout runs from when START_SUPPLY leaves (see _sent), not from the
         # decision: a database that holds the decision back is Central's own delay.
-        self._send_command(cp.cp_id, CommandType.START_SUPPLY,
-                           driver_id=session.driver_id, session_id=session.session_id)
+        self.outbox.send(CentralCommand(
+            cp_id=cp.cp_id, cmd=CommandType.START_SUPPLY,
+            payload=CommandPayload(driver_id=session.driver_id, session_id=session.session_id,
+                                   kwh_wanted=request.kwh_wanted, departure=request.departure,
+                                   car=request.car),
+        ))
+        self._session_hook(cp, session, started=True)
         self.changed(cp)
 
     def _deny(self, request: DriverRequest, reason: str, received: datetime) -> None:
@@ -443,6 +457,7 @@ class Controller:
         else:  # the verdict the gateway answers the id tag with: accepted, already running
             self._send_command(cp.cp_id, CommandType.START_SUPPLY, driver_id=session.driver_id,
                                session_id=session.session_id)
+        self._session_hook(cp, session, started=True)
         self.changed(cp)
 
     def _follow_own_session(
@@ -664,6 +679,7 @@ class Controller:
         cp.session = None
         cp.last_closed = session.session_id
         self._cancel_watchdog(session.session_id)
+        self._session_hook(cp, session, started=False)
         if stop_reason is not None:
             self._send_command(cp.cp_id, CommandType.STOP_SUPPLY,
                                session_id=session.session_id, reason=stop_reason)
@@ -990,6 +1006,10 @@ class Controller:
             kwh=session.kwh if with_totals else None,
             euros=session.euros if with_totals else None,
         )
+
+    def _session_hook(self, cp: CPView, session: ActiveSession, *, started: bool) -> None:
+        for hook in self.session_hooks:
+            hook(cp, session, started)
 
     def _send_update(self, update: DriverUpdate) -> None:
         self.outbox.send(update)

@@ -19,6 +19,7 @@ from loguru import logger
 from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
+from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
 from evcharging.apps.ev_central.repository import DatabaseInUse, SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
@@ -89,7 +90,9 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             ),
             readclock=readclock,
         )
-        metrics = central_metrics(controller, repo)
+        energy = Energy(controller, policy=settings.allocation,
+                        interval=settings.allocation_interval)
+        metrics = central_metrics(controller, repo, energy=energy)
         consumer = KafkaConsumerLoop(
             kafka,
             Routes()
@@ -129,7 +132,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             }
 
         tasks = TaskOwner("EV Central")
-        app = create_api(controller, api_token=token, health=health)
+        app = create_api(controller, api_token=token, health=health, energy=energy)
         mount_metrics(app, metrics)
         http = HttpServer(app, settings.http_host, settings.http_port, name="HTTP API",
                           tasks=tasks)
@@ -139,6 +142,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             ("TCP control plane", tcp.stop),
             ("HTTP API", http.stop),
             ("background tasks", tasks.close),
+            ("smart charging", energy.close),
             ("controller", controller.close),
             ("Kafka consumer", consumer.stop),
             ("Kafka producer", bus.stop),
@@ -150,6 +154,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             # is consumed or decided.
             await until_stopped(stop, controller.outbox.recover(
                 lambda: committed_offsets(kafka, settings.group_id, consumer.topics)))
+            await energy.load(settings.site_limit_map)
             await http.start()
             await tcp.start()
             await until_stopped(stop, consumer.start())
@@ -159,6 +164,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                                  settings.history_retention_days),
                 "housekeeping", forever=True,
             )
+            tasks.spawn(energy.run(), "smart charging", forever=True)
             logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)
             return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
         except OSError as exc:

@@ -18,6 +18,7 @@ from operator import attrgetter
 from prometheus_client.metrics_core import Metric
 
 from evcharging.apps.ev_central.controller import Controller
+from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.schemas import cp_power_kw
 from evcharging.common.bus import Handler
@@ -26,7 +27,8 @@ from evcharging.common.messages import DriverRequest, DriverStatus
 from evcharging.common.metrics import PREFIX, ServiceMetrics, counter, described, gauge
 from evcharging.common.states import CPState, SessionResult
 
-__all__ = ["DENIED", "DUPLICATE", "CentralCollector", "central_metrics", "timed_requests"]
+__all__ = ["DENIED", "DUPLICATE", "CentralCollector", "SiteCollector", "central_metrics",
+           "timed_requests"]
 
 J_PER_KWH = 3.6e6
 DENIED = "denied:"
@@ -130,6 +132,30 @@ class CentralCollector:
         yield gauge(PREFIX + "network_power_watts", watts)
 
 
+class SiteCollector:
+    """Each site's limit, allocation and measured power (SPEC §10), read at scrape time
+    from the summary's per-site counts and the energy job (O(sites) per scrape)."""
+
+    NAMES = tuple(PREFIX + n for n in (
+        "site_limit_watts", "site_allocated_watts", "site_measured_watts",
+    ))
+
+    def __init__(self, energy: Energy) -> None:
+        self.energy = energy
+
+    def describe(self) -> list[Metric]:
+        return described(self.NAMES)
+
+    def collect(self) -> Iterator[Metric]:
+        sites = self.energy.sites()
+        yield gauge(PREFIX + "site_limit_watts", {
+            (s.site,): s.limit_kw * 1000.0 for s in sites if s.limit_kw is not None})
+        yield gauge(PREFIX + "site_allocated_watts", {
+            (s.site,): s.allocated_kw * 1000.0 for s in sites if s.allocated_kw is not None})
+        yield gauge(PREFIX + "site_measured_watts", {
+            (s.site,): s.measured_kw * 1000.0 for s in sites})
+
+
 _STATE = attrgetter("state")
 _BREAKER_STATE = attrgetter("breaker.state")
 
@@ -155,12 +181,15 @@ def timed_requests(
 
 
 def central_metrics(
-    controller: Controller, repo: SqliteRepository | None = None, *, process: bool = True
+    controller: Controller, repo: SqliteRepository | None = None, *, process: bool = True,
+    energy: Energy | None = None,
 ) -> ServiceMetrics:
-    """Central's registry with its collector; the caller adds the bus's and wires the
+    """Central's registry with its collectors; the caller adds the bus's and wires the
     hooks (:func:`timed_requests`, the consumer's ``observe``, the repository's)."""
     metrics = ServiceMetrics(process=process)
     metrics.add(CentralCollector(controller, repo))
+    if energy is not None:
+        metrics.add(SiteCollector(energy))
     if repo is not None:
         repo.observe_write = metrics.histogram(PREFIX + "db_write_duration_seconds").observe
     return metrics

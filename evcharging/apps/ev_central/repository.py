@@ -150,6 +150,7 @@ class Repository(Protocol):
     async def record_health_many(self, rows: Sequence[HealthSnapshot]) -> None: ...
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]: ...
     async def load_pending(self) -> sql.PendingRow | None: ...
+    async def load_site_limits(self) -> dict[str, float]: ...
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -463,6 +464,11 @@ class SqliteRepository:
             return None
         return sql.PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
                               str(rows[0]["messages"]))
+
+    async def load_site_limits(self) -> dict[str, float]:
+        """Every site's power limit in kW (SPEC §10), by site."""
+        rows = await self._fetchall(sql.SQL_LOAD_SITE_LIMITS, ())
+        return {str(row["site"]): float(row["kw"]) for row in rows}
 
     # ------------------------------------------------------------------ internals
 

@@ -45,6 +45,7 @@ __all__ = [
     "HistoryOut",
     "MonitorOut",
     "SessionOut",
+    "SiteOut",
     "SiteSummaryOut",
     "StatsOut",
     "SummaryOut",
@@ -331,6 +332,21 @@ class SiteSummaryOut(Out):
     supplying: int
     faulty: int
     power_kw: float = Field(description="power the site's CPs deliver now")
+
+
+class SiteOut(Out):
+    """One site in ``GET /sites`` and the answer of ``PUT``/``DELETE /sites/{site}/limit``
+    (SPEC §10)."""
+
+    site: str
+    limit_kw: float | None = Field(description="the site's power limit; null: none")
+    allocated_kw: float | None = Field(
+        description="what smart charging shares among the site's sessions now (null "
+        "without a limit)")
+    measured_kw: float = Field(
+        description="the sum of the latest telemetry kW of the site's supplying CPs")
+    cps: int
+    supplying: int
 
 
 class SummaryOut(Out):

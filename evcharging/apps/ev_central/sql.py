@@ -146,6 +146,12 @@ class SessionRecord(_AsDict):
     """The CP reported this session's end: kwh and euros are its meter's final totals."""
     first_report: datetime | None = None
     """The CP's own time of its first report of the session (None: not yet reported)."""
+    kwh_wanted: float | None = None
+    departure: datetime | None = None
+    car_battery_kwh: float | None = None
+    car_soc: float | None = None
+    car_max_kw: float | None = None
+    """What the driver's request said of the car and the charge (SPEC §10; None: not given)."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE cp_registry ADD COLUMN vendor TEXT",
         "ALTER TABLE cp_registry ADD COLUMN model TEXT",
     ),
+    # 9: energy (SPEC §10): what a request said of its car and charge, kept with its
+    # session so that a restarted Central shares a limited site's power as before; and the
+    # sites' power limits.
+    (
+        "ALTER TABLE charging_sessions ADD COLUMN kwh_wanted REAL",
+        "ALTER TABLE charging_sessions ADD COLUMN departure TEXT",
+        "ALTER TABLE charging_sessions ADD COLUMN car_battery_kwh REAL",
+        "ALTER TABLE charging_sessions ADD COLUMN car_soc REAL",
+        "ALTER TABLE charging_sessions ADD COLUMN car_max_kw REAL",
+        """CREATE TABLE IF NOT EXISTS site_limits (
+            site       TEXT PRIMARY KEY,
+            kw         REAL NOT NULL CHECK (kw >= 0),
+            updated_at TEXT NOT NULL
+        )""",
+    ),
 )
 """Migration N is ``MIGRATIONS[N - 1]``; append new ones, never edit an applied one."""
 
@@ -298,7 +319,7 @@ _CP_COLUMNS = (
 )
 _SESSION_COLUMNS = (
     "session_id, request_id, cp_id, driver_id, status, start_time, end_time, kwh, euros, reason,"
-    " meter_final, first_report"
+    " meter_final, first_report, kwh_wanted, departure, car_battery_kwh, car_soc, car_max_kw"
 )
 _HEALTH_COLUMNS = "id, cp_id, state, is_faulty, circuit_breaker_state, session_id, timestamp"
 
@@ -336,8 +357,9 @@ SQL_LOG_REQUEST = (
 
 SQL_START_SESSION = """
     INSERT INTO charging_sessions (session_id, request_id, cp_id, driver_id, status, start_time,
-                                   end_time, kwh, euros, reason)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                   end_time, kwh, euros, reason, kwh_wanted, departure,
+                                   car_battery_kwh, car_soc, car_max_kw)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT DO NOTHING
 """
 SQL_FINISH_SESSION = """
@@ -415,6 +437,11 @@ def session_from_row(row: sqlite3.Row) -> SessionRecord:
         reason=row["reason"],
         meter_final=bool(row["meter_final"]),
         first_report=ts_opt_parse(row["first_report"]),
+        kwh_wanted=row["kwh_wanted"],
+        departure=ts_opt_parse(row["departure"]),
+        car_battery_kwh=row["car_battery_kwh"],
+        car_soc=row["car_soc"],
+        car_max_kw=row["car_max_kw"],
     )
 
 
@@ -512,6 +539,11 @@ def start_session(session: SessionRecord) -> Op:
         amount("kwh", session.kwh),
         amount("euros", session.euros),
         session.reason,
+        session.kwh_wanted,
+        ts_opt_text(session.departure),
+        session.car_battery_kwh,
+        session.car_soc,
+        session.car_max_kw,
     )
 
 
@@ -579,6 +611,23 @@ def save_pending(seq: int, offsets: str, messages: str) -> Op:
         " messages = excluded.messages",
         (int(seq), offsets, messages),
     )
+
+
+SQL_LOAD_SITE_LIMITS = "SELECT site, kw FROM site_limits ORDER BY site"
+
+
+def set_site_limit(site: str, kw: float, now: datetime) -> Op:
+    """Set (or replace) a site's power limit (SPEC §10)."""
+    return (
+        "INSERT INTO site_limits (site, kw, updated_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (site) DO UPDATE SET kw = excluded.kw, updated_at = excluded.updated_at",
+        (site, amount("kw", kw), ts_text(now)),
+    )
+
+
+def delete_site_limit(site: str) -> Op:
+    """Remove a site's power limit (nothing when it has none)."""
+    return "DELETE FROM site_limits WHERE site = ?", (site,)
 
 
 def prune_health(before: datetime) -> Op:

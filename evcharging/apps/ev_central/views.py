@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from evcharging.apps.ev_central.sql import CPRecord, HealthSnapshot, SessionRecord
 from evcharging.common.circuit_breaker import CircuitBreaker
 from evcharging.common.messages import (
+    CarSpec,
     CPTelemetry,
     SessionEnd,
     SessionStatus,
@@ -25,7 +26,7 @@ from evcharging.common.states import CPState
 if TYPE_CHECKING:
     from evcharging.apps.ev_central.tally import Part, Tally
 
-__all__ = ["SUMMARY_FIELDS", "ActiveSession", "CPView", "ClosedSession"]
+__all__ = ["SUMMARY_FIELDS", "ActiveSession", "CPView", "ClosedSession", "car_of"]
 
 SUMMARY_FIELDS = frozenset({"state", "site", "is_faulty", "session", "last_telemetry",
                             "monitor_interval", "monitor_lost"})
@@ -56,6 +57,10 @@ class ActiveSession:
     say nothing about the session (SPEC §4)."""
     last_report: datetime | None = None
     """The CP's own time of its last report of this session."""
+    kwh_wanted: float | None = None
+    departure: datetime | None = None
+    car: CarSpec | None = None
+    """What the driver's request said of the charge and the car (SPEC §10)."""
     view: CPView | None = field(default=None, init=False, repr=False, compare=False)
     """The CP it runs on, once set as that CP's ``session``."""
 
@@ -65,6 +70,13 @@ class ActiveSession:
             view = self.__dict__.get("view")
             if view is not None:
                 view.touched()
+
+
+def car_of(row: SessionRecord) -> CarSpec | None:
+    """The car a session row keeps (SPEC §10), or None when its request gave none."""
+    if row.car_battery_kwh is None or row.car_soc is None or row.car_max_kw is None:
+        return None
+    return CarSpec(battery_kwh=row.car_battery_kwh, soc=row.car_soc, max_kw=row.car_max_kw)
 
 
 @dataclass
