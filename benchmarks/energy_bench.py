@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from evcharging.apps.ev_central.allocation import Demand, Policy, allocate
 from evcharging.common.car import Car, charge
+from evcharging.common.workplace import ACN_WORKPLACE, draw_visit
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results"
 DAY = date(2026, 12, 7)
@@ -65,28 +66,23 @@ ACN_VOLTAGE = 230.0
 
 # --- the cars of one day ------------------------------------------------------------------
 #
-# Shaped after the workplace sessions of ACN-Data (Lee, Li and Low, "ACN-Data: Analysis and
-# Applications of an Open EV Charging Dataset", e-Energy 2019; the JPL and Caltech sites), by
-# hand from its published description, not fitted to the data (the data needs an API token):
-# most drivers are employees who arrive in a morning peak and stay a working day; a minority
-# come for a few hours around midday and in the afternoon; a session takes around 10 kWh.
+# evcharging.common.workplace draws them: shaped after the workplace sessions of ACN-Data
+# (Lee, Li and Low, e-Energy 2019), by hand from its published description (see there).
+# The names below are its ACN_WORKPLACE profile, for the report.
 
-EMPLOYEE_SHARE = 0.65
-EMPLOYEE_ARRIVAL_H = (8.25, 0.9, 5.5, 12.0)
+EMPLOYEE_SHARE = ACN_WORKPLACE.employee_share
+EMPLOYEE_ARRIVAL_H = ACN_WORKPLACE.employee_arrival_h
 """Normal: mean, standard deviation, clipped to [low, high] (hours after midnight)."""
-EMPLOYEE_STAY_H = (9.0, 1.4, 4.0, 12.5)
-VISITOR_ARRIVAL_H = (9.5, 17.0)
+EMPLOYEE_STAY_H = ACN_WORKPLACE.employee_stay_h
+VISITOR_ARRIVAL_H = ACN_WORKPLACE.visitor_arrival_h
 """Uniform over [low, high]."""
-VISITOR_STAY_H = (2.0, 0.5, 0.5, 6.0)
+VISITOR_STAY_H = ACN_WORKPLACE.visitor_stay_h
 """Log-normal: median, sigma of the log, clipped."""
-EMPLOYEE_KWH = (13.0, 0.5, 2.0, 50.0)
-"""Log-normal, above ACN's typical 10 kWh or so per session, so that a limit of half the
-chargers' sum binds in the morning peak (with less, it never does here)."""
-VISITOR_KWH = (6.0, 0.5, 1.0, 25.0)
-BATTERIES_KWH = ((40.0, 0.25), (60.0, 0.35), (77.0, 0.30), (100.0, 0.10))
-CAR_MAX_KW = ((7.4, 0.35), (11.0, 0.65))
-"""On-board AC chargers: single phase 32 A, three phase 16 A."""
-ARRIVAL_SOC = (0.10, 0.70)
+EMPLOYEE_KWH = ACN_WORKPLACE.employee_kwh
+VISITOR_KWH = ACN_WORKPLACE.visitor_kwh
+BATTERIES_KWH = ACN_WORKPLACE.batteries_kwh
+CAR_MAX_KW = ACN_WORKPLACE.car_max_kw
+ARRIVAL_SOC = ACN_WORKPLACE.arrival_soc
 
 
 @dataclass(frozen=True)
@@ -127,35 +123,15 @@ class Scenario:
         return math.fsum(a.kwh_wanted for a in self.arrivals)
 
 
-def _normal(rng: random.Random, spec: tuple[float, float, float, float]) -> float:
-    mean, sd, low, high = spec
-    return min(high, max(low, rng.gauss(mean, sd)))
-
-
-def _lognormal(rng: random.Random, spec: tuple[float, float, float, float]) -> float:
-    median, sigma, low, high = spec
-    return min(high, max(low, median * math.exp(rng.gauss(0.0, sigma))))
-
-
-def _choice(rng: random.Random, options: Sequence[tuple[float, float]]) -> float:
-    return rng.choices([o[0] for o in options], weights=[o[1] for o in options])[0]
-
-
 def draw_scenario(*, seed: int, chargers: int, charger_kw: float, limit_fraction: float,
                   step: int, cars: int) -> Scenario:
     """``cars`` drivers of one weekday; each takes the first free charger, or goes away."""
     rng = random.Random(seed)
     drawn: list[tuple[float, float, str, float, Car]] = []
     for _ in range(cars):
-        if rng.random() < EMPLOYEE_SHARE:
-            kind, arrive = "employee", _normal(rng, EMPLOYEE_ARRIVAL_H)
-            stay, kwh = _normal(rng, EMPLOYEE_STAY_H), _lognormal(rng, EMPLOYEE_KWH)
-        else:
-            kind, arrive = "visitor", rng.uniform(*VISITOR_ARRIVAL_H)
-            stay, kwh = _lognormal(rng, VISITOR_STAY_H), _lognormal(rng, VISITOR_KWH)
-        car = Car(_choice(rng, BATTERIES_KWH), round(rng.uniform(*ARRIVAL_SOC), 3),
-                  _choice(rng, CAR_MAX_KW))
-        drawn.append((arrive, min(arrive + stay, 24.0), kind, min(kwh, car.room_kwh), car))
+        visit = draw_visit(rng, ACN_WORKPLACE)
+        drawn.append((visit.arrival_h, min(visit.arrival_h + visit.stay_h, 24.0), visit.kind,
+                      visit.kwh_wanted, visit.car))
     drawn.sort(key=lambda d: d[0])
     steps = DAY_SECONDS // step
     free_at = [0] * chargers
