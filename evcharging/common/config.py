@@ -478,6 +478,10 @@ class OcppSettings(ServiceSettings):
     call_timeout: Positive = Field(
         30.0, description="seconds a CALL to a charger waits for its answer"
     )
+    decision_timeout: Positive = Field(
+        5.0, description="seconds a charger's own start waits for Central's verdict before "
+        "its id tag is answered (then Accepted; keep it well under the chargers' CALL timeout)"
+    )
     http_host: str = Field("127.0.0.1", description="address of /health and /metrics")
     http_port: Port = Field(9001, description="port of the gateway's /health and /metrics")
     state_file: Path = Field(

@@ -255,7 +255,11 @@ _CATALOGUE: tuple[Family, ...] = (
     _c("ocpp_unknown_transactions", "Stops and meter values for a transaction the gateway "
        "does not know (answered as usual, no session changed)", service="ocpp"),
     _c("ocpp_commands", "Central's commands for the gateway's CPs, by command and outcome "
-       "(done, refused)", "cmd", "outcome", service="ocpp"),
+       "(done, refused, ignored: a SET_LIMIT of a session not running)", "cmd", "outcome",
+       service="ocpp"),
+    _c("ocpp_charger_starts", "Transactions started at a charger, by Central's verdict "
+       "(accepted, denied: id tag answered Invalid, timeout: answered Accepted without one)",
+       "verdict", service="ocpp"),
     # --- the driver load generator -------------------------------------------------------
     _c("load_arrivals", "Drivers that arrived", service="load"),
     _c("load_requests_sent", "Requests published", service="load"),

@@ -41,6 +41,7 @@ from evcharging.common.config import CentralSettings, OcppSettings
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import (
     CentralCommand,
+    CommandPayload,
     CommandType,
     CPStatus,
     DriverRequest,
@@ -165,11 +166,12 @@ async def start_gateway(system: System, tmp_path: Path) -> AsyncIterator[StartGa
         overrides.setdefault("state_file", tmp_path / f"state-{len(runs)}.json")
         stopping = asyncio.Event()
         central_port = int(str(system.central.base_url).rsplit(":", 1)[1].rstrip("/"))
-        settings = OcppSettings(
-            kafka_bootstrap=system.bootstrap, topic_prefix=system.prefix, ws_port=ws_port,
-            http_port=http_port, central_port=central_port, central_host="127.0.0.1",
-            call_timeout=5.0, status_interval=1.0, euro_rate=EURO_RATE, **overrides,
-        )
+        settings = OcppSettings(**{
+            "kafka_bootstrap": system.bootstrap, "topic_prefix": system.prefix,
+            "ws_port": ws_port, "http_port": http_port, "central_port": central_port,
+            "central_host": "127.0.0.1", "call_timeout": 5.0, "status_interval": 1.0,
+            "euro_rate": EURO_RATE, "decision_timeout": 15.0, **overrides,
+        })
         runs.append(asyncio.create_task(ocpp_main.run(settings, stopping)))
         stops.append(stopping)
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}")
@@ -208,7 +210,10 @@ class Charger(ChargePoint16):  # type: ignore[misc]
         self.remote_starts: asyncio.Queue[tuple[str, int | None]] = asyncio.Queue()
         self.remote_stops: asyncio.Queue[int] = asyncio.Queue()
         self.availability: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+        self.profiles: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
+        self.clears: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.answer = "Accepted"
+        self.profile_answer = "Accepted"
         self.delay = 0.0
 
     @on("RemoteStartTransaction")
@@ -227,6 +232,17 @@ class Charger(ChargePoint16):  # type: ignore[misc]
     async def on_change_availability(self, connector_id: int, type: str, **_: Any) -> Any:
         self.availability.put_nowait((connector_id, type))
         return call_result.ChangeAvailability(status=self.answer)
+
+    @on("SetChargingProfile")
+    async def on_set_charging_profile(self, connector_id: int,
+                                      cs_charging_profiles: dict[str, Any]) -> Any:
+        self.profiles.put_nowait((connector_id, cs_charging_profiles))
+        return call_result.SetChargingProfile(status=self.profile_answer)
+
+    @on("ClearChargingProfile")
+    async def on_clear_charging_profile(self, **fields: Any) -> Any:
+        self.clears.put_nowait(fields)
+        return call_result.ClearChargingProfile(status="Accepted")
 
     async def boot(self) -> None:
         answer = await self.call(call.BootNotification(
@@ -492,6 +508,8 @@ async def test_a_replayed_start_gets_the_same_transaction_and_no_second_session(
     assert (row["status"], row["driver_id"], row["kwh"]) == ("COMPLETED", "carol", 7.0)
     assert charger.remote_stops.empty()  # Central did not stop it
     assert len(starts()) == 1
+    # Its id tag was answered with Central's verdict, not for want of one.
+    assert await gateway.metric('evcharging_ocpp_charger_starts_total{verdict="accepted"}') == 1
 
 
 async def test_a_stop_for_an_unknown_transaction_is_answered_and_counted(
@@ -694,6 +712,10 @@ class Station(ChargePoint201):  # type: ignore[misc]
         super().__init__(station_id, connection)
         self.remote_starts: asyncio.Queue[tuple[str, int, int | None]] = asyncio.Queue()
         self.remote_stops: asyncio.Queue[str] = asyncio.Queue()
+        self.availability: asyncio.Queue[str] = asyncio.Queue()
+        self.profiles: asyncio.Queue[tuple[int, dict[str, Any]]] = asyncio.Queue()
+        self.clears: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.profile_answer = "Accepted"
 
     @on("RequestStartTransaction")
     async def on_request_start(self, id_token: dict[str, str], remote_start_id: int,
@@ -705,6 +727,30 @@ class Station(ChargePoint201):  # type: ignore[misc]
     async def on_request_stop(self, transaction_id: str, **_: Any) -> Any:
         self.remote_stops.put_nowait(transaction_id)
         return call_result201.RequestStopTransaction(status="Accepted")
+
+    @on("ChangeAvailability")
+    async def on_change_availability(self, operational_status: str, **_: Any) -> Any:
+        self.availability.put_nowait(operational_status)
+        return call_result201.ChangeAvailability(status="Accepted")
+
+    @on("SetChargingProfile")
+    async def on_set_charging_profile(self, evse_id: int, charging_profile: dict[str, Any],
+                                      **_: Any) -> Any:
+        self.profiles.put_nowait((evse_id, charging_profile))
+        return call_result201.SetChargingProfile(status=self.profile_answer)
+
+    @on("ClearChargingProfile")
+    async def on_clear_charging_profile(self, **fields: Any) -> Any:
+        self.clears.put_nowait(fields)
+        return call_result201.ClearChargingProfile(status="Accepted")
+
+    async def boot(self, evse: int = 1) -> None:
+        """BootNotification, then EVSE `evse` Available."""
+        answer = await self.call(call201.BootNotification(
+            charging_station={"model": "T-201", "vendor_name": "tests"}, reason="PowerUp"))
+        assert answer.status == "Accepted"
+        await self.call(call201.StatusNotification(
+            timestamp=now(), connector_status="Available", evse_id=evse, connector_id=1))
 
     async def event(self, event_type: str, seq_no: int, tx: str, wh: float | None = None,
                     **extra: Any) -> Any:
@@ -901,3 +947,232 @@ async def test_the_gateway_reports_its_chargers_cps_alive_as_a_monitor_does(
 
     await poll(unmonitored, timeout=30, what=f"{cp_id} unmonitored once its charger left",
                retry_on=(httpx.HTTPError,))
+
+
+# ------------------------------------------------------------------ limits (SPEC §8, §10)
+
+
+@pytest.fixture
+async def station201(system: System, start_gateway: StartGateway
+                     ) -> AsyncIterator[Callable[..., Awaitable[tuple[Station, str]]]]:
+    """Opens 2.0.1 stations on a gateway: booted, their EVSEs Available and ACTIVATED at
+    Central; each one and its charger id."""
+    opened: list[tuple[ClientConnection, asyncio.Task[None]]] = []
+
+    async def open_station(gateway: Gateway, evses: int = 1) -> tuple[Station, str]:
+        sid = charger_id()
+        ws = await websockets.connect(gateway.ws_url + sid,
+                                      subprotocols=[Subprotocol("ocpp2.0.1")])
+        station = Station(sid, ws)
+        opened.append((ws, asyncio.create_task(station.start())))
+        for evse in range(1, evses + 1):
+            await station.boot(evse)
+            await system.wait_state(f"{sid}.{evse}", CPState.ACTIVATED)
+        return station, sid
+
+    yield open_station
+    for ws, task in opened:
+        await ws.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def session_of(system: System, request_id: str) -> str:
+    """The session id Central gave `request_id` (its ACCEPTED update)."""
+    def accepted() -> str | None:
+        return next((u.session_id for u in system.updates.get(request_id, [])
+                     if u.session_id), None)
+
+    found: str = await poll(accepted, timeout=30, what=f"{request_id} ACCEPTED")
+    return found
+
+
+async def set_limit(system: System, cp_id: str, session_id: str, kw: float | None) -> None:
+    await system.bus.publish(CentralCommand(cp_id=cp_id, cmd=CommandType.SET_LIMIT,
+                                            payload=CommandPayload(kw=kw, session_id=session_id)))
+
+
+async def refused_set_limit(system: System, cp_id: str) -> CPStatus:
+    def refused() -> CPStatus | None:
+        return next((s for s in system.of(cp_id)
+                     if s.event is StatusEvent.REFUSED and s.cmd is CommandType.SET_LIMIT), None)
+
+    found: CPStatus = await poll(refused, timeout=30, what="the refused SET_LIMIT")
+    return found
+
+
+async def test_set_limit_is_a_tx_profile_in_w_of_the_transaction_16(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    gateway = await start_gateway()
+    charger, cp_id = await ready(system, gateway, connect)
+    request_id = await request(system, cp_id, "lena")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag="lena", meter_start=0, timestamp=now()))
+    session_id = await session_of(system, request_id)
+    await system.wait_state(cp_id, CPState.SUPPLYING)
+
+    await set_limit(system, cp_id, "not-the-running-session", 3.0)  # ignored: no CALL
+    await set_limit(system, cp_id, session_id, 7.4)
+    connector, profile = await asyncio.wait_for(charger.profiles.get(), 30)
+    assert connector == 1
+    assert (profile["charging_profile_id"], profile["transaction_id"]) == (
+        9001, started.transaction_id)
+    assert (profile["charging_profile_purpose"], profile["stack_level"]) == ("TxProfile", 0)
+    assert profile["charging_schedule"]["charging_rate_unit"] == "W"
+    assert profile["charging_schedule"]["charging_schedule_period"] == [
+        {"start_period": 0, "limit": 7400}]
+    assert charger.profiles.empty()  # the stale SET_LIMIT made no call
+    assert await gateway.metric(
+        'evcharging_ocpp_commands_total{cmd="SET_LIMIT",outcome="ignored"}') == 1
+
+    await set_limit(system, cp_id, session_id, None)  # no limit: the profile is cleared
+    assert await asyncio.wait_for(charger.clears.get(), 30) == {"id": 9001}
+
+    charger.profile_answer = "Rejected"
+    await set_limit(system, cp_id, session_id, 2.0)
+    status = await refused_set_limit(system, cp_id)
+    assert "SetChargingProfile Rejected" in (status.reason or "")
+    assert status.session_id == session_id
+    await charger.call(call.StopTransaction(meter_stop=1_000, timestamp=now(),
+                                            transaction_id=started.transaction_id))
+    assert (await final_update(system, request_id)).status is DriverStatus.COMPLETED
+
+
+async def test_set_limit_is_a_tx_profile_in_w_of_the_transaction_201(
+    system: System, start_gateway: StartGateway,
+    station201: Callable[..., Awaitable[tuple[Station, str]]],
+) -> None:
+    gateway = await start_gateway()
+    station, sid = await station201(gateway)
+    cp_id = f"{sid}.1"
+    request_id = await request(system, cp_id, "mike")
+    _, remote_id, _ = await asyncio.wait_for(station.remote_starts.get(), 30)
+    tx = f"tx-{uuid.uuid4().hex[:8]}"
+    await station.event("Started", 0, tx, 0.0, trigger_reason="RemoteStart",
+                        info={"remote_start_id": remote_id}, evse={"id": 1, "connector_id": 1},
+                        id_token={"id_token": "mike", "type": "Central"})
+    session_id = await session_of(system, request_id)
+    await system.wait_state(cp_id, CPState.SUPPLYING)
+
+    await set_limit(system, cp_id, session_id, 11.0)
+    evse, profile = await asyncio.wait_for(station.profiles.get(), 30)
+    assert evse == 1
+    assert (profile["id"], profile["transaction_id"], profile["charging_profile_purpose"]) == (
+        9001, tx, "TxProfile")
+    (schedule,) = profile["charging_schedule"]
+    assert schedule["charging_rate_unit"] == "W"
+    assert schedule["charging_schedule_period"] == [{"start_period": 0, "limit": 11_000}]
+
+    await set_limit(system, cp_id, session_id, None)
+    assert await asyncio.wait_for(station.clears.get(), 30) == {"charging_profile_id": 9001}
+
+    station.profile_answer = "Rejected"
+    await set_limit(system, cp_id, session_id, 1.5)
+    status = await refused_set_limit(system, cp_id)
+    assert "SetChargingProfile Rejected" in (status.reason or "")
+
+
+# ----------------------------------------------------------------------------- verdicts
+
+
+async def billed(system: System, session_id: str) -> dict[str, Any]:
+    """The ledger's row of `session_id` once it has ended."""
+    async def ended() -> dict[str, Any] | None:
+        answer = await system.central.get("/sessions", params={"limit": 200})
+        rows = [r for r in answer.json() if r["session_id"] == session_id]
+        return rows[0] if rows and rows[0]["status"] != "ACTIVE" else None
+
+    row: dict[str, Any] = await poll(ended, timeout=30, what=f"session {session_id} billed",
+                                     retry_on=(httpx.HTTPError,))
+    return row
+
+
+def started_at_charger(system: System, cp_id: str) -> str:
+    (status,) = [s for s in system.of(cp_id) if s.event is StatusEvent.START_SUPPLY]
+    assert status.session_id is not None
+    return status.session_id
+
+
+async def test_a_start_at_a_stopped_16_charger_is_answered_invalid_stopped_and_billed(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    """SPEC §8: Central would deny a request for a stopped CP; the charger's own start
+    there is answered Invalid, stopped, and billed by its meter."""
+    gateway = await start_gateway()
+    charger, cp_id = await ready(system, gateway, connect)
+    assert (await system.central.post(f"/cp/{cp_id}/stop")).status_code == 200
+    assert await asyncio.wait_for(charger.availability.get(), 30) == (1, "Inoperative")
+    await system.wait_state(cp_id, CPState.STOPPED)
+
+    start = call.StartTransaction(connector_id=1, id_tag="mallory", meter_start=1_000,
+                                  timestamp=now())
+    started = await charger.call(start)
+    assert started.id_tag_info["status"] == "Invalid"
+    assert await asyncio.wait_for(charger.remote_stops.get(), 30) == started.transaction_id
+    await charger.call(call.StopTransaction(meter_stop=3_500, timestamp=now(),
+                                            transaction_id=started.transaction_id,
+                                            reason="DeAuthorized"))
+    row = await billed(system, started_at_charger(system, cp_id))
+    assert (row["driver_id"], row["kwh"]) == ("mallory", 2.5)
+    assert row["euros"] == pytest.approx(2.5 * EURO_RATE)
+    assert await gateway.metric('evcharging_ocpp_charger_starts_total{verdict="denied"}') == 1
+    again = await charger.call(start)  # a replay is answered as the first one was
+    assert (again.transaction_id, again.id_tag_info["status"]) == (
+        started.transaction_id, "Invalid")
+
+
+async def test_starts_at_a_201_station_get_centrals_verdict_accepted_or_invalid(
+    system: System, start_gateway: StartGateway,
+    station201: Callable[..., Awaitable[tuple[Station, str]]],
+) -> None:
+    gateway = await start_gateway()
+    station, sid = await station201(gateway, evses=2)
+    stopped, free = f"{sid}.1", f"{sid}.2"
+    assert (await system.central.post(f"/cp/{stopped}/stop")).status_code == 200
+    assert await asyncio.wait_for(station.availability.get(), 30) == "Inoperative"
+    await system.wait_state(stopped, CPState.STOPPED)
+
+    ok_tx, bad_tx = f"tx-{uuid.uuid4().hex[:8]}", f"tx-{uuid.uuid4().hex[:8]}"
+    accepted = await station.event(
+        "Started", 0, ok_tx, 10_000.0, trigger_reason="Authorized",
+        evse={"id": 2, "connector_id": 1}, id_token={"id_token": "nina", "type": "ISO14443"})
+    assert accepted.id_token_info["status"] == "Accepted"
+    denied = await station.event(
+        "Started", 0, bad_tx, 20_000.0, trigger_reason="Authorized",
+        evse={"id": 1, "connector_id": 1}, id_token={"id_token": "oscar", "type": "ISO14443"})
+    assert denied.id_token_info["status"] == "Invalid"
+    assert await asyncio.wait_for(station.remote_stops.get(), 30) == bad_tx
+    await station.event("Ended", 1, bad_tx, 21_500.0, trigger_reason="Deauthorized",
+                        info={"stopped_reason": "DeAuthorized"})
+    await station.event("Ended", 1, ok_tx, 14_000.0, trigger_reason="EVDeparted",
+                        info={"stopped_reason": "EVDisconnected"})
+    bad_row = await billed(system, started_at_charger(system, stopped))
+    ok_row = await billed(system, started_at_charger(system, free))
+    assert (bad_row["driver_id"], bad_row["kwh"]) == ("oscar", 1.5)
+    assert (ok_row["driver_id"], ok_row["kwh"], ok_row["status"]) == ("nina", 4.0, "COMPLETED")
+    assert station.remote_stops.empty()  # the accepted one was not stopped
+    for verdict in ("accepted", "denied"):
+        assert await gateway.metric(
+            f'evcharging_ocpp_charger_starts_total{{verdict="{verdict}"}}') == 1
+
+
+async def test_without_a_verdict_in_time_the_start_is_accepted_and_holds_up_no_other(
+    system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
+) -> None:
+    """Central sends no verdict for a start on a CP it has just given a session of its own
+    (its session is not confirmed yet): the id tag is Accepted after the decision timeout,
+    and another charger is served meanwhile."""
+    gateway = await start_gateway(decision_timeout=8.0)
+    charger, cp_id = await ready(system, gateway, connect)
+    await request(system, cp_id, "peggy")
+    await asyncio.wait_for(charger.remote_starts.get(), 30)  # the charger never starts it
+    waiting = asyncio.create_task(charger.call(call.StartTransaction(
+        connector_id=1, id_tag="quentin", meter_start=0, timestamp=now())))
+    other, _ = await ready(system, gateway, connect)  # served while the start waits
+    assert (await other.call(call.Heartbeat())).current_time
+    assert not waiting.done()
+    started = await asyncio.wait_for(waiting, 30)
+    assert started.id_tag_info["status"] == "Accepted"
+    assert await gateway.metric('evcharging_ocpp_charger_starts_total{verdict="timeout"}') == 1

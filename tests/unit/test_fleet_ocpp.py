@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -234,7 +235,11 @@ def profile_call(protocol: str, watts: float, tx: str, *, purpose: str = "TxProf
             "chargingProfileKind": "Relative", "transactionId": tx,
             "chargingSchedule": [{"id": 9001, "chargingRateUnit": "W",
                                   "chargingSchedulePeriod": [period]}]}}
-    checked([Outgoing("SetChargingProfile", payload)], protocol)
+    # 1.6's schema is read with decimal floats (its limit is a multiple of 0.1), as the
+    # library reads (and caches) it.
+    get_validator(MessageType.Call, "SetChargingProfile", VERSION[protocol],
+                  parse_float=Decimal).validate(json.loads(json.dumps(payload),
+                                                           parse_float=Decimal))
     return payload
 
 

@@ -85,6 +85,9 @@ class Session:
     """Its end, once reported (a replayed stop changes nothing)."""
     seq_no: int = -1
     """2.0.1: the highest TransactionEvent seqNo seen."""
+    denied: bool = False
+    """Started at the charger where Central would have denied it: its id tag was answered
+    Invalid (a replayed start is answered Invalid too)."""
 
 
 @dataclass
@@ -123,6 +126,8 @@ class GatewayStats:
     unknown_transactions: int = 0
     commands: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(cmd, outcome) → count."""
+    verdicts: Counter[str] = field(default_factory=Counter)
+    """Central's verdicts on sessions started at a charger: accepted, denied, timeout."""
     publish_failures: int = 0
 
 
@@ -146,6 +151,7 @@ class Gateway:
         heartbeat_interval: int = 60,
         status_interval: float = 5.0,
         call_timeout: float = 30.0,
+        decision_timeout: float = 5.0,
         register: Callable[[CPRegistration], None] = lambda _: None,
         observe_call: Callable[[str, float], None] = lambda _a, _s: None,
     ) -> None:
@@ -154,6 +160,7 @@ class Gateway:
         self.heartbeat_interval = heartbeat_interval
         self.status_interval = status_interval
         self.call_timeout = call_timeout
+        self.decision_timeout = decision_timeout
         self.register = register
         self.observe_call = observe_call
         self.stats = GatewayStats()
@@ -163,6 +170,8 @@ class Gateway:
         """The connected chargers, by charger id."""
         self.transactions: OrderedDict[tuple[str, str], Session | None] = OrderedDict()
         """(charger id, transaction id) → its session (None: refused, no session)."""
+        self._verdicts: dict[str, asyncio.Future[bool]] = {}
+        """Sessions started at a charger whose start waits for Central's verdict."""
         self._publish_failing = False
         self.dirty = False
         """Something the state file keeps changed since it was last written."""
@@ -186,6 +195,7 @@ class Gateway:
             conn.pending = None
             if conn.session is not None:
                 conn.session.offline = True
+                self._verdicts.pop(conn.session.session_id, None)  # its start goes unanswered
                 continue
             if conn.state is CPState.ACTIVATED:
                 await self.change(conn, CPState.DISCONNECTED, "charger offline")
@@ -294,14 +304,17 @@ class Gateway:
         remote_start_id: int | None = None,
     ) -> Session:
         """A transaction began on `conn`: Central's session when it asked for one for
-        this driver (a remote start), else a session of the driver with no request."""
+        this driver (a remote start), else a session of the driver with no request, whose
+        start waits for Central's verdict (:meth:`verdict`)."""
         pending = conn.pending
-        if pending is not None and (pending.driver_id == driver_id or (
-                remote_start_id is not None and pending.remote_start_id == remote_start_id)):
+        by_charger = not (pending is not None and (pending.driver_id == driver_id or (
+            remote_start_id is not None and pending.remote_start_id == remote_start_id)))
+        if pending is not None and not by_charger:
             session_id, driver_id = pending.session_id, pending.driver_id
             conn.pending = None
         else:
             session_id = own_session_id
+            self._verdicts[session_id] = asyncio.get_running_loop().create_future()
             logger.info("CP {}: session {} started at the charger by {} (no request)",
                         conn.cp_id, session_id, driver_id)
         running = conn.session
@@ -316,12 +329,60 @@ class Gateway:
         conn.state, conn.reason = CPState.SUPPLYING, "charging"
         logger.info("CP {}: {} → SUPPLYING, session {} of {} (transaction {})",
                     conn.cp_id, old.value, session_id, driver_id, transaction)
+        # A start at the charger is a START_SUPPLY whatever the CP was: Central records
+        # it (and, where it would have denied it, stops it) rather than ignoring it.
         await self.publish(CPStatus(
             cp_id=conn.cp_id, state=CPState.SUPPLYING,
-            event=StatusEvent.START_SUPPLY if old is CPState.ACTIVATED else None,
+            event=StatusEvent.START_SUPPLY if old is CPState.ACTIVATED or by_charger
+            else None,
             reason="charging", session_id=session_id, driver_id=driver_id, ts=ts,
         ))
         return session
+
+    async def verdict(self, session: Session) -> bool:
+        """Whether the charger's start of `session` is answered Accepted: Central's verdict
+        on a session started at the charger (it confirms it with a START_SUPPLY of the
+        session, or denies it with a STOP_SUPPLY), waited for ``decision_timeout`` at most
+        (then Accepted: Central still records it, and stops it if it denies it later);
+        always True for Central's own sessions."""
+        decided = self._verdicts.get(session.session_id)
+        if decided is None or session.ended is not None:
+            return not session.denied
+        try:
+            accepted = await asyncio.wait_for(asyncio.shield(decided), self.decision_timeout)
+        except TimeoutError:
+            self.stats.verdicts["timeout"] += 1
+            logger.warning("CP {}: no verdict from Central on session {} within {:g} s: "
+                           "Accepted", session.cp_id, session.session_id,
+                           self.decision_timeout)
+            return True
+        finally:
+            if self._verdicts.get(session.session_id) is decided:
+                del self._verdicts[session.session_id]
+        return accepted
+
+    def awaits_verdict(self, session: Session) -> bool:
+        """Whether the answer to `session`'s start waits for Central's verdict."""
+        return session.session_id in self._verdicts and session.ended is None
+
+    def _decide(self, conn: Connector, cmd: CentralCommand) -> bool:
+        """Central's START_SUPPLY (accepted) or STOP_SUPPLY (denied) of a session started at
+        the charger whose start waits for it; whether `cmd` was such a verdict."""
+        session_id = cmd.payload.session_id
+        decided = self._verdicts.get(session_id) if session_id is not None else None
+        session = conn.session
+        if (decided is None or decided.done() or session is None
+                or session.session_id != session_id
+                or cmd.cmd not in (CommandType.START_SUPPLY, CommandType.STOP_SUPPLY)):
+            return False  # not awaited (any more): the command is carried out as usual
+        accepted = cmd.cmd is CommandType.START_SUPPLY
+        session.denied = not accepted
+        self.dirty = True
+        decided.set_result(accepted)
+        self.stats.verdicts["accepted" if accepted else "denied"] += 1
+        logger.info("CP {}: Central {} session {} started at the charger", conn.cp_id,
+                    "accepts" if accepted else "denies", session.session_id)
+        return True
 
     async def meter(
         self, session: Session, energy_wh: float | None, power_w: float | None,
@@ -429,6 +490,9 @@ class Gateway:
                     cmd.payload.model_dump(exclude_none=True))
         if cmd.cmd is CommandType.SHUTDOWN:
             await self.refuse(conn, cmd, "a charger cannot be shut down from Central")
+            return
+        if self._decide(conn, cmd) and cmd.cmd is CommandType.START_SUPPLY:
+            self.done(cmd)  # accepted, already running: no CALL
             return
         link = self.links.get(conn.charger_id)
         if link is None:

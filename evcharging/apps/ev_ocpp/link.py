@@ -15,15 +15,23 @@ message classes and JSON schemas) with the gateway's own dispatch of the charger
 Central's commands for the charger's CPs wait in the link's queue and are carried out one
 at a time by the link's worker: one CALL is in flight per charger (the library's lock), it
 waits ``call_timeout`` at most, and a slow charger holds up only itself.
+
+A transaction the charger starts by itself is answered (idTagInfo / idTokenInfo) with
+Central's verdict: the answer is a :class:`Later`, sent by a task of its own once Central
+confirms or denies the session (``decision_timeout`` at most), while the link goes on
+reading the charger's messages; a command that stops the session, or limits it, waits for
+that answer to be sent (the charger learns of its transaction first).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -49,6 +57,7 @@ from evcharging.apps.ev_ocpp.logic import (
     schema_error_code,
     session_id_of,
     transaction_id,
+    tx_profile_id,
 )
 from evcharging.common.messages import CentralCommand, CommandType, clip_reason, utcnow
 from evcharging.common.states import CPState, SessionResult
@@ -56,7 +65,18 @@ from evcharging.common.states import CPState, SessionResult
 __all__ = ["ChargerLink", "V16Link", "V201Link"]
 
 Payload = dict[str, Any]
-CallHandler = Callable[[Payload], Awaitable[Payload]]
+
+
+@dataclass(frozen=True)
+class Later:
+    """The answer to a charger's CALL that waits for Central's verdict on `session`:
+    `answer(accepted)` is sent once it is known."""
+
+    session: Session
+    answer: Callable[[bool], Payload]
+
+
+CallHandler = Callable[[Payload], Awaitable[Payload | Later]]
 
 _LIBRARY_LOG = logging.getLogger("evcharging.ocpp.library")
 _LIBRARY_LOG.addHandler(logging.NullHandler())
@@ -78,6 +98,10 @@ def charger_time(text: object) -> datetime:
 
 class Refused(Exception):
     """A command the charger did not carry out (the reason says why)."""
+
+
+class Ignored(Exception):
+    """A command that no longer applies (a SET_LIMIT of a session that is not running)."""
 
 
 class Violation(Exception):
@@ -108,6 +132,8 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         self.vendor: str | None = None
         self.model: str | None = None
         self._queue: asyncio.Queue[CentralCommand] = asyncio.Queue()
+        self._answering: dict[str, asyncio.Task[None]] = {}
+        """Session id → the task that answers its start once Central's verdict is in."""
         self._logged: set[tuple[str, str]] = set()
         self.handlers: dict[str, CallHandler] = self.call_handlers()
         self._log = logger.bind(charger_id=charger_id)
@@ -124,8 +150,10 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         try:
             await self.start()
         finally:
-            worker.cancel()
-            await asyncio.gather(worker, return_exceptions=True)
+            tasks = [worker, *self._answering.values()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     def once(self, kind: str, what: str, message: str, *args: object) -> None:
         """Log a problem once per connection and kind."""
@@ -181,8 +209,47 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             await self._send(CallError(msg.unique_id, "InternalError", "the gateway failed "
                                        "to handle the message", {}).to_json())
             return
+        if isinstance(answer, Later):
+            self._answer_later(msg, action, answer)
+            return
         self.count(action, "in", "accepted")
         await self._send(CallResult(msg.unique_id, answer).to_json())
+
+    def _answer_later(self, msg: Call, action: str, later: Later) -> None:
+        """Answer `msg` once Central's verdict on its session is in, in a task of its own:
+        the link reads on meanwhile (the charger sends no CALL before this answer)."""
+        session_id = later.session.session_id
+
+        async def answer() -> None:
+            accepted = await self.gateway.verdict(later.session)
+            self.count(action, "in", "accepted")
+            # Gone meanwhile: the charger sends its start again when it is back.
+            with contextlib.suppress(ConnectionClosed):
+                await self._send(CallResult(msg.unique_id, later.answer(accepted)).to_json())
+
+        task = asyncio.create_task(answer(), name=f"ocpp-{self.charger_id}-verdict")
+        self._answering[session_id] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._answering.get(session_id) is done:
+                del self._answering[session_id]
+
+        task.add_done_callback(forget)
+
+    def verdict_answer(self, session: Session, answer: Callable[[bool], Payload]
+                       ) -> Payload | Later:
+        """The answer to `session`'s start: later when it waits for Central's verdict,
+        else now (Accepted unless Central denied it)."""
+        if self.gateway.awaits_verdict(session):
+            return Later(session, answer)
+        return answer(not session.denied)
+
+    async def answered(self, session: Session) -> None:
+        """Wait until the charger has the answer to `session`'s start (when it waits for
+        Central's verdict): a stop or a limit of the session follows it."""
+        task = self._answering.get(session.session_id)
+        if task is not None:
+            await asyncio.wait([task])
 
     async def _error(self, msg: Call, action: str, code: str, description: str) -> None:
         self.count(action, "in", code)
@@ -252,6 +319,9 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 await self.execute(conn, cmd)
             except Refused as exc:
                 await self.gateway.refuse(conn, cmd, str(exc))
+            except Ignored as exc:
+                self.gateway.stats.commands[(cmd.cmd.value, "ignored")] += 1
+                self._log.info("CP {}: {} ignored: {}", conn.cp_id, cmd.cmd.value, exc)
             except Exception as exc:  # noqa: BLE001 - a bug refuses the command, not the link
                 self._log.opt(exception=exc).error("charger {}: {} failed", self.charger_id,
                                                    cmd.cmd.value)
@@ -288,10 +358,12 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                     raise Refused("no running session")
                 if p.session_id and p.session_id != session.session_id:
                     raise Refused(f"session {p.session_id} is not the running session")
+                await self.answered(session)
                 await self.remote_stop(session)
             case CommandType.STOP_CP:
                 session = conn.session
                 if session is not None:
+                    await self.answered(session)
                     session.stop_cp = True
                     try:
                         await self.remote_stop(session)
@@ -303,6 +375,15 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             case CommandType.RESUME_CP:
                 if await self.change_availability(conn, operative=True):
                     await self._now(conn, CPState.ACTIVATED, p.reason or "resumed by operator")
+            case CommandType.SET_LIMIT:
+                session = conn.session
+                if session is None or session.session_id != p.session_id:
+                    raise Ignored(f"session {p.session_id} is not the running session")
+                await self.answered(session)
+                if p.kw is None:
+                    await self.clear_limit(conn)
+                else:
+                    await self.set_limit(conn, session, round(p.kw * 1000.0, 1))
             case _:
                 raise Refused(f"{cmd.cmd.value} is not supported")
 
@@ -320,6 +401,14 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
 
     async def change_availability(self, conn: Connector, operative: bool) -> bool:
         """Whether the charger changed it at once (Accepted; Scheduled: later)."""
+        raise NotImplementedError
+
+    async def set_limit(self, conn: Connector, session: Session, watts: float) -> None:
+        """The session's TxProfile (:func:`tx_profile_id`): one period of `watts`."""
+        raise NotImplementedError
+
+    async def clear_limit(self, conn: Connector) -> None:
+        """Clear the connector's TxProfile (Unknown: there was none, which is as good)."""
         raise NotImplementedError
 
     async def request(self, payload: Any) -> Any:
@@ -399,7 +488,7 @@ class V16Link(ChargerLink):
                                     payload.get("info"), ts)
         return {}
 
-    async def on_start_transaction(self, payload: Payload) -> Payload:
+    async def on_start_transaction(self, payload: Payload) -> Payload | Later:
         number = self.number(payload["connectorId"])
         id_tag = str(payload["idTag"])
         meter_start = int(payload["meterStart"])
@@ -410,19 +499,20 @@ class V16Link(ChargerLink):
             session = self.gateway.transactions[key]
             self._log.info("charger {}: StartTransaction replayed: transaction {} again",
                            self.charger_id, tx)
-            status = "Accepted" if session is not None else "Invalid"
-            return {"transactionId": tx, "idTagInfo": {"status": status}}
+            if session is None:
+                return {"transactionId": tx, "idTagInfo": {"status": "Invalid"}}
+            return self.verdict_answer(session, lambda accepted: _started16(tx, accepted))
         if not is_valid_id_tag(id_tag):
             self.gateway.remember(self.charger_id, str(tx), None)
             self.once("id_tag", "start", "StartTransaction with id tag {!r}, not a driver id: "
                       "Invalid", id_tag)
             return {"transactionId": tx, "idTagInfo": {"status": "Invalid"}}
         conn = self.gateway.connector(self.charger_id, number)
-        await self.gateway.start(
+        session = await self.gateway.start(
             conn, transaction=str(tx), driver_id=id_tag, meter_start_wh=float(meter_start),
             ts=charger_time(stamp), own_session_id=session_id_of(self.charger_id, tx),
         )
-        return {"transactionId": tx, "idTagInfo": {"status": "Accepted"}}
+        return self.verdict_answer(session, lambda accepted: _started16(tx, accepted))
 
     async def on_meter_values(self, payload: Payload) -> Payload:
         number = self.number(payload["connectorId"], zero=True)
@@ -475,6 +565,24 @@ class V16Link(ChargerLink):
         if not self.accepted("ChangeAvailability", answer.status, "Accepted", "Scheduled"):
             raise Refused(f"ChangeAvailability {kind} Rejected")
         return _text(answer.status) == "Accepted"
+
+    async def set_limit(self, conn: Connector, session: Session, watts: float) -> None:
+        profile = tx_profile_id(conn.number)
+        answer = await self.request(call16.SetChargingProfile(
+            connector_id=conn.number, cs_charging_profiles={
+                "charging_profile_id": profile, "transaction_id": int(session.transaction),
+                "stack_level": 0, "charging_profile_purpose": "TxProfile",
+                "charging_profile_kind": "Relative",
+                "charging_schedule": {"charging_rate_unit": "W", "charging_schedule_period": [
+                    {"start_period": 0, "limit": watts}]},
+            }))
+        if not self.accepted("SetChargingProfile", answer.status):
+            raise Refused(f"SetChargingProfile {_text(answer.status)}")
+
+    async def clear_limit(self, conn: Connector) -> None:
+        answer = await self.request(call16.ClearChargingProfile(id=tx_profile_id(conn.number)))
+        if not self.accepted("ClearChargingProfile", answer.status, "Accepted", "Unknown"):
+            raise Refused(f"ClearChargingProfile {_text(answer.status)}")
 
 
 class V201Link(ChargerLink):
@@ -535,7 +643,7 @@ class V201Link(ChargerLink):
             await self.gateway.meter(session, reading.energy_wh, reading.power_w, reading.ts)
         return {}
 
-    async def on_transaction_event(self, payload: Payload) -> Payload:
+    async def on_transaction_event(self, payload: Payload) -> Payload | Later:
         info = payload["transactionInfo"]
         tx = str(info["transactionId"])
         event = str(payload["eventType"])
@@ -547,7 +655,8 @@ class V201Link(ChargerLink):
         if token is not None:
             answer["idTokenInfo"] = {"status": _tag_status(str(token), self.id_tag_max)}
         key = (self.charger_id, tx)
-        if key not in self.gateway.transactions:
+        began = key not in self.gateway.transactions
+        if began:
             session = await self._begin(payload, info, tx, token, reading.energy_wh, ts)
             if session is None:
                 return answer
@@ -559,7 +668,7 @@ class V201Link(ChargerLink):
             if seq <= session.seq_no:
                 self._log.info("charger {}: TransactionEvent {} seqNo {} of transaction {} "
                                "replayed: nothing changes", self.charger_id, event, seq, tx)
-                return answer
+                return self._token_verdict(session, answer)
         session.seq_no = max(session.seq_no, seq)
         if event == "Ended":
             final = reading.energy_wh if reading.energy_wh is not None else session.last_wh
@@ -567,7 +676,18 @@ class V201Link(ChargerLink):
         elif reading.energy_wh is not None or reading.power_w is not None:
             await self.gateway.meter(session, reading.energy_wh, reading.power_w,
                                      reading.ts or ts)
-        return answer
+        return self._token_verdict(session, answer) if began or session.denied else answer
+
+    def _token_verdict(self, session: Session, answer: Payload) -> Payload | Later:
+        """The answer with Central's verdict on a session started at the station (its
+        idTokenInfo Invalid where Central would have denied it), once it is known."""
+        if "idTokenInfo" not in answer or answer["idTokenInfo"]["status"] != "Accepted":
+            return answer
+
+        def decided(accepted: bool) -> Payload:
+            return {**answer, "idTokenInfo": {"status": "Accepted" if accepted else "Invalid"}}
+
+        return self.verdict_answer(session, decided)
 
     async def _begin(self, payload: Payload, info: Payload, tx: str, token: object,
                      energy_wh: float | None, ts: datetime) -> Session | None:
@@ -619,6 +739,30 @@ class V201Link(ChargerLink):
         if not self.accepted("ChangeAvailability", answer.status, "Accepted", "Scheduled"):
             raise Refused(f"ChangeAvailability {kind} Rejected")
         return _text(answer.status) == "Accepted"
+
+    async def set_limit(self, conn: Connector, session: Session, watts: float) -> None:
+        profile = tx_profile_id(conn.number)
+        answer = await self.request(call201.SetChargingProfile(
+            evse_id=conn.number, charging_profile={
+                "id": profile, "stack_level": 0, "charging_profile_purpose": "TxProfile",
+                "charging_profile_kind": "Relative", "transaction_id": session.transaction,
+                "charging_schedule": [{"id": profile, "charging_rate_unit": "W",
+                                       "charging_schedule_period": [
+                                           {"start_period": 0, "limit": watts}]}],
+            }))
+        if not self.accepted("SetChargingProfile", answer.status):
+            raise Refused(f"SetChargingProfile {_text(answer.status)}")
+
+    async def clear_limit(self, conn: Connector) -> None:
+        answer = await self.request(call201.ClearChargingProfile(
+            charging_profile_id=tx_profile_id(conn.number)))
+        if not self.accepted("ClearChargingProfile", answer.status, "Accepted", "Unknown"):
+            raise Refused(f"ClearChargingProfile {_text(answer.status)}")
+
+
+def _started16(tx: int, accepted: bool) -> Payload:
+    """StartTransaction.conf: Accepted, or Invalid where Central would have denied it."""
+    return {"transactionId": tx, "idTagInfo": {"status": "Accepted" if accepted else "Invalid"}}
 
 
 def _tag_status(id_tag: str, max_length: int = 20) -> str:

@@ -9,6 +9,7 @@ Nothing here does I/O, so each rule is unit-tested on its own.
   list, in any of the units OCPP allows.
 * :func:`connector_state`: a StatusNotification's status as a CP state of SPEC §3.
 * :func:`stop_result`: how a StopTransaction's reason ends the session.
+* :func:`tx_profile_id`: the id of the TxProfile that carries Central's limit (SET_LIMIT).
 * :func:`schema_error_code`: the OCPP-J CALLERROR code of a payload that breaks the schema.
 """
 
@@ -36,6 +37,7 @@ __all__ = [
     "session_id_of",
     "stop_result",
     "transaction_id",
+    "tx_profile_id",
 ]
 
 PROTOCOLS = ("ocpp1.6", "ocpp2.0.1")
@@ -75,6 +77,19 @@ def transaction_id(
     only on these five fields (the timestamp as the charger wrote it, normalised)."""
     digest = _digest(charger_id, connector, id_tag, meter_start, _normal_time(timestamp))
     return int.from_bytes(digest[:8], "big") % _TX_ID_MAX + 1
+
+
+TX_PROFILE_BASE = 9000
+"""The gateway's TxProfiles have ids :data:`TX_PROFILE_BASE` + the connector (EVSE)."""
+
+
+def tx_profile_id(connector: int) -> int:
+    """The chargingProfileId (2.0.1: the profile's and its schedule's ``id``) of the
+    TxProfile that carries Central's limit on connector (EVSE) `connector`: ``9000 + n``,
+    stack level 0. One per connector: a new limit replaces it (same id), SET_LIMIT with
+    no limit clears it by this id, and a charger's own profiles (other ids) are never
+    touched."""
+    return TX_PROFILE_BASE + connector
 
 
 def session_id_of(charger_id: str, transaction: str | int) -> str:

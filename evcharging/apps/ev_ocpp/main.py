@@ -128,7 +128,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
     gateway = Gateway(
         bus, euro_rate=settings.euro_rate, heartbeat_interval=settings.heartbeat_interval,
         status_interval=settings.status_interval, call_timeout=settings.call_timeout,
-        register=registrar.add,
+        decision_timeout=settings.decision_timeout, register=registrar.add,
         observe_call=lambda action, seconds: calls.labels(action).observe(seconds),
     )
     store = StateStore(settings.state_file)

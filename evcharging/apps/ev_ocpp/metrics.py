@@ -23,7 +23,7 @@ class OcppCollector:
 
     NAMES = tuple(PREFIX + n for n in (
         "ocpp_chargers", "ocpp_cps", "ocpp_messages_total", "ocpp_handshakes_refused_total",
-        "ocpp_unknown_transactions_total", "ocpp_commands_total",
+        "ocpp_unknown_transactions_total", "ocpp_commands_total", "ocpp_charger_starts_total",
     ))
 
     def __init__(self, gateway: Gateway) -> None:
@@ -46,3 +46,5 @@ class OcppCollector:
         yield counter(PREFIX + "ocpp_unknown_transactions_total", s.unknown_transactions)
         yield counter(PREFIX + "ocpp_commands_total",
                       {key: float(n) for key, n in s.commands.items()})
+        yield counter(PREFIX + "ocpp_charger_starts_total",
+                      {(verdict,): float(n) for verdict, n in s.verdicts.items()})
