@@ -360,6 +360,11 @@ class LoadSettings(ServiceSettings):
         False, description="with no free CP, send the request to a random known CP anyway "
         "(loads Central's DENIED path) instead of counting it as 'no free CP'"
     )
+    cars: bool = Field(
+        False, description="give each driver a car, kWh wanted and departure (SPEC §10), "
+        "drawn from the seed: batteries 40-100 kWh, state of charge 0.1-0.6, 7.4-150 kW, "
+        "workplace stays of 2-9 h; sessions then last until the car has its energy"
+    )
     progress_interval: Positive = Field(5.0, description="seconds between progress lines")
     json_summary: bool = Field(
         False, description="write only the summary, as one JSON object, on stdout (--json)"

@@ -19,6 +19,14 @@ every request→final latency is bounded and a run ends at most ``request_timeou
 after its last arrival), and leaves. When no CP is known
 free the arrival sends nothing and counts as "no free CP"; with ``allow_busy`` it sends its
 request to a random known CP instead, so that Central's DENIED path is loaded too.
+
+With ``cars`` every arrival also draws a car, the energy it wants and a departure (SPEC
+§10) by :func:`draw_car_request`: :mod:`evcharging.common.workplace`'s ACN-like workplace
+drivers (:data:`LOAD_CARS`), from a generator of their own seeded by the run's seed, so the
+arrivals and CP choices are those of the same seed without cars, and the ``n``-th driver
+gets the same car whatever CPs were free. The draw is made on arrival, before a CP is
+chosen. A session then lasts until its car has what it wants (or is full): minutes to hours,
+so such runs need a ``request_timeout`` to match.
 """
 
 from __future__ import annotations
@@ -30,7 +38,8 @@ import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 
 from loguru import logger
 
@@ -38,20 +47,27 @@ from evcharging.apps.ev_load.stats import Outcome, RunInfo, Tally, progress_line
 from evcharging.common.bus import BusError, Publisher
 from evcharging.common.messages import (
     ID_PATTERN,
+    CarSpec,
     DriverRequest,
     DriverStatus,
     DriverUpdate,
     new_id,
+    utcnow,
 )
 from evcharging.common.service import TaskOwner
+from evcharging.common.workplace import ACN_WORKPLACE, LogNormal, Normal, Uniform, draw_visit
 
 __all__ = [
+    "LOAD_CARS",
     "CPChooser",
+    "CarRequest",
     "Choice",
     "LoadGenerator",
     "OpenRequest",
     "OpenRequests",
     "arrival_offsets",
+    "cars_rng",
+    "draw_car_request",
     "driver_id",
     "fleet_ids",
     "parse_cps",
@@ -74,6 +90,43 @@ def arrival_offsets(rate: float, duration: float, rng: random.Random) -> Iterato
         if t >= duration:
             return
         yield t
+
+
+LOAD_CARS = replace(
+    ACN_WORKPLACE,
+    employee_stay_h=Normal(7.5, 1.2, 2.0, 9.0),
+    visitor_stay_h=LogNormal(3.0, 0.4, 2.0, 9.0),
+    car_max_kw=((7.4, 0.25), (11.0, 0.40), (22.0, 0.10), (50.0, 0.15), (150.0, 0.10)),
+    arrival_soc=Uniform(0.10, 0.60),
+)
+"""The drivers of ``--cars``: ACN-like workplace drivers who stay 2–9 h, in cars of 40–100
+kWh that arrive at 10–60 % and take 7.4–150 kW (AC on-board chargers and DC cars)."""
+
+
+@dataclass(frozen=True)
+class CarRequest:
+    """What a driver of ``--cars`` asks for besides a CP."""
+
+    kwh_wanted: float
+    stay: timedelta
+    """From the request to the departure."""
+    car: CarSpec
+
+
+def cars_rng(seed: int) -> random.Random:
+    """The generator of a run's cars: its own, so the arrivals and choices do not move."""
+    return random.Random(f"cars-{seed}")  # noqa: S311 - a reproducible draw, not a secret
+
+
+def draw_car_request(rng: random.Random) -> CarRequest:
+    """One driver's car, energy wanted (kWh, 3 decimals) and stay (whole seconds)."""
+    visit = draw_visit(rng, LOAD_CARS)
+    car = visit.car
+    return CarRequest(
+        kwh_wanted=max(0.001, round(visit.kwh_wanted, 3)),
+        stay=timedelta(seconds=round(visit.stay_h * 3600)),
+        car=CarSpec(battery_kwh=car.battery_kwh, soc=car.soc, max_kw=car.max_kw),
+    )
 
 
 def driver_id(prefix: str, n: int) -> str:
@@ -284,6 +337,7 @@ class LoadGenerator:
         seed: int,
         driver_prefix: str = "load-",
         request_timeout: float = 60.0,
+        cars: bool = False,
         tally: Tally | None = None,
         progress: Callable[[str], None] | None = None,
         progress_interval: float = 5.0,
@@ -296,6 +350,8 @@ class LoadGenerator:
         self.seed = seed
         self.driver_prefix = driver_prefix
         self.request_timeout = request_timeout
+        self.cars = cars
+        """Each driver asks with a car, energy wanted and departure (SPEC §10)."""
         self.tally = tally if tally is not None else Tally()
         self.chooser = chooser
         self._publisher = publisher
@@ -346,6 +402,7 @@ class LoadGenerator:
         """Run the arrivals, then wait for the open requests; returns how the run went."""
         start = self._started_at = self._clock()
         rng = random.Random(self.seed)  # noqa: S311 - a reproducible schedule, not a secret
+        cars = cars_rng(self.seed) if self.cars else None
         async with TaskOwner("load generator", level="ERROR") as tasks:
             tasks.spawn(self._expire_loop(), "request timeouts", forever=True)
             if self._progress is not None:
@@ -353,7 +410,7 @@ class LoadGenerator:
             for n, offset in enumerate(arrival_offsets(self.rate, self.duration, rng), start=1):
                 if await self._pause_until(start + offset):
                     break
-                await self._arrive(n)
+                await self._arrive(n, draw_car_request(cars) if cars else None)
             else:
                 await self._pause_until(start + self.duration)
             arrival_seconds = self._clock() - start
@@ -380,14 +437,20 @@ class LoadGenerator:
         return progress_line(self.tally, elapsed, free_cps=self.chooser.free_count,
                              known_cps=self.chooser.known_count)
 
-    async def _arrive(self, n: int) -> None:
+    async def _arrive(self, n: int, car: CarRequest | None = None) -> None:
         self.tally.arrival()
         choice = self.chooser.take()
         if choice is None:
             self.tally.request_ended(Outcome.NO_FREE_CP)
             return
         driver = driver_id(self.driver_prefix, n)
-        request = DriverRequest(request_id=new_id(), driver_id=driver, cp_id=choice.cp_id)
+        if car is None:
+            request = DriverRequest(request_id=new_id(), driver_id=driver, cp_id=choice.cp_id)
+        else:
+            request = DriverRequest(
+                request_id=new_id(), driver_id=driver, cp_id=choice.cp_id,
+                kwh_wanted=car.kwh_wanted, departure=utcnow() + car.stay, car=car.car,
+            )
         now = self._clock()
         # Open before publishing, so that an answer that comes at once is not missed.
         self._open.add(OpenRequest(driver, request.request_id, choice.cp_id, now))

@@ -107,7 +107,7 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
         bus, chooser,
         rate=settings.rate, duration=settings.duration, seed=seed,
         driver_prefix=settings.driver_prefix, request_timeout=settings.request_timeout,
-        progress=progress, progress_interval=settings.progress_interval,
+        cars=settings.cars, progress=progress, progress_interval=settings.progress_interval,
     )
     metrics = load_metrics(generator) if settings.metrics_port else None
     consumer = KafkaConsumerLoop(
@@ -140,9 +140,10 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
                 logger.error("cannot reach Kafka: {}", exc)
                 return EXIT_UNREACHABLE
             logger.info(
-                "load: {:g} drivers/s for {:g} s (seed {}), {} CP(s) free{}",
+                "load: {:g} drivers/s for {:g} s (seed {}), {} CP(s) free{}{}",
                 settings.rate, settings.duration, seed, chooser.free_count,
                 f" of site {settings.site}" if settings.site else "",
+                "; drivers come with cars (kWh wanted, departure)" if settings.cars else "",
             )
             info, failed = await _load(settings, generator, consumer, http, stop)
         finally:
