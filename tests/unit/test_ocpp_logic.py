@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evcharging.apps.ev_ocpp import main as ocpp_main
-from evcharging.apps.ev_ocpp.gateway import Gateway
+from evcharging.apps.ev_ocpp.gateway import Gateway, PendingStart, Session
 from evcharging.apps.ev_ocpp.logic import (
     connector_state,
     is_valid_id_tag,
@@ -22,11 +22,13 @@ from evcharging.apps.ev_ocpp.logic import (
     session_id_of,
     stop_result,
     transaction_id,
+    tx_profile_id,
 )
 from evcharging.apps.ev_ocpp.main import exposure_problem
 from evcharging.apps.ev_ocpp.server import PasswordBook, charger_of_path
 from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.config import OcppSettings, load_settings
+from evcharging.common.messages import CentralCommand, CommandPayload, CommandType
 from evcharging.common.states import CPState, SessionResult
 from tests.unit.fakes import RecordingPublisher
 
@@ -263,3 +265,47 @@ def test_a_state_file_that_cannot_be_read_stops_the_start(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="version"):
         StateStore(path).load(Gateway(RecordingPublisher()))
     StateStore(tmp_path / "none-yet.json").load(Gateway(RecordingPublisher()))  # empty start
+
+
+def test_the_tx_profile_id_is_fixed_per_connector() -> None:
+    assert [tx_profile_id(n) for n in (1, 2, 999)] == [9001, 9002, 9999]
+
+
+async def test_a_start_at_the_charger_waits_for_centrals_verdict() -> None:
+    """SPEC §8: Central's START_SUPPLY of the session accepts it (no CALL), its STOP_SUPPLY
+    denies it; none within the decision timeout: Accepted. Central's own session (a
+    remote start) does not wait."""
+    gateway = Gateway(RecordingPublisher(), decision_timeout=0.05)
+    stamp = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+
+    async def started(number: int, driver: str) -> Session:
+        conn = gateway.connector("CH-9", number)
+        conn.state = CPState.ACTIVATED
+        return await gateway.start(conn, transaction=f"t{number}", driver_id=driver,
+                                   meter_start_wh=0.0, ts=stamp, own_session_id=f"s{number}")
+
+    def verdict(cmd: CommandType, number: int) -> CentralCommand:
+        return CentralCommand(cp_id=f"CH-9.{number}", cmd=cmd, payload=CommandPayload(
+            driver_id="ann", session_id=f"s{number}"))
+
+    accepted, denied, silent = [await started(n, "ann") for n in (1, 2, 3)]
+    for session in (accepted, denied, silent):
+        assert gateway.awaits_verdict(session)
+    waits = [asyncio.create_task(gateway.verdict(s))
+             for s in (accepted, denied, silent)]
+    await gateway.handle_command(verdict(CommandType.START_SUPPLY, 1))
+    await gateway.handle_command(verdict(CommandType.STOP_SUPPLY, 2))  # then a remote stop
+    assert await asyncio.gather(*waits) == [True, False, True]
+    assert gateway.stats.verdicts == {"accepted": 1, "denied": 1, "timeout": 1}
+    assert gateway.stats.commands[("START_SUPPLY", "done")] == 1
+    assert gateway.stats.commands[("STOP_SUPPLY", "refused")] == 1  # no charger connected
+    assert (denied.denied, accepted.denied) == (True, False)
+    assert await gateway.verdict(denied) is False  # a replay
+
+    conn = gateway.connector("CH-9", 4)
+    conn.state = CPState.ACTIVATED
+    conn.pending = PendingStart("central-s", "bea")
+    own = await gateway.start(conn, transaction="t4", driver_id="bea", meter_start_wh=0.0,
+                              ts=stamp, own_session_id="s4")
+    assert own.session_id == "central-s" and not gateway.awaits_verdict(own)
+    assert await gateway.verdict(own) is True
