@@ -16,6 +16,7 @@ from evcharging.apps.ev_central.allocation import Policy
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import Charging, Energy, Plan, Sent, SetLimit, plan
 from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.common.config import CentralSettings, load_settings, parse_site_limits
 from evcharging.common.messages import (
     CarSpec,
     CentralCommand,
@@ -103,7 +104,7 @@ def test_four_sessions_share_a_limit_and_nothing_is_resent() -> None:
     first = plan({"A": 66.0}, sessions, {})
     assert first.shares == {f"s{i}": 16.5 for i in range(4)}
     assert first.allocated == {"A": 66.0}
-    assert sorted(c.kw for c in first.commands) == [16.5] * 4
+    assert [c.kw for c in first.commands] == [16.5] * 4
     again = plan({"A": 66.0}, sessions, first.sent)
     assert again.commands == () and again.sent == first.sent
 
@@ -416,3 +417,40 @@ async def test_limits_persist_and_the_setting_overrides_them(
         "CP-1", sid, 22.0)
     await again.close()
     await second.close()
+
+
+# --- Central's settings of SPEC §10 ------------------------------------------------------
+
+
+def test_site_limits_setting_parses() -> None:
+    assert parse_site_limits("") == {}
+    assert parse_site_limits(" site-A=66 , site-B=150.5,") == {"site-A": 66.0, "site-B": 150.5}
+    settings = load_settings(CentralSettings, ["--site-limits", "site-A=66,site-B=150",
+                                               "--allocation", "least_laxity",
+                                               "--allocation-interval", "0.5"], "c", "")
+    assert settings.site_limit_map == {"site-A": 66.0, "site-B": 150.0}
+    assert (settings.allocation, settings.allocation_interval) == ("least_laxity", 0.5)
+    defaults = CentralSettings()
+    assert (defaults.site_limit_map, defaults.allocation, defaults.allocation_interval) == (
+        {}, "equal", 2.0)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--site-limits", "site-A"], "'site-A' is not site=kW"),
+    (["--site-limits", "=5"], "is not site=kW"),
+    (["--site-limits", "site-A=lots"], "the limit 'lots' is not a number of kW"),
+    (["--site-limits", "site-A=-1"], "finite number of kW >= 0"),
+    (["--site-limits", "site-A=inf"], "finite number of kW >= 0"),
+    (["--site-limits", "a=1,a=2"], "site 'a' is given twice"),
+    (["--site-limits", "s" * 65 + "=1"], "longer than 64 characters"),
+    (["--allocation", "fair"], "CENTRAL_ALLOCATION"),
+    (["--allocation-interval", "0"], "CENTRAL_ALLOCATION_INTERVAL"),
+])
+def test_bad_energy_settings_stop_with_a_clear_error(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        load_settings(CentralSettings, argv, "ev_central", "")
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid settings" in err and message in err, err
