@@ -39,7 +39,7 @@ from jsonschema import ValidationError as SchemaError
 from loguru import logger
 from ocpp.charge_point import ChargePoint
 from ocpp.exceptions import OCPPError, UnknownCallErrorCodeError
-from ocpp.messages import Call, CallError, CallResult, MessageType, get_validator, unpack
+from ocpp.messages import Call, CallError, CallResult, MessageType, unpack
 from ocpp.v16 import call as call16
 from ocpp.v16 import call_result as result16
 from ocpp.v16.enums import Action as Action16
@@ -59,6 +59,7 @@ from evcharging.apps.ev_ocpp.logic import (
     transaction_id,
     tx_profile_id,
 )
+from evcharging.apps.ev_ocpp.schemas import validate_call
 from evcharging.common.messages import CentralCommand, CommandType, clip_reason, utcnow
 from evcharging.common.states import CPState, SessionResult
 
@@ -192,8 +193,7 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             return
         payload = msg.payload
         try:
-            validator = get_validator(MessageType.Call, action, self.version)
-            validator.validate(payload)
+            validate_call(action, self.version, payload)  # compiled; the library's errors
         except SchemaError as exc:
             code = schema_error_code(str(exc.validator), exc.path, self.version)
             await self._error(msg, action, code, exc.message[:300])
