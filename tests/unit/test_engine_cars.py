@@ -26,24 +26,12 @@ from evcharging.common.messages import (
 from evcharging.common.metrics import PREFIX
 from evcharging.common.states import CPState, SessionResult
 from tests.unit.fakes import RecordingPublisher
+from tests.unit.test_engine import FakeClock
 
 CP_ID = "CP-001"
 KW = 22.0
 RATE = 0.30
 TELEMETRY = 0.02
-
-
-class FakeClock:
-    """A clock the test moves by hand, for exact energy totals."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def start_supply(session_id: str = "S-1", **fields: Any) -> CentralCommand:
