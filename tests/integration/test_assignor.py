@@ -21,6 +21,7 @@ from tests.polling import poll
 pytestmark = pytest.mark.integration
 
 PARTITIONS = 12
+SESSION_TIMEOUT_MS = 6000  # the broker's smallest (group.min.session.timeout.ms)
 ALL = range(PARTITIONS)
 
 
@@ -40,12 +41,14 @@ async def topics(kafka_bootstrap: str) -> list[str]:
 class Member:
     """A consumer of the group that keeps reading (as Central does) until stopped."""
 
-    def __init__(self, bootstrap: str, group: str, topics: list[str], name: str) -> None:
+    def __init__(self, bootstrap: str, group: str, topics: list[str], name: str,
+                 *, static: bool = False) -> None:
         self.assignor = SamePartitionAssignor(name)
         self.consumer = AIOKafkaConsumer(
             *topics, bootstrap_servers=bootstrap, group_id=group, client_id=name,
+            group_instance_id=name if static else None,
             partition_assignment_strategy=(self.assignor,), enable_auto_commit=False,
-            heartbeat_interval_ms=300, session_timeout_ms=6000,
+            heartbeat_interval_ms=300, session_timeout_ms=SESSION_TIMEOUT_MS,
         )
         self._reader: asyncio.Task[None] | None = None
 
@@ -74,10 +77,16 @@ class Member:
         return out
 
 
-@pytest.fixture
-async def members(kafka_bootstrap: str, topics: list[str]) -> AsyncIterator[list[Member]]:
+@pytest.fixture(params=[False, True], ids=["dynamic", "static"])
+async def members(
+    kafka_bootstrap: str, topics: list[str], request: pytest.FixtureRequest,
+) -> AsyncIterator[list[Member]]:
+    """Three members of a new group; "static" ones have a group_instance_id (their name), as
+    each Central has: the broker then waits for the session timeout before it hands a
+    stopped member's partitions to the others (a static member leaves no LeaveGroup)."""
     group = f"assignor-{uuid.uuid4().hex[:8]}"
-    made = [Member(kafka_bootstrap, group, topics, f"central-{n}") for n in ("a", "b", "c")]
+    made = [Member(kafka_bootstrap, group, topics, f"central-{n}", static=request.param)
+            for n in ("a", "b", "c")]
     yield made
     for member in made:
         await member.stop()
