@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.energy import Energy
+from evcharging.apps.ev_central.metrics import central_metrics
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.messages import (
     CentralCommand,
@@ -18,6 +20,7 @@ from evcharging.common.messages import (
     CPRegistration,
     CPState,
     CPStatus,
+    CPTelemetry,
     DriverRequest,
     DriverUpdate,
 )
@@ -131,3 +134,27 @@ async def test_without_a_token_remote_clients_may_not_set_limits(
         assert_error(await client.delete("/sites/site-A/limit"), 403, "forbidden")
         assert (await client.get("/sites")).status_code == 200
     assert energy.limits == {}
+
+
+async def test_site_gauges(controller: Controller, energy: Energy,
+                           bus: RecordingPublisher) -> None:
+    sid = await supplying(controller, bus, "CP-1", "site-A")
+    await controller.register(CPRegistration(cp_id="CP-2", site="site-B"))
+    await controller.handle_status(CPStatus(cp_id="CP-1", state=CPState.SUPPLYING,
+                                            session_id=sid, driver_id="d"))
+    await controller.handle_telemetry(CPTelemetry(cp_id="CP-1", kw=9.5, kwh=0.1, euros=0.0,
+                                                  session_id=sid))
+    await energy.set_limit("site-A", 12.0)
+    samples = {
+        f"{family.name}:{sample.labels['site']}": sample.value
+        for family in text_string_to_metric_families(
+            central_metrics(controller, energy=energy, process=False).render().decode())
+        if family.name.startswith("evcharging_site_")
+        for sample in family.samples
+    }
+    assert samples == {
+        "evcharging_site_limit_watts:site-A": 12_000.0,
+        "evcharging_site_allocated_watts:site-A": 12_000.0,
+        "evcharging_site_measured_watts:site-A": 9_500.0,
+        "evcharging_site_measured_watts:site-B": 0.0,
+    }
