@@ -301,6 +301,11 @@ async def test_a_start_at_the_charger_waits_for_centrals_verdict() -> None:
     assert gateway.stats.commands[("STOP_SUPPLY", "refused")] == 1  # no charger connected
     assert (denied.denied, accepted.denied) == (True, False)
     assert await gateway.verdict(denied) is False  # a replay
+    # A confirmation that comes after the session is over makes no CALL (no new start).
+    await gateway.end(silent, 500.0, SessionResult.COMPLETED, "stopped")
+    await gateway.handle_command(verdict(CommandType.START_SUPPLY, 3))
+    assert gateway.stats.commands[("START_SUPPLY", "done")] == 2
+    assert gateway.stats.commands[("START_SUPPLY", "refused")] == 0
 
     conn = gateway.connector("CH-9", 4)
     conn.state = CPState.ACTIVATED

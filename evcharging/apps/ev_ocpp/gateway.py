@@ -443,6 +443,9 @@ class Gateway:
             return
         session.ended = end
         self.dirty = True
+        decided = self._verdicts.pop(session.session_id, None)
+        if decided is not None and not decided.done():
+            decided.set_result(True)  # over before Central decided: nothing left to deny
         if conn.session is session:
             conn.session = None
         last = conn.last_end
@@ -491,8 +494,11 @@ class Gateway:
         if cmd.cmd is CommandType.SHUTDOWN:
             await self.refuse(conn, cmd, "a charger cannot be shut down from Central")
             return
-        if self._decide(conn, cmd) and cmd.cmd is CommandType.START_SUPPLY:
-            self.done(cmd)  # accepted, already running: no CALL
+        decided = self._decide(conn, cmd)
+        if cmd.cmd is CommandType.START_SUPPLY and (decided or (
+                conn.last_end is not None
+                and conn.last_end.session_id == cmd.payload.session_id)):
+            self.done(cmd)  # accepted and running, or already over: no CALL
             return
         link = self.links.get(conn.charger_id)
         if link is None:
