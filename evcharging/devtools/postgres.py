@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import grp
 import json
 import logging
 import os
@@ -206,9 +207,7 @@ def unreachable_parent(path: Path, user: RunAs) -> Path | None:
     return None
 
 
-def _groups_of(name: str) -> list[Any]:
-    import grp
-
+def _groups_of(name: str) -> list[grp.struct_group]:
     return [g for g in grp.getgrall() if name in g.gr_mem]
 
 
@@ -740,6 +739,9 @@ def _cmd_start(args: argparse.Namespace) -> int:
     port: int = args.port or process.free_port()
     work = run_dir(port)
     status = postgres_status(work)
+    if status.running and args.reset:
+        raise PostgresError(f"--reset would delete the cluster of the running server (pid "
+                            f"{status.pid}): stop it first (stop --port {port})")
     if status.running:
         passwords = Passwords.load(work)
         if passwords is None:

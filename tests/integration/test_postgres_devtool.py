@@ -142,6 +142,9 @@ async def test_cli_start_restart_stop_keeps_the_data(home: Path) -> None:
 
     status = cli(home, "status", "--port", port)
     assert status.returncode == 0 and url_in(status.stdout) == url
+    refused = cli(home, "start", "--port", port, "--reset")  # not under a running server
+    assert refused.returncode == 1 and "stop it first" in refused.stderr
+    assert await rows(url) == ["CP-1"]
     only_url = cli(home, "url", "--port", port)
     assert only_url.returncode == 0 and only_url.stdout.strip() == url
 
