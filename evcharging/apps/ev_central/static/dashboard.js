@@ -43,6 +43,7 @@
   const SEARCH_DEBOUNCE_MS = 250;
   const SEEK_WAYS = 3; // two searches at once: six requests, a browser's connections per host
   const SITE_TILES_MAX = 12;
+  const SITES_MS = 2000;
   const STATES = ["ACTIVATED", "SUPPLYING", "STOPPED", "FAULT", "DISCONNECTED"];
   const FETCH_OPTIONS = { cache: "no-store", headers: { Accept: "application/json" } };
 
@@ -256,6 +257,8 @@
 
   const stateTiles = new Map();
   const siteTiles = new Map();
+  /** The limited sites of GET /sites (SPEC §10): name → {limit_kw, allocated_kw, measured_kw}. */
+  const siteLimits = new Map();
 
   function buildStateTiles() {
     for (const state of STATES) {
@@ -356,7 +359,16 @@
         const bar = node("span", "tile-bar");
         const fill = node("span", "tile-bar-fill");
         bar.append(fill);
-        tile.append(head, kw, detail, bar);
+        // A limited site: its limit against its allocation and measured power.
+        const limit = node("span", "site-limit");
+        const limitText = node("span", "site-limit-text");
+        const limitBar = node("span", "site-limit-bar");
+        const measured = node("span", "site-limit-measured");
+        const allocated = node("span", "site-limit-allocated");
+        limitBar.append(measured, allocated);
+        limit.append(limitText, limitBar);
+        limit.hidden = true;
+        tile.append(head, kw, detail, bar, limit);
         if (name === null) {
           tile.disabled = true;
           tile.title = "CPs that belong to no known site";
@@ -365,7 +377,7 @@
           tile.dataset.site = name;
           tile.addEventListener("click", () => setFilter({ site: view.site === name ? "" : name }));
         }
-        t = { tile, value, supplying, faulty, kw, fill };
+        t = { tile, value, supplying, faulty, kw, fill, limit, limitText, measured, allocated };
         siteTiles.set(key, t);
       }
       if (els.siteTiles.children[index] !== t.tile) els.siteTiles.insertBefore(t.tile, els.siteTiles.children[index] || null);
@@ -379,6 +391,7 @@
       setText(t.kw, powerText(num(site.power_kw)));
       setTransform(t.fill, `scaleX(${cps > 0 ? supplying / cps : 0})`);
       setAttr(t.tile, "aria-pressed", String(name !== null && view.site === name));
+      renderSiteLimit(t, name === null ? undefined : siteLimits.get(name));
     });
     for (const [key, t] of siteTiles) {
       if (!keep.has(key)) {
@@ -391,6 +404,42 @@
     setText(els.sitesNote, sites.length > SITE_TILES_MAX
       ? `${SITE_TILES_MAX} of ${count.format(sites.length)} shown · the Site filter lists all`
       : `${count.format(named)} site${named === 1 ? "" : "s"}`);
+  }
+
+  /** A site tile's limit line: "limit 66 kW · allocated 64.0 kW · measured 63.2 kW" and a
+   * bar of the measured power against the limit, with the allocation as a mark. */
+  function renderSiteLimit(t, limited) {
+    setHidden(t.limit, !limited);
+    t.tile.classList.toggle("is-limited", Boolean(limited));
+    if (!limited) return;
+    const limit = num(limited.limit_kw);
+    const allocated = num(limited.allocated_kw);
+    const measured = num(limited.measured_kw);
+    setText(t.limitText, `limit ${powerText(limit)} · allocated ${powerText(allocated)} · measured ${powerText(measured)}`);
+    const scale = (kw) => (limit > 0 ? Math.min(1, Math.max(0, kw / limit)) : kw > 0 ? 1 : 0);
+    setTransform(t.measured, `scaleX(${scale(measured)})`);
+    setTransform(t.allocated, `translateX(${(100 * scale(allocated)).toFixed(2)}%)`);
+    t.limit.classList.toggle("is-over", measured > limit + 0.01);
+    setAttr(t.limit, "title", `Power limit ${powerText(limit)}: smart charging allocates ${powerText(allocated)}, the CPs report ${powerText(measured)}`);
+  }
+
+  /** GET /sites every SITES_MS: the limits are few and change rarely, so they are polled
+   * rather than carried by the WebSocket's deltas. */
+  async function loadSiteLimits() {
+    try {
+      const res = await fetch("/sites", FETCH_OPTIONS);
+      if (!res.ok) return;
+      const sites = await res.json();
+      if (!Array.isArray(sites)) return;
+      siteLimits.clear();
+      for (const site of sites) {
+        if (site && site.limit_kw !== null && site.limit_kw !== undefined) siteLimits.set(String(site.site), site);
+      }
+      summaryDirty = true;
+      scheduleRender();
+    } catch {
+      // Central is not answering: the connection's state says so; the next round retries.
+    }
   }
 
   let siteOptionsKey = "";
@@ -1399,6 +1448,8 @@
     if (typeof ResizeObserver === "function") new ResizeObserver(drawChart).observe(els.chart);
     tick();
     setInterval(tick, SAMPLE_MS);
+    loadSiteLimits();
+    setInterval(loadSiteLimits, SITES_MS);
     connect();
   }
 

@@ -1,0 +1,63 @@
+"""The dashboard's site tiles with a site limit (SPEC §10), in a real headless Chromium
+against a real Central started with ``CENTRAL_SITE_LIMITS``: a limited site's tile shows
+its limit against its allocation and measured power, follows ``PUT`` and ``DELETE
+/sites/{site}/limit`` without a reload, and an unlimited site's tile shows none."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.e2e.cdp import Browser
+from tests.e2e.conftest import System
+
+pytestmark = pytest.mark.e2e
+
+MODE_JS = 'document.getElementById("conn").dataset.mode'
+
+
+def limit_js(site: str) -> str:
+    """The limit line of a site's tile: its text, or "" when hidden; null: no tile."""
+    return f"""(() => {{
+  const tile = document.querySelector('.site-tile[data-site={json.dumps(site)}]');
+  if (!tile) return null;
+  const line = tile.querySelector(".site-limit");
+  return line && !line.hidden ? line.querySelector(".site-limit-text").textContent : "";
+}})()"""
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with Browser() as chromium:
+        yield chromium
+
+
+async def test_a_limited_sites_tile_shows_limit_allocation_and_measured_power(
+    system: System, browser: Browser
+) -> None:
+    await system.start_central({"CENTRAL_SITE_LIMITS": "site-L=66"})
+    for cp_id, site in (("CP-L1", "site-L"), ("CP-F1", "site-F")):
+        answer = await system.http.post("/cp/register", json={
+            "cp_id": cp_id, "site": site, "kw_rate": 22})
+        assert answer.status_code == 200, answer.text
+    url = f"http://127.0.0.1:{system.http_port}/"
+    await browser.navigate(url)
+    await browser.wait_for(f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
+    expected = "limit 66.0 kW · allocated 0.0 kW · measured 0.0 kW"
+    await browser.wait_for(f"{limit_js('site-L')} === {json.dumps(expected)}", 15,
+                           "site-L's tile with its limit")
+    assert await browser.evaluate(limit_js("site-F")) == ""
+    # A new limit and a removed one reach the open page.
+    answer = await system.http.put("/sites/site-F/limit", json={"kw": 150})
+    assert answer.status_code == 200, answer.text
+    await browser.wait_for(
+        f"{limit_js('site-F')} === "
+        f"{json.dumps('limit 150.0 kW · allocated 0.0 kW · measured 0.0 kW')}",
+        15, "site-F's tile with its new limit")
+    answer = await system.http.delete("/sites/site-L/limit")
+    assert answer.status_code == 200, answer.text
+    await browser.wait_for(f"{limit_js('site-L')} === \"\"", 15, "site-L's limit removed")
+    assert browser.navigations == [url]
+    assert browser.problems() == []
