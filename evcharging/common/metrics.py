@@ -225,6 +225,8 @@ _CATALOGUE: tuple[Family, ...] = (
     _c("fleet_commands", "Commands routed to one of the fleet's CPs", service="fleet"),
     _c("fleet_unknown_commands", "Commands for CPs the fleet does not run (ignored)",
        service="fleet"),
+    _c("fleet_ignored_limits", "SET_LIMIT commands the fleet's CPs ignored: for another "
+       "session, or while none ran", service="fleet"),
     _c("fleet_random_faults", "Random faults (--fault-rate) by event (injected, skipped, "
        "repaired)", "event", service="fleet"),
     # --- monitoring: a CP Monitor, or the fleet's in-process monitoring ------------------

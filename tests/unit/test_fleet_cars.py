@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+from evcharging.apps.ev_fleet.api import FleetParts
 from evcharging.apps.ev_fleet.fleet import Fleet
+from evcharging.apps.ev_fleet.metrics import FleetCollector
 from evcharging.apps.ev_fleet.plan import fleet_plan
 from evcharging.common.config import CPEngineSettings
 from evcharging.common.messages import (
@@ -19,6 +21,7 @@ from evcharging.common.messages import (
     CPTelemetry,
     StatusEvent,
 )
+from evcharging.common.metrics import PREFIX
 from evcharging.common.states import CPState, SessionResult
 from tests.unit.fakes import RecordingPublisher
 
@@ -79,3 +82,6 @@ async def test_a_fleet_cp_follows_set_limit_and_ends_at_the_energy_wanted(
     assert cps["CP-00001"].ignored_limits == 1 and cps["CP-00002"].ignored_limits == 0
     assert cps["CP-00001"].state is CPState.ACTIVATED
     assert cps["CP-00002"].state is CPState.ACTIVATED
+    [ignored] = [m for m in FleetCollector(FleetParts(fleet)).collect()
+                 if m.name == PREFIX + "fleet_ignored_limits"]
+    assert ignored.samples[0].value == 1

@@ -1,7 +1,8 @@
 """The CP Fleet's Prometheus metrics, on its HTTP port's ``GET /metrics`` (families in
 :mod:`evcharging.common.metrics`), read at scrape time from :class:`FleetParts`: its CPs
-by state, the commands it routed, its in-process monitoring (the same families as a CP
-Monitor's, summed over its CPs) and its random faults. One pass over the CPs per scrape."""
+by state, the commands it routed and the SET_LIMITs its CPs ignored, its in-process
+monitoring (the same families as a CP Monitor's, summed over its CPs) and its random faults.
+Two C-level passes over the CPs per scrape."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ class FleetCollector:
 
     NAMES = tuple(PREFIX + n for n in (
         "fleet_cps", "fleet_publish_failing_cps", "fleet_commands_total",
-        "fleet_unknown_commands_total", "fleet_random_faults_total", "monitor_checks_total",
+        "fleet_unknown_commands_total", "fleet_ignored_limits_total",
+        "fleet_random_faults_total", "monitor_checks_total",
         "monitor_check_failures_total", "monitor_reports_sent_total",
         "monitor_registrations_total", "monitor_liveness_sent_total", "monitor_cps",
     ))
@@ -42,6 +44,8 @@ class FleetCollector:
         yield gauge(PREFIX + "fleet_publish_failing_cps", fleet.publish_failing())
         yield counter(PREFIX + "fleet_commands_total", fleet.stats.commands)
         yield counter(PREFIX + "fleet_unknown_commands_total", fleet.stats.unknown_commands)
+        yield counter(PREFIX + "fleet_ignored_limits_total",
+                      sum(map(_IGNORED_LIMITS, fleet.cps.values())))
         faults = self.parts.faults
         if faults is not None:
             yield counter(PREFIX + "fleet_random_faults_total", {
@@ -62,3 +66,4 @@ class FleetCollector:
 
 
 _STATE = attrgetter("state")
+_IGNORED_LIMITS = attrgetter("ignored_limits")
