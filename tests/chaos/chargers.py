@@ -93,7 +93,8 @@ class Metered:
 class Queued:
     """A transaction message; `build` makes its payload when it is sent."""
 
-    action: str
+    kind: str
+    """``start``, ``meter`` or ``stop``."""
     build: Callable[[], Any]
     on_answer: Callable[[Any], None] = lambda _answer: None
     offline: bool = False
@@ -215,6 +216,9 @@ class Charger:
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._tx_count = 0
+        self.tap: Callable[[str], None] | None = None
+        """Called with a message's kind (``start``, ``meter``, ``stop``) the moment its
+        answer arrives: a fault can strike right then."""
 
     @property
     def cp_id(self) -> str:
@@ -287,6 +291,8 @@ class Charger:
                 item = self.queue[0]
                 answer = await self._call(cp, reader, item.build())
                 self.queue.popleft()
+                if self.tap is not None:
+                    self.tap(item.kind)
                 if item.offline:
                     self.stats.replayed += 1
                 item.on_answer(answer)
@@ -386,7 +392,7 @@ class Charger:
 
             start = call16.StartTransaction(connector_id=CONNECTOR, id_tag=id_tag,
                                             meter_start=tx.start_wh, timestamp=tx.started)
-            self._send(Queued("StartTransaction", lambda: start, started))
+            self._send(Queued("start", lambda: start, started))
         else:
             self._tx_count += 1
             tx.transaction_id = f"{self.charger_id}-{self._tx_count}-{int(time.time())}"
@@ -412,7 +418,7 @@ class Charger:
             self._event(tx, "Updated", "MeterValuePeriodic", wh, at)
             return
         value = self._meter_value(wh, at, power=True)
-        self._send(Queued("MeterValues", lambda: call16.MeterValues(
+        self._send(Queued("meter", lambda: call16.MeterValues(
             connector_id=CONNECTOR, transaction_id=int(str(tx.transaction_id)),
             meter_value=value)))
 
@@ -431,7 +437,7 @@ class Charger:
         self.register_wh = tx.stop_wh
         self.tx = None
         if self.v16:
-            self._send(Queued("StopTransaction", lambda: call16.StopTransaction(
+            self._send(Queued("stop", lambda: call16.StopTransaction(
                 meter_stop=tx.stop_wh, timestamp=tx.stopped,
                 transaction_id=int(str(tx.transaction_id)), reason=reason)))
         else:
@@ -460,4 +466,5 @@ class Charger:
             event_type=event, timestamp=at, trigger_reason=trigger, seq_no=seq,
             transaction_info=info, offline=True if offline else None,
             meter_value=self._meter_value(wh, at, power=event == "Updated"), **extra)
-        self._send(Queued("TransactionEvent", lambda: payload))
+        kind = {"Started": "start", "Ended": "stop"}.get(event, "meter")
+        self._send(Queued(kind, lambda: payload))

@@ -518,10 +518,46 @@ async def gateway_kill(run: ChaosRun, hold: float) -> Window:
     their meter values and stops; restart it `hold` seconds later (same port and state
     file): the chargers reconnect, boot and replay their queues."""
     assert run.gateway is not None
-    gateway = run.gateway
     start = now()
-    gateway.signal(signal.SIGKILL)
-    await gateway.wait_exit()
+    run.gateway.signal(signal.SIGKILL)
+    return await _gateway_dead(run, hold, start)
+
+
+def gateway_kill_as(kinds: Sequence[str]) -> Fault:
+    """Each round the next of `kinds` (``start``, ``stop``): SIGKILL the OCPP gateway the
+    moment the target charger reads the answer to its next message of that kind (its
+    transaction's start or stop: answered, so the charger will not send it again), then
+    as :func:`gateway_kill`."""
+    rounds = iter(kinds)
+
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        assert run.gateway is not None
+        gateway, kind = run.gateway, next(rounds)
+        charger = run.chargers[target(run)]
+        struck: list[float] = []
+
+        def strike(answered: str) -> None:
+            if answered == kind and not struck:
+                gateway.signal(signal.SIGKILL)  # at once, in the charger's own callback
+                struck.append(now())
+
+        charger.tap = strike
+        try:
+            await poll(lambda: struck, timeout=30,
+                       what=f"{charger.cp_id}'s next {kind} answered")
+        finally:
+            charger.tap = None
+        window = await _gateway_dead(run, hold, struck[0])
+        window.notes.insert(0, f"the gateway killed as {charger.cp_id}'s {kind} was answered")
+        return window
+
+    return inject
+
+
+async def _gateway_dead(run: ChaosRun, hold: float, start: float) -> Window:
+    """The gateway SIGKILLed at `start` stays dead `hold` seconds, then starts again."""
+    assert run.gateway is not None
+    await run.gateway.wait_exit()
     await poll(lambda: not any(c.online.is_set() for c in run.chargers.values()),
                timeout=15, what="every charger to see the gateway gone")
     await asyncio.sleep(max(0.0, start + hold - now()))  # the gateway stays dead: the fault
