@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/ocpp_bench.py                      # 1,000 and 5,000 chargers
     .venv/bin/python benchmarks/ocpp_bench.py --quick              # 50 chargers, 20 s
+    .venv/bin/python benchmarks/ocpp_bench.py --sizes 5000 --duration 30 --profile
     make bench-ocpp                                                # the full set
 
 For each size N it starts, on fresh topics (a prefix of their own), a fresh database, a fresh
 gateway state file and free ports: EV Central, the OCPP gateway (``evcharging.apps.ev_ocpp``)
-and one CP Fleet of N OCPP chargers (``--protocol ocpp1.6``, ``CH-00001`` … each with one
-connector, so the CPs ``CH-00001.1`` …, one WebSocket each). It measures:
+and CP Fleets of N OCPP chargers in all (``--protocol ocpp1.6``, ``CH-00001`` … each with one
+connector, so the CPs ``CH-00001.1`` …, one WebSocket each), in ``--fleet-processes``
+processes (default 1; the chargers split in equal runs with ``--first``): the round trips
+are timed by the chargers, so a saturated fleet process would measure itself. It measures:
 
 * **boot**: from starting the fleet's process until every charger's BootNotification was
   Accepted (the fleet's ``/health``), and until Central lists all N CPs ACTIVATED;
@@ -21,8 +24,14 @@ connector, so the CPs ``CH-00001.1`` …, one WebSocket each). It measures:
   decides, START_SUPPLY → RemoteStartTransaction → the charger's StartTransaction →
   SUPPLYING → the charger's first MeterValues → telemetry → IN_PROGRESS); and the outcome
   of every request;
-* **resources**: CPU % (of one core) and RSS of the gateway, Central and the fleet, from
-  ``/proc``, every second after the boot.
+* **resources**: CPU % (of one core) and RSS of the gateway, Central and the fleet
+  processes (summed), from ``/proc``, and the load average, every second after the boot;
+* with ``--profile``: where the gateway's and each fleet process's event loop spends its
+  time during the requests (``py-spy record --nonblocking``, the main thread's samples), as
+  the report's top lines.
+
+With several fleet processes the round trips' p50 and p99 are the largest of the processes'
+own (each is at least the whole run's: an upper bound).
 
 Targets (issue 15): 5,000 chargers on one gateway within 1 GiB of RSS; Heartbeat p99 under
 100 ms; remote-start round trip p99 under 1 s. The report says, per size, met or by how much
@@ -42,6 +51,7 @@ import contextlib
 import json
 import random
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -99,6 +109,8 @@ class Settings:
     kafka_bootstrap: str | None
     boot_timeout: float
     keep_logs: bool
+    fleet_processes: int = 1
+    profile: bool = False
 
 
 @dataclass
@@ -114,6 +126,10 @@ class SizeResult:
     outcomes: Counter[str] = field(default_factory=Counter)
     remote_start_ms: list[float] = field(default_factory=list)
     usage: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    load: list[float] = field(default_factory=list)
+    """The 1-minute load average, every second after the boot."""
+    profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Process name → its py-spy summary (:func:`profile_summary`), with --profile."""
 
     def trip(self, action: str, key: str) -> float | None:
         value = self.round_trips.get(action, {}).get(key)
@@ -123,14 +139,26 @@ class SizeResult:
         return percentile(self.remote_start_ms, q) if self.remote_start_ms else None
 
     def cpu_mean(self, name: str) -> float | None:
+        if name == "fleet" and name not in self.usage:
+            means = [self.cpu_mean(n) for n in self.fleet_names()]
+            return sum(m for m in means if m is not None) if means else None
         values = self.usage.get(name, {}).get("cpu", [])
         return sum(values) / len(values) if values else None
+
+    def fleet_names(self) -> list[str]:
+        return [n for n in self.usage if n.startswith("fleet")]
+
+    def load_mean(self) -> float | None:
+        return sum(self.load) / len(self.load) if self.load else None
 
     def cpu_max(self, name: str) -> float | None:
         values = self.usage.get(name, {}).get("cpu", [])
         return max(values) if values else None
 
     def rss_max(self, name: str) -> float | None:
+        if name == "fleet" and name not in self.usage:
+            peaks = [self.rss_max(n) for n in self.fleet_names()]
+            return sum(p for p in peaks if p is not None) if peaks else None
         values = self.usage.get(name, {}).get("rss", [])
         return max(values) if values else None
 
@@ -144,7 +172,10 @@ class SizeResult:
                                 "count": len(self.remote_start_ms)},
             "usage": {name: {"cpu_mean": self.cpu_mean(name), "cpu_max": self.cpu_max(name),
                              "rss_max_mib": self.rss_max(name)} for name in self.usage},
+            "load_average": {"mean": self.load_mean(),
+                             "max": max(self.load) if self.load else None},
             "fleet_health": self.fleet_health,
+            "profiles": self.profiles,
         }
 
 
@@ -217,8 +248,9 @@ class Driver:
             await asyncio.sleep(0.25)
 
 
-async def wait_booted(fleet_http: httpx.AsyncClient, central_http: httpx.AsyncClient,
-                      chargers: int, fleet: Service, began: float, timeout: float
+async def wait_booted(fleet_https: Sequence[httpx.AsyncClient],
+                      central_http: httpx.AsyncClient, chargers: int,
+                      fleets: Sequence[Service], began: float, timeout: float
                       ) -> tuple[float, float]:
     """Seconds from `began` until every charger booted, and until Central lists every CP
     ACTIVATED."""
@@ -226,11 +258,13 @@ async def wait_booted(fleet_http: httpx.AsyncClient, central_http: httpx.AsyncCl
     next_line = time.monotonic() + 5
     booted = activated = 0
     while booted_at is None or activated_at is None:
-        fleet.check_alive()
+        for fleet in fleets:
+            fleet.check_alive()
         now = time.monotonic()
         if booted_at is None:
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                booted = int((await fleet_http.get("/health")).json()["booted_once"])
+                booted = sum([int((await http.get("/health")).json()["booted_once"])
+                              for http in fleet_https])
                 if booted >= chargers:
                     booted_at = now - began
         if activated_at is None:
@@ -242,7 +276,8 @@ async def wait_booted(fleet_http: httpx.AsyncClient, central_http: httpx.AsyncCl
                     activated_at = now - began
         if now - began > timeout:
             raise RuntimeError(f"after {timeout:g} s only {booted:,} of {chargers:,} chargers "
-                               f"booted and {activated:,} CPs ACTIVATED; see {fleet.log_path}")
+                               f"booted and {activated:,} CPs ACTIVATED; see "
+                               f"{fleets[0].log_path}")
         if now >= next_line:
             next_line = now + 5
             say(f"    {booted:,} booted, {activated:,} ACTIVATED at Central after "
@@ -251,12 +286,127 @@ async def wait_booted(fleet_http: httpx.AsyncClient, central_http: httpx.AsyncCl
     return booted_at, activated_at
 
 
+def split(chargers: int, processes: int) -> list[tuple[int, int]]:
+    """(first number, count) of each fleet process: `chargers` in equal runs."""
+    processes = max(1, min(processes, chargers))
+    base, extra = divmod(chargers, processes)
+    runs, first = [], 1
+    for index in range(processes):
+        count = base + (1 if index < extra else 0)
+        runs.append((first, count))
+        first += count
+    return runs
+
+
+def merge_health(healths: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet processes' ``/health`` as one: counts summed; per action the round trips'
+    count summed and p50, p99 the largest of the processes' (an upper bound: each process
+    has at most 1 % of its round trips above its own p99). One process: its own."""
+    if len(healths) == 1:
+        return healths[0]
+    merged: dict[str, Any] = {"processes": len(healths)}
+    for key in ("chargers", "connected", "booted", "booted_once", "charging", "connects",
+                "connect_failures", "disconnects"):
+        merged[key] = sum(int(h.get(key) or 0) for h in healths)
+    boots = [h.get("all_booted_seconds") for h in healths]
+    merged["all_booted_seconds"] = (None if any(b is None for b in boots)
+                                    else max(float(b) for b in boots if b is not None))
+    merged["sessions"] = {k: sum(int(h.get("sessions", {}).get(k, 0)) for h in healths)
+                          for k in ("started", "ended")}
+    for key in ("calls", "answered"):
+        total: Counter[str] = Counter()
+        for h in healths:
+            total.update({name: int(n) for name, n in h.get(key, {}).items()})
+        merged[key] = dict(sorted(total.items()))
+    trips: dict[str, dict[str, Any]] = {}
+    for h in healths:
+        for action, trip in h.get("round_trips", {}).items():
+            into = trips.setdefault(action, {"count": 0, "p50_ms": None, "p99_ms": None})
+            into["count"] += int(trip.get("count") or 0)
+            for q in ("p50_ms", "p99_ms"):
+                if trip.get(q) is not None:
+                    into[q] = max(float(trip[q]), into[q] or 0.0)
+    merged["round_trips"] = trips
+    return merged
+
+
+# --------------------------------------------------------------------------- py-spy
+
+PROFILE_SHARE = 0.8
+"""The share of the requests' duration that --profile samples (from their start)."""
+PROFILE_RATE = 100
+"""py-spy samples per second."""
+PROFILE_TOP = 12
+"""Lines of each list in the report."""
+
+
+def py_spy() -> str | None:
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
+def profile_summary(raw: str, seconds: float, rate: int = PROFILE_RATE,
+                    top: int = PROFILE_TOP) -> dict[str, Any]:
+    """py-spy's raw output (``frame;frame;... count`` a line, root first) as the main
+    thread's (its root is ``_run_module_as_main``: the event loop) share of the wall time
+    on the CPU, and its top functions by their own time (``self``) and with what they call
+    (``total``), each in % of the wall time."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if not frames[0].startswith("_run_module_as_main"):
+            continue  # another thread (the thread pool's workers, mostly idle)
+        n = int(count)
+        samples += n
+        own[frames[-1]] += n
+        for name in {frame.split(" (")[0] + " (" + frame.split(" (")[-1].split(":")[0] + ")"
+                     for frame in frames}:
+            total[name] += n
+    wall = max(seconds * rate, 1.0)
+    skip = ("_run_module_as_main", "_run_code", "<module>", "main (", "run_service",
+            "Runner.run (")
+    return {
+        "seconds": seconds, "samples": samples,
+        "busy_percent": round(100 * samples / wall, 1),
+        "self": [[round(100 * n / wall, 1), frame] for frame, n in own.most_common(top)],
+        "total": [[round(100 * n / wall, 1), name] for name, n in total.most_common(top * 3)
+                  if not name.startswith(skip)][:top],
+    }
+
+
+async def profile_all(pids: dict[str, int], seconds: float, work: Path
+                      ) -> dict[str, dict[str, Any]]:
+    """``py-spy record --nonblocking`` of every process for `seconds`, at once."""
+    exe = py_spy()
+    assert exe is not None  # parse_args checked it
+    seconds = max(1, round(seconds))
+
+    async def one(name: str, pid: int) -> tuple[str, dict[str, Any]]:
+        out = work / f"py-spy-{name}.txt"
+        process = await asyncio.create_subprocess_exec(
+            exe, "record", "--pid", str(pid), "--duration", str(seconds), "--rate",
+            str(PROFILE_RATE), "--nonblocking", "--format", "raw", "--output", str(out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        _, err = await process.communicate()
+        if process.returncode != 0 or not out.exists():
+            say(f"    py-spy of {name} failed: {err.decode(errors='replace').strip()[-300:]}")
+            return name, {}
+        return name, profile_summary(out.read_text(errors="replace"), seconds)
+
+    return dict(await asyncio.gather(*(one(name, pid) for name, pid in pids.items())))
+
+
 async def run_size(chargers: int, bootstrap: str, settings: Settings, work: Path
                    ) -> SizeResult:
     prefix = f"ocppbench-{uuid.uuid4().hex[:6]}-{chargers}."
     env = bench_env(prefix, work, settings)
     http_port, listen_port = free_port(), free_port()
-    ws_port, gateway_http, fleet_port = free_port(), free_port(), free_port()
+    ws_port, gateway_http = free_port(), free_port()
     result = SizeResult(chargers)
     central = Service("central", [
         "evcharging.apps.ev_central.main", "--kafka-bootstrap", bootstrap,
@@ -265,10 +415,15 @@ async def run_size(chargers: int, bootstrap: str, settings: Settings, work: Path
         "evcharging.apps.ev_ocpp.main", "--kafka-bootstrap", bootstrap,
         "--ws-port", str(ws_port), "--central-host", "127.0.0.1",
         "--central-port", str(http_port), "--http-port", str(gateway_http)], env, work)
-    fleet = Service("fleet", [
-        "evcharging.apps.ev_fleet.main", "--protocol", PROTOCOL, "--cps", str(chargers),
-        "--id-prefix", ID_PREFIX, "--http-port", str(fleet_port),
-        "--ocpp-url", f"ws://127.0.0.1:{ws_port}/ocpp/"], env, work)
+    fleets, fleet_ports = [], []
+    for index, (first, count) in enumerate(split(chargers, settings.fleet_processes), 1):
+        fleet_ports.append(free_port())
+        fleets.append(Service(
+            "fleet" if settings.fleet_processes == 1 else f"fleet-{index}", [
+                "evcharging.apps.ev_fleet.main", "--protocol", PROTOCOL, "--cps", str(count),
+                "--first", str(first), "--id-prefix", ID_PREFIX,
+                "--http-port", str(fleet_ports[-1]),
+                "--ocpp-url", f"ws://127.0.0.1:{ws_port}/ocpp/"], env, work))
     config = KafkaConfig(bootstrap=bootstrap, client_id="ocpp-bench", topic_prefix=prefix)
     bus = KafkaBus(config)
     cps = [f"{ID_PREFIX}{i:05d}.1" for i in range(1, chargers + 1)]
@@ -277,10 +432,12 @@ async def run_size(chargers: int, bootstrap: str, settings: Settings, work: Path
                                start_at="latest")
     tasks: list[asyncio.Task[None]] = []
     started: list[Service] = []
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10,
-                                 trust_env=False) as central_http, \
-            httpx.AsyncClient(base_url=f"http://127.0.0.1:{fleet_port}", timeout=10,
-                              trust_env=False) as fleet_http:
+    async with contextlib.AsyncExitStack() as clients:
+        central_http = await clients.enter_async_context(httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{http_port}", timeout=10, trust_env=False))
+        fleet_https = [await clients.enter_async_context(httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=10, trust_env=False))
+            for port in fleet_ports]
         try:
             say(f"  {chargers:,} chargers: starting Central and the gateway")
             started.append(await central.start())
@@ -291,26 +448,35 @@ async def run_size(chargers: int, bootstrap: str, settings: Settings, work: Path
             await bus.start()
             await reader.start()
             tasks.append(asyncio.create_task(reader.run()))
-            say(f"  {chargers:,} chargers: starting the fleet")
+            say(f"  {chargers:,} chargers: starting the fleet"
+                + (f" ({len(fleets)} processes)" if len(fleets) > 1 else ""))
             began = time.monotonic()
-            started.append(await fleet.start())
+            for fleet in fleets:
+                started.append(await fleet.start())
             result.boot_seconds, result.activated_seconds = await wait_booted(
-                fleet_http, central_http, chargers, fleet, began, settings.boot_timeout)
+                fleet_https, central_http, chargers, fleets, began, settings.boot_timeout)
             say(f"    booted in {result.boot_seconds:.1f} s, ACTIVATED at Central in "
                 f"{result.activated_seconds:.1f} s")
             sampler = ResourceSampler({"gateway": gateway.pid, "central": central.pid,
-                                       "fleet": fleet.pid}, central_http)
+                                       **{f.name: f.pid for f in fleets}}, central_http)
             tasks.append(asyncio.create_task(sampler.run()))
             result.rate = round(chargers * settings.busy_fraction / settings.session_seconds, 3)
             say(f"    {settings.duration:g} s of driver requests at {result.rate:g}/s")
+            profiling = (asyncio.create_task(profile_all(
+                {"gateway": gateway.pid, **{f.name: f.pid for f in fleets}},
+                settings.duration * PROFILE_SHARE, work)) if settings.profile else None)
             await driver.send(result.rate, settings.duration)
+            if profiling is not None:
+                result.profiles = await profiling
             await driver.wait_finals(settings.session_seconds + FINAL_WAIT)
             for service in started:
                 service.check_alive()
-            result.fleet_health = (await fleet_http.get("/health")).json()
+            healths = [(await http.get("/health")).json() for http in fleet_https]
+            result.fleet_health = merge_health(healths)
             result.round_trips = dict(result.fleet_health.get("round_trips", {}))
             result.usage = {name: {"cpu": usage.cpu, "rss": usage.rss}
                             for name, usage in sampler.usage.items()}
+            result.load = list(sampler.load)
         finally:
             for task in tasks:
                 task.cancel()
@@ -342,7 +508,8 @@ BOOT_HEADER = ["chargers", "all booted (s)", "all ACTIVATED at Central (s)",
                "remote start → IN_PROGRESS p50 / p99 (ms)"]
 RESOURCE_HEADER = ["chargers", "requests/s", "requests", "COMPLETED", "FAILED", "DENIED",
                    "no final status", "gateway CPU % mean / max", "gateway RSS MiB (max)",
-                   "Central CPU % / RSS MiB", "fleet CPU % / RSS MiB"]
+                   "Central CPU % / RSS MiB", "fleet CPU % / RSS MiB",
+                   "load average mean / max"]
 TARGET_HEADER = ["chargers", "target", "measured", "met"]
 
 
@@ -359,7 +526,31 @@ def resource_row(r: SizeResult) -> list[str]:
             f"{r.outcomes.get('DENIED', 0):,}", f"{r.outcomes.get('no final status', 0):,}",
             _pair(r.cpu_mean("gateway"), r.cpu_max("gateway"), 0), _num(r.rss_max("gateway")),
             _pair(r.cpu_mean("central"), r.rss_max("central"), 0),
-            _pair(r.cpu_mean("fleet"), r.rss_max("fleet"), 0)]
+            _pair(r.cpu_mean("fleet"), r.rss_max("fleet"), 0),
+            _pair(r.load_mean(), max(r.load) if r.load else None, 2)]
+
+
+def profile_lines(results: Sequence[SizeResult]) -> list[str]:
+    """The --profile section: each process's event loop, its top functions."""
+    lines: list[str] = []
+    for r in results:
+        for name, summary in r.profiles.items():
+            if not summary:
+                continue
+            lines += [
+                f"{r.chargers:,} chargers, {name}: the event loop on the CPU "
+                f"{summary['busy_percent']:g} % of {summary['seconds']:g} s "
+                f"({summary['samples']:,} samples)",
+                "",
+                "```text",
+                "own time (% of the wall time)",
+                *(f"{pct:5.1f}  {frame}" for pct, frame in summary["self"]),
+                "with what it calls",
+                *(f"{pct:5.1f}  {frame}" for pct, frame in summary["total"]),
+                "```",
+                "",
+            ]
+    return lines
 
 
 def target_rows(r: SizeResult) -> list[list[str]]:
@@ -399,9 +590,11 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings, 
         "",
         "## Settings",
         "",
-        "- per size: a fresh Central, OCPP gateway (state file, topics of their own) and one "
-        f"CP Fleet of OCPP {PROTOCOL[4:]} chargers (`--protocol {PROTOCOL}`), one connector "
-        "and one WebSocket each, all in one fleet process",
+        "- per size: a fresh Central, OCPP gateway (state file, topics of their own) and "
+        f"CP Fleets of OCPP {PROTOCOL[4:]} chargers (`--protocol {PROTOCOL}`), one connector "
+        "and one WebSocket each, "
+        + ("all in one fleet process" if settings.fleet_processes == 1 else
+           f"in {settings.fleet_processes} fleet processes (`--fleet-processes`)"),
         f"- heartbeats every {settings.heartbeat_interval} s (`OCPP_HEARTBEAT_INTERVAL`, each "
         "charger at its own phase); sessions of "
         f"{settings.session_seconds:g} s with MeterValues every second",
@@ -426,6 +619,11 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings, 
         f"![boot, latencies and the gateway's resources against the number of chargers]"
         f"({png_name})",
         "",
+        *(["## Where the time goes (py-spy)", "",
+           "`py-spy record --nonblocking` of each process during the first "
+           f"{PROFILE_SHARE:.0%} of the requests, {PROFILE_RATE} samples a second, its main "
+           "thread (the event loop) only; % of the wall time.", "",
+           *profile_lines(results)] if any(r.profiles for r in results) else []),
         "## What the columns mean",
         "",
         "- *all booted*: from starting the fleet's process until every charger's "
@@ -433,14 +631,17 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings, 
         "`X.1` ACTIVATED (the gateway registers each and reports its StatusNotification).",
         "- *Heartbeat*, *MeterValues*: the chargers' own timing of their CALLs, from sending "
         "to reading the answer, over the whole run (the boot storm included); nearest-rank "
-        "percentiles.",
+        "percentiles; with several fleet processes, the largest of the processes' own "
+        "(an upper bound).",
         "- *remote start → IN_PROGRESS*: from publishing a driver request to reading its "
         "first IN_PROGRESS: Central's decision, START_SUPPLY, RemoteStartTransaction, the "
         "charger's StartTransaction, SUPPLYING, its first MeterValues, telemetry, the update.",
         "- *no final status*: requests without COMPLETED, FAILED or DENIED "
         f"{FINAL_WAIT:g} s after the session length past the last request.",
         "- *CPU %*: of one core, the mean (and the largest one-second sample) after the boot; "
-        "*RSS*: the largest.",
+        "*RSS*: the largest; the fleet's: its processes' summed. *load average*: the "
+        "1-minute load average, sampled every second after the boot (other work on the "
+        "machine counts in it).",
         "",
     ]
     return "\n".join(lines)
@@ -532,6 +733,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                         help="seconds every charger gets to boot and be ACTIVATED (default: 300)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the services' logs (their folder is printed)")
+    parser.add_argument("--fleet-processes", type=int, default=1,
+                        help="CP Fleet processes that play the chargers, in equal runs "
+                        "(default: 1)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the gateway and the fleet processes during the requests "
+                        "and report their top functions (needs py-spy, and the right to "
+                        "attach to them)")
     args = parser.parse_args(argv)
     text = args.sizes or ("50" if args.quick else ",".join(map(str, DEFAULT_SIZES)))
     try:
@@ -540,6 +748,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"--sizes: not numbers separated by commas: {text!r}")
     if not sizes or min(sizes) < 2 or max(sizes) > 99_999:
         parser.error("--sizes: between 2 and 99,999 chargers")
+    if not 1 <= args.fleet_processes <= min(sizes):
+        parser.error("--fleet-processes: from 1 to the smallest size")
+    if args.profile and py_spy() is None:
+        parser.error("--profile needs py-spy (pip install py-spy)")
     duration = args.duration if args.duration is not None else (20.0 if args.quick else 60.0)
     session = (args.session_seconds if args.session_seconds is not None
                else (5.0 if args.quick else 10.0))
@@ -551,7 +763,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     return Settings(sizes=sizes, duration=duration, session_seconds=session,
                     heartbeat_interval=heartbeat, busy_fraction=args.busy_fraction,
                     out=args.out, kafka_bootstrap=args.kafka_bootstrap,
-                    boot_timeout=args.boot_timeout, keep_logs=args.keep_logs)
+                    boot_timeout=args.boot_timeout, keep_logs=args.keep_logs,
+                    fleet_processes=args.fleet_processes, profile=args.profile)
 
 
 @contextlib.contextmanager
@@ -591,8 +804,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.keep_logs:
             say(f"logs kept in {work}")
         else:
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     settings.out.mkdir(parents=True, exist_ok=True)
     stem = f"ocpp-{started:%Y-%m-%d}"
