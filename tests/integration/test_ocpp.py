@@ -285,6 +285,33 @@ def charger_id() -> str:
     return f"CH-{uuid.uuid4().hex[:6]}"
 
 
+async def ready(system: System, gateway: Gateway,
+                connect: Callable[..., Awaitable[Charger]]) -> tuple[Charger, str]:
+    """A booted charger whose connector 1 is ACTIVATED at Central; it and its CP id."""
+    cid = charger_id()
+    charger = await connect(gateway.ws_url, cid)
+    await charger.boot()
+    await charger.status(1, "Available")
+    await system.wait_state(f"{cid}.1", CPState.ACTIVATED)
+    return charger, f"{cid}.1"
+
+
+async def request(system: System, cp_id: str, driver_id: str) -> str:
+    request_id = new_id()
+    await system.bus.publish(DriverRequest(request_id=request_id, driver_id=driver_id,
+                                           cp_id=cp_id))
+    return request_id
+
+
+async def final_update(system: System, request_id: str) -> DriverUpdate:
+    def final() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, []) if u.status.is_final),
+                    None)
+
+    found: DriverUpdate = await poll(final, timeout=30, what=f"{request_id}'s final update")
+    return found
+
+
 # ----------------------------------------------------------------------------- connection
 
 
@@ -394,12 +421,7 @@ async def test_a_remote_start_from_a_driver_request_to_completed_with_the_meters
     system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
 ) -> None:
     gateway = await start_gateway()
-    cid = charger_id()
-    cp_id = f"{cid}.1"
-    charger = await connect(gateway.ws_url, cid)
-    await charger.boot()
-    await charger.status(1, "Available")
-    await system.wait_state(cp_id, CPState.ACTIVATED)
+    charger, cp_id = await ready(system, gateway, connect)
 
     request_id = new_id()
     await system.bus.publish(DriverRequest(request_id=request_id, driver_id="alice",
@@ -443,13 +465,8 @@ async def test_a_rejected_remote_start_is_refused_and_the_driver_gets_failed(
     system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
 ) -> None:
     gateway = await start_gateway()
-    cid = charger_id()
-    cp_id = f"{cid}.1"
-    charger = await connect(gateway.ws_url, cid)
+    charger, cp_id = await ready(system, gateway, connect)
     charger.answer = "Rejected"
-    await charger.boot()
-    await charger.status(1, "Available")
-    await system.wait_state(cp_id, CPState.ACTIVATED)
     request_id = new_id()
     await system.bus.publish(DriverRequest(request_id=request_id, driver_id="bob",
                                            cp_id=cp_id))
@@ -468,12 +485,7 @@ async def test_a_replayed_start_gets_the_same_transaction_and_no_second_session(
     system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
 ) -> None:
     gateway = await start_gateway()
-    cid = charger_id()
-    cp_id = f"{cid}.1"
-    charger = await connect(gateway.ws_url, cid)
-    await charger.boot()
-    await charger.status(1, "Available")
-    await system.wait_state(cp_id, CPState.ACTIVATED)
+    charger, cp_id = await ready(system, gateway, connect)
     for tag, status in (("carol", "Accepted"), ("not a driver", "Invalid")):
         assert (await charger.call(call.Authorize(id_tag=tag))).id_tag_info["status"] == status
     refused = await charger.call(call.StartTransaction(
@@ -552,12 +564,7 @@ async def test_operator_stop_resume_shutdown_and_a_closed_connection(
     system: System, start_gateway: StartGateway, connect: Callable[..., Awaitable[Charger]],
 ) -> None:
     gateway = await start_gateway()
-    cid = charger_id()
-    cp_id = f"{cid}.1"
-    charger = await connect(gateway.ws_url, cid)
-    await charger.boot()
-    await charger.status(1, "Available")
-    await system.wait_state(cp_id, CPState.ACTIVATED)
+    charger, cp_id = await ready(system, gateway, connect)
 
     assert (await system.central.post(f"/cp/{cp_id}/stop")).status_code == 200
     assert await asyncio.wait_for(charger.availability.get(), 30) == (1, "Inoperative")
@@ -579,33 +586,6 @@ async def test_operator_stop_resume_shutdown_and_a_closed_connection(
 
 
 # ----------------------------------------------------------------------------- more sessions
-
-
-async def ready(system: System, gateway: Gateway,
-                connect: Callable[..., Awaitable[Charger]]) -> tuple[Charger, str]:
-    """A booted charger whose connector 1 is ACTIVATED at Central; it and its CP id."""
-    cid = charger_id()
-    charger = await connect(gateway.ws_url, cid)
-    await charger.boot()
-    await charger.status(1, "Available")
-    await system.wait_state(f"{cid}.1", CPState.ACTIVATED)
-    return charger, f"{cid}.1"
-
-
-async def request(system: System, cp_id: str, driver_id: str) -> str:
-    request_id = new_id()
-    await system.bus.publish(DriverRequest(request_id=request_id, driver_id=driver_id,
-                                           cp_id=cp_id))
-    return request_id
-
-
-async def final_update(system: System, request_id: str) -> DriverUpdate:
-    def final() -> DriverUpdate | None:
-        return next((u for u in system.updates.get(request_id, []) if u.status.is_final),
-                    None)
-
-    found: DriverUpdate = await poll(final, timeout=30, what=f"{request_id}'s final update")
-    return found
 
 
 async def test_a_silent_charger_times_out_refused_and_delays_no_other(
@@ -744,13 +724,14 @@ class Station(ChargePoint201):  # type: ignore[misc]
         self.clears.put_nowait(fields)
         return call_result201.ClearChargingProfile(status="Accepted")
 
-    async def boot(self, evse: int = 1) -> None:
-        """BootNotification, then EVSE `evse` Available."""
+    async def boot(self, evses: int = 1) -> None:
+        """BootNotification, then EVSEs 1 to `evses` Available."""
         answer = await self.call(call201.BootNotification(
             charging_station={"model": "T-201", "vendor_name": "tests"}, reason="PowerUp"))
         assert answer.status == "Accepted"
-        await self.call(call201.StatusNotification(
-            timestamp=now(), connector_status="Available", evse_id=evse, connector_id=1))
+        for evse in range(1, evses + 1):
+            await self.call(call201.StatusNotification(
+                timestamp=now(), connector_status="Available", evse_id=evse, connector_id=1))
 
     async def event(self, event_type: str, seq_no: int, tx: str, wh: float | None = None,
                     **extra: Any) -> Any:
@@ -764,54 +745,66 @@ class Station(ChargePoint201):  # type: ignore[misc]
             meter_value=meter, **extra))
 
 
-async def test_ocpp_2_0_1_remote_start_events_replay_and_end(
-    system: System, start_gateway: StartGateway,
-) -> None:
-    gateway = await start_gateway()
-    sid = charger_id()
-    cp_id = f"{sid}.1"
-    async with websockets.connect(gateway.ws_url + sid,
-                                  subprotocols=[Subprotocol("ocpp2.0.1")]) as ws:
+@pytest.fixture
+async def station201(system: System, start_gateway: StartGateway
+                     ) -> AsyncIterator[Callable[..., Awaitable[tuple[Station, str]]]]:
+    """Opens 2.0.1 stations on a gateway: booted, their EVSEs Available and ACTIVATED at
+    Central; each one and its charger id."""
+    opened: list[tuple[ClientConnection, asyncio.Task[None]]] = []
+
+    async def open_station(gateway: Gateway, evses: int = 1) -> tuple[Station, str]:
+        sid = charger_id()
+        ws = await websockets.connect(gateway.ws_url + sid,
+                                      subprotocols=[Subprotocol("ocpp2.0.1")])
         assert ws.subprotocol == "ocpp2.0.1"
         station = Station(sid, ws)
-        serving = asyncio.create_task(station.start())
-        try:
-            boot = await station.call(call201.BootNotification(
-                charging_station={"model": "T-201", "vendor_name": "tests"}, reason="PowerUp"))
-            assert boot.status == "Accepted"
-            await station.call(call201.StatusNotification(
-                timestamp=now(), connector_status="Available", evse_id=1, connector_id=1))
-            await system.wait_state(cp_id, CPState.ACTIVATED)
-            request_id = await request(system, cp_id, "judy")
-            token, remote_id, evse = await asyncio.wait_for(station.remote_starts.get(), 30)
-            assert (token, evse) == ("judy", 1)
-            tx = f"tx-{uuid.uuid4().hex[:8]}"
-            started = await station.event(
-                "Started", 0, tx, 100_000.0, trigger_reason="RemoteStart",
-                info={"remote_start_id": remote_id, "charging_state": "Charging"},
-                evse={"id": 1, "connector_id": 1},
-                id_token={"id_token": "judy", "type": "Central"})
-            assert started.id_token_info["status"] == "Accepted"
-            await station.event("Updated", 1, tx, 104_000.0)
-            await station.event("Updated", 1, tx, 199_000.0)  # a replay: changes nothing
+        opened.append((ws, asyncio.create_task(station.start())))
+        await station.boot(evses)
+        for evse in range(1, evses + 1):
+            await system.wait_state(f"{sid}.{evse}", CPState.ACTIVATED)
+        return station, sid
 
-            def in_progress() -> DriverUpdate | None:
-                return next((u for u in system.updates.get(request_id, [])
-                             if u.status is DriverStatus.IN_PROGRESS and u.kwh), None)
+    yield open_station
+    for ws, task in opened:
+        await ws.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
-            update: DriverUpdate = await poll(in_progress, timeout=30, what="IN_PROGRESS")
-            assert update.kwh == pytest.approx(4.0)
-            await station.event("Ended", 2, tx, 106_500.0, trigger_reason="EVDeparted",
-                                info={"stopped_reason": "EVDisconnected"})
-            done = await final_update(system, request_id)
-            assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(6.5)
-            assert done.euros == pytest.approx(6.5 * EURO_RATE)
-            unknown = await station.event("Ended", 9, "never-started", 1.0)
-            assert unknown is not None
-            assert await gateway.metric("evcharging_ocpp_unknown_transactions_total") == 1
-        finally:
-            serving.cancel()
-            await asyncio.gather(serving, return_exceptions=True)
+
+async def test_ocpp_2_0_1_remote_start_events_replay_and_end(
+    system: System, start_gateway: StartGateway,
+    station201: Callable[..., Awaitable[tuple[Station, str]]],
+) -> None:
+    gateway = await start_gateway()
+    station, sid = await station201(gateway)
+    cp_id = f"{sid}.1"
+    request_id = await request(system, cp_id, "judy")
+    token, remote_id, evse = await asyncio.wait_for(station.remote_starts.get(), 30)
+    assert (token, evse) == ("judy", 1)
+    tx = f"tx-{uuid.uuid4().hex[:8]}"
+    started = await station.event(
+        "Started", 0, tx, 100_000.0, trigger_reason="RemoteStart",
+        info={"remote_start_id": remote_id, "charging_state": "Charging"},
+        evse={"id": 1, "connector_id": 1},
+        id_token={"id_token": "judy", "type": "Central"})
+    assert started.id_token_info["status"] == "Accepted"
+    await station.event("Updated", 1, tx, 104_000.0)
+    await station.event("Updated", 1, tx, 199_000.0)  # a replay: changes nothing
+
+    def in_progress() -> DriverUpdate | None:
+        return next((u for u in system.updates.get(request_id, [])
+                     if u.status is DriverStatus.IN_PROGRESS and u.kwh), None)
+
+    update: DriverUpdate = await poll(in_progress, timeout=30, what="IN_PROGRESS")
+    assert update.kwh == pytest.approx(4.0)
+    await station.event("Ended", 2, tx, 106_500.0, trigger_reason="EVDeparted",
+                        info={"stopped_reason": "EVDisconnected"})
+    done = await final_update(system, request_id)
+    assert done.status is DriverStatus.COMPLETED and done.kwh == pytest.approx(6.5)
+    assert done.euros == pytest.approx(6.5 * EURO_RATE)
+    unknown = await station.event("Ended", 9, "never-started", 1.0)
+    assert unknown is not None
+    assert await gateway.metric("evcharging_ocpp_unknown_transactions_total") == 1
 
 
 # ----------------------------------------------------------------------------- restarts
@@ -950,31 +943,6 @@ async def test_the_gateway_reports_its_chargers_cps_alive_as_a_monitor_does(
 
 
 # ------------------------------------------------------------------ limits (SPEC §8, §10)
-
-
-@pytest.fixture
-async def station201(system: System, start_gateway: StartGateway
-                     ) -> AsyncIterator[Callable[..., Awaitable[tuple[Station, str]]]]:
-    """Opens 2.0.1 stations on a gateway: booted, their EVSEs Available and ACTIVATED at
-    Central; each one and its charger id."""
-    opened: list[tuple[ClientConnection, asyncio.Task[None]]] = []
-
-    async def open_station(gateway: Gateway, evses: int = 1) -> tuple[Station, str]:
-        sid = charger_id()
-        ws = await websockets.connect(gateway.ws_url + sid,
-                                      subprotocols=[Subprotocol("ocpp2.0.1")])
-        station = Station(sid, ws)
-        opened.append((ws, asyncio.create_task(station.start())))
-        for evse in range(1, evses + 1):
-            await station.boot(evse)
-            await system.wait_state(f"{sid}.{evse}", CPState.ACTIVATED)
-        return station, sid
-
-    yield open_station
-    for ws, task in opened:
-        await ws.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def session_of(system: System, request_id: str) -> str:
