@@ -241,3 +241,13 @@ def test_the_service_user_must_be_able_to_reach_the_folder(home: Path) -> None:
     closed.chmod(0o711)
     assert postgres.unreachable_parent(closed / "pg" / "work", other) is None
     assert stat.S_IMODE(closed.stat().st_mode) == 0o711
+
+
+def test_the_cli_keeps_its_servers_in_the_checkouts_cache(monkeypatch: pytest.MonkeyPatch,
+                                                          home: Path) -> None:
+    checkout = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(home)  # not found through the working directory
+    monkeypatch.delenv(postgres.HOME_ENV, raising=False)
+    assert postgres.run_dir(55432) == checkout / ".cache" / "postgres" / "55432"
+    monkeypatch.setenv(postgres.HOME_ENV, str(home))
+    assert postgres.run_dir(55432) == home / "55432"

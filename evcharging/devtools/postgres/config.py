@@ -42,7 +42,7 @@ _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 def repo_root() -> Path:
     """The checkout this package runs from (else the working directory)."""
-    candidate = Path(__file__).resolve().parents[2]
+    candidate = Path(__file__).resolve().parents[3]
     return candidate if (candidate / "pyproject.toml").is_file() else Path.cwd()
 
 
