@@ -27,7 +27,15 @@ from evcharging.common.config import (
     OcppSettings,
 )
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
-from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandPayload,
+    CommandType,
+    DriverRequest,
+    DriverStatus,
+    DriverUpdate,
+    new_id,
+)
 from evcharging.devtools.process import free_port
 from tests.polling import poll
 
@@ -174,6 +182,63 @@ async def test_an_ocpp_fleet_boots_and_its_driver_requests_complete(
             start = ("RemoteStartTransaction" if protocol == "ocpp1.6"
                      else "RequestStartTransaction")
             assert answered[f"{start} ok"] == 2
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(fleet, 30) == 0
+
+
+@pytest.mark.parametrize("protocol", ["ocpp1.6", "ocpp2.0.1"])
+async def test_an_ocpp_fleet_charger_delivers_the_limit_of_set_limit(
+    network: dict[str, object], protocol: str,
+) -> None:
+    """SPEC §8, §10: SET_LIMIT reaches the fleet's charger as SetChargingProfile; it
+    delivers min(its rate, the limit) from then on, in power and in energy."""
+    central, bus, updates = network["central"], network["bus"], network["updates"]
+    assert isinstance(central, httpx.AsyncClient) and isinstance(bus, KafkaBus)
+    assert isinstance(updates, dict)
+    id_prefix = f"L{uuid.uuid4().hex[:6]}-"
+    cp_id, seconds, limit = f"{id_prefix}00001.1", 8.0, 9.0
+    config = fleet_main.FleetConfig(
+        FleetSettings(cps=1, id_prefix=id_prefix, http_port=free_port(), protocol=protocol,
+                      ocpp_url=str(network["url"])),
+        CPEngineSettings(cp_id=f"{id_prefix}00001", kw_rate=KW, session_seconds=seconds,
+                         telemetry_interval=0.5),
+        CPMonitorSettings(cp_id=f"{id_prefix}00001"),
+    )
+    stop = asyncio.Event()
+    fleet = asyncio.create_task(fleet_main.run(config, stop))
+    try:
+        async def activated() -> bool:
+            if fleet.done():
+                raise AssertionError(f"the fleet exited with {fleet.result()}")
+            answer = await central.get(f"/cp/{cp_id}")
+            return answer.status_code == 200 and answer.json()["state"] == "ACTIVATED"
+
+        await poll(activated, timeout=30, what=f"{cp_id} ACTIVATED",
+                   retry_on=(httpx.HTTPError,))
+        request_id = new_id()
+        await bus.publish(DriverRequest(request_id=request_id, driver_id="alice", cp_id=cp_id))
+
+        def at(kw: float) -> DriverUpdate | None:
+            return next((u for u in updates.get(request_id, [])
+                         if u.status is DriverStatus.IN_PROGRESS and u.kw == pytest.approx(kw)
+                         and u.session_id), None)
+
+        running: DriverUpdate = await poll(lambda: at(KW), timeout=30,
+                                           what="IN_PROGRESS at the charger's rate")
+        assert running.session_id is not None
+        await bus.publish(CentralCommand(cp_id=cp_id, cmd=CommandType.SET_LIMIT,
+                                         payload=CommandPayload(kw=limit,
+                                                                session_id=running.session_id)))
+        await poll(lambda: at(limit), timeout=seconds, what="IN_PROGRESS at the limit")
+
+        def final() -> DriverUpdate | None:
+            return next((u for u in updates.get(request_id, []) if u.status.is_final), None)
+
+        done: DriverUpdate = await poll(final, timeout=30, what="the final update")
+        assert done.status is DriverStatus.COMPLETED and done.kwh is not None
+        # Less than the whole session at its rate, more than the whole at the limit.
+        assert limit * seconds / 3600 < done.kwh < KW * seconds / 3600 - 0.002
     finally:
         stop.set()
         assert await asyncio.wait_for(fleet, 30) == 0
