@@ -353,6 +353,34 @@ async def test_limit_shares_start_end_and_removal(
     assert limits_sent(bus, mark) == []
 
 
+async def test_a_start_plans_its_own_site_only(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    for cp_id, site in (("A1", "site-A"), ("B1", "site-B"), ("B2", "site-B")):
+        await activate(central, cp_id, site)
+    a1 = await start(central, bus, "A1")
+    b1 = await start(central, bus, "B1")
+    await energy.set_limit("site-A", 10.0)
+    await energy.set_limit("site-B", 30.0)
+    assert {sid: sent.kw for sid, sent in energy.sent.items()} == {a1: 10.0, b1: 22.0}
+    mark = len(bus.messages)
+    b2 = await start(central, bus, "B2")
+    got = await poll(lambda: len(limits_sent(bus, mark)) >= 2 and limits_sent(bus, mark),
+                     timeout=2.0, what="site-B's SET_LIMITs")
+    assert {(c.cp_id, c.payload.session_id, c.payload.kw) for c in got} == {
+        ("B1", b1, 15.0), ("B2", b2, 15.0)}
+    assert energy.sent[a1].kw == 10.0
+    assert energy.allocated == {"site-A": 10.0, "site-B": 30.0}
+    # A CP that moves to another limited site mid-session is planned with its new site.
+    await central.register(CPRegistration(cp_id="B2", site="site-A"))
+    mark = len(bus.messages)
+    energy.reallocate(["site-B"])
+    await central.flush()
+    assert {(c.cp_id, c.payload.kw) for c in limits_sent(bus, mark)} == {
+        ("A1", 5.0), ("B2", 5.0), ("B1", 22.0)}
+    assert energy.allocated == {"site-A": 10.0, "site-B": 22.0}
+
+
 async def test_sites_lists_registered_and_limited_sites_with_measured_power(
     central: Controller, energy: Energy, bus: RecordingPublisher
 ) -> None:

@@ -206,6 +206,10 @@ class Energy:
         """What the last plan gave each limited site's sessions (kW)."""
         self.sent: dict[str, Sent] = {}
         """The limit last sent for each session at a limited site."""
+        self._sent_site: dict[str, str] = {}
+        """The site each session of ``sent`` was planned with."""
+        self._dirty: set[str] = set()
+        """Limited sites where a session started or ended since the last plan of them."""
         self._charging: dict[str, dict[str, CPView]] = {}
         """The CPs with a session at each limited site (kept by the session hooks)."""
         self._soon: asyncio.Task[None] | None = None
@@ -259,7 +263,7 @@ class Energy:
         self.controller.outbox.write(sql.set_site_limit(site, kw, utcnow()))
         self.controller.stats["site_limits_set"] += 1
         logger.info("site {}: limit {:g} kW", site, kw)
-        self.reallocate()
+        self.reallocate([site])
         await self.controller.outbox.flush()
         return self.site(site)
 
@@ -268,11 +272,14 @@ class Energy:
         had = self.limits.pop(site, None)
         self.controller.outbox.write(sql.delete_site_limit(site))
         self.allocated.pop(site, None)
-        for cp in self._charging.pop(site, {}).values():
-            session = cp.session
-            if session is not None and session.session_id in self.sent:
-                del self.sent[session.session_id]
-                self._send(SetLimit(cp.cp_id, session.session_id, None))
+        self._charging.pop(site, None)
+        self._dirty.discard(site)
+        for sid in [sid for sid, of in self._sent_site.items() if of == site]:
+            sent = self.sent.pop(sid)
+            del self._sent_site[sid]
+            cp = self.controller.cps.get(sent.cp_id)
+            if cp is not None and cp.session is not None and cp.session.session_id == sid:
+                self._send(SetLimit(cp.cp_id, sid, None))
         if had is not None:
             logger.info("site {}: limit removed (was {:g} kW)", site, had)
         await self.controller.outbox.flush()
@@ -305,28 +312,44 @@ class Energy:
 
     # ------------------------------------------------------------------ allocation
 
-    def reallocate(self) -> int:
-        """Plan every limited site now and queue the SET_LIMITs that changed; how many."""
+    def reallocate(self, sites: Iterable[str] | None = None) -> int:
+        """Plan these limited sites (None: every one) now and queue the SET_LIMITs that
+        changed; how many. The cost is their sessions', never all of Central's."""
+        chosen = list(self._charging) if sites is None else [
+            site for site in dict.fromkeys(sites) if site in self._charging]
+        planned = set(chosen)
         sessions: dict[str, Charging] = {}
-        for site, cps in list(self._charging.items()):
+        for site in chosen:  # grows when a CP moved to another limited site
+            cps = self._charging[site]
             for cp_id, cp in list(cps.items()):
                 session = cp.session
                 if session is None or cp.site != site:
                     del cps[cp_id]  # ended, or the CP moved to another site
                     if session is not None and cp.site in self._charging:
                         self._charging[cp.site][cp_id] = cp
+                        if cp.site not in planned:
+                            planned.add(cp.site)
+                            chosen.append(cp.site)
                 if session is not None:
                     sessions[session.session_id] = charging_of(cp, session)
-        result = plan(self.limits, sessions.values(), self.sent, policy=self.policy, now=utcnow())
+        before = {sid: sent for sid, sent in self.sent.items()
+                  if self._sent_site.get(sid) in planned}
+        result = plan({site: self.limits[site] for site in chosen}, sessions.values(), before,
+                      policy=self.policy, now=utcnow())
         for command in result.commands:
             self._send(command)
-        self.sent = result.sent
-        self.allocated = result.allocated
+        for sid in before:
+            del self.sent[sid]
+            del self._sent_site[sid]
+        for sid, sent in result.sent.items():
+            self.sent[sid] = sent
+            self._sent_site[sid] = sessions[sid].site or ""
+        self.allocated.update(result.allocated)
         return len(result.commands)
 
-    def _reallocate_logged(self) -> int:
+    def _reallocate_logged(self, sites: Iterable[str] | None = None) -> int:
         try:
-            return self.reallocate()
+            return self.reallocate(sites)
         except Exception:  # noqa: BLE001 - a bug here must not stop Central: logged, counted
             self.controller.stats["allocation_errors"] += 1
             logger.exception("smart charging: reallocation failed")
@@ -343,12 +366,13 @@ class Energy:
         """The controller's hook: a session started or ended on `cp` (O(1))."""
         site = cp.site
         cps = self._charging.get(site) if site is not None else None
-        if cps is None:
+        if cps is None or site is None:
             return
         if started:
             cps[cp.cp_id] = cp
         elif cps.get(cp.cp_id) is cp:
             del cps[cp.cp_id]
+        self._dirty.add(site)
         self._schedule()
 
     def _schedule(self) -> None:
@@ -364,5 +388,6 @@ class Energy:
 
     async def _soon_run(self) -> None:
         await asyncio.sleep(0)
-        if self._reallocate_logged():
+        sites, self._dirty = self._dirty, set()
+        if self._reallocate_logged(sites):
             self.controller.outbox.flush_soon()
