@@ -9,8 +9,9 @@ Two parts:
 * :class:`Energy`, the thin job around it: it keeps the limits (persisted, ``PUT`` /
   ``DELETE /sites/{site}/limit``), an index of the sessions of each limited site (kept by
   the controller's session hooks, O(1) per start or end, nothing per message), and runs
-  :func:`plan` on each session start and end (once per tick for all of them) and every
-  ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
+  :func:`plan` on each session start and end (once per tick, for the sites where one
+  happened: the cost is their sessions', never all of Central's) and for every limited
+  site every ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
   as every command does (recorded, then sent in one Kafka transaction, SPEC §4).
 
 What is in force for a session (the limit last sent, or its cap when that is lower) never
