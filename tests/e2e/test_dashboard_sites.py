@@ -19,12 +19,16 @@ MODE_JS = 'document.getElementById("conn").dataset.mode'
 
 
 def limit_js(site: str) -> str:
-    """The limit line of a site's tile: its text, or "" when hidden; null: no tile."""
+    """The limit, allocated and measured power a site's tile shows ("limit=…, …"), or ""
+    when it shows none; null: no tile."""
     return f"""(() => {{
   const tile = document.querySelector('.site-tile[data-site={json.dumps(site)}]');
   if (!tile) return null;
-  const line = tile.querySelector(".site-limit");
-  return line && !line.hidden ? line.querySelector(".site-limit-text").textContent : "";
+  const box = tile.querySelector(".site-limit");
+  if (!box || box.hidden) return "";
+  const labels = [...box.querySelectorAll(".site-limit-label")].map((e) => e.textContent);
+  const values = [...box.querySelectorAll(".site-limit-value")].map((e) => e.textContent);
+  return labels.map((label, i) => `${{label}}=${{values[i]}}`).join(", ");
 }})()"""
 
 
@@ -45,7 +49,7 @@ async def test_a_limited_sites_tile_shows_limit_allocation_and_measured_power(
     url = f"http://127.0.0.1:{system.http_port}/"
     await browser.navigate(url)
     await browser.wait_for(f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
-    expected = "limit 66.0 kW · allocated 0.0 kW · measured 0.0 kW"
+    expected = "limit=66.0 kW, alloc=0.0 kW, measured=0.0 kW"
     await browser.wait_for(f"{limit_js('site-L')} === {json.dumps(expected)}", 15,
                            "site-L's tile with its limit")
     assert await browser.evaluate(limit_js("site-F")) == ""
@@ -54,7 +58,7 @@ async def test_a_limited_sites_tile_shows_limit_allocation_and_measured_power(
     assert answer.status_code == 200, answer.text
     await browser.wait_for(
         f"{limit_js('site-F')} === "
-        f"{json.dumps('limit 150.0 kW · allocated 0.0 kW · measured 0.0 kW')}",
+        f"{json.dumps('limit=150.0 kW, alloc=0.0 kW, measured=0.0 kW')}",
         15, "site-F's tile with its new limit")
     answer = await system.http.delete("/sites/site-L/limit")
     assert answer.status_code == 200, answer.text

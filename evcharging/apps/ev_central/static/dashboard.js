@@ -361,12 +361,20 @@
         bar.append(fill);
         // A limited site: its limit against its allocation and measured power.
         const limit = node("span", "site-limit");
-        const limitText = node("span", "site-limit-text");
+        const cells = node("span", "site-limit-cells");
+        const cell = (label) => {
+          const value = node("span", "site-limit-value");
+          cells.append(node("span", "site-limit-label", label), value);
+          return value;
+        };
+        const limitValue = cell("limit");
+        const allocatedValue = cell("alloc");
+        const measuredValue = cell("measured");
         const limitBar = node("span", "site-limit-bar");
         const measured = node("span", "site-limit-measured");
         const allocated = node("span", "site-limit-allocated");
         limitBar.append(measured, allocated);
-        limit.append(limitText, limitBar);
+        limit.append(cells, limitBar);
         limit.hidden = true;
         tile.append(head, kw, detail, bar, limit);
         if (name === null) {
@@ -377,7 +385,7 @@
           tile.dataset.site = name;
           tile.addEventListener("click", () => setFilter({ site: view.site === name ? "" : name }));
         }
-        t = { tile, value, supplying, faulty, kw, fill, limit, limitText, measured, allocated };
+        t = { tile, value, supplying, faulty, kw, fill, limit, limitValue, allocatedValue, measuredValue, measured, allocated };
         siteTiles.set(key, t);
       }
       if (els.siteTiles.children[index] !== t.tile) els.siteTiles.insertBefore(t.tile, els.siteTiles.children[index] || null);
@@ -406,8 +414,8 @@
       : `${count.format(named)} site${named === 1 ? "" : "s"}`);
   }
 
-  /** A site tile's limit line: "limit 66 kW · allocated 64.0 kW · measured 63.2 kW" and a
-   * bar of the measured power against the limit, with the allocation as a mark. */
+  /** A site tile's limit, allocated and measured power side by side, and a bar of the
+   * measured power against the limit with the allocation as a mark. */
   function renderSiteLimit(t, limited) {
     setHidden(t.limit, !limited);
     t.tile.classList.toggle("is-limited", Boolean(limited));
@@ -415,7 +423,9 @@
     const limit = num(limited.limit_kw);
     const allocated = num(limited.allocated_kw);
     const measured = num(limited.measured_kw);
-    setText(t.limitText, `limit ${powerText(limit)} · allocated ${powerText(allocated)} · measured ${powerText(measured)}`);
+    setText(t.limitValue, powerText(limit));
+    setText(t.allocatedValue, powerText(allocated));
+    setText(t.measuredValue, powerText(measured));
     const scale = (kw) => (limit > 0 ? Math.min(1, Math.max(0, kw / limit)) : kw > 0 ? 1 : 0);
     setTransform(t.measured, `scaleX(${scale(measured)})`);
     setTransform(t.allocated, `translateX(${(100 * scale(allocated)).toFixed(2)}%)`);
