@@ -480,6 +480,14 @@ class OcppSettings(ServiceSettings):
     euro_rate: Annotated[float, Field(ge=0)] = Field(
         0.30, description="price per kWh of the gateway's CPs (€)"
     )
+    site: Annotated[str, StringConstraints(min_length=1, max_length=SITE_MAX)] | None = Field(
+        None, description="the site every charger's CPs belong to at Central, whose power "
+        "limit smart charging shares among them (SPEC §10); unset: no site"
+    )
+    sites_file: Path | None = Field(
+        None, description="'charger_id:site' a line: those chargers' site, over OCPP_SITE "
+        "(read at start)"
+    )
     call_timeout: Positive = Field(
         30.0, description="seconds a CALL to a charger waits for its answer"
     )

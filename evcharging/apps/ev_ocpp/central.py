@@ -6,23 +6,32 @@ StatusNotification). It also reports their liveness, as a monitor does
 waiting; while Central is down or refuses the token they are tried again every
 :data:`RETRY` seconds (the client logs the problem once), and statuses flow meanwhile
 (Central knows the CP from the bus until its registration lands).
+
+A CP is registered with its charger's site (:class:`SiteBook`: ``OCPP_SITE`` for every
+charger, or the charger's line of ``OCPP_SITES_FILE``), so Central's smart charging shares
+the site's limit among its sessions (SPEC §10) and its SET_LIMITs reach the charger as
+SetChargingProfile.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from loguru import logger
 from pydantic import StringConstraints
 
 from evcharging.apps.ev_fleet.central import CentralClient, Outcome
+from evcharging.apps.ev_ocpp.logic import CHARGER_ID_PATTERN
+from evcharging.common.config import SITE_MAX
 from evcharging.common.messages import CPRegistration, CPState, FleetMonitorEntry
 
 if TYPE_CHECKING:  # the gateway imports this module
     from evcharging.apps.ev_ocpp.gateway import Gateway
 
-__all__ = ["RETRY", "OcppRegistration", "Registrar", "report_liveness"]
+__all__ = ["RETRY", "OcppRegistration", "Registrar", "SiteBook", "report_liveness"]
 
 RETRY = 2.0
 """Seconds between two tries while Central cannot take the registrations."""
@@ -40,17 +49,68 @@ class OcppRegistration(CPRegistration):
     model: Text | None = None
 
 
-class Registrar:
-    """Registers the gateway's CPs with Central, in the background."""
+class SiteBook:
+    """The site each charger's CPs belong to at Central: the charger's own line of the
+    sites file (``charger_id:site``), else the default (``OCPP_SITE``), else none."""
 
-    def __init__(self, central: CentralClient, *, retry: float = RETRY) -> None:
+    def __init__(self, default: str | None = None,
+                 by_charger: Mapping[str, str] | None = None) -> None:
+        self.default = default
+        self.by_charger = dict(by_charger or {})
+
+    @classmethod
+    def load(cls, default: str | None, path: Path | None) -> SiteBook:
+        """The book of `default` and the file at `path` (None: no file), read once at
+        start. OSError when it cannot be read, ValueError naming the line at fault."""
+        by_charger = cls.parse(path.read_text(encoding="utf-8")) if path is not None else {}
+        return cls(default, by_charger)
+
+    @staticmethod
+    def parse(text: str) -> dict[str, str]:
+        """``charger_id:site`` a line (blank lines and ``#`` comments skipped); the site is
+        what follows the first colon, spaces around it dropped, 1 to 64 characters (as
+        ``CPRegistration.site``)."""
+        sites: dict[str, str] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            charger_id, sep, site = (part.strip() for part in line.partition(":"))
+            if not sep or not CHARGER_ID_PATTERN.fullmatch(charger_id) or not site:
+                raise ValueError(f"sites file line {number}: expected 'charger_id:site' "
+                                 "(a charger id of letters, digits, '.', '_' or '-')")
+            if len(site) > SITE_MAX:
+                raise ValueError(f"sites file line {number}: the site is longer than "
+                                 f"{SITE_MAX} characters")
+            if charger_id in sites:
+                raise ValueError(f"sites file line {number}: charger {charger_id!r} is "
+                                 "given twice")
+            sites[charger_id] = site
+        return sites
+
+    def site_of(self, cp_id: str) -> str | None:
+        """The site of the CP ``X.n`` (its charger ``X``'s)."""
+        return self.by_charger.get(cp_id.rpartition(".")[0], self.default)
+
+
+class Registrar:
+    """Registers the gateway's CPs with Central, in the background, each with its
+    charger's site (`sites`)."""
+
+    def __init__(self, central: CentralClient, *, retry: float = RETRY,
+                 sites: SiteBook | None = None) -> None:
         self.central = central
         self.retry = retry
+        self.sites = sites if sites is not None else SiteBook()
         self.registered = 0
         self._pending: dict[str, CPRegistration] = {}
         self._wake = asyncio.Event()
 
     def add(self, registration: CPRegistration) -> None:
+        if registration.site is None:
+            site = self.sites.site_of(registration.cp_id)
+            if site is not None:
+                registration = registration.model_copy(update={"site": site})
         self._pending[registration.cp_id] = registration
         self._wake.set()
 

@@ -32,7 +32,7 @@ from loguru import logger
 
 from evcharging.apps.ev_cp_e.main import start_parts
 from evcharging.apps.ev_fleet.central import CentralClient
-from evcharging.apps.ev_ocpp.central import Registrar, report_liveness
+from evcharging.apps.ev_ocpp.central import Registrar, SiteBook, report_liveness
 from evcharging.apps.ev_ocpp.gateway import Gateway
 from evcharging.apps.ev_ocpp.logic import PROTOCOLS
 from evcharging.apps.ev_ocpp.metrics import OcppCollector
@@ -113,6 +113,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
                      if settings.passwords_file is not None else None)
         tls = (tls_context(settings.tls_cert, settings.tls_key)
                if settings.tls_cert is not None and settings.tls_key is not None else None)
+        sites = SiteBook.load(settings.site, settings.sites_file)
     except (OSError, ValueError) as exc:
         logger.critical("OCPP gateway cannot start: {}", exc)
         return EXIT_FAILURE
@@ -124,7 +125,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
     token = settings.api_token
     central = CentralClient(f"http://{settings.central_host}:{settings.central_port}",
                             token.get_secret_value() if token is not None else None)
-    registrar = Registrar(central)
+    registrar = Registrar(central, sites=sites)
     gateway = Gateway(
         bus, euro_rate=settings.euro_rate, heartbeat_interval=settings.heartbeat_interval,
         status_interval=settings.status_interval, call_timeout=settings.call_timeout,
