@@ -201,3 +201,11 @@ def test_draft_4_types_as_the_library_has_them() -> None:
     assert integer(3) and not integer(3.0) and not integer(True)
     assert number(3) and number(2.5) and not number(False) and not number("3")
     assert not Draft4Validator({"type": "integer"}).is_valid(3.0)  # why integer(3.0) fails
+
+
+def test_the_gateways_own_calls_are_validated_in_the_event_loop() -> None:
+    import ocpp.messages
+
+    import evcharging.apps.ev_ocpp.schemas  # noqa: F401 - what sets it
+
+    assert ocpp.messages.ASYNC_VALIDATION is False  # no thread pool hop per CALL
