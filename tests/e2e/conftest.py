@@ -24,9 +24,11 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from playwright.async_api import Browser, Page, async_playwright
 
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
+from tests.e2e.browser import VIEWPORT, PageLog, launch_chromium
 from tests.polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -372,6 +374,46 @@ async def driver_probe(system: System) -> AsyncIterator[DriverProbe]:
             await task
         await loop.stop()
         await bus.stop()
+
+
+@pytest.fixture(scope="session")
+async def chromium() -> AsyncIterator[Browser]:
+    """The system's headless Chromium under Playwright, for the whole session (each test
+    gets its own context); no Chromium fails the test (scripts/ensure_chromium.sh)."""
+    async with async_playwright() as playwright:
+        browser = await launch_chromium(playwright)
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+def page_log() -> PageLog:
+    """What went wrong on the test's `page` (attached by that fixture)."""
+    return PageLog()
+
+
+@pytest.fixture
+async def page(
+    chromium: Browser, page_log: PageLog, request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Page]:
+    """A fresh page in its own browser context, recorded in `page_log`; when the test
+    fails, a screenshot and what the page reported."""
+    context = await chromium.new_context(viewport=VIEWPORT)
+    try:
+        page = await context.new_page()
+        await page_log.attach(page)
+        yield page
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            with contextlib.suppress(Exception):
+                shot = tmp_path / "failure.png"
+                await page.screenshot(path=shot)
+                sys.stderr.write(f"screenshot of the failing page: {shot}\n")
+            sys.stderr.write(page_log.report())
+    finally:
+        await context.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -1,9 +1,11 @@
 """The live dashboard in a real headless Chromium, against the real services (SPEC §5).
 
-The browser is driven over the DevTools Protocol (``tests/e2e/cdp.py``); every wait is a
-JavaScript predicate polled in the page with a deadline. Each test also checks that the
-page raised no exception, logged no error and opened no dialog, and that it was never
-reloaded: whatever the page shows arrived over its WebSocket (or its polling fallback).
+The browser is Debian's Chromium under Playwright (fixtures ``page`` and ``page_log`` in
+conftest.py, helpers in ``tests/e2e/browser.py``); every wait has a deadline: Playwright's
+``expect`` on an element, or a JavaScript predicate awaited in the page. Each test also
+checks that the page raised no exception, logged no error and opened no dialog, and that
+it was never reloaded: whatever the page shows arrived over its WebSocket (or its polling
+fallback).
 
 These networks are small, so the page shows cards; ``test_dashboard_scale.py`` drives the
 table, the filters and 10,000 CPs (and refreshes ``docs/dashboard.png``).
@@ -11,11 +13,8 @@ table, the filters and 10,000 CPs (and refreshes ``docs/dashboard.png``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
-import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -23,10 +22,11 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from playwright.async_api import Page, expect
 
 from evcharging.common.kafka import Topic
 from evcharging.common.messages import DriverRequest, DriverStatus, new_id
-from tests.e2e.cdp import Browser
+from tests.e2e.browser import PageLog, wait_for_js
 from tests.e2e.conftest import DriverProbe, System, eventually
 
 pytestmark = pytest.mark.e2e
@@ -47,8 +47,6 @@ LOCATION_XSS = "<img src=x onerror=alert(1)>"
 REASON_XSS = "<script>alert(2)</script><b>bold</b>"
 DRIVER_XSS = "<img src=x onerror=alert(3)>"
 
-MODE_JS = 'document.getElementById("conn").dataset.mode'
-
 RECORD_MODES_JS = """(() => {
   window.__marker = 1;
   window.__modes = [document.getElementById("conn").dataset.mode];
@@ -58,10 +56,14 @@ RECORD_MODES_JS = """(() => {
 })()"""
 
 
+def card_selector(cp_id: str, inner: str = "") -> str:
+    """CSS: the card of `cp_id`, or the element `inner` of it."""
+    return f'#grid > [data-cp-id="{cp_id}"] {inner}'.strip()
+
+
 def card_js(cp_id: str, inner: str = "") -> str:
     """JavaScript: the card of `cp_id`, or the element `inner` of it (null when absent)."""
-    selector = f'#grid > [data-cp-id="{cp_id}"] {inner}'.strip()
-    return f"document.querySelector({json.dumps(selector)})"
+    return f"document.querySelector({json.dumps(card_selector(cp_id, inner))})"
 
 
 def card_text_js(cp_id: str, inner: str) -> str:
@@ -106,61 +108,42 @@ def dashboard_url(system: System) -> str:
     return f"http://127.0.0.1:{system.http_port}/"
 
 
-@pytest.fixture
-async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
-    """A headless Chromium; when the test fails, a screenshot and what the page reported."""
-    async with Browser() as chromium:
-        try:
-            yield chromium
-        finally:
-            report = getattr(request.node, "rep_call", None)
-            if report is not None and report.failed:
-                with contextlib.suppress(Exception):
-                    shot = await chromium.screenshot(tmp_path / "failure.png")
-                    sys.stderr.write(f"screenshot of the failing page: {shot}\n")
-                sys.stderr.write(
-                    f"===== browser\nnavigations: {chromium.navigations}\n"
-                    f"problems: {chromium.problems()}\nconsole: {chromium.console}\n"
-                    f"{chromium.log_tail()}\n"
-                )
-
-
-async def open_dashboard(browser: Browser, system: System, cp_id: str | None = None) -> None:
+async def open_dashboard(page: Page, system: System, cp_id: str | None = None) -> None:
     """Load the page, wait for its WebSocket (and the card of `cp_id`), start recording."""
-    await browser.navigate(dashboard_url(system))
-    await browser.wait_for(f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
+    await page.goto(dashboard_url(system))
+    await expect(page.locator("#conn")).to_have_attribute("data-mode", "ws", timeout=15_000)
     if cp_id is not None:
-        await browser.wait_for(
-            f'{card_text_js(cp_id, ".cp-state")} === "ACTIVATED"', 15, f"{cp_id} ACTIVATED"
+        await expect(page.locator(card_selector(cp_id, ".cp-state"))).to_have_text(
+            "ACTIVATED", timeout=15_000
         )
-    assert await browser.evaluate(RECORD_MODES_JS) is True
+    assert await page.evaluate(RECORD_MODES_JS) is True
 
 
-async def assert_same_page(browser: Browser, system: System) -> None:
+async def assert_same_page(page: Page, page_log: PageLog, system: System) -> None:
     """The page loaded once and was never reloaded since :func:`open_dashboard`."""
-    assert await browser.evaluate("window.__marker") == 1, "the page was reloaded"
-    assert browser.navigations == [dashboard_url(system)], browser.navigations
+    assert await page.evaluate("window.__marker") == 1, "the page was reloaded"
+    assert page_log.navigations == [dashboard_url(system)], page_log.navigations
 
 
 async def test_live_session_without_reload(
-    system: System, driver_probe: DriverProbe, browser: Browser, tmp_path: Path
+    system: System, driver_probe: DriverProbe, page: Page, page_log: PageLog, tmp_path: Path
 ) -> None:
     system.engine_env.update(FAST_CHARGER)
     await system.start_central()
     await system.start_cp(CP_ID)
-    await open_dashboard(browser, system, CP_ID)
+    await open_dashboard(page, system, CP_ID)
 
     request_id = await driver_probe.request(CP_ID)
-    await browser.wait_for(
-        f'{card_text_js(CP_ID, ".cp-state")} === "SUPPLYING"', 20, f"{CP_ID} SUPPLYING"
+    await expect(page.locator(card_selector(CP_ID, ".cp-state"))).to_have_text(
+        "SUPPLYING", timeout=20_000
     )
 
-    shown = [await browser.evaluate(metrics_js(CP_ID))]
+    shown = [await page.evaluate(metrics_js(CP_ID))]
     screenshot = tmp_path / "dashboard-supplying.png"
     for n in range(3):
         before = shown[-1]
-        shown.append(await browser.wait_for(
-            f"""(() => {{
+        shown.append(await wait_for_js(
+            page, f"""(() => {{
   const m = {metrics_js(CP_ID)};
   return m && m.state === "SUPPLYING" && m.kwh !== {json.dumps(before["kwh"])}
     && m.euros !== {json.dumps(before["euros"])} ? m : null;
@@ -168,7 +151,7 @@ async def test_live_session_without_reload(
             5, f"new kWh and € on the card after {before}",
         ))
         if n == 1:
-            await browser.screenshot(screenshot)
+            await page.screenshot(path=screenshot)
     samples = [Metrics.parse(m) for m in shown[1:]]  # the first may predate any telemetry
     assert all(m.kw > 0 for m in samples), shown
     assert all(a.kwh < b.kwh for a, b in pairwise(samples)), shown
@@ -178,8 +161,8 @@ async def test_live_session_without_reload(
     final = await driver_probe.final(request_id, timeout=20)
     assert final.status is DriverStatus.COMPLETED, driver_probe.updates[request_id]
     completed = f'#feed li.feed-item[data-kind="COMPLETED"][data-cp-id="{CP_ID}"]'
-    item = await browser.wait_for(
-        f"""(() => {{
+    item = await wait_for_js(
+        page, f"""(() => {{
   const state = {card_text_js(CP_ID, ".cp-state")};
   const li = document.querySelector({json.dumps(completed)});
   return state === "ACTIVATED" && li ? {{
@@ -195,14 +178,16 @@ async def test_live_session_without_reload(
     assert _number(euros_text, "€") == pytest.approx(final.euros, abs=0.011)
     assert samples[-1].kwh <= _number(kwh_text, "kWh")
 
-    await assert_same_page(browser, system)
-    assert await browser.evaluate("window.__modes") == ["ws"], "the WebSocket dropped"
-    assert browser.problems() == []
+    await assert_same_page(page, page_log, system)
+    assert await page.evaluate("window.__modes") == ["ws"], "the WebSocket dropped"
+    assert page_log.problems() == []
 
 
-async def test_user_text_is_shown_as_text(system: System, browser: Browser) -> None:
+async def test_user_text_is_shown_as_text(
+    system: System, page: Page, page_log: PageLog
+) -> None:
     await system.start_central()
-    await open_dashboard(browser, system)
+    await open_dashboard(page, system)
     cp_id = "CP-XSS"
 
     response = await system.http.post(
@@ -215,20 +200,24 @@ async def test_user_text_is_shown_as_text(system: System, browser: Browser) -> N
     assert response.status_code == 200, response.text
 
     fault_item = f'#feed li.feed-item[data-kind="fault"][data-cp-id="{cp_id}"] .feed-reason'
-    shown_js = f"""(() => {{
-  const location = {card_text_js(cp_id, ".cp-location")};
-  const reason = {card_text_js(cp_id, ".cp-reason")};
-  const feed = document.querySelector({json.dumps(fault_item)})?.textContent;
-  return location === {json.dumps(LOCATION_XSS)} && reason?.includes({json.dumps(REASON_XSS)})
-    && feed === {json.dumps(REASON_XSS)} ? {{location, reason, feed}} : null;
-}})()"""
-    await browser.wait_for(shown_js, 15, "the card and the feed to show the text (live)")
-    await assert_inert(browser)
+
+    async def text_shown() -> None:
+        """The card and the feed show the payloads as text."""
+        await expect(page.locator(card_selector(cp_id, ".cp-location"))).to_have_text(
+            LOCATION_XSS, timeout=15_000
+        )
+        await expect(page.locator(card_selector(cp_id, ".cp-reason"))).to_contain_text(
+            REASON_XSS, timeout=15_000
+        )
+        await expect(page.locator(fault_item)).to_have_text(REASON_XSS, timeout=15_000)
+
+    await text_shown()  # live
+    await assert_inert(page, page_log)
 
     # A freshly loaded page renders the same text from the WebSocket's first snapshot.
-    await browser.navigate(dashboard_url(system))
-    await browser.wait_for(shown_js, 15, "the card and the feed to show the text (snapshot)")
-    await assert_inert(browser)
+    await page.goto(dashboard_url(system))
+    await text_shown()
+    await assert_inert(page, page_log)
 
     # Ids cannot carry markup: a driver request with one is refused by the bus validation.
     invalid_before = await invalid_driver_requests(system)
@@ -248,9 +237,9 @@ async def test_user_text_is_shown_as_text(system: System, browser: Browser) -> N
         return await invalid_driver_requests(system) > invalid_before
 
     await eventually(counted, 20, "Central to reject the request with an HTML driver id")
-    assert DRIVER_XSS not in await browser.evaluate("document.body.textContent")
-    await assert_inert(browser)
-    assert browser.problems() == []
+    assert DRIVER_XSS not in await page.evaluate("document.body.textContent")
+    await assert_inert(page, page_log)
+    assert page_log.problems() == []
 
 
 async def invalid_driver_requests(system: System) -> int:
@@ -258,44 +247,49 @@ async def invalid_driver_requests(system: System) -> int:
     return int(health["kafka"]["invalid_by_topic"].get(Topic.DRIVER_REQUESTS.value, 0))
 
 
-async def assert_inert(browser: Browser) -> None:
+async def assert_inert(page: Page, page_log: PageLog) -> None:
     """No element was made from the payloads and no dialog opened."""
-    found = await browser.evaluate("""({
+    found = await page.evaluate("""({
   img: document.querySelectorAll('img[src="x"]').length,
   injected: document.querySelectorAll(
     "#grid b, #grid script, #grid img, #feed b, #feed script, #feed img").length,
   scripts: [...document.scripts].map((s) => s.getAttribute("src")),
 })""")
     assert found == {"img": 0, "injected": 0, "scripts": ["/static/dashboard.js"]}, found
-    assert browser.dialogs == []
+    assert page_log.dialogs == []
 
 
-async def test_reconnects_after_central_restarts(system: System, browser: Browser) -> None:
+async def test_reconnects_after_central_restarts(
+    system: System, page: Page, page_log: PageLog
+) -> None:
     central = await system.start_central()
     await system.start_cp(CP_ID)
-    await open_dashboard(browser, system, CP_ID)
+    await open_dashboard(page, system, CP_ID)
+    conn = page.locator("#conn")
 
     central.signal(signal.SIGKILL)
     await central.wait_exit()
-    await browser.wait_for(f'{MODE_JS} !== "ws"', 10, "the page to notice Central is gone")
-    assert await browser.evaluate(f"{card_js(CP_ID)} !== null"), "the card vanished"
+    # The page notices Central is gone.
+    await expect(conn).not_to_have_attribute("data-mode", "ws", timeout=10_000)
+    assert await page.locator(card_selector(CP_ID)).count() == 1, "the card vanished"
 
     await system.start_central()
-    await browser.wait_for(
-        f'{MODE_JS} === "ws" && {card_text_js(CP_ID, ".cp-state")} === "ACTIVATED"',
-        30, "the WebSocket back and the card ACTIVATED",
+    # The WebSocket back and the card ACTIVATED.
+    await expect(conn).to_have_attribute("data-mode", "ws", timeout=30_000)
+    await expect(page.locator(card_selector(CP_ID, ".cp-state"))).to_have_text(
+        "ACTIVATED", timeout=30_000
     )
     # Live events flow over the new socket, not only its first snapshot.
     response = await system.http.post(
         "/cp/register", json={"cp_id": CP_ID, "location": "back after the restart"}
     )
     assert response.status_code == 200, response.text
-    await browser.wait_for(
-        f'{card_text_js(CP_ID, ".cp-location")} === "back after the restart"', 10,
-        "a live update after the reconnection",
+    # A live update after the reconnection.
+    await expect(page.locator(card_selector(CP_ID, ".cp-location"))).to_have_text(
+        "back after the restart", timeout=10_000
     )
-    await assert_same_page(browser, system)
-    modes = await browser.evaluate("window.__modes")
+    await assert_same_page(page, page_log, system)
+    modes = await page.evaluate("window.__modes")
     assert modes[0] == "ws" and modes[-1] == "ws" and len(modes) >= 3, modes
     # While Central was down the browser logged its refused connections: expected.
-    assert browser.problems(allow_sources=frozenset({"network"})) == []
+    assert page_log.problems(allow_sources=frozenset({"network"})) == []
