@@ -2,9 +2,11 @@
 
 No Kafka and no CP processes: :mod:`tests.e2e.netsim` serves the real Central app over a
 controller whose registry holds simulated CPs, and changes them at a given rate through
-the controller's hub, as the controller publishes its changes. The browser is driven over
-the DevTools Protocol (:mod:`tests.e2e.cdp`); every wait is a JavaScript predicate polled
-in the page with a deadline, or the simulation's own count of changes.
+the controller's hub, as the controller publishes its changes. The browser is Debian's
+Chromium under Playwright (fixtures ``page`` and ``page_log`` in conftest.py, helpers in
+:mod:`tests.e2e.browser`); every wait has a deadline: Playwright's ``expect`` on an
+element, a JavaScript predicate awaited in the page, or the simulation's own count of
+changes.
 
 Set ``EVCHARGING_SCREENSHOT=docs/dashboard.png`` to refresh the documentation picture
 with the screenshot of :func:`test_filters_search_and_paging` (a 200-CP network, taken
@@ -13,20 +15,20 @@ after a minute and a half of power history).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from playwright.async_api import Page, expect
 
 from evcharging.common.messages import CPState
-from tests.e2e.cdp import Browser
+from tests.e2e.browser import PageLog, start_trace, stop_trace, wait_for_js
 from tests.e2e.netsim import SimulatedNetwork, churning, simulated_network
 from tests.polling import poll
 
@@ -41,7 +43,6 @@ FRAME_BUDGET_MS = 100.0
 MEASURE_CHANGES = 10_000
 """CP changes the frame measurement spans (5 s at 2,000 changes per second)."""
 
-MODE_JS = 'document.getElementById("conn").dataset.mode'
 PAGE_INFO_JS = 'document.getElementById("page-info").textContent'
 ROWS_JS = """[...document.querySelectorAll("#cp-rows > tr")].map((r) => ({
   id: r.dataset.cpId, state: r.dataset.state, leaving: r.classList.contains("is-leaving"),
@@ -71,35 +72,17 @@ MEASURE_JS = """(() => {
 })()"""
 
 
-@pytest.fixture
-async def browser(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Browser]:
-    """A headless Chromium; when the test fails, a screenshot and what the page reported."""
-    async with Browser() as chromium:
-        try:
-            yield chromium
-        finally:
-            report = getattr(request.node, "rep_call", None)
-            if report is not None and report.failed:
-                with contextlib.suppress(Exception):
-                    shot = await chromium.screenshot(tmp_path / "failure.png")
-                    sys.stderr.write(f"screenshot of the failing page: {shot}\n")
-                sys.stderr.write(
-                    f"===== browser\nproblems: {chromium.problems()}\n"
-                    f"console: {chromium.console}\n{chromium.log_tail()}\n"
-                )
-
-
-async def open_dashboard(browser: Browser, network: SimulatedNetwork) -> None:
-    await browser.navigate(network.url)
-    await browser.wait_for(f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
-    await browser.wait_for(
-        'document.querySelectorAll("#cp-rows > tr, #grid > .card").length > 0', 15,
-        "the first page of CPs",
+async def open_dashboard(page: Page, network: SimulatedNetwork) -> None:
+    """Load the page; wait for its WebSocket and the first page of CPs."""
+    await page.goto(network.url)
+    await expect(page.locator("#conn")).to_have_attribute("data-mode", "ws", timeout=15_000)
+    await expect(page.locator("#cp-rows > tr, #grid > .card").first).to_be_attached(
+        timeout=15_000
     )
 
 
-async def rows(browser: Browser) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = await browser.evaluate(ROWS_JS)
+async def rows(page: Page) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = await page.evaluate(ROWS_JS)
     return found
 
 
@@ -112,35 +95,33 @@ def js_rows_all(condition: str) -> str:
 }})()"""
 
 
-async def click(browser: Browser, selector: str) -> None:
-    assert await browser.evaluate(
-        f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
-        " if (!el) return false; el.click(); return true; })()"
-    ), f"nothing to click at {selector}"
+async def choose(page: Page, select_id: str, value: str) -> None:
+    """Pick the option `value` of a select, as the operator does."""
+    chosen = await page.locator(f"#{select_id}").select_option(value)
+    assert chosen == [value], f"{select_id} has no option {value!r}: {chosen}"
 
 
-async def choose(browser: Browser, select_id: str, value: str) -> None:
-    assert await browser.evaluate(f"""(() => {{
-  const select = document.getElementById({json.dumps(select_id)});
-  select.value = {json.dumps(value)};
-  select.dispatchEvent(new Event("change"));
-  return select.value === {json.dumps(value)};
-}})()"""), f"{select_id} has no option {value!r}"
+def page_info_text(total: int, size: int, offset: int = 0) -> str:
+    """What the pager says for that page: "first–last of total"."""
+    last = min(offset + size, total)
+    return f"{offset + 1}–{last} of {total:,}" if total else "0 of 0"
 
 
-async def search(browser: Browser, prefix: str) -> None:
-    await browser.evaluate(f"""(() => {{
-  const input = document.getElementById("filter-search");
-  input.value = {json.dumps(prefix)};
-  input.dispatchEvent(new Event("input"));
-}})()""")
+async def expect_page_info(
+    page: Page, total: int, size: int, offset: int = 0, timeout: float = 10
+) -> None:
+    await expect(page.locator("#page-info")).to_have_text(
+        page_info_text(total, size, offset), timeout=timeout * 1000
+    )
+
+
+async def page_info(page: Page) -> str | None:
+    return await page.locator("#page-info").text_content()
 
 
 def page_info_is(total: int, size: int, offset: int = 0) -> str:
     """JavaScript: whether the pager says "first–last of total" for that page."""
-    last = min(offset + size, total)
-    text = f"{offset + 1}–{last} of {total:,}" if total else "0 of 0"
-    return f"{PAGE_INFO_JS} === {json.dumps(text)}"
+    return f"{PAGE_INFO_JS} === {json.dumps(page_info_text(total, size, offset))}"
 
 
 async def summary(network: SimulatedNetwork) -> dict[str, Any]:
@@ -155,12 +136,13 @@ async def summary(network: SimulatedNetwork) -> dict[str, Any]:
 
 
 async def test_ten_thousand_cps_stay_responsive(
-    browser: Browser, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    page: Page, page_log: PageLog, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pager = page.locator("#page-info")
     async with simulated_network(10_000, 8) as network, churning(network, 2000):
-        await open_dashboard(browser, network)
-        await browser.wait_for(f'{PAGE_INFO_JS}.endsWith(" of 10,000")', 10, "the pager")
-        shown = await browser.evaluate("""({
+        await open_dashboard(page, network)
+        await expect(pager).to_have_text(re.compile(r" of 10,000$"), timeout=10_000)
+        shown = await page.evaluate("""({
   view: document.getElementById("list-wrap").dataset.view,
   cps: document.getElementById("stat-cps").textContent,
   rows: document.querySelectorAll("#cp-rows > tr").length,
@@ -172,42 +154,40 @@ async def test_ten_thousand_cps_stay_responsive(
         assert 10 <= shown["rows"] <= 100, shown  # one page of rows, not 10,000
         assert shown["nodes"] < 3000, shown
 
-        assert await browser.evaluate(MEASURE_JS) is True
-        await browser.start_trace()
+        assert await page.evaluate(MEASURE_JS) is True
+        await start_trace(page)
         start = network.changes
 
         # The operator works meanwhile: filter, search, clear, page, switch views.
-        await click(browser, '#state-tiles [data-state="SUPPLYING"]')
-        await browser.wait_for(js_rows_all('r.state === "SUPPLYING"'), 10, "SUPPLYING rows")
-        await search(browser, "CP-01")
-        await browser.wait_for(
-            js_rows_all('r.state === "SUPPLYING" && r.id.startsWith("CP-01")'), 10,
+        await page.locator('#state-tiles [data-state="SUPPLYING"]').click()
+        await wait_for_js(page, js_rows_all('r.state === "SUPPLYING"'), 10, "SUPPLYING rows")
+        await page.locator("#filter-search").fill("CP-01")
+        await wait_for_js(
+            page, js_rows_all('r.state === "SUPPLYING" && r.id.startsWith("CP-01")'), 10,
             "SUPPLYING rows of CP-01…",
         )
-        await click(browser, "#filter-clear")
-        await browser.wait_for(
-            f'{PAGE_INFO_JS}.startsWith("1–") && {PAGE_INFO_JS}.endsWith(" of 10,000")', 10,
-            "the whole list again",
-        )
-        size = len(await rows(browser))
-        await click(browser, "#page-next")
-        await browser.wait_for(
-            f'{ROWS_JS}[0]?.id === "CP-{size:05d}"', 10, "the second page",
-        )
-        await click(browser, '.seg-btn[data-view="cards"]')
-        await browser.wait_for(f"{CARDS_JS}.length === 50", 10, "a page of 50 cards")
-        await click(browser, '.seg-btn[data-view="table"]')
-        await browser.wait_for(f"{ROWS_JS}.length === {size}", 10, "the table again")
+        await page.locator("#filter-clear").click()
+        # The whole list again.
+        await expect(pager).to_have_text(re.compile(r"^1–.* of 10,000$"), timeout=10_000)
+        size = len(await rows(page))
+        await page.locator("#page-next").click()
+        await expect(page.locator("#cp-rows > tr").first).to_have_attribute(
+            "data-cp-id", f"CP-{size:05d}", timeout=10_000
+        )  # the second page
+        await page.locator('.seg-btn[data-view="cards"]').click()
+        await expect(page.locator("#grid > .card")).to_have_count(50, timeout=10_000)
+        await page.locator('.seg-btn[data-view="table"]').click()
+        await expect(page.locator("#cp-rows > tr")).to_have_count(size, timeout=10_000)
 
         await poll(
             lambda: network.changes - start >= MEASURE_CHANGES, timeout=30,
             what=f"{MEASURE_CHANGES} CP changes pushed through the hub", interval=0.1,
         )
-        measured = await browser.evaluate("window.__measure")
+        measured = await page.evaluate("window.__measure")
         changes = network.changes - start
-        tasks = await browser.stop_trace()
-        await browser.screenshot(tmp_path / "dashboard-10000.png")
-        assert browser.problems() == []  # before Central stops under the page
+        tasks = await stop_trace(page)
+        await page.screenshot(path=tmp_path / "dashboard-10000.png")
+        assert page_log.problems() == []  # before Central stops under the page
 
     worst_task = max(measured["longTasks"], default=0.0)
     worst = max(worst_task, measured["worstGap"])
@@ -235,82 +215,78 @@ async def test_ten_thousand_cps_stay_responsive(
 # --------------------------------------------------------------------------- filters
 
 
-async def test_filters_search_and_paging(browser: Browser, tmp_path: Path) -> None:
+async def test_filters_search_and_paging(
+    page: Page, page_log: PageLog, tmp_path: Path
+) -> None:
     async with simulated_network(200, 8) as network:
-        await open_dashboard(browser, network)
+        await open_dashboard(page, network)
         expected = await summary(network)
-        tiles = await browser.evaluate("""Object.fromEntries(
+        tiles = await page.evaluate("""Object.fromEntries(
   [...document.querySelectorAll("#state-tiles [data-state]")].map(
     (t) => [t.dataset.state, t.querySelector(".tile-value").textContent]))""")
         assert tiles == {state: str(n) for state, n in expected["by_state"].items()}
-        sites = await browser.evaluate(
+        sites = await page.evaluate(
             '[...document.querySelectorAll("#site-tiles .site-tile")].map((t) => ['
             't.dataset.site, t.querySelector(".site-cps").textContent])'
         )
         assert sites == [[s["site"], f"{s['cps']} CPs"] for s in expected["by_site"]]
-        assert await browser.evaluate('document.getElementById("list-wrap").dataset.view') \
+        assert await page.evaluate('document.getElementById("list-wrap").dataset.view') \
             == "table"
-        size = len(await rows(browser))
-        assert await browser.evaluate(page_info_is(200, size))
+        size = len(await rows(page))
+        assert await page_info(page) == page_info_text(200, size)
+        search = page.locator("#filter-search")
 
         # A site: its 25 CPs, CP-00050 to CP-00074.
-        await choose(browser, "filter-site", "site-C")
-        await browser.wait_for(page_info_is(25, size), 10, "site-C")
-        assert {r["site"] for r in await rows(browser)} == {"site-C"}
+        await choose(page, "filter-site", "site-C")
+        await expect_page_info(page, 25, size)
+        assert {r["site"] for r in await rows(page)} == {"site-C"}
         # A prefix within it, found by the page's binary search over /cp.
-        await search(browser, "CP-0005")
-        await browser.wait_for(page_info_is(10, size), 10, "CP-0005… of site-C")
-        assert [r["id"] for r in await rows(browser)] == [f"CP-000{n}" for n in range(50, 60)]
-        await choose(browser, "filter-site", "")
-        await search(browser, "CP-0019")  # the end of the list
+        await search.fill("CP-0005")
+        await expect_page_info(page, 10, size)
+        assert [r["id"] for r in await rows(page)] == [f"CP-000{n}" for n in range(50, 60)]
+        await choose(page, "filter-site", "")
+        await search.fill("CP-0019")  # the end of the list
         last_ten = [f"CP-00{n}" for n in range(190, 200)]
-        await browser.wait_for(
-            f"{ROWS_JS}.map((r) => r.id).join() === {json.dumps(','.join(last_ten))}", 10,
-            "CP-0019…",
+        await wait_for_js(
+            page, f"{ROWS_JS}.map((r) => r.id).join() === {json.dumps(','.join(last_ten))}",
+            10, "CP-0019…",
         )
-        assert await browser.evaluate(page_info_is(10, size))
-        await choose(browser, "filter-site", "site-C")
-        await search(browser, "CP-0004")
-        await browser.wait_for(
-            '!document.getElementById("list-nomatch").hidden', 10, "no match"
-        )
-        assert await rows(browser) == []
+        assert await page_info(page) == page_info_text(10, size)
+        await choose(page, "filter-site", "site-C")
+        await search.fill("CP-0004")
+        await expect(page.locator("#list-nomatch")).to_be_visible(timeout=10_000)
+        assert await rows(page) == []
         # A state, with the state tile: as many rows as the tile says.
-        await click(browser, "#filter-clear")
-        await click(browser, '#state-tiles [data-state="FAULT"]')
+        await page.locator("#filter-clear").click()
+        await page.locator('#state-tiles [data-state="FAULT"]').click()
         faulty = expected["by_state"]["FAULT"]
-        await browser.wait_for(page_info_is(faulty, size), 10, "FAULT")
-        assert {r["state"] for r in await rows(browser)} == {"FAULT"}
+        await expect_page_info(page, faulty, size)
+        assert {r["state"] for r in await rows(page)} == {"FAULT"}
 
         # Live: a CP that faults enters the filtered page; one that recovers leaves it.
         newcomer = next(v for v in network.controller.cps.values()
                         if v.state is CPState.ACTIVATED)
         network.fault(newcomer, "<b>bold</b><img src=x onerror=alert(1)>")
-        await browser.wait_for(
-            f'{ROWS_JS}.some((r) => r.id === {json.dumps(newcomer.cp_id)})', 10,
-            f"{newcomer.cp_id} on the FAULT page",
-        )
-        await browser.wait_for(page_info_is(faulty + 1, size), 10, "one more FAULT")
-        note = await browser.evaluate(
-            f'document.querySelector(\'#cp-rows > tr[data-cp-id="{newcomer.cp_id}"] .t-note\')'
-            ".textContent"
-        )
+        newcomer_row = page.locator(f'#cp-rows > tr[data-cp-id="{newcomer.cp_id}"]')
+        await expect(newcomer_row).to_be_attached(timeout=10_000)  # on the FAULT page
+        await expect_page_info(page, faulty + 1, size)
+        note = await newcomer_row.locator(".t-note").text_content()
         assert note == "Fault: <b>bold</b><img src=x onerror=alert(1)>"
-        assert await browser.evaluate(
-            'document.querySelectorAll("#cp-rows b, #cp-rows img, #feed b, #feed img").length'
-        ) == 0
+        assert await page.locator(
+            "#cp-rows b, #cp-rows img, #feed b, #feed img"
+        ).count() == 0
         network.recover(newcomer)
-        await browser.wait_for(page_info_is(faulty, size), 10, "the recovered CP gone")
-        assert newcomer.cp_id not in {r["id"] for r in await rows(browser)}
+        await expect_page_info(page, faulty, size)  # the recovered CP gone
+        assert newcomer.cp_id not in {r["id"] for r in await rows(page)}
 
         # Pages.
-        await click(browser, "#filter-clear")
-        await browser.wait_for(page_info_is(200, size), 10, "all CPs")
-        await click(browser, "#page-next")
-        await browser.wait_for(page_info_is(200, size, size), 10, "the second page")
-        assert (await rows(browser))[0]["id"] == f"CP-{size:05d}"
-        await click(browser, "#page-prev")
-        await browser.wait_for(page_info_is(200, size), 10, "the first page")
+        await page.locator("#filter-clear").click()
+        await expect_page_info(page, 200, size)
+        await page.locator("#page-next").click()
+        await expect_page_info(page, 200, size, size)
+        assert (await rows(page))[0]["id"] == f"CP-{size:05d}"
+        await page.locator("#page-prev").click()
+        await expect_page_info(page, 200, size)
 
         target = os.environ.get(SCREENSHOT_ENV)
         shot = tmp_path / "dashboard-200.png"
@@ -321,28 +297,28 @@ async def test_filters_search_and_paging(browser: Browser, tmp_path: Path) -> No
                     lambda: network.changes - start >= CHART_FILL * CHURN,
                     timeout=CHART_FILL * 2, what="the power chart's history", interval=1,
                 )
-            await browser.screenshot(shot)
-        assert browser.dialogs == []
-        assert browser.problems() == []
+            await page.screenshot(path=shot)
+        assert page_log.dialogs == []
+        assert page_log.problems() == []
     if target:
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, target)
 
 
-async def test_a_small_network_shows_cards(browser: Browser) -> None:
+async def test_a_small_network_shows_cards(page: Page, page_log: PageLog) -> None:
     async with simulated_network(12, 2) as network:
-        await open_dashboard(browser, network)
-        assert await browser.evaluate(CARDS_JS) == network.ids
-        assert await browser.evaluate(page_info_is(12, 50))
-        await click(browser, '.seg-btn[data-view="table"]')
-        await browser.wait_for(f"{ROWS_JS}.length === 12", 10, "the table")
-        assert await browser.evaluate(CARDS_JS) == []  # only the visible view has nodes
-        await click(browser, '.seg-btn[data-view="cards"]')
-        await browser.wait_for(f"{CARDS_JS}.length === 12", 10, "the cards again")
+        await open_dashboard(page, network)
+        assert await page.evaluate(CARDS_JS) == network.ids
+        assert await page_info(page) == page_info_text(12, 50)
+        await page.locator('.seg-btn[data-view="table"]').click()
+        await expect(page.locator("#cp-rows > tr")).to_have_count(12, timeout=10_000)
+        assert await page.evaluate(CARDS_JS) == []  # only the visible view has nodes
+        await page.locator('.seg-btn[data-view="cards"]').click()
+        await expect(page.locator("#grid > .card")).to_have_count(12, timeout=10_000)
         # A CP registered meanwhile joins the page at its place, without a reload.
         network.add("CP-00005b", site="site-A")
-        await browser.wait_for(
-            f'{CARDS_JS}.indexOf("CP-00005b") === 6 && {page_info_is(13, 50)}', 10,
+        await wait_for_js(
+            page, f'{CARDS_JS}.indexOf("CP-00005b") === 6 && {page_info_is(13, 50)}', 10,
             "the new CP's card",
         )
-        assert browser.problems() == []
+        assert page_log.problems() == []
