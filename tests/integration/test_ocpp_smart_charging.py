@@ -4,11 +4,11 @@ Central's own ``run`` and the OCPP gateway's own ``run``, in this process on top
 unique prefix; a 1.6 charger and a 2.0.1 station played by the `ocpp` library over real
 WebSockets. The gateway registers the charger's CP at the site by ``OCPP_SITE`` and the
 station's by its line of ``OCPP_SITES_FILE`` (the same site here; the file winning over
-``OCPP_SITE`` is unit-tested), and Central knows the site only from those registrations. The
-operator sets the site's limit with
-``PUT /sites/{site}/limit``: each charger receives a SetChargingProfile (TxProfile, W, of its
-transaction) with its share as Central allocates it, the first alone and then both when the
-second starts; ``DELETE`` clears both profiles (ClearChargingProfile).
+``OCPP_SITE`` is unit-tested), and Central knows the site only from those registrations.
+The operator sets the site's limit with ``PUT /sites/{site}/limit``: each charger receives a
+SetChargingProfile (TxProfile, W, of its transaction) with its share as Central allocates
+it, the first alone and then both when the second starts; ``DELETE`` clears both profiles
+(ClearChargingProfile).
 """
 
 from __future__ import annotations
