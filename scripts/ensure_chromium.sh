@@ -1,6 +1,6 @@
 #!/usr/bin/env sh
 # Make sure a Chromium is available for the browser end-to-end tests
-# (tests/e2e/test_dashboard_browser.py drives it over the DevTools Protocol).
+# (tests/e2e/test_dashboard_*.py drive it with Playwright, tests/e2e/browser.py).
 #
 #   scripts/ensure_chromium.sh
 #

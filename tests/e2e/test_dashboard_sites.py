@@ -6,11 +6,11 @@ its limit against its allocation and measured power, follows ``PUT`` and ``DELET
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
 import pytest
+from playwright.async_api import Page
 
-from tests.e2e.cdp import Browser
+from tests.e2e.browser import PageLog, wait_for_js
 from tests.e2e.conftest import System
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +32,8 @@ def limit_js(site: str) -> str:
 }})()"""
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with Browser() as chromium:
-        yield chromium
-
-
 async def test_a_limited_sites_tile_shows_limit_allocation_and_measured_power(
-    system: System, browser: Browser
+    system: System, page: Page, page_log: PageLog
 ) -> None:
     await system.start_central({"CENTRAL_SITE_LIMITS": "site-L=66"})
     for cp_id, site in (("CP-L1", "site-L"), ("CP-F1", "site-F")):
@@ -47,21 +41,21 @@ async def test_a_limited_sites_tile_shows_limit_allocation_and_measured_power(
             "cp_id": cp_id, "site": site, "kw_rate": 22})
         assert answer.status_code == 200, answer.text
     url = f"http://127.0.0.1:{system.http_port}/"
-    await browser.navigate(url)
-    await browser.wait_for(f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
+    await page.goto(url)
+    await wait_for_js(page, f'{MODE_JS} === "ws"', 15, "the dashboard's WebSocket")
     expected = "limit=66.0 kW, alloc=0.0 kW, measured=0.0 kW"
-    await browser.wait_for(f"{limit_js('site-L')} === {json.dumps(expected)}", 15,
-                           "site-L's tile with its limit")
-    assert await browser.evaluate(limit_js("site-F")) == ""
+    await wait_for_js(page, f"{limit_js('site-L')} === {json.dumps(expected)}", 15,
+                      "site-L's tile with its limit")
+    assert await page.evaluate(limit_js("site-F")) == ""
     # A new limit and a removed one reach the open page.
     answer = await system.http.put("/sites/site-F/limit", json={"kw": 150})
     assert answer.status_code == 200, answer.text
-    await browser.wait_for(
-        f"{limit_js('site-F')} === "
+    await wait_for_js(
+        page, f"{limit_js('site-F')} === "
         f"{json.dumps('limit=150.0 kW, alloc=0.0 kW, measured=0.0 kW')}",
         15, "site-F's tile with its new limit")
     answer = await system.http.delete("/sites/site-L/limit")
     assert answer.status_code == 200, answer.text
-    await browser.wait_for(f"{limit_js('site-L')} === \"\"", 15, "site-L's limit removed")
-    assert browser.navigations == [url]
-    assert browser.problems() == []
+    await wait_for_js(page, f"{limit_js('site-L')} === \"\"", 15, "site-L's limit removed")
+    assert page_log.navigations == [url]
+    assert page_log.problems() == []
