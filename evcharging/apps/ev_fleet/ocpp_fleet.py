@@ -53,6 +53,8 @@ __all__ = ["ChargerConnection", "OcppFleet", "OcppFleetStats", "quantile"]
 
 TICK = 0.2
 """Seconds between two rounds of the scheduler."""
+SLICES = 10
+"""The parts of a round, each over its share of the tick (chargers n, n + SLICES, ...)."""
 STOP_DRAIN = 5.0
 """Seconds the fleet waits at shutdown for its transactions' stops to be answered."""
 RTT_SAMPLES = 200_000
@@ -406,16 +408,24 @@ class OcppFleet:
         self._scheduler = asyncio.create_task(self._schedule(), name="ocpp fleet scheduler")
 
     async def _schedule(self) -> None:
+        """Every :data:`TICK` each charger's due CALLs, one :data:`SLICES` th of the
+        chargers at a time, evenly over the tick: all at once, every meter reading came due
+        on the same tick and the gateway got ~230 CALLs in a burst every 0.2 s at 5,000
+        chargers, which the round trips then measured (the chargers queued behind each
+        other)."""
+        loop = asyncio.get_running_loop()
         while True:
-            now, clock = time.monotonic(), time.perf_counter()
-            for charger in self.chargers:
-                if not charger.due(now, clock):
-                    continue
-                try:
-                    await charger.tick(now)
-                except ConnectionClosed:
-                    continue  # its reader sees it too and reconnects
-            await asyncio.sleep(TICK)
+            began = loop.time()
+            for part in range(SLICES):
+                now, clock = time.monotonic(), time.perf_counter()
+                for charger in self.chargers[part::SLICES]:
+                    if not charger.due(now, clock):
+                        continue
+                    try:
+                        await charger.tick(now)
+                    except ConnectionClosed:
+                        continue  # its reader sees it too and reconnects
+                await asyncio.sleep(max(0.0, began + (part + 1) * TICK / SLICES - loop.time()))
 
     @property
     def tasks(self) -> list[asyncio.Task[None]]:
