@@ -110,3 +110,14 @@ def test_a_sessions_json_is_its_fields_with_dates_and_end_as_text() -> None:
                     last_at=(T0 + timedelta(minutes=1)).isoformat(),
                     ended=end.model_dump(mode="json"))
     assert store._session_out(session) == expected
+
+
+async def test_the_encoder_forgets_what_the_file_no_longer_holds() -> None:
+    gw = await busy_gateway()
+    encoder = SnapshotEncoder()
+    encoder.encode(gw)
+    for n in range(10):  # the gateway forgets its old transactions for new ones
+        gw.transactions.popitem(last=False)
+        gw.remember("CH-Z", f"new-{n}", None)
+        assert encoder.encode(gw) == plain(gw)
+    assert len(encoder._transactions) <= 2 * len(gw.transactions)

@@ -133,7 +133,8 @@ class SnapshotEncoder:
     """``json.dumps(snapshot(gateway))``, compact, without encoding again what did not
     change: each transaction's and CP's JSON is kept with the values it was made from and
     reused while the same object still has the same values (the sessions' ends are frozen
-    messages, compared by value). What a write no longer holds is forgotten."""
+    messages, compared by value). What the file no longer holds is forgotten once the
+    kept JSON is twice what it holds."""
 
     def __init__(self) -> None:
         self._transactions: dict[tuple[str, str], _Cached] = {}
@@ -141,32 +142,27 @@ class SnapshotEncoder:
 
     def encode(self, gateway: Gateway) -> str:
         cache = self._transactions
-        kept: dict[tuple[str, str], _Cached] = {}
+        kept = _kept(gateway)
         parts: list[str] = []
-        for key, session in _kept(gateway):
+        for key, session in kept:
             values = _session_values(session) if session is not None else ()
             hit = cache.get(key)
-            if hit is not None and hit[0] is session and hit[1] == values:
-                text = hit[2]
-            else:
-                text = _dumps([key[0], key[1], _session_out(session)
-                               if session is not None else None])
-            kept[key] = (session, values, text)
-            parts.append(text)
-        self._transactions = kept
+            if hit is None or hit[0] is not session or hit[1] != values:
+                hit = cache[key] = (session, values, _dumps(
+                    [key[0], key[1], _session_out(session) if session is not None else None]))
+            parts.append(hit[2])
+        if len(cache) > 2 * len(kept):  # forget what the file no longer holds
+            self._transactions = {key: cache[key] for key, _ in kept}
         conn_cache = self._connectors
-        conns: dict[str, _Cached] = {}
         conn_parts: list[str] = []
         for cp_id, conn in gateway.connectors.items():
             conn_values = _connector_values(conn)
             found = conn_cache.get(cp_id)
-            if found is not None and found[0] is conn and found[1] == conn_values:
-                text = found[2]
-            else:
-                text = _dumps(_connector_out(conn))
-            conns[cp_id] = (conn, conn_values, text)
-            conn_parts.append(text)
-        self._connectors = conns
+            if found is None or found[0] is not conn or found[1] != conn_values:
+                found = conn_cache[cp_id] = (conn, conn_values, _dumps(_connector_out(conn)))
+            conn_parts.append(found[2])
+        if len(conn_cache) > len(gateway.connectors):
+            self._connectors = {cp_id: conn_cache[cp_id] for cp_id in gateway.connectors}
         return (f'{{"version":{VERSION},"transactions":[{",".join(parts)}],'
                 f'"connectors":[{",".join(conn_parts)}]}}')
 
