@@ -148,8 +148,8 @@ class PageLog:
                                          str(entry.get("level", "info")), text))
 
     async def _on_dialog(self, dialog: PlaywrightDialog) -> None:
-        self.dialogs.append(ShownDialog(dialog.type, dialog.message, dialog.page.url
-                                        if dialog.page else ""))
+        url = dialog.page.url if dialog.page is not None else ""
+        self.dialogs.append(ShownDialog(dialog.type, dialog.message, url))
         try:
             await dialog.dismiss()
         except PlaywrightError as exc:

@@ -401,6 +401,8 @@ async def page(
     """A fresh page in its own browser context, recorded in `page_log`; when the test
     fails, a screenshot and what the page reported."""
     context = await chromium.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(15_000)  # a click or fill waits at most that for its element
+    context.set_default_navigation_timeout(30_000)
     try:
         page = await context.new_page()
         await page_log.attach(page)
