@@ -365,6 +365,9 @@ async def one_round(
         charged = [p for p in await run.meter_problems() if ("METER", p) not in known]
         known.update(("METER", p) for p in charged)
         outcome.problems += charged
+        ran = sum(tx.stopped is not None for c in run.chargers.values() for tx in c.transactions)
+        outcome.notes.append(f"{ran} transaction(s) of the chargers' meters held against "
+                             "Central's sessions so far")
     metered = [r for r in rows if r.status == "COMPLETED" and r.kwh > 0
                and run.observer.meter.last(r.session_id) is not None]
     if not metered:  # the check would hold vacuously
