@@ -32,11 +32,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import websockets
+from ocpp import routing
 from ocpp.exceptions import OCPPError
-from ocpp.routing import after, on
 from ocpp.v16 import ChargePoint as ChargePoint16
 from ocpp.v16 import call as call16
 from ocpp.v16 import call_result as result16
@@ -55,14 +55,22 @@ POWER = "Power.Active.Import"
 CALL_TIMEOUT = 10.0
 """Seconds a CALL of the charger waits for its answer before it reconnects."""
 
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def on(action: str) -> Callable[[_Handler], _Handler]:
+    """The library's ``on`` (untyped), typed."""
+    return cast(Callable[[_Handler], _Handler], routing.on(action))
+
+
+def after(action: str) -> Callable[[_Handler], _Handler]:
+    """The library's ``after`` (untyped), typed."""
+    return cast(Callable[[_Handler], _Handler], routing.after(action))
+
 
 def stamp() -> str:
     """The charger's clock now, as OCPP writes it (UTC, milliseconds)."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_stamp(text: str) -> datetime:
-    return datetime.fromisoformat(text)
 
 
 @dataclass
