@@ -275,7 +275,9 @@ class Charger:
                         reader.cancel()
                         await asyncio.gather(reader, return_exceptions=True)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError, Lost):
-                pass
+                pass  # offline: it tries again
+            except Exception as exc:  # shown by the test (meter_problems); it tries again
+                self.stats.errors.append(f"connection failed: {exc!r}")
             finally:
                 self._ws = None
                 self.online.clear()
