@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     Field,
     SecretStr,
@@ -28,11 +29,35 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from evcharging.common.centrals import parse_centrals
 from evcharging.common.messages import ID_PATTERN
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 Positive = Annotated[float, Field(gt=0)]
+
+
+def _central_list(value: str) -> str:
+    parse_centrals(value, 1)  # the items' syntax; each client applies its default port
+    return value
+
+
+def _central_urls(value: str) -> str:
+    for item in value.split(","):
+        if item.strip() and not item.strip().startswith(("http://", "https://")):
+            raise ValueError(f"{item.strip()!r}: expected an http:// or https:// URL "
+                             "(several separated by commas)")
+    parse_centrals(value, 1)
+    return value
+
+
+CentralHosts = Annotated[str, AfterValidator(_central_list)]
+"""Central's address, or several separated by commas (``h1,h2``, ``h1:8000,h2:8001``):
+the clients move to the next one when one does not answer (SPEC §9)."""
+CENTRAL_HOSTS_HELP = (
+    "host of Central's HTTP API, or several separated by commas (h1,h2 with this port, or "
+    "h1:8000,h2:8001): the next is tried when one does not answer"
+)
 LogLevel = Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR", "CRITICAL"]
 
 SHARED_TOKEN_ENV = "EVCHARGING_API_TOKEN"  # noqa: S105 - a variable's name, not a secret
@@ -285,7 +310,7 @@ class CPMonitorSettings(BaseSettings):
     cp_id: Identifier = Field(description="charging point id")
     cp_e_host: str = Field("localhost", description="host of the CP Engine's health endpoint")
     cp_e_port: Port = Field(8001, description="port of the CP Engine's health endpoint")
-    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_host: CentralHosts = Field("localhost", description=CENTRAL_HOSTS_HELP)
     central_port: Port = Field(8000, description="port of Central's HTTP API")
     health_interval: Positive = Field(5.0, description="seconds between health checks")
     health_timeout: Positive = Field(2.0, description="timeout of one health check (s)")
@@ -344,8 +369,9 @@ class LoadSettings(ServiceSettings):
         60.0, description="give up on a request with no final status this many seconds "
         "after it was sent"
     )
-    central_url: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = Field(
-        "http://localhost:8000", description="Central's HTTP API, where the CPs are listed"
+    central_url: Annotated[str, AfterValidator(_central_urls)] = Field(
+        "http://localhost:8000", description="Central's HTTP API, where the CPs are listed; "
+        "several URLs separated by commas: the next is tried when one does not answer"
     )
     refresh_interval: Positive = Field(
         5.0, description="seconds between two readings of Central's ACTIVATED CPs"
@@ -416,7 +442,7 @@ class FleetSettings(ServiceSettings):
         False, description="with no token, listen on a non-loopback address anyway and "
         "accept /fault and /recover from any client (protected mode off)"
     )
-    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_host: CentralHosts = Field("localhost", description=CENTRAL_HOSTS_HELP)
     central_port: Port = Field(8000, description="port of Central's HTTP API")
     fault_rate: Annotated[float, Field(ge=0, le=3600)] = Field(
         0.0, description="random hardware faults per CP-hour (0: none)"
@@ -501,7 +527,7 @@ class OcppSettings(ServiceSettings):
         Path("ev_ocpp_state.json"), description="where the gateway keeps its CPs, running "
         "sessions and recent transactions across restarts"
     )
-    central_host: str = Field("localhost", description="host of Central's HTTP API")
+    central_host: CentralHosts = Field("localhost", description=CENTRAL_HOSTS_HELP)
     central_port: Port = Field(8000, description="port of Central's HTTP API")
     api_token: SecretStr | None = Field(
         None,
@@ -532,7 +558,10 @@ class CtlSettings(BaseSettings):
         env_ignore_empty=True,
     )
 
-    host: str = Field("localhost", description="Central's host")
+    host: CentralHosts = Field(
+        "localhost", description="Central's host, or several separated by commas (h1,h2 "
+        "with this port, or h1:9999,h2:9998): the next is tried when one does not answer"
+    )
     port: Annotated[int, Field(ge=1, le=65535)] = Field(
         9999, validation_alias="CENTRAL_LISTEN_PORT", description="Central's TCP control port"
     )

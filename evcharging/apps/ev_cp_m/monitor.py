@@ -60,6 +60,8 @@ from evcharging.apps.ev_cp_m.watch import (
     clip,
     kind,
 )
+from evcharging.common.backoff import doubling, until_done
+from evcharging.common.centrals import AnyDoor
 from evcharging.common.config import CPMonitorSettings
 from evcharging.common.messages import CPFaultReport, CPRegistration, MonitorReport
 from evcharging.common.service import TaskOwner
@@ -140,7 +142,8 @@ class Monitor:
         self.watch = Watch(settings.cp_id, settings.failure_threshold)
         """What the monitor believes about its CP (the decisions, shared with the fleet)."""
         self.health_url = f"http://{settings.cp_e_host}:{settings.cp_e_port}/health"
-        self.central_url = f"http://{settings.central_host}:{settings.central_port}"
+        self.centrals = AnyDoor.parse(settings.central_host, settings.central_port)
+        """Central's addresses (SPEC §9: a list; a call moves on while one does not answer)."""
         self._owns_client = client is None
         self._client = client if client is not None else httpx.AsyncClient()
         self._retry_initial = retry_initial
@@ -159,6 +162,11 @@ class Monitor:
         self._stopped = False
 
     # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def central_url(self) -> str:
+        """The base URL of the Central in use."""
+        return self.centrals.url
 
     @property
     def registered(self) -> bool:
@@ -194,7 +202,7 @@ class Monitor:
             "monitoring {} at {} every {:g} s (timeout {:g} s, fault after {} failures); "
             "reporting to Central at {}",
             s.cp_id, self.health_url, s.health_interval, s.health_timeout,
-            s.failure_threshold, self.central_url,
+            s.failure_threshold, self.centrals.describe(),
         )
         self._tasks.spawn(self._check_loop(), f"monitor {s.cp_id} health checks", forever=True)
         self._tasks.spawn(self._central_loop(), f"monitor {s.cp_id} Central link", forever=True)
@@ -286,30 +294,35 @@ class Monitor:
     # ----------------------------------------------------------------- Central link
 
     async def _central_loop(self) -> None:
-        delay = self._retry_initial
+        wait = doubling(self._retry_initial, self._retry_max)
         while True:
-            report = self.watch.pending
-            if not self._registered.is_set():
-                outcome = await self._register()
-                if outcome is _Outcome.OK:
-                    self._registered.set()
-                    continue  # deliver what is pending now, without a pause
-            elif report is not None:
-                outcome = await self._report(report)
-                if outcome is _Outcome.UNKNOWN_CP:
-                    self._registered.clear()
-                elif outcome is not _Outcome.RETRY:
-                    self.watch.dropped(report)  # delivered (already forgotten) or rejected
-                    delay = self._retry_initial
-                    continue
-            else:
-                delay = self._retry_initial
+            if self._registered.is_set() and self.watch.pending is None:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            logger.debug("next call to Central in {:g} s", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._retry_max)
+            # Tried with backoff until one call gets somewhere; the schedule starts over
+            # for the next (a fresh registration's reports go at once, without a pause).
+            await until_done(self._central_step, wait)
+
+    async def _central_step(self) -> bool:
+        """One call to Central: register, else deliver the pending report. Whether it
+        got somewhere (registered, the report delivered or dropped, nothing to do)."""
+        if not self._registered.is_set():
+            if await self._register() is _Outcome.OK:
+                self._registered.set()
+                return True
+            return False
+        report = self.watch.pending
+        if report is None:
+            return True
+        outcome = await self._report(report)
+        if outcome is _Outcome.UNKNOWN_CP:
+            self._registered.clear()
+            return False
+        if outcome is _Outcome.RETRY:
+            return False
+        self.watch.dropped(report)  # delivered (already forgotten) or rejected
+        return True
 
     async def _register(self) -> _Outcome:
         body = CPRegistration(cp_id=self.settings.cp_id, health_url=self.health_url)
@@ -404,15 +417,17 @@ class Monitor:
         the CP as unknown or a 405 is :attr:`_Outcome.NO_ROUTE` rather than a reason to
         register again, and a failed report is simply sent again at the next interval.
         """
-        url = f"{self.central_url}{path}"
         retrying = (
             "trying again every health interval"
             if liveness
             else f"retrying with backoff up to {self._retry_max:g} s"
         )
         try:
-            response = await self._client.post(
-                url, json=body, headers=self._headers, timeout=self._central_timeout
+            response = await self.centrals.call(
+                lambda central: self._client.post(
+                    f"{central.url}{path}", json=body, headers=self._headers,
+                    timeout=self._central_timeout,
+                )
             )
         except httpx.HTTPError as exc:
             self.stats.central_errors += 1
