@@ -20,13 +20,20 @@ What Central sees is what a CP Engine would publish (:mod:`evcharging.apps.ev_cp
 A refused command (SHUTDOWN always; any other when the charger is offline, answers
 Rejected or does not answer within ``call_timeout``) is a ``CPStatus`` with
 ``event=REFUSED`` and ``cmd`` naming it.
+
+A change the ledger cannot lose (a transaction's start, a session's end) made while a
+charger's CALL is handled (:class:`Handling`) is answered only once it is safe: the
+messages it published are acknowledged by the broker (they are sent waiting for the
+acknowledgement) and the state file holds it (:attr:`Gateway.durable`, awaited by the
+link before it answers); a charger never sends again a CALL it has an answer to.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -53,7 +60,7 @@ from evcharging.common.states import CPEvent, CPState, SessionResult, path
 if TYPE_CHECKING:
     from evcharging.apps.ev_ocpp.link import ChargerLink
 
-__all__ = ["Connector", "Gateway", "GatewayStats", "Session"]
+__all__ = ["HANDLING", "Connector", "Gateway", "GatewayStats", "Handling", "Session"]
 
 _REMEMBERED_TRANSACTIONS = 100_000
 """Transactions (running and ended) the gateway remembers, to answer replays."""
@@ -134,6 +141,24 @@ class GatewayStats:
     publish_failures: int = 0
 
 
+class Handling:
+    """One charger's CALL being handled: whether it changed what the ledger cannot lose
+    (its answer then waits until that is durable)."""
+
+    __slots__ = ("durable",)
+
+    def __init__(self) -> None:
+        self.durable = False
+
+
+HANDLING: ContextVar[Handling | None] = ContextVar("ocpp_handling", default=None)
+"""The CALL the running task handles (set by the charger's link around its handler)."""
+
+
+async def _nothing_to_keep() -> None:
+    return None
+
+
 def _event_between(old: CPState, new: CPState) -> StatusEvent | None:
     """The one state-machine event that leads from `old` to `new`, if one does."""
     if old is new:
@@ -178,6 +203,9 @@ class Gateway:
         self._publish_failing = False
         self.dirty = False
         """Something the state file keeps changed since it was last written."""
+        self.durable: Callable[[], Awaitable[None]] = _nothing_to_keep
+        """Returns once the state file holds every change made so far (the state
+        store's group commit; nothing to wait for without a state file)."""
 
     # ---------------------------------------------------------------- chargers
 
@@ -339,6 +367,7 @@ class Gateway:
                           last_wh=meter_start_wh, last_at=ts)
         conn.session = session
         self.remember(conn.charger_id, transaction, session)
+        self._keep()
         old = conn.state
         conn.state, conn.reason = CPState.SUPPLYING, "charging"
         logger.info("CP {}: {} → SUPPLYING, session {} of {} (transaction {})",
@@ -456,7 +485,7 @@ class Gateway:
         if already is not None and (already.kwh, already.euros) == (end.kwh, end.euros):
             return
         session.ended = end
-        self.dirty = True
+        self._keep()
         decided = self._verdicts.pop(session.session_id, None)
         if decided is not None and not decided.done():
             decided.set_result(True)  # over before Central decided: nothing left to deny
@@ -534,11 +563,22 @@ class Gateway:
 
     # ---------------------------------------------------------------- publishing
 
+    def _keep(self) -> None:
+        """A change the ledger cannot lose: the CALL being handled is answered once it is
+        durable (its messages from now on wait for the broker)."""
+        self.dirty = True
+        handling = HANDLING.get()
+        if handling is not None:
+            handling.durable = True
+
     async def publish(self, message: Message) -> None:
-        """Queue `message` on the bus; a failure is logged once per outage (the next
-        heartbeat repeats the state and the last end)."""
+        """Queue `message` on the bus (and wait for the broker's acknowledgement while a
+        CALL with a durable change is handled); a failure is logged once per outage (the
+        next heartbeat repeats the state and the last end)."""
+        handling = HANDLING.get()
         try:
-            await self.publisher.publish(message, wait=False)
+            await self.publisher.publish(
+                message, wait=handling is not None and handling.durable)
         except BusError as exc:
             self.stats.publish_failures += 1
             if not self._publish_failing:

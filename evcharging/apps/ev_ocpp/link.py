@@ -21,6 +21,13 @@ Central's verdict: the answer is a :class:`Later`, sent by a task of its own onc
 confirms or denies the session (``decision_timeout`` at most), while the link goes on
 reading the charger's messages; a command that stops the session, or limits it, waits for
 that answer to be sent (the charger learns of its transaction first).
+
+A CALL whose handling changed what the ledger cannot lose (a transaction's start or stop,
+a session's end: :class:`~evcharging.apps.ev_ocpp.gateway.Handling`) is answered once the
+change is durable (its messages acknowledged by the broker, the state file written: the
+charger never sends an answered CALL again); a remote start is in the state file before
+its CALL is sent, so a restarted gateway still gives the charger's start Central's session.
+Each link waits for its own changes only.
 """
 
 from __future__ import annotations
@@ -48,7 +55,14 @@ from ocpp.v201 import call_result as result201
 from ocpp.v201.enums import Action as Action201
 from websockets.exceptions import ConnectionClosed
 
-from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
+from evcharging.apps.ev_ocpp.gateway import (
+    HANDLING,
+    Connector,
+    Gateway,
+    Handling,
+    PendingStart,
+    Session,
+)
 from evcharging.apps.ev_ocpp.logic import (
     connector_state,
     is_valid_id_tag,
@@ -198,8 +212,12 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             code = schema_error_code(str(exc.validator), exc.path, self.version)
             await self._error(msg, action, code, exc.message[:300])
             return
+        handling = Handling()
+        token = HANDLING.set(handling)
         try:
             answer = await handler(payload)
+            if handling.durable:  # answered once safe: the charger never sends it again
+                await self.gateway.durable()
         except Violation as exc:
             await self._error(msg, action, exc.code, str(exc))
             return
@@ -209,6 +227,8 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             await self._send(CallError(msg.unique_id, "InternalError", "the gateway failed "
                                        "to handle the message", {}).to_json())
             return
+        finally:
+            HANDLING.reset(token)
         if isinstance(answer, Later):
             self._answer_later(msg, action, answer)
             return
@@ -346,6 +366,8 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                                   f"token ({self.id_tag_max} characters at most)")
                 pending = PendingStart(p.session_id, p.driver_id, remote_start_id(p.session_id))
                 conn.pending = pending  # before the CALL: the start may come before its answer
+                self.gateway.dirty = True
+                await self.gateway.durable()  # a restarted gateway still knows it
                 try:
                     await self.remote_start(conn, pending)
                 except Refused:

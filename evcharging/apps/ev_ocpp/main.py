@@ -133,6 +133,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
         observe_call=lambda action, seconds: calls.labels(action).observe(seconds),
     )
     store = StateStore(settings.state_file)
+    gateway.durable = store.commit  # a transaction's start or stop is answered once written
     try:
         store.load(gateway)
     except (OSError, ValueError) as exc:

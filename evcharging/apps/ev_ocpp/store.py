@@ -12,8 +12,17 @@ takes at most :data:`MAX_SAVE_SHARE` of the gateway's time) and once more at shu
 session's and CP's JSON is kept between writes and made again only when it changed
 (:class:`SnapshotEncoder`): with thousands of chargers the file holds some ten thousand
 transactions, and encoding them all anew every half second took most of the event loop.
-A change in the last interval before a crash can be lost: the charger's next message (a
-queued stop, a status) then finds the gateway as it was a moment before. A file that
+A change the ledger cannot lose (a transaction's start or stop, a session's end, a
+remote start sent to a charger) is written before the gateway answers it or sends the
+CALL: the handler asks for a write (:meth:`StateStore.commit`) and awaits the one that
+includes it, a group commit (:mod:`evcharging.apps.ev_ocpp.commit`): a write is due
+:attr:`StateStore.commit_delay` (:data:`COMMIT_DELAY` to :data:`MAX_COMMIT_DELAY`) after
+the oldest ask, and every change asked meanwhile shares it. The temporary file is
+fsynced before the rename (about a millisecond for some megabytes, in the writer's
+thread), so a written change survives a crash of the machine too. Any other change (a
+meter value, a state) is written within an interval: a crash can lose it, and the
+charger's next message (a queued stop, a status) finds the gateway as it was a moment
+before. A file that
 cannot be read is an error at start: the gateway refuses to start rather than forget
 sessions silently.
 
@@ -24,8 +33,10 @@ open (SPEC §8), idle CPs are DISCONNECTED.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import threading
 import time
 from dataclasses import fields
 from datetime import datetime
@@ -36,11 +47,13 @@ from typing import Any
 
 from loguru import logger
 
-from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, Session
+from evcharging.apps.ev_ocpp.commit import GroupCommit
+from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
 from evcharging.common.messages import SessionEnd
 from evcharging.common.states import CPState
 
-__all__ = ["KEPT", "MAX_SAVE_SHARE", "SAVE_INTERVAL", "SnapshotEncoder", "StateStore"]
+__all__ = ["COMMIT_DELAY", "KEPT", "MAX_COMMIT_DELAY", "MAX_COMMIT_SHARE", "MAX_SAVE_SHARE",
+           "SAVE_INTERVAL", "SnapshotEncoder", "StateStore"]
 
 KEPT = 10_000
 """Ended transactions the file keeps (the most recent ones)."""
@@ -50,6 +63,16 @@ MAX_SAVE_SHARE = 0.05
 """The largest share of the event loop's time that encoding the file may take: after a
 write that took `t` seconds to encode, the next waits ``max(SAVE_INTERVAL, t /
 MAX_SAVE_SHARE)``."""
+COMMIT_DELAY = 0.02
+"""Seconds from the oldest ask for a durable write to the write (the changes asked
+meanwhile share it): what a durable answer waits at least, besides the write itself."""
+MAX_COMMIT_DELAY = 0.05
+"""The longest that delay grows when encoding the file takes long (see
+:data:`MAX_COMMIT_SHARE`)."""
+MAX_COMMIT_SHARE = 0.25
+"""While durable changes keep coming, the delay is ``encode time / MAX_COMMIT_SHARE``
+(within :data:`COMMIT_DELAY`..:data:`MAX_COMMIT_DELAY`): encoding takes at most about this
+share of the event loop."""
 VERSION = 1
 
 _SESSION_FIELDS = tuple(f.name for f in fields(Session))
@@ -105,12 +128,21 @@ def _connector_out(c: Connector) -> dict[str, Any]:
     return {"charger_id": c.charger_id, "number": c.number, "state": c.state.value,
             "reason": c.reason,
             "last_end": c.last_end.model_dump(mode="json") if c.last_end else None,
-            "session": [c.charger_id, c.session.transaction] if c.session else None}
+            "session": [c.charger_id, c.session.transaction] if c.session else None,
+            "pending": _pending_out(c.pending)}
+
+
+def _pending_out(pending: PendingStart | None) -> list[object] | None:
+    """A remote start sent and not yet started: after a restart the charger's start still
+    becomes Central's session."""
+    if pending is None:
+        return None
+    return [pending.session_id, pending.driver_id, pending.remote_start_id]
 
 
 def _connector_values(c: Connector) -> tuple[object, ...]:
     return (c.charger_id, c.number, c.state, c.reason, c.last_end,
-            c.session.transaction if c.session else None)
+            c.session.transaction if c.session else None, _pending_out(c.pending))
 
 
 def snapshot(gateway: Gateway) -> dict[str, Any]:
@@ -184,6 +216,9 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
             conn.last_end = _end_in(item["last_end"])
         if item["session"] is not None:
             conn.session = sessions.get((str(item["session"][0]), str(item["session"][1])))
+        pending = item.get("pending")  # absent from a file of an older gateway
+        if pending is not None and conn.session is None:
+            conn.pending = PendingStart(str(pending[0]), str(pending[1]), int(pending[2]))
         if conn.session is not None:
             conn.session.offline = True
         elif conn.state is CPState.ACTIVATED:
@@ -199,6 +234,16 @@ class StateStore:
         self.encoder = SnapshotEncoder()
         self.encode_seconds = 0.0
         """How long the last write took to encode (the event loop's time)."""
+        self.commits = GroupCommit()
+        self.writes = 0
+        """Writes completed (the gateway's ``/metrics`` may read it)."""
+        self._file_lock = threading.Lock()
+        """One write at a time: a write cancelled at shutdown goes on in its thread."""
+
+    @property
+    def commit_delay(self) -> float:
+        """Seconds from the oldest ask for a durable write to the write."""
+        return min(MAX_COMMIT_DELAY, max(COMMIT_DELAY, self.encode_seconds / MAX_COMMIT_SHARE))
 
     def load(self, gateway: Gateway) -> None:
         """Restore `gateway` from the file (none yet: nothing to restore). OSError or
@@ -218,34 +263,69 @@ class StateStore:
 
     def _write(self, text: str) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, self.path)
+        with self._file_lock:
+            with temporary.open("w", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+
+    async def commit(self) -> None:
+        """Return once a write of the file that includes every change made so far has
+        completed (:meth:`keep_saved` writes it within :attr:`commit_delay`, shared with
+        every change asked meanwhile)."""
+        await self.commits.ask(asyncio.get_running_loop().time())
 
     async def save(self, gateway: Gateway) -> None:
+        """Write the file now (the changes asked to be durable so far are then)."""
+        covers = self.commits.begin()
         gateway.dirty = False
-        began = time.perf_counter()
-        text = self.encoder.encode(gateway)
-        self.encode_seconds = time.perf_counter() - began
-        await asyncio.to_thread(self._write, text)
+        try:
+            began = time.perf_counter()
+            text = self.encoder.encode(gateway)
+            self.encode_seconds = time.perf_counter() - began
+            await asyncio.to_thread(self._write, text)
+        except BaseException:
+            gateway.dirty = True
+            self.commits.failed(asyncio.get_running_loop().time() + SAVE_INTERVAL
+                                - self.commit_delay)
+            raise
+        self.writes += 1
+        self.commits.written(covers)
 
     async def keep_saved(self, gateway: Gateway, interval: float = SAVE_INTERVAL) -> None:
-        """Write the file after changes, at most once per `interval`, and less often when
-        encoding it takes more than :data:`MAX_SAVE_SHARE` of the time (runs until
-        cancelled); a failed write is logged and tried again."""
+        """Write the file :attr:`commit_delay` after an ask for a durable change
+        (:meth:`commit`), and after other changes at most once per `interval`, less often
+        when encoding it takes more than :data:`MAX_SAVE_SHARE` of the time (runs until
+        cancelled); a failed write is logged and tried again an `interval` later (the
+        durable changes wait for it)."""
+        loop = asyncio.get_running_loop()
+        commits = self.commits
         failing = False
+        last = loop.time()
         while True:
-            await asyncio.sleep(max(interval, self.encode_seconds / MAX_SAVE_SHARE))
-            if not gateway.dirty:
-                continue
+            due = commits.due(self.commit_delay)
+            if due is not None:  # a durable change waits: the asks meanwhile share it
+                await asyncio.sleep(max(0.0, due - loop.time()))
+            else:
+                gap = max(interval, self.encode_seconds / MAX_SAVE_SHARE)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(commits.asked.wait(),
+                                           max(0.0, last + gap - loop.time()))
+                    continue  # asked: written when due
+                if not gateway.dirty:
+                    last = loop.time()
+                    continue
             try:
                 await self.save(gateway)
             except OSError as exc:
-                gateway.dirty = True
                 if not failing:
                     failing = True
                     logger.error("could not write the state file {}: {} (logged once until "
                                  "it works again)", self.path, exc)
+                last = loop.time()
                 continue
+            last = loop.time()
             if failing:
                 failing = False
                 logger.info("the state file {} is written again", self.path)
