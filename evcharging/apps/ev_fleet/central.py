@@ -12,6 +12,10 @@ Many CPs go in one call, split so that no body passes :data:`MAX_BATCH_BYTES` (C
 refuses bodies over 1 MiB) or 20,000 entries. With a token every call carries
 ``Authorization: Bearer <token>``.
 
+Central may be several (SPEC §9): the client takes a list of addresses and each call goes to
+the one in use, moving to the next while one does not answer
+(:class:`~evcharging.common.centrals.AnyDoor`).
+
 Each answer is classified as an :class:`Outcome`; the caller decides what to do. Problems
 with Central are logged once, not once per call: an outage (with one line when Central
 answers again), a refused token, a rejected body.
@@ -22,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import httpx
@@ -30,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from evcharging.apps.ev_cp_m.monitor import describe_http_error, error_code
 from evcharging.apps.ev_cp_m.watch import clip
+from evcharging.common.centrals import AnyDoor, CentralAddress
 from evcharging.common.messages import CPFaultReport, CPRegistration, FleetMonitorEntry
 
 __all__ = [
@@ -105,18 +111,19 @@ def batches(
 
 
 class CentralClient:
-    """Central's HTTP API as the fleet uses it. `client` may be injected (tests); the
+    """Central's HTTP API as the fleet uses it. `central` is its base URL, several
+    separated by commas, or an :class:`AnyDoor`. `client` may be injected (tests); the
     client is closed by :meth:`aclose` only when it was created here."""
 
     def __init__(
         self,
-        base_url: str,
+        central: str | AnyDoor,
         token: str | None = None,
         *,
         client: httpx.AsyncClient | None = None,
         timeout: float = 10.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.centrals = central if isinstance(central, AnyDoor) else AnyDoor.parse(central, 80)
         self.stats = CentralStats()
         self.problem: str | None = None
         """The problem with Central now (``down``, ``auth-401``…), None when it works."""
@@ -127,6 +134,11 @@ class CentralClient:
         )
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._headers = {"Content-Type": "application/json", **self._auth}
+
+    @property
+    def base_url(self) -> str:
+        """The base URL of the Central in use."""
+        return self.centrals.url
 
     async def aclose(self) -> None:
         if self._owns_client and not self._client.is_closed:
@@ -180,20 +192,16 @@ class CentralClient:
         found: dict[str, bool] = {}
         offset = 0
         while True:
-            url = f"{self.base_url}/cp"
             self.stats.calls += 1
             try:
-                response = await self._client.get(
-                    url, params={"limit": PAGE_SIZE, "offset": offset},
-                    headers=self._auth, timeout=self._timeout,
-                )
+                response = await self.centrals.call(partial(self._get_page, offset=offset))
                 response.raise_for_status()
                 page = _PAGE.validate_json(response.content)
                 total = int(response.headers.get("X-Total-Count", offset + len(page)))
             except (httpx.HTTPError, ValidationError, ValueError) as exc:
                 self.stats.errors += 1
-                logger.warning("could not read Central's CPs at {} ({}); every CP's first "
-                               "healthy check will be reported", url, _short(exc))
+                logger.warning("could not read Central's CPs at {}/cp ({}); every CP's first "
+                               "healthy check will be reported", self.base_url, _short(exc))
                 return None
             found.update((cp.cp_id, cp.is_faulty) for cp in page if cp.cp_id in ids)
             offset += len(page)
@@ -201,6 +209,12 @@ class CentralClient:
                 return found
 
     # ---------------------------------------------------------------- HTTP
+
+    async def _get_page(self, central: CentralAddress, *, offset: int) -> httpx.Response:
+        return await self._client.get(
+            f"{central.url}/cp", params={"limit": PAGE_SIZE, "offset": offset},
+            headers=self._auth, timeout=self._timeout,
+        )
 
     async def _post(
         self, path: str, body: bytes, what: str, *, new_route: bool = False
@@ -210,11 +224,13 @@ class CentralClient:
         `new_route`: a 404 that does not name a CP as unknown, or a 405, means a Central
         without the route (:attr:`Outcome.NO_ROUTE`).
         """
-        url = f"{self.base_url}{path}"
         self.stats.calls += 1
         try:
-            response = await self._client.post(
-                url, content=body, headers=self._headers, timeout=self._timeout
+            response = await self.centrals.call(
+                lambda central: self._client.post(
+                    f"{central.url}{path}", content=body, headers=self._headers,
+                    timeout=self._timeout,
+                )
             )
         except httpx.HTTPError as exc:
             self.stats.errors += 1

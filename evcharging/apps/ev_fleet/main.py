@@ -60,6 +60,7 @@ from evcharging.apps.ev_fleet.monitoring import FleetMonitor
 from evcharging.apps.ev_fleet.ocpp_fleet import OcppFleet, create_ocpp_fleet_app
 from evcharging.apps.ev_fleet.plan import CPSpec, cp_id, fleet_plan
 from evcharging.common.bus import Routes
+from evcharging.common.centrals import AnyDoor
 from evcharging.common.config import (
     CPEngineSettings,
     CPMonitorSettings,
@@ -216,7 +217,7 @@ async def run(config: FleetConfig, stop: asyncio.Event) -> int:
     )
     token = config.monitor.api_token
     central = CentralClient(
-        f"http://{s.central_host}:{s.central_port}",
+        AnyDoor.parse(s.central_host, s.central_port),
         token.get_secret_value() if token is not None else None,
     )
     tasks = TaskOwner("CP Fleet")

@@ -41,11 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from loguru import logger
+from tenacity import RetryCallState
 
 from evcharging.apps.ev_cp_e.engine import ChargingPoint
 from evcharging.apps.ev_cp_m.watch import Change, Failure, HealthView, Watch, clip, kind
 from evcharging.apps.ev_fleet.central import CentralClient, Outcome
 from evcharging.apps.ev_fleet.fleet import Fleet
+from evcharging.common.backoff import doubling, until_done
 from evcharging.common.messages import CPFaultReport, CPRegistration, FleetMonitorEntry
 from evcharging.common.service import TaskOwner
 from evcharging.common.states import CPState
@@ -185,17 +187,20 @@ class FleetMonitor:
         reached: the link keeps trying in the background once started."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        delay = self._retry_initial
-        while not await self._register_pending():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                logger.warning("Central did not take the fleet's registration within {:g} s; "
-                               "connecting the CPs anyway (registration goes on in the "
-                               "background)", timeout)
-                return False
-            await asyncio.sleep(min(delay, remaining))
-            delay = min(delay * 2, self._retry_max)
-        return True
+        backoff = doubling(self._retry_initial, self._retry_max)
+
+        def wait(state: RetryCallState) -> float:  # the backoff, never past the deadline
+            return max(0.0, min(backoff(state), deadline - loop.time()))
+
+        def past_deadline(_state: RetryCallState) -> bool:
+            return loop.time() >= deadline
+
+        if await until_done(self._register_pending, wait, stop=past_deadline):
+            return True
+        logger.warning("Central did not take the fleet's registration within {:g} s; "
+                       "connecting the CPs anyway (registration goes on in the "
+                       "background)", timeout)
+        return False
 
     def start(self, tasks: TaskOwner) -> None:
         """Start the checks, the Central link and liveness as tasks of `tasks`."""
@@ -297,23 +302,23 @@ class FleetMonitor:
     # ---------------------------------------------------------------- Central link
 
     async def _link_loop(self) -> None:
-        delay = self._retry_initial
+        wait = doubling(self._retry_initial, self._retry_max)
         while True:
-            if self._to_register:
-                done = await self._register_pending()
-            elif self._dirty:
-                done = await self.deliver_reports()
-            else:
-                delay = self._retry_initial
+            if not self._to_register and not self._dirty:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if done:
-                delay = self._retry_initial
-                continue
-            logger.debug("next call to Central in {:g} s", delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._retry_max)
+            # Tried with backoff until one call gets through; the schedule starts over
+            # for the next.
+            await until_done(self._link_step, wait)
+
+    async def _link_step(self) -> bool:
+        """Register what must be, else deliver the queued reports; whether that is done."""
+        if self._to_register:
+            return await self._register_pending()
+        if self._dirty:
+            return await self.deliver_reports()
+        return True
 
     async def _register_pending(self) -> bool:
         """Register the ids Central must be told about; whether that is done."""

@@ -39,6 +39,7 @@ from evcharging.apps.ev_ocpp.metrics import OcppCollector
 from evcharging.apps.ev_ocpp.server import OcppServer, PasswordBook, tls_context
 from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.bus import Routes
+from evcharging.common.centrals import AnyDoor
 from evcharging.common.config import OcppSettings, load_settings
 from evcharging.common.http import is_loopback
 from evcharging.common.kafka import (
@@ -123,7 +124,7 @@ async def run(settings: OcppSettings, stop: asyncio.Event) -> int:
     metrics = ServiceMetrics()
     calls = metrics.histogram(PREFIX + "ocpp_call_duration_seconds")
     token = settings.api_token
-    central = CentralClient(f"http://{settings.central_host}:{settings.central_port}",
+    central = CentralClient(AnyDoor.parse(settings.central_host, settings.central_port),
                             token.get_secret_value() if token is not None else None)
     registrar = Registrar(central, sites=sites)
     gateway = Gateway(
