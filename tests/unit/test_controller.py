@@ -104,7 +104,7 @@ async def test_accept_sends_start_supply_and_records_the_session(
     assert start.payload.session_id == accepted.session_id
     assert start.payload.driver_id == "driver-alice"
     assert [t for t, _ in bus.messages] == [Topic.DRIVER_UPDATES, Topic.CENTRAL_COMMANDS]
-    row = await repo.get_session_by_request(req.request_id)
+    row = await repo.get_session(accepted.session_id)
     assert row is not None and row.status == "ACTIVE"
     assert central.get("CP-001").session is not None
 

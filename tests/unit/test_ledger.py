@@ -121,7 +121,7 @@ async def test_a_request_during_a_lock_is_announced_only_once_recorded(
     await central.flush()  # the consumer's next try, once the lock is gone
     [accepted] = updates(bus, req.request_id)
     assert accepted.status is DriverStatus.ACCEPTED
-    row = await file_repo.get_session_by_request(req.request_id)
+    row = await file_repo.get_session(accepted.session_id)
     assert row is not None and row.status == "ACTIVE"
     assert await file_repo.ping()
     await central.handle_request(req)  # Kafka redelivers it: not decided twice

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from evcharging.apps.ev_central import housekeeping, sql
+from evcharging.apps.ev_central import housekeeping, sql, writes
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.limits import MAX_CPS, MAX_UNREGISTERED, TooManyCPs
 from evcharging.apps.ev_central.metrics import central_metrics
+from evcharging.apps.ev_central.records import CPRecord, utcnow_
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.views import CPView
 from evcharging.common.config import CentralSettings
@@ -87,7 +88,7 @@ async def test_2000_statuses_from_random_ids_leave_exactly_1000_bus_only_cps(
     assert len(central.cps) == 1000 and len(bus_only(central)) == 1000
     assert len(central.tally.unregistered) == 1000 and central.tally.registered == 0
     assert central.stats["unregistered_refused"] == 1000
-    assert central.tally.summary(sql.utcnow_()).cps == 1000
+    assert central.tally.summary(utcnow_()).cps == 1000
     page = central_metrics(central, process=False).render().decode()
     assert f"{PREFIX}cps_unregistered 1000.0" in page.splitlines()
     assert f"{PREFIX}unregistered_refused_total 1000.0" in page.splitlines()
@@ -158,7 +159,7 @@ async def test_bus_only_cps_silent_for_an_hour_are_forgotten(
     page = central_metrics(central, process=False).render().decode().splitlines()
     assert f"{PREFIX}unregistered_forgotten_total 1.0" in page
     assert central.stats["unregistered_forgotten"] == 1
-    assert central.tally.summary(sql.utcnow_()).cps == 3
+    assert central.tally.summary(utcnow_()).cps == 3
     assert [r.cp_id for r in await repo.load_cps()] == ["BUS-2", "BUS-3", "REG-1"]
     assert any("forgot 1 CP(s)" in m for _, m in logs)
 
@@ -255,7 +256,7 @@ async def test_whether_a_cp_was_registered_survives_a_restart(
         assert bus_only(central) == {"BUS-1", "BUS-2"}
         assert set(central.tally.unregistered) == {"BUS-1", "BUS-2"}
         assert central.tally.registered == 2
-        assert central.tally.summary(sql.utcnow_()).cps == 4
+        assert central.tally.summary(utcnow_()).cps == 4
         # a restarted Central forgets them as any other: after an hour of silence
         silent_for(central, monkeypatch)["BUS-1"] = HOUR
         assert housekeeping.forget_unregistered(central) == ["BUS-1"]
@@ -267,9 +268,10 @@ async def test_whether_a_cp_was_registered_survives_a_restart(
 async def test_a_registration_is_never_undone_by_an_older_write(
     repo: SqliteRepository,
 ) -> None:
-    await repo.upsert_cp(sql.CPRecord("CP-1", registered=True))
-    await repo.upsert_cp(sql.CPRecord("CP-1", registered=False))
-    await repo.apply([sql.forget_cp("CP-1")])
+    now = utcnow_()
+    await repo.apply([writes.CPUpserted(CPRecord("CP-1", registered=True), now)])
+    await repo.apply([writes.CPUpserted(CPRecord("CP-1", registered=False), now)])
+    await repo.apply([writes.CPForgotten("CP-1")])
     (record,) = await repo.load_cps()
     assert record.registered is True
 

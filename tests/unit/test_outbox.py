@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from evcharging.apps.ev_central import outbox as outbox_module
-from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.outbox import OFFSETS_EVERY, Outbox, PendingFlush, Position
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
@@ -62,7 +62,7 @@ async def test_a_failed_flush_keeps_everything_for_the_next(
 ) -> None:
     stats: Counter[str] = Counter()
     outbox = Outbox(repo, bus, stats)
-    outbox.write(sql.fault_event("CP-1", FaultEventType.FAULT, "hot", utcnow()))
+    outbox.write(writes.FaultRecorded("CP-1", FaultEventType.FAULT, "hot", utcnow()))
     outbox.send(CentralCommand(cp_id="CP-1", cmd=CommandType.STOP_CP))
     real_apply = repo.apply
 
@@ -141,7 +141,7 @@ async def test_a_flush_is_one_db_transaction_and_one_kafka_transaction_with_its_
     sent: list[Message] = []
     outbox = await started(repo, kafka, on_sent=sent.append)
     assert outbox.transactional
-    outbox.write(sql.fault_event("CP-1", FaultEventType.FAULT, "hot", utcnow()))
+    outbox.write(writes.FaultRecorded("CP-1", FaultEventType.FAULT, "hot", utcnow()))
     outbox.send(command("CP-1"))
     outbox.consumed(("cp.status", 0), 41)
     outbox.consumed(("cp.status", 0), 42)

@@ -1,4 +1,6 @@
-"""Tests for evcharging.apps.ev_central.repository: Central's SQLite persistence."""
+"""The repository contract (SPEC §7): every test of the ``repo`` fixture runs against each
+adapter (SQLite, a file). The SQLite-only tests at the end look at what only SQLite has
+(WAL, pragmas, the file, the connection thread)."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Any, cast
 import aiosqlite
 import pytest
 
-from evcharging.apps.ev_central import sql as sql_module
+from evcharging.apps.ev_central import writes
+from evcharging.apps.ev_central.records import PendingRow
 from evcharging.apps.ev_central.repository import (
     MAX_LIMIT,
     SCHEMA_VERSION,
@@ -31,6 +33,9 @@ from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.states import CPState, SessionResult
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+INTEGRITY = (sqlite3.IntegrityError,)
+"""A row the schema refuses, as each adapter says it."""
 
 
 def at(seconds: float) -> datetime:
@@ -68,10 +73,75 @@ def snapshot(cp_id: str, seconds: float, state: CPState = CPState.ACTIVATED) -> 
     return HealthSnapshot(cp_id, state, False, BreakerState.CLOSED.value, at(seconds))
 
 
+def accepted(s: SessionRecord) -> list[writes.Write]:
+    """What the controller writes when it accepts a request (one transaction)."""
+    return [writes.RequestLogged(s.request_id, s.driver_id, s.cp_id, "ACCEPTED", None,
+                                 s.started_at),
+            writes.SessionOpened(s)]
+
+
+def finished(
+    session_id: str, status: str, *, kwh: float = 0.0, euros: float = 0.0,
+    reason: str | None = None, ended_at: datetime = T0, meter_final: bool = False,
+) -> writes.SessionFinished:
+    return writes.SessionFinished(session_id, status, kwh=kwh, euros=euros, reason=reason,
+                                  ended_at=ended_at, meter_final=meter_final)
+
+
+def fault(cp_id: str, event_type: str, reason: str | None, ts: datetime) -> writes.FaultRecorded:
+    return writes.FaultRecorded(cp_id, event_type, reason, ts)
+
+
+def health(
+    cp_id: str, state: CPState, is_faulty: bool, breaker: BreakerState | str, ts: datetime,
+    session_id: str | None = None,
+) -> writes.HealthRecorded:
+    return writes.HealthRecorded(
+        HealthSnapshot(cp_id, state, is_faulty, str(breaker), ts, session_id))
+
+
+def upsert(cp: CPRecord, now: datetime = T0) -> writes.CPUpserted:
+    return writes.CPUpserted(cp, now)
+
+
 async def query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
     """Read the database file through a connection of its own."""
     async with aiosqlite.connect(path) as db:
         return [tuple(row) for row in await db.execute_fetchall(sql, params)]
+
+
+class Backend:
+    """One database of one adapter: new repositories on it, and raw SQL beside them."""
+
+    def __init__(self, kind: str, make: Callable[[], Repository],
+                 raw: Callable[[str], Any]) -> None:
+        self.kind = kind
+        self.make = make
+        self.raw = raw
+        """Run one SQL statement through a connection of its own; its rows as tuples."""
+
+
+def _sqlite_backend(tmp_path: Path) -> Backend:
+    path = tmp_path / "central.db"
+
+    async def raw(statement: str) -> list[tuple[Any, ...]]:
+        async with aiosqlite.connect(path) as db:
+            rows = [tuple(row) for row in await db.execute_fetchall(statement)]
+            await db.commit()
+            return rows
+
+    return Backend("sqlite", lambda: SqliteRepository(path, clock=FakeClock()), raw)
+
+
+@pytest.fixture(params=["sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return _sqlite_backend(tmp_path)
+
+
+@pytest.fixture
+async def repo(backend: Backend) -> AsyncIterator[Repository]:
+    async with backend.make() as repository:
+        yield repository
 
 
 @pytest.fixture
@@ -80,110 +150,66 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def repo(db_path: Path, clock: FakeClock) -> AsyncIterator[SqliteRepository]:
-    async with SqliteRepository(db_path, clock=clock) as repository:
+async def sqlite_repo(db_path: Path) -> AsyncIterator[SqliteRepository]:
+    async with SqliteRepository(db_path, clock=FakeClock()) as repository:
         yield repository
+
+
+async def count(backend: Backend, table: str) -> int:
+    ((n,),) = await backend.raw(f"SELECT COUNT(*) FROM {table}")
+    return int(n)
 
 
 # ----------------------------------------------------------------------- open / schema
 
 
-async def test_schema_is_created_once_and_reopening_is_fine(db_path: Path) -> None:
+async def test_migrations_run_once_and_reopening_is_fine(backend: Backend) -> None:
     for _ in range(3):
-        async with SqliteRepository(db_path) as repo:
+        async with backend.make() as repo:
             assert await repo.ping()
-
-    versions = await query(db_path, "SELECT version FROM schema_version ORDER BY version")
+    versions = await backend.raw("SELECT version FROM schema_version ORDER BY version")
     assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
-    tables = {
-        name
-        for (name,) in await query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")
-    }
-    assert {
-        "schema_version",
-        "cp_registry",
-        "charging_sessions",
-        "fault_events",
-        "cp_health_history",
-        "request_log",
-    } <= tables
-    index_sql = await query(
-        db_path, "SELECT tbl_name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
-    )
-    indexed = {(table, sql.split("(", 1)[1].rstrip(")")) for table, sql in index_sql}
-    assert {
-        ("fault_events", "cp_id, timestamp"),
-        ("cp_health_history", "cp_id, timestamp"),
-        ("charging_sessions", "cp_id, start_time"),
-        ("charging_sessions", "driver_id, start_time"),
-        ("charging_sessions", "status"),
-    } <= indexed
+    for table in ("cp_registry", "charging_sessions", "fault_events", "cp_health_history",
+                  "request_log", "outbox_pending", "site_limits"):
+        assert await count(backend, table) == 0
 
 
-async def test_wal_mode_and_connection_pragmas(repo: SqliteRepository, db_path: Path) -> None:
-    # journal_mode is a property of the file: any connection sees it.
-    assert await query(db_path, "PRAGMA journal_mode") == [("wal",)]
-    # The others are per connection: look at the repository's own (white box).
-    db = repo._connection()
-    pragmas = {}
-    for name in ("synchronous", "foreign_keys", "busy_timeout"):
-        rows = list(await db.execute_fetchall(f"PRAGMA {name}"))
-        pragmas[name] = rows[0][0]
-    assert pragmas == {"synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
-
-
-async def test_in_memory_database_works() -> None:
-    async with SqliteRepository(":memory:") as repo:
-        assert await repo.ping()
-        await repo.upsert_cp(CPRecord("CP-1"))
-        assert [cp.cp_id for cp in await repo.load_cps()] == ["CP-1"]
-
-
-async def test_close_is_safe_twice_and_a_closed_repository_refuses(db_path: Path) -> None:
-    repo = SqliteRepository(db_path)
+async def test_close_is_safe_twice_and_a_closed_repository_refuses(backend: Backend) -> None:
+    repo = backend.make()
     assert not await repo.ping()
     await repo.open()
     await repo.open()  # idempotent
-    assert repo.is_open and await repo.ping()
+    assert await repo.ping()
     await repo.close()
     await repo.close()
-    assert not repo.is_open
     assert not await repo.ping()
     with pytest.raises(RuntimeError, match="not open"):
         await repo.load_cps()
     with pytest.raises(RuntimeError, match="not open"):
-        await repo.record_fault_event("CP-1", "FAULT", None, T0)
+        await repo.apply([fault("CP-1", "FAULT", None, T0)])
 
 
-async def test_a_newer_schema_is_refused(db_path: Path) -> None:
-    async with SqliteRepository(db_path):
+async def test_a_newer_schema_is_refused(backend: Backend) -> None:
+    async with backend.make():
         pass
-    async with aiosqlite.connect(db_path) as db:
-        await db.execute("INSERT INTO schema_version VALUES (?, ?)", (SCHEMA_VERSION + 1, "x"))
-        await db.commit()
-    repo = SqliteRepository(db_path)
+    await backend.raw(f"INSERT INTO schema_version VALUES ({SCHEMA_VERSION + 1}, 'x')")
+    repo = backend.make()
     with pytest.raises(RuntimeError, match="newer"):
         await repo.open()
-    assert not repo.is_open
+    assert not await repo.ping()
 
 
-async def test_sqlite_repository_satisfies_the_protocol(repo: SqliteRepository) -> None:
+async def test_each_adapter_satisfies_the_protocol(repo: Repository) -> None:
     port: Repository = repo
     assert await port.ping()
+    assert await port.probe(within=1.0) == (True, False)
 
 
 # -------------------------------------------------------------------------- CP registry
 
 
-async def test_cp_upsert_load_round_trip_keeps_registered_at(
-    repo: SqliteRepository, clock: FakeClock
-) -> None:
-    await repo.upsert_cp(CPRecord("CP-2"))
+async def test_cp_upsert_load_round_trip_keeps_registered_at(repo: Repository) -> None:
+    await repo.apply([upsert(CPRecord("CP-2"))])
     first = CPRecord(
         "CP-1",
         state=CPState.ACTIVATED,
@@ -192,7 +218,7 @@ async def test_cp_upsert_load_round_trip_keeps_registered_at(
         euro_rate=0.35,
         health_url="http://cp-1:8080/health",
     )
-    await repo.upsert_cp(first)
+    await repo.apply([upsert(first)])
     loaded = {cp.cp_id: cp for cp in await repo.load_cps()}
     assert list(loaded) == ["CP-1", "CP-2"]
     assert loaded["CP-1"] == CPRecord(
@@ -207,8 +233,7 @@ async def test_cp_upsert_load_round_trip_keeps_registered_at(
     )
     assert loaded["CP-2"].state is CPState.DISCONNECTED
 
-    clock.now = at(60)
-    await repo.upsert_cp(
+    await repo.apply([upsert(
         CPRecord(
             "CP-1",
             state=CPState.FAULT,
@@ -218,8 +243,15 @@ async def test_cp_upsert_load_round_trip_keeps_registered_at(
             is_faulty=True,
             fault_reason="overheat",
             registered_at=at(999),  # ignored on update
-        )
-    )
+            site="north",
+            protocol="ocpp1.6",
+            vendor="V",
+            model="M",
+            breaker_state=BreakerState.OPEN,
+            breaker_failures=3,
+        ),
+        at(60),
+    )])
     (cp1,) = [cp for cp in await repo.load_cps() if cp.cp_id == "CP-1"]
     assert cp1 == CPRecord(
         "CP-1",
@@ -232,79 +264,119 @@ async def test_cp_upsert_load_round_trip_keeps_registered_at(
         fault_reason="overheat",
         registered_at=T0,
         updated_at=at(60),
+        site="north",
+        protocol="ocpp1.6",
+        vendor="V",
+        model="M",
+        breaker_state=BreakerState.OPEN,
+        breaker_failures=3,
     )
 
 
-async def test_timestamps_are_utc_text_with_z_and_naive_ones_are_refused(
-    repo: SqliteRepository, db_path: Path
+async def test_a_registration_is_never_undone_and_only_bus_cps_are_forgotten(
+    repo: Repository,
 ) -> None:
+    await repo.apply([upsert(CPRecord("REG", registered=True)),
+                      upsert(CPRecord("BUS", registered=False))])
+    await repo.apply([upsert(CPRecord("REG", registered=False))])
+    await repo.apply([writes.CPForgotten("REG"), writes.CPForgotten("BUS")])
+    assert [(cp.cp_id, cp.registered) for cp in await repo.load_cps()] == [("REG", True)]
+
+
+async def test_timestamps_are_utc_and_naive_ones_are_refused(repo: Repository) -> None:
     madrid = timezone(timedelta(hours=2))
-    await repo.record_fault_event("CP-1", "FAULT", None, datetime(2024, 5, 1, 14, tzinfo=madrid))
-    assert await query(db_path, "SELECT timestamp FROM fault_events") == [
-        ("2024-05-01T12:00:00.000000Z",)
-    ]
+    await repo.apply([fault("CP-1", "FAULT", None, datetime(2024, 5, 1, 14, tzinfo=madrid))])
     (event,) = await repo.list_faults()
     assert event.ts == T0 and event.ts.tzinfo is not None
     with pytest.raises(ValueError, match="timezone"):
-        await repo.record_fault_event("CP-1", "FAULT", None, datetime(2024, 5, 1))  # noqa: DTZ001
+        await repo.apply([fault("CP-1", "FAULT", None, datetime(2024, 5, 1))])  # noqa: DTZ001
     assert len(await repo.list_faults()) == 1
 
 
 # ----------------------------------------------------------------------------- sessions
 
 
-async def test_start_session_refuses_a_duplicate_request_or_session_id(
-    repo: SqliteRepository,
-) -> None:
-    assert await repo.start_session(session(1))
-    assert not await repo.start_session(session(2, request_id="R-1"))
-    assert not await repo.start_session(session(1, request_id="R-other"))
+async def test_a_duplicate_request_or_session_id_writes_nothing(repo: Repository) -> None:
+    await repo.apply(accepted(session(1)))
+    await repo.apply(accepted(session(2, request_id="R-1")))
+    await repo.apply(accepted(session(1, request_id="R-other")))
     assert await repo.get_session("S-2") is None
-    assert await repo.get_session_by_request("R-other") is None
-    assert await repo.get_session_by_request("R-1") == session(1)
+    assert await repo.list_sessions() == [session(1)]
     assert await repo.get_session("S-1") == session(1)
     assert await repo.get_session("nope") is None
 
 
-async def test_start_session_validates_its_input(repo: SqliteRepository) -> None:
+async def test_a_session_write_checks_its_values_when_built(repo: Repository) -> None:
     with pytest.raises(ValueError, match="status"):
-        await repo.start_session(session(1, status="RUNNING"))
-    with pytest.raises(ValueError, match="timezone"):
-        await repo.start_session(
-            SessionRecord("S-1", "R-1", "CP-1", "D-1", "ACTIVE", datetime(2024, 1, 1))  # noqa: DTZ001
-        )
+        writes.SessionOpened(session(1, status="RUNNING"))
     with pytest.raises(ValueError, match="kwh"):
-        await repo.start_session(
-            SessionRecord("S-1", "R-1", "CP-1", "D-1", "ACTIVE", T0, kwh=float("nan"))
-        )
+        writes.SessionOpened(
+            SessionRecord("S-1", "R-1", "CP-1", "D-1", "ACTIVE", T0, kwh=float("nan")))
+    with pytest.raises(ValueError, match="final"):
+        finished("S-1", "ACTIVE")
+    with pytest.raises(ValueError, match="euros"):
+        finished("S-1", "STOPPED", euros=-1.0)
+    with pytest.raises(ValueError, match="kwh"):
+        writes.TotalsCorrected("S-1", kwh=-1.0, euros=0.0, meter_final=False)
+    with pytest.raises(ValueError, match="kw"):
+        writes.SiteLimitSet("north", float("inf"), T0)
+    with pytest.raises(ValueError, match="timezone"):
+        await repo.apply([writes.SessionOpened(
+            SessionRecord("S-1", "R-1", "CP-1", "D-1", "ACTIVE", datetime(2024, 1, 1)))])  # noqa: DTZ001
     assert await repo.list_sessions() == []
 
 
-async def test_finish_session_only_finishes_an_active_session(repo: SqliteRepository) -> None:
-    await repo.start_session(session(1))
-    assert await repo.finish_session(
-        "S-1", SessionResult.COMPLETED, kwh=7.5, euros=2.25, reason=None, ended_at=at(30)
-    )
+async def test_finish_only_finishes_an_active_session(repo: Repository) -> None:
+    await repo.apply(accepted(session(1)))
+    await repo.apply([finished("S-1", SessionResult.COMPLETED, kwh=7.5, euros=2.25,
+                               ended_at=at(30))])
     done = await repo.get_session("S-1")
     assert done == SessionRecord(
         "S-1", "R-1", "CP-1", "D-1", "COMPLETED", T0, ended_at=at(30), kwh=7.5, euros=2.25
     )
-    assert type(done.status) is str
+    assert done is not None and type(done.status) is str
 
-    assert not await repo.finish_session(
-        "S-1", "FAILED", kwh=99.0, euros=99.0, reason="late", ended_at=at(60)
-    )
+    await repo.apply([finished("S-1", "FAILED", kwh=99.0, euros=99.0, reason="late",
+                               ended_at=at(60)),
+                      finished("S-404", "STOPPED", ended_at=at(60))])
     assert await repo.get_session("S-1") == done
-    assert not await repo.finish_session(
-        "S-404", "STOPPED", kwh=0.0, euros=0.0, reason=None, ended_at=at(60)
-    )
-    with pytest.raises(ValueError, match="final"):
-        await repo.finish_session("S-1", "ACTIVE", kwh=0.0, euros=0.0, reason=None, ended_at=T0)
-    with pytest.raises(ValueError, match="euros"):
-        await repo.finish_session("S-1", "STOPPED", kwh=0.0, euros=-1.0, reason=None, ended_at=T0)
+    assert await repo.get_session("S-404") is None
 
 
-async def test_list_sessions_order_filters_and_limit(repo: SqliteRepository) -> None:
+async def test_a_session_is_dated_by_its_cp_and_its_ledger_corrected(repo: Repository) -> None:
+    await repo.apply(accepted(session(1)))
+    await repo.apply([writes.SessionStarted("S-1", at(5), at(4))])
+    started = await repo.get_session("S-1")
+    assert started is not None
+    assert (started.started_at, started.first_report) == (at(5), at(4))
+    # Totals are corrected only once the session has ended.
+    await repo.apply([writes.TotalsCorrected("S-1", kwh=1.0, euros=1.0, meter_final=True)])
+    assert await repo.get_session("S-1") == started
+    await repo.apply([finished("S-1", "FAILED", kwh=2.0, euros=0.5, reason="CP fault",
+                               ended_at=at(9))])
+    await repo.apply([writes.TotalsCorrected("S-1", kwh=3.0, euros=0.75, meter_final=True)])
+    await repo.apply([writes.TotalsCorrected("S-1", kwh=3.5, euros=0.8, meter_final=False)])
+    await repo.apply([writes.CompletedByMeter("S-1", "corrected: completed")])
+    done = await repo.get_session("S-1")
+    assert done is not None
+    assert (done.status, done.reason, done.kwh, done.euros, done.meter_final) == (
+        "COMPLETED", "corrected: completed", 3.5, 0.8, True)  # meter_final is never undone
+    # Only a FAILED session is completed by its meter.
+    await repo.apply(accepted(session(2)))
+    await repo.apply([finished("S-2", "STOPPED"), writes.CompletedByMeter("S-2", "x")])
+    stopped = await repo.get_session("S-2")
+    assert stopped is not None and stopped.status == "STOPPED"
+
+
+async def test_a_session_keeps_its_car_and_charge(repo: Repository) -> None:
+    record = SessionRecord("S-1", "R-1", "CP-1", "D-1", "ACTIVE", T0, kwh_wanted=20.0,
+                           departure=at(3600), car_battery_kwh=60.0, car_soc=0.25,
+                           car_max_kw=11.0)
+    await repo.apply(accepted(record))
+    assert await repo.active_sessions() == [record]
+
+
+async def test_list_sessions_order_filters_and_limit(repo: Repository) -> None:
     specs = [
         # n, cp, driver, started
         (1, "CP-1", "D-1", 10.0),
@@ -314,8 +386,9 @@ async def test_list_sessions_order_filters_and_limit(repo: SqliteRepository) -> 
         (5, "CP-1", "D-1", 40.0),
     ]
     for n, cp_id, driver_id, started in specs:
-        await repo.start_session(session(n, cp_id=cp_id, driver_id=driver_id, started=started))
-    await repo.finish_session("S-3", "STOPPED", kwh=1.0, euros=1.0, reason="user", ended_at=at(25))
+        await repo.apply(accepted(session(n, cp_id=cp_id, driver_id=driver_id, started=started)))
+    await repo.apply([finished("S-3", "STOPPED", kwh=1.0, euros=1.0, reason="user",
+                               ended_at=at(25))])
 
     async def ids(**kwargs: Any) -> list[str]:
         return [s.session_id for s in await repo.list_sessions(**kwargs)]
@@ -330,16 +403,29 @@ async def test_list_sessions_order_filters_and_limit(repo: SqliteRepository) -> 
     assert await ids(limit=0) == ["S-5"]
     assert await ids(limit=-10) == ["S-5"]
     assert len(await ids(limit=10**9)) == 5
+    assert [s.session_id for s in await repo.active_sessions()] == ["S-1", "S-2", "S-4", "S-5"]
+
+
+async def test_request_log_keeps_the_first_decision(repo: Repository) -> None:
+    assert await repo.recent_request_ids(timedelta(minutes=1)) == []
+    base = datetime(2026, 1, 1, tzinfo=UTC)
+    for n in range(3):
+        await repo.apply([writes.RequestLogged(f"r{n}", "d", "CP-1", "DENIED", "CP busy",
+                                               base + timedelta(minutes=n))])
+    await repo.apply([writes.RequestLogged("r1", "d", "CP-1", "ACCEPTED", None, base)])
+    # Within a minute of the newest decision (r2, at base + 2 min), whatever the clock.
+    assert await repo.recent_request_ids(timedelta(minutes=1)) == ["r1", "r2"]
+    assert await repo.recent_request_ids(timedelta(0)) == ["r2"]
 
 
 # ------------------------------------------------------------------ faults and history
 
 
-async def test_faults_newest_first_with_filter_and_limit(repo: SqliteRepository) -> None:
-    await repo.record_fault_event("CP-1", FaultEventType.FAULT, "overheat", at(10))
-    await repo.record_fault_event("CP-2", "FAULT", None, at(20))
-    await repo.record_fault_event("CP-1", FaultEventType.RECOVERY, None, at(30))
-    await repo.record_fault_event("CP-1", "MANUAL_RESET", "operator", at(30))  # same ts, later id
+async def test_faults_newest_first_with_filter_and_limit(repo: Repository) -> None:
+    await repo.apply([fault("CP-1", FaultEventType.FAULT, "overheat", at(10))])
+    await repo.apply([fault("CP-2", "FAULT", None, at(20))])
+    await repo.apply([fault("CP-1", FaultEventType.RECOVERY, None, at(30))])
+    await repo.apply([fault("CP-1", "MANUAL_RESET", "operator", at(30))])  # same ts, later id
 
     events = await repo.list_faults()
     assert [(e.cp_id, e.event_type, e.ts) for e in events] == [
@@ -358,11 +444,11 @@ async def test_faults_newest_first_with_filter_and_limit(repo: SqliteRepository)
     assert len(await repo.list_faults(limit=0)) == 1
 
 
-async def test_health_history_newest_first_with_limit(repo: SqliteRepository) -> None:
-    await repo.record_health("CP-1", CPState.ACTIVATED, False, BreakerState.CLOSED, at(10))
-    await repo.record_health("CP-1", CPState.SUPPLYING, False, "CLOSED", at(20), session_id="S-1")
-    await repo.record_health("CP-2", CPState.FAULT, True, BreakerState.OPEN, at(25))
-    await repo.record_health("CP-1", CPState.FAULT, True, BreakerState.OPEN, at(30))
+async def test_health_history_newest_first_with_limit_and_pruned(repo: Repository) -> None:
+    await repo.apply([health("CP-1", CPState.ACTIVATED, False, BreakerState.CLOSED, at(10))])
+    await repo.apply([health("CP-1", CPState.SUPPLYING, False, "CLOSED", at(20), "S-1")])
+    await repo.apply([health("CP-2", CPState.FAULT, True, BreakerState.OPEN, at(25))])
+    await repo.apply([health("CP-1", CPState.FAULT, True, BreakerState.OPEN, at(30))])
 
     history = await repo.cp_history("CP-1")
     assert [(h.state, h.is_faulty, h.breaker_state, h.ts) for h in history] == [
@@ -375,46 +461,67 @@ async def test_health_history_newest_first_with_limit(repo: SqliteRepository) ->
     assert all(type(h.breaker_state) is str for h in history)
     assert [h.ts for h in await repo.cp_history("CP-1", limit=1)] == [at(30)]
     assert await repo.cp_history("CP-9") == []
+    await repo.apply([writes.HealthPruned(at(20))])
+    assert [h.ts for h in await repo.cp_history("CP-1")] == [at(30), at(20)]
 
 
-async def test_record_health_many_writes_a_batch(repo: SqliteRepository, db_path: Path) -> None:
-    await repo.record_health_many([])
+async def test_a_batch_of_health_snapshots(repo: Repository, backend: Backend) -> None:
+    await repo.apply([])
     rows = [snapshot(f"CP-{i % 3}", float(i)) for i in range(3 * (MAX_LIMIT + 5))]
-    await repo.record_health_many(rows)
+    await repo.apply([writes.HealthRecorded(row) for row in rows])
 
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows),)]
+    assert await count(backend, "cp_health_history") == len(rows)
     history = await repo.cp_history("CP-1", limit=MAX_LIMIT * 10)
     assert len(history) == MAX_LIMIT
     assert history[0].ts == rows[-2].ts  # the newest CP-1 row
     assert [h.ts for h in history] == sorted((h.ts for h in history), reverse=True)
 
 
-async def test_record_health_many_is_one_transaction(repo: SqliteRepository, db_path: Path) -> None:
+async def test_a_batch_is_one_transaction(repo: Repository, backend: Backend) -> None:
     bad = HealthSnapshot(cast(str, None), CPState.ACTIVATED, False, "CLOSED", at(99))
-    rows = [snapshot("CP-1", float(i)) for i in range(50)] + [bad]
-    with pytest.raises(sqlite3.IntegrityError):
-        await repo.record_health_many(rows)
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
+    rows = [writes.HealthRecorded(snapshot("CP-1", float(i))) for i in range(50)]
+    with pytest.raises(INTEGRITY):
+        await repo.apply([*rows, writes.HealthRecorded(bad)])
+    assert await count(backend, "cp_health_history") == 0
     naive = HealthSnapshot("CP-1", CPState.ACTIVATED, False, "CLOSED", datetime(2024, 1, 1))  # noqa: DTZ001
     with pytest.raises(ValueError, match="timezone"):
-        await repo.record_health_many([*rows[:50], naive])
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
+        await repo.apply([*rows, writes.HealthRecorded(naive)])
+    assert await count(backend, "cp_health_history") == 0
     # The failed transactions were rolled back: the next one works.
-    await repo.record_health_many(rows[:50])
+    await repo.apply(rows)
     assert len(await repo.cp_history("CP-1", limit=100)) == 50
+    assert await repo.ping()
+
+
+# ------------------------------------------------------------ the outbox and the sites
+
+
+async def test_the_outbox_keeps_its_last_flush_only(repo: Repository) -> None:
+    assert await repo.load_pending() is None
+    await repo.apply([writes.PendingSaved(1, "[]", "[]")])
+    await repo.apply([fault("CP-1", "FAULT", None, T0), writes.PendingSaved(2, "[[1]]", "[2]")])
+    assert await repo.load_pending() == PendingRow(2, "[[1]]", "[2]")
+
+
+async def test_site_limits_are_set_replaced_and_removed(repo: Repository) -> None:
+    assert await repo.load_site_limits() == {}
+    await repo.apply([writes.SiteLimitSet("south", 50, T0), writes.SiteLimitSet("north", 22.5, T0)])
+    await repo.apply([writes.SiteLimitSet("south", 40.0, at(1)), writes.SiteLimitRemoved("north"),
+                      writes.SiteLimitRemoved("nowhere")])
+    assert await repo.load_site_limits() == {"south": 40.0}
 
 
 # ---------------------------------------------------------------- durability and JSON
 
 
-async def test_reopening_the_file_keeps_the_data(db_path: Path) -> None:
-    async with SqliteRepository(db_path, clock=FakeClock()) as repo:
-        await repo.upsert_cp(CPRecord("CP-1", state=CPState.ACTIVATED, kw_rate=11.0))
-        await repo.start_session(session(1))
-        await repo.record_fault_event("CP-1", "FAULT", "lost", at(1))
-        await repo.record_health("CP-1", CPState.FAULT, True, BreakerState.OPEN, at(1))
+async def test_reopening_keeps_the_data(backend: Backend) -> None:
+    async with backend.make() as repo:
+        await repo.apply([upsert(CPRecord("CP-1", state=CPState.ACTIVATED, kw_rate=11.0)),
+                          *accepted(session(1)),
+                          fault("CP-1", "FAULT", "lost", at(1)),
+                          health("CP-1", CPState.FAULT, True, BreakerState.OPEN, at(1))])
 
-    async with SqliteRepository(db_path) as repo:
+    async with backend.make() as repo:
         assert await repo.load_cps() == [
             CPRecord("CP-1", CPState.ACTIVATED, kw_rate=11.0, registered_at=T0, updated_at=T0)
         ]
@@ -423,20 +530,20 @@ async def test_reopening_the_file_keeps_the_data(db_path: Path) -> None:
         assert [h.state for h in await repo.cp_history("CP-1")] == [CPState.FAULT]
 
 
-async def test_as_dict_is_json_ready(repo: SqliteRepository) -> None:
-    await repo.upsert_cp(CPRecord("CP-1", state=CPState.SUPPLYING, euro_rate=0.4))
-    await repo.start_session(session(1))
-    await repo.finish_session("S-1", "COMPLETED", kwh=3.0, euros=1.2, reason=None, ended_at=at(9))
-    await repo.record_fault_event("CP-1", FaultEventType.FAULT, "overheat", at(5))
-    await repo.record_health("CP-1", CPState.FAULT, True, BreakerState.HALF_OPEN, at(6))
+async def test_as_dict_is_json_ready(repo: Repository) -> None:
+    await repo.apply([upsert(CPRecord("CP-1", state=CPState.SUPPLYING, euro_rate=0.4)),
+                      *accepted(session(1))])
+    await repo.apply([finished("S-1", "COMPLETED", kwh=3.0, euros=1.2, ended_at=at(9)),
+                      fault("CP-1", FaultEventType.FAULT, "overheat", at(5)),
+                      health("CP-1", CPState.FAULT, True, BreakerState.HALF_OPEN, at(6))])
 
     (cp,) = await repo.load_cps()
     sess = await repo.get_session("S-1")
     assert sess is not None
-    (fault,) = await repo.list_faults()
-    (health,) = await repo.cp_history("CP-1")
+    (fault_event,) = await repo.list_faults()
+    (snap,) = await repo.cp_history("CP-1")
 
-    decoded = json.loads(json.dumps([r.as_dict() for r in (cp, sess, fault, health)]))
+    decoded = json.loads(json.dumps([r.as_dict() for r in (cp, sess, fault_event, snap)]))
     cp_d, sess_d, fault_d, health_d = decoded
     assert cp_d == {
         "cp_id": "CP-1",
@@ -463,14 +570,14 @@ async def test_as_dict_is_json_ready(repo: SqliteRepository) -> None:
     assert sess_d["started_at"] == "2024-05-01T12:00:00.000000Z"
     assert sess_d["ended_at"] == "2024-05-01T12:00:09.000000Z"
     assert fault_d == {
-        "id": fault.id,
+        "id": fault_event.id,
         "cp_id": "CP-1",
         "event_type": "FAULT",
         "reason": "overheat",
         "ts": "2024-05-01T12:00:05.000000Z",
     }
     assert health_d["state"] == "FAULT" and health_d["breaker_state"] == "HALF_OPEN"
-    assert health_d["ts"].endswith("Z") and health_d["id"] == health.id
+    assert health_d["ts"].endswith("Z") and health_d["id"] == snap.id
     # Records built in memory (enums, unset fields) are JSON-ready too.
     json.dumps(snapshot("CP-1", 0).as_dict())
     json.dumps(CPRecord("CP-1").as_dict())
@@ -504,105 +611,144 @@ async def _ticks_while(work: Callable[[], Any]) -> int:
     return counted
 
 
-async def test_a_large_batch_does_not_block_the_event_loop(repo: SqliteRepository) -> None:
-    rows = [snapshot(f"CP-{i % 50}", i / 1000) for i in range(20_000)]
-    ticks = await _ticks_while(lambda: repo.record_health_many(rows))
+async def test_a_large_batch_does_not_block_the_event_loop(repo: Repository) -> None:
+    rows = [writes.HealthRecorded(snapshot(f"CP-{i % 50}", i / 1000)) for i in range(5_000)]
+    ticks = await _ticks_while(lambda: repo.apply(rows))
     # A blocking write would let the ticker run at most once before the write returned.
     assert ticks > 3
-    assert len(await repo.cp_history("CP-7", limit=1000)) == 400
+    assert len(await repo.cp_history("CP-7", limit=1000)) == 100
 
 
-async def test_concurrent_tasks_share_one_repository(repo: SqliteRepository, db_path: Path) -> None:
-    async def start(n: int) -> bool:
-        return await repo.start_session(session(f"{n}", request_id=f"R-{n % 10}"))
+async def test_concurrent_tasks_share_one_repository(repo: Repository, backend: Backend) -> None:
+    async def start(n: int) -> None:
+        await repo.apply(accepted(session(f"{n}", request_id=f"R-{n % 10}")))
 
     async def batch(k: int) -> None:
-        await repo.record_health_many([snapshot("CP-1", k * 100 + i) for i in range(100)])
+        await repo.apply([writes.HealthRecorded(snapshot("CP-1", k * 100 + i))
+                          for i in range(100)])
 
     async def read() -> int:
         return len(await repo.list_sessions(limit=1000))
 
-    results = await asyncio.gather(
+    await asyncio.gather(
         *(start(n) for n in range(60)), *(batch(k) for k in range(10)), *(read() for _ in range(10))
     )
-    started = results[:60]
-    assert sum(1 for ok in started if ok) == 10  # one per distinct request id
-    assert len(await repo.list_sessions(limit=1000)) == 10
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(1000,)]
+    assert len(await repo.list_sessions(limit=1000)) == 10  # one per distinct request id
+    assert await count(backend, "cp_health_history") == 1000
 
 
-async def test_a_write_cancelled_at_begin_leaves_no_open_transaction(
-    repo: SqliteRepository, db_path: Path
+async def test_a_write_cancelled_at_its_start_leaves_no_open_transaction(
+    repo: Repository, backend: Backend
 ) -> None:
-    rows = [snapshot("CP-1", float(i)) for i in range(1000)]
-    task = asyncio.create_task(repo.record_health_many(rows))
-    # One pass of the loop, not a delay: the task runs to its first await, BEGIN queued
-    # on the connection thread, and is cancelled there.
+    rows = [writes.HealthRecorded(snapshot("CP-1", float(i))) for i in range(1000)]
+    task = asyncio.create_task(repo.apply(rows))
+    # One pass of the loop, not a delay: the task runs to its first await (BEGIN queued
+    # on SQLite's connection thread, a pool connection asked for) and is cancelled there.
     await asyncio.sleep(0)
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
     assert task.cancelled()
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
+    assert await count(backend, "cp_health_history") == 0
     # No transaction was left open: the next writes work.
-    assert await repo.start_session(session(1))
+    await repo.apply(accepted(session(1)))
     assert await repo.get_session("S-1") == session(1)
 
 
-async def test_a_write_cancelled_mid_batch_is_rolled_back(
-    repo: SqliteRepository, db_path: Path, monkeypatch: pytest.MonkeyPatch
+# ------------------------------------------------------------------------ SQLite only
+
+
+async def test_sqlite_schema_has_the_seed_tables_and_indexes(
+    sqlite_repo: SqliteRepository, db_path: Path
 ) -> None:
-    rows = [snapshot("CP-1", float(i)) for i in range(1000)]
+    tables = {
+        name
+        for (name,) in await query(db_path, "SELECT name FROM sqlite_master WHERE type='table'")
+    }
+    assert {
+        "schema_version",
+        "cp_registry",
+        "charging_sessions",
+        "fault_events",
+        "cp_health_history",
+        "request_log",
+    } <= tables
+    index_sql = await query(
+        db_path, "SELECT tbl_name, sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL"
+    )
+    indexed = {(table, sql.split("(", 1)[1].rstrip(")")) for table, sql in index_sql}
+    assert {
+        ("fault_events", "cp_id, timestamp"),
+        ("cp_health_history", "cp_id, timestamp"),
+        ("charging_sessions", "cp_id, start_time"),
+        ("charging_sessions", "driver_id, start_time"),
+        ("charging_sessions", "status"),
+    } <= indexed
+
+
+async def test_sqlite_wal_mode_and_connection_pragmas(
+    sqlite_repo: SqliteRepository, db_path: Path
+) -> None:
+    # journal_mode is a property of the file: any connection sees it.
+    assert await query(db_path, "PRAGMA journal_mode") == [("wal",)]
+    # The others are per connection: look at the repository's own (white box).
+    db = sqlite_repo._connection()
+    pragmas = {}
+    for name in ("synchronous", "foreign_keys", "busy_timeout"):
+        rows = list(await db.execute_fetchall(f"PRAGMA {name}"))
+        pragmas[name] = rows[0][0]
+    assert pragmas == {"synchronous": 1, "foreign_keys": 1, "busy_timeout": 5000}
+
+
+async def test_sqlite_timestamps_are_utc_text_with_z(
+    sqlite_repo: SqliteRepository, db_path: Path
+) -> None:
+    madrid = timezone(timedelta(hours=2))
+    await sqlite_repo.apply([fault("CP-1", "FAULT", None,
+                                   datetime(2024, 5, 1, 14, tzinfo=madrid))])
+    assert await query(db_path, "SELECT timestamp FROM fault_events") == [
+        ("2024-05-01T12:00:00.000000Z",)
+    ]
+
+
+async def test_sqlite_in_memory_database_works() -> None:
+    async with SqliteRepository(":memory:") as repo:
+        assert await repo.ping()
+        await repo.apply([upsert(CPRecord("CP-1"))])
+        assert [cp.cp_id for cp in await repo.load_cps()] == ["CP-1"]
+        assert repo.is_open
+
+
+async def test_sqlite_write_cancelled_mid_batch_is_rolled_back(
+    sqlite_repo: SqliteRepository, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [writes.HealthRecorded(snapshot("CP-1", float(i))) for i in range(1000)]
     halfway = len(rows) // 2
-    loop = asyncio.get_running_loop()
     mid_batch = asyncio.Event()
-    resume = threading.Event()
-    converted = 0
-    real_params = sql_module.health_params
+    executed = 0
+    real_execute = aiosqlite.Connection.execute
 
-    def params_pausing_halfway(row: HealthSnapshot) -> tuple[Any, ...]:
-        # executemany pulls the parameters row by row on the connection thread: hold it
-        # there, half the batch inserted, until the test has cancelled the write.
-        nonlocal converted
-        converted += 1
-        if converted == halfway:
-            loop.call_soon_threadsafe(mid_batch.set)
-            if not resume.wait(timeout=5):
-                raise TimeoutError("the test never resumed the batch")
-        return real_params(row)
+    async def execute_pausing_halfway(
+        self: aiosqlite.Connection, sql: str, parameters: Any = None
+    ) -> Any:
+        # Hold the batch with half its rows inserted, until the test cancels the write.
+        nonlocal executed
+        executed += 1
+        if executed == halfway:
+            mid_batch.set()
+            await asyncio.Event().wait()  # cancelled here
+        return await real_execute(self, sql, parameters)
 
-    monkeypatch.setattr(sql_module, "health_params", params_pausing_halfway)
-    task = asyncio.create_task(repo.record_health_many(rows))
-    try:
-        await asyncio.wait_for(mid_batch.wait(), 5)
-        task.cancel()  # the awaiting task is cancelled while executemany runs
-    finally:
-        resume.set()
+    monkeypatch.setattr(aiosqlite.Connection, "execute", execute_pausing_halfway)
+    task = asyncio.create_task(sqlite_repo.apply(rows))
+    await asyncio.wait_for(mid_batch.wait(), 5)
+    task.cancel()
     done, _ = await asyncio.wait({task}, timeout=5)
     assert task in done and task.cancelled()
-    # The cancel landed with half the rows inserted. The task ended only after the whole
-    # executemany had run (its ROLLBACK is queued behind it on the same thread), and that
-    # ROLLBACK undid every row: nothing was committed.
-    assert converted == len(rows)
+    monkeypatch.undo()
+    # The ROLLBACK undid every row inserted before the cancel: nothing was committed.
     assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(0,)]
-
     # No transaction was left open: the repository still works, and the same batch,
     # written again, is stored exactly once.
-    monkeypatch.undo()
-    await repo.record_health_many(rows)
+    await sqlite_repo.apply(rows)
     assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows),)]
-    assert await repo.start_session(session(1))
-    assert await repo.get_session("S-1") == session(1)
-
-
-async def test_request_log_refuses_a_second_decision(tmp_path: Path) -> None:
-    async with SqliteRepository(tmp_path / "recent.db") as repo:
-        base = datetime(2026, 1, 1, tzinfo=UTC)
-        for n in range(3):
-            assert await repo.record_request(
-                f"r{n}", "d", "CP-1", "DENIED", "CP busy", base + timedelta(minutes=n)
-            )
-        assert not await repo.record_request("r1", "d", "CP-1", "ACCEPTED", None, base)
-        # Within a minute of the newest decision (r2, at base + 2 min), whatever the clock.
-        assert await repo.recent_request_ids(timedelta(minutes=1)) == ["r1", "r2"]
-        assert await repo.recent_request_ids(timedelta(0)) == ["r2"]

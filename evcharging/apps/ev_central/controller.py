@@ -36,7 +36,7 @@ from datetime import datetime, timedelta
 
 from loguru import logger
 
-from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
 from evcharging.apps.ev_central.events import EventHub
 from evcharging.apps.ev_central.limits import (
@@ -46,6 +46,7 @@ from evcharging.apps.ev_central.limits import (
     TooManyCPs,
 )
 from evcharging.apps.ev_central.outbox import Outbox
+from evcharging.apps.ev_central.records import SessionRecord
 from evcharging.apps.ev_central.repository import Repository, StorageError
 from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.tally import Tally
@@ -278,10 +279,10 @@ class Controller:
             kwh_wanted=request.kwh_wanted, departure=request.departure, car=request.car,
         )
         cp.session = session
-        self.outbox.write(sql.log_request(session.request_id, session.driver_id, cp.cp_id,
-                                          DriverStatus.ACCEPTED.value, None,
-                                          session.started_at))
-        self.outbox.write(sql.start_session(sql.SessionRecord(
+        self.outbox.write(writes.RequestLogged(session.request_id, session.driver_id, cp.cp_id,
+                                               DriverStatus.ACCEPTED.value, None,
+                                               session.started_at))
+        self.outbox.write(writes.SessionOpened(SessionRecord(
             session_id=session.session_id, request_id=session.request_id, cp_id=cp.cp_id,
             driver_id=session.driver_id, status=SessionStatus.ACTIVE,
             started_at=session.started_at, kwh_wanted=request.kwh_wanted,
@@ -306,8 +307,9 @@ class Controller:
         self.changed(cp)
 
     def _deny(self, request: DriverRequest, reason: str, received: datetime) -> None:
-        self.outbox.write(sql.log_request(request.request_id, request.driver_id, request.cp_id,
-                                          DriverStatus.DENIED.value, reason, received))
+        self.outbox.write(writes.RequestLogged(request.request_id, request.driver_id,
+                                               request.cp_id, DriverStatus.DENIED.value, reason,
+                                               received))
         self.stats["denied"] += 1
         self.stats[f"denied:{reason.split(' (')[0]}"] += 1
         logger.info("DENIED request {} of {} on {}: {}",
@@ -440,12 +442,12 @@ class Controller:
             first_report=status.ts, last_report=ts,
         )
         cp.session = session
-        self.outbox.write(sql.start_session(sql.SessionRecord(
+        self.outbox.write(writes.SessionOpened(SessionRecord(
             session_id=session.session_id, request_id=session.request_id, cp_id=cp.cp_id,
             driver_id=session.driver_id, status=SessionStatus.ACTIVE, started_at=ts,
             first_report=status.ts,
         )))
-        self.outbox.write(sql.session_started(session.session_id, ts, status.ts))
+        self.outbox.write(writes.SessionStarted(session.session_id, ts, status.ts))
         self.stats["sessions_started_by_charger"] += 1
         logger.info("CP {}: session {} of {} started at the charger, recorded with no request",
                     cp.cp_id, session.session_id, session.driver_id)
@@ -487,7 +489,7 @@ class Controller:
         if session.first_report is None:
             session.first_report = own
             session.started_at = dated
-            self.outbox.write(sql.session_started(session.session_id, dated, own))
+            self.outbox.write(writes.SessionStarted(session.session_id, dated, own))
         if session.last_report is None or dated > session.last_report:
             session.last_report = dated
 
@@ -607,7 +609,7 @@ class Controller:
         closed.status = SessionStatus.COMPLETED
         closed.reason = clip_reason(f"corrected: the CP completed the session (was FAILED: "
                                     f"{was})")
-        self.outbox.write(sql.completed_by_meter(closed.session_id, closed.reason))
+        self.outbox.write(writes.CompletedByMeter(closed.session_id, closed.reason))
         self.stats["sessions_completed_by_meter"] += 1
         self.stats["ledger_corrections"] += 1
         logger.warning("session {} on {}: the CP completed it; FAILED corrected to COMPLETED "
@@ -623,8 +625,8 @@ class Controller:
             return  # the CP's end report is final: no telemetry changes it any more
         changed = (kwh, euros) != (closed.kwh, closed.euros)
         if changed or meter_final != closed.meter_final:
-            self.outbox.write(sql.correct_totals(closed.session_id, kwh=kwh, euros=euros,
-                                                 meter_final=meter_final))
+            self.outbox.write(writes.TotalsCorrected(closed.session_id, kwh=kwh, euros=euros,
+                                                     meter_final=meter_final))
         if changed:
             self.stats["ledger_corrections"] += 1
             logger.warning("session {} on {}: ledger corrected from {:.4f} to {:.4f} kWh",
@@ -685,7 +687,7 @@ class Controller:
                                session_id=session.session_id, reason=stop_reason)
         # Dated by the CP's clock: its end report, else its last report of the session.
         ended = ended_at or session.last_report or self.readclock.now()
-        self.outbox.write(sql.finish_session(
+        self.outbox.write(writes.SessionFinished(
             session.session_id, result.value, kwh=session.kwh, euros=session.euros,
             reason=reason, ended_at=ended, meter_final=meter_final,
         ))
@@ -790,7 +792,8 @@ class Controller:
 
     def _mark_faulty(self, cp: CPView, reason: str) -> None:
         if not cp.is_faulty:
-            self.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.FAULT, reason, utcnow()))
+            self.outbox.write(writes.FaultRecorded(cp.cp_id, FaultEventType.FAULT, reason,
+                                                   utcnow()))
             self.stats["faults"] += 1
             logger.warning("CP {} is faulty: {}", cp.cp_id, reason)
             self.event("fault", cp, reason)
@@ -807,7 +810,7 @@ class Controller:
         if not cp.is_faulty:
             logger.debug("recovery report for {} which is not faulty", cp.cp_id)
             return
-        self.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.RECOVERY, reason, utcnow()))
+        self.outbox.write(writes.FaultRecorded(cp.cp_id, FaultEventType.RECOVERY, reason, utcnow()))
         cp.is_faulty = False
         cp.fault_reason = None
         cp.breaker.recover()
@@ -864,8 +867,8 @@ class Controller:
         cp.monitor_seen = self.clock()
         if cp.monitor_lost:
             cp.monitor_lost = False
-            self.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.MONITOR_BACK,
-                                              "the monitor reports again", utcnow()))
+            self.outbox.write(writes.FaultRecorded(cp.cp_id, FaultEventType.MONITOR_BACK,
+                                                   "the monitor reports again", utcnow()))
             logger.info("CP {}: the monitor reports again", cp.cp_id)
             self.event("monitor", cp, "the monitor reports again")
             self.changed(cp)
@@ -1030,8 +1033,8 @@ class Controller:
 
     def persist(self, cp: CPView) -> None:
         """Save the CP's record (and a health snapshot) with the next flush."""
-        self.outbox.write(sql.upsert_cp(cp.record(), utcnow()))
-        self.outbox.write(sql.health(cp.snapshot()))
+        self.outbox.write(writes.CPUpserted(cp.record(), utcnow()))
+        self.outbox.write(writes.HealthRecorded(cp.snapshot()))
 
     def event(self, kind: str, cp: CPView, reason: str) -> None:
         if self.hub.subscribers:

@@ -33,7 +33,7 @@ from datetime import datetime
 
 from loguru import logger
 
-from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.allocation import Demand, Policy, allocate
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.schemas import SiteOut, SiteSummaryOut
@@ -228,7 +228,7 @@ class Energy:
         if changed:
             now = utcnow()
             await self.controller.repo.apply(
-                [sql.set_site_limit(site, kw, now) for site, kw in changed.items()])
+                [writes.SiteLimitSet(site, kw, now) for site, kw in changed.items()])
             self.limits.update(changed)
         self._charging = {site: {} for site in self.limits}
         for cp in self.controller.cps.values():
@@ -261,7 +261,7 @@ class Energy:
             self._charging[site] = {cp.cp_id: cp for cp in self.controller.cps.values()
                                     if cp.site == site and cp.session is not None}
         self.limits[site] = kw
-        self.controller.outbox.write(sql.set_site_limit(site, kw, utcnow()))
+        self.controller.outbox.write(writes.SiteLimitSet(site, kw, utcnow()))
         self.controller.stats["site_limits_set"] += 1
         logger.info("site {}: limit {:g} kW", site, kw)
         self.reallocate([site])
@@ -271,7 +271,7 @@ class Energy:
     async def remove_limit(self, site: str) -> SiteOut:
         """Remove a site's limit: its sessions get SET_LIMIT ``kw`` null (no limit)."""
         had = self.limits.pop(site, None)
-        self.controller.outbox.write(sql.delete_site_limit(site))
+        self.controller.outbox.write(writes.SiteLimitRemoved(site))
         self.allocated.pop(site, None)
         self._charging.pop(site, None)
         self._dirty.discard(site)

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from loguru import logger
 
-from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.repository import StorageError
 from evcharging.common.messages import FaultEventType, utcnow
@@ -94,8 +94,8 @@ def check_monitors(central: Controller) -> list[str]:
         logger.log("DEBUG" if len(lost) >= LOG_EACH_UP_TO else "WARNING",
                    "CP {}: {}", cp.cp_id, reason)
         central.stats["monitors_lost"] += 1
-        central.outbox.write(sql.fault_event(cp.cp_id, FaultEventType.MONITOR_LOST, reason,
-                                             utcnow()))
+        central.outbox.write(writes.FaultRecorded(cp.cp_id, FaultEventType.MONITOR_LOST,
+                                                  reason, utcnow()))
         central.event("monitor", cp, reason)
         central.changed(cp)
         lost.append(cp.cp_id)
@@ -115,7 +115,7 @@ def forget_unregistered(central: Controller) -> list[str]:
             continue
         del central.cps[cp.cp_id]
         central.tally.remove(cp)
-        central.outbox.write(sql.forget_cp(cp.cp_id))
+        central.outbox.write(writes.CPForgotten(cp.cp_id))
         forgotten.append(cp.cp_id)
     if forgotten:
         central.stats["unregistered_forgotten"] += len(forgotten)
@@ -131,14 +131,14 @@ def snapshot_health(central: Controller) -> int:
     count = 0
     for cp in central.cps.values():
         if cp.snapshot_key != cp.health_key():
-            central.outbox.write(sql.health(cp.snapshot()))
+            central.outbox.write(writes.HealthRecorded(cp.snapshot()))
             count += 1
     return count
 
 
 def prune_history(central: Controller, retention_days: float) -> None:
     """Forget health snapshots older than the retention."""
-    central.outbox.write(sql.prune_health(utcnow() - timedelta(days=retention_days)))
+    central.outbox.write(writes.HealthPruned(utcnow() - timedelta(days=retention_days)))
 
 
 async def run(central: Controller, interval: float, retention_days: float) -> None:

@@ -19,7 +19,7 @@ from prometheus_client.metrics_core import Metric
 
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.energy import Energy
-from evcharging.apps.ev_central.repository import SqliteRepository
+from evcharging.apps.ev_central.repository import Repository
 from evcharging.apps.ev_central.schemas import cp_power_kw
 from evcharging.common.bus import Handler
 from evcharging.common.circuit_breaker import BreakerState
@@ -53,7 +53,7 @@ class CentralCollector:
         "tcp_connections_evicted_total",
     ))
 
-    def __init__(self, controller: Controller, repo: SqliteRepository | None = None) -> None:
+    def __init__(self, controller: Controller, repo: Repository | None = None) -> None:
         self.controller = controller
         self.repo = repo
 
@@ -181,7 +181,7 @@ def timed_requests(
 
 
 def central_metrics(
-    controller: Controller, repo: SqliteRepository | None = None, *, process: bool = True,
+    controller: Controller, repo: Repository | None = None, *, process: bool = True,
     energy: Energy | None = None,
 ) -> ServiceMetrics:
     """Central's registry with its collectors; the caller adds the bus's and wires the

@@ -1,7 +1,7 @@
 """Decisions are recorded before they are announced, and written in batches (SPEC §4).
 
-The controller decides in memory and queues here what each decision writes (SQL
-:data:`~evcharging.apps.ev_central.sql.Op` values) and what it sends (Kafka messages).
+The controller decides in memory and queues here what each decision writes (typed
+:mod:`~evcharging.apps.ev_central.writes`) and what it sends (Kafka messages).
 :meth:`Outbox.flush` writes everything queued in one transaction and only then publishes
 the messages queued with it, in order. When the database cannot be written, nothing is
 lost and nothing is announced: the queue stays as it is for the next flush.
@@ -41,9 +41,9 @@ from typing import Protocol, runtime_checkable
 
 from loguru import logger
 
-from evcharging.apps.ev_central import sql
+from evcharging.apps.ev_central.records import PendingRow
 from evcharging.apps.ev_central.repository import Repository, StorageError
-from evcharging.apps.ev_central.sql import Op
+from evcharging.apps.ev_central.writes import PendingSaved, Write
 from evcharging.common.bus import TOPIC_MODELS, BusError, Fenced, Publisher, Topic, topic_of
 from evcharging.common.messages import Message, decode, encode
 
@@ -105,14 +105,14 @@ class PendingFlush:
     offsets: dict[Position, int]
     messages: tuple[Message, ...]
 
-    def row(self) -> Op:
+    def row(self) -> PendingSaved:
         offsets = [[topic, partition, offset]
                    for (topic, partition), offset in sorted(self.offsets.items())]
         messages = [[topic_of(m).value, encode(m).decode()] for m in self.messages]
-        return sql.save_pending(self.seq, json.dumps(offsets), json.dumps(messages))
+        return PendingSaved(self.seq, json.dumps(offsets), json.dumps(messages))
 
     @classmethod
-    def from_row(cls, row: sql.PendingRow) -> PendingFlush:
+    def from_row(cls, row: PendingRow) -> PendingFlush:
         offsets = {(str(t), int(p)): int(o) for t, p, o in json.loads(row.offsets)}
         messages = tuple(decode(TOPIC_MODELS[Topic(t)], text.encode())
                          for t, text in json.loads(row.messages))
@@ -135,7 +135,7 @@ class Outbox:
         self._txn = bus if isinstance(bus, TransactionalBus) and bus.transactional else None
         self._stats = stats
         self._clock = clock
-        self._ops: list[Op] = []
+        self._ops: list[Write] = []
         self._messages: list[Message] = []
         self._lock = asyncio.Lock()
         self._publish_failing = False
@@ -169,8 +169,9 @@ class Outbox:
         """The sequence number of the last flush written (0: none yet)."""
         return self._seq
 
-    def write(self, op: Op) -> None:
-        self._ops.append(op)
+    def write(self, write: Write) -> None:
+        """Record `write` with the next flush (before the messages queued after it)."""
+        self._ops.append(write)
 
     def send(self, message: Message) -> None:
         """Publish `message` once the writes queued before it are recorded."""

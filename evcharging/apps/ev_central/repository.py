@@ -1,7 +1,7 @@
 """EV Central's persistence (SPEC §7): SQLite through aiosqlite, never blocking the loop.
 
-Over 400 lines: the port (a Protocol) and its one adapter, method by method; the SQL
-itself is :mod:`~evcharging.apps.ev_central.sql`.
+The port (a Protocol, in the domain's terms) and its SQLite adapter; the PostgreSQL
+adapter is :mod:`~evcharging.apps.ev_central.pg_repository`.
 
 Every statement runs on aiosqlite's single connection thread; the event loop only awaits.
 The database is opened in WAL mode (``synchronous=NORMAL``, ``foreign_keys=ON``, a busy
@@ -14,9 +14,9 @@ so an :class:`asyncio.Lock` keeps another task's statements out of an open trans
 keeps readers from seeing another task's uncommitted rows. That makes the repository safe
 to share between any number of tasks.
 
-The SQL itself, the records and the row conversions are in
-:mod:`evcharging.apps.ev_central.sql`; writes are its :data:`~.sql.Op` values, and
-:meth:`SqliteRepository.apply` runs any number of them in one transaction.
+Writes are :mod:`~evcharging.apps.ev_central.writes` values; only the adapters know SQL
+(SQLite's is :mod:`evcharging.apps.ev_central.sql`, which maps each write to a statement),
+and :meth:`SqliteRepository.apply` runs any number of writes in one transaction.
 """
 
 from __future__ import annotations
@@ -37,9 +37,8 @@ from loguru import logger
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.dblock import DatabaseInUse, DatabaseLock
 from evcharging.apps.ev_central.errors import Unavailable
-from evcharging.apps.ev_central.sql import (
+from evcharging.apps.ev_central.records import (
     MAX_LIMIT,
-    SCHEMA_VERSION,
     SESSION_ACTIVE,
     SESSION_STATUSES,
     Clock,
@@ -47,12 +46,16 @@ from evcharging.apps.ev_central.sql import (
     FaultEvent,
     FaultEventType,
     HealthSnapshot,
-    Op,
+    PendingRow,
     SessionRecord,
+    clamp,
+    ts_parse,
+    ts_text,
+    utcnow_,
 )
+from evcharging.apps.ev_central.sql import SCHEMA_VERSION
+from evcharging.apps.ev_central.writes import Write
 from evcharging.common.bus import TransientError
-from evcharging.common.circuit_breaker import BreakerState
-from evcharging.common.states import CPState
 
 __all__ = [
     "MAX_LIMIT",
@@ -64,6 +67,7 @@ __all__ = [
     "FaultEvent",
     "FaultEventType",
     "HealthSnapshot",
+    "PendingRow",
     "Repository",
     "SessionRecord",
     "SqliteRepository",
@@ -85,7 +89,17 @@ class StorageError(TransientError, Unavailable):
 
 
 class Repository(Protocol):
-    """What Central needs from its database; :class:`SqliteRepository` is the adapter."""
+    """What Central needs from its database, in the domain's terms: it applies
+    :mod:`~evcharging.apps.ev_central.writes` and reads records back. The adapters are
+    :class:`SqliteRepository` and
+    :class:`~evcharging.apps.ev_central.pg_repository.PostgresRepository`."""
+
+    write_error: str | None
+    """Why the last transaction failed, until one succeeds again (None: fine)."""
+    write_errors: int
+    """Transactions that failed since the start (metrics)."""
+    observe_write: Callable[[float], None] | None
+    """Told the seconds of each :meth:`apply` that committed (metrics)."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -97,32 +111,12 @@ class Repository(Protocol):
         tb: TracebackType | None,
     ) -> None: ...
     async def ping(self) -> bool: ...
-    async def apply(self, ops: Sequence[Op]) -> None: ...
-    async def upsert_cp(self, cp: CPRecord) -> None: ...
+    async def probe(self, within: float) -> tuple[bool, bool]: ...
+    async def apply(self, writes: Sequence[Write]) -> None: ...
     async def load_cps(self) -> list[CPRecord]: ...
-    async def start_session(self, session: SessionRecord) -> bool: ...
-    async def finish_session(
-        self,
-        session_id: str,
-        status: str,
-        *,
-        kwh: float,
-        euros: float,
-        reason: str | None,
-        ended_at: datetime,
-        meter_final: bool = False,
-    ) -> bool: ...
-    async def correct_totals(
-        self, session_id: str, *, kwh: float, euros: float, meter_final: bool
-    ) -> bool: ...
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
-    async def get_session_by_request(self, request_id: str) -> SessionRecord | None: ...
     async def active_sessions(self) -> list[SessionRecord]: ...
     async def recent_request_ids(self, within: timedelta) -> list[str]: ...
-    async def record_request(
-        self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
-        ts: datetime,
-    ) -> bool: ...
     async def list_sessions(
         self,
         *,
@@ -131,25 +125,11 @@ class Repository(Protocol):
         driver_id: str | None = None,
         status: str | None = None,
     ) -> list[SessionRecord]: ...
-    async def record_fault_event(
-        self, cp_id: str, event_type: str, reason: str | None, ts: datetime
-    ) -> None: ...
     async def list_faults(
         self, *, limit: int = 50, cp_id: str | None = None
     ) -> list[FaultEvent]: ...
-    async def record_health(
-        self,
-        cp_id: str,
-        state: CPState,
-        is_faulty: bool,
-        breaker_state: BreakerState | str,
-        ts: datetime,
-        *,
-        session_id: str | None = None,
-    ) -> None: ...
-    async def record_health_many(self, rows: Sequence[HealthSnapshot]) -> None: ...
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]: ...
-    async def load_pending(self) -> sql.PendingRow | None: ...
+    async def load_pending(self) -> PendingRow | None: ...
     async def load_site_limits(self) -> dict[str, float]: ...
 
 
@@ -168,7 +148,7 @@ class SqliteRepository:
         path: Path | str,
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
-        clock: Clock = sql.utcnow_,
+        clock: Clock = utcnow_,
         exclusive: bool = False,
     ) -> None:
         if busy_timeout_ms < 0:
@@ -280,105 +260,18 @@ class SqliteRepository:
 
     # ---------------------------------------------------------------------- writes
 
-    async def apply(self, ops: Sequence[Op]) -> None:
+    async def apply(self, writes: Sequence[Write]) -> None:
         """Run every write in one transaction: all or none (StorageError when the database
         cannot be written now)."""
-        if not ops:
+        if not writes:
             return
         started = time.perf_counter()
+        ops = [sql.op(write) for write in writes]
         async with self._transaction() as db:
             for statement, params in ops:
                 await db.execute(statement, params)
         if self.observe_write is not None:
             self.observe_write(time.perf_counter() - started)
-
-    async def _apply_one(self, op: Op) -> bool:
-        """Run one write in its own transaction; whether it changed a row."""
-        async with self._transaction() as db:
-            return (await db.execute(*op)).rowcount == 1
-
-    async def upsert_cp(self, cp: CPRecord) -> None:
-        """Insert the CP, or update every field of it but ``registered_at``."""
-        await self.apply([sql.upsert_cp(cp, self._clock())])
-
-    async def start_session(self, session: SessionRecord) -> bool:
-        """Insert a session and log its request as ACCEPTED, in one transaction; False,
-        with nothing written, if its session_id is stored or its request was decided."""
-        start = sql.start_session(session)
-        logged = sql.log_request(session.request_id, session.driver_id, session.cp_id,
-                                 "ACCEPTED", None, session.started_at)
-        async with self._transaction() as db:
-            if (await db.execute(*logged)).rowcount != 1:
-                return False
-            if (await db.execute(*start)).rowcount != 1:
-                await db.execute("DELETE FROM request_log WHERE request_id = ?",
-                                 (session.request_id,))
-                return False
-        return True
-
-    async def finish_session(
-        self,
-        session_id: str,
-        status: str,
-        *,
-        kwh: float,
-        euros: float,
-        reason: str | None,
-        ended_at: datetime,
-        meter_final: bool = False,
-    ) -> bool:
-        """End an ACTIVE session with a final status; whether a row changed."""
-        return await self._apply_one(sql.finish_session(
-            session_id, status, kwh=kwh, euros=euros, reason=reason, ended_at=ended_at,
-            meter_final=meter_final,
-        ))
-
-    async def correct_totals(
-        self, session_id: str, *, kwh: float, euros: float, meter_final: bool
-    ) -> bool:
-        """Set an ended session's totals to a later meter report; whether a row changed."""
-        return await self._apply_one(
-            sql.correct_totals(session_id, kwh=kwh, euros=euros, meter_final=meter_final)
-        )
-
-    async def record_request(
-        self, request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
-        ts: datetime,
-    ) -> bool:
-        """Log the decision on a request; False (nothing written) if it was decided before."""
-        return await self._apply_one(
-            sql.log_request(request_id, driver_id, cp_id, decision, reason, ts)
-        )
-
-    async def record_fault_event(
-        self, cp_id: str, event_type: str, reason: str | None, ts: datetime
-    ) -> None:
-        await self.apply([sql.fault_event(cp_id, event_type, reason, ts)])
-
-    async def record_health(
-        self,
-        cp_id: str,
-        state: CPState,
-        is_faulty: bool,
-        breaker_state: BreakerState | str,
-        ts: datetime,
-        *,
-        session_id: str | None = None,
-    ) -> None:
-        snapshot = HealthSnapshot(cp_id, state, is_faulty, str(breaker_state), ts, session_id)
-        await self.apply([sql.health(snapshot)])
-
-    async def record_health_many(self, rows: Sequence[HealthSnapshot]) -> None:
-        """Store many snapshots in one transaction (one executemany); all or none.
-
-        The rows are turned into parameters lazily, on the connection thread, so that a
-        large batch costs the event loop nothing but a copy of the list.
-        """
-        batch = tuple(rows)
-        if not batch:
-            return
-        async with self._transaction() as db:
-            await db.executemany(sql.SQL_INSERT_HEALTH, map(sql.health_params, batch))
 
     # ----------------------------------------------------------------------- reads
 
@@ -389,12 +282,6 @@ class SqliteRepository:
     async def get_session(self, session_id: str) -> SessionRecord | None:
         rows = await self._fetchall(
             f"{sql.SQL_SELECT_SESSIONS} WHERE session_id = ?", (session_id,)
-        )
-        return sql.session_from_row(rows[0]) if rows else None
-
-    async def get_session_by_request(self, request_id: str) -> SessionRecord | None:
-        rows = await self._fetchall(
-            f"{sql.SQL_SELECT_SESSIONS} WHERE request_id = ?", (request_id,)
         )
         return sql.session_from_row(rows[0]) if rows else None
 
@@ -412,11 +299,11 @@ class SqliteRepository:
         newest = await self._fetchall("SELECT MAX(timestamp) FROM request_log", ())
         if not newest or newest[0][0] is None:
             return []
-        since = sql.ts_parse(str(newest[0][0])) - within
+        since = ts_parse(str(newest[0][0])) - within
         rows = await self._fetchall(
             "SELECT request_id FROM request_log WHERE timestamp >= ? "
             "ORDER BY timestamp, rowid",
-            (sql.ts_text(since),),
+            (ts_text(since),),
         )
         return [str(row[0]) for row in rows]
 
@@ -437,7 +324,7 @@ class SqliteRepository:
                 params.append(str(value))
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         query = f"{sql.SQL_SELECT_SESSIONS}{where} ORDER BY start_time DESC, rowid DESC LIMIT ?"
-        params.append(sql.clamp(limit))
+        params.append(clamp(limit))
         return [sql.session_from_row(row) for row in await self._fetchall(query, params)]
 
     async def list_faults(self, *, limit: int = 50, cp_id: str | None = None) -> list[FaultEvent]:
@@ -448,21 +335,21 @@ class SqliteRepository:
             f"{where} ORDER BY timestamp DESC, id DESC LIMIT ?"
         )
         params: tuple[Any, ...] = (
-            (sql.clamp(limit),) if cp_id is None else (cp_id, sql.clamp(limit))
+            (clamp(limit),) if cp_id is None else (cp_id, clamp(limit))
         )
         return [sql.fault_from_row(row) for row in await self._fetchall(query, params)]
 
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]:
         """A CP's health snapshots newest first; at most `limit` (1..1000)."""
-        rows = await self._fetchall(sql.SQL_CP_HISTORY, (cp_id, sql.clamp(limit)))
+        rows = await self._fetchall(sql.SQL_CP_HISTORY, (cp_id, clamp(limit)))
         return [sql.health_from_row(row) for row in rows]
 
-    async def load_pending(self) -> sql.PendingRow | None:
+    async def load_pending(self) -> PendingRow | None:
         """The outbox's last flush (None before the first)."""
         rows = await self._fetchall(sql.SQL_LOAD_PENDING, ())
         if not rows:
             return None
-        return sql.PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
+        return PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
                               str(rows[0]["messages"]))
 
     async def load_site_limits(self) -> dict[str, float]:
@@ -548,7 +435,7 @@ async def _migrate(db: aiosqlite.Connection, now: datetime) -> None:
                 await db.execute(statement)
             await db.execute(
                 "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                (version, sql.ts_text(now)),
+                (version, ts_text(now)),
             )
         await db.commit()
     except BaseException:

@@ -1,182 +1,41 @@
-"""Central's SQL: the schema's migrations, the statements, the records and their rows.
-
-Over 400 lines: every statement, record and migration of one schema, pure, in one
-place to read against SPEC §7.
+"""Central's SQL for SQLite: the schema's migrations, the statements and the rows.
 
 Pure: nothing here touches a database. :mod:`evcharging.apps.ev_central.repository` runs
-these statements on aiosqlite. A write is an :data:`Op` (a statement and its parameters),
-so that the controller can queue the writes of many decisions and the repository can
-apply them in one transaction (SPEC §4: a decision is recorded before it is announced).
+these statements on aiosqlite. A :data:`~evcharging.apps.ev_central.writes.Write` becomes an
+:data:`Op` (a statement and its parameters) here, by a table from its type: the parameters
+(:data:`PARAMS`) and SQLite's statement (:data:`STATEMENTS`). The PostgreSQL adapter
+(:mod:`~evcharging.apps.ev_central.pg_repository`) shares the parameters, whose order its
+statements keep, and the row conversions: both databases store the same values.
 
-Timestamps are stored as ISO 8601 UTC text of fixed width with a ``Z`` suffix
-(``2024-05-01T12:00:00.000000Z``), so that text order is time order. Naive datetimes are
-refused with :class:`ValueError`.
+The records and the timestamp format are :mod:`evcharging.apps.ev_central.records`.
 """
 
 from __future__ import annotations
 
-import math
-import sqlite3
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
-from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
+from evcharging.apps.ev_central import writes as w
+from evcharging.apps.ev_central.records import (
+    CPRecord,
+    FaultEvent,
+    HealthSnapshot,
+    SessionRecord,
+    ts_opt_parse,
+    ts_opt_text,
+    ts_parse,
+    ts_text,
+)
 from evcharging.common.circuit_breaker import BreakerState
-from evcharging.common.messages import FaultEventType, SessionStatus, format_ts
 from evcharging.common.states import CPState
 
-__all__ = [
-    "MAX_LIMIT",
-    "SCHEMA_VERSION",
-    "SESSION_ACTIVE",
-    "SESSION_STATUSES",
-    "CPRecord",
-    "FaultEvent",
-    "FaultEventType",
-    "HealthSnapshot",
-    "Op",
-    "SessionRecord",
-]
-
-SESSION_ACTIVE = SessionStatus.ACTIVE.value
-"""The status of a session that is still charging; every other status is final."""
-
-SESSION_STATUSES = frozenset(status.value for status in SessionStatus)
-"""ACTIVE, COMPLETED, STOPPED and FAILED."""
-
-MAX_LIMIT = 1000
-"""Every ``limit`` is clamped to 1..MAX_LIMIT."""
-
-Clock = Callable[[], datetime]
+__all__ = ["MIGRATIONS", "PARAMS", "SCHEMA_VERSION", "STATEMENTS", "Op", "op"]
 
 
-# --------------------------------------------------------------------------- timestamps
+class Row(Protocol):
+    """A row read back by name: ``sqlite3.Row`` and ``asyncpg.Record`` both are."""
 
-
-def utcnow_() -> datetime:
-    return datetime.now(UTC)
-
-
-ts_text = format_ts
-
-
-def ts_opt_text(value: datetime | None) -> str | None:
-    return None if value is None else ts_text(value)
-
-
-def ts_parse(text: str) -> datetime:
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
-def ts_opt_parse(text: str | None) -> datetime | None:
-    return None if text is None else ts_parse(text)
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return ts_text(value)
-    if isinstance(value, Enum):
-        return value.value
-    return value
-
-
-def _record_dict(record: Any) -> dict[str, Any]:
-    return {f.name: _json_value(getattr(record, f.name)) for f in fields(record)}
-
-
-class _AsDict:
-    """``as_dict`` for the record dataclasses below."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """The fields in order, JSON-ready: datetimes as ISO 8601 'Z' text, enums as values."""
-        return _record_dict(self)
-
-
-# ------------------------------------------------------------------------------ records
-
-
-@dataclass(frozen=True)
-class CPRecord(_AsDict):
-    """A charging point as Central knows it (``cp_registry``)."""
-
-    cp_id: str
-    state: CPState = CPState.DISCONNECTED
-    location: str | None = None
-    kw_rate: float | None = None
-    euro_rate: float | None = None
-    health_url: str | None = None
-    is_faulty: bool = False
-    fault_reason: str | None = None
-    registered_at: datetime | None = None
-    """Set by the repository on first insert when None; never changed by an update."""
-    updated_at: datetime | None = None
-    """Set by the repository to the current time on every upsert when None."""
-    state_reason: str | None = None
-    breaker_state: BreakerState = BreakerState.CLOSED
-    breaker_failures: int = 0
-    breaker_reason: str | None = None
-    site: str | None = None
-    registered: bool = True
-    """Registered by a monitor, the fleet or the gateway; False for a CP known only from
-    the bus. An upsert never turns True back into False."""
-    protocol: str | None = None
-    vendor: str | None = None
-    model: str | None = None
-    """What an OCPP charger says of itself (BootNotification, SPEC §8)."""
-
-
-@dataclass(frozen=True)
-class SessionRecord(_AsDict):
-    """One charging session (``charging_sessions``)."""
-
-    session_id: str
-    request_id: str
-    cp_id: str
-    driver_id: str
-    status: str
-    """One of :data:`SESSION_STATUSES`: ACTIVE, COMPLETED, STOPPED, FAILED."""
-    started_at: datetime
-    ended_at: datetime | None = None
-    kwh: float = 0.0
-    euros: float = 0.0
-    reason: str | None = None
-    meter_final: bool = False
-    """The CP reported this session's end: kwh and euros are its meter's final totals."""
-    first_report: datetime | None = None
-    """The CP's own time of its first report of the session (None: not yet reported)."""
-    kwh_wanted: float | None = None
-    departure: datetime | None = None
-    car_battery_kwh: float | None = None
-    car_soc: float | None = None
-    car_max_kw: float | None = None
-    """What the driver's request said of the car and the charge (SPEC §10; None: not given)."""
-
-
-@dataclass(frozen=True)
-class FaultEvent(_AsDict):
-    """A fault or recovery of a CP (``fault_events``)."""
-
-    id: int
-    cp_id: str
-    event_type: str
-    reason: str | None
-    ts: datetime
-
-
-@dataclass(frozen=True)
-class HealthSnapshot(_AsDict):
-    """A CP's health at one moment (``cp_health_history``); ``id`` is set when read back."""
-
-    cp_id: str
-    state: CPState
-    is_faulty: bool
-    breaker_state: str
-    ts: datetime
-    session_id: str | None = None
-    id: int | None = None
-
+    def __getitem__(self, key: str, /) -> Any: ...
 
 # ------------------------------------------------------------------------------- schema
 
@@ -386,20 +245,12 @@ SQL_CP_HISTORY = f"""
 """  # noqa: S608
 
 
+
 # ---------------------------------------------------------------------- row conversions
 
 
-def clamp(limit: int) -> int:
-    return max(1, min(MAX_LIMIT, int(limit)))
 
-
-def amount(name: str, value: float) -> float:
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def cp_from_row(row: sqlite3.Row) -> CPRecord:
+def cp_from_row(row: Row) -> CPRecord:
     return CPRecord(
         cp_id=row["cp_id"],
         state=CPState(row["state"]),
@@ -423,7 +274,7 @@ def cp_from_row(row: sqlite3.Row) -> CPRecord:
     )
 
 
-def session_from_row(row: sqlite3.Row) -> SessionRecord:
+def session_from_row(row: Row) -> SessionRecord:
     return SessionRecord(
         session_id=row["session_id"],
         request_id=row["request_id"],
@@ -445,7 +296,7 @@ def session_from_row(row: sqlite3.Row) -> SessionRecord:
     )
 
 
-def fault_from_row(row: sqlite3.Row) -> FaultEvent:
+def fault_from_row(row: Row) -> FaultEvent:
     return FaultEvent(
         id=row["id"],
         cp_id=row["cp_id"],
@@ -455,7 +306,7 @@ def fault_from_row(row: sqlite3.Row) -> FaultEvent:
     )
 
 
-def health_from_row(row: sqlite3.Row) -> HealthSnapshot:
+def health_from_row(row: Row) -> HealthSnapshot:
     return HealthSnapshot(
         cp_id=row["cp_id"],
         state=CPState(row["state"]),
@@ -483,12 +334,12 @@ def health_params(snapshot: HealthSnapshot) -> tuple[Any, ...]:
 # ---------------------------------------------------------------------------- writes
 
 Op = tuple[str, tuple[Any, ...]]
-"""One write: a statement and its parameters. A list of them is one transaction."""
+"""One write as SQL: a statement and its parameters."""
 
 
-def upsert_cp(cp: CPRecord, now: datetime) -> Op:
-    """Insert the CP, or update every field of it but ``registered_at``."""
-    return SQL_UPSERT_CP, (
+def _cp_params(write: w.CPUpserted) -> tuple[Any, ...]:
+    cp, now = write.cp, write.now
+    return (
         cp.cp_id,
         CPState(cp.state).value,
         cp.location,
@@ -511,24 +362,9 @@ def upsert_cp(cp: CPRecord, now: datetime) -> Op:
     )
 
 
-def forget_cp(cp_id: str) -> Op:
-    """Delete a CP known only from the bus (a registered CP is never deleted by it)."""
-    return "DELETE FROM cp_registry WHERE cp_id = ? AND registered = 0", (cp_id,)
-
-
-def log_request(
-    request_id: str, driver_id: str, cp_id: str, decision: str, reason: str | None,
-    ts: datetime,
-) -> Op:
-    """The decision on a request (ignored when the request was decided before)."""
-    return SQL_LOG_REQUEST, (request_id, driver_id, cp_id, decision, reason, ts_text(ts))
-
-
-def start_session(session: SessionRecord) -> Op:
-    """A new session row (ignored when its session_id or request_id is stored)."""
-    if session.status not in SESSION_STATUSES:
-        raise ValueError(f"unknown session status {session.status!r}")
-    return SQL_START_SESSION, (
+def _session_params(write: w.SessionOpened) -> tuple[Any, ...]:
+    session = write.session
+    return (
         session.session_id,
         session.request_id,
         session.cp_id,
@@ -536,8 +372,8 @@ def start_session(session: SessionRecord) -> Op:
         str(session.status),
         ts_text(session.started_at),
         ts_opt_text(session.ended_at),
-        amount("kwh", session.kwh),
-        amount("euros", session.euros),
+        float(session.kwh),
+        float(session.euros),
         session.reason,
         session.kwh_wanted,
         ts_opt_text(session.departure),
@@ -547,89 +383,66 @@ def start_session(session: SessionRecord) -> Op:
     )
 
 
-def session_started(session_id: str, started_at: datetime, first_report: datetime) -> Op:
-    """Date a running session by its CP's first report of it (SPEC §4: sessions are dated
-    by their CP's times; `first_report` is that report's own time, unclamped)."""
-    return ("UPDATE charging_sessions SET start_time = ?, first_report = ? WHERE "
-            "session_id = ? AND status = 'ACTIVE'",
-            (ts_text(started_at), ts_text(first_report), session_id))
+def _finish_params(write: w.SessionFinished) -> tuple[Any, ...]:
+    return (str(write.status), ts_text(write.ended_at), float(write.kwh), float(write.euros),
+            write.reason, int(write.meter_final), write.session_id)
 
 
-def finish_session(
-    session_id: str, status: str, *, kwh: float, euros: float, reason: str | None,
-    ended_at: datetime, meter_final: bool = False,
-) -> Op:
-    """End an ACTIVE session with a final status (an ended one is left as it is)."""
-    if status == SESSION_ACTIVE or status not in SESSION_STATUSES:
-        raise ValueError(f"{status!r} is not a final session status")
-    return SQL_FINISH_SESSION, (
-        str(status), ts_text(ended_at), amount("kwh", kwh), amount("euros", euros), reason,
-        int(meter_final), session_id,
-    )
+def _pending_params(write: w.PendingSaved) -> tuple[Any, ...]:
+    return (int(write.seq), write.offsets, write.messages)
 
 
-def correct_totals(session_id: str, *, kwh: float, euros: float, meter_final: bool) -> Op:
-    """An ended session's totals, as a later meter report gives them."""
-    return SQL_CORRECT_TOTALS, (
-        amount("kwh", kwh), amount("euros", euros), int(meter_final), session_id,
-    )
+PARAMS: dict[type[Any], Callable[[Any], tuple[Any, ...]]] = {
+    w.CPUpserted: _cp_params,
+    w.CPForgotten: lambda x: (x.cp_id,),
+    w.RequestLogged: lambda x: (x.request_id, x.driver_id, x.cp_id, x.decision, x.reason,
+                                ts_text(x.ts)),
+    w.SessionOpened: _session_params,
+    w.SessionStarted: lambda x: (ts_text(x.started_at), ts_text(x.first_report),
+                                 x.session_id),
+    w.SessionFinished: _finish_params,
+    w.TotalsCorrected: lambda x: (float(x.kwh), float(x.euros), int(x.meter_final),
+                                  x.session_id),
+    w.CompletedByMeter: lambda x: (x.reason, x.session_id),
+    w.FaultRecorded: lambda x: (x.cp_id, str(x.event_type), x.reason, ts_text(x.ts)),
+    w.HealthRecorded: lambda x: health_params(x.snapshot),
+    w.HealthPruned: lambda x: (ts_text(x.before),),
+    w.PendingSaved: _pending_params,
+    w.SiteLimitSet: lambda x: (x.site, float(x.kw), ts_text(x.now)),
+    w.SiteLimitRemoved: lambda x: (x.site,),
+}
+"""Each write's parameters, in the order of its statement's placeholders (both dialects)."""
+
+STATEMENTS: dict[type[Any], str] = {
+    w.CPUpserted: SQL_UPSERT_CP,
+    w.CPForgotten: "DELETE FROM cp_registry WHERE cp_id = ? AND registered = 0",
+    w.RequestLogged: SQL_LOG_REQUEST,
+    w.SessionOpened: SQL_START_SESSION,
+    w.SessionStarted: "UPDATE charging_sessions SET start_time = ?, first_report = ?"
+                      " WHERE session_id = ? AND status = 'ACTIVE'",
+    w.SessionFinished: SQL_FINISH_SESSION,
+    w.TotalsCorrected: SQL_CORRECT_TOTALS,
+    w.CompletedByMeter: "UPDATE charging_sessions SET status = 'COMPLETED', reason = ?"
+                        " WHERE session_id = ? AND status = 'FAILED'",
+    w.FaultRecorded: SQL_INSERT_FAULT,
+    w.HealthRecorded: SQL_INSERT_HEALTH,
+    w.HealthPruned: "DELETE FROM cp_health_history WHERE timestamp < ?",
+    w.PendingSaved: "INSERT INTO outbox_pending (id, seq, offsets, messages) VALUES (1, ?, ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq,"
+                    " offsets = excluded.offsets, messages = excluded.messages",
+    w.SiteLimitSet: "INSERT INTO site_limits (site, kw, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (site) DO UPDATE SET kw = excluded.kw,"
+                    " updated_at = excluded.updated_at",
+    w.SiteLimitRemoved: "DELETE FROM site_limits WHERE site = ?",
+}
+"""SQLite's statement of each write."""
 
 
-def completed_by_meter(session_id: str, reason: str) -> Op:
-    """A session Central had closed FAILED that its CP's meter completed (SPEC §4: a CP
-    that completed a session is never recorded FAILED)."""
-    return ("UPDATE charging_sessions SET status = 'COMPLETED', reason = ? "
-            "WHERE session_id = ? AND status = 'FAILED'", (reason, session_id))
-
-
-def fault_event(cp_id: str, event_type: str, reason: str | None, ts: datetime) -> Op:
-    return SQL_INSERT_FAULT, (cp_id, str(event_type), reason, ts_text(ts))
-
-
-def health(snapshot: HealthSnapshot) -> Op:
-    return SQL_INSERT_HEALTH, health_params(snapshot)
-
-
-@dataclass(frozen=True)
-class PendingRow:
-    """The outbox's last flush (``outbox_pending``): its sequence number, and the consumed
-    offsets and messages it sends, as JSON text (the outbox reads and writes them)."""
-
-    seq: int
-    offsets: str
-    messages: str
+def op(write: w.Write) -> Op:
+    """A write as SQLite's statement and its parameters."""
+    kind = type(write)
+    return STATEMENTS[kind], PARAMS[kind](write)
 
 
 SQL_LOAD_PENDING = "SELECT seq, offsets, messages FROM outbox_pending WHERE id = 1"
-
-
-def save_pending(seq: int, offsets: str, messages: str) -> Op:
-    """Replace the outbox's last flush (the table has one row)."""
-    return (
-        "INSERT INTO outbox_pending (id, seq, offsets, messages) VALUES (1, ?, ?, ?)"
-        " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, offsets = excluded.offsets,"
-        " messages = excluded.messages",
-        (int(seq), offsets, messages),
-    )
-
-
 SQL_LOAD_SITE_LIMITS = "SELECT site, kw FROM site_limits ORDER BY site"
-
-
-def set_site_limit(site: str, kw: float, now: datetime) -> Op:
-    """Set (or replace) a site's power limit (SPEC §10)."""
-    return (
-        "INSERT INTO site_limits (site, kw, updated_at) VALUES (?, ?, ?)"
-        " ON CONFLICT (site) DO UPDATE SET kw = excluded.kw, updated_at = excluded.updated_at",
-        (site, amount("kw", kw), ts_text(now)),
-    )
-
-
-def delete_site_limit(site: str) -> Op:
-    """Remove a site's power limit (nothing when it has none)."""
-    return "DELETE FROM site_limits WHERE site = ?", (site,)
-
-
-def prune_health(before: datetime) -> Op:
-    """Forget health snapshots older than `before` (the history's retention)."""
-    return "DELETE FROM cp_health_history WHERE timestamp < ?", (ts_text(before),)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from evcharging.apps.ev_central.sql import CPRecord, HealthSnapshot, SessionRecord
+from evcharging.apps.ev_central.records import CPRecord, HealthSnapshot, SessionRecord
 from evcharging.common.circuit_breaker import CircuitBreaker
 from evcharging.common.messages import (
     CarSpec,
