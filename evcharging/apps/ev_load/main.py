@@ -37,6 +37,7 @@ from evcharging.apps.ev_load.central import CentralError, first_reading, refresh
 from evcharging.apps.ev_load.load import CPChooser, LoadGenerator, parse_cps
 from evcharging.apps.ev_load.metrics import load_metrics
 from evcharging.apps.ev_load.stats import RunInfo, Summary
+from evcharging.common.centrals import AnyDoor
 from evcharging.common.config import LoadSettings, build_parser, settings_problems
 from evcharging.common.kafka import (
     BusError,
@@ -126,15 +127,18 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
             logger.error("{} (change --metrics-port)", exc)
             return EXIT_UNREACHABLE
         shutdown.add("metrics server", server.stop)
-    async with httpx.AsyncClient(base_url=settings.central_url, timeout=5.0) as http:
+    centrals = AnyDoor.parse(settings.central_url, 80)
+    async with httpx.AsyncClient(base_url=centrals.url, timeout=5.0) as http:
         try:
             try:
-                await until_stopped(stop, _start(settings, http, chooser, bus, consumer))
+                await until_stopped(
+                    stop, _start(settings, http, chooser, bus, consumer, centrals)
+                )
             except Stopped:
                 logger.info("stopped while starting; no request was sent")
                 return EXIT_INTERRUPTED
             except CentralError as exc:
-                logger.error("cannot read Central's CPs at {}: {}", settings.central_url, exc)
+                logger.error("cannot read Central's CPs at {}: {}", centrals.describe(), exc)
                 return EXIT_UNREACHABLE
             except BusError as exc:
                 logger.error("cannot reach Kafka: {}", exc)
@@ -145,7 +149,7 @@ async def run(settings: LoadSettings, stop: asyncio.Event, out: Writer = write_s
                 f" of site {settings.site}" if settings.site else "",
                 "; drivers come with cars (kWh wanted, departure)" if settings.cars else "",
             )
-            info, failed = await _load(settings, generator, consumer, http, stop)
+            info, failed = await _load(settings, generator, consumer, http, stop, centrals)
         finally:
             await shutdown.run()
     if info is None:
@@ -163,8 +167,10 @@ async def _start(
     chooser: CPChooser,
     bus: KafkaBus,
     consumer: KafkaConsumerLoop,
+    centrals: AnyDoor,
 ) -> None:
-    cps = await first_reading(http, site=settings.site, timeout=settings.connect_timeout)
+    cps = await first_reading(http, site=settings.site, timeout=settings.connect_timeout,
+                              centrals=centrals)
     chooser.update(cps)
     if chooser.free_count == 0:
         logger.warning("Central lists no ACTIVATED CP{}{}; arrivals count as 'no free CP' "
@@ -180,6 +186,7 @@ async def _load(
     consumer: KafkaConsumerLoop,
     http: httpx.AsyncClient,
     stop: asyncio.Event,
+    centrals: AnyDoor,
 ) -> tuple[RunInfo | None, bool]:
     """Run the consumer, the CP refresh and the generator side by side.
 
@@ -190,7 +197,7 @@ async def _load(
         tasks.spawn(consumer.run(), "driver.updates consumer", forever=True)
         tasks.spawn(
             refresh_loop(http, generator.chooser, site=settings.site,
-                         interval=settings.refresh_interval),
+                         interval=settings.refresh_interval, centrals=centrals),
             "CP refresh", forever=True,
         )
         running = tasks.spawn(generator.run(), "load generator")
