@@ -146,6 +146,10 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+DB_URL_SCHEMES = ("sqlite:///", "postgresql://", "postgres://")
+"""The databases Central speaks (SPEC §9)."""
+
+
 class CentralSettings(ServiceSettings):
     """EV Central: the controller."""
 
@@ -161,6 +165,10 @@ class CentralSettings(ServiceSettings):
     listen_host: str = Field("127.0.0.1", description="address of the TCP control plane")
     listen_port: Port = Field(9999, description="port of the TCP control plane")
     db_path: Path = Field(Path("ev_charging.db"), description="SQLite file")
+    db_url: SecretStr | None = Field(
+        None, description="the database: sqlite:///PATH or postgresql://user:password@host:5432/db"
+        " (default: sqlite:/// + CENTRAL_DB_PATH)",
+    )
     api_token: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("CENTRAL_API_TOKEN", SHARED_TOKEN_ENV),
@@ -218,6 +226,21 @@ class CentralSettings(ServiceSettings):
     allocation_interval: Positive = Field(
         2.0, description="seconds between reallocations of the limited sites' power"
     )
+
+    @field_validator("db_url")
+    @classmethod
+    def _known_db_url(cls, value: SecretStr | None) -> SecretStr | None:
+        text = "" if value is None else value.get_secret_value()
+        if text and not text.startswith(DB_URL_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(DB_URL_SCHEMES)}")
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """CENTRAL_DB_URL, else ``sqlite:///`` + CENTRAL_DB_PATH (SPEC §9)."""
+        if self.db_url is None or not self.db_url.get_secret_value():
+            return f"sqlite:///{self.db_path}"
+        return self.db_url.get_secret_value()
 
     @field_validator("site_limits")
     @classmethod

@@ -1,6 +1,8 @@
-"""The repository contract (SPEC §7): every test of the ``repo`` fixture runs against each
-adapter (SQLite, a file). The SQLite-only tests at the end look at what only SQLite has
-(WAL, pragmas, the file, the connection thread)."""
+"""The repository contract (SPEC §7): every test of the ``repo`` fixture runs against both
+adapters, SQLite (a file) and PostgreSQL (a fresh database on the real server that the
+``postgres_server`` fixture starts; those runs are marked ``integration``). The SQLite-only
+tests at the end look at what only SQLite has (WAL, pragmas, the file, the connection
+thread)."""
 
 from __future__ import annotations
 
@@ -8,15 +10,19 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, cast
 
 import aiosqlite
+import asyncpg
 import pytest
 
 from evcharging.apps.ev_central import writes
+from evcharging.apps.ev_central.main import make_repository
+from evcharging.apps.ev_central.pg_repository import PostgresRepository
 from evcharging.apps.ev_central.records import PendingRow
 from evcharging.apps.ev_central.repository import (
     MAX_LIMIT,
@@ -28,13 +34,16 @@ from evcharging.apps.ev_central.repository import (
     Repository,
     SessionRecord,
     SqliteRepository,
+    StorageError,
 )
 from evcharging.common.circuit_breaker import BreakerState
+from evcharging.common.config import CentralSettings
 from evcharging.common.states import CPState, SessionResult
+from evcharging.devtools.postgres import LocalPostgres
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
-INTEGRITY = (sqlite3.IntegrityError,)
+INTEGRITY = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 """A row the schema refuses, as each adapter says it."""
 
 
@@ -133,9 +142,27 @@ def _sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", lambda: SqliteRepository(path, clock=FakeClock()), raw)
 
 
-@pytest.fixture(params=["sqlite"])
+def _postgres_backend(request: pytest.FixtureRequest) -> Backend:
+    server = cast(LocalPostgres, request.getfixturevalue("postgres_server"))
+    name = f"repo_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    request.addfinalizer(lambda: server.drop_database(name))
+
+    async def raw(statement: str) -> list[tuple[Any, ...]]:
+        conn = await asyncpg.connect(url)
+        try:
+            return [tuple(row) for row in await conn.fetch(statement)]
+        finally:
+            await conn.close()
+
+    return Backend("postgres", lambda: PostgresRepository(url, clock=FakeClock()), raw)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return _sqlite_backend(tmp_path)
+    if request.param == "sqlite":
+        return _sqlite_backend(tmp_path)
+    return _postgres_backend(request)
 
 
 @pytest.fixture
@@ -752,3 +779,33 @@ async def test_sqlite_write_cancelled_mid_batch_is_rolled_back(
     # written again, is stored exactly once.
     await sqlite_repo.apply(rows)
     assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows),)]
+
+
+# ------------------------------------------------------------------- CENTRAL_DB_URL
+
+
+def test_central_db_url_chooses_the_adapter(tmp_path: Path) -> None:
+    settings = CentralSettings(db_path=tmp_path / "c.db")
+    assert settings.database_url == f"sqlite:///{tmp_path / 'c.db'}"
+    repo, where = make_repository(settings.database_url)
+    assert isinstance(repo, SqliteRepository) and repo.path == tmp_path / "c.db"
+    assert where == str(tmp_path / "c.db")
+    url = "postgresql://central:s3cret@db.example:5432/ev"
+    settings = CentralSettings(db_url=url)
+    assert settings.database_url == url
+    repo, where = make_repository(settings.database_url)
+    assert isinstance(repo, PostgresRepository)
+    assert where == "postgresql://central:***@db.example:5432/ev"
+    assert "s3cret" not in repr(settings)
+
+
+def test_central_db_url_must_name_a_known_database() -> None:
+    with pytest.raises(ValueError, match="postgresql://"):
+        CentralSettings(db_url="mysql://h/db")
+
+
+async def test_an_unreachable_postgresql_is_a_storage_error() -> None:
+    repo = PostgresRepository("postgresql://nobody:x@127.0.0.1:9/none", connect_timeout=2.0)
+    with pytest.raises(StorageError, match=r"nobody:\*\*\*@127\.0\.0\.1:9/none"):
+        await repo.open()
+    assert not await repo.ping()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -21,7 +22,13 @@ from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
-from evcharging.apps.ev_central.repository import DatabaseInUse, SqliteRepository
+from evcharging.apps.ev_central.pg_repository import PostgresRepository
+from evcharging.apps.ev_central.repository import (
+    DatabaseInUse,
+    Repository,
+    SqliteRepository,
+    StorageError,
+)
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.config import CentralSettings, load_settings
 from evcharging.common.http import check_exposure
@@ -52,6 +59,16 @@ from evcharging.common.service import (
 DESCRIPTION = "EV Central: the controller of the EV charging network."
 
 
+def make_repository(url: str) -> tuple[Repository, str]:
+    """The repository of CENTRAL_DB_URL (SPEC §9) and where it is, without a password:
+    ``sqlite:///PATH`` (one Central per file: a file lock) or ``postgresql://…``."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        return SqliteRepository(Path(path), exclusive=True), path
+    postgres = PostgresRepository(url)
+    return postgres, postgres.url
+
+
 async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
     for host in (settings.http_host, settings.listen_host):
         refused = check_exposure(host, settings.api_token, settings.allow_anonymous,
@@ -62,10 +79,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
     stats = BusStats()
     kafka = KafkaConfig.from_settings(settings, "ev-central")
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    repository = SqliteRepository(settings.db_path, exclusive=True)
+    repository, where = make_repository(settings.database_url)
     try:
-        await repository.open()  # one Central per file: a second one stops here
-    except DatabaseInUse as exc:
+        await repository.open()  # one Central per SQLite file: a second one stops here
+    except (DatabaseInUse, StorageError) as exc:
         logger.critical("{}", exc)
         return EXIT_FAILURE
     async with repository as repo:
@@ -127,7 +144,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 "kafka": {"connected": bus.connected, "topics_ok": bus.topics_ok,
                           "topics_problem": bus.topics_problem,
                           "bootstrap": settings.kafka_bootstrap, **stats.as_dict()},
-                "database": {"ok": db_ok, "busy": busy, "path": str(settings.db_path)},
+                "database": {"ok": db_ok, "busy": busy, "path": where},
                 "tcp": tcp.stats(),
             }
 
