@@ -48,6 +48,7 @@ from websockets.typing import Subprotocol
 
 from evcharging.apps.ev_fleet.ocpp_charger import ChargerModel, Outgoing, Reply
 from evcharging.apps.ev_load.stats import percentile
+from evcharging.common.backoff import Restartable, doubling, until_done
 
 __all__ = ["ChargerConnection", "OcppFleet", "OcppFleetStats", "quantile"]
 
@@ -127,33 +128,42 @@ class ChargerConnection:
     # ---------------------------------------------------------------- the connection
 
     async def run(self) -> None:
-        """Connect, boot and serve until cancelled; reconnect with backoff."""
-        delay = BACKOFF_FIRST
+        """Connect, boot and serve until cancelled; reconnect with backoff
+        (:data:`BACKOFF_FIRST` doubling up to :data:`BACKOFF_MAX`, ±20 % jitter), from
+        :data:`BACKOFF_FIRST` again once a connection opened."""
+        backoff = Restartable(doubling(BACKOFF_FIRST, BACKOFF_MAX, jitter=0.2))
+
+        async def session() -> bool:
+            await self._session(backoff.restart)
+            return False  # the connection failed or closed: always try again
+
+        await until_done(session, backoff, what=None)
+
+    async def _session(self, opened: Callable[[], None]) -> None:
+        """One connection: open it, boot and serve until it closes (`opened` is called
+        when it opens)."""
         stats = self.fleet.stats
-        while True:
-            try:
-                async with connect(
-                    self.url, subprotocols=[Subprotocol(self.model.protocol)],
-                    additional_headers=self.fleet.headers(self.model.charger_id),
-                    open_timeout=self.fleet.call_timeout, ping_interval=None,
-                    close_timeout=2, compression=None, max_queue=4,
-                ) as ws:
-                    stats.connects += 1
-                    self._opened(ws)
-                    delay = BACKOFF_FIRST
-                    await self.flush()
-                    async for raw in ws:
-                        await self.receive(raw)
-            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
-                if self.ws is None:
-                    stats.connect_failures += 1
-                    self.fleet.failed_once(self, exc)
-            finally:
-                if self.ws is not None:
-                    stats.disconnects += 1
-                self._closed()
-            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
-            delay = min(delay * 2, BACKOFF_MAX)
+        try:
+            async with connect(
+                self.url, subprotocols=[Subprotocol(self.model.protocol)],
+                additional_headers=self.fleet.headers(self.model.charger_id),
+                open_timeout=self.fleet.call_timeout, ping_interval=None,
+                close_timeout=2, compression=None, max_queue=4,
+            ) as ws:
+                stats.connects += 1
+                self._opened(ws)
+                opened()
+                await self.flush()
+                async for raw in ws:
+                    await self.receive(raw)
+        except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+            if self.ws is None:
+                stats.connect_failures += 1
+                self.fleet.failed_once(self, exc)
+        finally:
+            if self.ws is not None:
+                stats.disconnects += 1
+            self._closed()
 
     def _opened(self, ws: ClientConnection) -> None:
         self.ws = ws
