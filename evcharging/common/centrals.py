@@ -149,20 +149,26 @@ class AnyDoor:
     """Central's addresses and the one in use: :meth:`call` tries the one in use and moves
     to the next while they do not answer (see the module's text)."""
 
-    def __init__(self, addresses: Sequence[CentralAddress], *, name: str = "Central") -> None:
+    def __init__(
+        self, addresses: Sequence[CentralAddress], *, name: str = "Central", urls: bool = True
+    ) -> None:
         if not addresses:
             raise ValueError("AnyDoor needs at least one address")
         self.addresses = tuple(addresses)
         self.name = name
+        self.urls = urls
+        """Whether the log lines show URLs (an HTTP API), else ``host:port`` (a TCP port)."""
         self.switches = 0
         """How many times a call moved on to the next address."""
         self._index = 0
         self._switched = False  # moved on since the last answer (logged once)
 
     @classmethod
-    def parse(cls, text: str, default_port: int, *, name: str = "Central") -> AnyDoor:
+    def parse(
+        cls, text: str, default_port: int, *, name: str = "Central", urls: bool = True
+    ) -> AnyDoor:
         """The AnyDoor of a list :func:`parse_centrals` reads."""
-        return cls(parse_centrals(text, default_port), name=name)
+        return cls(parse_centrals(text, default_port), name=name, urls=urls)
 
     @property
     def current(self) -> CentralAddress:
@@ -174,12 +180,16 @@ class AnyDoor:
         """The base URL of the address in use."""
         return self.current.url
 
+    def show(self, address: CentralAddress) -> str:
+        """An address as the log lines show it."""
+        return address.url if self.urls else address.hostport
+
     def describe(self) -> str:
         """The address in use, and the others when there are several (for start lines)."""
         if len(self.addresses) == 1:
-            return self.url
-        others = ", ".join(a.url for a in self.addresses if a != self.current)
-        return f"{self.url} (then {others})"
+            return self.show(self.current)
+        others = ", ".join(self.show(a) for a in self.addresses if a != self.current)
+        return f"{self.show(self.current)} (then {others})"
 
     async def call(
         self,
@@ -209,10 +219,10 @@ class AnyDoor:
         self.switches += 1
         level = "DEBUG" if self._switched else "WARNING"
         self._switched = True
-        logger.log(level, "{} at {} does not answer ({}); trying {}", self.name, address.url,
-                   _reason(exc), self.url)
+        logger.log(level, "{} at {} does not answer ({}); trying {}", self.name,
+                   self.show(address), _reason(exc), self.show(self.current))
 
     def _answered(self, address: CentralAddress) -> None:
         if self._switched:
             self._switched = False
-            logger.info("{} at {} answers; using it", self.name, address.url)
+            logger.info("{} at {} answers; using it", self.name, self.show(address))

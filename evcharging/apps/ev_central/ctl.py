@@ -8,7 +8,9 @@ Usage::
 
 The settings are :class:`~evcharging.common.config.CtlSettings`, read like every
 service's: a flag beats the environment variable, which beats ``.env``, which beats the
-default. ``--host`` is ``CENTRAL_CTL_HOST`` (``localhost``), ``--port`` Central's own
+default. ``--host`` is ``CENTRAL_CTL_HOST`` (``localhost``; several Centrals separated by
+commas, ``h1,h2`` or ``h1:9999,h2:9998``: the next is tried while one cannot be reached,
+SPEC §9), ``--port`` Central's own
 ``CENTRAL_LISTEN_PORT`` (``9999``), ``--token`` ``CENTRAL_API_TOKEN`` or else the shared
 ``EVCHARGING_API_TOKEN``, ``--timeout`` ``CENTRAL_CTL_TIMEOUT`` (5 s). The global options
 may also follow the command (``ctl status --json``).
@@ -34,6 +36,7 @@ from typing import Any, Final, Self, TextIO
 
 from pydantic import ValidationError
 
+from evcharging.common.centrals import AnyDoor, CentralAddress
 from evcharging.common.config import CtlSettings, add_settings_flags, settings_problems
 from evcharging.common.framing import Frame, FramingError, Oversize, decode_message, encode_message
 from evcharging.common.link import Link, LinkError, LinkOptions, PeerClosed, Refused
@@ -299,10 +302,10 @@ def format_table(cps: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _render(
-    args: argparse.Namespace, settings: CtlSettings, answer: Mapping[str, Any], out: TextIO
+    args: argparse.Namespace, central: CentralAddress, answer: Mapping[str, Any], out: TextIO
 ) -> None:
     if args.command == "ping":
-        where = f"{settings.host}:{settings.port}"
+        where = central.hostport
         out.write(f"pong from Central at {where} ({answer.get('cps', '?')} CPs)\n")
     elif args.command == "status":
         cp = answer.get("cp")
@@ -339,9 +342,14 @@ async def amain(
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     token = settings.token.get_secret_value() if settings.token else None
     request = _request(args, token)
-    try:
-        async with ControlClient(settings.host, settings.port, settings.timeout) as client:
-            answer = await client.request(request)
+    centrals = AnyDoor.parse(settings.host, settings.port, urls=False)
+
+    async def ask(central: CentralAddress) -> dict[str, Any]:
+        async with ControlClient(central.host, central.port, settings.timeout) as client:
+            return await client.request(request)
+
+    try:  # the next Central of a list while one cannot be reached (SPEC §9)
+        answer = await centrals.call(ask, down=_unreachable)
     except FramingError as exc:  # the request itself cannot be sent (e.g. over 64 KiB)
         err.write(f"{parser.prog}: error: {exc}\n")
         return EXIT_USAGE
@@ -352,11 +360,15 @@ async def amain(
     if getattr(args, "json", False):
         out.write(json.dumps(answer, indent=2, ensure_ascii=False) + "\n")
     elif ok:
-        _render(args, settings, answer, out)
+        _render(args, centrals.current, answer, out)
     else:
         code = answer.get("code")
         err.write(f"error: {answer.get('error', 'unknown error')}{f' ({code})' if code else ''}\n")
     return EXIT_OK if ok else EXIT_ERROR
+
+
+def _unreachable(exc: BaseException) -> bool:
+    return isinstance(exc, CentralUnreachable)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
