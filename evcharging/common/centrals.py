@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -136,10 +137,20 @@ def no_answer(exc: BaseException) -> bool:
 
 
 def _reason(exc: BaseException) -> str:
+    """A short cause of no answer, from the exception and its causes."""
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "timed out"
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host ({cause.strerror or cause})"
+        cause = cause.__cause__ or cause.__context__
     text = str(exc)
-    if "refused" in text.lower() or isinstance(exc.__cause__, ConnectionRefusedError):
+    if "refused" in text.lower():
         return "connection refused"
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 200 else text[:199] + "…"
