@@ -9,7 +9,8 @@ to find the first sign that Central noticed it.
 Detection, per fault:
 
 * database lock, broker kill: Central's ``/health`` stops answering 200;
-* Central kill: the restarted Central's first driver update (it acts on what happened);
+* Central kill (also with a limited site): the restarted Central's first driver update (it
+  acts on what happened);
 * frozen or killed engine: the CP shown faulty or disconnected, or a FAILED update of a
   session on it;
 * monitor kill: the CP shown ``monitored: false``.
@@ -34,6 +35,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -45,6 +47,7 @@ from evcharging.common.bus import Topic
 from evcharging.common.messages import DriverStatus, encode
 from evcharging.devtools.kafka_broker import KafkaBroker
 from evcharging.devtools.process import free_port
+from tests.chaos import power
 from tests.chaos.harness import ChaosRun, DbLock, FakeClock, Sign, now
 from tests.e2e.conftest import Proc
 from tests.polling import poll
@@ -65,6 +68,9 @@ class Window:
     """When Central first showed that it noticed (None: it never did)."""
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    back: float | None = None
+    """When the restarted Central first answered ``/health`` with 200 (the faults that
+    measure it)."""
 
 
 Fault = Callable[[ChaosRun, float], Awaitable[Window]]
@@ -117,6 +123,80 @@ async def central_kill(run: ChaosRun, hold: float) -> Window:
     return Window(start, end, lambda: next(
         (s.at for s in run.observer.seen if s.at >= end), None
     ))
+
+
+async def central_restart_limited(run: ChaosRun, hold: float) -> Window:
+    """SIGKILL Central while its site is limited (issue 17); restart it `hold` seconds
+    later. ``back`` is when its ``/health`` first answered 200 again (the watcher's sign or
+    the test's own call, the earlier)."""
+    window = await central_kill(run, hold)
+
+    async def healthy() -> float | None:
+        answer = await run.system.http.get("/health", timeout=3)
+        return now() if answer.status_code == 200 else None
+
+    try:
+        called = await poll(healthy, timeout=60, what="the restarted Central's /health 200",
+                            retry_on=(httpx.HTTPError, OSError))
+    except AssertionError as exc:
+        window.problems.append(str(exc))
+        return window
+    seen = run.watcher.first(window.end, lambda s: s.kind == "health" and s.value == 200)
+    window.back = called if seen is None else min(seen, called)
+    return window
+
+
+def limit_kept(
+    run: ChaosRun, window: Window, since: float, limit: float, *, allocation: float,
+    telemetry: float,
+) -> tuple[list[str], list[str]]:
+    """Notes and problems of a limited site's power (all of the run's CPs), by their own
+    telemetry (:mod:`tests.chaos.power`), for the stretches that end after `since`.
+
+    After Central is back (``window.back``), from two allocation intervals and two
+    telemetry intervals on, the site is never above its limit, except within two telemetry
+    intervals of a session's start (SPEC §10: the new session has its share and the
+    others give way from their next telemetry). The notes give the worst overshoot by
+    kW and the longest, over the whole round, during the outage, and after."""
+    wall = time.time() - now()  # the CPs' times are wall-clock
+    reports = [r for r in run.observer.power if r.cp_id in run.cps]
+    found = [o for o in power.overshoots(reports, limit) if o.end > since + wall]
+    starts = power.session_starts(reports)
+    kill = window.start + wall
+    notes: list[str] = []
+    problems: list[str] = []
+    if window.back is None:
+        problems.append("no /health 200 from the restarted Central: the limit not checked")
+        return notes, problems
+    back = window.back + wall
+    deadline = back + 2 * allocation + 2 * telemetry
+
+    def worst(stretches: list[power.Overshoot]) -> str:
+        if not stretches:
+            return "none"
+        high = max(stretches, key=lambda o: o.peak_kw)
+        long = max(stretches, key=lambda o: o.seconds)
+        text = f"{len(stretches)}, highest {power.describe(high, kill)}"
+        return text if long is high else f"{text}, longest {power.describe(long, kill)}"
+
+    def at_a_start(o: power.Overshoot) -> bool:
+        return any(s <= o.start and o.end - s <= 2 * telemetry for s in starts)
+
+    outage = [o for o in found if o.start < back and o.end > kill]
+    after = [o for o in found if o.end > back]
+    late = [o for o in found if o.end > deadline and not at_a_start(o)]
+    begun = [s for s in starts if kill < s < back]
+    notes.append(f"site limit {limit:g} kW, times from the kill; Central back (/health 200) "
+                 f"after {back - kill:.1f} s, overshoots over the round: {worst(found)}")
+    notes.append(f"during the outage: {worst(outage)}; {len(begun)} session(s) began "
+                 f"then; after Central was back: {worst(after)}")
+    problems += [
+        f"the site above its limit {limit:g} kW after Central was back (deadline "
+        f"{deadline - kill:+.1f} s = back + 2 × {allocation:g} s + 2 × {telemetry:g} s), not "
+        f"within {2 * telemetry:g} s of a session's start: {power.describe(o, kill)}"
+        for o in late
+    ]
+    return notes, problems
 
 
 async def frozen_engine(run: ChaosRun, hold: float) -> Window:

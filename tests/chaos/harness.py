@@ -60,6 +60,7 @@ from evcharging.common.messages import (
 from evcharging.devtools.process import free_port
 from tests.chaos.chargers import Charger
 from tests.chaos.ledger import Breach, MeterLog, SessionRow, Totals, check_ledger
+from tests.chaos.power import Report
 from tests.e2e.conftest import Proc, System
 from tests.polling import poll
 
@@ -147,6 +148,9 @@ class Observer:
         """(when, CP id, session id) of every end-of-session status read (not heartbeats)."""
         self.last_status: dict[str, CPStatus] = {}
         """CP id → the last heartbeat read of it."""
+        self.power: list[Report] = []
+        """Every session's power reports and end-of-session status, at its CP's own time
+        (a limited site's power, :mod:`tests.chaos.power`)."""
         self.adopted: dict[str, list[str]] = {}
         """Driver id of a real driver process whose requests count as the test's (or a
         prefix of such ids, ending in ``*``) → the ids of its requests read so far."""
@@ -247,6 +251,8 @@ class Observer:
                     self.last_status[status.cp_id] = status
                 if status.session_result is not None and status.session_id is not None:
                     self.ended.append((now(), status.cp_id, status.session_id))
+                    self.power.append(Report(status.ts.timestamp(), status.cp_id,
+                                             status.session_id, None))
                 end = status.session_end()
                 if end is not None:
                     self.meter.add_end(end.session_id, Totals(end.kwh, end.euros),
@@ -258,6 +264,8 @@ class Observer:
                         telemetry.session_id, Totals(telemetry.kwh, telemetry.euros)
                     )
                     self.metered[telemetry.cp_id] = (now(), telemetry.session_id, telemetry.kwh)
+                    self.power.append(Report(telemetry.ts.timestamp(), telemetry.cp_id,
+                                             telemetry.session_id, telemetry.kw))
         except ValidationError:
             self.invalid += 1
 
@@ -669,6 +677,16 @@ class ChaosRun:
         ], system.env(), system.tmp).start()
         system.procs.append(proc)
         return proc
+
+    async def join_site(self, site: str) -> None:
+        """Register every CP of the run in `site` (its monitor registered it without one),
+        at the engines' rate; returns once Central lists them there."""
+        for cp_id in self.cps:
+            answer = await self.system.http.post(
+                "/cp/register", json={"cp_id": cp_id, "site": site, "kw_rate": KW_RATE})
+            assert answer.status_code == 200, answer.text
+        for cp_id in self.cps:
+            await self.system.wait_cp(cp_id, lambda cp: cp.get("site") == site, f"in {site}")
 
     async def restart_central(self) -> None:
         self.central = await self.system.start_central(self.central_env)

@@ -30,6 +30,14 @@ and dated by the charger's own start and stop (:meth:`ChaosRun.meter_problems`).
 transaction's stop, then its next start (1.6 StopTransaction and StartTransaction, 2.0.1
 TransactionEvent Ended and Started): a gateway that answered them before they were durable
 lost them.
+
+Issue 17 limits a site: ``central-restart-limited`` runs four CPs in one site whose limit
+(40 kW) is below their sum (88 kW) and SIGKILLs Central mid-session, then as the next
+sessions start. The site's power is summed from the CPs' own telemetry
+(:mod:`tests.chaos.power`); after Central is back (``/health`` 200) it may be over the limit
+only until two allocation and two telemetry intervals have passed, or within two telemetry
+intervals of a session's start (SPEC §10). The worst overshoot of each round, during the
+outage and after, is a line of the table.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from tests.chaos.harness import (
     Phase,
     chaos_system,
     format_table,
+    now,
 )
 from tests.chaos.ledger import CORRECTED, describe
 from tests.polling import poll
@@ -108,6 +117,10 @@ class Scenario:
     ocpp: str = ""
     """The CPs are OCPP chargers of this protocol behind the OCPP gateway (issue 15); the
     ledger is held to the chargers' own meters and times too."""
+    site_limit: float = 0.0
+    """The run's CPs are LIMITED_CPS, all in SITE with this limit (kW, set with
+    ``CENTRAL_SITE_LIMITS``) below the sum of their rates (issue 17): the site's power, by the
+    CPs' own telemetry, is checked with :func:`~tests.chaos.faults.limit_kept`."""
     known_bug: str = ""
     """A bug of the system this row finds that is not fixed yet: the row is expected to
     fail, and says so in the table (strict: once the bug is fixed the row fails as XPASS
@@ -145,6 +158,14 @@ Central always has a batch in hand, so a kill finds work handled and not yet com
 DRIVER_LOAD_SECONDS = 20.0
 DB_TMPFS_MIB = 64
 OCPP16, OCPP201 = "ocpp1.6", "ocpp2.0.1"
+LIMITED_CPS = ("CP-1", "CP-2", "CP-3", "CP-4")
+SITE = "site-chaos"
+SITE_LIMIT = 40.0
+"""Below the four CPs' 88 kW: two sessions get 20 kW each, three 13.333, four 10."""
+ALLOCATION_INTERVAL = 2.0
+TELEMETRY_INTERVAL = float(CHAOS_ENGINE["CP_ENGINE_TELEMETRY_INTERVAL"])
+LIMITED = {"CENTRAL_SITE_LIMITS": f"{SITE}={SITE_LIMIT:g}",
+           "CENTRAL_ALLOCATION_INTERVAL": f"{ALLOCATION_INTERVAL:g}"}
 
 FULL = [
     Scenario("db-lock", 20, (MID, RECORDED), central_only=True),
@@ -181,6 +202,9 @@ FULL = [
     Scenario("charger-drop", 30, (MID,), meter_settles=True, exactly_once=True, ocpp=OCPP16),
     Scenario("charger-drop", 30, (MID,), meter_settles=True, exactly_once=True,
              ocpp=OCPP201),
+    # issue 17: Central killed while a site is limited
+    Scenario("central-restart-limited", 5, (MID, NEXT), LIMITED, meter_settles=True,
+             exactly_once=True, site_limit=SITE_LIMIT),
 ]
 FAST = [
     Scenario("db-lock", 8, (MID,), central_only=True),
@@ -243,6 +267,7 @@ PLAIN_FAULTS: dict[str, faults.Fault] = {
     "second-central": faults.second_central,
     "gateway-kill": faults.gateway_kill,
     "charger-drop": faults.charger_drop,
+    "central-restart-limited": faults.central_restart_limited,
 }
 
 
@@ -285,6 +310,7 @@ async def one_round(
 ) -> None:
     """One fault at `phase`; `known` holds what earlier rounds reported (breaches, and
     failed sessions)."""
+    began = now()
     run.start_load()
     if scenario.driver_load:
         run.start_driver_load(scenario.driver_load, DRIVER_LOAD_SECONDS, scenario.fleet)
@@ -359,6 +385,12 @@ async def one_round(
         any((u.reason or "").startswith(CORRECTED) for u in updates)
         for updates in run.observer.updates.values()
     )
+    if scenario.site_limit:
+        notes, problems = faults.limit_kept(run, window, began, scenario.site_limit,
+                                            allocation=ALLOCATION_INTERVAL,
+                                            telemetry=TELEMETRY_INTERVAL)
+        outcome.notes += notes
+        outcome.problems += problems
     if scenario.ocpp:
         charged = [p for p in await run.meter_problems() if ("METER", p) not in known]
         known.update(("METER", p) for p in charged)
@@ -454,7 +486,7 @@ async def test_the_ledger_survives(
     outcomes: list[Outcome] = []
     known: set[tuple[str, str]] = set()
     cps = (tuple(f"CP-{i:05d}" for i in range(1, scenario.follow + 1)) if scenario.fleet
-           else OCPP_CPS if scenario.ocpp else CPS)
+           else OCPP_CPS if scenario.ocpp else LIMITED_CPS if scenario.site_limit else CPS)
     async with (
         rig_for(scenario, request, tmp_path, cps) as rig,
         chaos_system(rig.bootstrap, tmp_path, cps) as run,
@@ -464,6 +496,8 @@ async def test_the_ledger_survives(
         run.engine_envs.update(rig.engine_envs)
         await run.start({**scenario.central_env, **rig.central_env}, fleet=scenario.fleet,
                         fleet_env=scenario.fleet_env, ocpp=scenario.ocpp)
+        if scenario.site_limit:
+            await run.join_site(SITE)
         for index, phase in enumerate(scenario.phases):
             outcome = Outcome(scenario.label(phase, index))
             outcomes.append(outcome)
