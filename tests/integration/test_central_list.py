@@ -40,7 +40,7 @@ class RunningCentral:
 
     async def cp(self, cp_id: str) -> dict[str, object] | None:
         response = await self.http.get(f"/cp/{cp_id}")
-        return response.json() if response.status_code == 200 else None  # type: ignore[no-any-return]
+        return response.json() if response.status_code == 200 else None
 
 
 @pytest.fixture
