@@ -15,8 +15,6 @@ import pytest
 from evcharging.apps.ev_ocpp.commit import GroupCommit
 from evcharging.apps.ev_ocpp.gateway import HANDLING, Gateway, Handling, PendingStart
 from evcharging.apps.ev_ocpp.store import (
-    COMMIT_DELAY,
-    MAX_COMMIT_DELAY,
     SnapshotEncoder,
     StateStore,
     restore,
@@ -78,17 +76,6 @@ async def test_a_waiter_gone_meanwhile_is_dropped_and_nothing_waits_for_nothing(
     assert kept.result() is None and commits.waiting == 0
     commits.failed(3.0)  # nothing waits: no write is due for a failure alone
     assert commits.due(0.02) is None
-
-
-async def test_the_commit_delay_grows_with_the_encoding_time_within_its_bounds(
-    tmp_path: Path,
-) -> None:
-    state = StateStore(tmp_path / "state.json")
-    assert state.commit_delay == COMMIT_DELAY
-    state.encode_seconds = 0.010
-    assert COMMIT_DELAY <= state.commit_delay <= MAX_COMMIT_DELAY
-    state.encode_seconds = 1.0
-    assert state.commit_delay == MAX_COMMIT_DELAY
 
 
 async def test_a_save_answers_the_asks_and_holds_their_changes(tmp_path: Path) -> None:
@@ -169,7 +156,7 @@ async def test_an_encoder_sees_a_remote_start_come_and_go() -> None:
     assert '"pending":null' in encoder.encode(gw)
 
 
-async def test_the_writer_answers_many_changes_with_one_write_soon(tmp_path: Path) -> None:
+async def test_the_writer_answers_many_changes_with_one_append_soon(tmp_path: Path) -> None:
     state = StateStore(tmp_path / "state.json")
     gw = Gateway(WaitRecorder())
     gw.durable = state.commit
@@ -179,11 +166,81 @@ async def test_the_writer_answers_many_changes_with_one_write_soon(tmp_path: Pat
         for n, conn in enumerate(conns):
             await gw.start(conn, transaction=str(n), driver_id="alice", meter_start_wh=0.0,
                            ts=T0, own_session_id=f"own-{n}")
-        # Twenty chargers' answers wait together: one write, well before the interval.
+        # Twenty chargers' answers wait together: one append, well before the interval.
         await asyncio.wait_for(asyncio.gather(*(gw.durable() for _ in conns)), timeout=5)
-        assert state.writes == 1
-        data = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
-        assert len(data["transactions"]) == 20
+        assert (state.appends, state.writes) == (1, 0)
+        lines = state.journal_path(0).read_text(encoding="utf-8").splitlines()
+        assert sorted(line[:4] for line in lines) == ['["c"'] * 20 + ['["t"'] * 20
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
+    again = Gateway(WaitRecorder())
+    StateStore(tmp_path / "state.json").load(again)  # no snapshot yet: the journal alone
+    assert len(again.transactions) == 20
+    assert all(c.session is not None and c.session.offline for c in again.connectors.values())
+
+
+async def started(gw: Gateway, charger: str, tx: str) -> None:
+    conn = gw.connector(charger, 1)
+    await gw.change(conn, CPState.ACTIVATED, "available")
+    await gw.start(conn, transaction=tx, driver_id="alice", meter_start_wh=0.0, ts=T0,
+                   own_session_id=f"own-{tx}")
+
+
+async def test_a_restart_reads_the_snapshot_then_the_journals_after_it(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(WaitRecorder())
+    await started(gw, "CH-A", "1")
+    await state.save(gw)  # the snapshot: CH-A's session running
+    session = gw.connectors["CH-A.1"].session
+    assert session is not None
+    await gw.stop(session, 4000.0, "Local", T0)  # durable: journaled, not in the snapshot
+    await started(gw, "CH-B", "2")
+    await state.append(gw)
+    assert state.writes == 1 and state.appends == 1
+    again = Gateway(WaitRecorder())
+    StateStore(tmp_path / "state.json").load(again)
+    ended = again.transactions[("CH-A", "1")]
+    assert ended is not None and ended.ended is not None and ended.ended.kwh == 4.0
+    assert again.connectors["CH-A.1"].session is None
+    assert again.connectors["CH-A.1"].last_end == ended.ended
+    running = again.connectors["CH-B.1"].session
+    assert running is not None and running.session_id == "own-2"
+
+
+async def test_a_snapshot_removes_the_journals_it_holds(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(WaitRecorder())
+    await started(gw, "CH-A", "1")
+    await state.append(gw)
+    assert state.journal_path(0).exists()
+    await state.save(gw)
+    assert not state.journal_path(0).exists()
+    await started(gw, "CH-B", "2")
+    await state.append(gw)
+    assert state.journal_path(state.generation).exists()
+    data = json.loads((tmp_path / "state.json").read_text(encoding="utf-8"))
+    assert data["journal"] == state.generation
+
+
+async def test_a_journal_line_cut_short_was_never_answered_and_is_ignored(
+    tmp_path: Path,
+) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(WaitRecorder())
+    await started(gw, "CH-A", "1")
+    await state.append(gw)
+    with state.journal_path(0).open("a", encoding="utf-8") as file:
+        file.write('["t","CH-B","2",{"session_id":"own')  # killed while writing
+    again = Gateway(WaitRecorder())
+    restarted = StateStore(tmp_path / "state.json")
+    restarted.load(again)
+    assert list(again.transactions) == [("CH-A", "1")]
+    assert restarted.generation == 1  # appends go to a journal of their own
+
+
+async def test_a_bad_line_inside_a_journal_refuses_the_start(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    state.journal_path(0).write_text('["x"]\n["c"]\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="journal-0 line 1"):
+        state.load(Gateway(WaitRecorder()))

@@ -206,6 +206,10 @@ class Gateway:
         self.durable: Callable[[], Awaitable[None]] = _nothing_to_keep
         """Returns once the state file holds every change made so far (the state
         store's group commit; nothing to wait for without a state file)."""
+        self.kept_transactions: set[tuple[str, str]] = set()
+        self.kept_connectors: set[str] = set()
+        """The transactions and CPs of changes the ledger cannot lose (:meth:`keep`) not
+        yet in the state file's journal (the state store takes them)."""
 
     # ---------------------------------------------------------------- chargers
 
@@ -367,7 +371,7 @@ class Gateway:
                           last_wh=meter_start_wh, last_at=ts)
         conn.session = session
         self.remember(conn.charger_id, transaction, session)
-        self._keep()
+        self.keep(conn, session)
         old = conn.state
         conn.state, conn.reason = CPState.SUPPLYING, "charging"
         logger.info("CP {}: {} → SUPPLYING, session {} of {} (transaction {})",
@@ -485,7 +489,7 @@ class Gateway:
         if already is not None and (already.kwh, already.euros) == (end.kwh, end.euros):
             return
         session.ended = end
-        self._keep()
+        self.keep(conn, session)
         decided = self._verdicts.pop(session.session_id, None)
         if decided is not None and not decided.done():
             decided.set_result(True)  # over before Central decided: nothing left to deny
@@ -563,10 +567,13 @@ class Gateway:
 
     # ---------------------------------------------------------------- publishing
 
-    def _keep(self) -> None:
-        """A change the ledger cannot lose: the CALL being handled is answered once it is
-        durable (its messages from now on wait for the broker)."""
+    def keep(self, conn: Connector, session: Session | None = None) -> None:
+        """A change of `conn` (and `session`) the ledger cannot lose: the CALL being handled
+        is answered once it is durable (its messages from now on wait for the broker)."""
         self.dirty = True
+        self.kept_connectors.add(conn.cp_id)
+        if session is not None:
+            self.kept_transactions.add((conn.charger_id, session.transaction))
         handling = HANDLING.get()
         if handling is not None:
             handling.durable = True

@@ -366,7 +366,7 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                                   f"token ({self.id_tag_max} characters at most)")
                 pending = PendingStart(p.session_id, p.driver_id, remote_start_id(p.session_id))
                 conn.pending = pending  # before the CALL: the start may come before its answer
-                self.gateway.dirty = True
+                self.gateway.keep(conn)
                 await self.gateway.durable()  # a restarted gateway still knows it
                 try:
                     await self.remote_start(conn, pending)

@@ -13,14 +13,19 @@ session's and CP's JSON is kept between writes and made again only when it chang
 (:class:`SnapshotEncoder`): with thousands of chargers the file holds some ten thousand
 transactions, and encoding them all anew every half second took most of the event loop.
 A change the ledger cannot lose (a transaction's start or stop, a session's end, a
-remote start sent to a charger) is written before the gateway answers it or sends the
-CALL: the handler asks for a write (:meth:`StateStore.commit`) and awaits the one that
-includes it, a group commit (:mod:`evcharging.apps.ev_ocpp.commit`): a write is due
-:attr:`StateStore.commit_delay` (:data:`COMMIT_DELAY` to :data:`MAX_COMMIT_DELAY`) after
-the oldest ask, and every change asked meanwhile shares it. The temporary file is
-fsynced before the rename (about a millisecond for some megabytes, in the writer's
-thread), so a written change survives a crash of the machine too. Any other change (a
-meter value, a state) is written within an interval: a crash can lose it, and the
+remote start sent to a charger) is on disk before the gateway answers it or sends the
+CALL. The whole file (some megabytes at 5,000 chargers, 10-20 ms to encode) is too big
+to write for each, so such changes go to a journal, ``PATH.journal-N``: the handler asks
+for a write (:meth:`StateStore.commit`) and awaits the one that includes it, a group
+commit (:mod:`evcharging.apps.ev_ocpp.commit`): :data:`COMMIT_DELAY` after the oldest
+ask the current JSON of every transaction and CP such changes touched meanwhile is
+appended as one line each, in one write (and fsync) in a thread. A snapshot records the
+journal generation that follows it and, once written, removes the older journals; at
+start the file is read, then the journals from its generation on are replayed (a last
+line cut short by a crash was never answered and is ignored). The snapshot's temporary
+file and each append are fsynced (about a millisecond each here, in the writer's thread),
+so a written change survives a crash of the machine too. Any other change (a meter
+value, a state) is written with the next snapshot: a crash can lose it, and the
 charger's next message (a queued stop, a status) finds the gateway as it was a moment
 before. A file that
 cannot be read is an error at start: the gateway refuses to start rather than forget
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import threading
@@ -52,8 +58,8 @@ from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Se
 from evcharging.common.messages import SessionEnd
 from evcharging.common.states import CPState
 
-__all__ = ["COMMIT_DELAY", "KEPT", "MAX_COMMIT_DELAY", "MAX_COMMIT_SHARE", "MAX_SAVE_SHARE",
-           "SAVE_INTERVAL", "SnapshotEncoder", "StateStore"]
+__all__ = ["COMMIT_DELAY", "KEPT", "MAX_SAVE_SHARE", "SAVE_INTERVAL", "SnapshotEncoder",
+           "StateStore"]
 
 KEPT = 10_000
 """Ended transactions the file keeps (the most recent ones)."""
@@ -64,15 +70,8 @@ MAX_SAVE_SHARE = 0.05
 write that took `t` seconds to encode, the next waits ``max(SAVE_INTERVAL, t /
 MAX_SAVE_SHARE)``."""
 COMMIT_DELAY = 0.02
-"""Seconds from the oldest ask for a durable write to the write (the changes asked
-meanwhile share it): what a durable answer waits at least, besides the write itself."""
-MAX_COMMIT_DELAY = 0.05
-"""The longest that delay grows when encoding the file takes long (see
-:data:`MAX_COMMIT_SHARE`)."""
-MAX_COMMIT_SHARE = 0.25
-"""While durable changes keep coming, the delay is ``encode time / MAX_COMMIT_SHARE``
-(within :data:`COMMIT_DELAY`..:data:`MAX_COMMIT_DELAY`): encoding takes at most about this
-share of the event loop."""
+"""Seconds from the oldest ask for a durable write to the journal append (the changes
+asked meanwhile share it): what a durable answer waits at least, besides the write."""
 VERSION = 1
 
 _SESSION_FIELDS = tuple(f.name for f in fields(Session))
@@ -145,10 +144,12 @@ def _connector_values(c: Connector) -> tuple[object, ...]:
             c.session.transaction if c.session else None, _pending_out(c.pending))
 
 
-def snapshot(gateway: Gateway) -> dict[str, Any]:
-    """Everything the file keeps, as JSON-ready data."""
+def snapshot(gateway: Gateway, journal: int = 0) -> dict[str, Any]:
+    """Everything the file keeps, as JSON-ready data; `journal`: the generation of the
+    journal that follows it."""
     return {
         "version": VERSION,
+        "journal": journal,
         "transactions": [
             [charger, tx, _session_out(s) if s is not None else None]
             for (charger, tx), s in _kept(gateway)
@@ -172,7 +173,7 @@ class SnapshotEncoder:
         self._transactions: dict[tuple[str, str], _Cached] = {}
         self._connectors: dict[str, _Cached] = {}
 
-    def encode(self, gateway: Gateway) -> str:
+    def encode(self, gateway: Gateway, journal: int = 0) -> str:
         cache = self._transactions
         kept = _kept(gateway)
         parts: list[str] = []
@@ -195,8 +196,57 @@ class SnapshotEncoder:
             conn_parts.append(found[2])
         if len(conn_cache) > len(gateway.connectors):
             self._connectors = {cp_id: conn_cache[cp_id] for cp_id in gateway.connectors}
-        return (f'{{"version":{VERSION},"transactions":[{",".join(parts)}],'
+        return (f'{{"version":{VERSION},"journal":{journal:d},"transactions":[{",".join(parts)}],'
                 f'"connectors":[{",".join(conn_parts)}]}}')
+
+
+def journal_lines(gateway: Gateway, transactions: set[tuple[str, str]],
+                  connectors: set[str]) -> str:
+    """The journal's record of changes the ledger cannot lose: one line each of the
+    current JSON of the `transactions` and then of the `connectors` (CPs) they touched."""
+    lines: list[str] = []
+    for key in transactions:
+        if key in gateway.transactions:
+            session = gateway.transactions[key]
+            lines.append(_dumps(["t", key[0], key[1],
+                                 _session_out(session) if session is not None else None]))
+    for cp_id in connectors:
+        conn = gateway.connectors.get(cp_id)
+        if conn is not None:
+            lines.append(_dumps(["c", _connector_out(conn)]))
+    return "".join(line + "\n" for line in lines)
+
+
+def replay(data: dict[str, Any], journal: str, name: str) -> dict[str, Any]:
+    """`data` (a snapshot) with the records of `journal` applied in order: each is a
+    transaction's or a CP's JSON, which replaces the one before. A last line cut short (the
+    gateway died while writing it: never answered) is ignored; any other bad line is a
+    ValueError naming `name`."""
+    transactions = {(str(c), str(t)): [c, t, s] for c, t, s in data["transactions"]}
+    connectors = {(str(c["charger_id"]), int(c["number"])): c for c in data["connectors"]}
+    lines = journal.split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            if record[0] == "t":
+                key = (str(record[1]), str(record[2]))
+                transactions.pop(key, None)  # to the end: the most recent
+                transactions[key] = [record[1], record[2], record[3]]
+            elif record[0] == "c":
+                item = record[1]
+                connectors[(str(item["charger_id"]), int(item["number"]))] = item
+            else:
+                raise ValueError(f"unknown record {record[0]!r}")
+        except (IndexError, KeyError, TypeError, ValueError) as exc:
+            if number == len(lines) and not journal.endswith("\n"):
+                logger.warning("journal {}: its last record was cut short (never "
+                               "answered): ignored", name)
+                break
+            raise ValueError(f"journal {name} line {number}: {exc!r}") from exc
+    return {**data, "transactions": list(transactions.values()),
+            "connectors": list(connectors.values())}
 
 
 def restore(gateway: Gateway, data: dict[str, Any]) -> None:
@@ -227,41 +277,71 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
 
 
 class StateStore:
-    """Loads the gateway's memory at start and keeps the file up to date."""
+    """Loads the gateway's memory at start and keeps the file (and its journal) up to
+    date."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.encoder = SnapshotEncoder()
         self.encode_seconds = 0.0
-        """How long the last write took to encode (the event loop's time)."""
+        """How long the last snapshot took to encode (the event loop's time)."""
         self.commits = GroupCommit()
+        self.generation = 0
+        """The journal appended to now (``PATH.journal-N``); a snapshot starts the next."""
         self.writes = 0
-        """Writes completed (the gateway's ``/metrics`` may read it)."""
+        """Snapshots written."""
+        self.appends = 0
+        """Journal records appended (group commits that had something to write)."""
         self._file_lock = threading.Lock()
-        """One write at a time: a write cancelled at shutdown goes on in its thread."""
+        """One file operation at a time: one cancelled at shutdown goes on in its thread."""
 
     @property
     def commit_delay(self) -> float:
         """Seconds from the oldest ask for a durable write to the write."""
-        return min(MAX_COMMIT_DELAY, max(COMMIT_DELAY, self.encode_seconds / MAX_COMMIT_SHARE))
+        return COMMIT_DELAY
+
+    def journal_path(self, generation: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.journal-{generation}")
+
+    def _journals(self) -> dict[int, Path]:
+        """The journal files there are, by generation."""
+        found: dict[int, Path] = {}
+        prefix = self.path.name + ".journal-"
+        for item in self.path.parent.glob(glob.escape(prefix) + "*"):
+            number = item.name[len(prefix):]
+            if number.isdigit():
+                found[int(number)] = item
+        return found
 
     def load(self, gateway: Gateway) -> None:
-        """Restore `gateway` from the file (none yet: nothing to restore). OSError or
-        ValueError when the file exists and cannot be read."""
-        if not self.path.exists():
+        """Restore `gateway` from the file and the journals that follow it (none yet:
+        nothing to restore). OSError or ValueError when one exists and cannot be read."""
+        journals = self._journals()
+        if not self.path.exists() and not journals:
             logger.info("no state file {} yet: the gateway starts empty", self.path)
             return
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data: dict[str, Any] = (
+                json.loads(self.path.read_text(encoding="utf-8")) if self.path.exists()
+                else {"version": VERSION, "journal": 0, "transactions": [], "connectors": []})
+            first = int(data.get("journal", 0))
+            replayed = 0
+            for generation in sorted(g for g in journals if g >= first):
+                journal = journals[generation]
+                data = replay(data, journal.read_text(encoding="utf-8"), str(journal))
+                replayed += 1
             restore(gateway, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"state file {self.path} cannot be read ({exc!r}); move it "
-                             "away to start empty") from exc
+                             "and its journals away to start empty") from exc
+        # Append to a journal of its own: one of the last run may end in a cut line.
+        self.generation = max([first, *journals]) + 1
         running = sum(1 for c in gateway.connectors.values() if c.session is not None)
-        logger.info("state file {}: {} CP(s), {} running session(s), {} transaction(s)",
-                    self.path, len(gateway.connectors), running, len(gateway.transactions))
+        logger.info("state file {} and {} journal(s): {} CP(s), {} running session(s), {} "
+                    "transaction(s)", self.path, replayed, len(gateway.connectors), running,
+                    len(gateway.transactions))
 
-    def _write(self, text: str) -> None:
+    def _write(self, text: str, generation: int) -> None:
         temporary = self.path.with_name(self.path.name + ".tmp")
         with self._file_lock:
             with temporary.open("w", encoding="utf-8") as file:
@@ -269,24 +349,65 @@ class StateStore:
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.path)
+            for older, journal in self._journals().items():  # the snapshot holds them
+                if older < generation:
+                    journal.unlink(missing_ok=True)
+
+    def _append(self, text: str, generation: int) -> None:
+        with self._file_lock, self.journal_path(generation).open("a", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
 
     async def commit(self) -> None:
-        """Return once a write of the file that includes every change made so far has
-        completed (:meth:`keep_saved` writes it within :attr:`commit_delay`, shared with
-        every change asked meanwhile)."""
+        """Return once the changes the ledger cannot lose made so far are on disk
+        (:meth:`keep_saved` appends them to the journal within :attr:`commit_delay`, in one
+        write with every change asked meanwhile)."""
         await self.commits.ask(asyncio.get_running_loop().time())
 
-    async def save(self, gateway: Gateway) -> None:
-        """Write the file now (the changes asked to be durable so far are then)."""
+    def _take(self, gateway: Gateway) -> tuple[set[tuple[str, str]], set[str]]:
+        taken = gateway.kept_transactions, gateway.kept_connectors
+        gateway.kept_transactions, gateway.kept_connectors = set(), set()
+        return taken
+
+    @staticmethod
+    def _give_back(gateway: Gateway, taken: tuple[set[tuple[str, str]], set[str]]) -> None:
+        gateway.kept_transactions |= taken[0]
+        gateway.kept_connectors |= taken[1]
+
+    async def append(self, gateway: Gateway) -> None:
+        """Append the changes the ledger cannot lose to the journal (and answer the asks
+        made so far); OSError when it could not (they wait for the next write)."""
         covers = self.commits.begin()
+        taken = self._take(gateway)
+        try:
+            text = journal_lines(gateway, *taken)
+            if text:
+                await asyncio.to_thread(self._append, text, self.generation)
+        except BaseException:
+            self._give_back(gateway, taken)
+            self.commits.failed(asyncio.get_running_loop().time() + SAVE_INTERVAL
+                                - self.commit_delay)
+            raise
+        if text:
+            self.appends += 1
+        self.commits.written(covers)
+
+    async def save(self, gateway: Gateway) -> None:
+        """Write the whole file now; the journals before it are then removed (and the
+        asks made so far are answered)."""
+        covers = self.commits.begin()
+        taken = self._take(gateway)
         gateway.dirty = False
+        self.generation += 1  # appends from now on follow this snapshot
         try:
             began = time.perf_counter()
-            text = self.encoder.encode(gateway)
+            text = self.encoder.encode(gateway, self.generation)
             self.encode_seconds = time.perf_counter() - began
-            await asyncio.to_thread(self._write, text)
+            await asyncio.to_thread(self._write, text, self.generation)
         except BaseException:
             gateway.dirty = True
+            self._give_back(gateway, taken)
             self.commits.failed(asyncio.get_running_loop().time() + SAVE_INTERVAL
                                 - self.commit_delay)
             raise
@@ -294,11 +415,11 @@ class StateStore:
         self.commits.written(covers)
 
     async def keep_saved(self, gateway: Gateway, interval: float = SAVE_INTERVAL) -> None:
-        """Write the file :attr:`commit_delay` after an ask for a durable change
-        (:meth:`commit`), and after other changes at most once per `interval`, less often
-        when encoding it takes more than :data:`MAX_SAVE_SHARE` of the time (runs until
-        cancelled); a failed write is logged and tried again an `interval` later (the
-        durable changes wait for it)."""
+        """Append to the journal :attr:`commit_delay` after an ask for a durable change
+        (:meth:`commit`), and write the whole file after changes at most once per
+        `interval`, less often when encoding it takes more than :data:`MAX_SAVE_SHARE` of
+        the time (runs until cancelled); a failed write is logged and tried again an
+        `interval` later (the durable changes wait for it)."""
         loop = asyncio.get_running_loop()
         commits = self.commits
         failing = False
@@ -307,25 +428,25 @@ class StateStore:
             due = commits.due(self.commit_delay)
             if due is not None:  # a durable change waits: the asks meanwhile share it
                 await asyncio.sleep(max(0.0, due - loop.time()))
+                write = self.append
             else:
                 gap = max(interval, self.encode_seconds / MAX_SAVE_SHARE)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(commits.asked.wait(),
                                            max(0.0, last + gap - loop.time()))
                     continue  # asked: written when due
+                last = loop.time()
                 if not gateway.dirty:
-                    last = loop.time()
                     continue
+                write = self.save
             try:
-                await self.save(gateway)
+                await write(gateway)
             except OSError as exc:
                 if not failing:
                     failing = True
                     logger.error("could not write the state file {}: {} (logged once until "
                                  "it works again)", self.path, exc)
-                last = loop.time()
                 continue
-            last = loop.time()
             if failing:
                 failing = False
                 logger.info("the state file {} is written again", self.path)
