@@ -68,6 +68,7 @@ from evcharging.common.config import (
     build_parser,
     settings_problems,
 )
+from evcharging.common.gc_tuning import tune_for_many_connections
 from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
     BusError,
@@ -336,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, configure logging and run the fleet; returns the exit code."""
     config = load_config(argv)
     setup_logging("ev_fleet", config.fleet.log_level, config.fleet.log_json)
+    if config.fleet.protocol != "kafka":
+        tune_for_many_connections()  # thousands of chargers' WebSockets (see the module)
     return run_service(lambda stop: run(config, stop))
 
 

@@ -41,6 +41,7 @@ from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.bus import Routes
 from evcharging.common.centrals import AnyDoor
 from evcharging.common.config import OcppSettings, load_settings
+from evcharging.common.gc_tuning import tune_for_many_connections
 from evcharging.common.http import is_loopback
 from evcharging.common.kafka import (
     BusError,
@@ -198,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse the flags, configure logging and run the gateway; returns the exit code."""
     settings = load_settings(OcppSettings, argv, PROG, DESCRIPTION)
     setup_logging("ev_ocpp", settings.log_level, settings.log_json)
+    tune_for_many_connections()  # thousands of chargers' connections (see the module)
     return run_service(lambda stop: run(settings, stop))
 
 
