@@ -809,3 +809,32 @@ async def test_an_unreachable_postgresql_is_a_storage_error() -> None:
     with pytest.raises(StorageError, match=r"nobody:\*\*\*@127\.0\.0\.1:9/none"):
         await repo.open()
     assert not await repo.ping()
+
+
+@pytest.mark.integration
+async def test_postgresql_connections_cut_heal_on_new_ones(
+    request: pytest.FixtureRequest,
+) -> None:
+    """PostgreSQL restarted or its connections killed: a write gets a new connection from
+    the pool, or, when the pool had not yet seen its connection die, fails once with
+    StorageError (the outbox retries it: nothing half written); then writes work again."""
+    backend = _postgres_backend(request)
+    async with backend.make() as repo:
+        await repo.apply(accepted(session(1)))
+        for n in range(5):
+            await backend.raw("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                              " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            write = [finished("S-1", "COMPLETED", kwh=1.0 + n, ended_at=at(5))] if n == 0 else [
+                writes.TotalsCorrected("S-1", kwh=1.0 + n, euros=0.0, meter_final=True)]
+            failures = 0
+            while True:
+                try:
+                    await repo.apply(write)
+                    break
+                except StorageError:
+                    failures += 1
+                    assert failures < 3, "the pool did not heal"
+                    assert repo.write_error is not None
+            assert repo.write_error is None and await repo.ping()
+        done = await repo.get_session("S-1")
+        assert done is not None and (done.status, done.kwh) == ("COMPLETED", 5.0)

@@ -210,7 +210,11 @@ _PERMANENT = (
 )
 """Errors of the statement itself: trying again does not help, so they are not
 StorageError (as SQLite's IntegrityError is not)."""
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+                TimeoutError)
+"""The database cannot be used now (down, restarted, connections cut): StorageError.
+InternalClientError is what asyncpg raises on a connection the server closed while it
+was idle in the pool."""
 
 
 class PostgresRepository:
