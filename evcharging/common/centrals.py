@@ -110,7 +110,7 @@ def parse_centrals(text: str, default_port: int) -> tuple[CentralAddress, ...]:
     ``h1:8000,h2:8001``, ``[::1]:8000`` or ``http://h1:8000`` items, in their order.
 
     ValueError, naming the item, for an empty list or item, a bad host or port, or an
-    address given twice.
+    address written twice.
     """
     if not 1 <= default_port <= 65535:
         raise ValueError(f"the default port {default_port} is not from 1 to 65535")
@@ -119,13 +119,18 @@ def parse_centrals(text: str, default_port: int) -> tuple[CentralAddress, ...]:
         raise ValueError("no Central address given (expected host, host:port or a "
                          "comma-separated list of them)")
     addresses: list[CentralAddress] = []
+    written: set[tuple[CentralAddress, CentralAddress]] = set()
     for number, item in enumerate(items, 1):
         if not item:
             raise ValueError(f"item {number} of {text!r} is empty (expected host or "
                              "host:port between the commas)")
         address = _item(item, default_port)
-        if address in addresses:
+        # The same Central written twice whatever the default port (h1,h1 or h1:80,h1:80;
+        # not h1,h1:8000), so that the settings can check a list before the port is known.
+        key = (_item(item, 1), _item(item, 2))
+        if key in written:
             raise ValueError(f"{item!r}: Central {address} is given twice")
+        written.add(key)
         addresses.append(address)
     return tuple(addresses)
 

@@ -47,6 +47,11 @@ def test_a_list_of_hosts_takes_the_default_port_where_none_is_given(
     assert all(a.scheme == "http" and a.path == "" for a in addresses)
 
 
+def test_a_host_with_and_without_the_default_port_is_not_refused() -> None:
+    # the settings check lists before they know the port: only what is written counts
+    assert [a.url for a in parse_centrals("h1,h1:8000", 8000)] == ["http://h1:8000"] * 2
+
+
 def test_url_items_keep_their_scheme_port_and_path() -> None:
     addresses = parse_centrals("http://h1:8000/,https://h2,http://[::1]:81/central/", 1)
     assert [a.url for a in addresses] == [
@@ -72,7 +77,8 @@ def test_url_items_keep_their_scheme_port_and_path() -> None:
         ("ftp://h1", "'ftp://h1': a URL item must start with http:// or https://"),
         ("[nothing]:80", "'[nothing]:80': 'nothing' in brackets is not an IPv6 address"),
         ("fe80::1::2:80", "write an IPv6 address in brackets"),
-        ("h1,h2,h1:8000", "'h1:8000': Central http://h1:8000 is given twice"),
+        ("h1,h2,h1", "'h1': Central http://h1:8000 is given twice"),
+        ("h1:9,http://h1:9", "'http://h1:9': Central http://h1:9 is given twice"),
     ],
 )
 def test_a_bad_list_is_refused_naming_the_item(text: str, message: str) -> None:
