@@ -31,6 +31,10 @@ The decisions (threshold, one report per fault, the recovery, the newest report 
 :class:`~evcharging.apps.ev_cp_m.watch.Watch`'s, which the CP Fleet's in-process
 monitoring uses too; this module does the HTTP around them.
 
+Central may be several (SPEC §9: ``CP_MONITOR_CENTRAL_HOST=h1,h2`` or ``h1:8000,h2:8001``):
+each call goes to the Central in use and moves to the next while one does not answer
+(:class:`~evcharging.common.centrals.AnyDoor`); the backoff applies when none answers.
+
 While Central is unreachable the monitor keeps checking and logs one warning per outage,
 plus one line when Central answers again. State changes of its view of the CP
 (healthy → failing → FAULT → recovered) are logged at INFO (the fault itself at WARNING);
