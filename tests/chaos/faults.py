@@ -188,8 +188,15 @@ def limit_kept(
     begun = [s for s in starts if kill < s < back]
     notes.append(f"site limit {limit:g} kW, times from the kill; Central back (/health 200) "
                  f"after {back - kill:.1f} s, overshoots over the round: {worst(found)}")
+    if after:
+        high = max(after, key=lambda o: o.peak_kw)
+        last = max(o.end for o in after)
+        beyond = (f"{len(after)}, highest +{high.peak_kw:.2f} kW, the last over "
+                  f"{last - back:.2f} s after it")
+    else:
+        beyond = "none"
     notes.append(f"during the outage: {worst(outage)}; {len(begun)} session(s) began "
-                 f"then; after Central was back: {worst(after)}")
+                 f"then; after Central was back: {beyond}")
     problems += [
         f"the site above its limit {limit:g} kW after Central was back (deadline "
         f"{deadline - kill:+.1f} s = back + 2 × {allocation:g} s + 2 × {telemetry:g} s), not "
