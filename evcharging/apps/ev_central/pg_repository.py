@@ -9,7 +9,10 @@ the statements differ. SQLite's ``rowid`` (the order of insertion, which breaks 
 equal times) is a ``seq`` identity column here.
 
 A pool of connections: every :meth:`PostgresRepository.apply` is one transaction on one
-connection, and reads run beside it on others (they see committed rows only). Several
+connection, and reads run beside it on others (they see committed rows only). A round trip
+to the server costs far more than SQLite's thread hop, so a transaction sends its writes as
+runs of one kind (:func:`~evcharging.apps.ev_central.sql.runs`), one ``executemany`` each:
+table by table, each table's writes in their order. Several
 Centrals may share one database; migrations take a transaction-scoped advisory lock, so
 two that start at once do not both apply them. A database that cannot be reached or
 written now raises :class:`~evcharging.apps.ev_central.repository.StorageError`.
@@ -322,12 +325,15 @@ class PostgresRepository:
         if not writes:
             return
         started = time.perf_counter()
-        ops = [(STATEMENTS[type(x)], sql.PARAMS[type(x)](x)) for x in writes]
+        runs = sql.runs(writes)  # one round trip a run, not one a write
         pool = self._connected()
         try:
             async with pool.acquire() as conn, conn.transaction():
-                for statement, params in ops:
-                    await conn.execute(statement, *params)
+                for kind, params in runs:
+                    if len(params) == 1:
+                        await conn.execute(STATEMENTS[kind], *params[0])
+                    else:
+                        await conn.executemany(STATEMENTS[kind], params)
         except _PERMANENT:
             raise
         except _UNAVAILABLE as exc:

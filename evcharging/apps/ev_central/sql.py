@@ -12,7 +12,7 @@ The records and the timestamp format are :mod:`evcharging.apps.ev_central.record
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from evcharging.apps.ev_central import writes as w
@@ -436,6 +436,44 @@ STATEMENTS: dict[type[Any], str] = {
     w.SiteLimitRemoved: "DELETE FROM site_limits WHERE site = ?",
 }
 """SQLite's statement of each write."""
+
+
+TABLES: dict[type[Any], str] = {
+    w.CPUpserted: "cp_registry",
+    w.CPForgotten: "cp_registry",
+    w.RequestLogged: "request_log",
+    w.SessionOpened: "charging_sessions",
+    w.SessionStarted: "charging_sessions",
+    w.SessionFinished: "charging_sessions",
+    w.TotalsCorrected: "charging_sessions",
+    w.CompletedByMeter: "charging_sessions",
+    w.FaultRecorded: "fault_events",
+    w.HealthRecorded: "cp_health_history",
+    w.HealthPruned: "cp_health_history",
+    w.PendingSaved: "outbox_pending",
+    w.SiteLimitSet: "site_limits",
+    w.SiteLimitRemoved: "site_limits",
+}
+"""The one table each write changes (no write reads another table, and there are no
+triggers or foreign keys: writes to different tables commute)."""
+
+
+def runs(writes: Sequence[w.Write]) -> list[tuple[type[Any], list[tuple[Any, ...]]]]:
+    """The writes of one transaction as runs of one kind each, with their parameters, for
+    one ``executemany`` a run: table by table in the order each table is first written,
+    and within a table in the writes' own order (so every table ends as the writes in
+    order would leave it; only the interleaving of independent tables changes)."""
+    by_table: dict[str, list[w.Write]] = {}
+    for write in writes:
+        by_table.setdefault(TABLES[type(write)], []).append(write)
+    result: list[tuple[type[Any], list[tuple[Any, ...]]]] = []
+    for table_writes in by_table.values():
+        for write in table_writes:
+            kind = type(write)
+            if not result or result[-1][0] is not kind:
+                result.append((kind, []))
+            result[-1][1].append(PARAMS[kind](write))
+    return result
 
 
 def op(write: w.Write) -> Op:
