@@ -21,7 +21,12 @@ from evcharging.apps.ev_ocpp.store import (
     snapshot,
 )
 from evcharging.common.bus import BusError
-from evcharging.common.messages import Message
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandPayload,
+    CommandType,
+    Message,
+)
 from evcharging.common.states import CPState
 
 T0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
@@ -244,3 +249,27 @@ async def test_a_bad_line_inside_a_journal_refuses_the_start(tmp_path: Path) -> 
     state.journal_path(0).write_text('["x"]\n["c"]\n', encoding="utf-8")
     with pytest.raises(ValueError, match="journal-0 line 1"):
         state.load(Gateway(WaitRecorder()))
+
+
+class QueueLink:
+    """The part of a charger's link the gateway hands commands to."""
+
+    def __init__(self) -> None:
+        self.queued: list[CentralCommand] = []
+
+    def enqueue(self, cmd: CentralCommand) -> None:
+        self.queued.append(cmd)
+
+
+async def test_a_limit_that_came_before_the_remote_start_is_carried_out_at_the_start() -> None:
+    gw = Gateway(WaitRecorder())
+    conn = gw.connector("CH", 1)
+    await gw.change(conn, CPState.ACTIVATED, "available")
+    link = QueueLink()
+    gw.links["CH"] = link  # type: ignore[assignment]  # a fake of the link's queue
+    limit = CentralCommand(cp_id="CH.1", cmd=CommandType.SET_LIMIT,
+                           payload=CommandPayload(session_id="central-9", kw=7.5))
+    conn.pending = PendingStart("central-9", "alice", 1234, limit=limit)
+    await gw.start(conn, transaction="3", driver_id="alice", meter_start_wh=0.0, ts=T0,
+                   own_session_id="own-3")
+    assert link.queued == [limit]

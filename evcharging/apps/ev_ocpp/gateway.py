@@ -107,6 +107,9 @@ class PendingStart:
     session_id: str
     driver_id: str
     remote_start_id: int = 0
+    limit: CentralCommand | None = field(default=None, compare=False)
+    """Central's SET_LIMIT of the session that came before its start: carried out once the
+    charger started it (not kept in the state file)."""
 
 
 @dataclass
@@ -358,6 +361,9 @@ class Gateway:
         if pending is not None and not by_charger:
             session_id, driver_id = pending.session_id, pending.driver_id
             conn.pending = None
+            link = self.links.get(conn.charger_id)
+            if pending.limit is not None and link is not None:
+                link.enqueue(pending.limit)  # after the start's answer (link.answered)
         else:
             session_id = own_session_id
             self._verdicts[session_id] = asyncio.get_running_loop().create_future()

@@ -149,6 +149,10 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         self._queue: asyncio.Queue[CentralCommand] = asyncio.Queue()
         self._answering: dict[str, asyncio.Task[None]] = {}
         """Session id → the task that answers its start once Central's verdict is in."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+        """Clear while one of the charger's CALLs is handled and not yet answered (a
+        durable change waits some milliseconds for the disk)."""
         self._logged: set[tuple[str, str]] = set()
         self.handlers: dict[str, CallHandler] = self.call_handlers()
         self._log = logger.bind(charger_id=charger_id)
@@ -196,6 +200,13 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             self._response_queue.put_nowait(msg)
 
     async def _answer(self, msg: Call) -> None:
+        self._idle.clear()
+        try:
+            await self._answer_call(msg)
+        finally:
+            self._idle.set()
+
+    async def _answer_call(self, msg: Call) -> None:
         action = str(msg.action)
         handler = self.handlers.get(action)
         if handler is None:
@@ -265,8 +276,10 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
         return answer(not session.denied)
 
     async def answered(self, session: Session) -> None:
-        """Wait until the charger has the answer to `session`'s start (when it waits for
-        Central's verdict): a stop or a limit of the session follows it."""
+        """Wait until the charger has the answer to `session`'s start (sent once durable,
+        or once Central's verdict is in): a stop or a limit of the session follows it."""
+        with contextlib.suppress(TimeoutError):  # a CALL being answered (the start's)
+            await asyncio.wait_for(self._idle.wait(), self.gateway.call_timeout)
         task = self._answering.get(session.session_id)
         if task is not None:
             await asyncio.wait([task])
@@ -399,7 +412,12 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                     await self._now(conn, CPState.ACTIVATED, p.reason or "resumed by operator")
             case CommandType.SET_LIMIT:
                 session = conn.session
+                pending = conn.pending
                 if session is None or session.session_id != p.session_id:
+                    if pending is not None and pending.session_id == p.session_id:
+                        pending.limit = cmd  # carried out once the charger starts it
+                        raise Ignored(f"session {p.session_id} not started yet: limited "
+                                      "at its start")
                     raise Ignored(f"session {p.session_id} is not the running session")
                 await self.answered(session)
                 if p.kw is None:

@@ -333,7 +333,7 @@ class StateStore:
             restore(gateway, data)
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"state file {self.path} cannot be read ({exc!r}); move it "
-                             "and its journals away to start empty") from exc
+                             "away (and its journals) to start empty") from exc
         # Append to a journal of its own: one of the last run may end in a cut line.
         self.generation = max([first, *journals]) + 1
         running = sum(1 for c in gateway.connectors.values() if c.session is not None)
