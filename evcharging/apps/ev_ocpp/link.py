@@ -412,10 +412,10 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                     await self._now(conn, CPState.ACTIVATED, p.reason or "resumed by operator")
             case CommandType.SET_LIMIT:
                 session = conn.session
-                pending = conn.pending
+                waiting = conn.pending
                 if session is None or session.session_id != p.session_id:
-                    if pending is not None and pending.session_id == p.session_id:
-                        pending.limit = cmd  # carried out once the charger starts it
+                    if waiting is not None and waiting.session_id == p.session_id:
+                        waiting.limit = cmd  # carried out once the charger starts it
                         raise Ignored(f"session {p.session_id} not started yet: limited "
                                       "at its start")
                     raise Ignored(f"session {p.session_id} is not the running session")
