@@ -749,7 +749,11 @@ async def test_sqlite_in_memory_database_works() -> None:
 async def test_sqlite_write_cancelled_mid_batch_is_rolled_back(
     sqlite_repo: SqliteRepository, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rows = [writes.HealthRecorded(snapshot("CP-1", float(i))) for i in range(1000)]
+    # Alternating kinds in one table: each write is a run of its own, one execute each.
+    rows: list[writes.Write] = [
+        writes.HealthRecorded(snapshot("CP-1", float(i))) if i % 2 == 0
+        else writes.HealthPruned(at(-3600)) for i in range(1000)
+    ]
     halfway = len(rows) // 2
     mid_batch = asyncio.Event()
     executed = 0
@@ -778,7 +782,7 @@ async def test_sqlite_write_cancelled_mid_batch_is_rolled_back(
     # No transaction was left open: the repository still works, and the same batch,
     # written again, is stored exactly once.
     await sqlite_repo.apply(rows)
-    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows),)]
+    assert await query(db_path, "SELECT COUNT(*) FROM cp_health_history") == [(len(rows) // 2,)]
 
 
 # ------------------------------------------------------------------- CENTRAL_DB_URL

@@ -266,10 +266,13 @@ class SqliteRepository:
         if not writes:
             return
         started = time.perf_counter()
-        ops = [sql.op(write) for write in writes]
+        runs = sql.runs(writes)  # one call on the connection thread a run, not one a write
         async with self._transaction() as db:
-            for statement, params in ops:
-                await db.execute(statement, params)
+            for kind, params in runs:
+                if len(params) == 1:
+                    await db.execute(sql.STATEMENTS[kind], params[0])
+                else:
+                    await db.executemany(sql.STATEMENTS[kind], params)
         if self.observe_write is not None:
             self.observe_write(time.perf_counter() - started)
 

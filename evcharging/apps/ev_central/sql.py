@@ -1,11 +1,12 @@
 """Central's SQL for SQLite: the schema's migrations, the statements and the rows.
 
 Pure: nothing here touches a database. :mod:`evcharging.apps.ev_central.repository` runs
-these statements on aiosqlite. A :data:`~evcharging.apps.ev_central.writes.Write` becomes an
-:data:`Op` (a statement and its parameters) here, by a table from its type: the parameters
-(:data:`PARAMS`) and SQLite's statement (:data:`STATEMENTS`). The PostgreSQL adapter
-(:mod:`~evcharging.apps.ev_central.pg_repository`) shares the parameters, whose order its
-statements keep, and the row conversions: both databases store the same values.
+these statements on aiosqlite. A :data:`~evcharging.apps.ev_central.writes.Write` becomes
+SQL here, by tables from its type: its parameters (:data:`PARAMS`) and SQLite's statement
+(:data:`STATEMENTS`); :func:`runs` groups a transaction's writes for ``executemany``. The
+PostgreSQL adapter (:mod:`~evcharging.apps.ev_central.pg_repository`) shares the
+parameters, whose order its statements keep, and the row conversions: both databases store
+the same values.
 
 The records and the timestamp format are :mod:`evcharging.apps.ev_central.records`.
 """
@@ -29,7 +30,7 @@ from evcharging.apps.ev_central.records import (
 from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.states import CPState
 
-__all__ = ["MIGRATIONS", "PARAMS", "SCHEMA_VERSION", "STATEMENTS", "Op", "op"]
+__all__ = ["MIGRATIONS", "PARAMS", "SCHEMA_VERSION", "STATEMENTS", "TABLES", "runs"]
 
 
 class Row(Protocol):
@@ -333,10 +334,6 @@ def health_params(snapshot: HealthSnapshot) -> tuple[Any, ...]:
 
 # ---------------------------------------------------------------------------- writes
 
-Op = tuple[str, tuple[Any, ...]]
-"""One write as SQL: a statement and its parameters."""
-
-
 def _cp_params(write: w.CPUpserted) -> tuple[Any, ...]:
     cp, now = write.cp, write.now
     return (
@@ -474,12 +471,6 @@ def runs(writes: Sequence[w.Write]) -> list[tuple[type[Any], list[tuple[Any, ...
                 result.append((kind, []))
             result[-1][1].append(PARAMS[kind](write))
     return result
-
-
-def op(write: w.Write) -> Op:
-    """A write as SQLite's statement and its parameters."""
-    kind = type(write)
-    return STATEMENTS[kind], PARAMS[kind](write)
 
 
 SQL_LOAD_PENDING = "SELECT seq, offsets, messages FROM outbox_pending WHERE id = 1"
