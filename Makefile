@@ -41,8 +41,9 @@ test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its
 	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest -m "not chaos" $(ARGS)
 
-test-unit: $(STAMP) ## only the unit tests (no broker; promtool checks the alert rules)
+test-unit: $(STAMP) ## only the unit tests (no broker; promtool checks the alert rules; PostgreSQL for the repository contract)
 	bash scripts/ensure_prometheus.sh
+	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest tests/unit $(ARGS)
 
 test-integration: $(STAMP) ## only the integration tests (real broker, a real Prometheus, PostgreSQL)
