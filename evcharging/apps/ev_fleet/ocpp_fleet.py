@@ -21,7 +21,8 @@ A charger that loses its connection keeps its transaction: the transaction's sta
 wait in its outbox and go out after the next BootNotification, as a real charger replays them.
 
 ``GET /health`` on the fleet's HTTP port: the chargers connected, booted and charging, the
-sessions, the CALLs by action and result and their round-trip times (p50, p99, in ms).
+sessions, the CALLs by action and result and their round-trip times (p50, p99, in ms), also
+since ``POST /round-trips/mark`` (a benchmark leaves the boot storm out).
 Shutdown: the scheduler; a running transaction ends (reason ``Local``, so it is billed), its
 stop waits up to :data:`STOP_DRAIN` seconds for its answer; the connections close.
 """
@@ -84,17 +85,29 @@ class OcppFleetStats:
     answered: Counter[tuple[str, str]] = field(default_factory=Counter)
     """(action, ``ok`` / CALLERROR code) of the gateway's CALLs the chargers answered."""
     rtt: dict[str, deque[float]] = field(default_factory=dict)
+    since_mark: dict[str, deque[float]] | None = None
+    """The round trips since :meth:`mark` (a benchmark's boot storm left out), if marked."""
 
     def observe(self, action: str, seconds: float) -> None:
-        samples = self.rtt.get(action)
-        if samples is None:
-            samples = self.rtt[action] = deque(maxlen=RTT_SAMPLES)
-        samples.append(seconds)
+        for kept in (self.rtt, self.since_mark):
+            if kept is None:
+                continue
+            samples = kept.get(action)
+            if samples is None:
+                samples = kept[action] = deque(maxlen=RTT_SAMPLES)
+            samples.append(seconds)
 
-    def round_trips(self) -> dict[str, dict[str, float | int | None]]:
-        """Per action: count, p50 and p99 in milliseconds."""
+    def mark(self) -> None:
+        """Keep the round trips from now on apart too (:meth:`round_trips` ``since_mark``)."""
+        self.since_mark = {}
+
+    def round_trips(self, *, since_mark: bool = False
+                    ) -> dict[str, dict[str, float | int | None]]:
+        """Per action: count, p50 and p99 in milliseconds (since :meth:`mark`: of the round
+        trips since then; none before a mark)."""
         shown: dict[str, dict[str, float | int | None]] = {}
-        for action, samples in sorted(self.rtt.items()):
+        kept = (self.since_mark or {}) if since_mark else self.rtt
+        for action, samples in sorted(kept.items()):
             values = list(samples)
             p50, p99 = quantile(values, 0.5), quantile(values, 0.99)
             shown[action] = {
@@ -492,6 +505,8 @@ class OcppFleet:
             "answered": {f"{action} {result}": n
                          for (action, result), n in sorted(self.stats.answered.items())},
             "round_trips": self.stats.round_trips(),
+            "round_trips_since_mark": (None if self.stats.since_mark is None
+                                       else self.stats.round_trips(since_mark=True)),
         }
 
 
@@ -502,5 +517,12 @@ def create_ocpp_fleet_app(fleet: OcppFleet) -> FastAPI:
     @app.get("/health")
     async def health() -> JSONResponse:
         return JSONResponse(fleet.health())
+
+    @app.post("/round-trips/mark")
+    async def mark() -> JSONResponse:
+        """Keep the round trips from now on apart (``round_trips_since_mark`` of /health):
+        bench-ocpp marks once every charger has booted."""
+        fleet.stats.mark()
+        return JSONResponse({"status": "marked"})
 
     return app
