@@ -153,10 +153,10 @@ def limit_kept(
     """Notes and problems of a limited site's power (all of the run's CPs), by their own
     telemetry (:mod:`tests.chaos.power`), for the stretches that end after `since`.
 
-    After Central is back (``window.back``), from two allocation intervals and two
-    telemetry intervals on, the site is never above its limit, except within two telemetry
-    intervals of a session's start (SPEC §10: the new session has its share and the
-    others give way from their next telemetry). The notes give the worst overshoot by
+    While Central is down, and after it is back (``window.back``) from two allocation
+    intervals and two telemetry intervals on, the site is never above its limit, except
+    within two telemetry intervals of a session's start (SPEC §10: the new session has its
+    share and the others give way from their next telemetry). The notes give the worst overshoot by
     kW and the longest, over the whole round, during the outage, and after."""
     wall = time.time() - now()  # the CPs' times are wall-clock
     reports = [r for r in run.observer.power if r.cp_id in run.cps]
@@ -184,7 +184,11 @@ def limit_kept(
 
     outage = [o for o in found if o.start < back and o.end > kill]
     after = [o for o in found if o.end > back]
-    late = [o for o in found if o.end > deadline and not at_a_start(o)]
+    # Over the limit not at a session's start: during the outage (what Central sent before
+    # it died must hold the site: a start's SET_LIMITs leave in its START_SUPPLY's flush),
+    # or after Central is back beyond the time it has to send every limit again.
+    late = [o for o in found
+            if (o.start < back or o.end > deadline) and not at_a_start(o)]
     begun = [s for s in starts if kill < s < back]
     notes.append(f"site limit {limit:g} kW, times from the kill; Central back (/health 200) "
                  f"after {back - kill:.1f} s, overshoots over the round: {worst(found)}")
@@ -198,9 +202,10 @@ def limit_kept(
     notes.append(f"during the outage: {worst(outage)}; {len(begun)} session(s) began "
                  f"then; after Central was back: {beyond}")
     problems += [
-        f"the site above its limit {limit:g} kW after Central was back (deadline "
-        f"{deadline - kill:+.1f} s = back + 2 × {allocation:g} s + 2 × {telemetry:g} s), not "
-        f"within {2 * telemetry:g} s of a session's start: {power.describe(o, kill)}"
+        f"the site above its limit {limit:g} kW while Central was down or after it was back "
+        f"(deadline {deadline - kill:+.1f} s = back + 2 × {allocation:g} s "
+        f"+ 2 × {telemetry:g} s), not within {2 * telemetry:g} s of a session's start: "
+        f"{power.describe(o, kill)}"
         for o in late
     ]
     return notes, problems

@@ -353,6 +353,29 @@ async def test_limit_shares_start_end_and_removal(
     assert limits_sent(bus, mark) == []
 
 
+async def test_a_start_sends_its_limits_in_its_own_flush_behind_its_start_supply(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    """A start's SET_LIMITs (its share, the others giving way) leave in the flush of its
+    START_SUPPLY, after it: a Central killed once that flush is out never leaves the site
+    over its limit (the chaos row central-restart-limited found a new session at full
+    power, unlimited, while Central was down)."""
+    await activate(central, "CP-0", "site-A")
+    await activate(central, "CP-1", "site-A")
+    first = await start(central, bus, "CP-0")
+    await energy.set_limit("site-A", 30.0)
+    mark = len(bus.messages)
+    request = DriverRequest(request_id=new_id(), driver_id="driver-2", cp_id="CP-1")
+    await Controller.handle_request(central, request)  # decided: the batch not flushed yet
+    await central.outbox.flush()  # the one flush of that batch
+    commands = bus.of(CentralCommand, mark)
+    assert commands and commands[0].cmd is CommandType.START_SUPPLY, commands
+    second = commands[0].payload.session_id
+    assert {(c.cp_id, c.payload.session_id, c.payload.kw) for c in commands[1:]} == {
+        ("CP-0", first, 15.0), ("CP-1", second, 15.0)}
+    assert all(c.cmd is CommandType.SET_LIMIT for c in commands[1:])
+
+
 async def test_a_start_plans_its_own_site_only(
     central: Controller, energy: Energy, bus: RecordingPublisher
 ) -> None:

@@ -9,9 +9,11 @@ Two parts:
 * :class:`Energy`, the thin job around it: it keeps the limits (persisted, ``PUT`` /
   ``DELETE /sites/{site}/limit``), an index of the sessions of each limited site (kept by
   the controller's session hooks, O(1) per start or end, nothing per message), and runs
-  :func:`plan` on each session start and end (once per tick, for the sites where one
-  happened: the cost is their sessions', never all of Central's) and for every limited
-  site every ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
+  :func:`plan` for a session's site at its start (at once: its SET_LIMITs are queued behind
+  its START_SUPPLY and leave in the same flush, so no crash sends one without the other),
+  at each end (once per tick, for the sites where one happened) — the cost is their
+  sessions', never all of Central's — and for every limited site every
+  ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
   as every command does (recorded, then sent in one Kafka transaction, SPEC §4).
 
 What is in force for a session (the limit last sent, or its cap when that is lower) never
@@ -364,16 +366,22 @@ class Energy:
         ))
 
     def _on_session(self, cp: CPView, session: ActiveSession, started: bool) -> None:
-        """The controller's hook: a session started or ended on `cp` (O(1))."""
+        """The controller's hook: a session started on `cp` (its site planned at once) or
+        ended (its site planned once this tick)."""
         site = cp.site
         cps = self._charging.get(site) if site is not None else None
         if cps is None or site is None:
             return
         if started:
             cps[cp.cp_id] = cp
-        elif cps.get(cp.cp_id) is cp:
+            # Planned now, not at the end of the tick: the SET_LIMITs (its share, the others
+            # giving way) are queued behind its START_SUPPLY and leave in the same flush, so
+            # a Central killed in between never leaves the new session at full power.
+            self._reallocate_logged([site])
+            return
+        if cps.get(cp.cp_id) is cp:
             del cps[cp.cp_id]
-        self._dirty.add(site)
+        self._dirty.add(site)  # an end only frees power: planned once this tick
         self._schedule()
 
     def _schedule(self) -> None:
