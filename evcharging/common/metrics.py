@@ -194,6 +194,8 @@ _CATALOGUE: tuple[Family, ...] = (
        "site", service="central"),
     _g("site_measured_watts", "The latest telemetry power of a site's supplying CPs", "site",
        service="central"),
+    _g("allocation_leader", "1 while this Central holds the smart-charging lock and "
+       "allocates (SPEC §9, §10), else 0", service="central"),
     _g("central_lag_seconds", "How far behind Central reads the CPs' reports (0 when it "
        "has caught up)", service="central"),
     _g("cps_unregistered", "CPs known only from the bus (never registered), at most "

@@ -11,10 +11,20 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from evcharging.apps.ev_central.allocation import Policy
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
-from evcharging.apps.ev_central.energy import Charging, Energy, Plan, Sent, SetLimit, plan
+from evcharging.apps.ev_central.energy import (
+    ALLOCATION_LOCK,
+    Charging,
+    Energy,
+    Plan,
+    Sent,
+    SetLimit,
+    plan,
+)
+from evcharging.apps.ev_central.metrics import central_metrics
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.config import CentralSettings, load_settings, parse_site_limits
 from evcharging.common.messages import (
@@ -31,6 +41,7 @@ from evcharging.common.messages import (
     SessionResult,
     new_id,
 )
+from evcharging.common.metrics import ServiceMetrics
 from tests.polling import poll
 from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
@@ -505,3 +516,78 @@ def test_bad_energy_settings_stop_with_a_clear_error(
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "invalid settings" in err and message in err, err
+
+
+# --- the allocation lock (SPEC §9: with several Centrals one allocates) -------------------
+
+
+class LockedRepository(SqliteRepository):
+    """A real SQLite repository whose allocation lock another Central may hold (`held`):
+    what a PostgreSQL repository answers, without a second Central."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.held = False
+        self.asked = 0
+
+    async def hold_lock(self, name: str) -> bool:
+        assert name == ALLOCATION_LOCK
+        self.asked += 1
+        return self.held
+
+
+def leader_gauge(metrics: ServiceMetrics) -> float:
+    [value] = [sample.value for family in text_string_to_metric_families(
+        metrics.render().decode()) for sample in family.samples
+        if sample.name == "evcharging_allocation_leader"]
+    return float(value)
+
+
+async def test_without_the_allocation_lock_no_set_limit_is_sent(
+    bus: RecordingPublisher, logs: list[tuple[str, str]]
+) -> None:
+    async with LockedRepository() as repo:
+        central = FlushingController(bus, repo, CentralOptions(start_timeout=30.0))
+        job = Energy(central, interval=3600.0)
+        await job.load({"site-A": 20.0})
+        assert (job.leader, repo.asked) == (False, 1)
+        for i in range(3):
+            await activate(central, f"CP-{i}", "site-A")
+        sids = [await start(central, bus, f"CP-{i}") for i in range(2)]
+        await job.set_limit("site-A", 22.0)
+        assert limits_sent(bus) == [] and job.sent == {}
+        assert repo.asked == 1  # a start or a limit reads the last check, never the lock
+        metrics = central_metrics(central, process=False, energy=job)
+        assert leader_gauge(metrics) == 0.0
+
+        # The lock is free (the other Central stopped): the next check takes it and the
+        # interval's plan sends every share, as before.
+        repo.held = True
+        assert await job.check_leader()
+        assert job.reallocate() == 2
+        await central.outbox.flush()
+        assert {(c.payload.session_id, c.payload.kw) for c in limits_sent(bus)} == {
+            (sid, 11.0) for sid in sids}
+        assert leader_gauge(metrics) == 1.0
+        mark = len(bus.messages)
+        third = await start(central, bus, "CP-2")  # planned at once, as before
+        assert {(c.payload.session_id, c.payload.kw) for c in limits_sent(bus, mark)} == {
+            *((sid, 7.333) for sid in sids), (third, 7.333)}
+
+        # Lost: nothing more is sent, and what was sent is forgotten (the new leader's
+        # limits are in force).
+        repo.held = False
+        assert not await job.check_leader()
+        mark = len(bus.messages)
+        await central.handle_status(CPStatus(cp_id="CP-2", state=CPState.ACTIVATED,
+                                             event=None, session_id=third, kwh=1.0,
+                                             euros=0.3, session_result=SessionResult.COMPLETED))
+        assert job.reallocate() == 0 and job.sent == {}
+        await central.outbox.flush()
+        assert limits_sent(bus, mark) == []
+        assert leader_gauge(metrics) == 0.0
+        gained = [m for _, m in logs if "this instance allocates" in m]
+        lost = [m for _, m in logs if "no longer allocates" in m]
+        assert (len(gained), len(lost)) == (1, 1)
+        await job.close()
+        await central.close()

@@ -40,6 +40,7 @@ from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.config import CentralSettings
 from evcharging.common.states import CPState, SessionResult
 from evcharging.devtools.postgres import LocalPostgres
+from tests.polling import poll
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -842,3 +843,52 @@ async def test_postgresql_connections_cut_heal_on_new_ones(
             assert repo.write_error is None and await repo.ping()
         done = await repo.get_session("S-1")
         assert done is not None and (done.status, done.kwh) == ("COMPLETED", 5.0)
+
+
+# ------------------------------------------------------------ network-wide job locks (§9)
+
+
+async def test_one_repository_holds_a_job_lock_until_it_closes(backend: Backend) -> None:
+    """Two Centrals on one database: one holds "allocation"; when it closes, the other
+    takes it on its next call. SQLite always holds (one Central per file)."""
+    async with backend.make() as first, backend.make() as second:
+        assert await first.hold_lock("allocation")
+        assert await first.hold_lock("allocation")  # idempotent: kept, not taken twice
+        if backend.kind == "sqlite":
+            assert await second.hold_lock("allocation")
+            await second.release_lock("allocation")
+            assert await second.hold_lock("allocation")
+            return
+        assert not await second.hold_lock("allocation")
+        assert await second.hold_lock("other job")  # another name, another lock
+        await first.close()
+        await poll(lambda: second.hold_lock("allocation"), timeout=10.0,
+                   what="the second repository to take the lock the first gave up")
+        await second.release_lock("allocation")
+        await second.release_lock("allocation")  # not held: nothing
+        async with backend.make() as third:
+            assert await third.hold_lock("allocation")
+            assert not await second.hold_lock("allocation")
+
+
+@pytest.mark.integration
+async def test_a_job_lock_lost_with_its_connection_passes_to_another(
+    request: pytest.FixtureRequest,
+) -> None:
+    """The connection that holds the lock is terminated: the lock is gone, the other
+    repository takes it on its next call, and the first, asked again, reconnects and
+    answers honestly (not held) until the lock is free again."""
+    backend = _postgres_backend(request)
+    async with backend.make() as first, backend.make() as second:
+        assert await first.hold_lock("allocation")
+        assert not await second.hold_lock("allocation")
+        [(pid,)] = await backend.raw(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())")
+        await backend.raw(f"SELECT pg_terminate_backend({int(pid)})")
+        await poll(lambda: second.hold_lock("allocation"), timeout=10.0,
+                   what="the second repository to take the lock of a terminated connection")
+        assert not await first.hold_lock("allocation")
+        await second.release_lock("allocation")
+        assert await first.hold_lock("allocation")
+        assert not await second.hold_lock("allocation")

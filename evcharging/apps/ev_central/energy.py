@@ -16,6 +16,13 @@ Two parts:
   ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
   as every command does (recorded, then sent in one Kafka transaction, SPEC §4).
 
+With several Centrals (SPEC §9) one allocates: :class:`Energy` plans and sends only while
+its repository holds the network-wide job lock :data:`ALLOCATION_LOCK` (always, on
+SQLite). It asks at :meth:`Energy.load` and then once every interval, never on a start:
+a start reads the answer of the last check (``leader``). An instance that loses the lock
+forgets the limits it sent (the new leader's are in force), so that it sends every limit
+again if it gains it back.
+
 What is in force for a session (the limit last sent, or its cap when that is lower) never
 adds up to more than its site's limit: a share its session cannot use (its cap is the CP's
 rate or the car's acceptance, which only falls while it charges) keeps the limit last sent
@@ -43,7 +50,11 @@ from evcharging.apps.ev_central.views import ActiveSession, CPView
 from evcharging.common.car import Car
 from evcharging.common.messages import CentralCommand, CommandPayload, CommandType, utcnow
 
-__all__ = ["Charging", "Energy", "Plan", "Sent", "SetLimit", "charging_of", "plan"]
+__all__ = ["ALLOCATION_LOCK", "Charging", "Energy", "Plan", "Sent", "SetLimit", "charging_of",
+           "plan"]
+
+ALLOCATION_LOCK = "allocation"
+"""The job lock (SPEC §9) under which one Central allocates for the network."""
 
 
 # --------------------------------------------------------------------------- the pure core
@@ -216,6 +227,9 @@ class Energy:
         self._charging: dict[str, dict[str, CPView]] = {}
         """The CPs with a session at each limited site (kept by the session hooks)."""
         self._soon: asyncio.Task[None] | None = None
+        self.leader = False
+        """Whether this instance held :data:`ALLOCATION_LOCK` at the last check (it
+        allocates only then): checked at :meth:`load` and once every interval."""
         controller.session_hooks.append(self._on_session)
 
     # ------------------------------------------------------------------ lifecycle
@@ -240,19 +254,50 @@ class Energy:
             logger.info("site limits: {} ({} allocation every {:g}s)",
                         ", ".join(f"{s}={kw:g} kW" for s, kw in sorted(self.limits.items())),
                         self.policy.value, self.interval)
+        await self.check_leader()
 
     async def run(self) -> None:
-        """Reallocate every ``interval`` seconds (Central runs this as a task)."""
+        """Check the lock and reallocate every ``interval`` seconds (Central runs this as
+        a task)."""
         while True:
             await asyncio.sleep(self.interval)
+            await self.check_leader()
             if self._reallocate_logged():
                 await self.controller.flush()
+
+    async def check_leader(self) -> bool:
+        """Ask the repository for :data:`ALLOCATION_LOCK` (take it if free, keep it if
+        held) and remember the answer in ``leader``; logged when it changes."""
+        try:
+            held = await self.controller.repo.hold_lock(ALLOCATION_LOCK)
+        except Exception as exc:  # noqa: BLE001 - not held, whatever the cause: logged
+            if self.leader:
+                logger.warning("smart charging: the lock could not be checked: {}", exc)
+            held = False
+        if held != self.leader:
+            self.leader = held
+            if held:
+                logger.info("smart charging: this instance allocates (it holds the {!r} "
+                            "lock)", ALLOCATION_LOCK)
+            else:
+                logger.warning("smart charging: this instance no longer allocates (the {!r} "
+                               "lock is lost)", ALLOCATION_LOCK)
+                self.sent.clear()  # the new leader's limits are in force, not these
+                self._sent_site.clear()
+                self.allocated.clear()
+        return held
 
     async def close(self) -> None:
         soon, self._soon = self._soon, None
         if soon is not None:
             soon.cancel()
             await asyncio.gather(soon, return_exceptions=True)
+        if self.leader:
+            self.leader = False
+            try:
+                await self.controller.repo.release_lock(ALLOCATION_LOCK)
+            except Exception as exc:  # noqa: BLE001 - closing anyway: the lock goes with it
+                logger.warning("smart charging: releasing the lock failed: {}", exc)
 
     # ------------------------------------------------------------------ operators
 
@@ -317,7 +362,10 @@ class Energy:
 
     def reallocate(self, sites: Iterable[str] | None = None) -> int:
         """Plan these limited sites (None: every one) now and queue the SET_LIMITs that
-        changed; how many. The cost is their sessions', never all of Central's."""
+        changed; how many. The cost is their sessions', never all of Central's. Nothing
+        while this instance does not hold the allocation lock (``leader``)."""
+        if not self.leader:
+            return 0
         chosen = list(self._charging) if sites is None else [
             site for site in dict.fromkeys(sites) if site in self._charging]
         planned = set(chosen)

@@ -134,10 +134,12 @@ class CentralCollector:
 
 class SiteCollector:
     """Each site's limit, allocation and measured power (SPEC §10), read at scrape time
-    from the summary's per-site counts and the energy job (O(sites) per scrape)."""
+    from the summary's per-site counts and the energy job (O(sites) per scrape), and
+    whether this instance allocates (holds the allocation lock, SPEC §9)."""
 
     NAMES = tuple(PREFIX + n for n in (
         "site_limit_watts", "site_allocated_watts", "site_measured_watts",
+        "allocation_leader",
     ))
 
     def __init__(self, energy: Energy) -> None:
@@ -154,6 +156,7 @@ class SiteCollector:
             (s.site,): s.allocated_kw * 1000.0 for s in sites if s.allocated_kw is not None})
         yield gauge(PREFIX + "site_measured_watts", {
             (s.site,): s.measured_kw * 1000.0 for s in sites})
+        yield gauge(PREFIX + "allocation_leader", 1.0 if self.energy.leader else 0.0)
 
 
 _STATE = attrgetter("state")

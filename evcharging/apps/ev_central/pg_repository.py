@@ -16,11 +16,18 @@ table by table, each table's writes in their order. Several
 Centrals may share one database; migrations take a transaction-scoped advisory lock, so
 two that start at once do not both apply them. A database that cannot be reached or
 written now raises :class:`~evcharging.apps.ev_central.repository.StorageError`.
+
+Network-wide job locks (SPEC §9, :meth:`PostgresRepository.hold_lock`) are session-level
+advisory locks taken with ``pg_try_advisory_lock`` on one connection kept for them, apart
+from the pool: a lock lives as long as that connection, so a Central that dies or loses
+it gives its locks up, and the next :meth:`~PostgresRepository.hold_lock` reconnects and
+tries again. A lock's key is :func:`lock_key` of its name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -49,9 +56,20 @@ from evcharging.apps.ev_central.records import (
 from evcharging.apps.ev_central.repository import StorageError
 from evcharging.apps.ev_central.writes import Write
 
-__all__ = ["MIGRATIONS", "STATEMENTS", "PostgresRepository"]
+__all__ = ["MIGRATIONS", "STATEMENTS", "PostgresRepository", "lock_key"]
 
 MIGRATION_LOCK = 0x65764D4947  # "evMIG": the advisory lock the migrations take
+
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock key of the job lock `name`: the first 8 bytes of the BLAKE2b
+    digest of its UTF-8 text as a signed 64-bit integer (PostgreSQL's ``bigint`` key).
+    Stable across processes, versions and servers (unlike ``hashtext``, which is internal
+    to PostgreSQL); ``lock_key("allocation")`` is the smart-charging job's."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
 
 MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1: the seed tables and the CP registry.
@@ -240,6 +258,11 @@ class PostgresRepository:
         self._connect_timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
         self._open_lock = asyncio.Lock()
+        self._lock_conn: asyncpg.Connection | None = None
+        """The connection the job locks live on (None: none yet, or lost)."""
+        self._locks: set[str] = set()
+        """The job locks held on ``_lock_conn``."""
+        self._locks_mutex = asyncio.Lock()
         self.write_error: str | None = None
         """Why the last transaction failed, until one succeeds again (None: fine)."""
         self.write_errors = 0
@@ -283,6 +306,8 @@ class PostgresRepository:
         """Wait for the running transactions, then close. Safe to call twice."""
         async with self._open_lock:
             pool, self._pool = self._pool, None
+            async with self._locks_mutex:
+                await self._drop_lock_connection()
             if pool is not None:
                 await pool.close()
 
@@ -425,6 +450,72 @@ class PostgresRepository:
         """Every site's power limit in kW (SPEC §10), by site."""
         rows = await self._fetch(sql.SQL_LOAD_SITE_LIMITS)
         return {str(row["site"]): float(row["kw"]) for row in rows}
+
+    # ----------------------------------------------------------------------- locks
+
+    async def hold_lock(self, name: str) -> bool:
+        """Take the job lock `name` (key :func:`lock_key`) if it is free and keep it
+        while this repository is open; whether it is held now. Idempotent: a held lock is
+        confirmed with one round trip on its connection. A lost connection lost its locks:
+        this call then connects again and tries once more; a database it cannot reach (within
+        the connect timeout) holds nothing (False, no exception)."""
+        self._connected()
+        async with self._locks_mutex:
+            for attempt in range(2):
+                fresh = self._lock_conn is None
+                try:
+                    async with asyncio.timeout(self._connect_timeout):
+                        return await self._try_lock(name)
+                except _UNAVAILABLE as exc:
+                    if self._locks:
+                        logger.warning("database {}: the connection of the job locks {} is "
+                                       "lost ({}): they are released",
+                                       self.url, sorted(self._locks), exc)
+                    await self._drop_lock_connection()
+                    if fresh or attempt:
+                        logger.debug("database {}: job lock {!r} not taken: {}",
+                                     self.url, name, exc)
+                        return False
+            return False  # pragma: no cover - the loop returns
+
+    async def release_lock(self, name: str) -> None:
+        """Give the job lock `name` up (nothing when it is not held)."""
+        async with self._locks_mutex:
+            if name not in self._locks or self._lock_conn is None:
+                return
+            self._locks.discard(name)
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    await self._lock_conn.execute("SELECT pg_advisory_unlock($1)",
+                                                  lock_key(name))
+            except _UNAVAILABLE:
+                await self._drop_lock_connection()  # its locks went with it
+
+    async def _try_lock(self, name: str) -> bool:
+        conn = self._lock_conn
+        if conn is None or conn.is_closed():
+            self._locks.clear()
+            conn = self._lock_conn = await asyncpg.connect(self._url)
+        if name in self._locks:
+            await conn.fetchval("SELECT 1")  # alive: its session still holds the lock
+            return True
+        if await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock_key(name)):
+            self._locks.add(name)
+            return True
+        return False
+
+    async def _drop_lock_connection(self) -> None:
+        """Close the locks' connection (the server releases its locks); call it holding
+        ``_locks_mutex``."""
+        conn, self._lock_conn = self._lock_conn, None
+        self._locks.clear()
+        if conn is None or conn.is_closed():
+            return
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await conn.close()
+        except (*_UNAVAILABLE, asyncpg.PostgresError):
+            conn.terminate()
 
     # ------------------------------------------------------------------ internals
 

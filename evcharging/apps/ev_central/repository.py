@@ -131,6 +131,14 @@ class Repository(Protocol):
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]: ...
     async def load_pending(self) -> PendingRow | None: ...
     async def load_site_limits(self) -> dict[str, float]: ...
+    async def hold_lock(self, name: str) -> bool:
+        """Take the network-wide job lock `name` if it is free and keep it while this
+        repository is open (SPEC §9: jobs that must run once for the network); whether it
+        is held now. Idempotent: call it again to keep asking."""
+        ...
+    async def release_lock(self, name: str) -> None:
+        """Give the lock `name` up (nothing when it is not held)."""
+        ...
 
 
 # ----------------------------------------------------------------------------- adapter
@@ -359,6 +367,16 @@ class SqliteRepository:
         """Every site's power limit in kW (SPEC §10), by site."""
         rows = await self._fetchall(sql.SQL_LOAD_SITE_LIMITS, ())
         return {str(row["site"]): float(row["kw"]) for row in rows}
+
+    # ----------------------------------------------------------------------- locks
+
+    async def hold_lock(self, name: str) -> bool:
+        """Always held: one Central per SQLite file (``dblock``'s flock enforces it), so
+        every network-wide job is this Central's."""
+        return True
+
+    async def release_lock(self, name: str) -> None:
+        """Nothing to give up (see :meth:`hold_lock`)."""
 
     # ------------------------------------------------------------------ internals
 
