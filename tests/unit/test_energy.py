@@ -176,6 +176,24 @@ def test_an_unknown_cp_rate_is_bounded_by_the_limit() -> None:
     assert result.shares == {"x": 50.0}
 
 
+def test_an_unknown_cap_follows_a_lowered_limit() -> None:
+    """A CP without a rate (an OCPP charger) and without a car has no known cap: its
+    limit must follow the site's limit down (it was kept at the old, higher one)."""
+    first = plan({"A": 50.0}, [session("x", cp_kw=None)], {})
+    assert first.commands == (SetLimit("CP-x", "x", 50.0),)
+    lowered = plan({"A": 30.0}, [session("x", cp_kw=None)], first.sent)
+    assert lowered.commands == (SetLimit("CP-x", "x", 30.0),)
+    assert lowered.sent["x"].kw == 30.0
+    # A car whose acceptance is above the limit is no physical cap either.
+    car = plan({"A": 50.0}, [session("y", cp_kw=None, car_kw=60.0)], {})
+    assert plan({"A": 30.0}, [session("y", cp_kw=None, car_kw=60.0)],
+                car.sent).commands == (SetLimit("CP-y", "y", 30.0),)
+    # A car that takes less than the limit is: its higher limit holds it there.
+    slow = plan({"A": 50.0}, [session("z", cp_kw=None, car_kw=10.0)], {})
+    assert plan({"A": 30.0}, [session("z", cp_kw=None, car_kw=9.0)],
+                slow.sent).commands == ()
+
+
 def test_a_cp_that_moved_sessions_keep_their_limit_only_by_cp() -> None:
     first = plan({"A": 20.0}, [session("a")], {})
     moved = Charging("a", "CP-other", "A", 22.0)  # same session id, another CP: resend

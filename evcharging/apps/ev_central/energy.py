@@ -153,13 +153,19 @@ def plan(
         ]
         given = allocate(limit, demands, policy=policy, now=now)
         allocated[site] = math.fsum(given.values())
-        for session, demand in zip(group, demands, strict=True):
+        for session in group:
             share = given[session.session_id]
             shares[session.session_id] = share
             before = sent.get(session.session_id)
             last = before.kw if before is not None and before.cp_id == session.cp_id else None
-            if share >= demand.cap_kw:
-                # All it can take: a limit at or above its cap holds it there already.
+            # Its physical cap: the CP's rate and the car's acceptance that are known
+            # (infinite when neither is: an OCPP charger without a car; the limit given
+            # to the allocator above is no cap, a real charger draws what it is allowed).
+            known = [kw for kw in (session.cp_kw, session.car_kw) if kw is not None]
+            physical = min(known) if known else math.inf
+            if share >= physical:
+                # All it can take: a limit at or above its cap holds it there already
+                # (what is in force, min(last, cap), is the cap, within its share).
                 if last is not None and last >= share:
                     in_force[session.session_id] = Sent(session.cp_id, last)
                     continue
