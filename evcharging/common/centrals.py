@@ -11,7 +11,10 @@ the item at fault; one address is what the clients always took.
 (:meth:`AnyDoor.call`) goes to the address in use; when that one does not answer (a
 connection error or a timeout: :func:`no_answer`), the same call goes to the next one, and
 so on once round the list. The first address that answers is kept for the calls that
-follow; when none answers, the last error is raised for the caller's own retry rules. The
+follow; when none answers, the last error is raised for the caller's own retry rules.
+Calls in flight together (the fleet and the gateway share one door) each walk their own
+round from the address in use, and a failure moves that address on only while it still
+points at the one that failed, so one call never sends the others back to a dead one. The
 first switch of an outage is logged once (WARNING), and the address that answers after a
 switch once (INFO); with one address nothing is tried twice and nothing more is logged.
 """
@@ -175,7 +178,7 @@ class AnyDoor:
         self.urls = urls
         """Whether the log lines show URLs (an HTTP API), else ``host:port`` (a TCP port)."""
         self.switches = 0
-        """How many times a call moved on to the next address."""
+        """How many times the address in use moved on to the next one."""
         self._index = 0
         self._switched = False  # moved on since the last answer (logged once)
 
@@ -215,30 +218,43 @@ class AnyDoor:
     ) -> T:
         """``await attempt(address)`` at the address in use, then at each next one while
         `down` says the error means no answer; the first result is returned and its
-        address kept. Other errors, and the last one when none answers, are raised."""
+        address kept. Other errors, and the last one when none answers, are raised.
+
+        Each call walks its own round of the list from the address in use when it
+        started; a failure moves the shared address in use on only if it still points at
+        the address that failed, so parallel calls do not undo each other's switch."""
         count = len(self.addresses)
-        for tried in range(1, count + 1):
-            address = self.current
+        start = self._index
+        for tried in range(count):
+            index = (start + tried) % count
+            address = self.addresses[index]
             try:
                 result = await attempt(address)
             except Exception as exc:
-                if tried == count or not down(exc):
+                if tried == count - 1 or not down(exc):
                     raise
-                self._move_on(address, exc)
+                self._move_on(index, exc)
                 continue
-            self._answered(address)
+            self._answered(index)
             return result
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def _move_on(self, address: CentralAddress, exc: BaseException) -> None:
-        self._index = (self._index + 1) % len(self.addresses)
+    def _move_on(self, index: int, exc: BaseException) -> None:
+        """The address at `index` did not answer: the address in use moves on to the next,
+        unless another call has already moved it (compare-and-set: calls in flight
+        together must not move it twice, back to the dead one, nor log the switch twice)."""
+        if self._index != index:
+            return
+        self._index = (index + 1) % len(self.addresses)
         self.switches += 1
         level = "DEBUG" if self._switched else "WARNING"
         self._switched = True
         logger.log(level, "{} at {} does not answer ({}); trying {}", self.name,
-                   self.show(address), _reason(exc), self.show(self.current))
+                   self.show(self.addresses[index]), _reason(exc), self.show(self.current))
 
-    def _answered(self, address: CentralAddress) -> None:
-        if self._switched:
+    def _answered(self, index: int) -> None:
+        # Only an answer from the address in use ends the switch: a late answer from one
+        # the door has since moved away from does not.
+        if self._switched and index == self._index:
             self._switched = False
-            logger.info("{} at {} answers; using it", self.name, self.show(address))
+            logger.info("{} at {} answers; using it", self.name, self.show(self.current))

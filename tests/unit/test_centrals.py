@@ -201,6 +201,32 @@ async def test_a_call_moves_past_a_dead_central_and_sticks_with_the_one_that_ans
     ]
 
 
+async def test_parallel_calls_sharing_a_door_all_fail_over_and_leave_it_on_the_live_one(
+    responders: list[Responder], door_logs: list[tuple[str, str]]
+) -> None:
+    # The fleet and the gateway share one door: calls in flight together when A dies must
+    # not send each other back to A (each failure moved the index on, whoever moved it).
+    b = await Responder(b"B").start()
+    responders.append(b)
+    dead = dead_port()
+    door = AnyDoor.parse(f"127.0.0.1:{dead},127.0.0.1:{b.port}", 8000)
+    async with httpx.AsyncClient() as client:
+        answers = await asyncio.gather(
+            *(door.call(lambda central: get_text(client, central)) for _ in range(8)),
+            return_exceptions=True,
+        )
+        assert answers == ["B"] * 8
+        assert door.current.port == b.port
+        assert door.switches == 1
+        assert await door.call(lambda central: get_text(client, central)) == "B"
+    assert b.requests == 9
+    assert door_logs == [
+        ("WARNING", f"Central at http://127.0.0.1:{dead} does not answer (connection "
+                    f"refused); trying http://127.0.0.1:{b.port}"),
+        ("INFO", f"Central at http://127.0.0.1:{b.port} answers; using it"),
+    ]
+
+
 async def test_a_central_that_times_out_counts_as_not_answering(
     responders: list[Responder], door_logs: list[tuple[str, str]]
 ) -> None:
