@@ -148,10 +148,13 @@ class Handling:
     """One charger's CALL being handled: whether it changed what the ledger cannot lose
     (its answer then waits until that is durable)."""
 
-    __slots__ = ("durable",)
+    __slots__ = ("durable", "unpublished")
 
     def __init__(self) -> None:
         self.durable = False
+        self.unpublished = False
+        """A message of its durable change did not reach the broker: the CALL is not
+        confirmed (CALLERROR InternalError), so the charger sends it again (OCPP-J)."""
 
 
 HANDLING: ContextVar[Handling | None] = ContextVar("ocpp_handling", default=None)
@@ -204,6 +207,9 @@ class Gateway:
         self._verdicts: dict[str, asyncio.Future[bool]] = {}
         """Sessions started at a charger whose start waits for Central's verdict."""
         self._publish_failing = False
+        self._unannounced: dict[str, CPStatus] = {}
+        """Session id → its start's status that did not reach the bus (sent again with
+        the charger's retry of the start)."""
         self.dirty = False
         """Something the state file keeps changed since it was last written."""
         self.durable: Callable[[], Awaitable[None]] = _nothing_to_keep
@@ -384,13 +390,26 @@ class Gateway:
                     conn.cp_id, old.value, session_id, driver_id, transaction)
         # A start at the charger is a START_SUPPLY whatever the CP was: Central records
         # it (and, where it would have denied it, stops it) rather than ignoring it.
-        await self.publish(CPStatus(
+        started = CPStatus(
             cp_id=conn.cp_id, state=CPState.SUPPLYING,
             event=StatusEvent.START_SUPPLY if old is CPState.ACTIVATED or by_charger
             else None,
             reason="charging", session_id=session_id, driver_id=driver_id, ts=ts,
-        ))
+        )
+        if not await self.publish(started):
+            self._unannounced[session_id] = started  # the charger's retry sends it again
         return session
+
+    async def announce_again(self, session: Session) -> None:
+        """A replayed start of `session`: its start's status again, when it did not
+        reach the bus (its CALL was answered CALLERROR, and the charger sent it again)."""
+        started = self._unannounced.pop(session.session_id, None)
+        if started is not None and session.ended is None:
+            handling = HANDLING.get()
+            if handling is not None:
+                handling.durable = True  # confirmed only once on the bus
+            if not await self.publish(started):
+                self._unannounced[session.session_id] = started
 
     async def verdict(self, session: Session) -> bool:
         """Whether the charger's start of `session` is answered Accepted: Central's verdict
@@ -584,22 +603,26 @@ class Gateway:
         if handling is not None:
             handling.durable = True
 
-    async def publish(self, message: Message) -> None:
+    async def publish(self, message: Message) -> bool:
         """Queue `message` on the bus (and wait for the broker's acknowledgement while a
         CALL with a durable change is handled); a failure is logged once per outage (the
-        next heartbeat repeats the state and the last end)."""
+        next heartbeat repeats the state and the last end), and marks such a CALL
+        unpublished: it is answered CALLERROR, not confirmed; whether it reached the bus."""
         handling = HANDLING.get()
         try:
             await self.publisher.publish(
                 message, wait=handling is not None and handling.durable)
         except BusError as exc:
             self.stats.publish_failures += 1
+            if handling is not None and handling.durable:
+                handling.unpublished = True
             if not self._publish_failing:
                 self._publish_failing = True
                 logger.error("could not publish {}: {} (logged once until it works again)",
                              type(message).__name__, exc)
-            return
+            return False
         if self._publish_failing:
             self._publish_failing = False
             logger.info("publishing works again")
+        return True
 

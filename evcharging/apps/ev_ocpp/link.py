@@ -229,6 +229,16 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
             answer = await handler(payload)
             if handling.durable:  # answered once safe: the charger never sends it again
                 await self.gateway.durable()
+            if handling.unpublished:
+                # Not confirmed while the bus is down: the charger sends it again (OCPP-J:
+                # a transaction-related CALL answered CALLERROR is retried), and the retry
+                # is idempotent (the same transaction, the same session, published then).
+                self.count(action, "in", "InternalError")
+                self._log.warning("charger {}: {} not confirmed: the bus is unavailable",
+                                  self.charger_id, action)
+                await self._send(CallError(msg.unique_id, "InternalError", "the gateway "
+                                           "could not publish it: send it again", {}).to_json())
+                return
         except Violation as exc:
             await self._error(msg, action, exc.code, str(exc))
             return
@@ -541,6 +551,7 @@ class V16Link(ChargerLink):
                            self.charger_id, tx)
             if session is None:
                 return {"transactionId": tx, "idTagInfo": {"status": "Invalid"}}
+            await self.gateway.announce_again(session)
             return self.verdict_answer(session, lambda accepted: _started16(tx, accepted))
         if not is_valid_id_tag(id_tag):
             self.gateway.remember(self.charger_id, str(tx), None)
@@ -708,6 +719,7 @@ class V201Link(ChargerLink):
             if seq <= session.seq_no:
                 self._log.info("charger {}: TransactionEvent {} seqNo {} of transaction {} "
                                "replayed: nothing changes", self.charger_id, event, seq, tx)
+                await self.gateway.announce_again(session)
                 return self._token_verdict(session, answer)
         session.seq_no = max(session.seq_no, seq)
         if event == "Ended":

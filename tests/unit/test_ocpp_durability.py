@@ -1,0 +1,54 @@
+"""Durable answers of the OCPP gateway: a CALL whose change the ledger cannot lose is
+confirmed only once that change is on the bus and in the state file."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from evcharging.apps.ev_ocpp.gateway import Gateway, PendingStart
+from evcharging.apps.ev_ocpp.link import V16Link
+from evcharging.common.messages import CPStatus, StatusEvent
+from evcharging.common.states import CPState
+from tests.unit.fakes import RecordingPublisher
+
+
+class FakeConnection:
+    """What a charger's link sends, as the charger would read it."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[Any]] = []
+
+    async def send(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+
+START = {"connectorId": 1, "idTag": "alice", "meterStart": 1000,
+         "timestamp": "2026-12-07T09:00:00Z"}
+
+
+async def test_a_start_while_the_bus_is_down_is_not_confirmed_and_its_retry_is() -> None:
+    publisher = RecordingPublisher()
+    gw = Gateway(publisher)
+    connection = FakeConnection()
+    link = V16Link("CH", connection, gw)
+    gw.attach(link)
+    conn = gw.connector("CH", 1)
+    await gw.change(conn, CPState.ACTIVATED, "available")
+    conn.pending = PendingStart("central-1", "alice", 7)
+    publisher.fail = True
+    await link.route_message(json.dumps([2, "m1", "StartTransaction", START]))
+    assert connection.sent[-1][:3] == [4, "m1", "InternalError"]  # the charger retries it
+    publisher.fail = False
+    await link.route_message(json.dumps([2, "m2", "StartTransaction", START]))
+    kind, unique_id, answer = connection.sent[-1]
+    assert (kind, unique_id, answer["idTagInfo"]["status"]) == (3, "m2", "Accepted")
+    session = conn.session
+    assert session is not None and session.session_id == "central-1"
+    assert answer["transactionId"] == int(session.transaction)
+    started = [s for s in publisher.of(CPStatus) if s.event is StatusEvent.START_SUPPLY]
+    assert [s.session_id for s in started] == ["central-1"]  # sent with the retry, once
+    await link.route_message(json.dumps([2, "m3", "StartTransaction", START]))
+    assert connection.sent[-1][:2] == [3, "m3"]
+    assert len([s for s in publisher.of(CPStatus)
+                if s.event is StatusEvent.START_SUPPLY]) == 1
