@@ -4,10 +4,17 @@ confirmed only once that change is on the bus and in the state file."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from evcharging.apps.ev_ocpp.gateway import Gateway, PendingStart
 from evcharging.apps.ev_ocpp.link import V16Link
+from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.messages import CPStatus, StatusEvent
 from evcharging.common.states import CPState
 from tests.unit.fakes import RecordingPublisher
@@ -52,3 +59,34 @@ async def test_a_start_while_the_bus_is_down_is_not_confirmed_and_its_retry_is()
     assert connection.sent[-1][:2] == [3, "m3"]
     assert len([s for s in publisher.of(CPStatus)
                 if s.event is StatusEvent.START_SUPPLY]) == 1
+
+
+async def test_new_journal_names_and_the_snapshots_rename_are_synced_before_unlinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    events: list[str] = []
+    fsync, unlink = os.fsync, Path.unlink
+
+    def recording_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            events.append("sync directory")
+        fsync(fd)
+
+    def recording_unlink(path: Path, missing_ok: bool = False) -> None:
+        events.append(f"unlink {path.name}")
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(Path, "unlink", recording_unlink)
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(RecordingPublisher())
+    conn = gw.connector("CH", 1)
+    await gw.start(conn, transaction="1", driver_id="alice", meter_start_wh=0.0,
+                   ts=datetime(2026, 12, 7, 9, 0, tzinfo=UTC), own_session_id="own-1")
+    await state.append(gw)  # creates journal 0: its name is synced
+    assert events == ["sync directory"]
+    gw.keep(conn)
+    await state.append(gw)  # the same journal: nothing new in the directory
+    assert events == ["sync directory"]
+    await state.save(gw)  # the rename is synced before journal 0 goes
+    assert events[1:] == ["sync directory", "unlink state.json.journal-0"]

@@ -276,6 +276,15 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
         gateway.add(conn)
 
 
+def _sync_directory(directory: Path) -> None:
+    """fsync `directory`: the names created, renamed or removed in it are then on disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StateStore:
     """Loads the gateway's memory at start and keeps the file (and its journal) up to
     date."""
@@ -349,15 +358,21 @@ class StateStore:
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, self.path)
+            _sync_directory(self.path.parent)  # the rename survives a crash: then unlink
             for older, journal in self._journals().items():  # the snapshot holds them
                 if older < generation:
                     journal.unlink(missing_ok=True)
 
     def _append(self, text: str, generation: int) -> None:
-        with self._file_lock, self.journal_path(generation).open("a", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
+        path = self.journal_path(generation)
+        with self._file_lock:
+            created = not path.exists()
+            with path.open("a", encoding="utf-8") as file:
+                file.write(text)
+                file.flush()
+                os.fsync(file.fileno())
+            if created:  # its name survives a crash too
+                _sync_directory(path.parent)
 
     async def commit(self) -> None:
         """Return once the changes the ledger cannot lose made so far are on disk
