@@ -3,6 +3,7 @@ around it on a real Controller (in-memory SQLite, a recording publisher)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -17,6 +18,7 @@ from evcharging.apps.ev_central.allocation import Policy
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import (
     ALLOCATION_LOCK,
+    RESEND_EVERY,
     Charging,
     Energy,
     Plan,
@@ -39,6 +41,7 @@ from evcharging.common.messages import (
     DriverStatus,
     DriverUpdate,
     SessionResult,
+    StatusEvent,
     new_id,
 )
 from evcharging.common.metrics import ServiceMetrics
@@ -431,6 +434,42 @@ async def test_a_start_plans_its_own_site_only(
     assert {(c.cp_id, c.payload.kw) for c in limits_sent(bus, mark)} == {
         ("A1", 5.0), ("B2", 5.0), ("B1", 22.0)}
     assert energy.allocated == {"site-A": 10.0, "site-B": 22.0}
+
+
+async def test_a_refused_set_limit_is_sent_again_and_every_limit_is_resent_in_time(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    """A SET_LIMIT the CP refused (or timed out on: the gateway answers REFUSED) is not in
+    force: it is sent again; and every RESEND_EVERY intervals every limit is sent again,
+    so one lost on its way is healed."""
+    await activate(central, "CP-1", "site-A")
+    await activate(central, "CP-2", "site-A")
+    s1 = await start(central, bus, "CP-1")
+    s2 = await start(central, bus, "CP-2")
+    await energy.set_limit("site-A", 30.0)
+    assert energy.sent[s1].kw == 15.0
+    mark = len(bus.messages)
+    await central.handle_status(CPStatus(
+        cp_id="CP-1", state=CPState.SUPPLYING, event=StatusEvent.REFUSED,
+        cmd=CommandType.SET_LIMIT, session_id=s1, reason="refused SET_LIMIT: timeout"))
+    got = await poll(lambda: limits_sent(bus, mark), timeout=2.0,
+                     what="the refused SET_LIMIT sent again")
+    assert [(c.cp_id, c.payload.session_id, c.payload.kw) for c in got] == [
+        ("CP-1", s1, 15.0)]
+    assert energy.sent[s1].kw == 15.0
+    assert central.get("CP-1").session is not None  # the session goes on
+    # The periodic resend: every limit in force, changed or not.
+    mark = len(bus.messages)
+    energy.interval = 0.001
+    runner = asyncio.create_task(energy.run())
+    try:
+        got = await poll(lambda: len(limits_sent(bus, mark)) >= 2 and limits_sent(bus, mark),
+                         timeout=5.0, what="every limit sent again")
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+    assert {(c.payload.session_id, c.payload.kw) for c in got[:2]} == {(s1, 15.0), (s2, 15.0)}
+    assert RESEND_EVERY * 2.0 <= 30.0
 
 
 async def test_sites_lists_registered_and_limited_sites_with_measured_power(

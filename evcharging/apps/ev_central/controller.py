@@ -149,6 +149,9 @@ class Controller:
         self.session_hooks: list[Callable[[CPView, ActiveSession, bool], None]] = []
         """Told of each session that starts (True) or ends (False) on a CP, at once and
         cheaply (smart charging, :mod:`~evcharging.apps.ev_central.energy`)."""
+        self.limit_refused_hooks: list[Callable[[CPView, str | None], None]] = []
+        """Told of each SET_LIMIT a CP refused (REFUSED, ``cmd`` SET_LIMIT), with its
+        session id: the limit is not in force (smart charging sends it again)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -370,6 +373,9 @@ class Controller:
             return
         ts = self._heard(cp, status.ts, Topic.CP_STATUS)
         before = cp.state
+        if status.event is StatusEvent.REFUSED and status.cmd is CommandType.SET_LIMIT:
+            for hook in self.limit_refused_hooks:
+                hook(cp, status.session_id)
         if cp.state is CPState.STOPPED and status.event is StatusEvent.CONNECT:
             # The CP restarted and came back ACTIVATED; the operator's stop still holds.
             logger.info("CP {} restarted while stopped; stopping it again", cp.cp_id)

@@ -56,6 +56,11 @@ __all__ = ["ALLOCATION_LOCK", "Charging", "Energy", "Plan", "Sent", "SetLimit", 
 ALLOCATION_LOCK = "allocation"
 """The job lock (SPEC §9) under which one Central allocates for the network."""
 
+RESEND_EVERY = 15
+"""Every this many allocation intervals (15 × 2 s = 30 s by default) the leader sends every
+limit in force again, changed or not: a SET_LIMIT lost on its way (a charger that timed
+out without a REFUSED, a gateway restarted) is healed within that time."""
+
 
 # --------------------------------------------------------------------------- the pure core
 
@@ -236,7 +241,9 @@ class Energy:
         self.leader = False
         """Whether this instance held :data:`ALLOCATION_LOCK` at the last check (it
         allocates only then): checked at :meth:`load` and once every interval."""
+        self._ticks = 0
         controller.session_hooks.append(self._on_session)
+        controller.limit_refused_hooks.append(self._on_limit_refused)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -268,6 +275,9 @@ class Energy:
         while True:
             await asyncio.sleep(self.interval)
             await self.check_leader()
+            self._ticks += 1
+            if self._ticks % RESEND_EVERY == 0:
+                self.forget_sent()  # every limit in force is sent again
             if self._reallocate_logged():
                 await self.controller.flush()
 
@@ -437,6 +447,25 @@ class Energy:
             del cps[cp.cp_id]
         self._dirty.add(site)  # an end only frees power: planned once this tick
         self._schedule()
+
+    def forget_sent(self) -> None:
+        """Forget the limits sent: the next plan of each limited site sends them all."""
+        self.sent.clear()
+        self._sent_site.clear()
+
+    def _on_limit_refused(self, cp: CPView, session_id: str | None) -> None:
+        """The controller's hook: a CP refused a SET_LIMIT (or timed out): it is not in
+        force, so it is forgotten and its site planned again (sent again) this tick."""
+        sid = session_id if session_id is not None else (
+            cp.session.session_id if cp.session is not None else None)
+        if sid is None or sid not in self.sent:
+            return
+        del self.sent[sid]
+        site = self._sent_site.pop(sid, None)
+        self.controller.stats["set_limits_refused"] += 1
+        if site:
+            self._dirty.add(site)
+            self._schedule()
 
     def _schedule(self) -> None:
         """Reallocate once the current handler yields: every start and end of this tick
