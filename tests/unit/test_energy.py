@@ -472,6 +472,24 @@ async def test_a_refused_set_limit_is_sent_again_and_every_limit_is_resent_in_ti
     assert RESEND_EVERY * 2.0 <= 30.0
 
 
+async def test_a_removed_limit_reaches_every_running_session_of_its_site(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    """DELETE sends kw null to every running session of the site, also those this
+    instance has no record of sending a limit to (after a restart, before its first plan)."""
+    await activate(central, "CP-1", "site-A")
+    await activate(central, "CP-B", "site-B")
+    await energy.set_limit("site-A", 10.0)
+    sid = await start(central, bus, "CP-1")
+    await start(central, bus, "CP-B")
+    assert energy.sent[sid].kw == 10.0
+    energy.forget_sent()  # as after a restart: nothing known to be sent yet
+    mark = len(bus.messages)
+    await energy.remove_limit("site-A")
+    assert [(c.cp_id, c.payload.session_id, c.payload.kw) for c in limits_sent(bus, mark)] == [
+        ("CP-1", sid, None)]
+
+
 async def test_sites_lists_registered_and_limited_sites_with_measured_power(
     central: Controller, energy: Energy, bus: RecordingPublisher
 ) -> None:

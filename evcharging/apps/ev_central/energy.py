@@ -338,12 +338,22 @@ class Energy:
         self.allocated.pop(site, None)
         self._charging.pop(site, None)
         self._dirty.discard(site)
+        to_free: dict[str, str] = {}  # session id -> CP id
         for sid in [sid for sid, of in self._sent_site.items() if of == site]:
             sent = self.sent.pop(sid)
             del self._sent_site[sid]
             cp = self.controller.cps.get(sent.cp_id)
             if cp is not None and cp.session is not None and cp.session.session_id == sid:
-                self._send(SetLimit(cp.cp_id, sid, None))
+                to_free[sid] = cp.cp_id
+        if self.leader:
+            # Every running session of the site, not only those of ``sent`` (empty after a
+            # restart until the first plan, or after the lock was lost): an operator's call,
+            # so one pass over the CPs is fine.
+            for cp in self.controller.cps.values():
+                if cp.site == site and cp.session is not None:
+                    to_free.setdefault(cp.session.session_id, cp.cp_id)
+        for sid, cp_id in to_free.items():
+            self._send(SetLimit(cp_id, sid, None))
         if had is not None:
             logger.info("site {}: limit removed (was {:g} kW)", site, had)
         await self.controller.outbox.flush()
