@@ -3,6 +3,7 @@ confirmed only once that change is on the bus and in the state file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -12,10 +13,16 @@ from typing import Any
 
 import pytest
 
-from evcharging.apps.ev_ocpp.gateway import Gateway, PendingStart
-from evcharging.apps.ev_ocpp.link import V16Link
+from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart
+from evcharging.apps.ev_ocpp.link import Refused, V16Link
 from evcharging.apps.ev_ocpp.store import StateStore
-from evcharging.common.messages import CPStatus, StatusEvent
+from evcharging.common.messages import (
+    CentralCommand,
+    CommandPayload,
+    CommandType,
+    CPStatus,
+    StatusEvent,
+)
 from evcharging.common.states import CPState
 from tests.unit.fakes import RecordingPublisher
 
@@ -90,3 +97,58 @@ async def test_new_journal_names_and_the_snapshots_rename_are_synced_before_unli
     assert events == ["sync directory"]
     await state.save(gw)  # the rename is synced before journal 0 goes
     assert events[1:] == ["sync directory", "unlink state.json.journal-0"]
+
+
+async def test_a_remote_start_forgotten_when_its_charger_leaves_stays_forgotten(
+    tmp_path: Path,
+) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(RecordingPublisher())
+    gw.durable = state.commit
+    writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
+    try:
+        link = V16Link("CH", FakeConnection(), gw)
+        gw.attach(link)
+        conn = gw.connector("CH", 1)
+        conn.pending = PendingStart("central-1", "alice", 7)
+        gw.keep(conn)
+        await asyncio.wait_for(gw.durable(), timeout=5)
+        await asyncio.wait_for(gw.detach(link), timeout=5)
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    again = Gateway(RecordingPublisher())  # SIGKILLed: what the journal holds
+    StateStore(tmp_path / "state.json").load(again)
+    assert again.connectors["CH.1"].pending is None
+
+
+class RejectingLink(V16Link):
+    """A charger that answers every remote start Rejected."""
+
+    async def remote_start(self, conn: Connector, pending: PendingStart) -> None:
+        raise Refused("RemoteStartTransaction Rejected")
+
+
+async def test_a_rejected_remote_start_is_forgotten_on_disk_before_it_is_refused(
+    tmp_path: Path,
+) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(RecordingPublisher())
+    gw.durable = state.commit
+    writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
+    try:
+        link = RejectingLink("CH", FakeConnection(), gw)
+        gw.attach(link)
+        conn = gw.connector("CH", 1)
+        await gw.change(conn, CPState.ACTIVATED, "available")
+        start = CentralCommand(cp_id="CH.1", cmd=CommandType.START_SUPPLY,
+                               payload=CommandPayload(session_id="central-1",
+                                                      driver_id="alice"))
+        with pytest.raises(Refused):
+            await asyncio.wait_for(link.execute(conn, start), timeout=5)
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    again = Gateway(RecordingPublisher())  # SIGKILLed as Central hears of the refusal
+    StateStore(tmp_path / "state.json").load(again)
+    assert again.connectors["CH.1"].pending is None

@@ -235,14 +235,20 @@ class Gateway:
         if self.links.get(link.charger_id) is not link:
             return  # replaced by a newer connection of the same charger
         del self.links[link.charger_id]
+        forgotten = False
         for conn in self.of_charger(link.charger_id):
-            conn.pending = None
+            if conn.pending is not None:  # kept: a restart brings back no stale start
+                conn.pending = None
+                self.keep(conn)
+                forgotten = True
             if conn.session is not None:
                 conn.session.offline = True
                 self._verdicts.pop(conn.session.session_id, None)  # its start goes unanswered
                 continue
             if conn.state is CPState.ACTIVATED:
                 await self.change(conn, CPState.DISCONNECTED, "charger offline")
+        if forgotten:
+            await self.durable()
 
     def of_charger(self, charger_id: str) -> list[Connector]:
         return list(self._by_charger.get(charger_id, ()))

@@ -395,7 +395,9 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                     await self.remote_start(conn, pending)
                 except Refused:
                     if conn.pending is pending:
-                        conn.pending = None
+                        conn.pending = None  # on disk before Central fails the session:
+                        self.gateway.keep(conn)  # a restart brings back no stale start
+                        await self.gateway.durable()
                     raise
             case CommandType.STOP_SUPPLY:
                 session = conn.session
