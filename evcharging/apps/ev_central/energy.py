@@ -345,7 +345,7 @@ class Energy:
             cp = self.controller.cps.get(sent.cp_id)
             if cp is not None and cp.session is not None and cp.session.session_id == sid:
                 to_free[sid] = cp.cp_id
-        if self.leader:
+        if self.leader and had is not None:
             # Every running session of the site, not only those of ``sent`` (empty after a
             # restart until the first plan, or after the lock was lost): an operator's call,
             # so one pass over the CPs is fine.
