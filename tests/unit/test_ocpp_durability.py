@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart
+from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
 from evcharging.apps.ev_ocpp.link import Refused, V16Link
 from evcharging.apps.ev_ocpp.store import StateStore
 from evcharging.common.messages import (
@@ -152,3 +152,50 @@ async def test_a_rejected_remote_start_is_forgotten_on_disk_before_it_is_refused
     again = Gateway(RecordingPublisher())  # SIGKILLed as Central hears of the refusal
     StateStore(tmp_path / "state.json").load(again)
     assert again.connectors["CH.1"].pending is None
+
+
+class StoppingLink(V16Link):
+    """A charger that accepts a remote stop and schedules its unavailability."""
+
+    async def remote_stop(self, session: Session) -> None:
+        return None
+
+    async def change_availability(self, conn: Connector, operative: bool) -> bool:
+        return False
+
+
+async def test_a_stop_cp_and_a_denial_are_in_the_journal(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(RecordingPublisher(), decision_timeout=5.0)
+    gw.durable = state.commit
+    writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
+    t0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+    try:
+        link = StoppingLink("CH", FakeConnection(), gw)
+        gw.attach(link)
+        stopped, denied = gw.connector("CH", 1), gw.connector("CH", 2)
+        await gw.change(stopped, CPState.ACTIVATED, "available")
+        stopped.pending = PendingStart("central-1", "alice", 7)
+        await gw.start(stopped, transaction="1", driver_id="alice", meter_start_wh=0.0,
+                       ts=t0, own_session_id="own-1")
+        await gw.start(denied, transaction="2", driver_id="bob", meter_start_wh=0.0,
+                       ts=t0, own_session_id="own-2")
+        session = denied.session
+        assert session is not None
+        verdict = asyncio.create_task(gw.verdict(session))
+        await asyncio.wait_for(gw.durable(), timeout=5)
+        stop_cp = CentralCommand(cp_id="CH.1", cmd=CommandType.STOP_CP,
+                                 payload=CommandPayload(reason="maintenance"))
+        await asyncio.wait_for(link.execute(stopped, stop_cp), timeout=5)
+        await gw.handle_command(CentralCommand(
+            cp_id="CH.2", cmd=CommandType.STOP_SUPPLY,
+            payload=CommandPayload(session_id="own-2")))
+        assert await asyncio.wait_for(verdict, timeout=5) is False
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    again = Gateway(RecordingPublisher())  # SIGKILLed before the charger's stops
+    StateStore(tmp_path / "state.json").load(again)
+    first, second = again.connectors["CH.1"].session, again.connectors["CH.2"].session
+    assert first is not None and first.stop_cp
+    assert second is not None and second.denied

@@ -437,6 +437,7 @@ class Gateway:
         finally:
             if self._verdicts.get(session.session_id) is decided:
                 del self._verdicts[session.session_id]
+        await self.durable()  # a denial is on disk before the charger hears of it
         return accepted
 
     def awaits_verdict(self, session: Session) -> bool:
@@ -455,7 +456,7 @@ class Gateway:
             return False  # not awaited (any more): the command is carried out as usual
         accepted = cmd.cmd is CommandType.START_SUPPLY
         session.denied = not accepted
-        self.dirty = True
+        self.keep(conn, session)  # journalled: the charger's answer waits for it (verdict)
         decided.set_result(accepted)
         self.stats.verdicts["accepted" if accepted else "denied"] += 1
         logger.info("CP {}: Central {} session {} started at the charger", conn.cp_id,

@@ -411,11 +411,14 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 session = conn.session
                 if session is not None:
                     await self.answered(session)
-                    session.stop_cp = True
+                    session.stop_cp = True  # on disk before the stop: it ends STOPPED
+                    self.gateway.keep(conn, session)
+                    await self.gateway.durable()
                     try:
                         await self.remote_stop(session)
                     except Refused:
                         session.stop_cp = False
+                        self.gateway.keep(conn, session)
                         raise
                 if await self.change_availability(conn, operative=False):
                     await self._now(conn, CPState.STOPPED, p.reason or "stopped by operator")
