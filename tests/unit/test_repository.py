@@ -845,6 +845,51 @@ async def test_postgresql_connections_cut_heal_on_new_ones(
         assert done is not None and (done.status, done.kwh) == ("COMPLETED", 5.0)
 
 
+@pytest.mark.integration
+async def test_postgresql_that_does_not_answer_in_time_is_a_storage_error(
+    request: pytest.FixtureRequest,
+) -> None:
+    """A statement that gets no answer (here stuck on a lock another connection holds; a
+    black-holed server alike) fails with StorageError at the command timeout, and a write
+    waiting for a connection of the full pool at the acquire timeout, instead of hanging
+    until TCP gives up; once the lock is gone, writes work again."""
+    server = cast(LocalPostgres, request.getfixturevalue("postgres_server"))
+    name = f"repo_{uuid.uuid4().hex[:12]}"
+    url = server.create_database(name)
+    request.addfinalizer(lambda: server.drop_database(name))
+    loop = asyncio.get_running_loop()
+    async with PostgresRepository(url, clock=FakeClock(), max_size=1, command_timeout=1.5,
+                                  acquire_timeout=0.3) as repo:
+        await repo.apply(accepted(session(1)))
+        blocker = await asyncpg.connect(url)
+        try:
+            holding = blocker.transaction()
+            await holding.start()
+            await blocker.execute("LOCK TABLE charging_sessions IN ACCESS EXCLUSIVE MODE")
+            started = loop.time()
+            stuck = asyncio.create_task(repo.apply([finished("S-1", "COMPLETED", kwh=2.0)]))
+
+            async def waiting_on_the_lock() -> bool:
+                return bool(await blocker.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted"
+                    " AND relation = 'charging_sessions'::regclass"))
+
+            await poll(waiting_on_the_lock, timeout=5.0, what="the write to wait on the lock")
+            # the pool's one connection is taken: the next write waits for it, not forever
+            with pytest.raises(StorageError, match=r"no connection free within 0\.3 s"):
+                await repo.apply([finished("S-1", "COMPLETED", kwh=3.0)])
+            with pytest.raises(StorageError, match=r"no answer within 1\.5 s"):
+                await stuck
+            assert loop.time() - started < 5.0
+            assert repo.write_error is not None and not await repo.ping()
+        finally:
+            await blocker.close()
+        await repo.apply([finished("S-1", "COMPLETED", kwh=4.0)])
+        assert repo.write_error is None and await repo.ping()
+        done = await repo.get_session("S-1")
+        assert done is not None and (done.status, done.kwh) == ("COMPLETED", 4.0)
+
+
 # ------------------------------------------------------------ network-wide job locks (§9)
 
 

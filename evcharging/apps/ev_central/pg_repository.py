@@ -15,7 +15,11 @@ runs of one kind (:func:`~evcharging.apps.ev_central.sql.runs`), one ``executema
 table by table, each table's writes in their order. Several
 Centrals may share one database; migrations take a transaction-scoped advisory lock, so
 two that start at once do not both apply them. A database that cannot be reached or
-written now raises :class:`~evcharging.apps.ev_central.repository.StorageError`.
+written now raises :class:`~evcharging.apps.ev_central.repository.StorageError`, and so
+does one that does not answer in time (a black-holed server, a lock held elsewhere): every
+statement has a command timeout and every wait for a connection of the pool an acquire
+timeout (:data:`COMMAND_TIMEOUT`, :data:`ACQUIRE_TIMEOUT`), as SQLite has its busy timeout;
+the outbox then retries the write with its backoff instead of hanging until TCP gives up.
 
 Network-wide job locks (SPEC §9, :meth:`PostgresRepository.hold_lock`) are session-level
 advisory locks taken with ``pg_try_advisory_lock`` on one connection kept for them, apart
@@ -30,7 +34,8 @@ import asyncio
 import hashlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self
@@ -56,7 +61,24 @@ from evcharging.apps.ev_central.records import (
 from evcharging.apps.ev_central.repository import StorageError
 from evcharging.apps.ev_central.writes import Write
 
-__all__ = ["MIGRATIONS", "STATEMENTS", "PostgresRepository", "lock_key"]
+__all__ = [
+    "ACQUIRE_TIMEOUT",
+    "COMMAND_TIMEOUT",
+    "MIGRATIONS",
+    "STATEMENTS",
+    "PostgresRepository",
+    "lock_key",
+]
+
+COMMAND_TIMEOUT = 10.0
+"""Seconds a statement may wait for its answer before it fails (StorageError). Twice
+SQLite's busy timeout (5 s): a round trip over the network and row locks of the other
+Centrals on the same database come on top; a healthy write takes milliseconds. A write that
+fails is retried by the outbox (0.1 s doubling to 5 s), so failing sooner costs nothing."""
+ACQUIRE_TIMEOUT = 10.0
+"""Seconds a call may wait for a connection of the pool (all in use, or a new one to
+connect: as the connect timeout) before it fails (StorageError); asyncpg gives the same
+budget to handing the connection back (its reset)."""
 
 MIGRATION_LOCK = 0x65764D4947  # "evMIG": the advisory lock the migrations take
 
@@ -250,12 +272,18 @@ class PostgresRepository:
         min_size: int = 1,
         max_size: int = 4,
         connect_timeout: float = 10.0,
+        command_timeout: float = COMMAND_TIMEOUT,
+        acquire_timeout: float = ACQUIRE_TIMEOUT,
     ) -> None:
+        if command_timeout <= 0 or acquire_timeout <= 0:
+            raise ValueError("command_timeout and acquire_timeout must be > 0")
         self._url = url
         self._clock = clock
         self._min_size = min_size
         self._max_size = max_size
         self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._acquire_timeout = acquire_timeout
         self._pool: asyncpg.Pool | None = None
         self._open_lock = asyncio.Lock()
         self._lock_conn: asyncpg.Connection | None = None
@@ -289,15 +317,21 @@ class PostgresRepository:
             try:
                 pool = await asyncpg.create_pool(
                     self._url, min_size=self._min_size, max_size=self._max_size,
-                    timeout=self._connect_timeout,
+                    timeout=self._connect_timeout, command_timeout=self._command_timeout,
                 )
             except _UNAVAILABLE as exc:
-                raise StorageError(f"database {self.url}: {exc}") from exc
+                raise StorageError(f"database {self.url}: {self._why(exc)}") from exc
             try:
-                async with pool.acquire() as conn:
+                async with self._connection(pool) as conn:
                     await _migrate(conn, self._clock())
-            except BaseException:
-                await pool.close()
+            except BaseException as exc:
+                try:  # a server that does not answer does not hold the close up either
+                    async with asyncio.timeout(self._connect_timeout):
+                        await pool.close()
+                except TimeoutError:
+                    pool.terminate()
+                if isinstance(exc, _UNAVAILABLE) and not isinstance(exc, _PERMANENT):
+                    raise StorageError(f"database {self.url}: {self._why(exc)}") from exc
                 raise
             self._pool = pool
         logger.info("database {} open (schema version {})", self.url, sql.SCHEMA_VERSION)
@@ -353,7 +387,7 @@ class PostgresRepository:
         runs = sql.runs(writes)  # one round trip a run, not one a write
         pool = self._connected()
         try:
-            async with pool.acquire() as conn, conn.transaction():
+            async with self._connection(pool) as conn, conn.transaction():
                 for kind, params in runs:
                     if len(params) == 1:
                         await conn.execute(STATEMENTS[kind], *params[0])
@@ -362,11 +396,12 @@ class PostgresRepository:
         except _PERMANENT:
             raise
         except _UNAVAILABLE as exc:
+            why = self._why(exc)
             if self.write_error is None:
-                logger.error("database {} cannot be written: {}", self.url, exc)
-            self.write_error = str(exc) or type(exc).__name__
+                logger.error("database {} cannot be written: {}", self.url, why)
+            self.write_error = why
             self.write_errors += 1
-            raise StorageError(f"database {self.url}: {exc}") from exc
+            raise StorageError(f"database {self.url}: {why}") from exc
         if self.write_error is not None:
             logger.info("database {} can be written again", self.url)
             self.write_error = None
@@ -524,15 +559,36 @@ class PostgresRepository:
             raise RuntimeError("the repository is not open")
         return self._pool
 
+    @asynccontextmanager
+    async def _connection(self, pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of `pool` within the acquire timeout (a TimeoutError that says so),
+        handed back at the end (within the same timeout, else asyncpg terminates it)."""
+        try:
+            conn = await pool.acquire(timeout=self._acquire_timeout)
+        except TimeoutError:
+            raise TimeoutError(f"no connection free within {self._acquire_timeout:g} s "
+                               "(the pool's are all in use or cannot connect)") from None
+        try:
+            yield conn
+        finally:
+            await pool.release(conn)
+
+    def _why(self, exc: BaseException) -> str:
+        """Why the database cannot be used, for StorageError and the logs (asyncpg's
+        command timeout is a TimeoutError without text)."""
+        if isinstance(exc, TimeoutError) and not str(exc):
+            return f"no answer within {self._command_timeout:g} s"
+        return str(exc) or type(exc).__name__
+
     async def _fetch(self, query: str, *params: Any) -> list[asyncpg.Record]:
         pool = self._connected()
         try:
-            async with pool.acquire() as conn:
+            async with self._connection(pool) as conn:
                 return list(await conn.fetch(query, *params))
         except _PERMANENT:
             raise
         except _UNAVAILABLE as exc:
-            raise StorageError(f"database {self.url}: {exc}") from exc
+            raise StorageError(f"database {self.url}: {self._why(exc)}") from exc
 
 
 async def _migrate(conn: asyncpg.Connection, now: datetime) -> None:
