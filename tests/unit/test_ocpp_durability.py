@@ -199,3 +199,23 @@ async def test_a_stop_cp_and_a_denial_are_in_the_journal(tmp_path: Path) -> None
     first, second = again.connectors["CH.1"].session, again.connectors["CH.2"].session
     assert first is not None and first.stop_cp
     assert second is not None and second.denied
+
+
+async def test_a_pending_starts_limit_is_in_the_state_file(tmp_path: Path) -> None:
+    state = StateStore(tmp_path / "state.json")
+    gw = Gateway(RecordingPublisher())
+    conn = gw.connector("CH", 1)
+    limit = CentralCommand(cp_id="CH.1", cmd=CommandType.SET_LIMIT,
+                           payload=CommandPayload(session_id="central-9", kw=7.5))
+    conn.pending = PendingStart("central-9", "alice", 1234, limit=limit)
+    gw.keep(conn)
+    await state.append(gw)  # the journal
+    from_journal = Gateway(RecordingPublisher())
+    StateStore(tmp_path / "state.json").load(from_journal)
+    await state.save(gw)  # the snapshot
+    from_snapshot = Gateway(RecordingPublisher())
+    StateStore(tmp_path / "state.json").load(from_snapshot)
+    for again in (from_journal, from_snapshot):
+        pending = again.connectors["CH.1"].pending
+        assert pending == PendingStart("central-9", "alice", 1234)
+        assert pending is not None and pending.limit == limit

@@ -109,7 +109,7 @@ class PendingStart:
     remote_start_id: int = 0
     limit: CentralCommand | None = field(default=None, compare=False)
     """Central's SET_LIMIT of the session that came before its start: carried out once the
-    charger started it (not kept in the state file)."""
+    charger started it (kept in the state file)."""
 
 
 @dataclass

@@ -431,6 +431,7 @@ class ChargerLink(ChargePoint):  # type: ignore[misc]  # the library is untyped
                 if session is None or session.session_id != p.session_id:
                     if waiting is not None and waiting.session_id == p.session_id:
                         waiting.limit = cmd  # carried out once the charger starts it
+                        self.gateway.keep(conn)  # even after a restart
                         raise Ignored(f"session {p.session_id} not started yet: limited "
                                       "at its start")
                     raise Ignored(f"session {p.session_id} is not the running session")

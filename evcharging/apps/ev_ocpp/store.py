@@ -55,7 +55,7 @@ from loguru import logger
 
 from evcharging.apps.ev_ocpp.commit import GroupCommit
 from evcharging.apps.ev_ocpp.gateway import Connector, Gateway, PendingStart, Session
-from evcharging.common.messages import SessionEnd
+from evcharging.common.messages import CentralCommand, SessionEnd
 from evcharging.common.states import CPState
 
 __all__ = ["COMMIT_DELAY", "KEPT", "MAX_SAVE_SHARE", "SAVE_INTERVAL", "SnapshotEncoder",
@@ -136,7 +136,10 @@ def _pending_out(pending: PendingStart | None) -> list[object] | None:
     becomes Central's session."""
     if pending is None:
         return None
-    return [pending.session_id, pending.driver_id, pending.remote_start_id]
+    out: list[object] = [pending.session_id, pending.driver_id, pending.remote_start_id]
+    if pending.limit is not None:  # Central's SET_LIMIT of it: carried out at its start
+        out.append(pending.limit.model_dump(mode="json"))
+    return out
 
 
 def _connector_values(c: Connector) -> tuple[object, ...]:
@@ -268,7 +271,10 @@ def restore(gateway: Gateway, data: dict[str, Any]) -> None:
             conn.session = sessions.get((str(item["session"][0]), str(item["session"][1])))
         pending = item.get("pending")  # absent from a file of an older gateway
         if pending is not None and conn.session is None:
-            conn.pending = PendingStart(str(pending[0]), str(pending[1]), int(pending[2]))
+            limit = (CentralCommand.model_validate(pending[3], strict=False)
+                     if len(pending) > 3 and pending[3] is not None else None)
+            conn.pending = PendingStart(str(pending[0]), str(pending[1]), int(pending[2]),
+                                        limit=limit)
         if conn.session is not None:
             conn.session.offline = True
         elif conn.state is CPState.ACTIVATED:
