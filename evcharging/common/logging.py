@@ -49,6 +49,34 @@ class _DropConnectRetries(logging.Filter):
         return not str(record.msg).startswith(self.NOISE)
 
 
+class _QuietProduceRetries(logging.Filter):
+    """Say aiokafka's retried produce errors once per kind, then at DEBUG.
+
+    A broker that verifies transactions (Kafka's default since 3.6) answers a produce
+    ``NotEnoughReplicasError`` while the producer's previous transaction is still being
+    completed; aiokafka retries it, and the record is written once (the bus counts what
+    fails for good in ``publish_errors``). Logged at WARNING every time it buried the log
+    of a healthy ``make run``.
+    """
+
+    PREFIX = "Got error produce response"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.PREFIX) or record.levelno != logging.WARNING:
+            return True
+        kind = str(record.args[-1]) if isinstance(record.args, tuple) and record.args else ""
+        if kind in self._seen:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        self._seen.add(kind)
+        record.msg = f"{record.msg} (retried; said once per kind, then at DEBUG)"
+        return True
+
+
 def _add_context(record: Any) -> None:
     extra = record["extra"]
     extra.setdefault("service", "evcharging")
@@ -79,6 +107,7 @@ def setup_logging(
     )
     handler = _InterceptHandler()
     handler.addFilter(_DropConnectRetries())
+    handler.addFilter(_QuietProduceRetries())
     logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)
     for noisy in ("aiokafka", "kafka", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
