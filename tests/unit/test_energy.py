@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -406,6 +406,38 @@ async def test_a_start_sends_its_limits_in_its_own_flush_behind_its_start_supply
     assert {(c.cp_id, c.payload.session_id, c.payload.kw) for c in commands[1:]} == {
         ("CP-0", first, 15.0), ("CP-1", second, 15.0)}
     assert all(c.cmd is CommandType.SET_LIMIT for c in commands[1:])
+
+
+async def test_starts_of_one_batch_plan_their_site_once_before_the_flush(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    """A burst of starts at one site in one batch plans it once (not once per start, which
+    was O(n²) for n starts), right before the flush of their START_SUPPLYs, which carries
+    the SET_LIMITs behind them."""
+    for i in range(3):
+        await activate(central, f"CP-{i}", "site-A")
+    await energy.set_limit("site-A", 30.0)
+    plans: list[list[str]] = []
+    real = energy.reallocate
+
+    def counting(sites: Iterable[str] | None = None) -> int:
+        plans.append(sorted(sites) if sites is not None else ["*"])
+        return real(sites)
+
+    energy.reallocate = counting  # type: ignore[method-assign]
+    mark = len(bus.messages)
+    for i in range(3):
+        request = DriverRequest(request_id=new_id(), driver_id=f"d-{i}", cp_id=f"CP-{i}")
+        await Controller.handle_request(central, request)  # one batch: no flush yet
+    assert plans == []
+    await central.outbox.flush()
+    assert plans == [["site-A"]]
+    commands = bus.of(CentralCommand, mark)
+    assert [c.cmd for c in commands] == [CommandType.START_SUPPLY] * 3 + [
+        CommandType.SET_LIMIT] * 3
+    assert {c.payload.kw for c in commands[3:]} == {10.0}
+    assert {c.payload.session_id for c in commands[3:]} == {
+        c.payload.session_id for c in commands[:3]}
 
 
 async def test_a_start_plans_its_own_site_only(

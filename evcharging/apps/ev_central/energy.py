@@ -9,8 +9,9 @@ Two parts:
 * :class:`Energy`, the thin job around it: it keeps the limits (persisted, ``PUT`` /
   ``DELETE /sites/{site}/limit``), an index of the sessions of each limited site (kept by
   the controller's session hooks, O(1) per start or end, nothing per message), and runs
-  :func:`plan` for a session's site at its start (at once: its SET_LIMITs are queued behind
-  its START_SUPPLY and leave in the same flush, so no crash sends one without the other),
+  :func:`plan` for the sites where sessions started (once per site, right before the
+  outbox's flush that carries their START_SUPPLYs: their SET_LIMITs are queued behind them
+  and leave in the same flush, so no crash sends one without the other),
   at each end (once per tick, for the sites where one happened) — the cost is their
   sessions', never all of Central's — and for every limited site every
   ``CENTRAL_ALLOCATION_INTERVAL``. Its SET_LIMITs leave through the controller's outbox,
@@ -233,6 +234,12 @@ class Energy:
         """The limit last sent for each session at a limited site."""
         self._sent_site: dict[str, str] = {}
         """The site each session of ``sent`` was planned with."""
+        self._site_sent: dict[str, set[str]] = {}
+        """The sessions of ``sent`` by the site they were planned with (``_sent_site``
+        inverted): a plan of a site reads its own, never all of ``sent``."""
+        self._started: set[str] = set()
+        """Limited sites where a session started since the last flush: planned once each,
+        right before the outbox's flush that carries their START_SUPPLYs."""
         self._dirty: set[str] = set()
         """Limited sites where a session started or ended since the last plan of them."""
         self._charging: dict[str, dict[str, CPView]] = {}
@@ -244,6 +251,7 @@ class Energy:
         self._ticks = 0
         controller.session_hooks.append(self._on_session)
         controller.limit_refused_hooks.append(self._on_limit_refused)
+        controller.outbox.before_flush.append(self._plan_started)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,8 +306,7 @@ class Energy:
             else:
                 logger.warning("smart charging: this instance no longer allocates (the {!r} "
                                "lock is lost)", ALLOCATION_LOCK)
-                self.sent.clear()  # the new leader's limits are in force, not these
-                self._sent_site.clear()
+                self.forget_sent()  # the new leader's limits are in force, not these
                 self.allocated.clear()
         return held
 
@@ -339,9 +346,9 @@ class Energy:
         self._charging.pop(site, None)
         self._dirty.discard(site)
         to_free: dict[str, str] = {}  # session id -> CP id
-        for sid in [sid for sid, of in self._sent_site.items() if of == site]:
-            sent = self.sent.pop(sid)
-            del self._sent_site[sid]
+        self._started.discard(site)
+        for sid in list(self._site_sent.get(site, ())):
+            sent = self._forget(sid)
             cp = self.controller.cps.get(sent.cp_id)
             if cp is not None and cp.session is not None and cp.session.session_id == sid:
                 to_free[sid] = cp.cp_id
@@ -409,18 +416,16 @@ class Energy:
                             chosen.append(cp.site)
                 if session is not None:
                     sessions[session.session_id] = charging_of(cp, session)
-        before = {sid: sent for sid, sent in self.sent.items()
-                  if self._sent_site.get(sid) in planned}
+        before = {sid: self.sent[sid] for site in planned
+                  for sid in self._site_sent.get(site, ())}
         result = plan({site: self.limits[site] for site in chosen}, sessions.values(), before,
                       policy=self.policy, now=utcnow())
         for command in result.commands:
             self._send(command)
         for sid in before:
-            del self.sent[sid]
-            del self._sent_site[sid]
+            self._forget(sid)
         for sid, sent in result.sent.items():
-            self.sent[sid] = sent
-            self._sent_site[sid] = sessions[sid].site or ""
+            self._remember(sid, sessions[sid].site or "", sent)
         self.allocated.update(result.allocated)
         return len(result.commands)
 
@@ -448,10 +453,11 @@ class Energy:
             return
         if started:
             cps[cp.cp_id] = cp
-            # Planned now, not at the end of the tick: the SET_LIMITs (its share, the others
-            # giving way) are queued behind its START_SUPPLY and leave in the same flush, so
-            # a Central killed in between never leaves the new session at full power.
-            self._reallocate_logged([site])
+            # Planned right before the flush that carries its START_SUPPLY (once per site
+            # however many started in the batch): the SET_LIMITs (its share, the others
+            # giving way) are queued behind it and leave in the same flush, so a Central
+            # killed in between never leaves the new session at full power.
+            self._started.add(site)
             return
         if cps.get(cp.cp_id) is cp:
             del cps[cp.cp_id]
@@ -462,6 +468,25 @@ class Energy:
         """Forget the limits sent: the next plan of each limited site sends them all."""
         self.sent.clear()
         self._sent_site.clear()
+        self._site_sent.clear()
+
+    def _forget(self, sid: str) -> Sent:
+        """Forget the limit sent for a session (KeyError if none): it and its indexes."""
+        sent = self.sent.pop(sid)
+        site = self._sent_site.pop(sid)
+        of_site = self._site_sent.get(site)
+        if of_site is not None:
+            of_site.discard(sid)
+            if not of_site:
+                del self._site_sent[site]
+        return sent
+
+    def _remember(self, sid: str, site: str, sent: Sent) -> None:
+        if sid in self.sent:
+            self._forget(sid)
+        self.sent[sid] = sent
+        self._sent_site[sid] = site
+        self._site_sent.setdefault(site, set()).add(sid)
 
     def _on_limit_refused(self, cp: CPView, session_id: str | None) -> None:
         """The controller's hook: a CP refused a SET_LIMIT (or timed out): it is not in
@@ -470,12 +495,19 @@ class Energy:
             cp.session.session_id if cp.session is not None else None)
         if sid is None or sid not in self.sent:
             return
-        del self.sent[sid]
-        site = self._sent_site.pop(sid, None)
+        site = self._sent_site.get(sid)
+        self._forget(sid)
         self.controller.stats["set_limits_refused"] += 1
         if site:
             self._dirty.add(site)
             self._schedule()
+
+    def _plan_started(self) -> None:
+        """The outbox's hook, right before each flush: plan the sites where sessions
+        started since the last one, each once."""
+        if self._started:
+            sites, self._started = self._started, set()
+            self._reallocate_logged(sites)
 
     def _schedule(self) -> None:
         """Reallocate once the current handler yields: every start and end of this tick

@@ -152,6 +152,9 @@ class Outbox:
         self._delivery: asyncio.Task[None] | None = None
         self._delivering: PendingFlush | None = None
         self._closing = False
+        self.before_flush: list[Callable[[], None]] = []
+        """Called at the start of each flush, under its lock: what they queue leaves in it
+        (smart charging plans the sites where sessions started, SPEC §10)."""
 
     @property
     def transactional(self) -> bool:
@@ -197,6 +200,8 @@ class Outbox:
         it. StorageError when the database cannot be written (the queue is kept);
         :class:`~evcharging.common.bus.Fenced` when another Central took over."""
         async with self._lock:
+            for hook in self.before_flush:
+                hook()
             if self._txn is None:
                 await self._flush_plain()
             else:
