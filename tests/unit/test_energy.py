@@ -522,6 +522,24 @@ async def test_a_removed_limit_reaches_every_running_session_of_its_site(
         ("CP-1", sid, None)]
 
 
+async def test_a_cp_registered_into_a_limited_site_mid_session_is_planned_there(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    await activate(central, "A1", "site-A")
+    await activate(central, "X", "site-B")  # no limit there
+    a1 = await start(central, bus, "A1")
+    x = await start(central, bus, "X")
+    await energy.set_limit("site-A", 10.0)
+    assert {sid: sent.kw for sid, sent in energy.sent.items()} == {a1: 10.0}
+    mark = len(bus.messages)
+    await central.register(CPRegistration(cp_id="X", site="site-A"))
+    got = await poll(lambda: len(limits_sent(bus, mark)) >= 2 and limits_sent(bus, mark),
+                     timeout=2.0, what="site-A planned with the CP that joined it")
+    assert {(c.cp_id, c.payload.session_id, c.payload.kw) for c in got} == {
+        ("A1", a1, 5.0), ("X", x, 5.0)}
+    assert energy.allocated["site-A"] == 10.0
+
+
 async def test_sites_lists_registered_and_limited_sites_with_measured_power(
     central: Controller, energy: Energy, bus: RecordingPublisher
 ) -> None:

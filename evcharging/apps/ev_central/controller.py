@@ -152,6 +152,9 @@ class Controller:
         self.limit_refused_hooks: list[Callable[[CPView, str | None], None]] = []
         """Told of each SET_LIMIT a CP refused (REFUSED, ``cmd`` SET_LIMIT), with its
         session id: the limit is not in force (smart charging sends it again)."""
+        self.site_hooks: list[Callable[[CPView, str | None], None]] = []
+        """Told of each CP whose site a registration changed, with its old site (smart
+        charging re-indexes its running session)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -774,11 +777,15 @@ class Controller:
             cp = self._new_view(registration.cp_id)
         elif not cp.registered:
             cp.registered = True  # known from the bus until now
+        old_site = cp.site
         for name in ("location", "site", "kw_rate", "euro_rate", "health_url", "protocol",
                      "vendor", "model"):
             value = getattr(registration, name)
             if value is not None:
                 setattr(cp, name, value)
+        if cp.site != old_site and not created:
+            for hook in self.site_hooks:
+                hook(cp, old_site)
         self.persist(cp)
         if not quiet:
             logger.info("CP {} {}", cp.cp_id, "registered" if created else "re-registered")

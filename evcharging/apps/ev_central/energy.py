@@ -252,6 +252,7 @@ class Energy:
         controller.session_hooks.append(self._on_session)
         controller.limit_refused_hooks.append(self._on_limit_refused)
         controller.outbox.before_flush.append(self._plan_started)
+        controller.site_hooks.append(self._on_site_change)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -501,6 +502,20 @@ class Energy:
         if site:
             self._dirty.add(site)
             self._schedule()
+
+    def _on_site_change(self, cp: CPView, old: str | None) -> None:
+        """The controller's hook: a CP was registered into another site. Its running
+        session is indexed with its new site, and both sites are planned this tick."""
+        if cp.session is None:
+            return
+        if old is not None and old in self._charging:
+            if self._charging[old].get(cp.cp_id) is cp:
+                del self._charging[old][cp.cp_id]
+            self._dirty.add(old)
+        if cp.site is not None and cp.site in self._charging:
+            self._charging[cp.site][cp.cp_id] = cp
+            self._dirty.add(cp.site)
+        self._schedule()
 
     def _plan_started(self) -> None:
         """The outbox's hook, right before each flush: plan the sites where sessions
