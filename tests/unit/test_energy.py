@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.allocation import Policy
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import (
@@ -538,6 +539,31 @@ async def test_a_cp_registered_into_a_limited_site_mid_session_is_planned_there(
     assert {(c.cp_id, c.payload.session_id, c.payload.kw) for c in got} == {
         ("A1", a1, 5.0), ("X", x, 5.0)}
     assert energy.allocated["site-A"] == 10.0
+
+
+async def test_the_leader_follows_limits_set_and_removed_on_another_central(
+    central: Controller, energy: Energy, bus: RecordingPublisher, repo: SqliteRepository
+) -> None:
+    await activate(central, "CP-1", "site-A")
+    sid = await start(central, bus, "CP-1")
+    energy.interval = 0.001
+    runner = asyncio.create_task(energy.run())
+    try:
+        mark = len(bus.messages)
+        await repo.apply([writes.SiteLimitSet("site-A", 7.0, NOW)])  # another Central's PUT
+        got = await poll(lambda: limits_sent(bus, mark), timeout=5.0,
+                         what="the limit set elsewhere")
+        assert [(c.cp_id, c.payload.session_id, c.payload.kw) for c in got][:1] == [
+            ("CP-1", sid, 7.0)]
+        mark = len(bus.messages)
+        await repo.apply([writes.SiteLimitRemoved("site-A")])  # and its DELETE
+        got = await poll(lambda: limits_sent(bus, mark), timeout=5.0,
+                         what="the limit removed elsewhere")
+        assert [(c.cp_id, c.payload.kw) for c in got][:1] == [("CP-1", None)]
+        assert "site-A" not in energy.limits
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
 
 
 async def test_sites_lists_registered_and_limited_sites_with_measured_power(

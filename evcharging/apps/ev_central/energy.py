@@ -249,6 +249,9 @@ class Energy:
         """Whether this instance held :data:`ALLOCATION_LOCK` at the last check (it
         allocates only then): checked at :meth:`load` and once every interval."""
         self._ticks = 0
+        self._changed_here = 0
+        self._reload_failing = False
+        """Bumped by each limit set or removed here (see :meth:`reload_limits`)."""
         controller.session_hooks.append(self._on_session)
         controller.limit_refused_hooks.append(self._on_limit_refused)
         controller.outbox.before_flush.append(self._plan_started)
@@ -284,10 +287,21 @@ class Energy:
         while True:
             await asyncio.sleep(self.interval)
             await self.check_leader()
+            reloaded = False
+            if self.leader:
+                try:
+                    reloaded = await self.reload_limits()  # a PUT/DELETE on another Central
+                    self._reload_failing = False
+                except Exception as exc:  # noqa: BLE001 - the limits known are kept: logged
+                    self.controller.stats["site_limit_reload_errors"] += 1
+                    if not self._reload_failing:  # logged once until it works again
+                        logger.warning("smart charging: the site limits could not be read: "
+                                       "{}", exc)
+                    self._reload_failing = True
             self._ticks += 1
             if self._ticks % RESEND_EVERY == 0:
                 self.forget_sent()  # every limit in force is sent again
-            if self._reallocate_logged():
+            if self._reallocate_logged() or reloaded:
                 await self.controller.flush()
 
     async def check_leader(self) -> bool:
@@ -331,6 +345,7 @@ class Energy:
         if site not in self._charging:
             self._charging[site] = {cp.cp_id: cp for cp in self.controller.cps.values()
                                     if cp.site == site and cp.session is not None}
+        self._changed_here += 1
         self.limits[site] = kw
         self.controller.outbox.write(writes.SiteLimitSet(site, kw, utcnow()))
         self.controller.stats["site_limits_set"] += 1
@@ -341,8 +356,17 @@ class Energy:
 
     async def remove_limit(self, site: str) -> SiteOut:
         """Remove a site's limit: its sessions get SET_LIMIT ``kw`` null (no limit)."""
-        had = self.limits.pop(site, None)
+        self._changed_here += 1
         self.controller.outbox.write(writes.SiteLimitRemoved(site))
+        had = self._drop_limit(site)
+        if had is not None:
+            logger.info("site {}: limit removed (was {:g} kW)", site, had)
+        await self.controller.outbox.flush()
+        return self.site(site)
+
+    def _drop_limit(self, site: str) -> float | None:
+        """Forget a site's limit and queue kw null for its sessions; the limit it had."""
+        had = self.limits.pop(site, None)
         self.allocated.pop(site, None)
         self._charging.pop(site, None)
         self._dirty.discard(site)
@@ -362,10 +386,32 @@ class Energy:
                     to_free.setdefault(cp.session.session_id, cp.cp_id)
         for sid, cp_id in to_free.items():
             self._send(SetLimit(cp_id, sid, None))
-        if had is not None:
-            logger.info("site {}: limit removed (was {:g} kW)", site, had)
-        await self.controller.outbox.flush()
-        return self.site(site)
+        return had
+
+    async def reload_limits(self) -> bool:
+        """Read the limits from the repository (one small query) and follow what another
+        Central's ``PUT`` / ``DELETE`` changed: a new or changed limit is planned at the
+        next plan, a removed one sends kw null. Whether anything changed. Skipped when a
+        limit changed here while reading (this instance's own change is newer)."""
+        mark = self._changed_here
+        stored = await self.controller.repo.load_site_limits()
+        if mark != self._changed_here:
+            return False
+        changed = False
+        for site in [site for site in self.limits if site not in stored]:
+            had = self._drop_limit(site)
+            logger.info("site {}: limit removed elsewhere (was {:g} kW)", site, had)
+            changed = True
+        for site, kw in stored.items():
+            if self.limits.get(site) == kw:
+                continue
+            if site not in self._charging:
+                self._charging[site] = {cp.cp_id: cp for cp in self.controller.cps.values()
+                                        if cp.site == site and cp.session is not None}
+            self.limits[site] = kw
+            logger.info("site {}: limit {:g} kW (set elsewhere)", site, kw)
+            changed = True
+        return changed
 
     # ------------------------------------------------------------------ answers
 
