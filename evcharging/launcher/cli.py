@@ -29,6 +29,8 @@ from evcharging.common.config import (
 )
 from evcharging.devtools.kafka_broker import DEFAULT_PORT as KAFKA_DEFAULT_PORT
 from evcharging.devtools.kafka_broker import KafkaBrokerError
+from evcharging.devtools.postgres import DEFAULT_PORT as POSTGRES_DEFAULT_PORT
+from evcharging.devtools.postgres import PostgresError
 from evcharging.devtools.prometheus import PrometheusNotFound, find_prometheus
 from evcharging.launcher.broker import (
     LocalBroker,
@@ -41,12 +43,15 @@ from evcharging.launcher.broker import (
 from evcharging.launcher.console import (
     KAFKA,
     LAUNCHER,
+    POSTGRES,
     Console,
     prefix_width,
     route_logs,
     use_colour,
 )
+from evcharging.launcher.database import LocalDatabase, prepare_database, start_database
 from evcharging.launcher.plan import (
+    DB_KINDS,
     DEFAULT_PROMETHEUS_PORT,
     DEFAULT_START_TIMEOUT,
     DEFAULT_STOP_TIMEOUT,
@@ -60,13 +65,17 @@ from evcharging.launcher.plan import (
     MAX_ENGINES,
     LaunchError,
     LaunchOptions,
+    PortUse,
     Role,
     busy_ports,
+    central_db_env,
     child_specs,
+    hide_password,
     metrics_port_uses,
     ocpp_port_uses,
     plan_ports,
     resolve_bootstrap,
+    resolve_database,
     use_fleet,
 )
 from evcharging.launcher.supervisor import Supervisor, supervise
@@ -132,20 +141,21 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help="start the whole system locally (Kafka, Central, CPs, drivers); Ctrl-C stops it",
         description=(
             "Start the whole EV charging network on this machine: a Kafka broker (unless one "
-            "is configured), EV Central, N charging points and M drivers, with every "
+            "is configured), with --db postgres a local PostgreSQL for Central, EV Central, "
+            "N charging points and M drivers, with every "
             "process's output in this terminal. Up to "
             f"{FLEET_THRESHOLD} CPs each CP is a CP Engine and a CP Monitor process "
             f"(CP-001 …); more than {FLEET_THRESHOLD} run in one CP Fleet process (CP-00001 "
             "…, see --fleet). --load starts the driver load generator too. Ctrl-C stops "
             "everything in order (load, drivers, monitors, engines or fleet, the OCPP "
-            "gateway, Central, broker); a second Ctrl-C kills. --ocpp also starts the OCPP "
-            "gateway for real chargers."
+            "gateway, Central, PostgreSQL, broker); a second Ctrl-C kills. --ocpp also "
+            "starts the OCPP gateway for real chargers."
         ),
         epilog=(
             "Other settings (e.g. CP_ENGINE_SESSION_SECONDS, CENTRAL_API_TOKEN) reach the "
             "services through the environment or .env, as usual; see .env.example. "
             "Examples: make run CPS=3 DRIVERS=2; make run CPS=10000 SITES=8 LOAD=100; "
-            "make run ARGS='--restart --http-port 8080'"
+            "make run DB=postgres; make run ARGS='--restart --http-port 8080'"
         ),
     )
     parser.add_argument("--cps", type=_count(MAX_CPS), default=2, metavar="N",
@@ -230,6 +240,17 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--db-path", type=Path, default=None, metavar="FILE",
                         help="Central's SQLite file (default: $CENTRAL_DB_PATH or "
                         "ev_charging.db)")
+    parser.add_argument("--db", choices=DB_KINDS, default=None,
+                        help="Central's database: sqlite (the default; its file is --db-path) "
+                        "or postgres: a local PostgreSQL (Debian's, scripts/ensure_postgres.sh "
+                        "installs it; data in .cache/postgres/PORT) started before Central and "
+                        "stopped after it; a postgresql:// CENTRAL_DB_URL in the environment or "
+                        ".env is used instead and nothing is started. One Central only: more "
+                        "needs the partitioned Central (issue 16), not built yet")
+    parser.add_argument("--postgres-port", type=_kafka_port, default=None, metavar="PORT",
+                        help="port of the local PostgreSQL, 0 for any free one (default: "
+                        f"{POSTGRES_DEFAULT_PORT}; one already running there is used and "
+                        "left running)")
     parser.add_argument("--restart", action="store_true",
                         help="restart a process that dies (backoff 1 s doubling to 30 s)")
     parser.add_argument("--start-timeout", type=_seconds, default=DEFAULT_START_TIMEOUT,
@@ -301,6 +322,8 @@ def options_from_args(
         prometheus_port=args.prometheus_port if args.prometheus else None,
         ocpp_port=pick(args.ocpp_port, ocpp.ws_port) if args.ocpp else None,
         ocpp_http_port=pick(args.ocpp_http_port, ocpp.http_port),
+        database=resolve_database(args.db, environ, dotenv),
+        postgres_port=args.postgres_port,
     )
 
 
@@ -340,6 +363,55 @@ def option_warnings(args: argparse.Namespace, options: LaunchOptions) -> list[st
     return warnings
 
 
+def _database_note(options: LaunchOptions, database: LocalDatabase | None) -> str:
+    """The banner's database line: where Central's data is, without a password."""
+    choice = options.database
+    if choice.kind == "sqlite":
+        return f"SQLite {options.db_path}"
+    if database is None:
+        return f"PostgreSQL {hide_password(choice.url or '')} (from {choice.origin})"
+    how = ("started by the launcher" if database.server is not None
+           else "running before this run, left running")
+    log = f"; log {database.server.log_file}" if database.server is not None else ""
+    return f"PostgreSQL {hide_password(database.url)} ({how}{log})"
+
+
+def _start_database(
+    console: Console, options: LaunchOptions, uses: list[PortUse]
+) -> tuple[LocalDatabase | None, int, bool]:
+    """Start the local PostgreSQL of --db postgres: (it, _, _), or (None, exit code,
+    killed) when it could not start or a stop signal came first."""
+    database: LocalDatabase | None = None
+
+    def kill_half_started() -> None:
+        console.warn("killing PostgreSQL now")
+        if database is not None:
+            database.kill()
+
+    stop = StopRequest(kill_half_started)
+    try:
+        with stop.installed():
+            database = prepare_database(options, {u.port for u in uses})
+            start_database(console, database, options.start_timeout)
+            if stop.requested:
+                raise KeyboardInterrupt
+    except LaunchError as exc:
+        console.error(f"error: {exc}")
+        return None, EXIT_USAGE, False
+    except PostgresError as exc:
+        console.error(f"could not start the local PostgreSQL: {exc}")
+        console.error("(scripts/ensure_postgres.sh installs it; or name one with "
+                      "CENTRAL_DB_URL=postgresql://...)")
+        return None, EXIT_FAILED, False
+    except KeyboardInterrupt:
+        killed = stop.forced
+        if database is not None and database.server is not None and database.server.running:
+            killed = database.stop(console, hurry=killed) or killed
+        console.warn("interrupted while starting PostgreSQL; Central was not started")
+        return None, EXIT_KILLED if killed else EXIT_OK, killed
+    return database, EXIT_OK, False
+
+
 def _read_dotenv(path: Path = Path(".env")) -> dict[str, str | None]:
     return dict(dotenv_values(path)) if path.is_file() else {}
 
@@ -377,7 +449,7 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for warning in option_warnings(args, options):
         console.warn(warning)
-    names = [LAUNCHER, KAFKA, *(spec.name for spec in child_specs(options, "x"))]
+    names = [LAUNCHER, KAFKA, POSTGRES, *(spec.name for spec in child_specs(options, "x"))]
     console.width = prefix_width(names)
     route_logs(console)
     if os.environ.get("CENTRAL_API_TOKEN") and not os.environ.get("CP_MONITOR_API_TOKEN"):
@@ -437,16 +509,31 @@ def run_command(args: argparse.Namespace) -> int:
             kafka_note += "; SASL SCRAM-SHA-512 and the ACLs of SPEC §11"
             console.say("Kafka: SASL and ACLs on; the services connect as central, cp and driver")
     code, killed = EXIT_FAILED, False
+    database: LocalDatabase | None = None
     try:
+        if options.database.start_local:
+            database, code, killed = _start_database(console, options, plan.uses())
+            if database is None:
+                return code
+        db_url = database.url if database is not None else None
+        child_environ.update(central_db_env(options.database, db_url))
+        db_note = _database_note(options, database)
+        console.say(f"Central's database: {db_note}")
         supervisor = Supervisor(
-            options, bootstrap, console, child_environ, kafka_note, local is not None
+            options, bootstrap, console, child_environ, kafka_note, local is not None,
+            db_note=db_note, own_database=database is not None and database.server is not None,
         )
         code, killed = asyncio.run(supervise(supervisor))
     except KeyboardInterrupt:  # only in the instant before the handlers are installed
         code = EXIT_OK
     finally:
+        # In start order reversed: Central (above), PostgreSQL, then the broker.
+        if database is not None:
+            killed = database.stop(console, hurry=killed) or killed
         if local is not None:
             killed = local.stop(console, hurry=killed) or killed
+    if database is not None and database.server is not None:
+        console.ok("PostgreSQL has stopped")
     if local is not None:
         console.ok("the Kafka broker has stopped")
     if killed:

@@ -14,6 +14,9 @@ LAUNCHER = "launcher"
 KAFKA = "kafka"
 BROKER_LOGGER = "evcharging.devtools.kafka_broker"
 """The local broker's modules log below this name; their lines show as ``kafka | ...``."""
+POSTGRES = "postgres"
+POSTGRES_LOGGER = "evcharging.devtools.postgres"
+"""The local PostgreSQL's modules (--db postgres); their lines show as ``postgres | ...``."""
 
 RESET = "\033[0m"
 BOLD = "\033[1m"
@@ -95,17 +98,18 @@ class Console:
 
 
 class _ConsoleLogHandler(logging.Handler):
-    """The broker modules' log records, as ``kafka | ...`` lines."""
+    """The broker modules' log records, as ``kafka | ...`` lines (or ``name | ...``)."""
 
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, name: str = KAFKA) -> None:
         super().__init__(logging.INFO)
         self.console = console
+        self.prefix = name
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         colour = YELLOW if record.levelno >= logging.WARNING else None
         for part in text.splitlines() or [""]:
-            self.console.line(KAFKA, part, YELLOW, colour)
+            self.console.line(self.prefix, part, YELLOW, colour)
 
 
 def route_logs(console: Console) -> None:
@@ -114,13 +118,20 @@ def route_logs(console: Console) -> None:
     broker_log.handlers[:] = [_ConsoleLogHandler(console)]
     broker_log.setLevel(logging.INFO)
     broker_log.propagate = False
+    postgres_log = logging.getLogger(POSTGRES_LOGGER)
+    postgres_log.handlers[:] = [_ConsoleLogHandler(console, POSTGRES)]
+    postgres_log.setLevel(logging.INFO)
+    postgres_log.propagate = False
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
-    """What runs and where: shown once the system is up."""
+def banner(
+    console: Console, options: LaunchOptions, kafka_note: str, db_note: str | None = None
+) -> None:
+    """What runs and where: shown once the system is up (`db_note`: Central's database,
+    without a password; default: the SQLite file)."""
     http, base = options.http_port, options.base_health_port
     cps = options.ids
     shown = ", ".join(cps) if len(cps) <= 4 else f"{cps[0]} .. {cps[-1]}"
@@ -175,7 +186,7 @@ def banner(console: Console, options: LaunchOptions, kafka_note: str) -> None:
     lines += metrics_lines(options)
     lines += [
         (f"  Kafka:     {kafka_note}", None),
-        (f"  Database:  {options.db_path}", None),
+        (f"  Database:  {db_note or options.db_path}", None),
         ("  Stop:      Ctrl-C (stops everything in order; twice kills)", BOLD),
         (rule, BOLD),
     ]

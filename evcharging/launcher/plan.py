@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,6 +23,13 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 BOOTSTRAP_VARIABLES = ("KAFKA_BOOTSTRAP", "CENTRAL_KAFKA_BOOTSTRAP")
 """Variables that name an existing broker (``KAFKA_BOOTSTRAP`` is the launcher's own)."""
+
+DB_VARIABLE = "CENTRAL_DB_URL"
+"""Central's database (SPEC §9); a ``postgresql://`` one here is used as it is."""
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+DB_KINDS = ("sqlite", "postgres")
+"""``--db``: Central's SQLite file (the default), or PostgreSQL (a local one the launcher
+starts and stops, unless CENTRAL_DB_URL names one)."""
 
 MAX_ENGINES = 999
 """CPs with --no-fleet: one engine and one monitor process each, ids ``CP-001`` … ``CP-999``."""
@@ -78,6 +86,57 @@ class KafkaChoice:
 
     bootstrap: str
     origin: str
+
+
+@dataclass(frozen=True)
+class DatabaseChoice:
+    """Central's database: ``sqlite`` (the --db-path file) or ``postgres``; ``url`` is an
+    existing PostgreSQL (from ``origin``), None for SQLite or a PostgreSQL to start."""
+
+    kind: str = "sqlite"
+    url: str | None = None
+    origin: str = "the default"
+
+    @property
+    def start_local(self) -> bool:
+        """Whether the launcher starts (and stops) a local PostgreSQL for Central."""
+        return self.kind == "postgres" and self.url is None
+
+
+def resolve_database(
+    flag: str | None, environ: Mapping[str, str], dotenv: Mapping[str, str | None]
+) -> DatabaseChoice:
+    """``--db`` against CENTRAL_DB_URL (environment, then .env): a ``postgresql://`` URL is
+    used as it is (nothing started) unless ``--db sqlite``; ``--db postgres`` without one
+    starts a local PostgreSQL; else SQLite."""
+    if flag is not None and flag not in DB_KINDS:
+        raise LaunchError(f"--db must be one of {', '.join(DB_KINDS)}, not {flag!r}")
+    for where, values in (("environment", environ), (".env", dotenv)):
+        value = (values.get(DB_VARIABLE) or "").strip()
+        if value.startswith(POSTGRES_SCHEMES) and flag != "sqlite":
+            return DatabaseChoice("postgres", value, f"{DB_VARIABLE} in the {where}")
+        if value:
+            break
+    if flag == "postgres":
+        return DatabaseChoice("postgres", None, "--db postgres")
+    return DatabaseChoice("sqlite", None, "--db sqlite" if flag else "the default")
+
+
+def hide_password(url: str) -> str:
+    """A database URL without its password (banner, logs)."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def central_db_env(choice: DatabaseChoice, url: str | None) -> dict[str, str]:
+    """What Central's environment gets for the run's database: CENTRAL_DB_URL of PostgreSQL
+    (`url`: the local server's when the launcher started one); for SQLite an empty
+    CENTRAL_DB_URL, so that one in .env gives way to --db-path."""
+    if choice.kind == "sqlite":
+        return {DB_VARIABLE: ""} if choice.origin == "--db sqlite" else {}
+    found = choice.url or url
+    if not found:
+        raise LaunchError("no PostgreSQL URL for Central (the local server did not start)")
+    return {DB_VARIABLE: found}
 
 
 @dataclass(frozen=True)
@@ -150,6 +209,10 @@ class LaunchOptions:
     gateway."""
     ocpp_http_port: int = 9001
     """The gateway's ``/health`` and ``/metrics`` (with --ocpp)."""
+    database: DatabaseChoice = DatabaseChoice()
+    """Central's database (--db, CENTRAL_DB_URL)."""
+    postgres_port: int | None = None
+    """Port of the local PostgreSQL (--db postgres); None: 55432, 0: any free port."""
 
     @property
     def ocpp_url(self) -> str | None:

@@ -72,12 +72,17 @@ class Supervisor:
         environ: Mapping[str, str],
         kafka_note: str,
         own_broker: bool = False,
+        *,
+        db_note: str | None = None,
+        own_database: bool = False,
     ) -> None:
         self.options = options
         self.bootstrap = bootstrap
         self.console = console
         self.kafka_note = kafka_note
         self.own_broker = own_broker
+        self.db_note = db_note
+        self.own_database = own_database
         self.specs = child_specs(options, bootstrap)
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
@@ -97,9 +102,11 @@ class Supervisor:
             roles = {spec.role for spec in self.specs}
             what = [role.plural for role in STOP_ORDER if role in roles]
             listed = ", ".join(what[:-1]) + (" and " if len(what) > 1 else "") + what[-1]
+            after = [name for name, own in (("PostgreSQL", self.own_database),
+                                            ("the Kafka broker", self.own_broker)) if own]
             self.console.warn(
                 f"{sig.name} received: stopping {listed}"
-                f"{', then the Kafka broker' if self.own_broker else ''} "
+                f"{', then ' + ' and '.join(after) if after else ''} "
                 "(Ctrl-C again kills them at once)"
             )
             self.stopping.set()
@@ -123,7 +130,7 @@ class Supervisor:
             self.console.error("stopping what was started")
             return EXIT_FAILED
         self.started = True
-        banner(self.console, self.options, self.kafka_note)
+        banner(self.console, self.options, self.kafka_note, self.db_note)
         return await self._watch()
 
     async def _start(self) -> None:

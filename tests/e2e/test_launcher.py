@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,8 @@ from ocpp.v16 import call
 from websockets.typing import Subprotocol
 
 from evcharging.devtools.kafka_broker import run_dir
+from evcharging.devtools.postgres import postgres_status
+from evcharging.devtools.postgres import run_dir as pg_run_dir
 from tests.polling import poll, poll_sync
 
 pytestmark = pytest.mark.e2e
@@ -483,3 +486,71 @@ def test_run_with_ocpp_starts_the_gateway_a_charger_joins(
     assert out.index("stopping the OCPP gateway: ") < out.index("stopping EV Central: ")
     assert "killed (SIGKILL)" not in out
     assert_nothing_left(launcher, prefix, [http, listen, ws_port, gateway_http])
+
+
+@pytest.fixture
+def postgres_port() -> Iterator[int]:
+    """A free port for the launcher's PostgreSQL; its folder is removed even if a test fails
+    (the launcher removes it itself after a clean stop)."""
+    port = free_ports(1)
+    yield port
+    shutil.rmtree(pg_run_dir(port), ignore_errors=True)
+
+
+def test_run_with_db_postgres_starts_and_stops_its_own_postgresql(
+    kafka_bootstrap: str, tmp_path: Path, prefix: str, launchers: list[Launcher],
+    postgres_port: int,
+) -> None:
+    """`make run DB=postgres`: the launcher starts a local PostgreSQL before Central, which
+    uses it; a session completes; Ctrl-C stops Central, then PostgreSQL, and leaves nothing
+    behind."""
+    http, listen, health = free_ports(1), free_ports(1), free_ports(1)
+    requests = tmp_path / "requests.txt"
+    requests.write_text("CP-001\n")
+    launcher = Launcher(
+        tmp_path,
+        ["--cps", "1", "--drivers", "1", "--db", "postgres", "--postgres-port", str(postgres_port),
+         "--kafka-bootstrap", kafka_bootstrap, "--http-port", str(http),
+         "--listen-port", str(listen), "--base-health-port", str(health),
+         "--requests-file", str(requests), "--db-path", str(tmp_path / "unused.db")],
+        base_env(prefix, tmp_path),
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Dashboard: http://localhost:{http}/", 120)
+    out = launcher.output()
+    match = re.search(
+        r"Database: +PostgreSQL postgresql://evcharging:\*\*\*@127\.0\.0\.1:(\d+)/evcharging "
+        r"\(started by the launcher", out)
+    assert match, out
+    port = int(match[1])
+    assert port == postgres_port
+    assert out.index("starting PostgreSQL") < out.index("EV Central ready")
+    postmasters = [pid for pid, cmd in launcher.collect_children().items()
+                   if Path(cmd.split(" ")[0]).name == "postgres"]
+    assert len(postmasters) == 1, launcher.seen
+    work_dir = pg_run_dir(port)
+    assert work_dir.is_dir()
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:
+        database = client.get("/health").json()["database"]
+        assert database["ok"] is True
+        assert database["path"] == f"postgresql://evcharging:***@127.0.0.1:{port}/evcharging"
+
+        def completed() -> list[object] | None:
+            launcher.collect_children()
+            rows = client.get("/sessions", params={"status": "COMPLETED"}).json()
+            return rows or None
+
+        assert wait_for(completed, 60, "a COMPLETED session")
+    assert not (tmp_path / "unused.db").exists()
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(60) == 0
+    out = launcher.output()
+    assert "then PostgreSQL" in out
+    assert out.index("stopping EV Central") < out.index("stopping PostgreSQL") \
+        < out.index("PostgreSQL has stopped")
+    assert "killed (SIGKILL)" not in out
+    assert not alive(postmasters[0])
+    assert_nothing_left(launcher, prefix, [http, listen, health, port])
+    assert not postgres_status(work_dir).running  # its cluster is kept: a port was named
