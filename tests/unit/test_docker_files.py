@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -43,6 +44,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 
 KAFKA = "kafka"
 KAFKA_SETUP = "kafka-setup"
+POSTGRES = "postgres"
+"""Central's database (SPEC §9): the official postgres:15 image."""
 """Runs docker/kafka/setup.sh once the broker is healthy: SPEC §11's users and ACLs."""
 SETUP_SCRIPT = DOCKER_DIR / "kafka" / "setup.sh"
 METRICS_SERVICES = frozenset({"prometheus", "grafana"})
@@ -90,6 +93,7 @@ EXPECTED_SERVICES = frozenset(
     {
         KAFKA,
         KAFKA_SETUP,
+        POSTGRES,
         "ev-central",
         "cp-engine-1",
         "cp-engine-2",
@@ -128,7 +132,8 @@ def _app_service_names() -> list[str]:
     except (OSError, yaml.YAMLError, AssertionError, KeyError):
         return []
     return sorted(name for name in found
-                  if name not in {KAFKA, KAFKA_SETUP} and name not in METRICS_SERVICES)
+                  if name not in {KAFKA, KAFKA_SETUP, POSTGRES}
+                  and name not in METRICS_SERVICES)
 
 
 APP_SERVICES = _app_service_names()
@@ -656,6 +661,36 @@ def test_named_volumes_are_declared_and_central_keeps_its_database_on_one(
         assert db.is_absolute(), f"{service}: the database is not on a volume: {db}"
         targets = {PurePosixPath(v["target"]) for v in volumes(service) if v["type"] == "volume"}
         assert db.parent in targets, f"{service}: {db} is not on a named volume"
+
+
+def test_central_uses_the_postgres_service_once_it_is_healthy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SPEC §9: a `postgres` service (postgres:15, data on a volume, pg_isready) and one
+    Central whose CENTRAL_DB_URL names it, started once it is healthy; the password comes
+    from .env (`make up` writes it), the same one on both sides."""
+    postgres = services()[POSTGRES]
+    assert re.fullmatch(r"postgres:15(\.\d+)?", postgres["image"]), postgres["image"]
+    test = postgres["healthcheck"]["test"]
+    assert "pg_isready" in " ".join(test if isinstance(test, list) else [test])
+    data = [v for v in volumes(POSTGRES) if v["target"] == "/var/lib/postgresql/data"]
+    assert data and data[0]["type"] == "volume"
+    env = environment(POSTGRES)
+    assert env["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:?run make up}"
+    centrals = [s for s in APP_SERVICES if settings_class(s) is CentralSettings]
+    assert len(centrals) == 1, f"one Central until issue 16's partitioning: {centrals}"
+    (central,) = centrals
+    assert depends_on(central).get(POSTGRES) == "service_healthy"
+    settings = container_settings(central, monkeypatch, tmp_path)
+    assert isinstance(settings, CentralSettings)
+    url = urlsplit(settings.database_url)
+    assert url.scheme == "postgresql"
+    assert url.hostname == POSTGRES and url.port == 5432
+    assert url.username == env["POSTGRES_USER"] and url.path == f"/{env['POSTGRES_DB']}"
+    assert url.password == "${POSTGRES_PASSWORD:-}"  # the same variable, from .env
+    from evcharging.devtools.env_token import POSTGRES_VARIABLES
+
+    assert POSTGRES_VARIABLES == ("POSTGRES_PASSWORD",)  # `make up` writes it
 
 
 def test_driver_requests_file_is_mounted_from_the_repository(

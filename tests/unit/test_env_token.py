@@ -12,6 +12,7 @@ from evcharging.devtools.env_token import (
     VARIABLE,
     ensure_kafka_passwords,
     ensure_token,
+    main,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +93,16 @@ def test_the_kafka_passwords_are_written_once_and_kept(tmp_path: Path) -> None:
     assert stat.S_IMODE(env.stat().st_mode) == 0o600
     assert ensure_kafka_passwords(env) is None  # a second `make up` keeps them
     assert passwords(env) == first
+
+
+def test_make_up_writes_the_postgres_password_once(tmp_path: Path) -> None:
+    """SPEC §9: Compose's PostgreSQL and Central's CENTRAL_DB_URL read POSTGRES_PASSWORD."""
+    env, example = tmp_path / ".env", tmp_path / ".env.example"
+    example.write_text("# nothing\n")
+    assert main([str(env), str(example)]) == 0
+    written = [line for line in env.read_text().splitlines()
+               if line.startswith("POSTGRES_PASSWORD=")]
+    assert len(written) == 1 and len(written[0].split("=", 1)[1]) >= 24
+    assert main([str(env), str(example)]) == 0
+    assert [line for line in env.read_text().splitlines()
+            if line.startswith("POSTGRES_PASSWORD=")] == written

@@ -85,7 +85,7 @@ LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_
 service falls back to (SPEC §11; documented in .env.example)."""
 COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
                      "PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD",
-                     "KAFKA_ADMIN_PASSWORD", "KAFKA_BROKER_PASSWORD"}
+                     "KAFKA_ADMIN_PASSWORD", "KAFKA_BROKER_PASSWORD", "POSTGRES_PASSWORD"}
 """Not a service setting: host ports (and Grafana's password) of docker/docker-compose.yml."""
 SERVICE_PREFIXES = ("CENTRAL_", "CP_ENGINE_", "CP_MONITOR_", "DRIVER_", "LOAD_", "FLEET_",
                     "OCPP_")
