@@ -8,6 +8,8 @@ CPS ?= 2
 DRIVERS ?=
 LOAD ?=
 SITES ?=
+DB ?=
+CENTRALS ?=
 ARGS ?=
 COMPOSE := docker compose -f docker/docker-compose.yml --env-file $(if $(wildcard .env),.env,.env.example)
 
@@ -29,9 +31,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (done by the other targets too)
 
-run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet above 20), DRIVERS, LOAD/s
+run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet above 20), DRIVERS, LOAD/s; DB=postgres: Central on a local PostgreSQL
+	@if [ -n "$(CENTRALS)" ] && [ "$(CENTRALS)" != 1 ]; then \
+	  echo "make run CENTRALS=$(CENTRALS): more than one Central needs the partitioned Central of issue 16, not built yet (DB=postgres runs one Central on PostgreSQL)" >&2; \
+	  exit 2; fi
 	$(PY) -m evcharging run --cps $(CPS) $(if $(DRIVERS),--drivers $(DRIVERS)) \
-	  $(if $(LOAD),--load $(LOAD)) $(if $(SITES),--sites $(SITES)) $(ARGS)
+	  $(if $(LOAD),--load $(LOAD)) $(if $(SITES),--sites $(SITES)) $(if $(DB),--db $(DB)) $(ARGS)
 
 test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch

@@ -11,6 +11,7 @@ import argparse
 import io
 import os
 import signal
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -259,3 +260,23 @@ def test_sqlite_is_unchanged(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -
     assert events.seen == ["central"]
     assert "CENTRAL_DB_URL" not in events.central_env
     assert events.db_note == "SQLite ev_charging.db"
+
+
+# --------------------------------------------------------------------------- make run
+
+
+ROOT = Path(__file__).resolve().parents[2]
+STAMP = ".venv/.installed"
+"""Taken as up to date: these makes must not install anything."""
+
+
+def test_make_run_passes_db_and_refuses_more_than_one_central() -> None:
+    dry = subprocess.run(["make", "-n", "-o", STAMP, "run", "DB=postgres"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert "-m evcharging run --cps 2" in dry.stdout and "--db postgres" in dry.stdout
+    refused = subprocess.run(["make", "-o", STAMP, "run", "CENTRALS=2"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode != 0
+    assert ("more than one Central needs the partitioned Central of issue 16, not built yet"
+            in refused.stderr)
+    assert "evcharging run" not in refused.stdout  # nothing started
