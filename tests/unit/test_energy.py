@@ -505,6 +505,28 @@ async def test_a_refused_set_limit_is_sent_again_and_every_limit_is_resent_in_ti
     assert RESEND_EVERY * 2.0 <= 30.0
 
 
+async def test_a_refused_set_limit_does_not_end_a_session_not_yet_confirmed(
+    central: Controller, energy: Energy, bus: RecordingPublisher
+) -> None:
+    """The SET_LIMITs leave with the START_SUPPLY, before the CP confirms the session: a
+    charger refusing (or timing out on) the limit must not fail the session."""
+    await activate(central, "CP-1", "site-A")
+    await energy.set_limit("site-A", 10.0)
+    request = DriverRequest(request_id=new_id(), driver_id="driver-1", cp_id="CP-1")
+    await central.handle_request(request)
+    session = central.get("CP-1").session
+    assert session is not None and not session.confirmed
+    mark = len(bus.messages)
+    await central.handle_status(CPStatus(
+        cp_id="CP-1", state=CPState.ACTIVATED, event=StatusEvent.REFUSED,
+        cmd=CommandType.SET_LIMIT, session_id=session.session_id,
+        reason="refused SET_LIMIT: timeout"))
+    assert central.get("CP-1").session is session
+    got = await poll(lambda: limits_sent(bus, mark), timeout=2.0,
+                     what="the refused SET_LIMIT sent again")
+    assert [(c.payload.session_id, c.payload.kw) for c in got] == [(session.session_id, 10.0)]
+
+
 async def test_a_removed_limit_reaches_every_running_session_of_its_site(
     central: Controller, energy: Energy, bus: RecordingPublisher
 ) -> None:

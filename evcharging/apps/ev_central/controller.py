@@ -477,7 +477,8 @@ class Controller:
         if status.event is not StatusEvent.REFUSED:
             self._reported(session, status.ts, ts)
         if status.event is StatusEvent.REFUSED:
-            if not session.confirmed:
+            # A refused SET_LIMIT says nothing of the session (smart charging resends it).
+            if not session.confirmed and status.cmd is not CommandType.SET_LIMIT:
                 self.end_session(
                     cp, SessionResult.FAILED,
                     f"CP refused the session: {status.reason or 'refused'}",
