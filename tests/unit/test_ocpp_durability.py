@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,14 +101,27 @@ async def test_new_journal_names_and_the_snapshots_rename_are_synced_before_unli
     assert events[1:] == ["sync directory", "unlink state.json.journal-0"]
 
 
-async def test_a_remote_start_forgotten_when_its_charger_leaves_stays_forgotten(
-    tmp_path: Path,
-) -> None:
-    state = StateStore(tmp_path / "state.json")
-    gw = Gateway(RecordingPublisher())
+@asynccontextmanager
+async def journaled(path: Path, **options: Any) -> AsyncIterator[Gateway]:
+    """A gateway whose decisions its writer journals to `path` as they are made.
+
+    Nothing is saved when it ends: what `path` holds then is what a SIGKILL leaves.
+    """
+    state = StateStore(path)
+    gw = Gateway(RecordingPublisher(), **options)
     gw.durable = state.commit
     writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
     try:
+        yield gw
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_a_remote_start_forgotten_when_its_charger_leaves_stays_forgotten(
+    tmp_path: Path,
+) -> None:
+    async with journaled(tmp_path / "state.json") as gw:
         link = V16Link("CH", FakeConnection(), gw)
         gw.attach(link)
         conn = gw.connector("CH", 1)
@@ -114,9 +129,6 @@ async def test_a_remote_start_forgotten_when_its_charger_leaves_stays_forgotten(
         gw.keep(conn)
         await asyncio.wait_for(gw.durable(), timeout=5)
         await asyncio.wait_for(gw.detach(link), timeout=5)
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
     again = Gateway(RecordingPublisher())  # SIGKILLed: what the journal holds
     StateStore(tmp_path / "state.json").load(again)
     assert again.connectors["CH.1"].pending is None
@@ -132,11 +144,7 @@ class RejectingLink(V16Link):
 async def test_a_rejected_remote_start_is_forgotten_on_disk_before_it_is_refused(
     tmp_path: Path,
 ) -> None:
-    state = StateStore(tmp_path / "state.json")
-    gw = Gateway(RecordingPublisher())
-    gw.durable = state.commit
-    writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
-    try:
+    async with journaled(tmp_path / "state.json") as gw:
         link = RejectingLink("CH", FakeConnection(), gw)
         gw.attach(link)
         conn = gw.connector("CH", 1)
@@ -146,9 +154,6 @@ async def test_a_rejected_remote_start_is_forgotten_on_disk_before_it_is_refused
                                                       driver_id="alice"))
         with pytest.raises(Refused):
             await asyncio.wait_for(link.execute(conn, start), timeout=5)
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
     again = Gateway(RecordingPublisher())  # SIGKILLed as Central hears of the refusal
     StateStore(tmp_path / "state.json").load(again)
     assert again.connectors["CH.1"].pending is None
@@ -165,12 +170,8 @@ class StoppingLink(V16Link):
 
 
 async def test_a_stop_cp_and_a_denial_are_in_the_journal(tmp_path: Path) -> None:
-    state = StateStore(tmp_path / "state.json")
-    gw = Gateway(RecordingPublisher(), decision_timeout=5.0)
-    gw.durable = state.commit
-    writer = asyncio.create_task(state.keep_saved(gw, interval=600.0))
     t0 = datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
-    try:
+    async with journaled(tmp_path / "state.json", decision_timeout=5.0) as gw:
         link = StoppingLink("CH", FakeConnection(), gw)
         gw.attach(link)
         stopped, denied = gw.connector("CH", 1), gw.connector("CH", 2)
@@ -191,9 +192,6 @@ async def test_a_stop_cp_and_a_denial_are_in_the_journal(tmp_path: Path) -> None
             cp_id="CH.2", cmd=CommandType.STOP_SUPPLY,
             payload=CommandPayload(session_id="own-2")))
         assert await asyncio.wait_for(verdict, timeout=5) is False
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
     again = Gateway(RecordingPublisher())  # SIGKILLed before the charger's stops
     StateStore(tmp_path / "state.json").load(again)
     first, second = again.connectors["CH.1"].session, again.connectors["CH.2"].session
