@@ -9,6 +9,7 @@ from loguru import logger
 
 from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.controller import Controller
+from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
 from tests.unit.fakes import RecordingPublisher
@@ -73,3 +74,21 @@ class FlushingController(Controller):
         count = housekeeping.snapshot_health(self)
         await self.outbox.flush()
         return count
+
+
+@pytest.fixture
+async def controller(bus: RecordingPublisher, repo: SqliteRepository
+                     ) -> AsyncIterator[FlushingController]:
+    """Central with its default options (a test module overrides it for others)."""
+    central = FlushingController(bus, repo)
+    yield central
+    await central.close()
+
+
+@pytest.fixture
+async def energy(controller: Controller) -> AsyncIterator[Energy]:
+    """The smart-charging job on `controller`, loaded; its own timer an hour away."""
+    job = Energy(controller, interval=3600.0)
+    await job.load()
+    yield job
+    await job.close()

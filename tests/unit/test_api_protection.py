@@ -8,21 +8,16 @@ real uvicorn server. The client's address is set with ``httpx.ASGITransport(clie
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from fastapi.routing import APIRoute
 from pydantic import SecretStr
 
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import Controller
-from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.common.http import (
     GuardedRoute,
 )
 from evcharging.common.messages import CPRegistration
-from tests.unit.conftest import FlushingController
-from tests.unit.fakes import RecordingPublisher
 from tests.unit.http_helpers import (
     AUTH,
     LOOPBACK,
@@ -31,14 +26,6 @@ from tests.unit.http_helpers import (
     assert_error,
     client_for,
 )
-
-
-@pytest.fixture
-async def controller(bus: RecordingPublisher, repo: SqliteRepository) -> AsyncIterator[Controller]:
-    central = FlushingController(bus, repo)
-    yield central
-    await central.close()
-
 
 # ----------------------------------------------------------------------------- Central
 

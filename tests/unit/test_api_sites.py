@@ -3,7 +3,6 @@ GET /sites, the bodies they refuse and the protection every mutating call has.""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,24 +23,8 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverUpdate,
 )
-from tests.unit.conftest import FlushingController
 from tests.unit.fakes import RecordingPublisher
 from tests.unit.http_helpers import AUTH, REMOTE, TOKEN, assert_error, client_for
-
-
-@pytest.fixture
-async def controller(bus: RecordingPublisher, repo: SqliteRepository) -> AsyncIterator[Controller]:
-    central = FlushingController(bus, repo)
-    yield central
-    await central.close()
-
-
-@pytest.fixture
-async def energy(controller: Controller) -> AsyncIterator[Energy]:
-    job = Energy(controller, interval=3600.0)
-    await job.load()
-    yield job
-    await job.close()
 
 
 async def supplying(controller: Controller, bus: RecordingPublisher, cp_id: str,

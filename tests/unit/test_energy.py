@@ -276,19 +276,18 @@ CAR = CarSpec(battery_kwh=60.0, soc=0.2, max_kw=50.0)
 
 
 @pytest.fixture
-async def central(bus: RecordingPublisher, repo: SqliteRepository
-                  ) -> AsyncIterator[FlushingController]:
-    controller = FlushingController(bus, repo, CentralOptions(start_timeout=30.0))
-    yield controller
-    await controller.close()
+async def controller(bus: RecordingPublisher, repo: SqliteRepository
+                     ) -> AsyncIterator[FlushingController]:
+    """Central for these tests, under conftest's `energy`."""
+    central = FlushingController(bus, repo, CentralOptions(start_timeout=30.0))
+    yield central
+    await central.close()
 
 
 @pytest.fixture
-async def energy(central: Controller) -> AsyncIterator[Energy]:
-    job = Energy(central, interval=3600.0)
-    await job.load()
-    yield job
-    await job.close()
+def central(controller: FlushingController) -> FlushingController:
+    """The name these tests give `controller`."""
+    return controller
 
 
 async def activate(central: Controller, cp_id: str, site: str, kw_rate: float = 22.0) -> None:
