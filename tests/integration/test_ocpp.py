@@ -52,6 +52,7 @@ from evcharging.common.messages import (
 )
 from evcharging.common.states import CPState, SessionResult
 from evcharging.devtools.process import free_port
+from tests.integration.ocpp_helpers import assert_tx_profile_16, assert_tx_profile_201
 from tests.polling import poll
 
 pytestmark = pytest.mark.integration
@@ -301,6 +302,19 @@ async def request(system: System, cp_id: str, driver_id: str) -> str:
     await system.bus.publish(DriverRequest(request_id=request_id, driver_id=driver_id,
                                            cp_id=cp_id))
     return request_id
+
+
+async def remote_started(system: System, charger: Charger, cp_id: str, id_tag: str,
+                         meter_start: int = 0) -> tuple[str, Any]:
+    """`id_tag` requests `cp_id`; `charger` gets the remote start and starts its transaction.
+
+    The request id and the StartTransaction answer.
+    """
+    request_id = await request(system, cp_id, id_tag)
+    await asyncio.wait_for(charger.remote_starts.get(), 30)
+    started = await charger.call(call.StartTransaction(
+        connector_id=1, id_tag=id_tag, meter_start=meter_start, timestamp=now()))
+    return request_id, started
 
 
 async def final_update(system: System, request_id: str) -> DriverUpdate:
@@ -613,10 +627,7 @@ async def test_an_operator_stop_in_mid_session_ends_it_stopped_with_the_meter(
 ) -> None:
     gateway = await start_gateway()
     charger, cp_id = await ready(system, gateway, connect)
-    request_id = await request(system, cp_id, "grace")
-    await asyncio.wait_for(charger.remote_starts.get(), 30)
-    started = await charger.call(call.StartTransaction(
-        connector_id=1, id_tag="grace", meter_start=0, timestamp=now()))
+    request_id, started = await remote_started(system, charger, cp_id, "grace")
     await charger.status(1, "Charging")
     await system.wait_state(cp_id, CPState.SUPPLYING)
 
@@ -640,11 +651,7 @@ async def test_a_charger_offline_in_mid_session_settles_its_queued_stop_when_bac
     gateway = await start_gateway()
     charger, cp_id = await ready(system, gateway, connect)
     cid = cp_id.rsplit(".", 1)[0]
-    request_id = await request(system, cp_id, "heidi")
-    await asyncio.wait_for(charger.remote_starts.get(), 30)
-    started_at = now()
-    started = await charger.call(call.StartTransaction(
-        connector_id=1, id_tag="heidi", meter_start=1_000, timestamp=started_at))
+    request_id, started = await remote_started(system, charger, cp_id, "heidi", 1_000)
     await system.wait_state(cp_id, CPState.SUPPLYING)
     await charger._connection.close()  # offline: the session stays open
     await poll(lambda: any(s.event is StatusEvent.HEARTBEAT and s.session_id
@@ -667,10 +674,7 @@ async def test_a_charger_back_available_without_the_stop_fails_the_session_at_it
     gateway = await start_gateway()
     charger, cp_id = await ready(system, gateway, connect)
     cid = cp_id.rsplit(".", 1)[0]
-    request_id = await request(system, cp_id, "ivan")
-    await asyncio.wait_for(charger.remote_starts.get(), 30)
-    started = await charger.call(call.StartTransaction(
-        connector_id=1, id_tag="ivan", meter_start=0, timestamp=now()))
+    request_id, started = await remote_started(system, charger, cp_id, "ivan")
     await charger.call(call.MeterValues(connector_id=1, transaction_id=started.transaction_id,
                                         meter_value=[{"timestamp": now(), "sampledValue": [
                                             {"value": "1.25", "unit": "kWh"}]}]))
@@ -974,10 +978,7 @@ async def test_set_limit_is_a_tx_profile_in_w_of_the_transaction_16(
 ) -> None:
     gateway = await start_gateway()
     charger, cp_id = await ready(system, gateway, connect)
-    request_id = await request(system, cp_id, "lena")
-    await asyncio.wait_for(charger.remote_starts.get(), 30)
-    started = await charger.call(call.StartTransaction(
-        connector_id=1, id_tag="lena", meter_start=0, timestamp=now()))
+    request_id, started = await remote_started(system, charger, cp_id, "lena")
     session_id = await session_of(system, request_id)
     await system.wait_state(cp_id, CPState.SUPPLYING)
 
@@ -985,12 +986,7 @@ async def test_set_limit_is_a_tx_profile_in_w_of_the_transaction_16(
     await set_limit(system, cp_id, session_id, 7.4)
     connector, profile = await asyncio.wait_for(charger.profiles.get(), 30)
     assert connector == 1
-    assert (profile["charging_profile_id"], profile["transaction_id"]) == (
-        9001, started.transaction_id)
-    assert (profile["charging_profile_purpose"], profile["stack_level"]) == ("TxProfile", 0)
-    assert profile["charging_schedule"]["charging_rate_unit"] == "W"
-    assert profile["charging_schedule"]["charging_schedule_period"] == [
-        {"start_period": 0, "limit": 7400}]
+    assert_tx_profile_16(profile, started.transaction_id, 7400)
     assert charger.profiles.empty()  # the stale SET_LIMIT made no call
     assert await gateway.metric(
         'evcharging_ocpp_commands_total{cmd="SET_LIMIT",outcome="ignored"}') == 1
@@ -1027,11 +1023,7 @@ async def test_set_limit_is_a_tx_profile_in_w_of_the_transaction_201(
     await set_limit(system, cp_id, session_id, 11.0)
     evse, profile = await asyncio.wait_for(station.profiles.get(), 30)
     assert evse == 1
-    assert (profile["id"], profile["transaction_id"], profile["charging_profile_purpose"]) == (
-        9001, tx, "TxProfile")
-    (schedule,) = profile["charging_schedule"]
-    assert schedule["charging_rate_unit"] == "W"
-    assert schedule["charging_schedule_period"] == [{"start_period": 0, "limit": 11_000}]
+    assert_tx_profile_201(profile, tx, 11_000)
 
     await set_limit(system, cp_id, session_id, None)
     assert await asyncio.wait_for(station.clears.get(), 30) == {"charging_profile_id": 9001}

@@ -32,6 +32,7 @@ from evcharging.common.config import CentralSettings, OcppSettings
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
 from evcharging.devtools.process import free_port
+from tests.integration.ocpp_helpers import assert_tx_profile_16, assert_tx_profile_201
 from tests.integration.test_ocpp import OCPP16, Charger, Station, now
 from tests.polling import poll
 
@@ -167,12 +168,7 @@ async def test_a_site_limit_reaches_ocpp_chargers_as_their_charging_profiles(
         await network.state(cp16, "SUPPLYING")
         connector, profile = await asyncio.wait_for(charger.profiles.get(), 30)
         assert connector == 1
-        assert (profile["charging_profile_id"], profile["transaction_id"]) == (
-            9001, started.transaction_id)
-        assert (profile["charging_profile_purpose"], profile["stack_level"]) == ("TxProfile", 0)
-        assert profile["charging_schedule"]["charging_rate_unit"] == "W"
-        assert profile["charging_schedule"]["charging_schedule_period"] == [
-            {"start_period": 0, "limit": 15_000}]
+        assert_tx_profile_16(profile, started.transaction_id, 15_000)
 
         # The 2.0.1 station's session starts: equal shares, each told its own.
         second = await network.request(cp201, "pablo")
@@ -186,11 +182,7 @@ async def test_a_site_limit_reaches_ocpp_chargers_as_their_charging_profiles(
         await network.state(cp201, "SUPPLYING")
         evse_id, profile201 = await asyncio.wait_for(station.profiles.get(), 30)
         assert evse_id == 1
-        assert (profile201["id"], profile201["transaction_id"],
-                profile201["charging_profile_purpose"]) == (9001, tx, "TxProfile")
-        (schedule,) = profile201["charging_schedule"]
-        assert schedule["charging_rate_unit"] == "W"
-        assert schedule["charging_schedule_period"] == [{"start_period": 0, "limit": 7_500}]
+        assert_tx_profile_201(profile201, tx, 7_500)
         connector, profile = await asyncio.wait_for(charger.profiles.get(), 30)
         assert (connector, profile["transaction_id"]) == (1, started.transaction_id)
         assert profile["charging_schedule"]["charging_schedule_period"] == [
