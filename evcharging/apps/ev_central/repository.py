@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +37,7 @@ from loguru import logger
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.dblock import DatabaseInUse, DatabaseLock
 from evcharging.apps.ev_central.errors import Unavailable
+from evcharging.apps.ev_central.reads import SqlReads
 from evcharging.apps.ev_central.records import (
     MAX_LIMIT,
     SESSION_ACTIVE,
@@ -48,8 +49,6 @@ from evcharging.apps.ev_central.records import (
     HealthSnapshot,
     PendingRow,
     SessionRecord,
-    clamp,
-    ts_parse,
     ts_text,
     utcnow_,
 )
@@ -144,12 +143,15 @@ class Repository(Protocol):
 # ----------------------------------------------------------------------------- adapter
 
 
-class SqliteRepository:
+class SqliteRepository(SqlReads):
     """The SQLite adapter of :class:`Repository`; an async context manager.
 
     ``path`` may be ``":memory:"`` (then the journal mode stays ``memory``, not WAL).
     ``clock`` gives the time for ``registered_at``/``updated_at`` the caller leaves unset.
     """
+
+    _INSERTION_ORDER = "rowid"
+    _PING_ERRORS = (sqlite3.Error, StorageError, ValueError, RuntimeError)
 
     def __init__(
         self,
@@ -232,40 +234,6 @@ class SqliteRepository:
             if self._file_lock is not None:
                 self._file_lock.release()
 
-    async def __aenter__(self) -> Self:
-        await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def ping(self) -> bool:
-        """Whether the database is usable: it answers ``SELECT 1`` and the last write
-        did not fail (in WAL mode a reader is not stopped by another process's lock)."""
-        if self.write_error is not None:
-            return False
-        try:
-            rows = await self._fetchall("SELECT 1", ())
-        except (sqlite3.Error, StorageError, ValueError, RuntimeError):
-            return False
-        return len(rows) == 1 and rows[0][0] == 1
-
-    async def probe(self, within: float) -> tuple[bool, bool]:
-        """``(usable, busy)`` within `within` seconds, whatever runs: :meth:`ping` queues
-        behind the transaction in progress (one connection), so a ping that does not get
-        through in time finds the database *busy*, usable unless the last write failed
-        (a write stuck on a lock fails at the busy timeout, and then it is not)."""
-        try:
-            async with asyncio.timeout(within):
-                return await self.ping(), False
-        except TimeoutError:
-            return self.write_error is None, True
-
     # ---------------------------------------------------------------------- writes
 
     async def apply(self, writes: Sequence[Write]) -> None:
@@ -283,90 +251,6 @@ class SqliteRepository:
                     await db.executemany(sql.STATEMENTS[kind], params)
         if self.observe_write is not None:
             self.observe_write(time.perf_counter() - started)
-
-    # ----------------------------------------------------------------------- reads
-
-    async def load_cps(self) -> list[CPRecord]:
-        """Every registered CP, by cp_id."""
-        return [sql.cp_from_row(row) for row in await self._fetchall(sql.SQL_LOAD_CPS, ())]
-
-    async def get_session(self, session_id: str) -> SessionRecord | None:
-        rows = await self._fetchall(
-            f"{sql.SQL_SELECT_SESSIONS} WHERE session_id = ?", (session_id,)
-        )
-        return sql.session_from_row(rows[0]) if rows else None
-
-    async def active_sessions(self) -> list[SessionRecord]:
-        """Every ACTIVE session, oldest first."""
-        rows = await self._fetchall(
-            f"{sql.SQL_SELECT_SESSIONS} WHERE status = ? ORDER BY start_time, rowid",
-            (SESSION_ACTIVE,),
-        )
-        return [sql.session_from_row(row) for row in rows]
-
-    async def recent_request_ids(self, within: timedelta) -> list[str]:
-        """The ids of the requests decided within `within` of the newest one, oldest
-        first (measured on the log's own dates, never on this process's clock)."""
-        newest = await self._fetchall("SELECT MAX(timestamp) FROM request_log", ())
-        if not newest or newest[0][0] is None:
-            return []
-        since = ts_parse(str(newest[0][0])) - within
-        rows = await self._fetchall(
-            "SELECT request_id FROM request_log WHERE timestamp >= ? "
-            "ORDER BY timestamp, rowid",
-            (ts_text(since),),
-        )
-        return [str(row[0]) for row in rows]
-
-    async def list_sessions(
-        self,
-        *,
-        limit: int = 50,
-        cp_id: str | None = None,
-        driver_id: str | None = None,
-        status: str | None = None,
-    ) -> list[SessionRecord]:
-        """Sessions newest first, optionally filtered; at most `limit` (1..1000)."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (("cp_id", cp_id), ("driver_id", driver_id), ("status", status)):
-            if value is not None:
-                clauses.append(f"{column} = ?")  # column names are the literals above
-                params.append(str(value))
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        query = f"{sql.SQL_SELECT_SESSIONS}{where} ORDER BY start_time DESC, rowid DESC LIMIT ?"
-        params.append(clamp(limit))
-        return [sql.session_from_row(row) for row in await self._fetchall(query, params)]
-
-    async def list_faults(self, *, limit: int = 50, cp_id: str | None = None) -> list[FaultEvent]:
-        """Fault events newest first; at most `limit` (1..1000)."""
-        where = "" if cp_id is None else " WHERE cp_id = ?"
-        query = (
-            "SELECT id, cp_id, event_type, reason, timestamp FROM fault_events"  # noqa: S608
-            f"{where} ORDER BY timestamp DESC, id DESC LIMIT ?"
-        )
-        params: tuple[Any, ...] = (
-            (clamp(limit),) if cp_id is None else (cp_id, clamp(limit))
-        )
-        return [sql.fault_from_row(row) for row in await self._fetchall(query, params)]
-
-    async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]:
-        """A CP's health snapshots newest first; at most `limit` (1..1000)."""
-        rows = await self._fetchall(sql.SQL_CP_HISTORY, (cp_id, clamp(limit)))
-        return [sql.health_from_row(row) for row in rows]
-
-    async def load_pending(self) -> PendingRow | None:
-        """The outbox's last flush (None before the first)."""
-        rows = await self._fetchall(sql.SQL_LOAD_PENDING, ())
-        if not rows:
-            return None
-        return PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
-                              str(rows[0]["messages"]))
-
-    async def load_site_limits(self) -> dict[str, float]:
-        """Every site's power limit in kW (SPEC §10), by site."""
-        rows = await self._fetchall(sql.SQL_LOAD_SITE_LIMITS, ())
-        return {str(row["site"]): float(row["kw"]) for row in rows}
 
     # ----------------------------------------------------------------------- locks
 
@@ -390,11 +274,11 @@ class SqliteRepository:
             raise RuntimeError("the repository is not open")
         return self._db
 
-    async def _fetchall(self, sql: str, params: Iterable[Any]) -> list[sqlite3.Row]:
+    async def _rows(self, query: str, *params: Any) -> list[sqlite3.Row]:
         """One read, never interleaved with another task's open transaction."""
         async with self._lock:
             try:
-                return list(await self._connection().execute_fetchall(sql, params))
+                return list(await self._connection().execute_fetchall(query, params))
             except sqlite3.OperationalError as exc:
                 raise StorageError(f"database {self._path}: {exc}") from exc
 
