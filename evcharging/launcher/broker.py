@@ -170,27 +170,43 @@ def stop_broker(console: Console, broker: KafkaBroker, *, hurry: bool = False) -
 
     Returns whether it was killed.
     """
+    return stop_killable(
+        console, "the Kafka broker", broker.pid, broker.stop, broker.kill, hurry=hurry
+    )
+
+
+def stop_killable(
+    console: Console,
+    name: str,
+    pid: int | None,
+    stop: Callable[[], None],
+    kill: Callable[[], None],
+    *,
+    hurry: bool = False,
+) -> bool:
+    """Run ``stop`` (the clean stop of the process ``pid``, called ``name`` in messages); a
+    stop signal meanwhile, or `hurry`, calls ``kill``. Returns whether it was killed."""
     killed = False
 
     def kill_now(signum: int = 0, frame: FrameType | None = None) -> None:
         nonlocal killed
         killed = True
-        console.warn("killing the Kafka broker now")
-        broker.kill()
+        console.warn(f"killing {name} now")
+        kill()
 
-    if broker.pid is None:
-        console.warn("the Kafka broker is not running any more")
-        broker.stop()
+    if pid is None:
+        console.warn(f"{name} is not running any more")
+        stop()
         return False
     if hurry:
         kill_now()
     else:
-        console.say(f"stopping the Kafka broker (pid {broker.pid}) ...")
+        console.say(f"stopping {name} (pid {pid}) ...")
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
         signal.signal(sig, kill_now)
     try:
-        broker.stop()
+        stop()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

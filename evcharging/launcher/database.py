@@ -16,7 +16,6 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 from evcharging.devtools.postgres import (
     DEFAULT_PORT,
@@ -29,8 +28,9 @@ from evcharging.devtools.postgres import (
 )
 from evcharging.devtools.postgres.sql import ensure_user_and_database
 from evcharging.devtools.process import free_port, port_free
+from evcharging.launcher.broker import stop_killable
 from evcharging.launcher.console import Console
-from evcharging.launcher.plan import STOP_SIGNALS, LaunchError, LaunchOptions
+from evcharging.launcher.plan import LaunchError, LaunchOptions
 
 
 @dataclass
@@ -63,30 +63,11 @@ class LocalDatabase:
             console.say(f"PostgreSQL on {HOST}:{self.port} was running before this run: "
                         "left running")
             return False
-        killed = False
-
-        def kill_now(signum: int = 0, frame: FrameType | None = None) -> None:
-            nonlocal killed
-            killed = True
-            console.warn("killing PostgreSQL now")
-            self.kill()
-
-        if server.pid is None:
-            console.warn("PostgreSQL is not running any more")
-        elif hurry:
-            kill_now()
-        else:
-            console.say(f"stopping PostgreSQL (pid {server.pid}) ...")
-        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, kill_now)
         try:
-            server.stop()
+            return stop_killable(console, "PostgreSQL", server.pid, server.stop, self.kill,
+                                 hurry=hurry)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             self.discard()
-        return killed
 
     def discard(self) -> None:
         if not self.keep_data and (self.server is None or not self.server.running):

@@ -6,15 +6,14 @@ Its output for people goes to stdout (what it did) and stderr (errors); logs go 
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
-import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from evcharging.devtools import process
+from evcharging.devtools.common import out, run_cli, signals_interrupt
 from evcharging.devtools.kafka_broker.broker import KafkaBroker
 from evcharging.devtools.kafka_broker.config import (
     CACHE_ENV,
@@ -32,16 +31,11 @@ from evcharging.devtools.kafka_broker.jars import fetch_jars
 from evcharging.devtools.kafka_broker.sasl import SaslUsers, read_env_passwords, write_env
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _cmd_fetch(args: argparse.Namespace) -> int:
     started = time.monotonic()
     libs = fetch_jars(force=args.force)
     jars = sorted(libs.glob("*.jar"))
-    _out(f"{len(jars)} jars in {libs} ({time.monotonic() - started:.1f} s)")
+    out(f"{len(jars)} jars in {libs} ({time.monotonic() - started:.1f} s)")
     return 0
 
 
@@ -50,7 +44,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     work = run_dir(port)
     status = broker_status(work)
     if status.running:
-        _out(f"already running: pid {status.pid}, bootstrap {status.bootstrap}")
+        out(f"already running: pid {status.pid}, bootstrap {status.bootstrap}")
         if args.sasl:
             users = SaslUsers.load(Path(args.data_dir or work / "data").resolve())
             if users is None:
@@ -76,7 +70,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     broker.start()
     if broker.sasl:
         _write_env(args.env_file, broker.sasl_users)
-    _out(
+    out(
         f"Kafka broker running: bootstrap {broker.bootstrap}, pid {broker.pid}, "
         f"ready in {broker.start_seconds:.1f} s\n"
         f"  log:  {broker.log_file}\n"
@@ -90,34 +84,33 @@ def _write_env(env_file: Path, users: SaslUsers) -> None:
     changed = write_env(env_file, users)
     sasl = "SASL_PLAINTEXT, SCRAM-SHA-512; users central, cp, driver"
     if changed:
-        _out(f"  sasl: {sasl}; wrote {', '.join(changed)} into {env_file}")
+        out(f"  sasl: {sasl}; wrote {', '.join(changed)} into {env_file}")
     else:
-        _out(f"  sasl: {sasl}; {env_file} already holds their passwords")
-    _out("  clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (each service reads its password)")
+        out(f"  sasl: {sasl}; {env_file} already holds their passwords")
+    out("  clients: KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT (each service reads its password)")
 
 
 def _run_foreground(broker: KafkaBroker, env_file: Path) -> int:
     # SIGTERM/SIGHUP behave like Ctrl-C: KeyboardInterrupt, then a clean broker stop.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
+    signals_interrupt()
     try:
         broker.start()
         if broker.sasl:
             _write_env(env_file, broker.sasl_users)
-        _out(
+        out(
             f"Kafka broker running: bootstrap {broker.bootstrap}, pid {broker.pid}, "
             f"ready in {broker.start_seconds:.1f} s; log {broker.log_file}; Ctrl-C stops it"
         )
         code = broker.wait()
     except KeyboardInterrupt:
-        _out("stopping Kafka broker ...")
+        out("stopping Kafka broker ...")
         broker.stop()
-        _out("stopped")
+        out("stopped")
         return 0
     finally:
         broker.stop()
     if code in (0, 143):  # SIGTERM from elsewhere, e.g. `stop --port` in another terminal
-        _out(f"Kafka broker was stopped (exit code {code})")
+        out(f"Kafka broker was stopped (exit code {code})")
         return 0
     sys.stderr.write(
         f"Kafka broker exited unexpectedly with code {code}; last lines of {broker.log_file}:\n"
@@ -129,9 +122,9 @@ def _run_foreground(broker: KafkaBroker, env_file: Path) -> int:
 def _cmd_stop(args: argparse.Namespace) -> int:
     work = run_dir(args.port)
     if stop_broker(work, timeout=args.timeout):
-        _out(f"stopped Kafka broker on port {args.port}")
+        out(f"stopped Kafka broker on port {args.port}")
     else:
-        _out(f"no Kafka broker running on port {args.port} (nothing to stop)")
+        out(f"no Kafka broker running on port {args.port} (nothing to stop)")
     return 0
 
 
@@ -139,13 +132,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = broker_status(run_dir(args.port))
     if status.running:
         answering = process.tcp_accepts(HOST, args.port, 1.0)
-        _out(
+        out(
             f"running: pid {status.pid}, bootstrap {status.bootstrap}"
             f"{'' if answering else ' (port not accepting connections yet)'}, "
             f"work dir {status.work_dir}"
         )
         return 0
-    _out(f"not running (port {args.port})")
+    out(f"not running (port {args.port})")
     return 1
 
 
@@ -255,17 +248,4 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m evcharging.devtools.kafka_broker``."""
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    if not args.verbose:
-        logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except KafkaBrokerError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
+    return run_cli(_build_parser(), argv, KafkaBrokerError, quiet_loggers=("aiokafka",))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from evcharging.devtools.common import read_log_end
 
 
 class KafkaBrokerError(RuntimeError):
@@ -31,11 +32,7 @@ def summary(text: str, lines: int = 40) -> str:
 
 def log_tail(path: Path, lines: int = 40) -> str:
     """:func:`summary` of the end of a log file."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 256 * 1024))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
+    text = read_log_end(path, 256 * 1024)
+    if text is None:
         return "(no log)"
     return summary(text, lines)

@@ -6,13 +6,12 @@ Its output for people goes to stdout (what it did) and stderr (errors); logs go 
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from evcharging.devtools import process
+from evcharging.devtools.common import out, run_cli, signals_interrupt
 from evcharging.devtools.postgres.config import (
     BIN_ENV,
     DATABASE,
@@ -33,11 +32,6 @@ from evcharging.devtools.postgres.server import LocalPostgres
 from evcharging.devtools.postgres.sql import ensure_user_and_database
 
 
-def _out(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
 def _cmd_start(args: argparse.Namespace) -> int:
     port: int = args.port or process.free_port()
     work = run_dir(port)
@@ -51,7 +45,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
             raise PostgresError(f"PostgreSQL runs (pid {status.pid}) but "
                                 f"{work / PASSWORDS_FILE} is gone: stop it, then start --reset")
         ensure_user_and_database(port, passwords, args.timeout)
-        _out(f"already running: pid {status.pid}\nCENTRAL_DB_URL={status.url}")
+        out(f"already running: pid {status.pid}\nCENTRAL_DB_URL={status.url}")
         return 0
     if args.reset and work.exists():
         shutil.rmtree(work)
@@ -59,7 +53,7 @@ def _cmd_start(args: argparse.Namespace) -> int:
     if args.foreground:
         return _run_foreground(server)
     server.start()
-    _out(
+    out(
         f"PostgreSQL running: pid {server.pid}, ready in {server.start_seconds:.1f} s\n"
         f"CENTRAL_DB_URL={server.url}\n"
         f"  log:  {server.log_file}\n"
@@ -70,15 +64,14 @@ def _cmd_start(args: argparse.Namespace) -> int:
 
 
 def _run_foreground(server: LocalPostgres) -> int:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.default_int_handler)
+    signals_interrupt()
     try:
         server.start()
-        _out(f"PostgreSQL running: pid {server.pid}; log {server.log_file}; Ctrl-C stops it\n"
+        out(f"PostgreSQL running: pid {server.pid}; log {server.log_file}; Ctrl-C stops it\n"
              f"CENTRAL_DB_URL={server.url}")
         code = server.wait()
     except KeyboardInterrupt:
-        _out("stopping PostgreSQL ...")
+        out("stopping PostgreSQL ...")
         return 0
     finally:
         server.stop()
@@ -89,9 +82,9 @@ def _run_foreground(server: LocalPostgres) -> int:
 
 def _cmd_stop(args: argparse.Namespace) -> int:
     if stop_postgres(run_dir(args.port), timeout=args.timeout):
-        _out(f"stopped PostgreSQL on port {args.port}")
+        out(f"stopped PostgreSQL on port {args.port}")
     else:
-        _out(f"no PostgreSQL running on port {args.port} (nothing to stop)")
+        out(f"no PostgreSQL running on port {args.port} (nothing to stop)")
     return 0
 
 
@@ -99,11 +92,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     status = postgres_status(run_dir(args.port))
     if status.running:
         answering = process.tcp_accepts(HOST, args.port, 1.0)
-        _out(f"running: pid {status.pid}"
+        out(f"running: pid {status.pid}"
              f"{'' if answering else ' (port not accepting connections yet)'}, "
              f"work dir {status.work_dir}\nCENTRAL_DB_URL={status.url}")
         return 0
-    _out(f"not running (port {args.port})")
+    out(f"not running (port {args.port})")
     return 1
 
 
@@ -111,7 +104,7 @@ def _cmd_url(args: argparse.Namespace) -> int:
     status = postgres_status(run_dir(args.port))
     if not status.running or status.url is None:
         raise PostgresError(f"no PostgreSQL running on port {args.port}: start it first")
-    _out(status.url)
+    out(status.url)
     return 0
 
 
@@ -192,16 +185,4 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m evcharging.devtools.postgres``."""
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        return func(args)
-    except PostgresError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-
+    return run_cli(_build_parser(), argv, PostgresError)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from evcharging.devtools.common import read_log_end
 
 
 class PostgresError(RuntimeError):
@@ -12,12 +13,8 @@ class PostgresError(RuntimeError):
 
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last ``lines`` non-empty lines of a log file."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 64 * 1024))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
+    text = read_log_end(path, 64 * 1024)
+    if text is None:
         return "(no log)"
     kept = [line for line in text.splitlines() if line.strip()]
     return "\n".join(kept[-lines:]) or "(empty log)"
