@@ -8,7 +8,6 @@ neither lost nor announced early (SPEC §4).
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -18,12 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from evcharging.apps.ev_central import main as central_main
-from evcharging.apps.ev_cp_e import main as engine_main
 from evcharging.common.config import CentralSettings, CPEngineSettings
-from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.kafka import KafkaBus, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
 from evcharging.devtools.process import free_port
+from tests.integration.services import services
 from tests.polling import poll
 
 pytestmark = pytest.mark.integration
@@ -59,7 +57,6 @@ async def central(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Central
     prefix = f"central-{uuid.uuid4().hex[:8]}."
     http_port = free_port()
     db_path = tmp_path / "central.db"
-    stop = asyncio.Event()
     settings = CentralSettings(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix, http_port=http_port,
         listen_port=free_port(), db_path=db_path, group_id=f"central-{prefix}",
@@ -70,37 +67,21 @@ async def central(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Central
         health_port=free_port(), session_seconds=SESSION_SECONDS, telemetry_interval=0.5,
         status_interval=1.0,
     )
-    tasks = [asyncio.create_task(central_main.run(settings, stop)),
-             asyncio.create_task(engine_main.run(engine, stop))]
-    config = KafkaConfig(bootstrap=kafka_bootstrap, client_id="probe", topic_prefix=prefix)
-    bus = KafkaBus(config)
-    await bus.start()
-    probe = Central(httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}"), db_path, bus)
+    updates: dict[str, list[DriverUpdate]] = {}
 
     async def collect(update: DriverUpdate) -> None:
-        probe.updates.setdefault(update.request_id, []).append(update)
+        updates.setdefault(update.request_id, []).append(update)
 
-    updates = KafkaConsumerLoop(config, Routes().add(DriverUpdate, collect), start_at="latest")
-    await updates.start()
-    reading = asyncio.create_task(updates.run())
+    async with services(settings, [engine], Routes().add(DriverUpdate, collect)) as running:
+        probe = Central(running.http, db_path, running.bus, updates)
 
-    async def activated() -> bool:
-        cp = await probe.http.get("/cp/CP-I1")
-        return cp.status_code == 200 and cp.json()["state"] == "ACTIVATED"
+        async def activated() -> bool:
+            cp = await probe.http.get("/cp/CP-I1")
+            return cp.status_code == 200 and cp.json()["state"] == "ACTIVATED"
 
-    try:
         await poll(activated, timeout=30, what="CP-I1 ACTIVATED at Central",
                    retry_on=(httpx.HTTPError,))
         yield probe
-    finally:
-        stop.set()
-        codes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await updates.stop()
-        await bus.stop()
-        await probe.http.aclose()
-        assert codes == [0, 0], codes
 
 
 def session_row(db_path: Path, request_id: str) -> tuple[str, float, float]:

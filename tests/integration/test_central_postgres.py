@@ -7,21 +7,19 @@ recorded is there for the next one (the CP registry, the ledger, the outbox's fl
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from evcharging.apps.ev_central import main as central_main
 from evcharging.apps.ev_central.pg_repository import PostgresRepository
-from evcharging.apps.ev_cp_e import main as engine_main
 from evcharging.common.config import CentralSettings, CPEngineSettings
-from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.kafka import Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
 from evcharging.devtools.postgres import LocalPostgres
 from evcharging.devtools.process import free_port
+from tests.integration.services import services
 from tests.polling import poll
 
 pytestmark = pytest.mark.integration
@@ -43,7 +41,6 @@ async def test_central_on_postgresql_records_the_ledger_there(
 ) -> None:
     prefix = f"central-pg-{uuid.uuid4().hex[:8]}."
     http_port = free_port()
-    stop = asyncio.Event()
     settings = CentralSettings(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix, http_port=http_port,
         listen_port=free_port(), db_url=database_url, group_id=f"central-{prefix}",
@@ -54,29 +51,21 @@ async def test_central_on_postgresql_records_the_ledger_there(
         health_port=free_port(), session_seconds=SESSION_SECONDS, telemetry_interval=0.5,
         status_interval=1.0,
     )
-    tasks = [asyncio.create_task(central_main.run(settings, stop)),
-             asyncio.create_task(engine_main.run(engine, stop))]
-    config = KafkaConfig(bootstrap=kafka_bootstrap, client_id="probe", topic_prefix=prefix)
-    bus = KafkaBus(config)
-    await bus.start()
     updates: dict[str, list[DriverUpdate]] = {}
 
     async def collect(update: DriverUpdate) -> None:
         updates.setdefault(update.request_id, []).append(update)
 
-    consumer = KafkaConsumerLoop(config, Routes().add(DriverUpdate, collect), start_at="latest")
-    await consumer.start()
-    reading = asyncio.create_task(consumer.run())
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}")
-
-    async def activated() -> bool:
-        cp = await http.get(f"/cp/{CP}")
-        return cp.status_code == 200 and cp.json()["state"] == "ACTIVATED"
-
     def final(request_id: str) -> DriverUpdate | None:
         return next((u for u in updates.get(request_id, []) if u.status.is_final), None)
 
-    try:
+    async with services(settings, [engine], Routes().add(DriverUpdate, collect)) as running:
+        http = running.http
+
+        async def activated() -> bool:
+            cp = await http.get(f"/cp/{CP}")
+            return cp.status_code == 200 and cp.json()["state"] == "ACTIVATED"
+
         await poll(activated, timeout=30, what=f"{CP} ACTIVATED at Central",
                    retry_on=(httpx.HTTPError,))
         health = (await http.get("/health")).json()
@@ -85,21 +74,13 @@ async def test_central_on_postgresql_records_the_ledger_there(
         assert ":***@" in health["database"]["path"]
 
         request_id = new_id()
-        await bus.publish(DriverRequest(request_id=request_id, driver_id="probe", cp_id=CP))
+        await running.bus.publish(DriverRequest(request_id=request_id, driver_id="probe",
+                                                cp_id=CP))
         done: DriverUpdate = await poll(lambda: final(request_id), timeout=30,
                                         what=f"{request_id} final")
         assert updates[request_id][0].status is DriverStatus.ACCEPTED
         assert done.status is DriverStatus.COMPLETED
         assert done.kwh == pytest.approx(KW * SESSION_SECONDS / 3600)
-    finally:
-        stop.set()
-        codes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await consumer.stop()
-        await bus.stop()
-        await http.aclose()
-    assert codes == [0, 0], codes
 
     async with PostgresRepository(database_url) as repo:
         (session,) = await repo.list_sessions(driver_id="probe")

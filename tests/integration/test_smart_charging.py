@@ -11,7 +11,6 @@ that leave first.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,10 +22,8 @@ from typing import Literal
 import httpx
 import pytest
 
-from evcharging.apps.ev_central import main as central_main
-from evcharging.apps.ev_cp_e import main as engine_main
 from evcharging.common.config import CentralSettings, CPEngineSettings
-from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
+from evcharging.common.kafka import KafkaBus, Routes
 from evcharging.common.messages import (
     CPTelemetry,
     DriverRequest,
@@ -36,6 +33,7 @@ from evcharging.common.messages import (
     utcnow,
 )
 from evcharging.devtools.process import free_port
+from tests.integration.services import services
 from tests.polling import poll
 
 pytestmark = pytest.mark.integration
@@ -96,7 +94,6 @@ async def network(kafka_bootstrap: str, tmp_path: Path, *,
     """Central with ``CENTRAL_SITE_LIMITS`` ``site-L=<limit>`` and four engines of site-L."""
     prefix = f"smart-{uuid.uuid4().hex[:8]}."
     http_port = free_port()
-    stop = asyncio.Event()
     settings = CentralSettings(
         kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix, http_port=http_port,
         listen_port=free_port(), db_path=tmp_path / "central.db", group_id=f"central-{prefix}",
@@ -107,48 +104,32 @@ async def network(kafka_bootstrap: str, tmp_path: Path, *,
         kafka_bootstrap=kafka_bootstrap, topic_prefix=prefix, cp_id=cp_id,
         health_port=free_port(), kw_rate=KW, telemetry_interval=TELEMETRY, status_interval=1.0,
     ) for cp_id in CPS]
-    tasks = [asyncio.create_task(central_main.run(settings, stop))]
-    tasks += [asyncio.create_task(engine_main.run(engine, stop)) for engine in engines]
-    config = KafkaConfig(bootstrap=kafka_bootstrap, client_id="probe", topic_prefix=prefix)
-    bus = KafkaBus(config)
-    await bus.start()
-    probe = Network(httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}"), bus)
+    updates: dict[str, list[DriverUpdate]] = {}
+    readings: dict[str, list[float]] = {}
 
     async def on_update(update: DriverUpdate) -> None:
-        probe.updates.setdefault(update.request_id, []).append(update)
+        updates.setdefault(update.request_id, []).append(update)
 
     async def on_telemetry(telemetry: CPTelemetry) -> None:
         if telemetry.session_id is not None:
-            probe.readings.setdefault(telemetry.cp_id, []).append(telemetry.kw)
+            readings.setdefault(telemetry.cp_id, []).append(telemetry.kw)
 
-    reader = KafkaConsumerLoop(
-        config, Routes().add(DriverUpdate, on_update).add(CPTelemetry, on_telemetry),
-        start_at="latest",
-    )
-    await reader.start()
-    reading = asyncio.create_task(reader.run())
+    routes = Routes().add(DriverUpdate, on_update).add(CPTelemetry, on_telemetry)
+    async with services(settings, engines, routes) as running:
+        probe = Network(running.http, running.bus, updates, readings)
 
-    async def ready() -> bool:
-        for cp_id in CPS:
-            answer = await probe.http.post("/cp/register", json={
-                "cp_id": cp_id, "site": SITE, "kw_rate": KW})
-            assert answer.status_code == 200, answer.text
-        listed = (await probe.http.get("/cp", params={"site": SITE})).json()
-        return len(listed) == len(CPS) and all(cp["state"] == "ACTIVATED" for cp in listed)
+        async def ready() -> bool:
+            for cp_id in CPS:
+                answer = await probe.http.post("/cp/register", json={
+                    "cp_id": cp_id, "site": SITE, "kw_rate": KW})
+                assert answer.status_code == 200, answer.text
+            listed = (await probe.http.get("/cp", params={"site": SITE})).json()
+            return len(listed) == len(CPS) and all(cp["state"] == "ACTIVATED"
+                                                   for cp in listed)
 
-    try:
         await poll(ready, timeout=30, what="the four CPs of site-L ACTIVATED at Central",
                    retry_on=(httpx.HTTPError,))
         yield probe
-    finally:
-        stop.set()
-        codes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-        await reader.stop()
-        await bus.stop()
-        await probe.http.aclose()
-        assert codes == [0] * len(tasks), codes
 
 
 async def test_four_engines_stay_under_the_limit_through_every_change(
