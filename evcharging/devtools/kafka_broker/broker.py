@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Self
 
 from evcharging.devtools import process
+from evcharging.devtools.common import spawn_logged
 from evcharging.devtools.kafka_broker.cds import (
     cds_archive,
     cds_enabled,
@@ -411,16 +412,6 @@ class KafkaBroker:
             )
 
     def _spawn(self, java: str, classpath: str, cds_opts: Sequence[str]) -> None:
-        if self.log_file.exists():
-            self.log_file.replace(self.log_file.with_name(LOG_FILE + ".1"))
-        # The kernel signals the child when the thread that forked it ends: only the main
-        # thread lives as long as this process.
-        die_with_parent = process.DieWithParent()
-        tie_to_parent = (
-            not self._detach
-            and threading.current_thread() is threading.main_thread()
-            and die_with_parent.supported
-        )
         cmd = [
             java,
             *self._jvm_opts,
@@ -430,16 +421,7 @@ class KafkaBroker:
             MAIN_CLASS,
             str(self.properties_file),
         ]
-        with open(self.log_file, "ab") as log_fh:
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self._work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in a terminal goes to Python, not to java
-                preexec_fn=die_with_parent if tie_to_parent else None,
-            )
+        self._proc = spawn_logged(cmd, self._work_dir, self.log_file, detach=self._detach)
         self._spawned_at = time.monotonic()
         if not self._detach:
             atexit.register(self.stop)

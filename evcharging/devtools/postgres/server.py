@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from evcharging.devtools import process
+from evcharging.devtools.common import spawn_logged
 from evcharging.devtools.postgres.config import (
     DATA_DIR,
     DATABASE,
@@ -281,27 +282,8 @@ class LocalPostgres:
         return cmd
 
     def _spawn(self, bin_dir: Path, user: RunAs | None) -> None:
-        if self.log_file.exists():
-            self.log_file.replace(self.log_file.with_name(LOG_FILE + ".1"))
-        # The kernel signals the child when the thread that forked it ends: only the main
-        # thread lives as long as this process.
-        die_with_parent = process.DieWithParent()
-        tie_to_parent = (
-            not self._detach
-            and threading.current_thread() is threading.main_thread()
-            and die_with_parent.supported
-        )
-        with open(self.log_file, "ab") as log_fh:
-            self._proc = subprocess.Popen(
-                self._command(bin_dir),
-                cwd=self._work_dir,
-                stdin=subprocess.DEVNULL,
-                stdout=log_fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in a terminal goes to Python, not to it
-                preexec_fn=die_with_parent if tie_to_parent else None,
-                **_as_user(user),
-            )
+        self._proc = spawn_logged(self._command(bin_dir), self._work_dir, self.log_file,
+                                  detach=self._detach, **_as_user(user))
         self._spawned_at = time.monotonic()
         if not self._detach:
             atexit.register(self.stop)
