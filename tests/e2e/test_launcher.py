@@ -525,9 +525,13 @@ def test_run_with_db_postgres_starts_and_stops_its_own_postgresql(
     port = int(match[1])
     assert port == postgres_port
     assert out.index("starting PostgreSQL") < out.index("EV Central ready")
+    # The postmaster is the one `postgres` child that stays (`postgres --version` and initdb's
+    # own `postgres` children come and go before it starts), and the devtool names its pid.
+    started = re.findall(r"Started PostgreSQL pid (\d+)", out)
+    assert len(started) == 1, out
     postmasters = [pid for pid, cmd in launcher.collect_children().items()
-                   if Path(cmd.split(" ")[0]).name == "postgres"]
-    assert len(postmasters) == 1, launcher.seen
+                   if Path(cmd.split(" ")[0]).name == "postgres" and alive(pid)]
+    assert postmasters == [int(started[0])], launcher.seen
     work_dir = pg_run_dir(port)
     assert work_dir.is_dir()
 
