@@ -31,7 +31,7 @@ from typing import Final, TypeVar
 import httpx
 from loguru import logger
 
-__all__ = ["AnyDoor", "CentralAddress", "no_answer", "parse_centrals"]
+__all__ = ["AnyDoor", "CentralAddress", "no_answer", "parse_centrals", "refusal_of"]
 
 T = TypeVar("T")
 
@@ -144,10 +144,9 @@ def no_answer(exc: BaseException) -> bool:
     return isinstance(exc, httpx.TransportError | TimeoutError | ConnectionError)
 
 
-def _reason(exc: BaseException) -> str:
-    """A short cause of no answer, from the exception and its causes."""
-    if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return "timed out"
+def refusal_of(exc: BaseException) -> str | None:
+    """Why a connection failed, when the exception or one of its causes says: a refused
+    connection or a host that cannot be resolved; None otherwise."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
@@ -157,9 +156,17 @@ def _reason(exc: BaseException) -> str:
         if isinstance(cause, socket.gaierror):
             return f"cannot resolve the host ({cause.strerror or cause})"
         cause = cause.__cause__ or cause.__context__
+    return "connection refused" if "refused" in str(exc).lower() else None
+
+
+def _reason(exc: BaseException) -> str:
+    """A short cause of no answer, from the exception and its causes."""
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "timed out"
+    known = refusal_of(exc)
+    if known is not None:
+        return known
     text = str(exc)
-    if "refused" in text.lower():
-        return "connection refused"
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= 200 else text[:199] + "…"
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -65,7 +64,7 @@ from evcharging.apps.ev_cp_m.watch import (
     kind,
 )
 from evcharging.common.backoff import doubling, until_done
-from evcharging.common.centrals import AnyDoor
+from evcharging.common.centrals import AnyDoor, refusal_of
 from evcharging.common.config import CPMonitorSettings
 from evcharging.common.messages import CPFaultReport, CPRegistration, MonitorReport
 from evcharging.common.service import TaskOwner
@@ -510,18 +509,10 @@ def describe_http_error(exc: httpx.HTTPError) -> str:
 
 def connect_reason(exc: BaseException) -> str:
     """A short cause of a failed connection, from the exception and its causes."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host ({cause.strerror or cause})"
-        cause = cause.__cause__ or cause.__context__
+    known = refusal_of(exc)
+    if known is not None:
+        return known
     text = str(exc)
-    if "refused" in text.lower():
-        return "connection refused"
     return f"cannot connect ({clip(text, _MAX_DETAIL)})" if text else "cannot connect"
 
 
