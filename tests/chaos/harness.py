@@ -209,7 +209,7 @@ class Observer:
             try:
                 batch = await consumer.getmany(timeout_ms=200)
             except KafkaError:  # the broker is away; aiokafka reconnects
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)  # the retry pace while the broker is away, not a wait
                 continue
             for records in batch.values():
                 for record in records:
@@ -287,7 +287,7 @@ class Observer:
             except KafkaError:
                 if now() > deadline:
                     raise
-                await asyncio.sleep(0.3)
+                await asyncio.sleep(0.3)  # the retry pace, bounded by `deadline`
 
     async def publish(self, topic: Topic, key: str, value: bytes) -> None:
         """Put a message of the test's own making on one of the system's topics."""
@@ -384,7 +384,7 @@ class Watcher:
                         self._note("monitored", cp_id, cp.get("monitored"))
             except (httpx.HTTPError, OSError, ValueError):
                 self._note("health", None, "down")
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(self.interval)  # the observer's sampling pace, not a wait
 
     def first(self, since: float, match: Callable[[Sign], bool]) -> float | None:
         return next((s.at for s in self.signs if s.at >= since and match(s)), None)

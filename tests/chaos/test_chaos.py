@@ -455,7 +455,7 @@ import asyncio, sys, time
 async def main():
     for _ in range(400):  # asyncio's timers run on the monotonic clock, which stays true
         print(f"{time.time() - time.monotonic():.3f}", flush=True)
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the child's printing pace
 asyncio.run(main())
 """
 

@@ -624,7 +624,7 @@ async def _ticks_while(work: Callable[[], Any]) -> int:
         nonlocal ticks
         running.set()
         while not done.is_set():
-            await asyncio.sleep(0.001)
+            await asyncio.sleep(0.001)  # the ticker's pace: what the test counts
             ticks += 1
 
     async with asyncio.TaskGroup() as tg:
