@@ -31,12 +31,10 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (done by the other targets too)
 
-run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet above 20), DRIVERS, LOAD/s; DB=postgres: Central on a local PostgreSQL
-	@if [ -n "$(CENTRALS)" ] && [ "$(CENTRALS)" != 1 ]; then \
-	  echo "make run CENTRALS=$(CENTRALS): more than one Central needs the partitioned Central of issue 16, not built yet (DB=postgres runs one Central on PostgreSQL)" >&2; \
-	  exit 2; fi
+run: $(STAMP) ## start everything locally: broker, Central, CPS CPs (one fleet above 20), DRIVERS, LOAD/s; DB=postgres: Central on a local PostgreSQL; CENTRALS=2: two Centrals on it (ports 8000, 8001)
 	$(PY) -m evcharging run --cps $(CPS) $(if $(DRIVERS),--drivers $(DRIVERS)) \
-	  $(if $(LOAD),--load $(LOAD)) $(if $(SITES),--sites $(SITES)) $(if $(DB),--db $(DB)) $(ARGS)
+	  $(if $(LOAD),--load $(LOAD)) $(if $(SITES),--sites $(SITES)) $(if $(DB),--db $(DB)) \
+	  $(if $(CENTRALS),--centrals $(CENTRALS)) $(ARGS)
 
 test: $(STAMP) ## unit, integration, end-to-end and fast chaos tests (starts its own Kafka broker)
 	$(PY) -m evcharging.devtools.kafka_broker fetch

@@ -12,7 +12,14 @@ It starts the whole network on one machine, with every process's output in one t
    broker of SPEC §11 (SASL SCRAM-SHA-512, the ACLs of the principals central, cp and
    driver; its data in ``data-sasl``) and the children get ``KAFKA_SECURITY_PROTOCOL`` and
    the principals' passwords in their environment.
-2. **EV Central**, then wait until ``GET /health`` answers 200.
+2. **EV Central**, then wait until ``GET /health`` answers 200. With ``--centrals N``
+   (``make run CENTRALS=N``, SPEC §9), N Centrals ``central-1`` … ``central-N`` on HTTP
+   ports ``--http-port`` + 0, 1, … and TCP ports ``--listen-port`` + 0, 1, …, each with
+   ``CENTRAL_INSTANCE_ID`` and ``CENTRAL_PEER_URL`` in its environment, sharing the run's
+   ``CENTRAL_GROUP_ID`` and a PostgreSQL (more than one implies ``--db postgres``); each is
+   waited for, the banner shows each one's dashboard, every client of Central's API
+   (monitors, fleet, gateway, load) gets every address, and the CPs' default health ports
+   move past the Centrals' HTTP ports. ``CENTRAL_INSTANCE_ID=central-1`` with one Central too.
    With ``--ocpp``, then the **OCPP gateway** (``evcharging.apps.ev_ocpp``, prefix ``ocpp``;
    WebSocket port ``--ocpp-port``, default 9000, its ``/health`` on ``--ocpp-http-port``,
    default 9001), waited for until its ``/health`` answers 200; the banner shows the URL a
@@ -36,11 +43,12 @@ It starts the whole network on one machine, with every process's output in one t
 Every child runs as ``sys.executable -m <module>`` with the seed flags of SPEC §1, in the
 launcher's session but in a process group of its own, so that Ctrl-C in the terminal reaches
 the launcher only and the launcher stops the children in order: load, drivers, monitors,
-engines or fleet, Central (SIGTERM, up to ``--stop-timeout`` s, the fleet one second more per
-500 CPs, then SIGKILL), then the broker it started. A second Ctrl-C (or SIGTERM, SIGHUP), at
-any stage, also while the local broker starts, kills what is left at once, the broker
-included, as uvicorn's does. On Linux each child also asks the kernel for SIGTERM when the
-launcher dies (``PR_SET_PDEATHSIG``), so a SIGKILLed launcher leaves nothing behind.
+engines or fleet, the Central(s) together (SIGTERM, up to ``--stop-timeout`` s, the fleet
+one second more per 500 CPs, then SIGKILL), then PostgreSQL and the broker it started. A
+second Ctrl-C (or SIGTERM, SIGHUP), at any stage, also while the local broker starts, kills
+what is left at once, the broker included, as uvicorn's does. On Linux each child also asks
+the kernel for SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``), so a SIGKILLed launcher
+leaves nothing behind.
 
 Each child's output (stdout and stderr merged) is relayed line by line, by one reader task
 per child, behind a fixed-width name (``central     | …``, ``cp-e CP-001 | …``). A child that

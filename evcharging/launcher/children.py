@@ -108,7 +108,7 @@ class Child:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
+            env={**env, **dict(self.spec.env)},
             limit=LINE_LIMIT,
             start_new_session=False,
             process_group=0,  # Ctrl-C in the terminal reaches the launcher, which stops in order

@@ -60,6 +60,7 @@ from evcharging.launcher.plan import (
     EXIT_OK,
     EXIT_USAGE,
     FLEET_THRESHOLD,
+    MAX_CENTRALS,
     MAX_CPS,
     MAX_DRIVERS,
     MAX_ENGINES,
@@ -149,13 +150,15 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
             "…, see --fleet). --load starts the driver load generator too. Ctrl-C stops "
             "everything in order (load, drivers, monitors, engines or fleet, the OCPP "
             "gateway, Central, PostgreSQL, broker); a second Ctrl-C kills. --ocpp also "
-            "starts the OCPP gateway for real chargers."
+            "starts the OCPP gateway for real chargers. --centrals N starts N Centrals "
+            "sharing the CPs on PostgreSQL (SPEC §9)."
         ),
         epilog=(
             "Other settings (e.g. CP_ENGINE_SESSION_SECONDS, CENTRAL_API_TOKEN) reach the "
             "services through the environment or .env, as usual; see .env.example. "
             "Examples: make run CPS=3 DRIVERS=2; make run CPS=10000 SITES=8 LOAD=100; "
-            "make run DB=postgres; make run ARGS='--restart --http-port 8080'"
+            "make run DB=postgres; make run CENTRALS=2; "
+            "make run ARGS='--restart --http-port 8080'"
         ),
     )
     parser.add_argument("--cps", type=_count(MAX_CPS), default=2, metavar="N",
@@ -225,15 +228,21 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
         help=f"port of the local broker, 0 for any free one (default: {KAFKA_DEFAULT_PORT} "
         "when free, else any free port)",
     )
+    parser.add_argument("--centrals", type=_count(MAX_CENTRALS, low=1), default=1,
+                        metavar="N", help="Centrals sharing the CPs by Kafka partition (SPEC "
+                        "§9; default: 1): central-1..central-N on consecutive HTTP and TCP "
+                        "ports from --http-port and --listen-port, each serving the whole "
+                        "network; more than one needs PostgreSQL, so it implies --db postgres")
     parser.add_argument("--http-port", type=_port, default=None, metavar="PORT",
-                        help="Central's dashboard and HTTP API (default: $CENTRAL_HTTP_PORT "
-                        "or 8000)")
+                        help="Central's dashboard and HTTP API; central-i's is PORT+i-1 "
+                        "(default: $CENTRAL_HTTP_PORT or 8000)")
     parser.add_argument("--listen-port", type=_port, default=None, metavar="PORT",
-                        help="Central's TCP control plane (default: $CENTRAL_LISTEN_PORT "
-                        "or 9999)")
+                        help="Central's TCP control plane; central-i's is PORT+i-1 (default: "
+                        "$CENTRAL_LISTEN_PORT or 9999)")
     parser.add_argument("--base-health-port", type=_port, default=None, metavar="PORT",
                         help="health port of CP-001; CP-00i gets PORT+i-1 (default: "
-                        "$CP_ENGINE_HEALTH_PORT or 8001)")
+                        "$CP_ENGINE_HEALTH_PORT or 8001; with --centrals N, the default "
+                        "moves past the Centrals' HTTP ports)")
     parser.add_argument("--requests-file", type=Path, default=None, metavar="FILE",
                         help="the drivers' requests file (default: $DRIVER_REQUESTS_FILE or "
                         "requests.txt)")
@@ -245,8 +254,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                         "or postgres: a local PostgreSQL (Debian's, scripts/ensure_postgres.sh "
                         "installs it; data in .cache/postgres/PORT) started before Central and "
                         "stopped after it; a postgresql:// CENTRAL_DB_URL in the environment or "
-                        ".env is used instead and nothing is started. One Central only: more "
-                        "needs the partitioned Central (issue 16), not built yet")
+                        ".env is used instead and nothing is started. --centrals 2 or more "
+                        "implies postgres")
     parser.add_argument("--postgres-port", type=_kafka_port, default=None, metavar="PORT",
                         help="port of the local PostgreSQL, 0 for any free one (default: "
                         f"{POSTGRES_DEFAULT_PORT}; one already running there is used and "
@@ -293,6 +302,18 @@ def options_from_args(
             f"--no-fleet starts an engine and a monitor process per CP: at most {MAX_ENGINES} "
             f"CPs, not {args.cps} (without --no-fleet they run in one CP Fleet process)"
         )
+    centrals: int = args.centrals
+    if centrals > 1 and args.db == "sqlite":
+        raise LaunchError(
+            f"--centrals {centrals} shares one database: PostgreSQL, not SQLite (SPEC §9); "
+            "drop --db sqlite (a local PostgreSQL is started) or set "
+            "CENTRAL_DB_URL=postgresql://..."
+        )
+    http_port = pick(args.http_port, central.http_port)
+    base_health_port = pick(args.base_health_port, engine.health_port)
+    if (args.base_health_port is None and "health_port" not in engine.model_fields_set
+            and http_port <= base_health_port < http_port + centrals):
+        base_health_port = http_port + centrals  # the default 8001 is central-2's
     quiet: set[Role] = set()
     if with_fleet:  # at INFO, Central and the fleet log a line per CP and per session
         quiet |= {role for role, settings in ((Role.CENTRAL, central), (Role.FLEET, fleet))
@@ -300,9 +321,9 @@ def options_from_args(
     return LaunchOptions(
         cps=args.cps,
         drivers=pick(args.drivers, 0 if with_fleet else 1),
-        http_port=pick(args.http_port, central.http_port),
+        http_port=http_port,
         listen_port=pick(args.listen_port, central.listen_port),
-        base_health_port=pick(args.base_health_port, engine.health_port),
+        base_health_port=base_health_port,
         requests_file=pick(args.requests_file, driver.requests_file),
         db_path=pick(args.db_path, central.db_path),
         kafka=resolve_bootstrap(args.kafka_bootstrap, environ, dotenv),
@@ -322,8 +343,10 @@ def options_from_args(
         prometheus_port=args.prometheus_port if args.prometheus else None,
         ocpp_port=pick(args.ocpp_port, ocpp.ws_port) if args.ocpp else None,
         ocpp_http_port=pick(args.ocpp_http_port, ocpp.http_port),
-        database=resolve_database(args.db, environ, dotenv),
+        database=resolve_database(args.db or ("postgres" if centrals > 1 else None),
+                                  environ, dotenv),
         postgres_port=args.postgres_port,
+        centrals=centrals,
     )
 
 
@@ -430,6 +453,7 @@ def run_command(args: argparse.Namespace) -> int:
             options.http_port, options.listen_port, options.base_health_port, options.cps,
             options.fleet_port if options.fleet and options.cps else None,
             tuple(metrics_port_uses(options) + ocpp_port_uses(options)),
+            centrals=options.centrals,
         )
         if options.prometheus_port is not None:
             try:

@@ -136,18 +136,19 @@ def banner(
     cps = options.ids
     shown = ", ".join(cps) if len(cps) <= 4 else f"{cps[0]} .. {cps[-1]}"
     fleet_lines: list[tuple[str, str | None]] = []
+    centrals = "Central" if options.centrals == 1 else f"{options.centrals} Centrals"
     if not cps:
-        running, health = "Central, no CP", "no CP"
+        running, health = f"{centrals}, no CP", "no CP"
     elif options.fleet:
         why = (f"> {FLEET_THRESHOLD} CPs; --no-fleet: a process per CP"
                if options.cps > FLEET_THRESHOLD else "--fleet")
-        running = f"Central, {len(cps):,} CPs ({shown}, {options.sites} site(s))"
+        running = f"{centrals}, {len(cps):,} CPs ({shown}, {options.sites} site(s))"
         fleet = f"http://localhost:{options.fleet_port}"
         health = f"{fleet}/cp/{cps[0]}/health  (POST .../fault and .../recover to break it)"
         fleet_lines = [(f"  CP Fleet:  {fleet}/health  (one process for every CP: {why})",
                         None)]
     else:
-        running = f"Central, {len(cps)} CP(s) ({shown})"
+        running = f"{centrals}, {len(cps)} CP(s) ({shown})"
         health = f"http://localhost:{base}/health" + (
             f" (CP-001); port {base + len(cps) - 1} for {cps[-1]}" if len(cps) > 1 else ""
         )
@@ -156,11 +157,12 @@ def banner(
         (rule, BOLD),
         (f"  EV charging network running: {running}, {options.drivers} driver(s)", BOLD),
         (f"  Dashboard: http://localhost:{http}/", GREEN),
+        *central_lines(options),
         (f"  Summary:   http://localhost:{http}/summary   (one page of CPs: "
          f"http://localhost:{http}/cp?limit=5)", None),
         (f"  API docs:  http://localhost:{http}/docs", None),
         (f"  TCP control plane: localhost:{options.listen_port}  "
-         f"(python -m evcharging.apps.ev_central.ctl --port {options.listen_port} status)",
+         f"(python -m evcharging.apps.ev_central.ctl {ctl_address(options)} status)",
          None),
         *fleet_lines,
         (f"  CP health: {health}", None),
@@ -192,6 +194,28 @@ def banner(
     ]
     for text, colour in lines:
         console.say(text, colour)
+
+
+def ctl_address(options: LaunchOptions) -> str:
+    """``ctl``'s flags for this run's Central(s): ``--port P``, or every TCP plane."""
+    if options.centrals == 1:
+        return f"--port {options.listen_port}"
+    return "--host " + ",".join(f"localhost:{c.listen_port}" for c in options.central_instances)
+
+
+def central_lines(options: LaunchOptions) -> list[tuple[str, str | None]]:
+    """With more than one Central (SPEC §9): each instance's dashboard, TCP plane and
+    ``/health`` (its id and partitions); none for one."""
+    if options.centrals == 1:
+        return []
+    lines: list[tuple[str, str | None]] = [
+        (f"             (any Central serves the whole network; {options.centrals} share the "
+         "CPs by Kafka partition)", None)]
+    for central in options.central_instances:
+        lines.append((f"  Central {central.instance_id}: dashboard {central.url}  (TCP "
+                      f"localhost:{central.listen_port}; {central.url}health: its partitions)",
+                      GREEN))
+    return lines
 
 
 def metrics_lines(options: LaunchOptions) -> list[tuple[str, str | None]]:

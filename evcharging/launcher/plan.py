@@ -31,6 +31,13 @@ DB_KINDS = ("sqlite", "postgres")
 """``--db``: Central's SQLite file (the default), or PostgreSQL (a local one the launcher
 starts and stops, unless CENTRAL_DB_URL names one)."""
 
+MAX_CENTRALS = 9
+"""Centrals of one run (--centrals; SPEC §9): ``central-1`` … on consecutive ports."""
+INSTANCE_VARIABLE = "CENTRAL_INSTANCE_ID"
+PEER_VARIABLE = "CENTRAL_PEER_URL"
+"""What each Central of a run gets in its environment: its id (also its Kafka
+``group_instance_id``) and the base URL the other Centrals reach its HTTP API at."""
+
 MAX_ENGINES = 999
 """CPs with --no-fleet: one engine and one monitor process each, ids ``CP-001`` … ``CP-999``."""
 MAX_CPS = 100_000
@@ -140,6 +147,47 @@ def central_db_env(choice: DatabaseChoice, url: str | None) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class CentralInstance:
+    """One Central of a run: ``central-i`` on the i-th HTTP and TCP port."""
+
+    index: int
+    """1 for the first."""
+    http_port: int
+    listen_port: int
+    alone: bool = True
+    """The run's only Central: its launcher name stays ``central``."""
+
+    @property
+    def instance_id(self) -> str:
+        return f"central-{self.index}"
+
+    @property
+    def name(self) -> str:
+        """The prefix of its lines (``central`` when it is the only one)."""
+        return "central" if self.alone else self.instance_id
+
+    @property
+    def url(self) -> str:
+        """Its dashboard, as the banner shows it."""
+        return f"http://localhost:{self.http_port}/"
+
+    @property
+    def peer_url(self) -> str:
+        """Where the other Centrals reach its HTTP API (CENTRAL_PEER_URL)."""
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def env(self) -> tuple[tuple[str, str], ...]:
+        return ((INSTANCE_VARIABLE, self.instance_id), (PEER_VARIABLE, self.peer_url))
+
+
+def central_instances(http: int, listen: int, count: int = 1) -> list[CentralInstance]:
+    """``central-1`` … ``central-<count>``: HTTP ports ``http``, ``http+1``, …, TCP ports
+    ``listen``, ``listen+1``, …"""
+    return [CentralInstance(i, http + i - 1, listen + i - 1, alone=count == 1)
+            for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
 class PortUse:
     port: int
     what: str
@@ -156,12 +204,17 @@ class PortPlan:
     fleet: int | None = None
     """The CP Fleet's HTTP port (fleet mode only)."""
     extra: tuple[PortUse, ...] = ()
+    centrals: int = 1
+    """Centrals: ``central-i`` listens on ``http+i-1`` and ``listen+i-1``."""
 
     def uses(self) -> list[PortUse]:
-        uses = [
-            PortUse(self.http, "Central's dashboard and HTTP API", "--http-port"),
-            PortUse(self.listen, "Central's TCP control plane", "--listen-port"),
-        ]
+        uses: list[PortUse] = []
+        for central in central_instances(self.http, self.listen, self.centrals):
+            whose = "Central's" if central.alone else f"{central.instance_id}'s"
+            uses += [
+                PortUse(central.http_port, f"{whose} dashboard and HTTP API", "--http-port"),
+                PortUse(central.listen_port, f"{whose} TCP control plane", "--listen-port"),
+            ]
         if self.fleet is not None:
             uses.append(PortUse(self.fleet, "the CP Fleet's HTTP port", "--fleet-port"))
         uses += [
@@ -213,6 +266,26 @@ class LaunchOptions:
     """Central's database (--db, CENTRAL_DB_URL)."""
     postgres_port: int | None = None
     """Port of the local PostgreSQL (--db postgres); None: 55432, 0: any free port."""
+    centrals: int = 1
+    """Centrals sharing the CPs (--centrals; more than one: on PostgreSQL, SPEC §9)."""
+
+    @property
+    def central_instances(self) -> list[CentralInstance]:
+        """The run's Centrals, ``central-1`` first."""
+        return central_instances(self.http_port, self.listen_port, self.centrals)
+
+    @property
+    def central_hosts(self) -> str:
+        """``--central-host`` of a client: ``localhost`` (with ``--central-port``, the
+        first Central's), or every Central's ``localhost:PORT`` (SPEC §9: any door)."""
+        if self.centrals == 1:
+            return "localhost"
+        return ",".join(f"localhost:{c.http_port}" for c in self.central_instances)
+
+    @property
+    def central_urls(self) -> str:
+        """``--central-url`` of the load generator: every Central's base URL."""
+        return ",".join(f"http://localhost:{c.http_port}" for c in self.central_instances)
 
     @property
     def ocpp_url(self) -> str | None:
@@ -242,6 +315,8 @@ class ChildSpec:
     cp_id: str | None = None
     module_override: str | None = None
     """Run this module instead of the role's (tests use it)."""
+    env: tuple[tuple[str, str], ...] = ()
+    """Variables of its own, over the run's environment (a Central's instance id)."""
 
     @property
     def module(self) -> str:
@@ -274,13 +349,14 @@ def driver_ids(count: int) -> list[str]:
 
 def plan_ports(
     http: int, listen: int, base_health: int, cps: int, fleet_port: int | None = None,
-    extra: tuple[PortUse, ...] = (),
+    extra: tuple[PortUse, ...] = (), centrals: int = 1,
 ) -> PortPlan:
     """The ports of a run (with `fleet_port`, the CPs are a fleet's and need no health
-    ports of their own; `extra`: more, e.g. :func:`metrics_port_uses`); LaunchError when one
-    is out of range or two collide."""
+    ports of their own; `extra`: more, e.g. :func:`metrics_port_uses`; `centrals`: Centrals
+    on consecutive ports from `http` and `listen`); LaunchError when one is out of range or
+    two collide."""
     health = () if fleet_port is not None else tuple(range(base_health, base_health + cps))
-    plan = PortPlan(http, listen, health, fleet_port, extra)
+    plan = PortPlan(http, listen, health, fleet_port, extra, centrals)
     for use in plan.uses():
         if not 1 <= use.port <= 65535:
             raise LaunchError(
@@ -322,26 +398,31 @@ def resolve_bootstrap(
 
 
 def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
-    """Every child of a run, in start order, with the seed flags of SPEC §1."""
+    """Every child of a run, in start order, with the seed flags of SPEC §1; each Central
+    gets its instance id and peer URL (SPEC §9) in its environment, and every client of
+    Central's API every Central's address."""
     http = str(options.http_port)
+    hosts = options.central_hosts
 
     def quiet(role: Role) -> tuple[str, ...]:
         return ("--log-level", "WARNING") if role in options.quiet else ()
 
     specs = [
         ChildSpec(
-            "central",
+            central.name,
             Role.CENTRAL,
-            ("--kafka-bootstrap", bootstrap, "--http-port", http,
-             "--listen-port", str(options.listen_port), "--db-path", str(options.db_path),
+            ("--kafka-bootstrap", bootstrap, "--http-port", str(central.http_port),
+             "--listen-port", str(central.listen_port), "--db-path", str(options.db_path),
              *quiet(Role.CENTRAL)),
+            env=central.env(),
         )
+        for central in options.central_instances
     ]
     if options.ocpp_port is not None:
         specs.append(ChildSpec(
             "ocpp", Role.OCPP,
             ("--kafka-bootstrap", bootstrap, "--ws-port", str(options.ocpp_port),
-             "--central-host", "localhost", "--central-port", http,
+             "--central-host", hosts, "--central-port", http,
              "--http-port", str(options.ocpp_http_port), *quiet(Role.OCPP)),
         ))
     if options.fleet and options.cps:
@@ -349,7 +430,7 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
             "cp-fleet", Role.FLEET,
             ("--kafka-bootstrap", bootstrap, "--cps", str(options.cps),
              "--id-prefix", FLEET_ID_PREFIX, "--http-port", str(options.fleet_port),
-             "--central-host", "localhost", "--central-port", http,
+             "--central-host", hosts, "--central-port", http,
              "--sites", str(options.sites), *quiet(Role.FLEET)),
         ))
     elif not options.fleet:
@@ -365,7 +446,7 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
             specs.append(ChildSpec(
                 f"cp-m {cp_id}", Role.MONITOR,
                 ("--cp-id", cp_id, "--cp-e-host", "localhost", "--cp-e-port", health,
-                 "--central-host", "localhost", "--central-port", http, *metrics),
+                 "--central-host", hosts, "--central-port", http, *metrics),
                 cp_id,
             ))
     specs += [
@@ -391,7 +472,7 @@ def child_specs(options: LaunchOptions, bootstrap: str) -> list[ChildSpec]:
 def metrics_targets(options: LaunchOptions) -> list[tuple[str, int]]:
     """(job, port) of every ``/metrics`` of a run (a monitor's and the load's only with
     --prometheus: they have no other HTTP port)."""
-    targets = [("central", options.http_port)]
+    targets = [("central", central.http_port) for central in options.central_instances]
     if options.ocpp_port is not None:
         targets.append(("ocpp", options.ocpp_http_port))
     if options.fleet and options.cps:
@@ -432,7 +513,7 @@ def load_args(options: LaunchOptions, bootstrap: str) -> tuple[str, ...]:
     duration = options.load_duration if options.load_duration is not None else LOAD_FOREVER
     args = ["--kafka-bootstrap", bootstrap, "--rate", f"{options.load:g}",
             "--duration", f"{duration:.10g}",
-            "--central-url", f"http://localhost:{options.http_port}"]
+            "--central-url", options.central_urls]
     if options.cps and options.fleet:  # a count: CP-00001 … as the fleet names them
         args += ["--cps", str(options.cps), "--cp-prefix", FLEET_ID_PREFIX]
     elif options.cps:

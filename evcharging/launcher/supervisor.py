@@ -3,7 +3,8 @@
 Over 400 lines: start order, supervision, restarts and the ordered stop of every
 child share the one run's state and signals.
 
-Start order: Central (wait for ``GET /health``), with --ocpp the OCPP gateway (wait for its
+Start order: Central (wait for ``GET /health``; with --centrals N, ``central-1`` …
+``central-N`` together, each waited for), with --ocpp the OCPP gateway (wait for its
 ``GET /health``), then the CPs: either the engines, each
 engine's monitor once Central shows its CP ACTIVATED, or the CP Fleet, until Central counts
 its CPs ACTIVATED (``GET /cp?state=ACTIVATED``, ``X-Total-Count``; a progress line every few
@@ -85,6 +86,7 @@ class Supervisor:
         self.own_database = own_database
         self.specs = child_specs(options, bootstrap)
         self.children: list[Child] = []
+        self.centrals: list[Child] = []
         self.stopping = asyncio.Event()
         self.hurry = asyncio.Event()
         self.started = False
@@ -137,17 +139,26 @@ class Supervisor:
         by_role: dict[Role, list[ChildSpec]] = {role: [] for role in Role}
         for spec in self.specs:
             by_role[spec.role].append(spec)
-        central = self._launch(by_role[Role.CENTRAL][0])
-        self.console.say(f"waiting for Central at {self._base_url}/health ...")
+        self.centrals = [self._launch(spec) for spec in by_role[Role.CENTRAL]]
+        centrals = self.centrals
         began = time.monotonic()
-        await self._wait_central(central)
-        self.console.ok(f"Central is up ({time.monotonic() - began:.1f} s)")
+        for central, instance in zip(centrals, self.options.central_instances, strict=True):
+            url = f"http://127.0.0.1:{instance.http_port}/health"
+            if instance.alone:
+                self.console.say(f"waiting for Central at {url} ...")
+                await self._wait_central(central, url)
+                self.console.ok(f"Central is up ({time.monotonic() - began:.1f} s)")
+                continue
+            self.console.say(f"waiting for Central {instance.instance_id} at {url} ...")
+            health = await self._wait_central(central, url)
+            self.console.ok(f"Central {instance.instance_id} is up "
+                            f"({time.monotonic() - began:.1f} s){_instance_note(health)}")
         if by_role[Role.OCPP]:
             gateway = self._launch(by_role[Role.OCPP][0])
             url = f"http://127.0.0.1:{self.options.ocpp_http_port}/health"
             self.console.say(f"waiting for the OCPP gateway at {url} ...")
             began = time.monotonic()
-            await self._wait_gateway(central, gateway, url)
+            await self._wait_gateway(gateway, url)
             self.console.ok(
                 f"the OCPP gateway is up ({time.monotonic() - began:.1f} s): chargers connect "
                 f"to {self.options.ocpp_url}"
@@ -160,7 +171,7 @@ class Supervisor:
                 "(each monitor starts when its CP is) ..."
             )
             began = time.monotonic()
-            await self._wait_cps(central, engines, monitors)
+            await self._wait_cps(engines, monitors)
             self.console.ok(
                 f"every CP is ACTIVATED ({time.monotonic() - began:.1f} s)"
             )
@@ -171,7 +182,7 @@ class Supervisor:
                 "Central ..."
             )
             began = time.monotonic()
-            await self._wait_fleet(central, fleet)
+            await self._wait_fleet(fleet)
             self.console.ok(
                 f"every CP is ACTIVATED: {self.options.cps:,} CPs in "
                 f"{time.monotonic() - began:.1f} s"
@@ -179,36 +190,38 @@ class Supervisor:
         for spec in by_role[Role.DRIVER] + by_role[Role.LOAD] + by_role[Role.PROMETHEUS]:
             self._launch(spec)
 
-    async def _wait_central(self, central: Child) -> None:
-        url = f"{self._base_url}/health"
+    async def _wait_central(self, central: Child, url: str) -> object:
+        """Until this Central's ``/health`` answers 200 (every Central of the run must stay
+        up meanwhile); returns the body of that answer."""
+        who = "Central" if central.name == "central" else f"Central {central.name}"
         deadline = time.monotonic() + self.options.start_timeout
         last = "no answer yet"
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while True:
-                self._check_starting(central)
+                self._check_starting(*self.centrals)
                 try:
                     response = await http.get(url)
                     if response.status_code == 200:
-                        return
+                        return _json_or_none(response)
                     last = f"HTTP {response.status_code}: {response.text[:300]}"
                 except httpx.HTTPError as exc:
                     last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if time.monotonic() >= deadline:
                     raise StartupError(
-                        f"Central did not answer GET {url} with 200 within "
-                        f"{self.options.start_timeout:g} s (last: {last}); see the central "
-                        f"lines above; is Kafka reachable at {self.bootstrap}? "
+                        f"{who} did not answer GET {url} with 200 within "
+                        f"{self.options.start_timeout:g} s (last: {last}); see the "
+                        f"{central.name} lines above; is Kafka reachable at {self.bootstrap}? "
                         "(--start-timeout changes the wait)"
                     )
                 await self._pause()
 
-    async def _wait_gateway(self, central: Child, gateway: Child, url: str) -> None:
+    async def _wait_gateway(self, gateway: Child, url: str) -> None:
         """Until the OCPP gateway's ``/health`` answers 200 (it listens and reaches Kafka)."""
         deadline = time.monotonic() + self.options.start_timeout
         last = "no answer yet"
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while True:
-                self._check_starting(central, gateway)
+                self._check_starting(*self.centrals, gateway)
                 try:
                     response = await http.get(url)
                     if response.status_code == 200:
@@ -224,9 +237,7 @@ class Supervisor:
                     )
                 await self._pause()
 
-    async def _wait_cps(
-        self, central: Child, engines: list[Child], monitors: Mapping[str, ChildSpec]
-    ) -> None:
+    async def _wait_cps(self, engines: list[Child], monitors: Mapping[str, ChildSpec]) -> None:
         """Until Central shows every engine's CP ACTIVATED; starts each CP's monitor then."""
         wanted = [engine.spec.cp_id or "" for engine in engines]
         waiting_monitors = dict(monitors)
@@ -235,7 +246,7 @@ class Supervisor:
         states: dict[str, str] = {}
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while True:
-                self._check_starting(central, *engines, *started_monitors)
+                self._check_starting(*self.centrals, *engines, *started_monitors)
                 try:
                     response = await http.get(f"{self._base_url}/cp")
                     body = response.json() if response.status_code == 200 else []
@@ -263,7 +274,7 @@ class Supervisor:
                     )
                 await self._pause()
 
-    async def _wait_fleet(self, central: Child, fleet: Child) -> None:
+    async def _wait_fleet(self, fleet: Child) -> None:
         """Until Central shows ACTIVATED every CP the fleet has connected and ACTIVATED.
 
         Central's count is the ``X-Total-Count`` of ``GET /cp?state=ACTIVATED&limit=1``; the
@@ -277,7 +288,7 @@ class Supervisor:
         seen: tuple[int, int] = (-1, -1)
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
             while True:
-                self._check_starting(central, fleet)
+                self._check_starting(*self.centrals, fleet)
                 at_central = await _activated_at_central(http, self._base_url)
                 states = await _fleet_states(http, self._fleet_url)
                 connected = total - states.get("DISCONNECTED", total)
@@ -405,7 +416,7 @@ class Supervisor:
             child.report_death(self.console, code, ran)
             if not self.options.restart:
                 if child.spec.role is Role.CENTRAL and self.started:
-                    self._central_is_down()
+                    self._central_is_down(child)
                 return
             if ran >= STABLE_RUN:
                 delay = RESTART_FIRST_DELAY
@@ -416,7 +427,17 @@ class Supervisor:
                 return
             delay = next_delay(delay)
 
-    def _central_is_down(self) -> None:
+    def _central_is_down(self, child: Child) -> None:
+        others = [c.name for c in self.centrals if c is not child and not c.ended]
+        if others:  # SPEC §9: the others take its partitions over
+            self.console.error(
+                f"!!! {child.name} IS DOWN: its CPs go over to {' and '.join(others)}, "
+                "which serve the whole network; its dashboard is gone. `--restart` would "
+                "have restarted it."
+            )
+            return
+        if len(self.centrals) > 1:
+            self.console.error("!!! EVERY CENTRAL IS DOWN")
         for text in (
             "!!! EV CENTRAL IS DOWN: no request can be accepted, the dashboard "
             f"http://localhost:{self.options.http_port}/ is gone, the monitors cannot report.",
@@ -468,6 +489,27 @@ async def _fleet_states(http: httpx.AsyncClient, fleet_url: str) -> dict[str, in
     if not isinstance(states, dict):
         return {}
     return {str(k): v for k, v in states.items() if isinstance(v, int)}
+
+
+def _json_or_none(response: httpx.Response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _instance_note(health: object) -> str:
+    """What a Central's ``/health`` says of its place among several (SPEC §9): its id and
+    partitions, when it reports them."""
+    if not isinstance(health, dict):
+        return ""
+    parts = []
+    if isinstance(health.get("instance"), str):
+        parts.append(f"instance {health['instance']}")
+    partitions = health.get("partitions")
+    if isinstance(partitions, list):
+        parts.append(f"partitions {partitions}" if partitions else "no partition yet")
+    return f": {', '.join(parts)}" if parts else ""
 
 
 def _count_text(count: int | None) -> str:
