@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -205,6 +207,20 @@ class CentralSettings(ServiceSettings):
         7.0, description="days of CP health history kept in the database"
     )
     group_id: str = Field("ev-central", description="Kafka consumer group of Central")
+    instance_id: str | None = Field(
+        None, min_length=1, max_length=64, pattern=ID_PATTERN,
+        description="this Central among those sharing the work (SPEC §9): in logs, /health "
+        "and the group (its static member id; keep it across restarts so that a restart "
+        "takes its place at once); default: host name and process id",
+    )
+    topic_partitions: int = Field(
+        12, ge=1, description="partitions of each topic Central creates (SPEC §9: the CPs "
+        "spread over the Centrals by partition)"
+    )
+    peer_url: str | None = Field(
+        None, description="the base URL the other Centrals reach this one's HTTP API at "
+        "(default http://127.0.0.1:CENTRAL_HTTP_PORT; set it when they run on other hosts)"
+    )
     max_cps: int = Field(
         100_000, ge=1, description="most registered CPs Central holds: registering a new one "
         "beyond it gets 409 (updates of CPs it holds do not; CPs known only from the bus do "
@@ -241,6 +257,16 @@ class CentralSettings(ServiceSettings):
         if self.db_url is None or not self.db_url.get_secret_value():
             return f"sqlite:///{self.db_path}"
         return self.db_url.get_secret_value()
+
+    @property
+    def instance(self) -> str:
+        """CENTRAL_INSTANCE_ID, else this host's name and this process's id."""
+        return self.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def own_url(self) -> str:
+        """CENTRAL_PEER_URL, or this host's loopback address and the HTTP port."""
+        return (self.peer_url or f"http://127.0.0.1:{self.http_port}").rstrip("/")
 
     @field_validator("site_limits")
     @classmethod

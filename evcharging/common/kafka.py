@@ -21,7 +21,7 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewPartitions, NewTopic
@@ -29,6 +29,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     InvalidTxnState,
     KafkaError,
+    MessageSizeTooLargeError,
     OutOfOrderSequenceNumber,
     ProducerFenced,
     TransactionalIdAuthorizationFailed,
@@ -59,8 +60,10 @@ __all__ = [
     "KafkaSecurity",
     "Routes",
     "Topic",
+    "batch_by_partition",
     "committed_offsets",
     "ensure_topics",
+    "fence",
     "partition_for_key",
     "partitions_for_keys",
     "repair_topics",
@@ -108,6 +111,8 @@ class BusStats:
     handler_errors: int = 0
     handler_retries: int = 0
     publish_errors: int = 0
+    dropped_by_rebalance: int = 0
+    """Messages fetched before a rebalance and read again after it (not handled twice)."""
     invalid_by_topic: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -398,6 +403,26 @@ async def committed_offsets(
                        timeout=config.connect_timeout)
 
 
+async def fence(config: KafkaConfig, transactional_id: str) -> None:
+    """Take `transactional_id` from whoever had it: the broker aborts its open
+    transaction and refuses its producer from now on (a crashed Central's, whose
+    partitions this one gained, SPEC §9)."""
+
+    async def attempt() -> None:
+        producer = AIOKafkaProducer(**config.client_kwargs(), transactional_id=transactional_id,
+                                    enable_idempotence=True, acks="all",
+                                    transaction_timeout_ms=TRANSACTION_TIMEOUT_MS,
+                                    retry_backoff_ms=TRANSACTION_RETRY_BACKOFF_MS)
+        try:
+            await producer.start()  # InitProducerId: the old epoch is fenced
+        finally:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+
+    await retry(f"fencing the transactional id {transactional_id}", attempt,
+                timeout=config.connect_timeout)
+
+
 class KafkaBus:
     """A producer of typed messages, keyed as SPEC §2 says. An async context manager.
 
@@ -444,6 +469,9 @@ class KafkaBus:
         self._delivery_failing = False
         self._committed_at = time.monotonic()
         """When a transaction last committed (or the producer started)."""
+        self._topic_names: dict[type[Message], str] = {}
+        self._partition_cache: dict[tuple[bytes, int], int] = {}
+        """(key, partition count) → index among the sorted partitions (murmur2 is Python)."""
 
     @property
     def connected(self) -> bool:
@@ -640,15 +668,25 @@ class KafkaBus:
         offsets: Mapping[tuple[str, int], int],
         *,
         metadata: str,
+        payloads: Sequence[bytes] | None = None,
     ) -> None:
         """Send `messages` and commit the consumer group's `offsets` (each with
         `metadata`) in ONE Kafka transaction: a ``read_committed`` reader sees all of it
         or none. BusError when it did not commit (it was aborted: try again); Fenced when
         this producer may never send again (another instance took its transactional id).
-        Not to be called again before a call has returned."""
+        Not to be called again before a call has returned.
+
+        `payloads`, when given, are the messages already encoded (:func:`encode`, one
+        each, in order): the outbox encodes them once for its database row and for Kafka.
+        The messages leave in one record batch per partition (:func:`batch_by_partition`),
+        each partition's in their order, not one ``send`` each."""
         producer = self._producer
         if producer is None or self.offsets_group is None:
             raise BusError("the transactional bus is not started")
+        if payloads is None:
+            payloads = [encode(m) for m in messages]
+        elif len(payloads) != len(messages):
+            raise ValueError(f"{len(payloads)} payloads for {len(messages)} messages")
         began = False
         try:
             # The whole attempt has a deadline: a broker that lost its data can leave a
@@ -656,11 +694,7 @@ class KafkaBus:
             async with asyncio.timeout(TRANSACTION_ATTEMPT_TIMEOUT):
                 await producer.begin_transaction()
                 began = True
-                deliveries = [
-                    await producer.send(self.config.topic_name(topic_of(m)), encode(m),
-                                        key=key_of(m))
-                    for m in messages
-                ]
+                deliveries = await self._send_batches(producer, messages, payloads)
                 if offsets:
                     await producer.send_offsets_to_transaction(
                         {TopicPartition(t, p): (o, metadata) for (t, p), o in offsets.items()},
@@ -689,6 +723,42 @@ class KafkaBus:
             raise BusError(f"transaction aborted: {exc!r}") from exc
         self._committed_at = time.monotonic()
         self.stats.produced += len(messages)
+
+    async def _send_batches(
+        self, producer: AIOKafkaProducer, messages: Sequence[Message],
+        payloads: Sequence[bytes],
+    ) -> list[asyncio.Future[Any]]:
+        """Queue the messages in record batches, one per partition (a full one is queued
+        and the next begun), with the partition aiokafka's default partitioner would
+        choose; the futures of their deliveries. Order is kept within each partition."""
+        known: dict[str, tuple[int, ...]] = {}
+        keyed: list[tuple[str, bytes, bytes]] = []
+        for message, payload in zip(messages, payloads, strict=True):
+            name = self._topic_names.get(type(message))
+            if name is None:
+                name = self._topic_names[type(message)] = self.config.topic_name(
+                    topic_of(message))
+            if name not in known:
+                known[name] = tuple(sorted(await producer.partitions_for(name)))
+            keyed.append((name, key_of(message), payload))
+        deliveries: list[asyncio.Future[Any]] = []
+        for (name, partition), records in batch_by_partition(
+                keyed, known, self._partition_cache).items():
+            batch = producer.create_batch()
+            for key, payload in records:
+                if batch.append(key=key, value=payload, timestamp=None) is not None:
+                    continue
+                if batch.record_count() == 0:
+                    raise MessageSizeTooLargeError(
+                        f"a message of {len(payload)} bytes does not fit a record batch")
+                deliveries.append(await producer.send_batch(batch, name, partition=partition))
+                batch = producer.create_batch()
+                if batch.append(key=key, value=payload, timestamp=None) is None:
+                    raise MessageSizeTooLargeError(
+                        f"a message of {len(payload)} bytes does not fit a record batch")
+            batch.close()
+            deliveries.append(await producer.send_batch(batch, name, partition=partition))
+        return deliveries
 
     @staticmethod
     def _fenced(producer: AIOKafkaProducer, exc: BaseException) -> bool:
@@ -738,17 +808,45 @@ class KafkaBus:
 StartAt = Literal["earliest", "latest"]
 
 
+class Rebalance(Protocol):
+    """What a group member does when a rebalance takes its partitions and gives new ones
+    (Central, SPEC §9). Both run while the loop handles no batch."""
+
+    async def revoked(self) -> None:
+        """Every partition is about to be given up: settle what was read."""
+
+    async def assigned(self, assigned: frozenset[TopicPartition]) -> Mapping[
+            TopicPartition, int]:
+        """These are the partitions now: get ready to read them; returns the offsets
+        to read some of them from (the others resume at the group's committed offsets)."""
+        ...
+
+
 class _Restarts(ConsumerRebalanceListener):  # type: ignore[misc]  # aiokafka has no types
-    """Keeps a recreated topic's partitions from being read from a stale offset."""
+    """Keeps a recreated topic's partitions from being read from a stale offset, and
+    tells a :class:`Rebalance` of each rebalance, between batches."""
 
     def __init__(self, loop: KafkaConsumerLoop) -> None:
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        pass
+        loop = self._loop
+        if loop.rebalance is not None:
+            async with loop._batch_lock:
+                loop._generation += 1
+                await loop.rebalance.revoked()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self._loop._reassigned(assigned)
+        loop = self._loop
+        if loop.rebalance is not None:
+            async with loop._batch_lock:
+                loop._generation += 1
+                start = await loop.rebalance.assigned(frozenset(assigned))
+                consumer = loop._consumer
+                if consumer is not None:
+                    for tp, offset in start.items():
+                        consumer.seek(tp, offset)
+        await loop._reassigned(assigned)
 
 
 def partition_for_key(key: str, partitions: Sequence[int]) -> int:
@@ -757,6 +855,36 @@ def partition_for_key(key: str, partitions: Sequence[int]) -> int:
     ordered = sorted(partitions)
     index = int(murmur2(key.encode())) & 0x7FFFFFFF
     return ordered[index % len(ordered)]
+
+
+PARTITION_CACHE_MAX = 100_000
+"""Keys whose partition :func:`batch_by_partition` remembers before it starts afresh."""
+
+
+def batch_by_partition(
+    records: Iterable[tuple[str, bytes, bytes]],
+    partitions: Mapping[str, Sequence[int]],
+    cache: dict[tuple[bytes, int], int] | None = None,
+) -> dict[tuple[str, int], list[tuple[bytes, bytes]]]:
+    """Group (topic name, key, value) records by the partition Kafka's default
+    partitioner sends each key to (as :func:`partition_for_key`; `partitions`: each
+    topic's partition ids, sorted), keeping their order within each partition; groups in
+    the order of their first record. `cache` remembers each key's partition index."""
+    groups: dict[tuple[str, int], list[tuple[bytes, bytes]]] = {}
+    memo: dict[tuple[bytes, int], int] = {} if cache is None else cache
+    for name, key, value in records:
+        ordered = partitions[name]
+        count = len(ordered)
+        index = memo.get((key, count))
+        if index is None:
+            if len(memo) >= PARTITION_CACHE_MAX:
+                memo.clear()
+            index = memo[(key, count)] = (int(murmur2(key)) & 0x7FFFFFFF) % count
+        group = groups.get((name, ordered[index]))
+        if group is None:
+            group = groups[(name, ordered[index])] = []
+        group.append((key, value))
+    return groups
 
 
 def partitions_for_keys(keys: Iterable[str], partitions: Sequence[int]) -> list[int]:
@@ -808,6 +936,9 @@ class KafkaConsumerLoop:
         observe: Callable[[Topic, float], None] | None = None,
         on_consumed: Callable[[TopicPartition, int], None] | None = None,
         clock: ReadClock | None = None,
+        assignor: Any = None,
+        session_timeout_ms: int = 10000,
+        rebalance: Rebalance | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
@@ -849,6 +980,14 @@ class KafkaConsumerLoop:
         self._names = {config.topic_name(t): t for t in routes}
         self._consumer: AIOKafkaConsumer | None = None
         self._assigned = asyncio.Event()
+        self.assignor = assignor
+        """The group's partition assignor (None: aiokafka's round robin)."""
+        self.session_timeout_ms = session_timeout_ms
+        self.rebalance = rebalance
+        self._batch_lock = asyncio.Lock()
+        """Held while a batch is handled and while a rebalance is told: never both."""
+        self._generation = 0
+        """Counts rebalances: a batch fetched before one is not handled after it."""
 
     @property
     def topics(self) -> Sequence[Topic]:
@@ -869,8 +1008,10 @@ class KafkaConsumerLoop:
                 isolation_level="read_committed",  # a transaction is seen whole or not
                 auto_offset_reset=self.start_at,
                 fetch_max_wait_ms=self._fetch_max_wait_ms,
-                session_timeout_ms=10000,
+                session_timeout_ms=self.session_timeout_ms,
                 heartbeat_interval_ms=1000,
+                **({} if self.assignor is None
+                   else {"partition_assignment_strategy": (self.assignor,)}),
                 # Notice within seconds that topics were lost and recreated (or gained
                 # partitions), not after aiokafka's default 5 minutes.
                 metadata_max_age_ms=METADATA_MAX_AGE_MS,
@@ -974,6 +1115,7 @@ class KafkaConsumerLoop:
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         failing_since: float | None = None
         while True:
+            generation = self._generation
             try:
                 batch = await consumer.getmany(timeout_ms=1000)
             except KafkaError as exc:
@@ -989,35 +1131,44 @@ class KafkaConsumerLoop:
                 failing_since = None
             if consumer.assignment():
                 self._assigned.set()
-            clock = self.clock
-            if clock is not None:
-                clock.tick()
-            for tp, records in batch.items():
-                for record in records:
-                    self._unsettled = True
-                    if clock is not None:
-                        clock.arrived(self._names[record.topic], record.partition,
-                                      record.timestamp / 1000
-                                      if record.timestamp_type == LOG_APPEND_TIME else None)
-                    await self._handle(record.topic, record.partition, record.offset, record.value)
-                    if clock is not None:
-                        clock.handled()
-                    if record.topic in self._recreated:
-                        self._new_era[tp] = record.offset + 1
-                    self._handled[tp] = record.offset + 1
-                    if self._on_consumed is not None:
-                        self._on_consumed(tp, record.offset + 1)
-                    self._positions[tp] = record.offset + 1
-            if self._after_batch is not None and self._unsettled:
-                await self._after_batch()
-            self._unsettled = False
+            async with self._batch_lock:
+                if generation != self._generation:
+                    # Fetched before a rebalance: the positions were reset to what was
+                    # committed, so these records come again (to their owner).
+                    self.stats.dropped_by_rebalance += sum(map(len, batch.values()))
+                    continue
+                await self._handle_batch(batch)
             await self._measure_lag(consumer)
-            if clock is not None:
-                self._tell_progress(consumer, clock)
+            if self.clock is not None:
+                self._tell_progress(consumer, self.clock)
             # Commit at most every commit_interval while messages flow, and at once when
             # the topics go quiet.
             if not batch or time.monotonic() - self._last_commit >= self.commit_interval:
                 await self._commit(consumer)
+
+    async def _handle_batch(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        clock = self.clock
+        if clock is not None:
+            clock.tick()
+        for tp, records in batch.items():
+            for record in records:
+                self._unsettled = True
+                if clock is not None:
+                    clock.arrived(self._names[record.topic], record.partition,
+                                  record.timestamp / 1000
+                                  if record.timestamp_type == LOG_APPEND_TIME else None)
+                await self._handle(record.topic, record.partition, record.offset, record.value)
+                if clock is not None:
+                    clock.handled()
+                if record.topic in self._recreated:
+                    self._new_era[tp] = record.offset + 1
+                self._handled[tp] = record.offset + 1
+                if self._on_consumed is not None:
+                    self._on_consumed(tp, record.offset + 1)
+                self._positions[tp] = record.offset + 1
+        if self._after_batch is not None and self._unsettled:
+            await self._after_batch()
+        self._unsettled = False
 
     def _tell_progress(self, consumer: AIOKafkaConsumer, clock: ReadClock) -> None:
         """Tell the clock which partitions the broker answered a fetch for since the

@@ -26,6 +26,7 @@ from evcharging.common.messages import (
     FaultEventType,
     Message,
     StatusEvent,
+    encode,
     utcnow,
 )
 from tests.polling import poll
@@ -102,8 +103,10 @@ class TransactionalBus:
         raise BusError("a transactional bus sends with commit_transaction")
 
     async def commit_transaction(
-        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str
+        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str,
+        payloads: Sequence[bytes] | None = None,
     ) -> None:
+        assert payloads is None or list(payloads) == [encode(m) for m in messages]
         self.attempts += 1
         if self.fenced:
             raise Fenced("another Central took over")
@@ -122,6 +125,11 @@ class TransactionalBus:
 
 
 T0 = utcnow()
+
+
+def number(token: str) -> int:
+    """A flush token's sequence number (instance:run:seq)."""
+    return int(token.rsplit(":", 1)[1])
 
 
 def command(cp_id: str) -> CentralCommand:
@@ -147,17 +155,19 @@ async def test_a_flush_is_one_db_transaction_and_one_kafka_transaction_with_its_
     outbox.consumed(("cp.status", 0), 42)
     outbox.consumed(("driver.requests", 3), 7)
     await outbox.flush()
-    assert kafka.commits == [([command("CP-1")], {("cp.status", 0): 42,
-                                                  ("driver.requests", 3): 7}, "seq=1")]
+    assert [c[:2] for c in kafka.commits] == [([command("CP-1")], {("cp.status", 0): 42,
+                                                                   ("driver.requests", 3): 7})]
+    assert number(kafka.commits[0][2]) == 1
     assert sent == [command("CP-1")]  # told once Kafka committed it
-    row = await repo.load_pending()
-    assert row is not None and row.seq == 1
+    row = (await repo.load_flushes())[""]
+    assert row.token == kafka.commits[0][2]  # the flush's mark on its offsets
     assert PendingFlush.from_row(row).messages == (command("CP-1"),)
     assert [f.event_type for f in await repo.list_faults()] == ["FAULT"]
     outbox.send(command("CP-2"))
     await outbox.flush()
-    assert kafka.commits[-1] == ([command("CP-2")], {("cp.status", 0): 42,
-                                                     ("driver.requests", 3): 7}, "seq=2")
+    assert kafka.commits[-1][:2] == ([command("CP-2")], {("cp.status", 0): 42,
+                                                         ("driver.requests", 3): 7})
+    assert number(kafka.commits[-1][2]) == 2
     await outbox.flush()  # nothing new: no transaction at all
     assert len(kafka.commits) == 2 and outbox.seq == 2
 
@@ -172,7 +182,8 @@ async def test_a_failed_kafka_transaction_is_tried_again_with_the_same_content(
     outbox.consumed(("cp.status", 1), 5)
     await outbox.flush()
     assert kafka.attempts == 3
-    assert kafka.commits == [([command("CP-1")], {("cp.status", 1): 5}, "seq=1")]
+    assert [c[:2] for c in kafka.commits] == [([command("CP-1")], {("cp.status", 1): 5})]
+    assert number(kafka.commits[0][2]) == 1
 
 
 async def test_offsets_alone_wait_and_keep_the_sequence_number(repo: SqliteRepository) -> None:
@@ -187,9 +198,9 @@ async def test_offsets_alone_wait_and_keep_the_sequence_number(repo: SqliteRepos
     assert len(kafka.commits) == 1  # too soon for offsets alone
     now[0] += OFFSETS_EVERY
     await outbox.flush()
-    assert kafka.commits[-1] == ([], {("cp.status", 0): 9}, "seq=1")
-    row = await repo.load_pending()
-    assert row is not None and row.seq == 1  # no row written for offsets alone
+    assert kafka.commits[-1] == ([], {("cp.status", 0): 9}, kafka.commits[0][2])
+    row = (await repo.load_flushes())[""]
+    assert number(row.token) == 1  # no row written for offsets alone
 
 
 async def test_a_fenced_producer_stops_the_flush(repo: SqliteRepository) -> None:
@@ -236,15 +247,16 @@ async def test_recover_sends_again_exactly_the_flush_kafka_did_not_get(
     restarted = Outbox(repo, kafka, Counter())
     await restarted.recover(kafka.read_committed)
     assert kafka.sent == [command("CP-1"), command("CP-2"), command("CP-3")]
-    assert kafka.commits[-1][1:] == ({("cp.status", 0): 12, ("cp.status", 1): 3}, "seq=2")
-    assert restarted.seq == 2
+    assert kafka.commits[-1][1] == {("cp.status", 0): 12, ("cp.status", 1): 3}
+    assert number(kafka.commits[-1][2]) == 2  # the dead process's token, as it recorded it
+    assert await repo.load_flushes() == {}  # settled: nobody sends it again
     # A second restart finds Kafka up to date: nothing is sent again.
     again = Outbox(repo, kafka, Counter())
     await again.recover(kafka.read_committed)
     assert len(kafka.commits) == 2
     again.send(command("CP-4"))
     await again.flush()
-    assert kafka.commits[-1][2] == "seq=3"
+    assert kafka.commits[-1][2] not in {c[2] for c in kafka.commits[:-1]}
 
 
 async def test_recover_sends_nothing_when_kafka_has_the_last_flush(
@@ -257,11 +269,11 @@ async def test_recover_sends_nothing_when_kafka_has_the_last_flush(
     await outbox.flush()
     restarted = Outbox(repo, kafka, Counter())
     await restarted.recover(kafka.read_committed)
-    assert len(kafka.commits) == 1 and restarted.seq == 1
+    assert len(kafka.commits) == 1
     restarted.consumed(("cp.status", 0), 11)  # resumes from Kafka's offsets
     restarted.send(command("CP-2"))
     await restarted.flush()
-    assert kafka.commits[-1] == ([command("CP-2")], {("cp.status", 0): 11}, "seq=2")
+    assert kafka.commits[-1][:2] == ([command("CP-2")], {("cp.status", 0): 11})
 
 
 async def test_a_cancelled_flush_is_finished_by_the_next_not_sent_twice(
@@ -281,7 +293,7 @@ async def test_a_cancelled_flush_is_finished_by_the_next_not_sent_twice(
     await outbox.flush()
     assert [messages for messages, _, _ in kafka.commits] == [[command("CP-1")],
                                                               [command("CP-2")]]
-    assert [meta for _, _, meta in kafka.commits] == ["seq=1", "seq=2"]
+    assert [number(meta) for _, _, meta in kafka.commits] == [1, 2]
 
 
 async def test_at_shutdown_a_flush_waits_for_kafka_only_so_long_and_the_restart_sends_it(
@@ -299,4 +311,4 @@ async def test_at_shutdown_a_flush_waits_for_kafka_only_so_long_and_the_restart_
     kafka.failures = 0
     restarted = Outbox(repo, kafka, Counter())
     await restarted.recover(kafka.read_committed)
-    assert kafka.commits == [([command("CP-1")], {("cp.status", 0): 4}, "seq=1")]
+    assert [c[:2] for c in kafka.commits] == [([command("CP-1")], {("cp.status", 0): 4})]

@@ -23,7 +23,7 @@ import pytest
 from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.main import make_repository
 from evcharging.apps.ev_central.pg_repository import PostgresRepository
-from evcharging.apps.ev_central.records import PendingRow
+from evcharging.apps.ev_central.records import CentralRecord, PendingRow
 from evcharging.apps.ev_central.repository import (
     MAX_LIMIT,
     SCHEMA_VERSION,
@@ -198,7 +198,7 @@ async def test_migrations_run_once_and_reopening_is_fine(backend: Backend) -> No
     versions = await backend.raw("SELECT version FROM schema_version ORDER BY version")
     assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
     for table in ("cp_registry", "charging_sessions", "fault_events", "cp_health_history",
-                  "request_log", "outbox_pending", "site_limits"):
+                  "request_log", "outbox_flushes", "site_limits", "centrals"):
         assert await count(backend, table) == 0
 
 
@@ -524,11 +524,33 @@ async def test_a_batch_is_one_transaction(repo: Repository, backend: Backend) ->
 # ------------------------------------------------------------ the outbox and the sites
 
 
-async def test_the_outbox_keeps_its_last_flush_only(repo: Repository) -> None:
-    assert await repo.load_pending() is None
-    await repo.apply([writes.PendingSaved(1, "[]", "[]")])
-    await repo.apply([fault("CP-1", "FAULT", None, T0), writes.PendingSaved(2, "[[1]]", "[2]")])
-    assert await repo.load_pending() == PendingRow(2, "[[1]]", "[2]")
+async def test_the_outbox_keeps_each_instances_last_flush_only(repo: Repository) -> None:
+    assert await repo.load_flushes() == {}
+    await repo.apply([writes.PendingSaved("c-1", "c-1:r:1", "[]", "[]")])
+    await repo.apply([fault("CP-1", "FAULT", None, T0),
+                      writes.PendingSaved("c-1", "c-1:r:2", "[[1]]", "[2]"),
+                      writes.PendingSaved("c-2", "c-2:r:9", "[]", "[3]")])
+    assert await repo.load_flushes() == {"c-1": PendingRow("c-1", "c-1:r:2", "[[1]]", "[2]"),
+                                         "c-2": PendingRow("c-2", "c-2:r:9", "[]", "[3]")}
+    await repo.apply([writes.PendingSettled("c-1")])
+    assert list(await repo.load_flushes()) == ["c-2"]
+
+
+async def test_centrals_say_where_they_answer_and_what_they_claim(repo: Repository) -> None:
+    assert await repo.load_centrals() == []
+    await repo.apply([
+        writes.CentralSaved("c-1", "http://a:8000", "g-central-c-1", frozenset({0, 2}), 12, T0),
+        writes.CentralSaved("c-2", "http://b:8000", "g-central-c-2", frozenset({1}), 12, T0),
+    ])
+    later = T0 + timedelta(seconds=2)
+    await repo.apply([
+        writes.CentralSaved("c-1", "http://a:8000", "g-central-c-1", frozenset(), 12, later),
+        writes.ClaimsCut("c-2", frozenset()),
+    ])
+    assert await repo.load_centrals() == [
+        CentralRecord("c-1", "http://a:8000", "g-central-c-1", frozenset(), 12, later),
+        CentralRecord("c-2", "http://b:8000", "g-central-c-2", frozenset(), 12, T0),
+    ]
 
 
 async def test_site_limits_are_set_replaced_and_removed(repo: Repository) -> None:

@@ -30,7 +30,7 @@ def test_runs_keep_each_tables_order_and_group_what_follows_itself() -> None:
         writes.CompletedByMeter("S-1", "corrected"),
         writes.HealthPruned(T0),
         writes.CPUpserted(CPRecord("CP-4"), T0),
-        writes.PendingSaved(7, "[]", "[]"),
+        writes.PendingSaved("c-1", "c-1:r:7", "[]", "[]"),
     ]
     runs = sql.runs(batch)
     assert [(kind.__name__, len(params)) for kind, params in runs] == [

@@ -37,7 +37,7 @@ from datetime import datetime, timedelta
 from loguru import logger
 
 from evcharging.apps.ev_central import writes
-from evcharging.apps.ev_central.errors import NotAllowed, UnknownCP
+from evcharging.apps.ev_central.errors import NotAllowed, NotOwner, UnknownCP
 from evcharging.apps.ev_central.events import EventHub
 from evcharging.apps.ev_central.limits import (
     FORGET_UNREGISTERED_AFTER,
@@ -46,6 +46,7 @@ from evcharging.apps.ev_central.limits import (
     TooManyCPs,
 )
 from evcharging.apps.ev_central.outbox import Outbox
+from evcharging.apps.ev_central.ownership import Ownership
 from evcharging.apps.ev_central.records import SessionRecord
 from evcharging.apps.ev_central.repository import Repository, StorageError
 from evcharging.apps.ev_central.schemas import cp_out
@@ -93,6 +94,9 @@ SEEN_REQUESTS_KEPT = 100_000
 CLOSED_SESSIONS_KEPT = 50_000
 OVERLOADED = "Central overloaded"
 START_POLL = 0.1
+REBALANCE_WAIT = 60.0
+"""Seconds a start timeout waits for a rebalance to end before it lets the session go
+(the CP's owner loads it as a running session)."""
 CP_TOPICS = (Topic.CP_STATUS, Topic.CP_TELEMETRY)
 """The topics a CP reports on: keyed by its id, so one partition of each holds it."""
 
@@ -125,7 +129,10 @@ class Controller:
         clock: Callable[[], float] = time.monotonic,
         hub: EventHub | None = None,
         readclock: ReadClock | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
+        self.ownership = ownership or Ownership()
+        """Which CPs this instance decides for (SPEC §9; standalone: all of them)."""
         self.bus = bus
         self.repo = repo
         self.options = options or CentralOptions()
@@ -135,7 +142,8 @@ class Controller:
         self.tally = Tally()
         """The summary's counts over ``cps``, kept up as they change (limits.py, tally.py)."""
         self.stats: Counter[str] = Counter()
-        self.outbox = Outbox(repo, bus, self.stats, on_sent=self._sent)
+        self.outbox = Outbox(repo, bus, self.stats, on_sent=self._sent,
+                             instance=self.ownership.instance)
         self.readclock = readclock or ReadClock(standalone=True)
         """The broker's time and how far Central has read each partition (SPEC §4): ages,
         silences and start timeouts are measured with it, never with a CP's clock."""
@@ -158,15 +166,23 @@ class Controller:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def load(self) -> None:
-        """Reload the registry, the breakers and the sessions that were running.
+    async def load(self, keep: Callable[[str], bool] | None = None) -> None:
+        """Reload the registry, the breakers and the sessions that were running: of every
+        CP, or of the CPs `keep` says (the partitions a rebalance gave, SPEC §9).
 
         Nothing is closed here: the sessions a crash left ACTIVE are resumed, and the
         consumer first reads what the CPs reported meanwhile. A resumed session ends with
         its CP's meter when the CP reports its end, and FAILED only when the CP shows that
         it does not know it, or stays silent (SPEC §4).
         """
+        loaded = 0
         for record in await self.repo.load_cps():
+            if keep is not None and not keep(record.cp_id):
+                continue
+            loaded += 1
+            old = self.cps.get(record.cp_id)
+            if old is not None:
+                self.tally.remove(old)
             cp = self._new_view(record.cp_id)
             cp.state = record.state
             cp.state_reason = record.state_reason
@@ -190,7 +206,8 @@ class Controller:
         within = timedelta(seconds=2 * self.options.request_max_age)
         for request_id in await self.repo.recent_request_ids(within):
             self._remember_request(request_id)
-        resumed = await self.repo.active_sessions()
+        resumed = [row for row in await self.repo.active_sessions()
+                   if keep is None or keep(row.cp_id)]
         for row in resumed:
             self._remember_request(row.request_id)
             cp = self.cps.get(row.cp_id) or self._new_view(row.cp_id)
@@ -200,8 +217,28 @@ class Controller:
                 kwh=row.kwh, euros=row.euros, first_report=row.first_report,
                 kwh_wanted=row.kwh_wanted, departure=row.departure, car=car_of(row),
             )
-        logger.info("loaded {} CP(s); resumed {} running session(s)", len(self.cps),
-                    len(resumed))
+        logger.info("loaded {} CP(s); resumed {} running session(s)", loaded, len(resumed))
+
+    def drop(self, keep: Callable[[str], bool]) -> int:
+        """Forget the CPs `keep` does not say (their partitions went to another Central
+        in a rebalance, everything decided for them flushed): their start watchdogs stop
+        and smart charging lets their sessions go. How many were dropped."""
+        dropped = [cp for cp_id, cp in self.cps.items() if not keep(cp_id)]
+        for cp in dropped:
+            if cp.session is not None:
+                self._cancel_watchdog(cp.session.session_id)
+                self._session_hook(cp, cp.session, started=False)
+            self.tally.remove(cp)
+            del self.cps[cp.cp_id]
+        if dropped:
+            logger.info("gave up {} CP(s) to other Centrals", len(dropped))
+        return len(dropped)
+
+    def _check_owner(self, cp_id: str) -> None:
+        """NotOwner when another Central decides for the CP (or a rebalance is on)."""
+        if not self.ownership.owns(cp_id):
+            self.stats["not_owner"] += 1
+            raise NotOwner(cp_id)
 
     async def close(self) -> None:
         """Cancel the start watchdogs and write what is queued; safe to call twice."""
@@ -355,6 +392,12 @@ class Controller:
                 if self._read_past(cp, sent, timeout):
                     break
                 await asyncio.sleep(START_POLL)
+            if not self.ownership.settled:  # a rebalance: decide once it is over
+                await self.ownership.wait_settled(REBALANCE_WAIT)
+            if not self.ownership.owns(cp.cp_id):
+                # Another Central owns the CP now: it loaded the session as a running one,
+                # which ends by the CP's own reports (SPEC §9).
+                return
             if cp.session is session and not session.confirmed:
                 self.stats["start_timeouts"] += 1
                 self.end_session(
@@ -738,6 +781,7 @@ class Controller:
 
     async def register(self, registration: CPRegistration) -> CPView:
         """Register or update a CP (TooManyCPs, 409: a new one past ``max_cps``)."""
+        self._check_owner(registration.cp_id)
         known = self.cps.get(registration.cp_id)
         self._check_room(int(known is None or not known.registered))
         cp = self._register(registration)
@@ -750,6 +794,8 @@ class Controller:
         All or nothing: when the CPs new to the registry would take it past ``max_cps``,
         none of the call is taken (TooManyCPs, 409), updates included, so a fleet never
         runs half registered without knowing it."""
+        for registration in registrations:
+            self._check_owner(registration.cp_id)
         joining = {reg.cp_id for reg in registrations
                    if reg.cp_id not in self.cps or not self.cps[reg.cp_id].registered}
         self._check_room(len(joining))
@@ -796,6 +842,7 @@ class Controller:
     async def report_fault(self, cp_id: str, is_faulty: bool, reason: str) -> CPView:
         """A monitor's (or operator's) fault or recovery report; recorded before it answers
         (StorageError: try again; a repeated report records no second event)."""
+        self._check_owner(cp_id)
         cp = self.get(cp_id)
         if is_faulty:
             self._mark_faulty(cp, reason or "fault reported")
@@ -845,6 +892,7 @@ class Controller:
     async def _operator_command(
         self, cp_id: str, event: CPEvent, command: CommandType, reason: str
     ) -> CPView:
+        self._check_owner(cp_id)
         cp = self.get(cp_id)
         try:
             next_state(cp.state, event)
@@ -857,6 +905,7 @@ class Controller:
 
     async def monitor_report(self, cp_id: str, interval: float, healthy: bool) -> CPView:
         """A CP's monitor says it is alive (every health interval, SPEC §5 ``monitored``)."""
+        self._check_owner(cp_id)
         cp = self._monitor_seen(self.get(cp_id), interval, healthy)
         await self.outbox.flush()
         return cp
@@ -866,6 +915,8 @@ class Controller:
     ) -> list[str]:
         """A fleet's liveness reports for many CPs; returns the ids Central does not know
         (the fleet registers them again)."""
+        for cp_id, _ in reports:
+            self._check_owner(cp_id)
         unknown = []
         for cp_id, healthy in reports:
             cp = self.cps.get(cp_id)

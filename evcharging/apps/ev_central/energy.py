@@ -271,15 +271,20 @@ class Energy:
             await self.controller.repo.apply(
                 [writes.SiteLimitSet(site, kw, now) for site, kw in changed.items()])
             self.limits.update(changed)
-        self._charging = {site: {} for site in self.limits}
-        for cp in self.controller.cps.values():
-            if cp.session is not None and cp.site in self._charging:
-                self._charging[cp.site][cp.cp_id] = cp
+        self.reindex()
         if self.limits:
             logger.info("site limits: {} ({} allocation every {:g}s)",
                         ", ".join(f"{s}={kw:g} kW" for s, kw in sorted(self.limits.items())),
                         self.policy.value, self.interval)
         await self.check_leader()
+
+    def reindex(self) -> None:
+        """Index the running sessions of the limited sites anew (after a load, or a
+        rebalance that moved CPs, SPEC §9)."""
+        self._charging = {site: {} for site in self.limits}
+        for cp in self.controller.cps.values():
+            if cp.session is not None and cp.site in self._charging:
+                self._charging[cp.site][cp.cp_id] = cp
 
     async def run(self) -> None:
         """Check the lock and reallocate every ``interval`` seconds (Central runs this as

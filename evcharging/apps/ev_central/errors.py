@@ -40,3 +40,16 @@ class Unavailable(CentralError):
 
     code = "unavailable"
     http_status = 503
+
+
+class NotOwner(CentralError):
+    """Another Central decides for this CP (SPEC §9), or a rebalance is under way: the
+    change goes to the CP's owner (the API forwards it there)."""
+
+    code = "not_owner"
+    http_status = 503
+
+    def __init__(self, cp_id: str) -> None:
+        super().__init__(f"CP {cp_id!r} is decided by another Central, or its partitions "
+                         "are moving between Centrals; try again")
+        self.cp_id = cp_id

@@ -22,7 +22,10 @@ from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
+from evcharging.apps.ev_central.outbox import Committed
+from evcharging.apps.ev_central.ownership import Ownership
 from evcharging.apps.ev_central.pg_repository import PostgresRepository
+from evcharging.apps.ev_central.rebalance import Membership, Rebalancer, Self
 from evcharging.apps.ev_central.repository import (
     DatabaseInUse,
     Repository,
@@ -30,6 +33,7 @@ from evcharging.apps.ev_central.repository import (
     StorageError,
 )
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
+from evcharging.common.assignor import SamePartitionAssignor
 from evcharging.common.config import CentralSettings, load_settings
 from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
@@ -39,7 +43,9 @@ from evcharging.common.kafka import (
     KafkaConfig,
     KafkaConsumerLoop,
     Routes,
+    Topic,
     committed_offsets,
+    fence,
 )
 from evcharging.common.logging import setup_logging
 from evcharging.common.messages import CPStatus, CPTelemetry, DriverRequest
@@ -57,6 +63,9 @@ from evcharging.common.service import (
 )
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
+SESSION_TIMEOUT_MS = 6000
+"""How long the group waits for a silent instance before its partitions move: with a
+rebalance and the successor's loading, inside SPEC §9's 10 s take-over."""
 
 
 def make_repository(url: str) -> tuple[Repository, str]:
@@ -88,10 +97,14 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
     async with repository as repo:
         # Exactly once (SPEC §4): decisions leave with the offsets they consumed, in one
         # Kafka transaction; the id is this instance's, as its place in the group is.
+        me = Self(instance=settings.instance, peer_url=settings.own_url,
+                  transactional_id=f"{settings.group_id}-central-{settings.instance}",
+                  legacy_transactional_id=f"{settings.group_id}-central")
         bus = KafkaBus(kafka, stats, stamp_topics=True,
-                       transactional_id=f"{settings.group_id}-central",
+                       transactional_id=me.transactional_id,
                        offsets_group=settings.group_id)
         readclock = ReadClock()
+        ownership = Ownership(settings.instance, standalone=False)
         controller = Controller(
             bus,
             repo,
@@ -106,10 +119,21 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 max_unregistered=settings.max_unregistered,
             ),
             readclock=readclock,
+            ownership=ownership,
         )
         energy = Energy(controller, policy=settings.allocation,
                         interval=settings.allocation_interval)
         metrics = central_metrics(controller, repo, energy=energy)
+        ownership.on_change.append(lambda gained, lost: energy.reindex())
+
+        async def read_committed() -> Committed:
+            return await committed_offsets(kafka, settings.group_id, consumer.topics)
+
+        rebalancer = Rebalancer(
+            controller, me, read_committed=read_committed,
+            fence=lambda transactional_id: fence(kafka, transactional_id),
+            partition_count=lambda: readclock.partition_counts.get(Topic.CP_STATUS, 0),
+        )
         consumer = KafkaConsumerLoop(
             kafka,
             Routes()
@@ -117,7 +141,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             .add(CPStatus, controller.handle_status)
             .add(CPTelemetry, controller.handle_telemetry),
             group_id=settings.group_id,
-            group_instance_id=f"{settings.group_id}-central",
+            group_instance_id=settings.instance,
+            assignor=SamePartitionAssignor(settings.instance),
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            rebalance=rebalancer,
             start_at="earliest",
             stats=stats,
             on_consumed=controller.outbox.consumed,  # committed by its transactions
@@ -141,6 +168,8 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             kafka_ok = bus.connected and bus.topics_ok
             return {
                 "status": "ok" if db_ok and kafka_ok else "degraded",
+                "instance": settings.instance,
+                "partitions": sorted(ownership.owned),
                 "kafka": {"connected": bus.connected, "topics_ok": bus.topics_ok,
                           "topics_problem": bus.topics_problem,
                           "bootstrap": settings.kafka_bootstrap, **stats.as_dict()},
@@ -161,16 +190,14 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             ("background tasks", tasks.close),
             ("smart charging", energy.close),
             ("controller", controller.close),
+            ("claims", rebalancer.leave),
             ("Kafka consumer", consumer.stop),
             ("Kafka producer", bus.stop),
         )
         try:
             await until_stopped(stop, bus.start())
-            await controller.load()
-            # A flush recorded before a crash and not in Kafka is sent now, before anything
-            # is consumed or decided.
-            await until_stopped(stop, controller.outbox.recover(
-                lambda: committed_offsets(kafka, settings.group_id, consumer.topics)))
+            # The CPs, their sessions and the flushes a crash left (this instance's or
+            # another's) are loaded as the group assigns partitions (rebalance.py).
             await energy.load(settings.site_limit_map)
             await http.start()
             await tcp.start()
@@ -182,7 +209,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 "housekeeping", forever=True,
             )
             tasks.spawn(energy.run(), "smart charging", forever=True)
-            logger.info("EV Central ready: dashboard http://localhost:{}/", http.port)
+            tasks.spawn(Membership(rebalancer).run(), "membership", forever=True)
+            logger.info("EV Central {} ready: dashboard http://localhost:{}/ (its CPs come "
+                        "with the partitions the group assigns)", settings.instance,
+                        http.port)
             return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)

@@ -13,37 +13,41 @@ Exactly once (SPEC §4), with a transactional bus (Central's :class:`KafkaBus`):
 consumer tells :meth:`Outbox.consumed` each partition's next offset as soon as a message
 is handled, and every flush is
 
-1. ONE database transaction: the queued writes and the one row of ``outbox_pending``
-   (the flush's sequence number, the consumed offsets, the messages);
+1. ONE database transaction: the queued writes and this instance's row of
+   ``outbox_flushes`` (the flush's token ``instance:run:seq``, the consumed offsets, the
+   messages);
 2. ONE Kafka transaction: the messages and the consumed offsets, each offset with the
-   metadata ``seq=N``, so the group's committed offsets say which flush last reached
+   token as its metadata, so the group's committed offsets say whether the flush reached
    Kafka. It is tried again (the same content) until it commits, and no next flush
    starts before it has.
 
 A crash before (1) loses nothing: the messages are read again and decided again. A crash
 between (1) and (2) leaves a flush the database holds and Kafka does not:
-:meth:`Outbox.recover`, run before consuming, sends it again (decided once, sent once).
-A flush that only moves offsets (a batch that decided nothing) writes no row and keeps
-the last sequence number; it waits for :data:`OFFSETS_EVERY` seconds (re-reading such
-messages after a crash changes nothing).
+:meth:`Outbox.settle`, run before consuming (by the restarted instance, or by the one that
+gains a crashed instance's partitions, SPEC §9), sends it again (decided once, sent once).
+Before giving its partitions up in a rebalance an instance flushes and marks its row
+settled (:meth:`Outbox.release`). A flush that only moves offsets (a batch that decided
+nothing) writes no row and carries the last token; it waits for :data:`OFFSETS_EVERY`
+seconds (re-reading such messages after a crash changes nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol, runtime_checkable
 
 from loguru import logger
 
 from evcharging.apps.ev_central.records import PendingRow
 from evcharging.apps.ev_central.repository import Repository, StorageError
-from evcharging.apps.ev_central.writes import PendingSaved, Write
+from evcharging.apps.ev_central.writes import PendingSaved, PendingSettled, Write
 from evcharging.common.bus import TOPIC_MODELS, BusError, Fenced, Publisher, Topic, topic_of
 from evcharging.common.messages import Message, decode, encode
 
@@ -54,7 +58,6 @@ __all__ = [
     "PendingFlush",
     "Position",
     "TransactionalBus",
-    "seq_of",
 ]
 
 RETRY_FIRST_DELAY = 0.1
@@ -73,15 +76,6 @@ Position = tuple[str, int]
 Committed = Mapping[Position, tuple[int, str]]
 """A group's committed offsets: the next offset and its metadata, per partition."""
 
-_SEQ = re.compile(r"^seq=(\d+)$")
-
-
-def seq_of(metadata: str | None) -> int:
-    """The flush sequence number in an offset's metadata (0 when it has none)."""
-    match = _SEQ.match(metadata or "")
-    return int(match.group(1)) if match else 0
-
-
 @runtime_checkable
 class TransactionalBus(Protocol):
     """A bus that sends messages and consumed offsets in one Kafka transaction."""
@@ -90,33 +84,48 @@ class TransactionalBus(Protocol):
     def transactional(self) -> bool: ...
 
     async def commit_transaction(
-        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str
+        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str,
+        payloads: Sequence[bytes] | None = None,
     ) -> None:
-        """Send `messages` and commit `offsets` (each with `metadata`) atomically.
+        """Send `messages` (`payloads`: them encoded, when the caller has that already)
+        and commit `offsets` (each with `metadata`) atomically.
         BusError: the transaction did not commit (none of it is visible; try again);
         :class:`~evcharging.common.bus.Fenced`: this producer may never send again."""
 
 
 @dataclass(frozen=True)
 class PendingFlush:
-    """One flush as the ``outbox_pending`` row keeps it."""
+    """One flush as an instance's ``outbox_flushes`` row keeps it. Its `token` is the
+    metadata of every offset it commits: a partition whose committed offset carries it
+    shows that Kafka has the flush."""
 
-    seq: int
+    token: str
     offsets: dict[Position, int]
     messages: tuple[Message, ...]
 
-    def row(self) -> PendingSaved:
+    @cached_property
+    def payloads(self) -> tuple[bytes, ...]:
+        """The messages encoded, once for the row and for Kafka (frozen: they stay so)."""
+        return tuple(encode(m) for m in self.messages)
+
+    def row(self, instance: str) -> PendingSaved:
         offsets = [[topic, partition, offset]
                    for (topic, partition), offset in sorted(self.offsets.items())]
-        messages = [[topic_of(m).value, encode(m).decode()] for m in self.messages]
-        return PendingSaved(self.seq, json.dumps(offsets), json.dumps(messages))
+        messages = [[topic_of(m).value, payload.decode()]
+                    for m, payload in zip(self.messages, self.payloads, strict=True)]
+        return PendingSaved(instance, self.token, json.dumps(offsets), json.dumps(messages))
 
     @classmethod
     def from_row(cls, row: PendingRow) -> PendingFlush:
         offsets = {(str(t), int(p)): int(o) for t, p, o in json.loads(row.offsets)}
         messages = tuple(decode(TOPIC_MODELS[Topic(t)], text.encode())
                          for t, text in json.loads(row.messages))
-        return cls(row.seq, offsets, messages)
+        return cls(row.token, offsets, messages)
+
+    def in_kafka(self, committed: Committed) -> bool:
+        """Whether the group's committed offsets show this flush."""
+        return any(committed.get(position, (0, ""))[1] == self.token
+                   for position in self.offsets)
 
 
 class Outbox:
@@ -128,7 +137,12 @@ class Outbox:
         *,
         on_sent: Callable[[Message], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        instance: str = "",
     ) -> None:
+        self.instance = instance
+        """Whose row of ``outbox_flushes`` this outbox writes (SPEC §9)."""
+        self._run = uuid.uuid4().hex[:12]
+        """This process's mark in its flushes' tokens (a restart counts anew)."""
         self._repo = repo
         self._on_sent = on_sent
         self._bus = bus
@@ -142,7 +156,7 @@ class Outbox:
         self._soon: asyncio.Task[None] | None = None
         # Exactly once (a transactional bus only):
         self._seq = 0
-        """The last flush written to the database (and to Kafka once it is delivered)."""
+        """The number of the last flush written (its token is instance:run:seq)."""
         self._recovered = False
         self._consumed: dict[Position, int] = {}
         """The next offset of every partition read, as the consumer handled it."""
@@ -233,11 +247,13 @@ class Outbox:
                 self._clock() - self._committed_at < OFFSETS_EVERY
             ):
                 return
-            flush = PendingFlush(self._seq, offsets, ())  # no row: nothing to send again
+            flush = PendingFlush(self._token(self._seq), offsets, ())  # no row: nothing to
+            # send again
         else:
-            flush = PendingFlush(self._seq + 1, offsets, tuple(self._messages[:messages]))
-            await self._repo.apply([*self._ops[:ops], flush.row()])
-            self._seq = flush.seq
+            flush = PendingFlush(self._token(self._seq + 1), offsets,
+                                 tuple(self._messages[:messages]))
+            await self._repo.apply([*self._ops[:ops], flush.row(self.instance)])
+            self._seq += 1
             del self._ops[:ops]
             del self._messages[:messages]
             self._stats["db_transactions"] += 1
@@ -262,7 +278,7 @@ class Outbox:
                 await asyncio.wait_for(asyncio.shield(self._delivery), CLOSING_DELIVERY_TIMEOUT)
             except TimeoutError:
                 self._delivery.cancel()
-                raise BusError(f"flush {flush.seq} did not reach Kafka before shutdown; the "
+                raise BusError(f"flush {flush.token} did not reach Kafka before shutdown; the "
                                "database holds it and the next start sends it") from None
         else:
             await asyncio.shield(self._delivery)
@@ -281,11 +297,12 @@ class Outbox:
         while True:
             try:
                 await self._txn.commit_transaction(
-                    flush.messages, flush.offsets, metadata=f"seq={flush.seq}"
+                    flush.messages, flush.offsets, metadata=flush.token,
+                    payloads=flush.payloads,
                 )
             except Fenced as exc:
                 logger.critical("flush {} cannot be sent, another Central took over ({}); "
-                                "stopping", flush.seq, exc)
+                                "stopping", flush.token, exc)
                 raise
             except BusError as exc:
                 self._stats["publish_errors"] += 1
@@ -293,7 +310,7 @@ class Outbox:
                 if not self._publish_failing:
                     self._publish_failing = True
                     logger.error("flush {} ({} message(s)) not sent: {}; retrying (logged "
-                                 "once until sending works again)", flush.seq,
+                                 "once until sending works again)", flush.token,
                                  len(flush.messages), exc)
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_DELAY)
@@ -303,55 +320,98 @@ class Outbox:
                 logger.info("sending works again")
             return
 
+    def _token(self, seq: int) -> str:
+        return f"{self.instance}:{self._run}:{seq}"
+
     async def recover(self, read_committed: Callable[[], Awaitable[Committed]]) -> None:
-        """Before Central consumes: send again the flush the database holds and Kafka
-        did not get (its decisions are recorded; nothing is decided twice), then wait
-        until the group's committed offsets show it. `read_committed` reads the group's
-        committed offsets with their metadata, every partition Central reads included
-        (offset 0 and no metadata where the group has none), so that every flush carries
-        its sequence number to Kafka."""
+        """One Central (no partitions to share): before it consumes, send again its last
+        flush if the database holds it and Kafka does not, and start from the group's
+        committed offsets of every partition it reads (:meth:`settle`)."""
+        await self.settle(read_committed, adopt=(self.instance, ""), positions=None)
+
+    async def settle(
+        self,
+        read_committed: Callable[[], Awaitable[Committed]],
+        *,
+        adopt: Iterable[str],
+        positions: Iterable[Position] | None,
+    ) -> dict[Position, int]:
+        """Before Central consumes partitions: send again the last flush of each instance
+        in `adopt` (this one's from before a restart, or a crashed one's whose partitions
+        it gained) that the database holds and Kafka does not (its decisions are
+        recorded; nothing is decided twice), then start this outbox's offsets at the
+        group's committed ones of `positions` (None: every partition `read_committed`
+        reads). Returns those offsets: where consuming resumes. `read_committed` reads
+        the group's committed offsets with their metadata (offset 0 and no metadata
+        where the group has none)."""
         if self._txn is None:
             self._recovered = True
-            return
+            return {}
         async with self._lock:
+            if self._delivering is not None:
+                await self._finish_delivery()
             committed = await read_committed()
-            kafka_seq = max((seq_of(meta) for _, meta in committed.values()), default=0)
-            self._consumed = {pos: offset for pos, (offset, _) in committed.items()}
-            row = await self._repo.load_pending()
-            pending = None if row is None else PendingFlush.from_row(row)
-            db_seq = 0 if pending is None else pending.seq
-            self._seq = max(db_seq, kafka_seq)
+            rows = await self._repo.load_flushes()
+            for instance in dict.fromkeys(adopt):
+                row = rows.get(instance)
+                if row is None:
+                    continue
+                flush = PendingFlush.from_row(row)
+                if flush.offsets and flush.in_kafka(committed):
+                    logger.info("outbox: the last flush of {} is in Kafka",
+                                instance or "the Central before", )
+                else:
+                    logger.warning("outbox: the last flush of {} ({} message(s)) was recorded "
+                                   "but did not reach Kafka; sending it again",
+                                   instance or "the Central before", len(flush.messages))
+                    await self._commit_alone(flush)
+                    self._stats["flushes_recovered"] += 1
+                    if flush.offsets:
+                        committed = await self._wait_stable(read_committed, flush)
+                await self._repo.apply([PendingSettled(instance)])
+            start = {pos: offset for pos, (offset, _) in committed.items()
+                     if positions is None or pos in positions}
+            if positions is not None:
+                for pos in positions:
+                    start.setdefault((pos[0], pos[1]), 0)
+            self._consumed.update(start)
+            self._committed.update(start)
             self._recovered = True
-            if db_seq < kafka_seq:
-                logger.warning("Kafka holds flush {} but the database only flush {}: the "
-                               "database is older than the consumer group", kafka_seq, db_seq)
-            if pending is None or db_seq <= kafka_seq:
-                self._committed = dict(self._consumed)
-                logger.info("outbox: flush {} is the last one, in the database and in Kafka",
-                            self._seq)
+            return start
+
+    async def _commit_alone(self, flush: PendingFlush) -> None:
+        """Deliver another flush (a recorded one Kafka did not get) with its own token and
+        offsets, before anything else this outbox sends."""
+        self._delivering = flush
+        saved = self._committed, self._committed_at
+        await self._finish_delivery()
+        self._committed, self._committed_at = saved
+
+    async def release(self) -> None:
+        """Before giving every partition up (a rebalance): everything decided is flushed
+        and in Kafka; the offsets read so far are forgotten (another instance may read
+        them next), and this instance's last flush is marked settled, so that nobody
+        sends it again."""
+        await self.flush_retrying()
+        async with self._lock:
+            if self._txn is None:
                 return
-            self._consumed.update(pending.offsets)
-            flush = PendingFlush(pending.seq, dict(self._consumed), pending.messages)
-            logger.warning("outbox: flush {} ({} message(s)) was recorded but did not reach "
-                           "Kafka; sending it again", flush.seq, len(flush.messages))
-            self._delivering = flush
-            await self._finish_delivery()
-            self._stats["flushes_recovered"] += 1
-            if flush.offsets:
-                await self._wait_stable(read_committed, flush.seq)
+            self._consumed.clear()
+            self._committed.clear()
+            await self._repo.apply([PendingSettled(self.instance)])
 
     async def _wait_stable(
-        self, read_committed: Callable[[], Awaitable[Committed]], seq: int
-    ) -> None:
+        self, read_committed: Callable[[], Awaitable[Committed]], flush: PendingFlush
+    ) -> Committed:
         """The group coordinator applies a transaction's offsets once its commit marker is
         written, just after the commit returns: wait until they show before consuming."""
         deadline = time.monotonic() + STABLE_TIMEOUT
         while time.monotonic() < deadline:
             committed = await read_committed()
-            if max((seq_of(meta) for _, meta in committed.values()), default=0) >= seq:
-                return
+            if flush.in_kafka(committed):
+                return committed
             await asyncio.sleep(0.05)
-        raise BusError(f"the offsets of flush {seq} were committed but do not show")
+        raise BusError(f"the offsets of flush {flush.token} were committed but do not show")
 
     def flush_soon(self) -> None:
         """Flush in a moment, once for everything queued until then (timers that fire by

@@ -11,6 +11,7 @@ times in the order of insertion (SQLite's ``rowid``, PostgreSQL's ``seq``).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from datetime import timedelta
 from types import TracebackType
@@ -19,6 +20,7 @@ from typing import Any, ClassVar, Self
 from evcharging.apps.ev_central import sql
 from evcharging.apps.ev_central.records import (
     SESSION_ACTIVE,
+    CentralRecord,
     CPRecord,
     FaultEvent,
     HealthSnapshot,
@@ -154,13 +156,22 @@ class SqlReads:
         rows = await self._rows(sql.SQL_CP_HISTORY, cp_id, clamp(limit))
         return [sql.health_from_row(row) for row in rows]
 
-    async def load_pending(self) -> PendingRow | None:
-        """The outbox's last flush (None before the first)."""
+    async def load_flushes(self) -> dict[str, PendingRow]:
+        """Each instance's last flush, by instance ('' for a Central from before §9)."""
         rows = await self._rows(sql.SQL_LOAD_PENDING)
-        if not rows:
-            return None
-        return PendingRow(int(rows[0]["seq"]), str(rows[0]["offsets"]),
-                          str(rows[0]["messages"]))
+        return {str(row["instance"]): PendingRow(str(row["instance"]), str(row["token"]),
+                                                 str(row["offsets"]), str(row["messages"]))
+                for row in rows}
+
+    async def load_centrals(self) -> list[CentralRecord]:
+        """The Centrals that share the work, as each last said (SPEC §9)."""
+        return [CentralRecord(
+            instance=str(row["instance"]), peer_url=str(row["peer_url"]),
+            transactional_id=str(row["transactional_id"]),
+            partitions=frozenset(int(p) for p in json.loads(str(row["partitions"]))),
+            partition_count=int(row["partition_count"]),
+            seen_at=ts_parse(str(row["seen_at"])),
+        ) for row in await self._rows(sql.SQL_LOAD_CENTRALS)]
 
     async def load_site_limits(self) -> dict[str, float]:
         """Every site's power limit in kW (SPEC §10), by site."""

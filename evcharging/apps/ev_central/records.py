@@ -27,6 +27,7 @@ __all__ = [
     "SESSION_ACTIVE",
     "SESSION_STATUSES",
     "CPRecord",
+    "CentralRecord",
     "FaultEvent",
     "FaultEventType",
     "HealthSnapshot",
@@ -175,12 +176,26 @@ class HealthSnapshot(_AsDict):
 
 @dataclass(frozen=True)
 class PendingRow:
-    """The outbox's last flush (``outbox_pending``): its sequence number, and the consumed
-    offsets and messages it sends, as JSON text (the outbox reads and writes them)."""
+    """An instance's last flush (``outbox_flushes``): its token (the mark its offsets
+    carry in Kafka), and the consumed offsets and messages it sends, as JSON text (the
+    outbox reads and writes them)."""
 
-    seq: int
+    instance: str
+    token: str
     offsets: str
     messages: str
+
+
+@dataclass(frozen=True)
+class CentralRecord:
+    """A Central sharing the work (SPEC §9), as it last said."""
+
+    instance: str
+    peer_url: str
+    transactional_id: str
+    partitions: frozenset[int]
+    partition_count: int
+    seen_at: datetime
 
 
 # ------------------------------------------------------------------------- checks

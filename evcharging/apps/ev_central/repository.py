@@ -42,6 +42,7 @@ from evcharging.apps.ev_central.records import (
     MAX_LIMIT,
     SESSION_ACTIVE,
     SESSION_STATUSES,
+    CentralRecord,
     Clock,
     CPRecord,
     FaultEvent,
@@ -62,6 +63,7 @@ __all__ = [
     "SESSION_ACTIVE",
     "SESSION_STATUSES",
     "CPRecord",
+    "CentralRecord",
     "DatabaseInUse",
     "FaultEvent",
     "FaultEventType",
@@ -128,7 +130,8 @@ class Repository(Protocol):
         self, *, limit: int = 50, cp_id: str | None = None
     ) -> list[FaultEvent]: ...
     async def cp_history(self, cp_id: str, *, limit: int = 50) -> list[HealthSnapshot]: ...
-    async def load_pending(self) -> PendingRow | None: ...
+    async def load_flushes(self) -> dict[str, PendingRow]: ...
+    async def load_centrals(self) -> list[CentralRecord]: ...
     async def load_site_limits(self) -> dict[str, float]: ...
     async def hold_lock(self, name: str) -> bool:
         """Take the network-wide job lock `name` if it is free and keep it while this

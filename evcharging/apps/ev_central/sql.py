@@ -13,6 +13,7 @@ The records and the timestamp format are :mod:`evcharging.apps.ev_central.record
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -163,6 +164,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             site       TEXT PRIMARY KEY,
             kw         REAL NOT NULL CHECK (kw >= 0),
             updated_at TEXT NOT NULL
+        )""",
+    ),
+    # 10: more than one Central (SPEC §9). Each instance's last flush (the outbox's, as
+    # outbox_pending was for the one Central; its row moves to the instance ''), and the
+    # instances: where their API answers, their transactional id and the partitions they
+    # claim (a crashed instance's claims tell its successor to fence it and settle its
+    # last flush).
+    (
+        """CREATE TABLE IF NOT EXISTS outbox_flushes (
+            instance TEXT PRIMARY KEY,
+            token    TEXT NOT NULL,
+            offsets  TEXT NOT NULL,
+            messages TEXT NOT NULL
+        )""",
+        "INSERT INTO outbox_flushes (instance, token, offsets, messages)"
+        " SELECT '', 'seq=' || seq, offsets, messages FROM outbox_pending",
+        """CREATE TABLE IF NOT EXISTS centrals (
+            instance         TEXT PRIMARY KEY,
+            peer_url         TEXT NOT NULL,
+            transactional_id TEXT NOT NULL,
+            partitions       TEXT NOT NULL,
+            partition_count  INTEGER NOT NULL,
+            seen_at          TEXT NOT NULL
         )""",
     ),
 )
@@ -386,7 +410,13 @@ def _finish_params(write: w.SessionFinished) -> tuple[Any, ...]:
 
 
 def _pending_params(write: w.PendingSaved) -> tuple[Any, ...]:
-    return (int(write.seq), write.offsets, write.messages)
+    return (write.instance, write.token, write.offsets, write.messages)
+
+
+def _central_params(write: w.CentralSaved) -> tuple[Any, ...]:
+    return (write.instance, write.peer_url, write.transactional_id,
+            json.dumps(sorted(write.partitions)), int(write.partition_count),
+            ts_text(write.seen_at))
 
 
 PARAMS: dict[type[Any], Callable[[Any], tuple[Any, ...]]] = {
@@ -405,6 +435,9 @@ PARAMS: dict[type[Any], Callable[[Any], tuple[Any, ...]]] = {
     w.HealthRecorded: lambda x: health_params(x.snapshot),
     w.HealthPruned: lambda x: (ts_text(x.before),),
     w.PendingSaved: _pending_params,
+    w.PendingSettled: lambda x: (x.instance,),
+    w.CentralSaved: _central_params,
+    w.ClaimsCut: lambda x: (json.dumps(sorted(x.partitions)), x.instance),
     w.SiteLimitSet: lambda x: (x.site, float(x.kw), ts_text(x.now)),
     w.SiteLimitRemoved: lambda x: (x.site,),
 }
@@ -424,9 +457,18 @@ STATEMENTS: dict[type[Any], str] = {
     w.FaultRecorded: SQL_INSERT_FAULT,
     w.HealthRecorded: SQL_INSERT_HEALTH,
     w.HealthPruned: "DELETE FROM cp_health_history WHERE timestamp < ?",
-    w.PendingSaved: "INSERT INTO outbox_pending (id, seq, offsets, messages) VALUES (1, ?, ?, ?)"
-                    " ON CONFLICT (id) DO UPDATE SET seq = excluded.seq,"
-                    " offsets = excluded.offsets, messages = excluded.messages",
+    w.PendingSaved: "INSERT INTO outbox_flushes (instance, token, offsets, messages)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (instance) DO UPDATE SET"
+                    " token = excluded.token, offsets = excluded.offsets,"
+                    " messages = excluded.messages",
+    w.PendingSettled: "DELETE FROM outbox_flushes WHERE instance = ?",
+    w.CentralSaved: "INSERT INTO centrals (instance, peer_url, transactional_id, partitions,"
+                    " partition_count, seen_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (instance) DO UPDATE SET peer_url = excluded.peer_url,"
+                    " transactional_id = excluded.transactional_id,"
+                    " partitions = excluded.partitions,"
+                    " partition_count = excluded.partition_count, seen_at = excluded.seen_at",
+    w.ClaimsCut: "UPDATE centrals SET partitions = ? WHERE instance = ?",
     w.SiteLimitSet: "INSERT INTO site_limits (site, kw, updated_at) VALUES (?, ?, ?)"
                     " ON CONFLICT (site) DO UPDATE SET kw = excluded.kw,"
                     " updated_at = excluded.updated_at",
@@ -447,7 +489,10 @@ TABLES: dict[type[Any], str] = {
     w.FaultRecorded: "fault_events",
     w.HealthRecorded: "cp_health_history",
     w.HealthPruned: "cp_health_history",
-    w.PendingSaved: "outbox_pending",
+    w.PendingSaved: "outbox_flushes",
+    w.PendingSettled: "outbox_flushes",
+    w.CentralSaved: "centrals",
+    w.ClaimsCut: "centrals",
     w.SiteLimitSet: "site_limits",
     w.SiteLimitRemoved: "site_limits",
 }
@@ -473,5 +518,7 @@ def runs(writes: Sequence[w.Write]) -> list[tuple[type[Any], list[tuple[Any, ...
     return result
 
 
-SQL_LOAD_PENDING = "SELECT seq, offsets, messages FROM outbox_pending WHERE id = 1"
+SQL_LOAD_PENDING = "SELECT instance, token, offsets, messages FROM outbox_flushes ORDER BY instance"
+SQL_LOAD_CENTRALS = ("SELECT instance, peer_url, transactional_id, partitions, partition_count,"
+                     " seen_at FROM centrals ORDER BY instance")
 SQL_LOAD_SITE_LIMITS = "SELECT site, kw FROM site_limits ORDER BY site"

@@ -29,11 +29,14 @@ from evcharging.apps.ev_central.records import (
 __all__ = [
     "CPForgotten",
     "CPUpserted",
+    "CentralSaved",
+    "ClaimsCut",
     "CompletedByMeter",
     "FaultRecorded",
     "HealthPruned",
     "HealthRecorded",
     "PendingSaved",
+    "PendingSettled",
     "RequestLogged",
     "SessionFinished",
     "SessionOpened",
@@ -166,11 +169,40 @@ class HealthPruned:
 
 @dataclass(slots=True)
 class PendingSaved:
-    """The outbox's last flush, replacing the one before (the table has one row)."""
+    """An instance's last flush, replacing its one before (one row per instance)."""
 
-    seq: int
+    instance: str
+    token: str
+    """The flush's mark on the offsets it commits: whether Kafka has it (SPEC §4)."""
     offsets: str
     messages: str
+
+
+@dataclass(slots=True)
+class PendingSettled:
+    """An instance's last flush is in Kafka, or was sent by its successor (SPEC §9)."""
+
+    instance: str
+
+
+@dataclass(slots=True)
+class CentralSaved:
+    """A Central says where it answers and which partitions it owns (SPEC §9)."""
+
+    instance: str
+    peer_url: str
+    transactional_id: str
+    partitions: frozenset[int]
+    partition_count: int
+    seen_at: datetime
+
+
+@dataclass(slots=True)
+class ClaimsCut:
+    """A crashed Central's claims, less the partitions its successor took over."""
+
+    instance: str
+    partitions: frozenset[int]
 
 
 @dataclass(slots=True)
@@ -195,6 +227,7 @@ class SiteLimitRemoved:
 Write = (
     CPUpserted | CPForgotten | RequestLogged | SessionOpened | SessionStarted
     | SessionFinished | TotalsCorrected | CompletedByMeter | FaultRecorded | HealthRecorded
-    | HealthPruned | PendingSaved | SiteLimitSet | SiteLimitRemoved
+    | HealthPruned | PendingSaved | PendingSettled | CentralSaved | ClaimsCut | SiteLimitSet
+    | SiteLimitRemoved
 )
 """One write; a sequence of them is one transaction."""
