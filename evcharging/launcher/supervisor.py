@@ -93,7 +93,8 @@ class Supervisor:
         self._signals = 0
         self._env = child_env(environ, console.colour)
         self._die_with_parent = DieWithParent()
-        self._base_url = f"http://127.0.0.1:{options.http_port}"
+        self._central_urls = [f"http://127.0.0.1:{central.http_port}"
+                              for central in options.central_instances]
         self._fleet_url = f"http://127.0.0.1:{options.fleet_port}"
 
     # ----------------------------------------------------------------- signals
@@ -153,6 +154,8 @@ class Supervisor:
             health = await self._wait_central(central, url)
             self.console.ok(f"Central {instance.instance_id} is up "
                             f"({time.monotonic() - began:.1f} s){_instance_note(health)}")
+        if len(centrals) > 1:
+            await self._wait_partitions()
         if by_role[Role.OCPP]:
             gateway = self._launch(by_role[Role.OCPP][0])
             url = f"http://127.0.0.1:{self.options.ocpp_http_port}/health"
@@ -215,6 +218,35 @@ class Supervisor:
                     )
                 await self._pause()
 
+    async def _wait_partitions(self) -> None:
+        """With several Centrals whose ``/health`` lists the partitions each owns (SPEC §9):
+        until their group has settled (no partition owned twice, and every instance owns
+        one, or as many as there are partitions do), so that the CPs start with their
+        owners in place. Not settled within ``--start-timeout``: a warning, and on."""
+        deadline = time.monotonic() + self.options.start_timeout
+        began = time.monotonic()
+        owned: list[list[int] | None] = []
+        self.console.say("waiting for the Centrals to share the partitions ...")
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
+            while True:
+                self._check_starting(*self.centrals)
+                owned = [await _partitions(http, url) for url in self._central_urls]
+                if any(found is None for found in owned):
+                    if all(found is None for found in owned) and owned:
+                        return  # a Central that does not report its partitions
+                elif partitions_settled([found or [] for found in owned]):
+                    break
+                if time.monotonic() >= deadline:
+                    self.console.warn(
+                        "the Centrals did not settle on the partitions within "
+                        f"{self.options.start_timeout:g} s ({_ownership(self.centrals, owned)}); "
+                        "starting the rest anyway"
+                    )
+                    return
+                await self._pause()
+        self.console.ok(f"the Centrals share the partitions ({time.monotonic() - began:.1f} s):"
+                        f" {_ownership(self.centrals, owned)}")
+
     async def _wait_gateway(self, gateway: Child, url: str) -> None:
         """Until the OCPP gateway's ``/health`` answers 200 (it listens and reaches Kafka)."""
         deadline = time.monotonic() + self.options.start_timeout
@@ -238,7 +270,9 @@ class Supervisor:
                 await self._pause()
 
     async def _wait_cps(self, engines: list[Child], monitors: Mapping[str, ChildSpec]) -> None:
-        """Until Central shows every engine's CP ACTIVATED; starts each CP's monitor then."""
+        """Until Central shows every engine's CP ACTIVATED; starts each CP's monitor then.
+        With several Centrals, a CP is ACTIVATED when one of them shows it so (its owner
+        does first)."""
         wanted = [engine.spec.cp_id or "" for engine in engines]
         waiting_monitors = dict(monitors)
         started_monitors: list[Child] = []
@@ -247,17 +281,10 @@ class Supervisor:
         async with httpx.AsyncClient(timeout=2.0, trust_env=False) as http:
             while True:
                 self._check_starting(*self.centrals, *engines, *started_monitors)
-                try:
-                    response = await http.get(f"{self._base_url}/cp")
-                    body = response.json() if response.status_code == 200 else []
-                except (httpx.HTTPError, ValueError):
-                    body = []
-                for cp in body if isinstance(body, list) else []:
-                    if isinstance(cp, dict) and isinstance(cp.get("cp_id"), str):
-                        # last_seen: heard from since this Central started (not a stale state
-                        # reloaded from the database).
-                        seen = cp.get("last_seen") is not None
-                        states[cp["cp_id"]] = str(cp.get("state")) if seen else "not seen yet"
+                polled = [await _cp_states(http, url) for url in self._central_urls]
+                for cp_id in {cp_id for found in polled for cp_id in found}:
+                    told = [found[cp_id] for found in polled if cp_id in found]
+                    states[cp_id] = "ACTIVATED" if "ACTIVATED" in told else told[0]
                 for cp_id in list(waiting_monitors):
                     if states.get(cp_id) == "ACTIVATED":
                         started_monitors.append(self._launch(waiting_monitors.pop(cp_id)))
@@ -289,7 +316,11 @@ class Supervisor:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as http:
             while True:
                 self._check_starting(*self.centrals, fleet)
-                at_central = await _activated_at_central(http, self._base_url)
+                # Every Central answers for the whole network (SPEC §9): the highest count
+                # of those that answer.
+                counts = [await _activated_at_central(http, url) for url in self._central_urls]
+                answered = [count for count in counts if count is not None]
+                at_central = max(answered) if answered else None
                 states = await _fleet_states(http, self._fleet_url)
                 connected = total - states.get("DISCONNECTED", total)
                 activated = states.get("ACTIVATED", 0)
@@ -468,6 +499,23 @@ class Supervisor:
             self.console.ok("the process has stopped")
 
 
+async def _cp_states(http: httpx.AsyncClient, base_url: str) -> dict[str, str]:
+    """The state of each CP one Central lists (``not seen yet`` for one it has not heard
+    from since it started: a state reloaded from the database is stale); empty while it
+    does not answer."""
+    try:
+        response = await http.get(f"{base_url}/cp")
+        body = response.json() if response.status_code == 200 else []
+    except (httpx.HTTPError, ValueError):
+        body = []
+    states = {}
+    for cp in body if isinstance(body, list) else []:
+        if isinstance(cp, dict) and isinstance(cp.get("cp_id"), str):
+            seen = cp.get("last_seen") is not None
+            states[cp["cp_id"]] = str(cp.get("state")) if seen else "not seen yet"
+    return states
+
+
 async def _activated_at_central(http: httpx.AsyncClient, base_url: str) -> int | None:
     """How many CPs Central lists ACTIVATED; None while it does not answer."""
     try:
@@ -499,17 +547,37 @@ def _json_or_none(response: httpx.Response) -> object:
 
 
 def _instance_note(health: object) -> str:
-    """What a Central's ``/health`` says of its place among several (SPEC §9): its id and
-    partitions, when it reports them."""
-    if not isinstance(health, dict):
-        return ""
-    parts = []
-    if isinstance(health.get("instance"), str):
-        parts.append(f"instance {health['instance']}")
-    partitions = health.get("partitions")
-    if isinstance(partitions, list):
-        parts.append(f"partitions {partitions}" if partitions else "no partition yet")
-    return f": {', '.join(parts)}" if parts else ""
+    """What a Central's ``/health`` says of its place among several (SPEC §9): its id,
+    when it reports it."""
+    if isinstance(health, dict) and isinstance(health.get("instance"), str):
+        return f": instance {health['instance']}"
+    return ""
+
+
+async def _partitions(http: httpx.AsyncClient, base_url: str) -> list[int] | None:
+    """The partitions a Central's ``/health`` says it owns; None when it does not say (or
+    does not answer)."""
+    try:
+        found = (await http.get(f"{base_url}/health")).json().get("partitions")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    if not isinstance(found, list) or not all(isinstance(p, int) for p in found):
+        return None
+    return sorted(found)
+
+
+def partitions_settled(owned: list[list[int]]) -> bool:
+    """Whether the Centrals' partitions look like a settled group: none owned twice, and
+    as many instances own some as can (all of them, or one per partition)."""
+    every = [p for found in owned for p in found]
+    if not every or len(every) != len(set(every)):
+        return False
+    return sum(1 for found in owned if found) == min(len(owned), len(every))
+
+
+def _ownership(centrals: list[Child], owned: list[list[int] | None]) -> str:
+    return ", ".join(f"{child.name} {'?' if found is None else found}"
+                     for child, found in zip(centrals, owned, strict=False))
 
 
 def _count_text(count: int | None) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ from evcharging.launcher.plan import (
     metrics_targets,
     plan_ports,
 )
-from evcharging.launcher.supervisor import Supervisor, supervise
+from evcharging.launcher.supervisor import Supervisor, partitions_settled, supervise
 from tests.polling import poll
 from tests.unit.test_launcher import LAUNCHER_VARIABLES, SERVICE_PREFIXES, free_port, parse
 from tests.unit.test_launcher_postgres import URL, Events, fake_run, run_args
@@ -355,9 +356,11 @@ async def test_each_central_is_waited_for_and_stopped_with_the_others(tmp_path: 
                    what="the banner", retry_on=())
         text = out.getvalue()
         assert f"waiting for Central central-1 at http://127.0.0.1:{http}/health" in text
-        assert "Central central-1 is up" in text
-        assert "instance central-1, partitions [0, 2]" in text
-        assert "instance central-2, partitions [1, 3]" in text
+        assert re.search(r"Central central-1 is up \([\d.]+ s\): instance central-1$", text,
+                         re.MULTILINE), text
+        assert "Central central-2 is up" in text
+        assert re.search(r"the Centrals share the partitions \([\d.]+ s\): central-1 \[0, 2\], "
+                         r"central-2 \[1, 3\]", text), text
         assert [c.name for c in sup.centrals] == ["central-1", "central-2"]
         assert all(c.running for c in sup.centrals)
         sup.on_signal(signal.SIGINT)
@@ -370,6 +373,14 @@ async def test_each_central_is_waited_for_and_stopped_with_the_others(tmp_path: 
     assert (code, forced) == (0, False)
     assert "stopping EV Central: central-1, central-2" in out.getvalue()
     assert "all 2 processes have stopped" in out.getvalue()
+
+
+def test_a_settled_group_owns_each_partition_once_and_spreads_them() -> None:
+    assert partitions_settled([[0, 2], [1, 3]])
+    assert partitions_settled([[0], [], []])  # one partition, three Centrals: one owns it
+    assert not partitions_settled([[0, 1, 2, 3], []])  # still joining: central-2 owns nothing yet
+    assert not partitions_settled([[0, 1], [1, 2, 3]])  # handing over: 1 owned twice
+    assert not partitions_settled([[], []])
 
 
 async def test_a_central_that_dies_while_the_other_runs_is_reported_not_fatal() -> None:
