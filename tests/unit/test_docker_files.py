@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from pydantic_settings import BaseSettings
 
 from evcharging.apps.ev_fleet.plan import fleet_plan
+from evcharging.common.centrals import parse_centrals
 from evcharging.common.config import (
     SHARED_TOKEN_ENV,
     CentralSettings,
@@ -94,7 +95,8 @@ EXPECTED_SERVICES = frozenset(
         KAFKA,
         KAFKA_SETUP,
         POSTGRES,
-        "ev-central",
+        "central-1",
+        "central-2",
         "cp-engine-1",
         "cp-engine-2",
         "cp-monitor-1",
@@ -108,6 +110,8 @@ DEPENDS_CONDITIONS = frozenset(
     {"service_started", "service_healthy", "service_completed_successfully"}
 )
 _INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?::?-(?P<default>[^}]*))?\}")
+CENTRALS = ("central-1", "central-2")
+"""The Centrals sharing the work (SPEC §9): each client of Central's API names both."""
 
 
 # --- reading the files ------------------------------------------------------------------
@@ -457,12 +461,25 @@ def test_monitor_points_at_its_engine_and_at_central(
     assert monitor.cp_id == engine.cp_id, f"{service} watches {engine.cp_id} as {monitor.cp_id}"
     assert monitor.cp_e_port == engine.health_port
 
-    assert monitor.central_host in services(), f"{service}: no service {monitor.central_host}"
-    assert settings_class(monitor.central_host) is CentralSettings
-    central = container_settings(monitor.central_host, monkeypatch, tmp_path)
-    assert isinstance(central, CentralSettings)
-    assert monitor.central_port == central.http_port
-    assert {engine_service, monitor.central_host} <= depends_on(service).keys()
+    assert_points_at_every_central(service, monitor.central_host, monitor.central_port,
+                                   monkeypatch, tmp_path)
+    assert engine_service in depends_on(service)
+
+
+def assert_points_at_every_central(
+    service: str, hosts: str, port: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A client of Central's API (SPEC §9): its address list names every Central service,
+    each on the port that Central listens on, and it waits for each to be healthy."""
+    addresses = parse_centrals(hosts, port)
+    assert [a.host for a in addresses] == list(CENTRALS), f"{service}: --central-host {hosts}"
+    for address in addresses:
+        assert address.host in services(), f"{service}: no service {address.host}"
+        assert settings_class(address.host) is CentralSettings
+        central = container_settings(address.host, monkeypatch, tmp_path)
+        assert isinstance(central, CentralSettings)
+        assert address.port == central.http_port, f"{service}: {address} is not its HTTP port"
+        assert depends_on(service).get(address.host) == "service_healthy", service
 
 
 def test_fleet_points_at_central_and_its_cps_are_new_ones(
@@ -479,12 +496,8 @@ def test_fleet_points_at_central_and_its_cps_are_new_ones(
     assert fleet.cps == 100  # FLEET_CPS's default, from the command's ${FLEET_CPS:-100}
     assert "${FLEET_CPS:-" in services()[service]["command"]
     assert _env_name(FleetSettings, "cps") == "FLEET_CPS"
-    assert fleet.central_host in services(), f"{service}: no service {fleet.central_host}"
-    assert settings_class(fleet.central_host) is CentralSettings
-    central = container_settings(fleet.central_host, monkeypatch, tmp_path)
-    assert isinstance(central, CentralSettings)
-    assert fleet.central_port == central.http_port
-    assert depends_on(service).get(fleet.central_host) == "service_healthy"
+    assert_points_at_every_central(service, fleet.central_host, fleet.central_port,
+                                   monkeypatch, tmp_path)
     assert services()[service].get("hostname") == service
     ids = {spec.cp_id for spec in fleet_plan(fleet.id_prefix, fleet.first, fleet.cps)}
     engines = set()
@@ -556,11 +569,8 @@ def test_ocpp_gateway_is_protected_by_passwords_and_keeps_its_state_on_a_volume(
     named = {PurePosixPath(v["target"]) for v in volumes(service) if v["type"] == "volume"}
     assert state.parent in named, f"{service}: {state} is not on a named volume"
 
-    assert gateway.central_host in services()
-    central = container_settings(gateway.central_host, monkeypatch, tmp_path)
-    assert isinstance(central, CentralSettings)
-    assert gateway.central_port == central.http_port
-    assert depends_on(service).get(gateway.central_host) == "service_healthy"
+    assert_points_at_every_central(service, gateway.central_host, gateway.central_port,
+                                   monkeypatch, tmp_path)
     published = [interpolate(str(p)) for p in services()[service]["ports"]]
     assert published == [f"127.0.0.1:{gateway.ws_port}:{gateway.ws_port}",
                          f"127.0.0.1:{gateway.http_port}:{gateway.http_port}"]
@@ -663,11 +673,11 @@ def test_named_volumes_are_declared_and_central_keeps_its_database_on_one(
         assert db.parent in targets, f"{service}: {db} is not on a named volume"
 
 
-def test_central_uses_the_postgres_service_once_it_is_healthy(
+def test_the_centrals_use_the_postgres_service_once_it_is_healthy(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """SPEC §9: a `postgres` service (postgres:15, data on a volume, pg_isready) and one
-    Central whose CENTRAL_DB_URL names it, started once it is healthy; the password comes
+    """SPEC §9: a `postgres` service (postgres:15, data on a volume, pg_isready) and two
+    Centrals whose CENTRAL_DB_URL names it, started once it is healthy; the password comes
     from .env (`make up` writes it), the same one on both sides."""
     postgres = services()[POSTGRES]
     assert re.fullmatch(r"postgres:15(\.\d+)?", postgres["image"]), postgres["image"]
@@ -678,19 +688,57 @@ def test_central_uses_the_postgres_service_once_it_is_healthy(
     env = environment(POSTGRES)
     assert env["POSTGRES_PASSWORD"] == "${POSTGRES_PASSWORD:?run make up}"
     centrals = [s for s in APP_SERVICES if settings_class(s) is CentralSettings]
-    assert len(centrals) == 1, f"one Central until issue 16's partitioning: {centrals}"
-    (central,) = centrals
-    assert depends_on(central).get(POSTGRES) == "service_healthy"
-    settings = container_settings(central, monkeypatch, tmp_path)
-    assert isinstance(settings, CentralSettings)
-    url = urlsplit(settings.database_url)
-    assert url.scheme == "postgresql"
-    assert url.hostname == POSTGRES and url.port == 5432
-    assert url.username == env["POSTGRES_USER"] and url.path == f"/{env['POSTGRES_DB']}"
-    assert url.password == "${POSTGRES_PASSWORD:-}"  # the same variable, from .env
+    assert centrals == list(CENTRALS)
+    for central in centrals:
+        assert depends_on(central).get(POSTGRES) == "service_healthy"
+        settings = container_settings(central, monkeypatch, tmp_path)
+        assert isinstance(settings, CentralSettings)
+        url = urlsplit(settings.database_url)
+        assert url.scheme == "postgresql"
+        assert url.hostname == POSTGRES and url.port == 5432
+        assert url.username == env["POSTGRES_USER"] and url.path == f"/{env['POSTGRES_DB']}"
+        assert url.password == "${POSTGRES_PASSWORD:-}"  # the same variable, from .env
     from evcharging.devtools.env_token import POSTGRES_VARIABLES
 
     assert POSTGRES_VARIABLES == ("POSTGRES_PASSWORD",)  # `make up` writes it
+
+
+def test_two_centrals_share_the_work_each_with_its_id_peer_url_and_ports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """SPEC §9: central-1 and central-2 share one consumer group and one database; each has
+    its own instance id (its host name), a peer URL the other can reach (its service name
+    and HTTP port), its own host ports and its own volume, and the same topic partitions
+    (from .env, not set per service)."""
+    found = {}
+    for service in CENTRALS:
+        settings = container_settings(service, monkeypatch, tmp_path)
+        assert isinstance(settings, CentralSettings)
+        found[service] = settings
+        assert settings.instance_id == service
+        assert services()[service].get("hostname") == service
+        assert settings.own_url == f"http://{service}:{settings.http_port}"
+        assert settings.http_host == "0.0.0.0"  # the other Central reaches it
+        assert {f"{settings.http_port}", f"{settings.listen_port}"} == {
+            str(port) for port in container_ports(service)}
+        assert "CENTRAL_TOPIC_PARTITIONS" not in environment(service)
+    first, second = found.values()
+    assert first.group_id == second.group_id
+    assert first.database_url == second.database_url
+    published = [port for service in CENTRALS for port, _ in host_ports(service)]
+    assert len(published) == 4 and len(set(published)) == 4, published
+    assert published[:2] == ["8000", "9999"]  # CENTRAL_HTTP_PORT, CENTRAL_LISTEN_PORT
+    data = [{v["source"] for v in volumes(service) if v["type"] == "volume"}
+            for service in CENTRALS]
+    assert data[0] and data[1] and not data[0] & data[1], data
+    clients = [s for s in APP_SERVICES
+               if settings_class(s) in {CPMonitorSettings, FleetSettings, OcppSettings}]
+    assert len(clients) == 4, clients
+    for client in clients:
+        settings = container_settings(client, monkeypatch, tmp_path)
+        assert isinstance(settings, CPMonitorSettings | FleetSettings | OcppSettings)
+        assert_points_at_every_central(client, settings.central_host, settings.central_port,
+                                       monkeypatch, tmp_path)
 
 
 def test_driver_requests_file_is_mounted_from_the_repository(

@@ -160,7 +160,8 @@ def test_prometheus_mounts_its_config_and_rules_read_only() -> None:
     assert any(v["type"] == "volume" and v["target"] == "/prometheus"
                for v in volumes(PROMETHEUS_SERVICE))
     assert "--storage.tsdb.path=/prometheus" in command
-    assert services()[PROMETHEUS_SERVICE]["depends_on"]["ev-central"]["condition"]
+    assert services()[PROMETHEUS_SERVICE]["depends_on"]["central-1"]["condition"]
+    assert services()[PROMETHEUS_SERVICE]["depends_on"]["central-2"]["condition"]
 
 
 def test_grafana_mounts_its_provisioning_and_dashboards() -> None:
@@ -215,7 +216,7 @@ def test_every_service_with_a_metrics_port_is_scraped(
         settings = container_settings(service, monkeypatch, tmp_path)
         if getattr(settings, METRICS_PORT_FIELD[cls]):
             assert service in scraped, f"Prometheus does not scrape {service}"
-    assert {"ev-central", "cp-engine-1", "cp-monitor-1", "cp-fleet"} <= scraped
+    assert {"central-1", "central-2", "cp-engine-1", "cp-monitor-1", "cp-fleet"} <= scraped
 
 
 def test_grafana_data_source_is_the_compose_prometheus_and_the_dashboard_uses_it() -> None:
