@@ -65,6 +65,7 @@ __all__ = [
     "ArrayHistogram",
     "BusCollector",
     "Family",
+    "LoopHistogram",
     "ServiceMetrics",
     "counter",
     "gauge",
@@ -383,10 +384,17 @@ class ServiceMetrics:
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)
-        self._handler: Histogram | None = None
+        self._handler: LoopHistogram | None = None
 
     def add(self, collector: Collector) -> None:
         self.registry.register(collector)
+
+    def loop_histogram(self, name: str) -> LoopHistogram:
+        """A histogram of the catalogue observed on a hot path in the event loop
+        (:class:`LoopHistogram`), registered here."""
+        histogram = LoopHistogram(name)
+        self.add(histogram)
+        return histogram
 
     def histogram(self, name: str) -> Histogram:
         """A histogram of the catalogue, observed as things happen (registered here)."""
@@ -398,12 +406,12 @@ class ServiceMetrics:
         """The ``observe`` hook of a :class:`~evcharging.common.kafka.KafkaConsumerLoop`:
         each message's handler time into ``evcharging_handler_duration_seconds{topic}``."""
         if self._handler is None:
-            self._handler = self.histogram(PREFIX + "handler_duration_seconds")
+            self._handler = self.loop_histogram(PREFIX + "handler_duration_seconds")
         histogram = self._handler
-        children = {topic: histogram.labels(topic.value) for topic in Topic}
+        children = {topic: histogram.observer(topic.value) for topic in Topic}
 
         def observe(topic: Topic, seconds: float) -> None:
-            children[topic].observe(seconds)
+            children[topic](seconds)
 
         return observe
 
@@ -508,6 +516,52 @@ class ArrayHistogram:
             total += count
             buckets.append(("+Inf" if bound == math.inf else repr(bound), float(total)))
         yield histogram_family(self.name, buckets, self._sum)
+
+
+class LoopHistogram:
+    """A histogram of the catalogue observed on a hot path (each message a consumer
+    handles): one bisect and two additions per observation, where prometheus_client's
+    ``Histogram`` takes a lock twice and walks the buckets in Python (7 % of Central's
+    CPU at 10,000 CPs). Not thread-safe: observed and scraped in one event loop only
+    (``GET /metrics`` is an ``async`` route)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.family = _family(name, "histogram")
+        self._bounds = list(self.family.buckets)
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observer(self, *labels: str) -> Callable[[float], None]:
+        """The observe function of the series with these label values (in the family's
+        label order); the series is exposed from now on, with zeros until observed."""
+        if len(labels) != len(self.family.labels):
+            raise ValueError(f"{self.name} takes labels {self.family.labels}, got {labels}")
+        counts, total = self._series.setdefault(
+            labels, ([0] * (len(self._bounds) + 1), [0.0]))
+        bounds = self._bounds
+        bisect_left = bisect.bisect_left
+
+        def observe(value: float) -> None:
+            counts[bisect_left(bounds, value)] += 1  # le is "less than or equal"
+            total[0] += value
+
+        return observe
+
+    def describe(self) -> list[Metric]:
+        return described([self.name])
+
+    def collect(self) -> Iterator[Metric]:
+        family = self.family
+        metric = HistogramMetricFamily(family.base, family.help, labels=family.labels)
+        names = [*(repr(bound) for bound in self._bounds), "+Inf"]
+        for labels, (counts, total) in list(self._series.items()):
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for name, count in zip(names, counts, strict=True):
+                cumulative += count
+                buckets.append((name, float(cumulative)))
+            metric.add_metric(list(labels), buckets, sum_value=total[0])
+        yield metric
 
 
 def timer() -> Callable[[], float]:

@@ -195,6 +195,20 @@ def test_each_service_has_its_own_registry_and_none_uses_the_global_one() -> Non
     assert not any(name.endswith("_created") for name in one), "no _created series"
 
 
+def test_a_loop_histogram_buckets_like_prometheus_clients() -> None:
+    """The hot-path histogram exposes what prometheus_client's Histogram would."""
+    ours, theirs = ServiceMetrics(process=False), ServiceMetrics(process=False)
+    name = PREFIX + "handler_duration_seconds"
+    observe = ours.loop_histogram(name).observer("cp.status")
+    child = theirs.histogram(name).labels("cp.status")
+    for value in (0.0, 0.0001, 0.00010001, 0.0005, 0.003, 1.0, 5.0, 7.5, 0.02):
+        observe(value)
+        child.observe(value)
+    assert scrape(ours) == scrape(theirs)
+    with pytest.raises(ValueError, match="takes labels"):
+        ours.loop_histogram(PREFIX + "accept_latency_seconds").observer("x")
+
+
 # ----------------------------------------------------------------------------- the route
 
 

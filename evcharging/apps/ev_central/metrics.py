@@ -169,7 +169,7 @@ def timed_requests(
     """The controller's request handler, observing request→ACCEPTED: from the broker's
     append time of the request to the moment Central decided (by the broker's time as
     Central reads it, never the driver's clock)."""
-    accepted = metrics.histogram(PREFIX + "accept_latency_seconds")
+    accepted = metrics.loop_histogram(PREFIX + "accept_latency_seconds").observer()
     stats = controller.stats
     clock = controller.readclock
 
@@ -178,7 +178,7 @@ def timed_requests(
         received = clock.current
         await controller.handle_request(request)
         if stats["accepted"] != before and received is not None:
-            accepted.observe(max(0.0, (clock.now() - received).total_seconds()))
+            accepted(max(0.0, (clock.now() - received).total_seconds()))
 
     return handle
 
