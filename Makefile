@@ -61,6 +61,7 @@ test-e2e: $(STAMP) ## only the end-to-end tests (real broker, real processes, Ch
 chaos: $(STAMP) ## the full fault matrix with sessions running; prints the ledger table (~15 min)
 	$(PY) -m evcharging.devtools.kafka_broker fetch
 	bash scripts/ensure_faketime.sh
+	bash scripts/ensure_postgres.sh
 	$(PY) -m pytest tests/chaos -m chaos $(ARGS)
 
 lint: $(STAMP) ## ruff and mypy

@@ -35,6 +35,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -46,8 +47,17 @@ import httpx
 from evcharging.common.bus import Topic
 from evcharging.common.messages import DriverStatus, encode
 from evcharging.devtools.kafka_broker import KafkaBroker
+from evcharging.devtools.postgres import LocalPostgres
 from evcharging.devtools.process import free_port
 from tests.chaos import power
+from tests.chaos.centrals import (
+    TAKEOVER_TARGET,
+    Centrals,
+    Layout,
+    describe_layout,
+    owner_of,
+    partition_of,
+)
 from tests.chaos.harness import ChaosRun, DbLock, FakeClock, Sign, now
 from tests.e2e.conftest import Proc
 from tests.polling import poll
@@ -71,6 +81,11 @@ class Window:
     back: float | None = None
     """When the restarted Central first answered ``/health`` with 200 (the faults that
     measure it)."""
+    takeover: float | None = None
+    """Several Centrals (issue 16): the longest time an instance's partitions went
+    unserved after it was killed or stopped (see :func:`handover`)."""
+    layout: Layout = field(default_factory=dict)
+    """Several Centrals: who owned what when the fault struck."""
 
 
 Fault = Callable[[ChaosRun, float], Awaitable[Window]]
@@ -678,3 +693,211 @@ async def charger_drop(run: ChaosRun, hold: float) -> Window:
 
 def _tail(log: str, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in log.strip().splitlines()[-lines:])[-400:]
+
+
+# --------------------------------------------------------------------------- issue 16
+
+
+DEAD_ANSWERS = 2.0
+"""An ACCEPTED read this soon after an instance's death may be its own (committed just
+before, read just after); the group cannot move its partitions this fast (the session
+timeout is 6 s), so later ones are the survivor's."""
+HANDOVER_DEADLINE = 45.0
+"""How long a take-over is waited for before the round gives up on it (the target is
+TAKEOVER_TARGET; the slack shows how far off a slow one is)."""
+
+
+def _centrals(run: ChaosRun) -> Centrals:
+    assert run.centrals is not None, "a fault of several Centrals on a run with one"
+    return run.centrals
+
+
+async def handover(
+    run: ChaosRun, gone: str, at: float, window: Window, how: str
+) -> float | None:
+    """The take-over after the instance `gone` died or stopped at `at`: until the other
+    lists every partition, and a request on a CP `gone` owned is ACCEPTED (read after
+    DEAD_ANSWERS; probe requests go to those CPs, one at a time each, from the moment the
+    other owns them). Returns the take-over in seconds (the later of the two), with a
+    note; a problem when it is slower than TAKEOVER_TARGET or never comes."""
+    centrals = _centrals(run)
+    survivor = centrals.other(gone)
+    orphans = [cp for cp in run.cps if partition_of(cp) in window_owned(window, gone)]
+    try:
+        owned = await centrals.wait_all_on(survivor, HANDOVER_DEADLINE)
+    except AssertionError as exc:
+        window.problems.append(f"{how} {gone}: {exc}")
+        return None
+    pending: dict[str, str] = {}
+
+    def accepted() -> float | None:
+        times = [t for cp in orphans
+                 if (t := run.observer.accepted_since(cp, at + DEAD_ANSWERS)) is not None]
+        return min(times) if times else None
+
+    async def served() -> float | None:
+        if accepted() is None:
+            for cp_id in orphans:
+                request_id = pending.get(cp_id)
+                if request_id is None or run.observer.answered(request_id) is not None:
+                    pending[cp_id] = await run.observer.request(cp_id, "chaos-takeover")
+        return accepted()
+
+    first = None
+    if orphans:
+        try:
+            first = await poll(served, timeout=max(at + HANDOVER_DEADLINE - now(), 1.0),
+                               interval=0.05, what=f"a request on {', '.join(orphans)} "
+                               f"ACCEPTED by {survivor}")
+        except AssertionError as exc:
+            window.problems.append(f"{how} {gone}: {exc}")
+    took = max(owned, first or owned) - at
+    parts = owned - at
+    window.notes.append(
+        f"{how} {gone}: {survivor} listed every partition after {parts:.2f} s"
+        + (f", first ACCEPTED on {gone}'s CP(s) {', '.join(orphans)} after "
+           f"{first - at:.2f} s" if first is not None else
+           f"; none of the run's CPs was {gone}'s" if not orphans else "")
+    )
+    if took > TAKEOVER_TARGET or (orphans and first is None):
+        window.problems.append(
+            f"take-over after {how} {gone} took {took:.2f} s (target {TAKEOVER_TARGET:g} s)"
+            + ("" if first is not None or not orphans else ", and no request on its CPs "
+               "was ACCEPTED")
+        )
+    return took
+
+
+def window_owned(window: Window, instance: str) -> frozenset[int]:
+    """What `instance` owned when the fault struck (kept in the window's layout note)."""
+    return window.layout.get(instance, frozenset())
+
+
+async def kill_owner(run: ChaosRun, window: Window) -> str:
+    """SIGKILL the instance that owns the target CP; returns its id."""
+    centrals = _centrals(run)
+    victim = owner_of(window.layout, target(run))
+    assert victim is not None, (
+        f"nobody owns {target(run)}'s partition {partition_of(target(run))}: "
+        f"{describe_layout(window.layout)}")
+    await centrals.kill(victim)
+    return victim
+
+
+async def _layout_now(run: ChaosRun) -> Layout:
+    centrals = _centrals(run)
+    return await centrals.wait_split(timeout=30)
+
+
+async def central_kill_one(run: ChaosRun, hold: float) -> Window:
+    """SIGKILL the one of two Centrals that owns the target CP, sessions running; the other
+    must take over within TAKEOVER_TARGET (:func:`handover`). The dead one stays dead for
+    the rest of the run (the ledger is checked with one instance left)."""
+    layout = await _layout_now(run)
+    start = now()
+    window = Window(start, start, lambda: None, layout=layout)
+    victim = await kill_owner(run, window)
+    window.notes.append(f"before: {describe_layout(layout)}")
+    window.takeover = await handover(run, victim, start, window, "SIGKILL")
+    took = window.takeover
+    window.detect = lambda: None if took is None else start + took
+    await asyncio.sleep(max(0.0, start + hold - now()))  # the load runs on one instance
+    window.end = start  # nothing is given back: every CP must be served from the kill on
+    return window
+
+
+async def central_rejoin(run: ChaosRun, hold: float) -> Window:
+    """As :func:`central_kill_one`, then the killed instance is restarted (same id) `hold`
+    seconds after its death: its partitions come back (both own some again)."""
+    layout = await _layout_now(run)
+    start = now()
+    window = Window(start, start, lambda: None, layout=layout)
+    victim = await kill_owner(run, window)
+    window.takeover = await handover(run, victim, start, window, "SIGKILL")
+    took = window.takeover
+    window.detect = lambda: None if took is None else start + took
+    await asyncio.sleep(max(0.0, start + hold - now()))  # the instance stays dead
+    window.end = now()
+    await rejoin(run, victim, window)
+    return window
+
+
+async def rejoin(run: ChaosRun, instance: str, window: Window) -> None:
+    """Restart `instance` (same id) and wait until the instances share the partitions
+    again; a note of how long that took and who owns what."""
+    centrals = _centrals(run)
+    began = now()
+    try:
+        await centrals.start(instance)
+        layout = await centrals.wait_split(timeout=HANDOVER_DEADLINE)
+    except AssertionError as exc:
+        window.problems.append(f"{instance} restarted: {exc}"[:600])
+        return
+    window.notes.append(f"{instance} restarted: the partitions shared again after "
+                        f"{now() - began:.2f} s ({describe_layout(layout)})")
+
+
+async def central_rolling_restart(run: ChaosRun, hold: float) -> Window:
+    """A rolling restart: SIGTERM the instance that owns the target CP, wait until the
+    other serves its partitions (:func:`handover`), restart it (same id) and wait until
+    they share the partitions; then the same for the other. Each orderly stop must exit 0."""
+    centrals = _centrals(run)
+    layout = await _layout_now(run)
+    start = now()
+    window = Window(start, start, lambda: None, layout=layout)
+    first = owner_of(layout, target(run))
+    assert first is not None
+    takeovers: list[float] = []
+    for instance in (first, centrals.other(first)):
+        window.layout = await _layout_now(run)
+        stopped = now()
+        code = await centrals.terminate(instance)
+        if code != 0:
+            window.problems.append(f"{instance} exited {code} on SIGTERM")
+        took = await handover(run, instance, stopped, window, "SIGTERM")
+        if took is not None:
+            takeovers.append(took)
+        await asyncio.sleep(max(0.0, stopped + hold - now()))  # the instance stays down
+        window.end = now()
+        await rejoin(run, instance, window)
+    window.takeover = max(takeovers) if len(takeovers) == 2 else None
+    detected = start + takeovers[0] if takeovers else None
+    window.detect = lambda: detected
+    return window
+
+
+def postgres_restart(server: LocalPostgres) -> Fault:
+    """Stop PostgreSQL (a fast shutdown: every connection cut) mid-session and start it
+    again on the same port and data `hold` seconds later."""
+    async def inject(run: ChaosRun, hold: float) -> Window:
+        start = now()
+        await asyncio.to_thread(server.stop)
+        await asyncio.sleep(hold)  # the database stays away: the fault itself
+        end = now()
+        await asyncio.to_thread(server.start)
+        window = Window(start, end, lambda: run.watcher.first(start, health_bad))
+        window.notes.append(f"PostgreSQL back after {now() - start:.1f} s "
+                            f"(started in {server.start_seconds or 0:.1f} s)")
+        if run.centrals is not None:
+            try:
+                layout = await run.centrals.wait_split(timeout=HANDOVER_DEADLINE)
+                window.notes.append(f"after: {describe_layout(layout)}")
+            except AssertionError as exc:
+                window.problems.append(f"after PostgreSQL's restart: {exc}"[:600])
+        return window
+
+    return inject
+
+
+@contextlib.asynccontextmanager
+async def own_postgres() -> AsyncIterator[LocalPostgres]:
+    """A PostgreSQL of the test's own, to restart (the session's serves the other tests):
+    a fixed port and folder, so that a restart is the same server with the same data."""
+    work = Path(tempfile.mkdtemp(prefix="evcharging-chaos-postgres-"))
+    server = LocalPostgres(work_dir=work, durable=False)
+    try:
+        await asyncio.to_thread(server.start)
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+        shutil.rmtree(work, ignore_errors=True)

@@ -58,6 +58,7 @@ from evcharging.common.messages import (
     new_id,
 )
 from evcharging.devtools.process import free_port
+from tests.chaos.centrals import Centrals, read_pg_rows
 from tests.chaos.chargers import Charger
 from tests.chaos.ledger import Breach, MeterLog, SessionRow, Totals, check_ledger
 from tests.chaos.power import Report
@@ -530,6 +531,9 @@ class Outcome:
     requests: int = 0
     corrected: int = 0
     """Requests whose driver got a ``corrected:`` update (the ledger fixed itself)."""
+    takeover: float | None = None
+    """With several Centrals (issue 16): seconds from an instance's death (or stop) until
+    another owned every partition and served the CPs it had."""
     breaches: list[Breach] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     """What else went wrong (no detection, no recovery, requests never answered)."""
@@ -545,10 +549,13 @@ def _seconds(value: float | None) -> str:
 
 
 def format_table(outcomes: Sequence[Outcome]) -> list[str]:
-    header = ("fault", "detection", "recovery", "sessions", "requests", "corrected",
-              "mismatches", "result")
+    """The table; a take-over column when some row has several Centrals (issue 16)."""
+    takeovers = any(o.takeover is not None for o in outcomes)
+    header = ("fault", "detection", "recovery", *(("take-over",) if takeovers else ()),
+              "sessions", "requests", "corrected", "mismatches", "result")
     rows = [header] + [
-        (o.fault, _seconds(o.detection), _seconds(o.recovery), str(o.sessions),
+        (o.fault, _seconds(o.detection), _seconds(o.recovery),
+         *((_seconds(o.takeover),) if takeovers else ()), str(o.sessions),
          str(o.requests), str(o.corrected), str(len(o.breaches)), "ok" if o.ok else "FAIL")
         for o in outcomes
     ]
@@ -581,19 +588,33 @@ class ChaosRun:
         self.gateway_env: dict[str, str] = {}
         self.chargers: dict[str, Charger] = {}
         """CP id → the OCPP charger whose connector it is (runs with ``ocpp``)."""
+        self.centrals: Centrals | None = None
+        """Several Centrals on PostgreSQL (issue 16): then :attr:`central` is None, the
+        clients get every instance's address and the test's HTTP calls go to any that
+        answers."""
         self._load: asyncio.Task[None] | None = None
 
     async def start(
         self, central_env: dict[str, str] | None = None, fleet: int = 0,
-        fleet_env: dict[str, str] | None = None, ocpp: str = "",
+        fleet_env: dict[str, str] | None = None, ocpp: str = "", centrals: int = 0,
+        db_url: str = "",
     ) -> None:
         """Central, then the CPs: an engine and a monitor each, or (`fleet` > 0) one CP
         Fleet of that many CPs (with `fleet_env`), of which the run's CPs are the first, or
         (`ocpp`, a protocol) the OCPP gateway and one charger of that protocol per CP (the
-        run's CPs are ``{charger}.1``)."""
+        run's CPs are ``{charger}.1``). `centrals` > 0: that many Centrals on the
+        PostgreSQL database `db_url` (:class:`~tests.chaos.centrals.Centrals`), started
+        before the CPs until they share the partitions."""
         self.system.engine_env.update(CHAOS_ENGINE)
         self.central_env = dict(central_env or {})
-        self.central = await self.system.start_central(self.central_env)
+        if centrals:
+            assert db_url.startswith("postgresql://"), "several Centrals need PostgreSQL"
+            self.centrals = Centrals(self.system, db_url, centrals)
+            await self.system.http.aclose()
+            self.system.http = self.watcher.http = self.centrals.any_door()
+            await self.centrals.start_all(self.central_env)
+        else:
+            self.central = await self.system.start_central(self.central_env)
         if ocpp:
             await self.start_chargers(ocpp)
         elif fleet:
@@ -606,7 +627,10 @@ class ChaosRun:
     async def start_fleet(self, size: int, env: dict[str, str]) -> None:
         """A CP Fleet of `size` CPs with the chaos sessions and `env`. Returns once
         Central lists every one ACTIVATED."""
-        self.fleet = await self.system.start_fleet(size, {**CHAOS_ENGINE, **env}, timeout=120)
+        flags = ([] if self.centrals is None  # the last --central-host wins
+                 else ["--central-host", self.centrals.addresses])
+        self.fleet = await self.system.start_fleet(size, {**CHAOS_ENGINE, **env}, flags=flags,
+                                                   timeout=120)
         self.watcher.limit = len(self.cps)
 
         async def activated() -> bool:
@@ -661,7 +685,22 @@ class ChaosRun:
 
     async def start_cp(self, cp_id: str) -> None:
         self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
-        self.monitors[cp_id] = await self.system.start_monitor(cp_id, CHAOS_MONITOR)
+        self.monitors[cp_id] = await self.start_monitor(cp_id)
+
+    async def start_monitor(self, cp_id: str) -> Proc:
+        """The CP's monitor; with several Centrals it gets every instance's address."""
+        if self.centrals is None:
+            return await self.system.start_monitor(cp_id, CHAOS_MONITOR)
+        system = self.system
+        port = system.engine_ports.setdefault(cp_id, free_port())
+        proc = Proc(f"monitor-{cp_id}", [
+            "-m", "evcharging.apps.ev_cp_m.main", "--cp-id", cp_id, "--cp-e-host",
+            "127.0.0.1", "--cp-e-port", str(port), "--central-host", self.centrals.addresses,
+        ], system.env(CHAOS_MONITOR), system.tmp).start()
+        system.procs.append(proc)
+        await system.wait_cp(cp_id, lambda cp: cp.get("health_url") is not None,
+                             "registered by its monitor", 30)
+        return proc
 
     def start_driver_load(self, rate: float, duration: float, cps: int) -> Proc:
         """The driver load generator (ev_load) at `rate` drivers a second for `duration`
@@ -695,7 +734,7 @@ class ChaosRun:
         self.engines[cp_id] = await self.system.start_engine(cp_id, self.engine_envs.get(cp_id))
 
     async def restart_monitor(self, cp_id: str) -> None:
-        self.monitors[cp_id] = await self.system.start_monitor(cp_id, CHAOS_MONITOR)
+        self.monitors[cp_id] = await self.start_monitor(cp_id)
 
     async def close(self) -> None:
         await self.stop_load()
@@ -703,6 +742,8 @@ class ChaosRun:
             await charger.close()
         await self.watcher.stop()
         await self.observer.stop()
+        if self.centrals is not None:
+            await self.centrals.close()
 
     # ---------------------------------------------------------------- load
 
@@ -819,6 +860,8 @@ class ChaosRun:
         )
 
     async def rows(self) -> list[SessionRow]:
+        if self.centrals is not None:
+            return await read_pg_rows(self.centrals.db_url)
         return await asyncio.to_thread(read_rows, self.system.db_path)
 
     async def meter_problems(self) -> list[str]:

@@ -38,6 +38,17 @@ the CPs' own telemetry (:mod:`tests.chaos.power`); after Central is back (``/hea
 it may be over the limit only until two allocation and two telemetry intervals have passed,
 or within two telemetry intervals of a session's start (SPEC §10). The worst overshoot of
 each round, during the outage and after, is a line of the table.
+
+Issue 16 runs several Centrals on one PostgreSQL (SPEC §9; :mod:`tests.chaos.centrals`), on
+two CPs whose partitions fall to different instances (``FAILOVER_CPS``):
+``central-kill-one-of-two`` SIGKILLs the instance that owns the target CP mid-session and
+leaves it dead; the other must list every partition on its ``/health`` and have a request
+on a CP the dead one owned ACCEPTED within 10 s (the take-over column; the CPs work all
+along, so no session may fail and none may be shown faulty or disconnected).
+``central-rejoin`` then restarts it with the same id (its partitions come back);
+``central-rolling-restart`` SIGTERMs one, waits for the other to serve its partitions,
+restarts it, then the same for the other; ``postgres-restart`` stops PostgreSQL mid-session
+and starts it again (two Centrals, or one).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +65,7 @@ from pathlib import Path
 import pytest
 
 from evcharging.common.messages import DriverStatus
+from evcharging.devtools.postgres import LocalPostgres
 from tests.chaos import faults
 from tests.chaos.harness import (
     CHAOS_ENGINE,
@@ -123,6 +136,8 @@ class Scenario:
     CPs' own telemetry, is checked with :func:`~tests.chaos.faults.limit_kept`."""
     session: float = 0.0
     """The engines' session length in seconds, when not CHAOS_ENGINE's."""
+    centrals: int = 0
+    """That many Centrals on PostgreSQL (issue 16); 0: one on SQLite."""
     known_bug: str = ""
     """A bug of the system this row finds that is not fixed yet: the row is expected to
     fail, and says so in the table (strict: once the bug is fixed the row fails as XPASS
@@ -172,6 +187,19 @@ Central died is still running when Central is back, and must be brought under it
 fast row keeps 6 s sessions, to stay under 40 s)."""
 LIMITED = {"CENTRAL_SITE_LIMITS": f"{SITE}={SITE_LIMIT:g}",
            "CENTRAL_ALLOCATION_INTERVAL": f"{ALLOCATION_INTERVAL:g}"}
+FAILOVER_CPS = ("CP-1", "CP-5")
+"""Partitions 6 and 1 of 12: two instances that join one after the other (0-5 and 6-11)
+or together (even and odd) own one each; the first is the target, whose owner the
+failover faults hit."""
+
+def failover(fault: str, hold: float, phases: tuple[Phase, ...], centrals: int = 2,
+             steps: tuple[str, ...] = ()) -> Scenario:
+    """A row of several Centrals: SPEC §9, no session lost, failed, left open or billed
+    twice because an instance stopped, crashed or joined, and §4 across the handover (no
+    CP shown silent, no final update repeated)."""
+    return Scenario(fault, hold, phases, centrals=centrals, steps=steps, central_only=True,
+                    calm=True, meter_settles=True, exactly_once=True)
+
 
 FULL = [
     Scenario("db-lock", 20, (MID, RECORDED), central_only=True),
@@ -211,6 +239,12 @@ FULL = [
     # issue 17: Central killed while a site is limited
     Scenario("central-restart-limited", 5, (MID, NEXT), LIMITED, meter_settles=True,
              exactly_once=True, site_limit=SITE_LIMIT, session=LIMITED_SESSION),
+    # issue 16: several Centrals on PostgreSQL
+    failover("central-kill-one-of-two", 5, (LATE,)),
+    failover("central-rejoin", 3, (MID, END), steps=("SIGKILL, back after 3s,",) * 2),
+    failover("central-rolling-restart", 0, (MID,), steps=("SIGTERM each in turn,",)),
+    failover("postgres-restart", 5, (MID, RECORDED)),
+    failover("postgres-restart-one-central", 5, (MID,), centrals=1),
 ]
 FAST = [
     Scenario("db-lock", 8, (MID,), central_only=True),
@@ -231,6 +265,8 @@ FAST = [
     # issue 17: one round, Central killed as the next (6 s) sessions start
     Scenario("central-restart-limited", 3, (NEXT,), LIMITED, meter_settles=True,
              exactly_once=True, site_limit=SITE_LIMIT),
+    # issue 16: the take-over, short
+    failover("central-kill-one-of-two", 0, (MID,)),
 ]
 
 
@@ -257,6 +293,8 @@ class Rig:
     engine_envs: dict[str, dict[str, str]] = field(default_factory=dict)
     db_dir: Path | None = None
     """Where Central's database lives, when not in the test's folder."""
+    db_url: str = ""
+    """The PostgreSQL database of a run of several Centrals (issue 16)."""
 
 
 BROKER_FAULTS = {
@@ -277,6 +315,11 @@ PLAIN_FAULTS: dict[str, faults.Fault] = {
     "gateway-kill": faults.gateway_kill,
     "charger-drop": faults.charger_drop,
 }
+FAILOVER_FAULTS: dict[str, faults.Fault] = {
+    "central-kill-one-of-two": faults.central_kill_one,
+    "central-rejoin": faults.central_rejoin,
+    "central-rolling-restart": faults.central_rolling_restart,
+}
 
 
 @contextlib.asynccontextmanager
@@ -291,6 +334,19 @@ async def rig_for(
             yield Rig(broker.bootstrap, BROKER_FAULTS[scenario.fault](broker))
         return
     bootstrap: str = request.getfixturevalue("kafka_bootstrap")
+    if scenario.fault.startswith("postgres-restart"):
+        async with faults.own_postgres() as own:
+            yield Rig(bootstrap, faults.postgres_restart(own), db_url=own.url)
+        return
+    if scenario.fault in FAILOVER_FAULTS:
+        server: LocalPostgres = request.getfixturevalue("postgres_server")
+        name = f"chaos_{uuid.uuid4().hex[:12]}"
+        url = await asyncio.to_thread(server.create_database, name)
+        try:
+            yield Rig(bootstrap, FAILOVER_FAULTS[scenario.fault], db_url=url)
+        finally:
+            await asyncio.to_thread(server.drop_database, name)
+        return
     if scenario.fault in PLAIN_FAULTS:
         yield Rig(bootstrap, PLAIN_FAULTS[scenario.fault])
     elif scenario.fault == "central-restart-limited":
@@ -336,6 +392,7 @@ async def one_round(
     recovered = await run.recover(window.end)
     outcome.notes += window.notes
     outcome.problems += window.problems
+    outcome.takeover = window.takeover
 
     detected = window.detect()
     outcome.detection = None if detected is None else detected - window.start
@@ -498,7 +555,8 @@ async def test_the_ledger_survives(
     outcomes: list[Outcome] = []
     known: set[tuple[str, str]] = set()
     cps = (tuple(f"CP-{i:05d}" for i in range(1, scenario.follow + 1)) if scenario.fleet
-           else OCPP_CPS if scenario.ocpp else LIMITED_CPS if scenario.site_limit else CPS)
+           else OCPP_CPS if scenario.ocpp else LIMITED_CPS if scenario.site_limit
+           else FAILOVER_CPS if scenario.centrals else CPS)
     async with (
         rig_for(scenario, request, tmp_path, cps) as rig,
         chaos_system(rig.bootstrap, tmp_path, cps) as run,
@@ -507,7 +565,8 @@ async def test_the_ledger_survives(
             run.system.db_path = rig.db_dir / "central.db"
         run.engine_envs.update(rig.engine_envs)
         await run.start({**scenario.central_env, **rig.central_env}, fleet=scenario.fleet,
-                        fleet_env=scenario.fleet_env, ocpp=scenario.ocpp)
+                        fleet_env=scenario.fleet_env, ocpp=scenario.ocpp,
+                        centrals=scenario.centrals, db_url=rig.db_url)
         if scenario.site_limit:
             await run.join_site(SITE)
         for index, phase in enumerate(scenario.phases):

@@ -239,3 +239,14 @@ def test_the_table_shows_each_fault_and_its_breaches() -> None:
     assert lines[3].split()[-8:] == ["s)", "—", "—", "3", "9", "0", "1", "FAIL"]
     assert "ACTIVE s1" in "\n".join(lines)
     assert "CP-1 took no new request" in "\n".join(lines)
+
+
+def test_the_table_shows_the_take_over_when_a_row_has_several_centrals() -> None:
+    one = Outcome("central-kill (5 s)", detection=2.0, recovery=1.0, sessions=3, requests=9)
+    two = Outcome("central-kill-one-of-two 0s mid-session", detection=7.1, recovery=8.0,
+                  takeover=7.46, sessions=5, requests=20)
+    lines = format_table([one, two])
+    assert lines[0].split() == ["fault", "detection", "recovery", "take-over", "sessions",
+                                "requests", "corrected", "mismatches", "result"]
+    assert lines[2].split()[-6:] == ["—", "3", "9", "0", "0", "ok"]
+    assert lines[3].split()[-8:] == ["s", "7.5", "s", "5", "20", "0", "0", "ok"]
