@@ -41,7 +41,7 @@ import asyncio
 import importlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
@@ -52,10 +52,14 @@ from loguru import logger
 from pydantic import BaseModel, Field, SecretStr, StringConstraints, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from evcharging.apps.ev_central.commands import COMMANDS, Command
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.dashboard import mount_dashboard
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
+from evcharging.apps.ev_central.merging import merge_cps, merge_sites, merge_summaries
+from evcharging.apps.ev_central.network import FORWARDED, Network, Relayed, run_command
+from evcharging.apps.ev_central.peer_feeds import PeerFeeds
 from evcharging.apps.ev_central.repository import MAX_LIMIT
 from evcharging.apps.ev_central.schemas import (
     CommandOut,
@@ -90,10 +94,10 @@ from evcharging.common.http import (
 from evcharging.common.messages import (
     ID_PATTERN,
     REASON_MAX,
-    CommandType,
     CPFaultReport,
     CPRegistration,
     CPState,
+    FleetMonitorEntry,
     FleetMonitorReport,
     FleetRegistration,
     MonitorReport,
@@ -117,6 +121,9 @@ SiteName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Limit = Annotated[int, Query(ge=1, le=MAX_LIMIT, description="most rows to return")]
 Offset = Annotated[int, Query(ge=0, description="rows to skip (newest first)")]
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
+Scope = Annotated[Literal["network", "local"], Query(
+    description="network: every Central's CPs (SPEC §9); local: this instance's own")]
+T = TypeVar("T")
 
 HEALTH_BUDGET = 1.5
 """Seconds the health probe gets: ``/health`` answers within 2 s whatever it does."""
@@ -139,6 +146,8 @@ _ERRORS = {
     422: "invalid path, query or body",
     429: "this client address failed authentication 20 times within 10 s: refused for "
     "10 s from the 20th failure (Retry-After)",
+    503: "more than one Central (SPEC §9): no instance took the CP within 10 s (its "
+    "partitions are moving between Centrals; code not_owner): try again",
 }
 """When each error status is answered, for the OpenAPI document."""
 
@@ -172,11 +181,16 @@ def create_api(
     trusted_peer: Callable[[str | None], bool] = is_loopback,
     auth_throttle: AuthThrottle | None = None,
     energy: Energy | None = None,
+    network: Network | None = None,
+    feeds: PeerFeeds | None = None,
 ) -> FastAPI:
     """Central's app. `trusted_peer` decides which client hosts count as this machine;
     `auth_throttle` limits failed tokens per client address (one is made when None);
-    `energy` holds the site limits (one with the defaults is made when None)."""
+    `energy` holds the site limits (one with the defaults is made when None); `network`
+    reaches the other Centrals (none when None: every CP is this instance's) and `feeds`
+    follows their dashboards."""
     energy = energy or Energy(controller)
+    network = network or Network(None, stats=controller.stats)
     app = FastAPI(
         title="EV Central",
         description="Controller of the EV charging network: CPs, sessions, faults.",
@@ -242,102 +256,167 @@ def create_api(
             str | None,
             Query(min_length=1, max_length=REASON_MAX, description="only CPs of this site"),
         ] = None,
-    ) -> list[CPOut]:
+        scope: Scope = "network",
+    ) -> list[CPOut] | JSONResponse:
         matching = [
             cp for cp in controller.all_cps()
             if (state is None or cp.state is state) and (site is None or cp_site(cp) == site)
         ]
-        response.headers["X-Total-Count"] = str(len(matching))
         end = None if limit is None else offset + limit
-        return [cp_out(cp) for cp in matching[offset:end]]
+        # Each peer's first `end` CPs are enough for the page; its total is in its header.
+        query: dict[str, Any] = {"state": state.value if state else None, "site": site}
+        if end is not None and end <= MAX_LIMIT:
+            query["limit"] = end
+        gathered = (await network.gather("/cp", _present(query)) if scope == "network"
+                    else None)
+        if gathered is None or not gathered.asked:
+            response.headers["X-Total-Count"] = str(len(matching))
+            return [cp_out(cp) for cp in matching[offset:end]]
+        total = len(matching)
+        parts = [[cp_out(cp).model_dump(mode="json") for cp in matching[:end]]]
+        for answer in gathered.parse(_cp_list):
+            parts.append(answer)
+        for instance in gathered.parts:
+            if instance not in gathered.missing:
+                head = gathered.parts[instance].headers.get("X-Total-Count", "")
+                total += int(head) if head.isdigit() else 0
+        merged = merge_cps(parts)
+        return JSONResponse(merged[offset:end], headers={
+            "X-Total-Count": str(total), **gathered.headers})
 
     @app.get(
         "/summary",
         summary="The network in a few numbers: CPs by state and by site, power, sessions",
-        response_model=SummaryOut,
+        response_model=SummaryOut, responses=_errors(422),
     )
-    async def summary() -> SummaryOut:
-        return controller.tally.summary(utcnow())
+    async def summary(response: Response, scope: Scope = "network") -> SummaryOut:
+        now = utcnow()
+        own = controller.tally.summary(now)
+        if scope == "local":
+            return own
+        gathered = await network.gather("/summary")
+        if not gathered.asked:
+            return own
+        parts = [own, *gathered.parse(SummaryOut.model_validate)]
+        response.headers.update(gathered.headers)
+        return merge_summaries(parts, now)
 
     # Documents the bearer scheme in /docs; the check itself is GuardedRoute's.
     bearer = [Security(HTTPBearer(auto_error=False))] if access.token else []
-    mutation_errors = _errors(401, 403, 413, 422, 429)
+    access_errors = _errors(401, 403, 413, 422, 429)
+    mutation_errors = access_errors | _errors(503)  # changes to a CP (SPEC §9)
 
     @app.post(
         "/cp/register", summary="Register or update a CP", response_model=CPChangeOut,
         responses=mutation_errors | _errors(409), dependencies=bearer,
     )
-    async def register(body: CPRegistration) -> CPChangeOut:
-        cp = await controller.register(body)
-        return CPChangeOut(cp=cp_out(cp))
+    async def register(request: Request, body: CPRegistration) -> CPChangeOut | JSONResponse:
+        async def local() -> CPChangeOut:
+            return CPChangeOut(cp=cp_out(await controller.register(body)))
+
+        return _answer(await network.change(
+            body.cp_id, local, "POST", "/cp/register", _json(body), forwarded=_forwarded(request)))
 
     @app.post(
         "/cp/fault", summary="Report a fault or a recovery", response_model=CPChangeOut,
         responses=mutation_errors | _errors(404), dependencies=bearer,
     )
-    async def fault(body: CPFaultReport) -> CPChangeOut:
-        cp = await controller.report_fault(body.cp_id, body.is_faulty, body.reason)
-        return CPChangeOut(cp=cp_out(cp))
+    async def fault(request: Request, body: CPFaultReport) -> CPChangeOut | JSONResponse:
+        async def local() -> CPChangeOut:
+            cp = await controller.report_fault(body.cp_id, body.is_faulty, body.reason)
+            return CPChangeOut(cp=cp_out(cp))
+
+        return _answer(await network.change(
+            body.cp_id, local, "POST", "/cp/fault", _json(body), forwarded=_forwarded(request)))
 
     @app.post(
         "/fleet/register", summary="A fleet registers many CPs", response_model=FleetOut,
         responses=mutation_errors | _errors(409), dependencies=bearer,
     )
-    async def fleet_register(body: FleetRegistration) -> FleetOut:
+    async def fleet_register(
+        request: Request, body: FleetRegistration
+    ) -> FleetOut | JSONResponse:
         """Registers or updates every CP of the body in one transaction (a CP Fleet sends
-        its CPs at start instead of one ``POST /cp/register`` each)."""
-        new = await controller.register_many(body.cps)
-        return FleetOut(count=len(body.cps), new=new)
+        its CPs at start instead of one ``POST /cp/register`` each). With several Centrals
+        each owner takes its CPs in its own transaction."""
+        async def local(share: list[CPRegistration]) -> FleetOut:
+            return FleetOut(count=len(share), new=await controller.register_many(share))
+
+        return _answer(await network.fleet(
+            body.cps, lambda reg: reg.cp_id, local, "/fleet/register",
+            lambda share: {"cps": [_json(reg) for reg in share]},
+            forwarded=_forwarded(request)))
 
     @app.post(
         "/fleet/monitor", summary="A fleet's monitoring reports many CPs", response_model=FleetOut,
         responses=mutation_errors, dependencies=bearer,
     )
-    async def fleet_monitor(body: FleetMonitorReport) -> FleetOut:
+    async def fleet_monitor(
+        request: Request, body: FleetMonitorReport
+    ) -> FleetOut | JSONResponse:
         """The liveness reports of many CPs at once (``unknown``: CPs to register again)."""
-        unknown = await controller.monitor_reports(
-            body.interval, [(entry.cp_id, entry.healthy) for entry in body.cps]
-        )
-        return FleetOut(count=len(body.cps), unknown=unknown)
+        async def local(share: list[FleetMonitorEntry]) -> FleetOut:
+            unknown = await controller.monitor_reports(
+                body.interval, [(entry.cp_id, entry.healthy) for entry in share])
+            return FleetOut(count=len(share), unknown=unknown)
+
+        return _answer(await network.fleet(
+            body.cps, lambda entry: entry.cp_id, local, "/fleet/monitor",
+            lambda share: {"interval": body.interval, "cps": [_json(e) for e in share]},
+            forwarded=_forwarded(request)))
 
     @app.post(
         "/cp/{cp_id}/monitor", summary="A monitor says it watches the CP",
         response_model=MonitorOut, responses=mutation_errors | _errors(404),
         dependencies=bearer,
     )
-    async def monitor(cp_id: CpId, body: MonitorReport) -> MonitorOut:
+    async def monitor(
+        request: Request, cp_id: CpId, body: MonitorReport
+    ) -> MonitorOut | JSONResponse:
         """Sent by a CP's monitor every health interval; a CP whose monitor is silent for
         3 intervals shows ``monitored: false`` and gets a "monitor lost" fault event."""
-        cp = await controller.monitor_report(cp_id, body.interval, body.healthy)
-        return MonitorOut(cp_id=cp.cp_id, monitored=cp.monitored)
+        async def local() -> MonitorOut:
+            cp = await controller.monitor_report(cp_id, body.interval, body.healthy)
+            return MonitorOut(cp_id=cp.cp_id, monitored=cp.monitored)
 
-    @app.post(
-        "/cp/{cp_id}/stop", summary="Operator: stop a CP", response_model=CommandOut,
-        responses=mutation_errors | _errors(404, 409), dependencies=bearer,
-    )
-    async def stop_cp(cp_id: CpId, body: OperatorAction | None = None) -> CommandOut:
-        reason = (body.reason if body else None) or "stopped by operator"
-        cp = await controller.stop_cp(cp_id, reason)
-        return CommandOut(sent=CommandType.STOP_CP, cp=cp_out(cp))
+        return _answer(await network.change(
+            cp_id, local, "POST", f"/cp/{cp_id}/monitor", _json(body),
+            forwarded=_forwarded(request)))
 
-    @app.post(
-        "/cp/{cp_id}/resume", summary="Operator: resume a CP", response_model=CommandOut,
-        responses=mutation_errors | _errors(404, 409), dependencies=bearer,
-    )
-    async def resume_cp(cp_id: CpId, body: OperatorAction | None = None) -> CommandOut:
-        reason = (body.reason if body else None) or "resumed by operator"
-        cp = await controller.resume_cp(cp_id, reason)
-        return CommandOut(sent=CommandType.RESUME_CP, cp=cp_out(cp))
+    def operator_route(command: Command) -> None:
+        """``POST /cp/{cp_id}/<action>``: the operator's command (:mod:`~.commands`)."""
+
+        async def operate(
+            request: Request, cp_id: CpId, body: OperatorAction | None = None
+        ) -> CommandOut | JSONResponse:
+            return _answer(await run_command(
+                network, controller, command, cp_id, body.reason if body else None,
+                forwarded=_forwarded(request)))
+
+        app.post(
+            f"/cp/{{cp_id}}/{command.action}", summary=f"Operator: {command.help}",
+            response_model=CommandOut, responses=mutation_errors | _errors(404, 409),
+            dependencies=bearer, name=f"{command.action}_cp",
+        )(operate)
+
+    for command in COMMANDS.values():
+        operator_route(command)
 
     @app.get("/sites", summary="Every site: its limit, allocation and measured power",
-             response_model=list[SiteOut])
-    async def sites() -> list[SiteOut]:
+             response_model=list[SiteOut], responses=_errors(422))
+    async def sites(response: Response, scope: Scope = "network") -> list[SiteOut]:
         """The sites of the registered CPs and every site with a limit (SPEC §10)."""
-        return energy.sites()
+        own = energy.sites()
+        gathered = await network.gather("/sites") if scope == "network" else None
+        if gathered is None or not gathered.asked:
+            return own
+        parts = [own, *gathered.parse(_site_list)]
+        response.headers.update(gathered.headers)
+        return merge_sites(parts)
 
     @app.put(
         "/sites/{site}/limit", summary="Set a site's power limit", response_model=SiteOut,
-        responses=mutation_errors, dependencies=bearer,
+        responses=access_errors, dependencies=bearer,
     )
     async def put_site_limit(site: SiteName, body: SiteLimitIn) -> SiteOut:
         """Smart charging shares it among the site's sessions at once (SET_LIMIT to each
@@ -346,35 +425,57 @@ def create_api(
 
     @app.delete(
         "/sites/{site}/limit", summary="Remove a site's power limit", response_model=SiteOut,
-        responses=mutation_errors, dependencies=bearer,
+        responses=access_errors, dependencies=bearer,
     )
     async def delete_site_limit(site: SiteName) -> SiteOut:
         """The site's supplying CPs get SET_LIMIT with ``kw`` null (no limit)."""
         return await energy.remove_limit(site)
 
-    @app.get("/cp/{cp_id}", summary="One CP", response_model=CPOut, responses=_errors(404, 422))
-    async def get_cp(cp_id: CpId) -> CPOut:
-        return cp_out(controller.get(cp_id))
+    @app.get("/cp/{cp_id}", summary="One CP", response_model=CPOut,
+             responses=_errors(404, 422, 503))
+    async def get_cp(request: Request, cp_id: CpId) -> CPOut | JSONResponse:
+        async def local() -> CPOut:
+            return cp_out(controller.get(cp_id))
+
+        return _answer(await network.change(cp_id, local, "GET", f"/cp/{cp_id}",
+                                            forwarded=_forwarded(request)))
 
     @app.get(
         "/cp/{cp_id}/history", summary="Health snapshots of one CP, newest first",
-        response_model=list[HistoryOut], responses=_errors(404, 422),
+        response_model=list[HistoryOut], responses=_errors(404, 422, 503),
     )
-    async def history(cp_id: CpId, limit: Limit = 50, offset: Offset = 0) -> list[HistoryOut]:
-        controller.get(cp_id)
-        rows = await controller.repo.cp_history(cp_id, limit=_window(limit, offset))
-        return [history_out(row) for row in rows[offset:]]
+    async def history(
+        request: Request, cp_id: CpId, limit: Limit = 50, offset: Offset = 0
+    ) -> list[HistoryOut] | JSONResponse:
+        window = _window(limit, offset)
+
+        async def local() -> list[HistoryOut]:
+            controller.get(cp_id)
+            rows = await controller.repo.cp_history(cp_id, limit=window)
+            return [history_out(row) for row in rows[offset:]]
+
+        return _answer(await network.change(
+            cp_id, local, "GET", f"/cp/{cp_id}/history", forwarded=_forwarded(request),
+            params={"limit": limit, "offset": offset}))
 
     @app.get(
         "/telemetry", summary="Latest telemetry of every CP, by CP id",
-        response_model=dict[str, TelemetryOut],
+        response_model=dict[str, TelemetryOut], responses=_errors(422),
     )
-    async def telemetry() -> dict[str, TelemetryOut]:
-        return {
+    async def telemetry(scope: Scope = "network") -> dict[str, TelemetryOut] | JSONResponse:
+        own = {
             cp.cp_id: telemetry_out(cp.last_telemetry)
             for cp in controller.all_cps()
             if cp.last_telemetry is not None
         }
+        gathered = await network.gather("/telemetry") if scope == "network" else None
+        if gathered is None or not gathered.asked:
+            return own
+        merged: dict[str, Any] = {}
+        for part in gathered.parse(_telemetry_map):
+            merged.update(part)
+        merged.update({cp_id: t.model_dump(mode="json") for cp_id, t in own.items()})
+        return JSONResponse(dict(sorted(merged.items())), headers=gathered.headers)
 
     @app.get(
         "/sessions", summary="Charging sessions, newest first", response_model=list[SessionOut],
@@ -409,8 +510,48 @@ def create_api(
     async def stats() -> StatsOut:
         return StatsOut(controller=dict(controller.stats), http_errors=app.state.error_count)
 
-    mount_dashboard(app, controller)
+    mount_dashboard(app, controller, feeds)
     return app
+
+
+def _forwarded(request: Request) -> bool:
+    """Whether another Central sent the request (it is never forwarded again)."""
+    return FORWARDED in request.headers
+
+
+def _answer(result: T | Relayed) -> T | JSONResponse:
+    """Our answer, or the owner's as it gave it."""
+    if isinstance(result, Relayed):
+        return JSONResponse(result.body, status_code=result.status)
+    return result
+
+
+def _json(body: BaseModel) -> Any:
+    """A request body as it came (the fields the caller set), to send on to the owner."""
+    return body.model_dump(mode="json", exclude_unset=True)
+
+
+def _present(query: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in query.items() if value is not None}
+
+
+def _cp_list(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, list) or not all(isinstance(cp, dict) and "cp_id" in cp
+                                             for cp in body):
+        raise ValueError("not a list of CPs")
+    return body
+
+
+def _site_list(body: Any) -> list[SiteOut]:
+    if not isinstance(body, list):
+        raise ValueError("not a list of sites")
+    return [SiteOut.model_validate(site) for site in body]
+
+
+def _telemetry_map(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ValueError("not a map of telemetry")
+    return body
 
 
 def _window(limit: int, offset: int) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Final, Self, TextIO
 
 from pydantic import ValidationError
 
+from evcharging.apps.ev_central.commands import COMMANDS
 from evcharging.common.centrals import AnyDoor, CentralAddress
 from evcharging.common.config import CtlSettings, add_settings_flags, settings_problems
 from evcharging.common.framing import Frame, FramingError, Oversize, decode_message, encode_message
@@ -220,12 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("ping", "check that Central answers")
     status = command("status", "show every CP, or one")
     status.add_argument("cp_id", nargs="?", metavar="CP_ID")
-    stop = command("stop", "stop a CP (administrative STOP_CP)")
-    stop.add_argument("cp_id", metavar="CP_ID")
-    stop.add_argument("--reason", help="why (logged and sent to the CP)")
-    resume = command("resume", "resume a stopped CP (RESUME_CP)")
-    resume.add_argument("cp_id", metavar="CP_ID")
-    resume.add_argument("--reason", help="why (logged and sent to the CP)")
+    for operator in COMMANDS.values():  # stop, resume: the operator's commands
+        sub = command(operator.action, operator.help)
+        sub.add_argument("cp_id", metavar="CP_ID")
+        sub.add_argument("--reason", help="why (logged and sent to the CP)")
     return parser
 
 
@@ -250,8 +249,8 @@ def _request(args: argparse.Namespace, token: str | None) -> dict[str, Any]:
         if args.cp_id:
             request["cp_id"] = args.cp_id
     else:
-        request = {"cmd": "STOP_CP" if args.command == "stop" else "RESUME_CP"}
-        request["cp_id"] = args.cp_id
+        name = next(n for n, c in COMMANDS.items() if c.action == args.command)
+        request = {"cmd": name, "cp_id": args.cp_id}
         if args.reason:
             request["reason"] = args.reason
     if token:

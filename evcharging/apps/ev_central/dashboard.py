@@ -53,6 +53,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.events import Delta, Event, Subscription
+from evcharging.apps.ev_central.peer_feeds import PeerFeeds
 from evcharging.apps.ev_central.repository import FaultEvent, SessionRecord
 from evcharging.common.http import ErrorOut, is_cross_origin
 from evcharging.common.messages import (
@@ -143,17 +144,20 @@ async def recent_feed(controller: Controller, limit: int) -> list[Event]:
     return items[:limit]
 
 
-def summary_json(controller: Controller) -> dict[str, Any]:
-    """The network's :class:`~evcharging.apps.ev_central.schemas.SummaryOut`, as JSON."""
-    return controller.tally.summary(utcnow()).model_dump(mode="json")
+def summary_json(controller: Controller, feeds: PeerFeeds | None = None) -> dict[str, Any]:
+    """The network's :class:`~evcharging.apps.ev_central.schemas.SummaryOut`, as JSON:
+    this instance's CPs, and the followed peers' with `feeds` (SPEC §9)."""
+    now = utcnow()
+    own = controller.tally.summary(now)
+    return (feeds.summary(own, now) if feeds else own).model_dump(mode="json")
 
 
-async def snapshot(controller: Controller) -> Event:
+async def snapshot(controller: Controller, feeds: PeerFeeds | None = None) -> Event:
     """The first message of a connection (and of a resync): the summary and the feed."""
     feed = await recent_feed(controller, SNAPSHOT_FEED_LIMIT)
     return {
         "type": "snapshot",
-        "summary": summary_json(controller),  # after the await: as new as the subscription
+        "summary": summary_json(controller, feeds),  # after the await: as new as the subscription
         "feed": feed,
         "ts": format_ts(utcnow()),
     }
@@ -224,13 +228,15 @@ async def _next(subscription: Subscription, summaries: SummaryPacer) -> None:
             await subscription.wait()
 
 
-async def _forward(websocket: WebSocket, controller: Controller) -> None:
+async def _forward(websocket: WebSocket, controller: Controller,
+                   feeds: PeerFeeds | None) -> None:
     """Send the snapshot, then a delta per window with changes, until the client or the
-    server goes."""
+    server goes. With `feeds`, the other Centrals' CPs come along (SPEC §9)."""
     loop = asyncio.get_running_loop()
-    summaries = SummaryPacer(lambda: summary_json(controller))
-    with controller.hub.subscribe() as subscription:  # before the snapshot: nothing is missed
-        await _send(websocket, await snapshot(controller))
+    summaries = SummaryPacer(lambda: summary_json(controller, feeds))
+    with (controller.hub.subscribe() as subscription,  # before the snapshot: nothing missed
+          feeds.attach(subscription) if feeds else contextlib.nullcontext()):
+        await _send(websocket, await snapshot(controller, feeds))
         sent_at = -math.inf
         while True:
             await _next(subscription, summaries)
@@ -239,8 +245,9 @@ async def _forward(websocket: WebSocket, controller: Controller) -> None:
                 await asyncio.sleep(wait)  # the window: what arrives meanwhile goes along
             delta = subscription.take()
             if delta.behind:
-                logger.info("dashboard client fell behind; sending a fresh snapshot")
-                await _send(websocket, await snapshot(controller))
+                logger.debug("dashboard client behind (or the network changed); sending a "
+                             "fresh snapshot")
+                await _send(websocket, await snapshot(controller, feeds))
                 summaries.owed = False
             else:
                 summary = summaries.take(delta, loop.time())
@@ -258,10 +265,13 @@ async def _until_disconnect(websocket: WebSocket) -> None:
             return
 
 
-async def serve_socket(websocket: WebSocket, controller: Controller) -> None:
+async def serve_socket(
+    websocket: WebSocket, controller: Controller, feeds: PeerFeeds | None = None
+) -> None:
     """Serve one dashboard client until it disconnects or the server shuts down."""
     await websocket.accept()
-    sender = asyncio.create_task(_forward(websocket, controller), name="dashboard-ws-send")
+    sender = asyncio.create_task(_forward(websocket, controller, feeds),
+                                 name="dashboard-ws-send")
     receiver = asyncio.create_task(_until_disconnect(websocket), name="dashboard-ws-recv")
     tasks = (sender, receiver)
     try:
@@ -297,8 +307,10 @@ def _outcome(task: asyncio.Task[None]) -> bool:
 # ----------------------------------------------------------------------------- mounting
 
 
-def mount_dashboard(app: FastAPI, controller: Controller) -> None:
-    """Add ``GET /``, ``/static``, ``GET /api/feed`` and the ``/ws`` WebSocket to `app`."""
+def mount_dashboard(app: FastAPI, controller: Controller, feeds: PeerFeeds | None = None) -> None:
+    """Add ``GET /``, ``/static``, ``GET /api/feed`` and the ``/ws`` WebSocket to `app`.
+    ``/ws`` shows the whole network with `feeds` (the other Centrals' CPs); ``/ws?scope=local``
+    this instance's own CPs (what a peer follows)."""
     index = STATIC_DIR / "index.html"
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
@@ -326,4 +338,5 @@ def mount_dashboard(app: FastAPI, controller: Controller) -> None:
                            websocket.headers.get("origin"), websocket.headers.get("host"))
             await websocket.close(code=1008)
             return
-        await serve_socket(websocket, controller)
+        local = websocket.query_params.get("scope") == "local"
+        await serve_socket(websocket, controller, None if local else feeds)

@@ -96,6 +96,12 @@ class Subscription:
         self._events.clear()
         self._dropped = 0
 
+    def resync(self) -> None:
+        """Drop what is pending: the reader's next take says it is behind (a fresh
+        snapshot follows), as when the network it shows changed."""
+        self._fall_behind()
+        self._ready.set()
+
     async def wait(self) -> None:
         """Return once something is pending."""
         await self._ready.wait()

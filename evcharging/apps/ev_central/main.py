@@ -22,8 +22,11 @@ from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
+from evcharging.apps.ev_central.network import Network
 from evcharging.apps.ev_central.outbox import Committed
 from evcharging.apps.ev_central.ownership import Ownership
+from evcharging.apps.ev_central.peer_feeds import PeerFeeds
+from evcharging.apps.ev_central.peers import Directory
 from evcharging.apps.ev_central.pg_repository import PostgresRepository
 from evcharging.apps.ev_central.rebalance import Membership, Rebalancer, Self
 from evcharging.apps.ev_central.repository import (
@@ -178,12 +181,16 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             }
 
         tasks = TaskOwner("EV Central")
-        app = create_api(controller, api_token=token, health=health, energy=energy)
+        network = Network(Directory(ownership, repo.load_centrals), token=token,
+                          stats=controller.stats)  # any door (SPEC §9): network.py
+        feeds = PeerFeeds(network, ownership)
+        app = create_api(controller, api_token=token, health=health, energy=energy,
+                         network=network, feeds=feeds)
         mount_metrics(app, metrics)
         http = HttpServer(app, settings.http_host, settings.http_port, name="HTTP API",
                           tasks=tasks)
         tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token,
-                               allow_anonymous=settings.allow_anonymous)
+                               allow_anonymous=settings.allow_anonymous, network=network)
         shutdown = Shutdown(
             ("TCP control plane", tcp.stop),
             ("HTTP API", http.stop),
@@ -193,6 +200,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             ("claims", rebalancer.leave),
             ("Kafka consumer", consumer.stop),
             ("Kafka producer", bus.stop),
+            ("peers", network.close),
         )
         try:
             await until_stopped(stop, bus.start())
@@ -209,6 +217,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
                 "housekeeping", forever=True,
             )
             tasks.spawn(energy.run(), "smart charging", forever=True)
+            tasks.spawn(feeds.run(), "dashboard peers", forever=True)
             tasks.spawn(Membership(rebalancer).run(), "membership", forever=True)
             logger.info("EV Central {} ready: dashboard http://localhost:{}/ (its CPs come "
                         "with the partitions the group assigns)", settings.instance,

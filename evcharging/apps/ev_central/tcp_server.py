@@ -20,8 +20,14 @@ one with ``cp_id``), ``STOP_CP`` (``cp_id``, optional ``reason``) and ``RESUME_C
 ``"token"``. An optional ``"id"`` (string or integer) is echoed in the answer. Answers
 are ``{"ok": true, ...}`` or ``{"ok": false, "error": "...", "code": "..."}``; the codes
 are those of :mod:`evcharging.apps.ev_central.errors` plus ``invalid_request``,
-``unknown_cmd``, ``forbidden`` and ``internal``. STOP_CP and RESUME_CP go through the
-controller, the same code path as the HTTP API.
+``unknown_cmd``, ``forbidden`` and ``internal``. STOP_CP and RESUME_CP are the operator's
+commands of :mod:`~evcharging.apps.ev_central.commands`, the same code path as the HTTP
+API's.
+
+With more than one Central (SPEC §9) every instance's plane answers for every CP: a command
+or a STATUS about a CP another instance owns goes to that instance (its HTTP API, through
+:class:`~evcharging.apps.ev_central.network.Network`) and the answer carries the owner's;
+``STATUS`` of every CP and ``PING``'s ``cps`` count every instance's CPs.
 
 Safe defaults (SPEC §5, §6), all set by the constructor:
 
@@ -80,8 +86,11 @@ from typing import Any, Final, Protocol, Self
 
 from loguru import logger
 
+from evcharging.apps.ev_central.commands import COMMANDS, Command
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
 from evcharging.apps.ev_central.limits import Throttled
+from evcharging.apps.ev_central.merging import merge_cps
+from evcharging.apps.ev_central.network import Network, Relayed, run_command
 from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.views import CPView
 from evcharging.common.framing import (
@@ -117,7 +126,7 @@ __all__ = [
 ]
 
 MAX_REASON: Final = 500
-MUTATING: Final = frozenset({"STOP_CP", "RESUME_CP"})
+MUTATING: Final = frozenset(COMMANDS)
 """Commands that change a CP: without a token, loopback clients only."""
 
 _ID_RE: Final = re.compile(ID_PATTERN)
@@ -228,6 +237,7 @@ class TcpControlServer:
         allow_anonymous: bool = False,
         is_local: Callable[[object], bool] = is_loopback,
         auth_throttle: AuthThrottle | None = None,
+        network: Network | None = None,
     ) -> None:
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
@@ -246,6 +256,8 @@ class TcpControlServer:
         self.allow_anonymous = allow_anonymous
         self.is_local = is_local
         self.throttle = auth_throttle or AuthThrottle()
+        self.network = network or Network(None)
+        """The other Centrals (SPEC §9); none by default: every CP is this instance's."""
         shared = getattr(controller, "stats", None)
         self._shared_stats: Counter[str] | None = shared if isinstance(shared, Counter) else None
         """Central's ``stats`` (the controller's), which also count throttling and
@@ -255,12 +267,9 @@ class TcpControlServer:
         self._open: dict[asyncio.Task[None], _Client] = {}
         """The connections that count against the cap (not those being evicted)."""
         self._links: set[Link] = set()
-        self._routes: dict[str, Handler] = {
-            "PING": self._ping,
-            "STATUS": self._status,
-            "STOP_CP": self._stop_cp,
-            "RESUME_CP": self._resume_cp,
-        }
+        self._routes: dict[str, Handler] = {"PING": self._ping, "STATUS": self._status}
+        for name, command in COMMANDS.items():
+            self._routes[name] = self._operator(command)
         self._burst = 0  # connections refused since the limit was last reached
         self.connections = 0
         self.refused_connections = 0
@@ -572,28 +581,45 @@ class TcpControlServer:
             raise Unauthorized("unauthorized")
 
     async def _ping(self, request: dict[str, Any]) -> Answer:
-        return {
+        gathered = await self.network.gather("/summary")
+        peers = sum(int(part.get("cps", 0)) for part in gathered.parse(_object))
+        answer: Answer = {
             "ok": True,
             "pong": True,
             "ts": utcnow().isoformat().replace("+00:00", "Z"),
-            "cps": len(self.controller.all_cps()),
+            "cps": len(self.controller.all_cps()) + peers,
         }
+        return _partial(answer, gathered.missing)
 
     async def _status(self, request: dict[str, Any]) -> Answer:
         if request.get("cp_id") is not None:
-            cp = self.controller.get(_cp_id(request))
-            return {"ok": True, "cp": _cp(cp)}
-        return _fit_cps([_cp(cp) for cp in self.controller.all_cps()])
+            cp_id = _cp_id(request)
 
-    async def _stop_cp(self, request: dict[str, Any]) -> Answer:
-        cp = await self.controller.stop_cp(_cp_id(request), _reason(request, "stopped by operator"))
-        return {"ok": True, "sent": "STOP_CP", "cp": _cp(cp)}
+            async def local() -> Answer:
+                return {"ok": True, "cp": _cp(self.controller.get(cp_id))}
 
-    async def _resume_cp(self, request: dict[str, Any]) -> Answer:
-        cp = await self.controller.resume_cp(
-            _cp_id(request), _reason(request, "resumed by operator")
-        )
-        return {"ok": True, "sent": "RESUME_CP", "cp": _cp(cp)}
+            answer = await self.network.change(cp_id, local, "GET", f"/cp/{cp_id}")
+            if isinstance(answer, Relayed):
+                if not 200 <= answer.status < 300:
+                    return _relayed(answer)
+                return {"ok": True, "cp": answer.body}
+            return answer
+        gathered = await self.network.gather("/cp")
+        own = [_cp(cp) for cp in self.controller.all_cps()]
+        cps = merge_cps([own, *gathered.parse(_list)]) if gathered.asked else own
+        return _partial(_fit_cps(cps), gathered.missing)
+
+    def _operator(self, command: Command) -> Handler:
+        """The handler of one operator command: here or at the CP's owner."""
+
+        async def operate(request: dict[str, Any]) -> Answer:
+            answer = await run_command(self.network, self.controller, command,
+                                       _cp_id(request), _reason(request))
+            if isinstance(answer, Relayed):
+                return _relayed(answer)
+            return answer.model_dump(mode="json")
+
+        return operate
 
 
 # ---------------------------------------------------------------------- helpers
@@ -625,13 +651,43 @@ def _cp_id(request: dict[str, Any]) -> str:
     return cp_id
 
 
-def _reason(request: dict[str, Any], default: str) -> str:
+def _reason(request: dict[str, Any]) -> str | None:
+    """The request's reason; None when it gives none (the command's default applies)."""
     reason = request.get("reason")
     if reason is None or reason == "":
-        return default
+        return None
     if not isinstance(reason, str) or len(reason) > MAX_REASON:
         raise InvalidRequest(f"'reason' must be a string of at most {MAX_REASON} characters")
     return reason
+
+
+def _relayed(answer: Relayed) -> Answer:
+    """An owner's HTTP answer as the plane's: its body on success, else its error."""
+    body = answer.body if isinstance(answer.body, dict) else {}
+    if 200 <= answer.status < 300:
+        return {**body, "ok": True}
+    return {"ok": False, "error": str(body.get("error", f"HTTP {answer.status}")),
+            "code": str(body.get("code", "error"))}
+
+
+def _partial(answer: Answer, missing: list[str]) -> Answer:
+    """Name the Centrals a network-wide answer is missing (they did not answer in time)."""
+    if missing:
+        answer["partial"] = missing
+    return answer
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ValueError("not a JSON object")
+    return body
+
+
+def _list(body: Any) -> list[dict[str, Any]]:
+    if not isinstance(body, list) or not all(isinstance(cp, dict) and "cp_id" in cp
+                                             for cp in body):
+        raise ValueError("not a list of CPs")
+    return body
 
 
 def _fit_cps(cps: list[dict[str, Any]]) -> Answer:
