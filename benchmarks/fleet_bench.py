@@ -71,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 from evcharging.apps.ev_load.stats import percentile
 from evcharging.common.bus import Topic
-from evcharging.common.kafka import KafkaConfig, ensure_topics
+from evcharging.common.kafka import KafkaConfig, ensure_topics, partition_for_key
 from evcharging.devtools.kafka_broker import KafkaBroker
 
 DEFAULT_SIZES = (100, 1000, 3000, 10_000)
@@ -183,10 +183,14 @@ class Service:
             await process.wait()
 
 
-def service_env(prefix: str, work: Path, session_seconds: float) -> dict[str, str]:
+def service_env(prefix: str, work: Path, session_seconds: float,
+                partitions: int = 12) -> dict[str, str]:
     """The children's environment: no service settings of the caller's, fresh topics."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_PREFIXES)}
     env.update({
+        "CENTRAL_TOPIC_PARTITIONS": str(partitions),
+        "FLEET_TOPIC_PARTITIONS": str(partitions),
+        "LOAD_TOPIC_PARTITIONS": str(partitions),
         "PYTHONUNBUFFERED": "1",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
         "CENTRAL_TOPIC_PREFIX": prefix,
@@ -214,6 +218,25 @@ def _cpu_ticks(pid: int) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
 
 
+def _tree_ticks(pid: int) -> int | None:
+    """CPU ticks of a process and its children (PostgreSQL: the postmaster and its
+    backends); a backend that ended since the last reading takes its ticks with it."""
+    if _cpu_ticks(pid) is None:
+        return None
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += _cpu_ticks(current) or 0
+        todo.extend(children.get(current, ()))
+    return total
+
+
 def _rss_mib(pid: int) -> float | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -231,28 +254,35 @@ class Usage:
 
 
 class ResourceSampler:
-    """CPU and RSS of some processes, the load average, and Central's SUPPLYING count."""
+    """CPU and RSS of some processes, the load average, and Central's SUPPLYING count.
+    The processes named in `trees` are counted with their children (CPU only)."""
 
-    def __init__(self, pids: dict[str, int], http: httpx.AsyncClient) -> None:
+    def __init__(self, pids: dict[str, int], http: httpx.AsyncClient,
+                 trees: frozenset[str] = frozenset()) -> None:
         self.pids = pids
         self.http = http
+        self.trees = trees
         self.usage = {name: Usage() for name in pids}
         self.load: list[float] = []
         self.supplying: list[tuple[float, int]] = []
         self._hz = os.sysconf("SC_CLK_TCK")
 
+    def _ticks(self, name: str, pid: int) -> int | None:
+        return _tree_ticks(pid) if name in self.trees else _cpu_ticks(pid)
+
     async def run(self) -> None:
-        last = {name: _cpu_ticks(pid) for name, pid in self.pids.items()}
+        last = {name: self._ticks(name, pid) for name, pid in self.pids.items()}
         last_at = time.monotonic()
         next_summary = last_at
         while True:
             await asyncio.sleep(SAMPLE_EVERY)
             now = time.monotonic()
             for name, pid in self.pids.items():
-                ticks, rss = _cpu_ticks(pid), _rss_mib(pid)
+                ticks, rss = self._ticks(name, pid), _rss_mib(pid)
                 before = last[name]
                 if ticks is not None and before is not None:
-                    self.usage[name].cpu.append(100 * (ticks - before) / self._hz / (now - last_at))
+                    self.usage[name].cpu.append(
+                        100 * max(0, ticks - before) / self._hz / (now - last_at))
                 if rss is not None:
                     self.usage[name].rss.append(rss)
                 last[name] = ticks
@@ -266,27 +296,37 @@ class ResourceSampler:
 
 
 class LagSampler:
-    """Central's consumer lag, as Central reports it on ``GET /metrics``: the messages its
-    consumer has not read yet (``evcharging_consumer_lag_messages``, summed over the
+    """The Centrals' consumer lag, as each reports it on ``GET /metrics``: the messages
+    its consumer has not read yet (``evcharging_consumer_lag_messages``, summed over the
     partitions, as of its last fetch) and how far behind it reads the CPs' reports
-    (``evcharging_central_lag_seconds``)."""
+    (``evcharging_central_lag_seconds``); with several Centrals, the messages summed
+    and the seconds of the one furthest behind."""
 
-    def __init__(self, http: httpx.AsyncClient) -> None:
+    def __init__(self, urls: Sequence[str], http: httpx.AsyncClient) -> None:
+        self.urls = list(urls)
         self.http = http
         self.samples: list[tuple[float, float, float]] = []
         """(monotonic time, messages behind, seconds behind)."""
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(httpx.HTTPError):
-                response = await self.http.get("/metrics")
-                if response.status_code == 200:
-                    values = prometheus_values(response.text)
-                    messages = values.get("evcharging_consumer_lag_messages")
-                    seconds = values.get("evcharging_central_lag_seconds")
-                    if messages is not None and seconds is not None:
-                        self.samples.append((time.monotonic(), messages, seconds))
+            read = [await self._read(url) for url in self.urls]
+            if read and all(r is not None for r in read):
+                found = [r for r in read if r is not None]
+                self.samples.append((time.monotonic(), sum(m for m, _ in found),
+                                     max(s for _, s in found)))
             await asyncio.sleep(SAMPLE_EVERY)
+
+    async def _read(self, url: str) -> tuple[float, float] | None:
+        with contextlib.suppress(httpx.HTTPError):
+            response = await self.http.get(f"{url}/metrics")
+            if response.status_code == 200:
+                values = prometheus_values(response.text)
+                messages = values.get("evcharging_consumer_lag_messages")
+                seconds = values.get("evcharging_central_lag_seconds")
+                if messages is not None and seconds is not None:
+                    return messages, seconds
+        return None
 
 
 def prometheus_values(text: str) -> dict[str, float]:
@@ -467,8 +507,32 @@ class SizeResult:
     fleet_health: dict[str, Any]
     failed_completed: int | None = None
     """Sessions FAILED though the CP completed them (None: not counted)."""
+    centrals: int = 1
+    db: str = "sqlite"
+    partitions: int = 12
+    owned: dict[str, list[int]] = field(default_factory=dict)
+    """Each Central's partitions (its ``/health``), read as the load began."""
+    owned_cps: dict[str, int] = field(default_factory=dict)
+    """How many of the CPs each Central owns (their cp.status partition is its)."""
 
     # --- derived numbers (None when nothing was measured)
+
+    def central_names(self) -> list[str]:
+        return [name for name in self.usage if name.startswith("central")]
+
+    def central_cpu(self) -> float | None:
+        """CPU % (of one core) of all the Centrals together."""
+        means = [self.cpu_mean(name) for name in self.central_names()]
+        return None if any(m is None for m in means) else sum(m or 0.0 for m in means)
+
+    def central_rss(self) -> float | None:
+        values = [v for name in self.central_names() if (v := self.rss_max(name)) is not None]
+        return max(values) if values else None
+
+    def cpu_per_1000(self, name: str) -> float | None:
+        """An instance's CPU % per 1,000 of the CPs it owns."""
+        cpu, owned = self.cpu_mean(name), self.owned_cps.get(name)
+        return None if cpu is None or not owned else cpu / owned * 1000
 
     def accepted(self, q: str) -> float | None:
         value = self.load.get("latency_ms", {}).get("accepted", {}).get(q)
@@ -532,6 +596,14 @@ class SizeResult:
             "load_summary": self.load,
             "central_stats": self.central_stats,
             "fleet_health": self.fleet_health,
+            "centrals": self.centrals,
+            "db": self.db,
+            "partitions": self.partitions,
+            "owned_partitions": self.owned,
+            "owned_cps": self.owned_cps,
+            "central_cpu_percent_total": self.central_cpu(),
+            "central_cpu_percent_per_1000_owned_cps": {
+                name: self.cpu_per_1000(name) for name in self.central_names()},
         }
 
 
@@ -545,6 +617,20 @@ class Settings:
     kafka_bootstrap: str | None
     activate_timeout: float
     keep_logs: bool
+    centrals: tuple[int, ...] = (1,)
+    """Run each size with this many Centrals sharing the work (SPEC §9), in turn."""
+    db: str = "auto"
+    """``sqlite``, ``postgres``, or ``auto``: SQLite for one Central, PostgreSQL for more."""
+    partitions: int = 12
+    """CENTRAL_TOPIC_PARTITIONS (and the clients'): partitions of every topic."""
+    tag: str = ""
+    """Added to the report's file names (``fleet-<date><tag>.md``)."""
+
+    def db_for(self, centrals: int) -> str:
+        """The database a run of `centrals` Centrals uses."""
+        if self.db == "auto":
+            return "postgres" if centrals > 1 else "sqlite"
+        return self.db
 
 
 def say(text: str) -> None:
@@ -587,49 +673,112 @@ async def wait_http(http: httpx.AsyncClient, path: str, service: Service, timeou
         await asyncio.sleep(0.2)
 
 
+async def wait_partitions(http: httpx.AsyncClient, urls: Sequence[str],
+                          centrals: Sequence[Service], timeout: float = 120.0
+                          ) -> list[list[int]]:
+    """With several Centrals: until their ``/health`` partitions have settled (none owned
+    twice, each instance owns some, SPEC §9); each one's partitions."""
+    from evcharging.launcher.supervisor import partitions_settled
+
+    deadline = time.monotonic() + timeout
+    while True:
+        for central in centrals:
+            central.check_alive()
+        owned = await read_partitions(http, urls)
+        if len(urls) == 1 or partitions_settled(owned):
+            return owned
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Centrals did not share the partitions within {timeout:g} "
+                               f"s: {owned}")
+        await asyncio.sleep(0.5)
+
+
+async def read_partitions(http: httpx.AsyncClient, urls: Sequence[str]) -> list[list[int]]:
+    """The partitions each Central's ``/health`` says it owns (none when it does not say)."""
+    owned: list[list[int]] = []
+    for url in urls:
+        found: list[int] = []
+        with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
+            answer = (await http.get(f"{url}/health")).json().get("partitions")
+            if isinstance(answer, list):
+                found = sorted(int(p) for p in answer)
+        owned.append(found)
+    return owned
+
+
+def cps_by_partition(cps: int, partitions: int) -> dict[int, int]:
+    """How many of the fleet's CPs (``CP-00001`` …) each partition holds."""
+    counts: dict[int, int] = {}
+    for n in range(1, cps + 1):
+        p = partition_for_key(f"CP-{n:05d}", range(partitions))
+        counts[p] = counts.get(p, 0) + 1
+    return counts
+
+
 async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
-                   broker_pid: int | None) -> SizeResult:
-    prefix = f"bench-{uuid.uuid4().hex[:6]}-{cps}."
-    env = service_env(prefix, work, settings.session_seconds)
-    http_port, listen_port, fleet_port = free_port(), free_port(), free_port()
+                   broker_pid: int | None, centrals: int = 1, db_url: str | None = None,
+                   postgres_pid: int | None = None) -> SizeResult:
+    prefix = f"bench-{uuid.uuid4().hex[:6]}-{cps}-{centrals}."
+    env = service_env(prefix, work, settings.session_seconds, settings.partitions)
+    if db_url is not None:
+        env["CENTRAL_DB_URL"] = db_url
+    fleet_port = free_port()
     rate = round(cps * settings.busy_fraction / settings.session_seconds, 3)
-    central = Service("central", [
-        "evcharging.apps.ev_central.main", "--kafka-bootstrap", bootstrap,
-        "--http-port", str(http_port), "--listen-port", str(listen_port),
-    ], env, work)
+    instances: list[Service] = []
+    ports: list[int] = []
+    for n in range(1, centrals + 1):
+        http_port, listen_port = free_port(), free_port()
+        ports.append(http_port)
+        name = "central" if centrals == 1 else f"central-{n}"
+        instances.append(Service(name, [
+            "evcharging.apps.ev_central.main", "--kafka-bootstrap", bootstrap,
+            "--http-port", str(http_port), "--listen-port", str(listen_port),
+        ], {**env, "CENTRAL_INSTANCE_ID": f"bench-central-{n}",
+            "CENTRAL_PEER_URL": f"http://127.0.0.1:{http_port}"}, work))
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
     fleet = Service("fleet", [
         "evcharging.apps.ev_fleet.main", "--kafka-bootstrap", bootstrap, "--cps", str(cps),
-        "--id-prefix", "CP-", "--http-port", str(fleet_port), "--central-host", "127.0.0.1",
-        "--central-port", str(http_port), "--seed", "1",
+        "--id-prefix", "CP-", "--http-port", str(fleet_port),
+        "--central-host", ",".join(f"127.0.0.1:{port}" for port in ports),
+        "--central-port", str(ports[0]), "--seed", "1",
     ], env, work)
     load = Service("load", [
         "evcharging.apps.ev_load.main", "--kafka-bootstrap", bootstrap, "--rate", f"{rate:g}",
         "--duration", f"{settings.duration:g}", "--json", "--seed", "1",
-        "--central-url", f"http://127.0.0.1:{http_port}", "--cps", str(cps),
+        "--central-url", ",".join(urls), "--cps", str(cps),
         "--cp-prefix", "CP-", "--progress-interval", "10",
     ], env, work)
-    services = [load, fleet, central]  # stop order
+    services = [load, fleet, *instances]  # stop order
     tasks: list[asyncio.Task[None]] = []
     probe = TelemetryProbe(bootstrap, prefix, cps)
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}", timeout=10,
-                                 trust_env=False) as http:
+    label = f"{cps:,} CPs, {centrals} Central{'s' if centrals > 1 else ''}"
+    async with httpx.AsyncClient(base_url=urls[0], timeout=10, trust_env=False) as http:
         try:
-            await central.start()
-            await wait_http(http, "/health", central, 60)
+            for central in instances:
+                await central.start()
+            for central, url in zip(instances, urls, strict=True):
+                await wait_http(http, f"{url}/health", central, 60)
+            owned = await wait_partitions(http, urls, instances)
+            if centrals > 1:
+                say(f"  {label}: partitions {owned}")
             await fleet.start()
-            say(f"  {cps:,} CPs: fleet started; waiting until Central lists them ACTIVATED")
+            say(f"  {label}: fleet started; waiting until Central lists them ACTIVATED")
             to_activated = await wait_all_activated(http, cps, fleet, settings.activate_timeout)
-            say(f"  {cps:,} CPs ACTIVATED in {to_activated:.1f} s; load {rate:g} drivers/s for "
+            say(f"  {label}: ACTIVATED in {to_activated:.1f} s; load {rate:g} drivers/s for "
                 f"{settings.duration:g} s (sessions of {settings.session_seconds:g} s)")
-            pids = {"central": central.pid, "fleet": fleet.pid}
+            pids = {central.name: central.pid for central in instances}
+            pids["fleet"] = fleet.pid
             if broker_pid is not None:
                 pids["broker"] = broker_pid
+            if postgres_pid is not None:
+                pids["postgres"] = postgres_pid
+            owned = await wait_partitions(http, urls, instances)
             await probe.start()
-            lag = LagSampler(http)
+            lag = LagSampler(urls, http)
             await load.start(stdout=asyncio.subprocess.PIPE)
             pids["load"] = load.pid
             pids["bench"] = os.getpid()  # its probes cost CPU too
-            resources = ResourceSampler(pids, http)
+            resources = ResourceSampler(pids, http, trees=frozenset({"postgres"}))
             tasks = [asyncio.create_task(job.run()) for job in (probe, lag, resources)]
             load_began = time.monotonic()
             assert load.process is not None
@@ -641,7 +790,12 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
                     raise RuntimeError("a sampler failed") from task.exception()
             summary = json.loads(out.decode().strip().splitlines()[-1])
             steady = (load_began + settings.session_seconds, load_began + settings.duration)
-            stats = (await http.get("/stats")).json()
+            stats = {central.name: (await http.get(f"{url}/stats")).json()
+                     for central, url in zip(instances, urls, strict=True)}
+            owned_after = await read_partitions(http, urls)
+            if owned_after != owned:
+                say(f"  {label}: the partitions moved during the load: {owned} → "
+                    f"{owned_after}")
             fleet_health = (await http.get(f"http://127.0.0.1:{fleet_port}/health")).json()
         finally:
             for task in tasks:
@@ -650,11 +804,12 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
             await probe.stop()
             for service in services:
                 await service.stop()
-    say(f"  {cps:,} CPs: reading the ledger (driver.updates, cp.status)")
+    say(f"  {label}: reading the ledger (driver.updates, cp.status)")
     failed_completed, failed_sessions = await failed_though_completed(bootstrap, prefix)
-    say(f"  {cps:,} CPs: {failed_completed:,} of {failed_sessions:,} FAILED sessions were "
+    say(f"  {label}: {failed_completed:,} of {failed_sessions:,} FAILED sessions were "
         "COMPLETED by their CP")
     in_load = [(t, lag_, r) for t, lag_, r in lag.samples if load_began <= t <= load_ended]
+    per_partition = cps_by_partition(cps, settings.partitions)
     return SizeResult(
         cps=cps, to_activated_s=to_activated, rate=rate,
         achieved_rate=float(summary.get("achieved_rate", 0.0)), load=summary,
@@ -662,8 +817,16 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
         lag=in_load,
         supplying=[n for t, n in resources.supplying if steady[0] <= t <= steady[1]],
         usage=resources.usage,
-        load_avg=resources.load, central_stats=stats, fleet_health=fleet_health,
+        load_avg=resources.load,
+        central_stats=stats if centrals > 1 else stats[instances[0].name],
+        fleet_health=fleet_health,
         failed_completed=failed_completed,
+        centrals=centrals, db="postgres" if db_url is not None else "sqlite",
+        partitions=settings.partitions,
+        owned={central.name: found for central, found in zip(instances, owned, strict=True)},
+        owned_cps={central.name: (cps if centrals == 1 else
+                                  sum(per_partition.get(p, 0) for p in found))
+                   for central, found in zip(instances, owned, strict=True)},
     )
 
 
@@ -681,12 +844,12 @@ def _group(*values: float | None, digits: int = 0) -> str:
 
 
 LATENCY_HEADER = (
-    "CPs", "to ACTIVATED (s)", "drivers/s asked / got", "supplying (mean)",
+    "CPs", "Centrals", "to ACTIVATED (s)", "drivers/s asked / got", "supplying (mean)",
     "request→ACCEPTED p50 / p90 / p99 (ms)", "telemetry→IN_PROGRESS p50 / p99 (ms)",
     "Central lag p50 / max (msgs)", "Central lag p50 / max (s)",
 )
 OUTCOME_HEADER = (
-    "CPs", "drivers", "completed", "FAILED start not confirmed", "FAILED other",
+    "CPs", "Centrals", "drivers", "completed", "FAILED start not confirmed", "FAILED other",
     "FAILED though the CP completed", "DENIED overloaded", "DENIED other",
     "no free CP / timed out", "Central CPU % / RSS MiB",
     "fleet CPU % / RSS MiB", "fleet publish errors", "load gen / bench CPU %", "broker CPU %",
@@ -696,7 +859,8 @@ OUTCOME_HEADER = (
 
 def latency_row(r: SizeResult) -> list[str]:
     return [
-        f"{r.cps:,}", _num(r.to_activated_s, 1), _group(r.rate, r.achieved_rate, digits=1),
+        f"{r.cps:,}", f"{r.centrals}", _num(r.to_activated_s, 1),
+        _group(r.rate, r.achieved_rate, digits=1),
         _num(r.supplying_mean()),
         _group(r.accepted("p50"), r.accepted("p90"), r.accepted("p99"), digits=1),
         _group(r.telemetry(50), r.telemetry(99), digits=1),
@@ -709,18 +873,48 @@ def outcome_row(r: SizeResult) -> list[str]:
     failed = r.outcome("failed")
     denied = r.outcome("denied")
     return [
-        f"{r.cps:,}", f"{int(r.load.get('arrivals', 0)):,}", f"{r.outcome('completed'):,}",
+        f"{r.cps:,}", f"{r.centrals}", f"{int(r.load.get('arrivals', 0)):,}",
+        f"{r.outcome('completed'):,}",
         f"{r.failed_start():,}", f"{failed - r.failed_start():,}",
         _num(r.failed_completed),
         f"{r.denied_overloaded():,}", f"{denied - r.denied_overloaded():,}",
         f"{r.outcome('no_free_cp'):,} / {r.outcome('timed_out'):,}",
-        _group(r.cpu_mean("central"), r.rss_max("central")),
+        _group(r.central_cpu(), r.central_rss()),
         _group(r.cpu_mean("fleet"), r.rss_max("fleet")),
         f"{int(r.fleet_health.get('bus', {}).get('publish_errors', 0)):,}",
         _group(r.cpu_mean("load"), r.cpu_mean("bench")),
         _num(r.cpu_mean("broker") if "broker" in r.usage else None),
         _num(max(r.load_avg) if r.load_avg else None, 2),
     ]
+
+
+CENTRALS_HEADER = (
+    "CPs", "Centrals (database)", "instance", "partitions", "CPs owned", "CPU % (mean)",
+    "CPU % per 1,000 owned CPs", "all Centrals: CPU % per 1,000 CPs",
+    "request→ACCEPTED p50 / p99 (ms)", "Central lag p50 / max (msgs)",
+    "Central lag max (s)", "PostgreSQL CPU %",
+)
+
+
+def centrals_rows(r: SizeResult) -> list[list[str]]:
+    """One row per Central of a run: its share of the CPs and its CPU; the latency and
+    the lag are the network's (the same on each row of a run)."""
+    total = r.central_cpu()
+    rows = []
+    for name in r.central_names():
+        partitions = r.owned.get(name, [])
+        rows.append([
+            f"{r.cps:,}", f"{r.centrals} ({r.db})", name,
+            (f"{len(partitions)} of {r.partitions}" if partitions else "-"),
+            f"{r.owned_cps.get(name, 0):,}", _num(r.cpu_mean(name)),
+            _num(r.cpu_per_1000(name), 2),
+            _num(None if total is None else total / r.cps * 1000, 2),
+            _group(r.accepted("p50"), r.accepted("p99"), digits=1),
+            _group(r.lag_messages(50), r.lag_messages(100)),
+            _num(r.lag_seconds(100), 2),
+            _num(r.cpu_mean("postgres") if "postgres" in r.usage else None),
+        ])
+    return rows
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -748,7 +942,9 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "",
         "## Settings",
         "",
-        f"- per size: a fresh Central (SQLite database, topics of its own) and one CP Fleet; "
+        f"- per size and number of Centrals ({', '.join(map(str, settings.centrals))}): "
+        "fresh Centrals (one: SQLite; several: one PostgreSQL database they share, each with "
+        "its CENTRAL_INSTANCE_ID; `--db` chooses), topics of their own and one CP Fleet; "
         f"{settings.duration:g} s of driver arrivals at N × {settings.busy_fraction:g} ÷ "
         f"{settings.session_seconds:g} s per second (so about "
         f"{settings.busy_fraction:.0%} of the CPs supply), one request per driver",
@@ -756,7 +952,7 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "telemetry every second, heartbeats every 5 s, fleet monitoring every 5 s; "
         "Central and the fleet log at WARNING",
         f"- Kafka: {'the broker at ' + settings.kafka_bootstrap if settings.kafka_bootstrap else 'a local broker started for the run (KRaft, one node)'}"  # noqa: E501
-        ", topics of 3 partitions",
+        f", topics of {settings.partitions} partitions (`CENTRAL_TOPIC_PARTITIONS`)",
         "",
         "## Latency and lag",
         "",
@@ -765,6 +961,10 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "## Outcomes and resources",
         "",
         markdown_table(OUTCOME_HEADER, [outcome_row(r) for r in results]),
+        "",
+        "## Each Central",
+        "",
+        markdown_table(CENTRALS_HEADER, [row for r in results for row in centrals_rows(r)]),
         "",
         f"![latency, lag and CPU against the number of CPs]({png_name})",
         "",
@@ -791,8 +991,13 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "- *fleet publish errors*: messages the fleet's producer could not deliver (its "
         "`/health`, at the end); a CP whose status or telemetry does not leave looks silent "
         "to Central.",
+        "- *Each Central*: its partitions (`GET /health`) and the CPs of the fleet they hold "
+        "(by Kafka's default partitioner on the CP's id), its CPU per 1,000 of those CPs, and "
+        "the CPU of all the Centrals per 1,000 CPs of the network; the latency and lag are "
+        "the network's (lag: the Centrals' messages behind summed, the seconds of the one "
+        "furthest behind); *PostgreSQL CPU*: the server and its backends.",
         "- *CPU %*: of one core, the mean over the load (*bench*: this script, with its "
-        "probes); *RSS*: the largest; *load avg*: "
+        "probes; *Central*: all the Centrals together); *RSS*: the largest; *load avg*: "
         "the machine's, the largest during the load (above the number of CPUs, the processes "
         "measured here waited for a core).",
         "",
@@ -806,13 +1011,25 @@ def plot(results: Sequence[SizeResult], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = [r.cps for r in results]
     fig, (lat, lag, cpu) = plt.subplots(1, 3, figsize=(15, 5.5))
+    axes = (lat, lag, lag.twinx(), cpu)
+    counts = sorted({r.centrals for r in results})
+    for count in counts:
+        _plot_runs([r for r in results if r.centrals == count], axes,
+                   "" if len(counts) == 1 else f", {count} Central{'s' if count > 1 else ''}")
+    _finish_plot(fig, axes, path, title)
+
+
+def _plot_runs(results: Sequence[SizeResult], axes: tuple[Any, Any, Any, Any],
+               suffix: str) -> None:
+    lat, lag, seconds, cpu = axes
+    xs = [r.cps for r in results]
 
     def series(ax: Any, values: list[float | None], label: str, style: str) -> None:
         points = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], style,
+                    label=label + suffix)
 
     series(lat, [r.accepted("p50") for r in results], "request→ACCEPTED p50", "o-")
     series(lat, [r.accepted("p99") for r in results], "request→ACCEPTED p99", "o--")
@@ -824,18 +1041,27 @@ def plot(results: Sequence[SizeResult], path: Path, title: str) -> None:
     series(lag, [r.lag_messages(100) for r in results], "lag max (messages)", "o--")
     lag.set_ylabel("messages behind")
     lag.set_title("Central's consumer lag")
-    seconds = lag.twinx()
     series(seconds, [r.lag_seconds(100) for r in results], "lag max (s, right)", "^:")
-    seconds.set_ylabel("seconds behind (max)")
-    series(cpu, [r.cpu_mean("central") for r in results], "Central", "o-")
+    series(cpu, [r.central_cpu() for r in results], "Central", "o-")
     series(cpu, [r.cpu_mean("fleet") for r in results], "CP Fleet", "s-")
     series(cpu, [r.cpu_mean("load") for r in results], "load generator", "^-")
     if any("broker" in r.usage for r in results):
         series(cpu, [r.cpu_mean("broker") if "broker" in r.usage else None for r in results],
                "Kafka broker", "d-")
+
+
+def _finish_plot(fig: Any, axes: tuple[Any, Any, Any, Any], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    lat, lag, seconds, cpu = axes
+    lat.set_ylabel("ms")
+    lat.set_title("latency")
+    lag.set_ylabel("messages behind")
+    lag.set_title("Central's consumer lag")
+    seconds.set_ylabel("seconds behind (max)")
     cpu.set_ylabel("CPU % of one core (mean)")
     cpu.set_title("CPU")
-    from matplotlib.ticker import FuncFormatter
 
     plain = FuncFormatter(lambda value, _pos: f"{value:g}")
     for ax in (lat, lag, cpu):
@@ -888,6 +1114,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
                         help="seconds a fleet gets until every CP is ACTIVATED (default: 300)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the services' logs (their folder is printed)")
+    parser.add_argument("--centrals", default="1",
+                        help="numbers of Centrals sharing the work (SPEC §9), separated by "
+                        "commas: each size runs with each, at the same load, side by side "
+                        "(default: %(default)s; more than one: on a local PostgreSQL)")
+    parser.add_argument("--db", choices=("auto", "sqlite", "postgres"), default="auto",
+                        help="Central's database: auto (SQLite for one Central, PostgreSQL "
+                        "for several), sqlite (one Central only) or postgres (default: auto)")
+    parser.add_argument("--partitions", type=int, default=12,
+                        help="CENTRAL_TOPIC_PARTITIONS, the partitions of every topic "
+                        "(default: %(default)s)")
+    parser.add_argument("--tag", default="",
+                        help="added to the report's file names: fleet-<date><tag>.md")
     args = parser.parse_args(argv)
     try:
         sizes = tuple(int(part) for part in args.sizes.split(",") if part.strip())
@@ -895,6 +1133,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
         parser.error(f"--sizes: not numbers separated by commas: {args.sizes!r}")
     if not sizes or min(sizes) < 2:
         parser.error("--sizes needs at least one size of 2 CPs or more")
+    try:
+        centrals = tuple(int(part) for part in args.centrals.split(",") if part.strip())
+    except ValueError:
+        parser.error(f"--centrals: not numbers separated by commas: {args.centrals!r}")
+    if not centrals or min(centrals) < 1:
+        parser.error("--centrals needs at least one number of 1 or more")
+    if args.db == "sqlite" and max(centrals) > 1:
+        parser.error("--db sqlite: several Centrals share one PostgreSQL (SPEC §9)")
+    if args.partitions < max(centrals):
+        parser.error("--partitions: fewer partitions than Centrals leaves one idle")
     duration = args.duration if args.duration is not None else (20.0 if args.quick else 120.0)
     session = (args.session_seconds if args.session_seconds is not None
                else (5.0 if args.quick else 10.0))
@@ -903,7 +1151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     return Settings(sizes=sizes, duration=duration, session_seconds=session,
                     busy_fraction=args.busy_fraction, out=args.out,
                     kafka_bootstrap=args.kafka_bootstrap, activate_timeout=args.activate_timeout,
-                    keep_logs=args.keep_logs)
+                    keep_logs=args.keep_logs, centrals=centrals, db=args.db,
+                    partitions=args.partitions, tag=args.tag)
 
 
 @contextlib.contextmanager
@@ -915,14 +1164,49 @@ def broker_for(settings: Settings, work: Path) -> Iterator[tuple[str, int | None
         yield broker.bootstrap, broker.pid
 
 
+@contextlib.contextmanager
+def postgres_for(settings: Settings) -> Iterator[Any]:
+    """A local PostgreSQL (``evcharging.devtools.postgres``, not durable) when a run needs
+    one, stopped and deleted at the end; None when none does."""
+    if all(settings.db_for(count) != "postgres" for count in settings.centrals):
+        yield None
+        return
+    import shutil
+
+    from evcharging.devtools.postgres import LocalPostgres
+
+    folder = Path(tempfile.mkdtemp(prefix="evcharging-postgres-"))
+    try:
+        with LocalPostgres(work_dir=folder, durable=False) as server:
+            yield server
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 async def run_all(settings: Settings, work: Path, bootstrap: str,
-                  broker_pid: int | None) -> list[SizeResult]:
+                  broker_pid: int | None, postgres: Any = None) -> list[SizeResult]:
     results = []
     for cps in settings.sizes:
-        size_dir = work / f"cps-{cps}"
-        size_dir.mkdir()
-        results.append(await run_size(cps, bootstrap, settings, size_dir, broker_pid))
-        say(markdown_table(LATENCY_HEADER, [latency_row(results[-1])]).splitlines()[-1])
+        for centrals in settings.centrals:
+            run_dir = work / f"cps-{cps}-centrals-{centrals}"
+            run_dir.mkdir()
+            database = None
+            if settings.db_for(centrals) == "postgres":
+                database = f"bench_{uuid.uuid4().hex[:12]}"
+                db_url = postgres.create_database(database)
+            else:
+                db_url = None
+            try:
+                results.append(await run_size(
+                    cps, bootstrap, settings, run_dir, broker_pid, centrals=centrals,
+                    db_url=db_url, postgres_pid=None if db_url is None else postgres.pid))
+            finally:
+                if database is not None:
+                    with contextlib.suppress(Exception):
+                        postgres.drop_database(database)
+            say(markdown_table(LATENCY_HEADER, [latency_row(results[-1])]).splitlines()[-1])
+            for row in centrals_rows(results[-1]):
+                say("    " + " | ".join(row))
     return results
 
 
@@ -934,12 +1218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.now(tz=UTC)
     began = time.monotonic()
     say(f"fleet benchmark: sizes {', '.join(f'{n:,}' for n in settings.sizes)}; "
+        f"Centrals {', '.join(map(str, settings.centrals))}; "
         f"{settings.duration:g} s of load each; {machine.cpus} CPUs, load average "
         f"{machine.load_at_start[0]:.2f}")
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     try:
-        with broker_for(settings, work) as (bootstrap, broker_pid):
-            results = asyncio.run(run_all(settings, work, bootstrap, broker_pid))
+        with broker_for(settings, work) as (bootstrap, broker_pid), \
+                postgres_for(settings) as postgres:
+            results = asyncio.run(run_all(settings, work, bootstrap, broker_pid, postgres))
     finally:
         if settings.keep_logs:
             say(f"logs kept in {work}")
@@ -948,7 +1234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             shutil.rmtree(work, ignore_errors=True)
     settings.out.mkdir(parents=True, exist_ok=True)
-    stem = f"fleet-{started:%Y-%m-%d}"
+    stem = f"fleet-{started:%Y-%m-%d}{settings.tag}"
     png = settings.out / f"{stem}.png"
     title = (f"CP Fleet benchmark {started:%Y-%m-%d}: {machine.cpus} CPUs, "
              f"{settings.duration:g} s of load per size, sessions of "
@@ -964,6 +1250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(markdown_table(LATENCY_HEADER, [latency_row(r) for r in results]))
     say("")
     say(markdown_table(OUTCOME_HEADER, [outcome_row(r) for r in results]))
+    say("")
+    say(markdown_table(CENTRALS_HEADER, [row for r in results for row in centrals_rows(r)]))
     say("")
     say(f"report: {settings.out / (stem + '.md')}\nplot:   {png}")
     return 0

@@ -74,9 +74,10 @@ def test_the_fleet_benchmark_writes_its_report_and_plot(
     assert re.search(r"- Python 3\.\d+\.\d+ on ", text)
     assert f"![latency, lag and CPU against the number of CPs]({plot.name})" in text
 
-    latency, outcomes = tables(text)
+    latency, outcomes, centrals = tables(text)
     (row,) = latency
     assert row["CPs"] == "100"
+    assert row["Centrals"] == "1"
     for cell in list(row.values())[1:]:
         assert numbers(cell), cell  # every number measured, and parseable
     assert len(numbers(row["request→ACCEPTED p50 / p90 / p99 (ms)"])) == 3
@@ -97,11 +98,17 @@ def test_the_fleet_benchmark_writes_its_report_and_plot(
     cpu, rss = counts["Central CPU % / RSS MiB"]
     assert cpu >= 0 and rss > 0
 
+    (row,) = centrals  # one Central on SQLite owns every CP
+    assert (row["Centrals (database)"], row["instance"]) == ("1 (sqlite)", "central")
+    assert row["CPs owned"] == "100"
+    assert numbers(row["CPU % (mean)"]) == [round(cpu)]
+    assert numbers(row["CPU % per 1,000 owned CPs"])[0] == pytest.approx(cpu * 10, abs=5.01)
+
     # The same numbers as data, and on stdout.
     results = json.loads(data.read_text())["results"]
     assert [r["cps"] for r in results] == [100]
     assert results[0]["load_summary"]["arrivals"] == drivers
-    assert "| CPs | to ACTIVATED (s) |" in run.stdout
+    assert "| CPs | Centrals | to ACTIVATED (s) |" in run.stdout
     assert f"report: {report}" in run.stdout
 
     width, height = png_size(plot)
