@@ -231,7 +231,8 @@ def test_run_charges_restarts_and_stops_cleanly(
     assert f"API docs:  http://localhost:{http}/docs" in out
     assert f"localhost:{listen}" in out
     assert "Ctrl-C" in out
-    assert re.search(r"^central +\| .*EV Central ready", out, re.MULTILINE)
+    # One Central is the instance central-1 (SPEC §9), its lines still prefixed "central".
+    assert re.search(r"^central +\| .*EV Central central-1 ready", out, re.MULTILINE), out
     assert re.search(r"^cp-e CP-001 \| ", out, re.MULTILINE)
 
     with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:
@@ -524,7 +525,7 @@ def test_run_with_db_postgres_starts_and_stops_its_own_postgresql(
     assert match, out
     port = int(match[1])
     assert port == postgres_port
-    assert out.index("starting PostgreSQL") < out.index("EV Central ready")
+    assert out.index("starting PostgreSQL") < out.index("EV Central central-1 ready")
     # The postmaster is the one `postgres` child that stays (`postgres --version` and initdb's
     # own `postgres` children come and go before it starts), and the devtool names its pid.
     started = re.findall(r"Started PostgreSQL pid (\d+)", out)
@@ -558,3 +559,71 @@ def test_run_with_db_postgres_starts_and_stops_its_own_postgresql(
     assert not alive(postmasters[0])
     assert_nothing_left(launcher, prefix, [http, listen, health, port])
     assert not postgres_status(work_dir).running  # its cluster is kept: a port was named
+
+
+def test_run_with_two_centrals_on_its_own_postgresql(
+    kafka_bootstrap: str, tmp_path: Path, prefix: str, launchers: list[Launcher],
+    postgres_port: int,
+) -> None:
+    """`make run CENTRALS=2` (SPEC §9): a local PostgreSQL, then central-1 and central-2 on
+    consecutive ports, each with its instance id; the banner shows both dashboards, both
+    answer /health, the CP's monitor is given both addresses; Ctrl-C stops both Centrals,
+    then PostgreSQL, and leaves nothing behind."""
+    http, listen, health = free_ports(2), free_ports(2), free_ports(1)
+    env = base_env(prefix, tmp_path)
+    env["CENTRAL_TOPIC_PARTITIONS"] = "4"
+    launcher = Launcher(
+        tmp_path,
+        ["--centrals", "2", "--cps", "1", "--no-drivers", "--postgres-port",
+         str(postgres_port), "--kafka-bootstrap", kafka_bootstrap, "--http-port", str(http),
+         "--listen-port", str(listen), "--base-health-port", str(health),
+         "--db-path", str(tmp_path / "unused.db")],
+        env,
+    )
+    launchers.append(launcher)
+    launcher.wait_output(rf"Central central-2: dashboard http://localhost:{http + 1}/", 150)
+    out = launcher.output()
+    assert f"Central central-1: dashboard http://localhost:{http}/  (TCP localhost:{listen}" in (
+        out)
+    assert "running: 2 Centrals, 1 CP(s) (CP-001)" in out
+    assert re.search(r"Database: +PostgreSQL postgresql://evcharging:\*\*\*@127\.0\.0\.1:"
+                     rf"{postgres_port}/evcharging \(started by the launcher", out), out
+    assert out.index("starting PostgreSQL") < out.index("waiting for Central central-1")
+    assert re.search(r"Central central-2 is up \([\d.]+ s\): instance central-2", out), out
+    assert out.index("the Centrals share the partitions") < out.index("waiting for 1 CP(s)")
+    assert re.search(r"^central-1 +\| ", out, re.MULTILINE)
+    assert re.search(r"^central-2 +\| ", out, re.MULTILINE)
+    programs = [cmd for cmd in launcher.collect_children().values() if "evcharging.apps" in cmd]
+    centrals = [cmd for cmd in programs if "ev_central.main" in cmd]
+    assert len(centrals) == 2, programs
+    (monitor,) = [cmd for cmd in programs if "ev_cp_m.main" in cmd]
+    assert f"--central-host localhost:{http},localhost:{http + 1}" in monitor
+
+    ports = (http, http + 1)
+    with httpx.Client(timeout=5, trust_env=False) as client:
+        reports = [client.get(f"http://127.0.0.1:{port}/health").json() for port in ports]
+        for index, body in enumerate(reports, start=1):
+            assert body["database"]["ok"] is True, body
+            assert body["database"]["path"].startswith("postgresql://"), body
+            assert body["instance"] == f"central-{index}", body
+
+        def shared() -> list[set[int]] | None:
+            owned = [set(client.get(f"http://127.0.0.1:{port}/health").json()["partitions"])
+                     for port in ports]
+            disjoint = not owned[0] & owned[1]
+            return owned if disjoint and owned[0] | owned[1] == set(range(4)) else None
+
+        # SPEC §9: each owns some of the 4 partitions, none twice, together all of them.
+        owned = wait_for(shared, 60, "the two Centrals sharing the 4 partitions")
+        assert all(owned), owned
+
+    launcher.popen.send_signal(signal.SIGINT)
+    assert launcher.wait_exit(90) == 0
+    out = launcher.output()
+    assert "stopping EV Central: central-1, central-2" in out
+    assert out.index("stopping EV Central") < out.index("stopping PostgreSQL") \
+        < out.index("PostgreSQL has stopped")
+    assert "killed (SIGKILL)" not in out
+    assert_nothing_left(launcher, prefix, [http, http + 1, listen, listen + 1, health,
+                                           postgres_port])
+    assert not (tmp_path / "unused.db").exists()
