@@ -219,6 +219,7 @@ class System:
             "DRIVER_TOPIC_PREFIX": self.prefix,
             "CENTRAL_DB_PATH": str(self.db_path),
             "CENTRAL_GROUP_ID": f"{self.prefix}central",
+            "CENTRAL_INSTANCE_ID": "central-1",  # as make run: a restart takes its place
             **FAST_CENTRAL, **FAST_ENGINE, **FAST_MONITOR,
         })
         env.update(extra or {})

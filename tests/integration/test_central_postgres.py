@@ -88,5 +88,8 @@ async def test_central_on_postgresql_records_the_ledger_there(
             "COMPLETED", done.kwh, done.euros, True)
         assert [cp.cp_id for cp in await repo.load_cps()] == [CP]
         assert await repo.active_sessions() == []
-        pending = await repo.load_pending()
-        assert pending is not None and pending.seq >= 1
+        # It stopped cleanly: everything it decided is in Kafka, so it left no flush to
+        # send again and claims no partition (SPEC §9).
+        assert await repo.load_flushes() == {}
+        (central,) = await repo.load_centrals()
+        assert central.partitions == frozenset() and central.partition_count >= 1

@@ -219,9 +219,9 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             tasks.spawn(energy.run(), "smart charging", forever=True)
             tasks.spawn(feeds.run(), "dashboard peers", forever=True)
             tasks.spawn(Membership(rebalancer).run(), "membership", forever=True)
-            logger.info("EV Central {} ready: dashboard http://localhost:{}/ (its CPs come "
-                        "with the partitions the group assigns)", settings.instance,
-                        http.port)
+            logger.info("EV Central ready: dashboard http://localhost:{}/ (instance {}; its "
+                        "CPs come with the partitions the group assigns)", http.port,
+                        settings.instance)
             return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)

@@ -237,7 +237,7 @@ class Outbox:
 
     async def _flush_transaction(self) -> None:
         if not self._recovered:
-            raise RuntimeError("the outbox flushes only after recover()")
+            return  # nothing read yet (no partitions): what is queued waits for settle()
         if self._delivering is not None:  # a flush written whose delivery was interrupted
             await self._finish_delivery()
         ops, messages = len(self._ops), len(self._messages)
@@ -391,7 +391,9 @@ class Outbox:
         """Before giving every partition up (a rebalance): everything decided is flushed
         and in Kafka; the offsets read so far are forgotten (another instance may read
         them next), and this instance's last flush is marked settled, so that nobody
-        sends it again."""
+        sends it again. Nothing before the first :meth:`settle` (nothing was read)."""
+        if self._txn is not None and not self._recovered:
+            return
         await self.flush_retrying()
         async with self._lock:
             if self._txn is None:

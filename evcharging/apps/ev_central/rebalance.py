@@ -35,7 +35,7 @@ from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.outbox import Committed
 from evcharging.apps.ev_central.ownership import Ownership
 from evcharging.apps.ev_central.repository import StorageError
-from evcharging.apps.ev_central.writes import CentralSaved, ClaimsCut
+from evcharging.apps.ev_central.writes import CentralSaved, ClaimsCut, PendingSettled
 from evcharging.common.bus import BusError
 from evcharging.common.messages import utcnow
 
@@ -183,13 +183,14 @@ class Rebalancer:
             return result
 
     async def leave(self) -> None:
-        """At shutdown, once the outbox is flushed: claim nothing (nobody needs to fence
-        this instance). With a flush Kafka did not take, the claims stay."""
-        if self.controller.outbox.pending:
+        """At shutdown, once the outbox is flushed and Kafka has it all: claim nothing and
+        mark the last flush settled (nobody needs to fence this instance or send its
+        flush again). With a flush Kafka did not take, both stay for the successor."""
+        if self.controller.outbox.pending or not self.rebalances:
             return
         self.claims = frozenset()
         try:
-            await self.controller.repo.apply([self.row()])
+            await self.controller.repo.apply([PendingSettled(self.me.instance), self.row()])
         except StorageError as exc:
             logger.warning("could not clear this Central's claims: {}", exc)
 
