@@ -2,11 +2,11 @@
 :mod:`evcharging.common.metrics`).
 
 Everything but the two latency histograms is read at scrape time from what Central keeps
-anyway: the controller's ``stats`` counter and its billed totals, one pass over its CPs
-(states, breakers, monitors, power), the repository's error count and the bus's
-counters. The request→ACCEPTED histogram is observed by :func:`timed_requests`, which
-wraps the controller's request handler; the transaction time by the repository's
-``observe_write`` hook.
+anyway: the controller's ``stats`` counter and its billed totals, the summary's tally of its
+CPs (states, faults, monitors, sessions, power), one pass over them for the breakers and lost
+monitors, the repository's error count and the bus's counters. The request→ACCEPTED
+histogram is observed by :func:`timed_requests`, which wraps the controller's request
+handler; the transaction time by the repository's ``observe_write`` hook.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from prometheus_client.metrics_core import Metric
 from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.repository import Repository
-from evcharging.apps.ev_central.schemas import cp_power_kw
 from evcharging.common.bus import Handler
 from evcharging.common.circuit_breaker import BreakerState
 from evcharging.common.messages import DriverRequest, DriverStatus
@@ -39,7 +38,8 @@ DUPLICATE = "DUPLICATE"
 
 class CentralCollector:
     """Central's decisions, sessions, ledger, database and CPs, read at scrape time
-    (one pass over the CPs: O(N) per scrape, nothing per message)."""
+    (the tally, and one pass over the CPs for the breakers: O(N) per scrape, nothing per
+    message)."""
 
     NAMES = tuple(PREFIX + n for n in (
         "requests_total", "requests_denied_total", "sessions_total", "start_timeouts_total",
@@ -104,32 +104,22 @@ class CentralCollector:
         yield gauge(PREFIX + "central_lag_seconds", max(0.0, behind))
 
     def _cps(self) -> Iterator[Metric]:
-        # One pass with the enums themselves as keys: at 10,000 CPs this is the scrape's
-        # whole cost, paid in Central's event loop once per scrape.
+        # States, faults, monitors, sessions and power: the summary's tally, kept up as CPs
+        # change (the CPs changed since the last answer recounted). Breakers (whose OPEN
+        # turns HALF_OPEN with time) and lost monitors: one pass in C-level maps, the
+        # scrape's whole O(N) cost, paid in Central's event loop once per scrape.
+        tally = self.controller.tally
+        tally.settle()
         views = list(self.controller.cps.values())
-        states = Counter(map(_STATE, views))
         breakers = Counter(map(_BREAKER_STATE, views))  # the property: OPEN may be HALF_OPEN
-        supplying = CPState.SUPPLYING
-        fault = CPState.FAULT
-        faulty = unmonitored = lost = sessions = 0
-        watts = 0.0
-        for cp in views:
-            if cp.is_faulty or cp.state is fault:
-                faulty += 1
-            if cp.monitor_interval is None or cp.monitor_lost:  # CPView.monitored, inlined
-                unmonitored += 1
-                lost += cp.monitor_lost
-            if cp.session is not None:
-                sessions += 1
-            if cp.state is supplying:
-                watts += cp_power_kw(cp) * 1000.0
-        yield gauge(PREFIX + "cps", {(s.value,): states[s] for s in CPState})
-        yield gauge(PREFIX + "cps_faulty", faulty)
-        yield gauge(PREFIX + "cps_unmonitored", unmonitored)
+        lost = sum(map(_MONITOR_LOST, views))
+        yield gauge(PREFIX + "cps", {(s.value,): tally.by_state[s] for s in CPState})
+        yield gauge(PREFIX + "cps_faulty", tally.faulty)
+        yield gauge(PREFIX + "cps_unmonitored", tally.unmonitored)
         yield gauge(PREFIX + "cps_monitor_lost", lost)
         yield gauge(PREFIX + "breakers", {(b.value,): breakers[b] for b in BreakerState})
-        yield gauge(PREFIX + "sessions_active", sessions)
-        yield gauge(PREFIX + "network_power_watts", watts)
+        yield gauge(PREFIX + "sessions_active", tally.sessions)
+        yield gauge(PREFIX + "network_power_watts", tally.power_ukw / 1000.0)
 
 
 class SiteCollector:
@@ -159,8 +149,8 @@ class SiteCollector:
         yield gauge(PREFIX + "allocation_leader", 1.0 if self.energy.leader else 0.0)
 
 
-_STATE = attrgetter("state")
 _BREAKER_STATE = attrgetter("breaker.state")
+_MONITOR_LOST = attrgetter("monitor_lost")
 
 
 def timed_requests(
