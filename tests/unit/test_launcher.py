@@ -83,7 +83,8 @@ LAUNCHER_VARIABLES = {"KAFKA_BOOTSTRAP", "KAFKA_SECURITY_PROTOCOL", "KAFKA_SASL_
                       "KAFKA_CP_PASSWORD", "KAFKA_DRIVER_PASSWORD"}
 """Not one service's setting: the broker `make run` should use, and the Kafka security every
 service falls back to (SPEC §11; documented in .env.example)."""
-COMPOSE_VARIABLES = {"CP1_HEALTH_PORT", "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
+COMPOSE_VARIABLES = {"CENTRAL2_HTTP_PORT", "CENTRAL2_LISTEN_PORT", "CP1_HEALTH_PORT",
+                     "CP2_HEALTH_PORT", "KAFKA_HOST_PORT",
                      "PROMETHEUS_PORT", "GRAFANA_PORT", "GRAFANA_ADMIN_PASSWORD",
                      "KAFKA_ADMIN_PASSWORD", "KAFKA_BROKER_PASSWORD", "POSTGRES_PASSWORD"}
 """Not a service setting: host ports (and Grafana's password) of docker/docker-compose.yml."""
