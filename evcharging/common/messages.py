@@ -281,6 +281,16 @@ class SessionEnd(Message):
     kwh: NonNegative
     euros: NonNegative
 
+    def same_as(self, other: SessionEnd | None) -> bool:
+        """Whether `other` reports this very end: the same session, result and totals
+        (what ``==`` says of two ends, in a few comparisons: a heartbeat repeats its CP's
+        last end every few seconds)."""
+        return other is self or (
+            other is not None and other.session_id == self.session_id
+            and other.result == self.result and other.kwh == self.kwh
+            and other.euros == self.euros
+        )
+
 
 class CPStatus(Message):
     """cp.status, keyed by cp_id: a CP's state, and its totals when a session ends.

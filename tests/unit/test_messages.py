@@ -20,6 +20,8 @@ from evcharging.common.messages import (
     DriverRequest,
     DriverStatus,
     DriverUpdate,
+    SessionEnd,
+    SessionResult,
     ValidationError,
     decode,
     encode,
@@ -121,3 +123,15 @@ def test_any_valid_telemetry_round_trips(
 ) -> None:
     message = CPTelemetry(cp_id=cp_id, kw=kw, kwh=kwh, euros=euros, session_id=session)
     assert decode(CPTelemetry, encode(message)) == message
+
+
+@given(kwh=st.sampled_from([0.0, 1.5, 2.25]), euros=st.sampled_from([0.0, 0.5]),
+       result=st.sampled_from(list(SessionResult)), sid=st.sampled_from(["s1", "s2"]))
+def test_same_as_says_what_equality_says_of_two_session_ends(
+    kwh: float, euros: float, result: SessionResult, sid: str
+) -> None:
+    end = SessionEnd(session_id="s1", result=SessionResult.COMPLETED, kwh=1.5, euros=0.5)
+    other = decode(SessionEnd, encode(SessionEnd(session_id=sid, result=result, kwh=kwh,
+                                                 euros=euros)))
+    assert end.same_as(other) == (end == other) == other.same_as(end)
+    assert end.same_as(end) and not end.same_as(None)

@@ -433,7 +433,7 @@ class Controller:
         # while this handler awaits must not send half a decision (exactly once, §4).
         end = status.session_end()
         closed_end = (await self._closed_session(end.session_id)
-                      if end is not None and end != cp.last_end
+                      if end is not None and not end.same_as(cp.last_end)
                       and (cp.session is None or cp.session.session_id != end.session_id)
                       else None)
         unknown = (
@@ -444,7 +444,7 @@ class Controller:
             and (end is None or end.session_id != status.session_id)
             and await self._closed_session(status.session_id) is None
         )
-        if end is not None and end != cp.last_end:
+        if end is not None and not end.same_as(cp.last_end):
             self._settle(cp, end, status, ts, closed_end)
         session = cp.session
         if session is not None and status.session_id == session.session_id:
