@@ -232,7 +232,8 @@ def test_run_charges_restarts_and_stops_cleanly(
     assert f"localhost:{listen}" in out
     assert "Ctrl-C" in out
     # One Central is the instance central-1 (SPEC §9), its lines still prefixed "central".
-    assert re.search(r"^central +\| .*EV Central central-1 ready", out, re.MULTILINE), out
+    assert re.search(r"^central +\| .*EV Central ready: .*\(instance central-1;", out,
+                     re.MULTILINE), out
     assert re.search(r"^cp-e CP-001 \| ", out, re.MULTILINE)
 
     with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:
@@ -525,7 +526,7 @@ def test_run_with_db_postgres_starts_and_stops_its_own_postgresql(
     assert match, out
     port = int(match[1])
     assert port == postgres_port
-    assert out.index("starting PostgreSQL") < out.index("EV Central central-1 ready")
+    assert out.index("starting PostgreSQL") < out.index("EV Central ready")
     # The postmaster is the one `postgres` child that stays (`postgres --version` and initdb's
     # own `postgres` children come and go before it starts), and the devtool names its pid.
     started = re.findall(r"Started PostgreSQL pid (\d+)", out)
