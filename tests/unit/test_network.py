@@ -421,3 +421,10 @@ def test_a_change_of_ownership_sends_every_client_a_fresh_snapshot() -> None:
     with feeds.attach(subscription):
         doors.ownership.assign({0, 1, 2}, PARTITIONS)
         assert subscription.take().behind
+
+
+async def test_a_peer_that_claims_nothing_holds_no_cp_and_is_not_asked() -> None:
+    rows = Rows(record("central-2", set()), record("central-3", {2, 3}, url="http://c3.test"))
+    doors = directory(rows, {0, 1})
+    await doors.refresh()
+    assert doors.peers() == [Peer("central-3", "http://c3.test")]

@@ -115,8 +115,10 @@ class Directory:
     # ------------------------------------------------------------------ answers
 
     def peers(self) -> list[Peer]:
-        """The other live Centrals, by instance (from the copy)."""
-        rows = sorted(self._live(), key=lambda row: row.instance)
+        """The other live Centrals that claim partitions, by instance (from the copy): one
+        that claims none holds no CP (it left, or its partitions were taken over)."""
+        rows = sorted((row for row in self._live() if row.partitions),
+                      key=lambda row: row.instance)
         return [Peer(row.instance, row.peer_url.rstrip("/")) for row in rows]
 
     def partition_of(self, cp_id: str) -> int:
