@@ -617,6 +617,11 @@ def test_run_with_two_centrals_on_its_own_postgresql(
         # SPEC §9: each owns some of the 4 partitions, none twice, together all of them.
         owned = wait_for(shared, 60, "the two Centrals sharing the 4 partitions")
         assert all(owned), owned
+        # Any door: each answers for the whole network, the CP its partner owns included.
+        for port in ports:
+            page = client.get(f"http://127.0.0.1:{port}/cp")
+            assert [cp["cp_id"] for cp in page.json()] == ["CP-001"], (port, page.text)
+            assert "X-Evcharging-Partial" not in page.headers, port
 
     launcher.popen.send_signal(signal.SIGINT)
     assert launcher.wait_exit(90) == 0
