@@ -463,8 +463,8 @@ class Supervisor:
         if others:  # SPEC §9: the others take its partitions over
             self.console.error(
                 f"!!! {child.name} IS DOWN: its CPs go over to {' and '.join(others)}, "
-                "which serve the whole network; its dashboard is gone. `--restart` would "
-                "have restarted it."
+                f"which {'serves' if len(others) == 1 else 'serve'} the whole network; its "
+                "dashboard is gone. `--restart` would have restarted it."
             )
             return
         if len(self.centrals) > 1:

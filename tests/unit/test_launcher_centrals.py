@@ -397,7 +397,8 @@ async def test_a_central_that_dies_while_the_other_runs_is_reported_not_fatal() 
         await poll(lambda: dying.ended, timeout=20, what="central-2's end")
         text = out.getvalue()
         assert "!!! central-2 DIED: exit code 2" in text
-        assert "!!! central-2 IS DOWN: its CPs go over to central-1" in text
+        assert ("!!! central-2 IS DOWN: its CPs go over to central-1, which serves the whole "
+                "network") in text
         assert "EV CENTRAL IS DOWN" not in text
         assert alive.running
     finally:
