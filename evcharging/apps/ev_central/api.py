@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
+import httpx
 from fastapi import FastAPI, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -57,7 +58,7 @@ from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.dashboard import mount_dashboard
 from evcharging.apps.ev_central.energy import Energy
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
-from evcharging.apps.ev_central.merging import merge_cps, merge_sites, merge_summaries
+from evcharging.apps.ev_central.merging import cp_list, merge_cps, merge_sites, merge_summaries
 from evcharging.apps.ev_central.network import FORWARDED, Network, Relayed, run_command
 from evcharging.apps.ev_central.peer_feeds import PeerFeeds
 from evcharging.apps.ev_central.repository import MAX_LIMIT
@@ -272,15 +273,11 @@ def create_api(
         if gathered is None or not gathered.asked:
             response.headers["X-Total-Count"] = str(len(matching))
             return [cp_out(cp) for cp in matching[offset:end]]
-        total = len(matching)
-        parts = [[cp_out(cp).model_dump(mode="json") for cp in matching[:end]]]
-        for answer in gathered.parse(_cp_list):
-            parts.append(answer)
-        for instance in gathered.parts:
-            if instance not in gathered.missing:
-                head = gathered.parts[instance].headers.get("X-Total-Count", "")
-                total += int(head) if head.isdigit() else 0
-        merged = merge_cps(parts)
+        own = [cp_out(cp).model_dump(mode="json") for cp in matching[:end]]
+        merged = merge_cps([own, *gathered.parse(cp_list)])
+        total = len(matching) + sum(
+            _total(answer) for instance, answer in gathered.parts.items()
+            if instance not in gathered.missing)
         return JSONResponse(merged[offset:end], headers={
             "X-Total-Count": str(total), **gathered.headers})
 
@@ -535,11 +532,10 @@ def _present(query: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in query.items() if value is not None}
 
 
-def _cp_list(body: Any) -> list[dict[str, Any]]:
-    if not isinstance(body, list) or not all(isinstance(cp, dict) and "cp_id" in cp
-                                             for cp in body):
-        raise ValueError("not a list of CPs")
-    return body
+def _total(answer: httpx.Response) -> int:
+    """A peer's ``X-Total-Count`` (0 when it gave none that reads)."""
+    count = answer.headers.get("X-Total-Count", "")
+    return int(count) if count.isdigit() else 0
 
 
 def _site_list(body: Any) -> list[SiteOut]:

@@ -21,7 +21,7 @@ from evcharging.apps.ev_central.schemas import (
 )
 from evcharging.common.states import CPState
 
-__all__ = ["merge_cps", "merge_fleet", "merge_sites", "merge_summaries"]
+__all__ = ["cp_list", "merge_cps", "merge_fleet", "merge_sites", "merge_summaries"]
 
 
 def _kw(values: Iterable[float]) -> float:
@@ -77,6 +77,14 @@ def merge_sites(parts: Sequence[Sequence[SiteOut]]) -> list[SiteOut]:
             cps=sum(s.cps for s in same), supplying=sum(s.supplying for s in same),
         ))
     return merged
+
+
+def cp_list(body: Any) -> list[dict[str, Any]]:
+    """A peer's ``/cp`` answer, checked: a list of CP objects (ValueError otherwise)."""
+    if not isinstance(body, list) or not all(isinstance(cp, dict) and "cp_id" in cp
+                                             for cp in body):
+        raise ValueError("not a list of CPs")
+    return body
 
 
 def merge_cps(parts: Iterable[Iterable[dict[str, Any]]]) -> list[dict[str, Any]]:

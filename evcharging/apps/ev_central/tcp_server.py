@@ -89,7 +89,7 @@ from loguru import logger
 from evcharging.apps.ev_central.commands import COMMANDS, Command
 from evcharging.apps.ev_central.errors import CentralError, Unauthorized
 from evcharging.apps.ev_central.limits import Throttled
-from evcharging.apps.ev_central.merging import merge_cps
+from evcharging.apps.ev_central.merging import cp_list, merge_cps
 from evcharging.apps.ev_central.network import Network, Relayed, run_command
 from evcharging.apps.ev_central.schemas import cp_out
 from evcharging.apps.ev_central.views import CPView
@@ -606,7 +606,7 @@ class TcpControlServer:
             return answer
         gathered = await self.network.gather("/cp")
         own = [_cp(cp) for cp in self.controller.all_cps()]
-        cps = merge_cps([own, *gathered.parse(_list)]) if gathered.asked else own
+        cps = merge_cps([own, *gathered.parse(cp_list)]) if gathered.asked else own
         return _partial(_fit_cps(cps), gathered.missing)
 
     def _operator(self, command: Command) -> Handler:
@@ -680,13 +680,6 @@ def _partial(answer: Answer, missing: list[str]) -> Answer:
 def _object(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValueError("not a JSON object")
-    return body
-
-
-def _list(body: Any) -> list[dict[str, Any]]:
-    if not isinstance(body, list) or not all(isinstance(cp, dict) and "cp_id" in cp
-                                             for cp in body):
-        raise ValueError("not a list of CPs")
     return body
 
 
