@@ -31,6 +31,14 @@ call; registering a new CP past ``CENTRAL_MAX_CPS`` gets 409 ``too_many_cps``, a
 ``/health`` answers within :data:`HEALTH_BUDGET` seconds whatever the probe does: 200 while
 Kafka and the database are usable, else 503 with what is known.
 
+More than one Central (SPEC §9): every instance answers for every CP
+(:mod:`~evcharging.apps.ev_central.network`). A change to a CP (``/cp/register``,
+``/cp/fault``, ``/cp/{id}/monitor``, ``/stop``, ``/resume``) and a read of one CP go to its
+owner when that is another instance, and the caller gets the owner's answer as it is;
+``/fleet`` calls are split by owner. ``/cp``, ``/summary``, ``/telemetry`` and ``/sites``
+add up every instance's own part (``?scope=local``: this instance's alone), naming in
+``X-Evcharging-Partial`` the instances that did not answer within 1 s.
+
 ``/docs`` is Swagger UI served from Central itself (the ``swagger-ui-bundle-v2`` package):
 no CDN, so it works with no internet.
 """
