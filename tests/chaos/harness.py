@@ -60,7 +60,7 @@ from evcharging.common.messages import (
 from evcharging.devtools.process import free_port
 from tests.chaos.centrals import Centrals, read_pg_rows
 from tests.chaos.chargers import Charger
-from tests.chaos.ledger import Breach, MeterLog, SessionRow, Totals, check_ledger
+from tests.chaos.ledger import Breach, MeterLog, SessionRow, Totals, check_ledger, describe
 from tests.chaos.power import Report
 from tests.e2e.conftest import Proc, System
 from tests.polling import poll
@@ -156,6 +156,8 @@ class Observer:
         """Driver id of a real driver process whose requests count as the test's (or a
         prefix of such ids, ending in ``*``) → the ids of its requests read so far."""
         self.invalid = 0
+        self.on_broker: dict[str, float] = {}
+        """request id → when the observer read it on ``driver.requests`` (every request)."""
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -236,6 +238,7 @@ class Observer:
         try:
             if topic == Topic.DRIVER_REQUESTS:
                 request = decode(DriverRequest, value)
+                self.on_broker.setdefault(request.request_id, now())
                 adopter = self._adopter(request.driver_id)
                 if adopter is not None:
                     if request.request_id not in self.requests:
@@ -295,6 +298,17 @@ class Observer:
         assert self._producer is not None
         await self._producer.send_and_wait(f"{self.prefix}{topic.value}", value,
                                            key=key.encode())
+
+    def whereabouts(self, request_id: str, since: float) -> str:
+        """Where a request is, for a problem's text: its CP, when it was sent and read
+        back from the broker (seconds from `since`), its updates."""
+        sent = self.sent_at.get(request_id)
+        read = self.on_broker.get(request_id)
+        return (f"{request_id} on {self.requests.get(request_id)}: sent "
+                + ("by a driver process" if sent is None else f"{sent - since:+.2f} s")
+                + ("; never on the broker" if read is None else
+                   f", on the broker {read - since:+.2f} s")
+                + f"; {describe(self.updates.get(request_id, ())) or 'no update'}")
 
     def answered(self, request_id: str) -> DriverStatus | None:
         """ACCEPTED or the final status once the request has one, else None."""

@@ -417,7 +417,9 @@ async def one_round(
             known.update(("NO_FINAL", r) for r in lost)
             unanswered = [r for r in unanswered if r not in lost]
     if unanswered:
-        outcome.problems.append(f"{len(unanswered)} request(s) without a final status")
+        outcome.problems.append(
+            f"{len(unanswered)} request(s) without a final status (times from the fault): "
+            + "; ".join(run.observer.whereabouts(r, window.start) for r in unanswered[:6]))
     await run.settle()
     rows, breaches = await run.check(exactly_once=scenario.exactly_once)
     outcome.breaches = [b for b in breaches if (b.kind.name, b.subject) not in known]
