@@ -38,6 +38,7 @@ from evcharging.apps.ev_central.repository import (
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
 from evcharging.common.assignor import SamePartitionAssignor
 from evcharging.common.config import CentralSettings, load_settings
+from evcharging.common.gc_tuning import tune_for_many_connections
 from evcharging.common.http import check_exposure
 from evcharging.common.kafka import (
     BusError,
@@ -243,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CentralSettings, argv, "python -m evcharging.apps.ev_central.main", DESCRIPTION
     )
     setup_logging("ev_central", settings.log_level, settings.log_json)
+    tune_for_many_connections()  # tens of thousands of CPs' views and sessions (see the module)
     return run_service(lambda stop: run(settings, stop))
 
 
