@@ -182,8 +182,10 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             }
 
         tasks = TaskOwner("EV Central")
-        network = Network(Directory(ownership, repo.load_centrals), token=token,
-                          stats=controller.stats)  # any door (SPEC §9): network.py
+        # Any door (SPEC §9, network.py); on SQLite this Central is alone: nobody to ask.
+        directory = (None if isinstance(repo, SqliteRepository)
+                     else Directory(ownership, repo.load_centrals))
+        network = Network(directory, token=token, stats=controller.stats)
         feeds = PeerFeeds(network, ownership)
         app = create_api(controller, api_token=token, health=health, energy=energy,
                          network=network, feeds=feeds)
