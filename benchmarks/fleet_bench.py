@@ -514,6 +514,9 @@ class SizeResult:
     """Each Central's partitions (its ``/health``), read as the load began."""
     owned_cps: dict[str, int] = field(default_factory=dict)
     """How many of the CPs each Central owns (their cp.status partition is its)."""
+    consumed: dict[str, int] = field(default_factory=dict)
+    """Messages each Central's consumer handled during the load (its ``/health``)."""
+    load_seconds: float = 0.0
 
     # --- derived numbers (None when nothing was measured)
 
@@ -528,6 +531,14 @@ class SizeResult:
     def central_rss(self) -> float | None:
         values = [v for name in self.central_names() if (v := self.rss_max(name)) is not None]
         return max(values) if values else None
+
+    def cpu_us_per_message(self, name: str) -> float | None:
+        """An instance's CPU time per message it consumed during the load (µs): its cost
+        per message, which a busy machine changes less than its CPU %."""
+        cpu, consumed = self.cpu_mean(name), self.consumed.get(name)
+        if cpu is None or not consumed or self.load_seconds <= 0:
+            return None
+        return cpu / 100 * self.load_seconds / consumed * 1e6
 
     def cpu_per_1000(self, name: str) -> float | None:
         """An instance's CPU % per 1,000 of the CPs it owns."""
@@ -604,6 +615,9 @@ class SizeResult:
             "central_cpu_percent_total": self.central_cpu(),
             "central_cpu_percent_per_1000_owned_cps": {
                 name: self.cpu_per_1000(name) for name in self.central_names()},
+            "central_consumed": self.consumed,
+            "central_cpu_us_per_message": {
+                name: self.cpu_us_per_message(name) for name in self.central_names()},
         }
 
 
@@ -693,6 +707,17 @@ async def wait_partitions(http: httpx.AsyncClient, urls: Sequence[str],
         await asyncio.sleep(0.5)
 
 
+async def read_consumed(http: httpx.AsyncClient, urls: Sequence[str]) -> list[int | None]:
+    """How many messages each Central's consumer has handled (its ``/health``)."""
+    found: list[int | None] = []
+    for url in urls:
+        count = None
+        with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError, TypeError):
+            count = int((await http.get(f"{url}/health")).json()["kafka"]["consumed"])
+        found.append(count)
+    return found
+
+
 async def read_partitions(http: httpx.AsyncClient, urls: Sequence[str]) -> list[list[int]]:
     """The partitions each Central's ``/health`` says it owns (none when it does not say)."""
     owned: list[list[int]] = []
@@ -779,12 +804,14 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
             pids["load"] = load.pid
             pids["bench"] = os.getpid()  # its probes cost CPU too
             resources = ResourceSampler(pids, http, trees=frozenset({"postgres"}))
+            consumed_before = await read_consumed(http, urls)
             tasks = [asyncio.create_task(job.run()) for job in (probe, lag, resources)]
             load_began = time.monotonic()
             assert load.process is not None
             limit = settings.duration + settings.session_seconds + 180
             out, _ = await asyncio.wait_for(load.process.communicate(), limit)
             load_ended = time.monotonic()
+            consumed_after = await read_consumed(http, urls)
             for task in tasks:
                 if task.done() and task.exception() is not None:
                     raise RuntimeError("a sampler failed") from task.exception()
@@ -827,6 +854,11 @@ async def run_size(cps: int, bootstrap: str, settings: Settings, work: Path,
         owned_cps={central.name: (cps if centrals == 1 else
                                   sum(per_partition.get(p, 0) for p in found))
                    for central, found in zip(instances, owned, strict=True)},
+        consumed={central.name: after - before
+                  for central, before, after in zip(instances, consumed_before,
+                                                    consumed_after, strict=True)
+                  if before is not None and after is not None},
+        load_seconds=load_ended - load_began,
     )
 
 
@@ -891,6 +923,7 @@ def outcome_row(r: SizeResult) -> list[str]:
 CENTRALS_HEADER = (
     "CPs", "Centrals (database)", "instance", "partitions", "CPs owned", "CPU % (mean)",
     "CPU % per 1,000 owned CPs", "all Centrals: CPU % per 1,000 CPs",
+    "messages handled / CPU µs each",
     "request→ACCEPTED p50 / p99 (ms)", "Central lag p50 / max (msgs)",
     "Central lag max (s)", "PostgreSQL CPU %",
 )
@@ -909,6 +942,7 @@ def centrals_rows(r: SizeResult) -> list[list[str]]:
             f"{r.owned_cps.get(name, 0):,}", _num(r.cpu_mean(name)),
             _num(r.cpu_per_1000(name), 2),
             _num(None if total is None else total / r.cps * 1000, 2),
+            _group(r.consumed.get(name), r.cpu_us_per_message(name)),
             _group(r.accepted("p50"), r.accepted("p99"), digits=1),
             _group(r.lag_messages(50), r.lag_messages(100)),
             _num(r.lag_seconds(100), 2),
@@ -995,7 +1029,9 @@ def report(results: Sequence[SizeResult], machine: Machine, settings: Settings,
         "(by Kafka's default partitioner on the CP's id), its CPU per 1,000 of those CPs, and "
         "the CPU of all the Centrals per 1,000 CPs of the network; the latency and lag are "
         "the network's (lag: the Centrals' messages behind summed, the seconds of the one "
-        "furthest behind); *PostgreSQL CPU*: the server and its backends.",
+        "furthest behind); *messages handled / CPU µs each*: what its consumer handled "
+        "during the load (`/health`) and its CPU time per message (a busy machine changes "
+        "it less than the CPU %); *PostgreSQL CPU*: the server and its backends.",
         "- *CPU %*: of one core, the mean over the load (*bench*: this script, with its "
         "probes; *Central*: all the Centrals together); *RSS*: the largest; *load avg*: "
         "the machine's, the largest during the load (above the number of CPUs, the processes "

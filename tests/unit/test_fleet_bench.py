@@ -65,6 +65,7 @@ def test_each_central_gets_a_row_with_its_share(bench: ModuleType) -> None:
         db="postgres", partitions=12,
         owned={"central-1": [0, 1, 2, 3, 4, 5], "central-2": [6, 7, 8, 9, 10, 11]},
         owned_cps={"central-1": 5_000, "central-2": 4_000},
+        consumed={"central-1": 90_000}, load_seconds=20.0,
     )
     assert result.central_names() == ["central-1", "central-2"]
     assert result.central_cpu() == pytest.approx(75.0)
@@ -79,6 +80,8 @@ def test_each_central_gets_a_row_with_its_share(bench: ModuleType) -> None:
     assert row["request→ACCEPTED p50 / p99 (ms)"] == "100.0 / 300.0"
     assert row["Central lag p50 / max (msgs)"] == "10 / 30"
     assert row["PostgreSQL CPU %"] == "-"
+    assert row["messages handled / CPU µs each"] == "90,000 / 100"  # 45 % of 20 s
+    assert result.cpu_us_per_message("central-2") is None  # its /health did not say
     assert dict(zip(header, second, strict=True))["CPU % per 1,000 owned CPs"] == "7.50"
     assert result.as_dict()["central_cpu_percent_per_1000_owned_cps"] == {
         "central-1": pytest.approx(9.0), "central-2": pytest.approx(7.5)}
