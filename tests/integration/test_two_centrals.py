@@ -3,8 +3,9 @@ broker and one PostgreSQL database, with an API token, own disjoint halves of th
 partitions. CPs registered through either door land at their owners; their reports come
 on the bus, as engines send them. A ``POST /cp/{id}/stop`` sent to the instance that does
 not own the CP reaches the owner: STOP_CP is on ``central.commands`` and the caller gets
-the owner's 200 answer. ``/cp`` (every CP, paged and filtered) and ``/summary`` are the
-same at both doors, and each door's dashboard WebSocket counts every CP."""
+the owner's 200 answer; so does a STOP_CP sent to that instance's TCP plane. ``/cp``
+(every CP, paged) and ``/summary`` are the same at both doors, and each door's dashboard
+WebSocket counts every CP."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
+from evcharging.apps.ev_central.ctl import ControlClient
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import CentralCommand, CommandType, CPState, CPStatus
 from evcharging.devtools.postgres import LocalPostgres
@@ -145,6 +147,19 @@ async def test_any_door_two_centrals(
                        what=f"STOP_CP for {target} on central.commands")
             refused = await one.http.post(f"/cp/{target}/stop", json={})
             assert refused.status_code == 401  # the door checks the token before forwarding
+
+            # So does the TCP plane's (its answer carries the owner's).
+            other = theirs[1]
+            async with ControlClient("127.0.0.1", one.tcp_port) as control:
+                answer = await control.request({"cmd": "STOP_CP", "cp_id": other,
+                                                "token": TOKEN})
+                assert answer["ok"] is True, answer
+                assert (answer["sent"], answer["cp"]["cp_id"]) == ("STOP_CP", other)
+                status = await control.request({"cmd": "STATUS", "token": TOKEN})
+                assert [cp["cp_id"] for cp in status["cps"]] == every
+            await poll(lambda: [c for c in commands if c.cp_id == other
+                                and c.cmd is CommandType.STOP_CP], timeout=20,
+                       what=f"STOP_CP for {other} on central.commands")
 
             # Both doors answer for the whole network, the same.
             body, total, partial = await poll(lambda: same_everywhere(centrals, "/cp"),
