@@ -22,7 +22,9 @@ its repository holds the network-wide job lock :data:`ALLOCATION_LOCK` (always, 
 SQLite). It asks at :meth:`Energy.load` and then once every interval, never on a start:
 a start reads the answer of the last check (``leader``). An instance that loses the lock
 forgets the limits it sent (the new leader's are in force), so that it sends every limit
-again if it gains it back.
+again if it gains it back. Across several live Centrals the leader plans the network's
+sessions, not only its own: :mod:`~.energy_network` (``network``); then :meth:`reallocate`
+asks it for a plan, and each instance's ``sent`` is the limits in force for its own CPs.
 
 What is in force for a session (the limit last sent, or its cap when that is lower) never
 adds up to more than its site's limit: a share its session cannot use (its cap is the CP's
@@ -40,6 +42,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from loguru import logger
 
@@ -50,6 +53,9 @@ from evcharging.apps.ev_central.schemas import SiteOut, SiteSummaryOut
 from evcharging.apps.ev_central.views import ActiveSession, CPView
 from evcharging.common.car import Car
 from evcharging.common.messages import CentralCommand, CommandPayload, CommandType, utcnow
+
+if TYPE_CHECKING:
+    from evcharging.apps.ev_central.energy_network import EnergyNetwork
 
 __all__ = ["ALLOCATION_LOCK", "Charging", "Energy", "Plan", "Sent", "SetLimit", "charging_of",
            "plan"]
@@ -248,6 +254,9 @@ class Energy:
         self.leader = False
         """Whether this instance held :data:`ALLOCATION_LOCK` at the last check (it
         allocates only then): checked at :meth:`load` and once every interval."""
+        self.network: EnergyNetwork | None = None
+        """Smart charging across Centrals (set by :class:`~.energy_network.EnergyNetwork`);
+        None: this instance's sessions are the network's (one Central)."""
         self._ticks = 0
         self._changed_here = 0
         self._reload_failing = False
@@ -293,7 +302,7 @@ class Energy:
             await asyncio.sleep(self.interval)
             await self.check_leader()
             reloaded = False
-            if self.leader:
+            if self.leader or self._networked:
                 try:
                     reloaded = await self.reload_limits()  # a PUT/DELETE on another Central
                     self._reload_failing = False
@@ -304,10 +313,20 @@ class Energy:
                                        "{}", exc)
                     self._reload_failing = True
             self._ticks += 1
-            if self._ticks % RESEND_EVERY == 0:
+            resend = self._ticks % RESEND_EVERY == 0
+            if resend:
                 self.forget_sent()  # every limit in force is sent again
+            if self.network is not None and await self.network.tick(resend=resend):
+                if reloaded:  # the network's plan is energy_network's
+                    await self.controller.flush()
+                continue
             if self._reallocate_logged() or reloaded:
                 await self.controller.flush()
+
+    @property
+    def _networked(self) -> bool:
+        """Whether other live Centrals share the sessions (the leader plans them all)."""
+        return self.network is not None and self.network.active
 
     async def check_leader(self) -> bool:
         """Ask the repository for :data:`ALLOCATION_LOCK` (take it if free, keep it if
@@ -331,6 +350,8 @@ class Energy:
         return held
 
     async def close(self) -> None:
+        if self.network is not None:
+            await self.network.close()
         soon, self._soon = self._soon, None
         if soon is not None:
             soon.cancel()
@@ -366,6 +387,8 @@ class Energy:
         had = self._drop_limit(site)
         if had is not None:
             logger.info("site {}: limit removed (was {:g} kW)", site, had)
+        if self.network is not None and self.network.active:
+            self.network.request([site])  # the leader frees the other Centrals' sessions
         await self.controller.outbox.flush()
         return self.site(site)
 
@@ -448,7 +471,12 @@ class Energy:
     def reallocate(self, sites: Iterable[str] | None = None) -> int:
         """Plan these limited sites (None: every one) now and queue the SET_LIMITs that
         changed; how many. The cost is their sessions', never all of Central's. Nothing
-        while this instance does not hold the allocation lock (``leader``)."""
+        while this instance does not hold the allocation lock (``leader``). Across several
+        Centrals the leader plans every Central's sessions: asked here, done soon
+        (:meth:`~.energy_network.EnergyNetwork.request`)."""
+        if self.network is not None and self.network.active:
+            self.network.request(sites)
+            return 0
         if not self.leader:
             return 0
         chosen = list(self._charging) if sites is None else [
@@ -488,6 +516,34 @@ class Energy:
             self.controller.stats["allocation_errors"] += 1
             logger.exception("smart charging: reallocation failed")
             return 0
+
+    def charging(self) -> list[Charging]:
+        """This instance's sessions at its limited sites, and those whose limit in force
+        belongs to a site no longer limited (the leader frees them), each once."""
+        found: dict[str, Charging] = {}
+        for site, cps in self._charging.items():
+            for cp in cps.values():
+                session = cp.session
+                if session is not None and cp.site == site:
+                    found.setdefault(session.session_id, charging_of(cp, session))
+        for sid, sent in self.sent.items():
+            if sid in found:
+                continue
+            cp = self.controller.cps.get(sent.cp_id)
+            if cp is not None and cp.session is not None and cp.session.session_id == sid:
+                found[sid] = charging_of(cp, cp.session)
+        return list(found.values())
+
+    def apply(self, command: SetLimit, site: str | None) -> None:
+        """Send a limit planned elsewhere (the leader, or a provisional share) to one of
+        this instance's CPs, and remember it in force (``kw`` None: forgotten)."""
+        self._send(command)
+        if command.kw is None:
+            if command.session_id in self.sent:
+                self._forget(command.session_id)
+        else:
+            self._remember(command.session_id, site or "",
+                           Sent(command.cp_id, command.kw))
 
     def _send(self, command: SetLimit) -> None:
         self.controller.stats["set_limits"] += 1

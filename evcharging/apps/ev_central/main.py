@@ -21,6 +21,7 @@ from evcharging.apps.ev_central import housekeeping
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.energy import Energy
+from evcharging.apps.ev_central.energy_network import EnergyNetwork
 from evcharging.apps.ev_central.metrics import central_metrics, timed_requests
 from evcharging.apps.ev_central.network import Network
 from evcharging.apps.ev_central.outbox import Committed
@@ -190,6 +191,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
         app = create_api(controller, api_token=token, health=health, energy=energy,
                          network=network, feeds=feeds)
         mount_metrics(app, metrics)
+        EnergyNetwork(energy, network, token=token).mount(app)  # smart charging, §9
         http = HttpServer(app, settings.http_host, settings.http_port, name="HTTP API",
                           tasks=tasks)
         tcp = TcpControlServer(controller, settings.listen_host, settings.listen_port, token,
