@@ -289,6 +289,13 @@ async def test_two_centrals_keep_a_site_under_its_limit(
                            what="/sites the same at both doors, two sessions",
                            retry_on=(httpx.HTTPError,))
         assert (row["allocated_kw"], row["supplying"]) == (30.0, 2)
+        # Starts at the door that does not allocate got provisional limits, and the
+        # allocating one sent limits forward to it.
+        stats = {i.id: (await i.http.get("/stats")).json()["controller"]
+                 for i in (allocating, other)}
+        assert stats[other.id].get("set_limits_provisional", 0) >= 2, stats
+        assert stats[allocating.id].get("set_limits_forwarded", 0) >= 2, stats
+        assert stats[other.id].get("set_limits_forwarded", 0) == 0, stats
         sys.stderr.write("smart charging across Centrals, the sum of the latest reports "
                          "over the limit:\n" + "".join(
                              f"  {change}: at most {kw:.3f} kW over, for {seconds:.2f} s\n"

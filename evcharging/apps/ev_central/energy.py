@@ -529,9 +529,9 @@ class Energy:
         for sid, sent in self.sent.items():
             if sid in found:
                 continue
-            cp = self.controller.cps.get(sent.cp_id)
-            if cp is not None and cp.session is not None and cp.session.session_id == sid:
-                found[sid] = charging_of(cp, cp.session)
+            view = self.controller.cps.get(sent.cp_id)
+            if view is not None and view.session is not None and view.session.session_id == sid:
+                found[sid] = charging_of(view, view.session)
         return list(found.values())
 
     def apply(self, command: SetLimit, site: str | None) -> None:

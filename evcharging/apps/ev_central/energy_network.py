@@ -61,6 +61,7 @@ __all__ = [
     "LIMITS_PATH",
     "PART_PATH",
     "REPLAN_PATH",
+    "ChargingOut",
     "EnergyNetwork",
     "LimitIn",
     "LimitsIn",
@@ -509,8 +510,23 @@ class EnergyNetwork:
             self._silent.discard(peer.instance)
             logger.info("smart charging: Central {} takes limits again", peer.instance)
         self._posted[peer.instance] = share
+        self._in_force_at(peer.instance, commands)
         self.controller.stats["set_limits_forwarded"] += len(commands)
         return True
+
+    def _in_force_at(self, instance: str, commands: Iterable[SetLimit]) -> None:
+        """The view of a peer's part, with the limits it just took in force."""
+        seen = self.view.get(instance)
+        if seen is None:
+            return
+        at, part = seen
+        sent = dict(part.sent)
+        for command in commands:
+            if command.kw is None:
+                sent.pop(command.session_id, None)
+            else:
+                sent[command.session_id] = Sent(command.cp_id, command.kw)
+        self.view[instance] = (at, Part(part.instance, part.sessions, sent, part.leader))
 
     def _failed(self, peer: Peer, why: str) -> None:
         self.controller.stats["set_limits_forward_failures"] += 1
