@@ -3,6 +3,15 @@
     .venv/bin/python benchmarks/fleet_bench.py                     # 100, 1,000, 3,000, 10,000 CPs
     .venv/bin/python benchmarks/fleet_bench.py --sizes 100 --quick # ~40 s
     make bench-fleet                                               # the full set
+    make bench-fleet ARGS="--sizes 10000 --centrals 1,2"           # 1 and 2 Centrals
+
+With ``--centrals 1,2`` each size runs once per number of Centrals, at the same load:
+several Centrals share the work (SPEC §9) on a local PostgreSQL
+(``evcharging.devtools.postgres``, one fresh database per run), each with its own
+``CENTRAL_INSTANCE_ID``, ports and ``CENTRAL_PEER_URL``; the fleet and the load generator
+are given every Central's address, and the load starts once the Centrals have shared the
+partitions (``/health``). A table then shows each Central's partitions, the CPs they hold,
+its CPU, its CPU per 1,000 of those CPs and per message it handled.
 
 For each size N it starts, on fresh topics (a prefix of their own), a fresh database and
 free ports: EV Central, then one CP Fleet of N CPs (``CP-00001`` …), and times how long
