@@ -75,7 +75,7 @@ format: $(STAMP) ## format the code with ruff
 bench: $(STAMP) ## request→ACCEPTED latency over a real broker (see benchmarks/)
 	$(PY) benchmarks/accept_latency.py $(ARGS)
 
-bench-fleet: $(STAMP) ## Central + a CP Fleet + load at 100..10,000 CPs: report and plot in benchmarks/results/ (~15 min)
+bench-fleet: $(STAMP) ## Central + a CP Fleet + load at 100..10,000 CPs: report and plot in benchmarks/results/ (~15 min; ARGS="--centrals 1,2": 1 and 2 Centrals side by side)
 	$(PY) benchmarks/fleet_bench.py $(ARGS)
 
 bench-ocpp: $(STAMP) ## 1,000 and 5,000 OCPP chargers on one OCPP gateway: boot, round trips, CPU/RSS vs the targets (ARGS=--quick: 50, 20 s)
