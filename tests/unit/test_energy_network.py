@@ -339,14 +339,11 @@ async def test_internal_calls_refuse_what_is_not_theirs(two: Two) -> None:
 
 
 async def test_one_central_alone_plans_as_before() -> None:
-    async def nobody() -> list[CentralRecord]:
-        return []
-
     repo = SqliteRepository(":memory:")
     await repo.open()
     bus = RecordingPublisher()
     controller = FlushingController(bus, repo, CentralOptions(start_timeout=30.0))
-    network = Network(Directory(controller.ownership, nobody), stats=controller.stats)
+    network = Network(None, stats=controller.stats)  # SQLite: no directory of peers
     energy = Energy(controller, interval=1.0)
     smart = EnergyNetwork(energy, network)
     try:
