@@ -1133,9 +1133,12 @@ class KafkaConsumerLoop:
                 self._assigned.set()
             async with self._batch_lock:
                 if generation != self._generation:
-                    # Fetched before a rebalance: the positions were reset to what was
-                    # committed, so these records come again (to their owner).
-                    self.stats.dropped_by_rebalance += sum(map(len, batch.values()))
+                    # A rebalance happened while this batch was fetched: not handled now.
+                    # Each partition still assigned reads again from the batch's first
+                    # record (fetched before the rebalance, that is where the committed
+                    # offsets put it anyway; fetched after, the position had moved past
+                    # them); the others come again to their new owner.
+                    self._unread(consumer, batch)
                     continue
                 await self._handle_batch(batch)
             await self._measure_lag(consumer)
@@ -1145,6 +1148,15 @@ class KafkaConsumerLoop:
             # the topics go quiet.
             if not batch or time.monotonic() - self._last_commit >= self.commit_interval:
                 await self._commit(consumer)
+
+    def _unread(self, consumer: AIOKafkaConsumer,
+                batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
+        assigned = consumer.assignment()
+        for tp, records in batch.items():
+            if records:
+                self.stats.dropped_by_rebalance += len(records)
+                if tp in assigned:
+                    consumer.seek(tp, records[0].offset)
 
     async def _handle_batch(self, batch: Mapping[TopicPartition, Sequence[Any]]) -> None:
         clock = self.clock

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
-from evcharging.common.bus import BusError, Topic, topic_of
-from evcharging.common.messages import Message
+from evcharging.common.bus import BusError, Fenced, Topic, topic_of
+from evcharging.common.messages import Message, encode
+
+Position = tuple[str, int]
 
 M = TypeVar("M", bound=Message)
 
@@ -73,3 +75,42 @@ class RecordingPublisher:
             while len(found := matching()) < count:
                 await self._changed.wait()
             return found[:count]
+
+
+class TransactionalBus:
+    """Kafka's transactions in memory: what each commit carried, and the group's offsets
+    as the last commit left them (offset and metadata per partition)."""
+
+    transactional = True
+
+    def __init__(self) -> None:
+        self.commits: list[tuple[list[Message], dict[Position, int], str]] = []
+        self.group: dict[Position, tuple[int, str]] = {}
+        self.failures = 0
+        """The next commits that fail (aborted: nothing of them is visible)."""
+        self.fenced = False
+        self.attempts = 0
+
+    async def publish(self, message: Message, *, wait: bool = True) -> None:
+        raise BusError("a transactional bus sends with commit_transaction")
+
+    async def commit_transaction(
+        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str,
+        payloads: Sequence[bytes] | None = None,
+    ) -> None:
+        assert payloads is None or list(payloads) == [encode(m) for m in messages]
+        self.attempts += 1
+        if self.fenced:
+            raise Fenced("another Central took over")
+        if self.failures:
+            self.failures -= 1
+            raise BusError("broker unreachable")
+        self.commits.append((list(messages), dict(offsets), metadata))
+        self.group.update({pos: (offset, metadata) for pos, offset in offsets.items()})
+
+    async def read_committed(self) -> dict[Position, tuple[int, str]]:
+        return dict(self.group)
+
+    @property
+    def sent(self) -> list[Message]:
+        return [m for messages, _, _ in self.commits for m in messages]

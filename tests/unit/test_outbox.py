@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from evcharging.apps.ev_central import outbox as outbox_module
 from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.controller import Controller
-from evcharging.apps.ev_central.outbox import OFFSETS_EVERY, Outbox, PendingFlush, Position
+from evcharging.apps.ev_central.outbox import OFFSETS_EVERY, Outbox, PendingFlush
 from evcharging.apps.ev_central.repository import SqliteRepository, StorageError
 from evcharging.common.bus import BusError, Fenced
 from evcharging.common.messages import (
@@ -26,11 +25,10 @@ from evcharging.common.messages import (
     FaultEventType,
     Message,
     StatusEvent,
-    encode,
     utcnow,
 )
 from tests.polling import poll
-from tests.unit.fakes import RecordingPublisher
+from tests.unit.fakes import RecordingPublisher, TransactionalBus
 
 
 async def test_many_decisions_are_one_transaction_then_their_messages_in_order(
@@ -83,45 +81,6 @@ async def test_a_failed_flush_keeps_everything_for_the_next(
 
 
 # ------------------------------------------------------------------ exactly once (SPEC §4)
-
-
-class TransactionalBus:
-    """Kafka's transactions in memory: what each commit carried, and the group's offsets
-    as the last commit left them (offset and metadata per partition)."""
-
-    transactional = True
-
-    def __init__(self) -> None:
-        self.commits: list[tuple[list[Message], dict[Position, int], str]] = []
-        self.group: dict[Position, tuple[int, str]] = {}
-        self.failures = 0
-        """The next commits that fail (aborted: nothing of them is visible)."""
-        self.fenced = False
-        self.attempts = 0
-
-    async def publish(self, message: Message, *, wait: bool = True) -> None:
-        raise BusError("a transactional bus sends with commit_transaction")
-
-    async def commit_transaction(
-        self, messages: Sequence[Message], offsets: Mapping[Position, int], *, metadata: str,
-        payloads: Sequence[bytes] | None = None,
-    ) -> None:
-        assert payloads is None or list(payloads) == [encode(m) for m in messages]
-        self.attempts += 1
-        if self.fenced:
-            raise Fenced("another Central took over")
-        if self.failures:
-            self.failures -= 1
-            raise BusError("broker unreachable")
-        self.commits.append((list(messages), dict(offsets), metadata))
-        self.group.update({pos: (offset, metadata) for pos, offset in offsets.items()})
-
-    async def read_committed(self) -> dict[Position, tuple[int, str]]:
-        return dict(self.group)
-
-    @property
-    def sent(self) -> list[Message]:
-        return [m for messages, _, _ in self.commits for m in messages]
 
 
 T0 = utcnow()

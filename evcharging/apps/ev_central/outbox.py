@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from collections import Counter
@@ -387,20 +388,40 @@ class Outbox:
         await self._finish_delivery()
         self._committed, self._committed_at = saved
 
-    async def release(self) -> None:
+    async def release(
+        self, read_committed: Callable[[], Awaitable[Committed]] | None = None
+    ) -> None:
         """Before giving every partition up (a rebalance): everything decided is flushed
-        and in Kafka; the offsets read so far are forgotten (another instance may read
-        them next), and this instance's last flush is marked settled, so that nobody
-        sends it again. Nothing before the first :meth:`settle` (nothing was read)."""
+        and in Kafka with every offset read (not only when :data:`OFFSETS_EVERY` says),
+        and, with `read_committed`, shows in the group's committed offsets (the next
+        owner starts from them); the offsets read so far are forgotten (another instance
+        may read them next), and this instance's last flush is marked settled, so that
+        nobody sends it again. Nothing before the first :meth:`settle` (nothing read)."""
         if self._txn is not None and not self._recovered:
             return
+        self._committed_at = -math.inf  # offsets alone leave now too
         await self.flush_retrying()
         async with self._lock:
             if self._txn is None:
                 return
+            if read_committed is not None and self._committed:
+                await self._wait_offsets(read_committed, dict(self._committed))
             self._consumed.clear()
             self._committed.clear()
             await self._repo.apply([PendingSettled(self.instance)])
+
+    async def _wait_offsets(
+        self, read_committed: Callable[[], Awaitable[Committed]], offsets: dict[Position, int]
+    ) -> None:
+        """Wait until the group's committed offsets are `offsets` (the last transaction's
+        markers written: the next owner of these partitions starts where this one ends)."""
+        deadline = time.monotonic() + STABLE_TIMEOUT
+        while time.monotonic() < deadline:
+            committed = await read_committed()
+            if all(committed.get(pos, (0, ""))[0] == offset for pos, offset in offsets.items()):
+                return
+            await asyncio.sleep(0.05)
+        raise BusError("the offsets committed before a rebalance do not show")
 
     async def _wait_stable(
         self, read_committed: Callable[[], Awaitable[Committed]], flush: PendingFlush

@@ -99,7 +99,7 @@ class Rebalancer:
         await self._retrying("giving the partitions up", self._release)
 
     async def _release(self) -> None:
-        await self.controller.outbox.release()
+        await self.controller.outbox.release(self._read_committed)
         self.claims = frozenset()
         await self.controller.repo.apply([self.row()])
 
