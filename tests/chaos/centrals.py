@@ -150,6 +150,15 @@ class Centrals:
     def running(self) -> list[str]:
         return [i.id for i in self.instances.values() if i.running]
 
+    def exited(self) -> str:
+        """The instances that were started and are no longer running, with their exit
+        codes (for a failure's text), or an empty string."""
+        gone = [f"{i.id} exited {i.proc.popen.returncode} (log {i.proc.log_path})"
+                for i in self.instances.values()
+                if i.proc is not None and i.proc.popen is not None
+                and i.proc.popen.poll() is not None]
+        return f"; {', '.join(gone)}" if gone else ""
+
     def other(self, instance_id: str) -> str:
         return next(i for i in self.instances if i != instance_id)
 
@@ -255,7 +264,8 @@ class Centrals:
             result: Layout = await poll(shared, timeout=timeout, interval=0.1,
                                         what=f"{', '.join(expected)} to share the partitions")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; last: {describe_layout(last)}") from None
+            raise AssertionError(f"{exc}; last: {describe_layout(last)}{self.exited()}"
+                                 ) from None
         return result
 
     async def wait_all_on(self, instance_id: str, timeout: float) -> float:
@@ -271,7 +281,8 @@ class Centrals:
             at: float = await poll(everything, timeout=timeout, interval=0.05,
                                    what=f"{instance_id} to own every partition")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; it listed {sorted(last or ())}") from None
+            raise AssertionError(f"{exc}; it listed {sorted(last or ())}{self.exited()}"
+                                 ) from None
         return at
 
 
