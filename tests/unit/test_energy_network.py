@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.api import create_api
 from evcharging.apps.ev_central.controller import CentralOptions
 from evcharging.apps.ev_central.energy import Charging, Energy, Sent, SetLimit, plan
@@ -366,3 +367,46 @@ async def test_one_central_alone_plans_as_before() -> None:
         await network.close()
         await controller.close()
         await repo.close()
+
+
+async def test_a_limit_removed_at_the_other_door_frees_every_session(two: Two) -> None:
+    one, other = two.one, two.two
+    [a1], [b1] = cps_of("central-1", 1), cps_of("central-2", 1)
+    await one.start(a1)
+    await other.smart.tick()
+    await other.start(b1)
+    await poll(lambda: (a1, 20.0) in one.limits() and (b1, 20.0) in other.limits(),
+               timeout=5, what="20 kW each")
+    mark1, mark2 = len(one.bus.messages), len(other.bus.messages)
+    # The Centrals share one database (SPEC §9); here each has its own: the removal
+    # reaches the leader's too.
+    await one.controller.repo.apply([writes.SiteLimitRemoved(SITE)])
+    answer = await other.http.delete(f"/sites/{SITE}/limit", headers=AUTH)
+    assert answer.status_code == 200, answer.text
+    assert other.limits(mark2) == [(b1, None)]  # its own at once
+    # The leader, asked, reads the limits again and frees its own.
+    await poll(lambda: one.limits(mark1) == [(a1, None)], timeout=5,
+               what="the leader frees its session")
+    assert SITE not in one.energy.limits
+    assert other.limits(mark2) == [(b1, None)]  # once
+
+
+async def test_a_new_leader_plans_from_the_limits_in_force(two: Two) -> None:
+    one, other = two.one, two.two
+    [a1], [b1] = cps_of("central-1", 1), cps_of("central-2", 1)
+    await one.start(a1)
+    await other.smart.tick()
+    await other.start(b1)
+    await poll(lambda: (b1, 20.0) in other.limits(), timeout=5, what="20 kW at b1")
+    # central-1 loses the lock, central-2 takes it: central-2 plans the network now.
+    one.energy.leader, other.energy.leader = False, True
+    await one.smart.tick()
+    mark1, mark2 = len(one.bus.messages), len(other.bus.messages)
+    await one.start(cps_of("central-1", 2)[1])
+    await poll(lambda: len(one.limits(mark1)) == 3 and len(other.limits(mark2)) == 1,
+               timeout=5, what="the new leader's plan through both owners")
+    a2 = cps_of("central-1", 2)[1]
+    assert one.limits(mark1)[0] == (a2, 0.0)  # provisional: 20 + 20 leave nothing free
+    assert sorted(one.limits(mark1)[1:]) == sorted([(a1, 13.333), (a2, 13.333)])
+    assert other.limits(mark2) == [(b1, 13.333)]
+    assert other.controller.stats["set_limits_forwarded"] == 2

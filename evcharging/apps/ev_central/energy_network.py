@@ -432,7 +432,8 @@ class EnergyNetwork:
 
     async def _replan_asked(self) -> None:
         try:
-            await self.energy.reload_limits()  # a PUT/DELETE at the asking Central
+            if await self.energy.reload_limits():  # a PUT/DELETE at the asking Central
+                self.controller.outbox.flush_soon()  # a removed limit's kw null
         except Exception as exc:  # noqa: BLE001 - planned with the limits known: logged
             logger.warning("smart charging: the site limits could not be read: {}", exc)
         self.request()
