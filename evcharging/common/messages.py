@@ -87,8 +87,23 @@ def _require_utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+_SECONDS: dict[tuple[int, int, int, int, int, int], str] = {}
+"""``YYYY-MM-DDTHH:MM:SS`` of the seconds :func:`format_ts` wrote lately (every message,
+row and answer carries timestamps: most of them fall in a few recent seconds)."""
+_SECONDS_KEPT = 4096
+
+
 def format_ts(value: datetime) -> str:
-    """The one text form of a timestamp: ISO 8601 UTC with a ``Z`` suffix."""
+    """The one text form of a timestamp: ISO 8601 UTC with a ``Z`` suffix (microseconds
+    always written, so that text order is time order)."""
+    if value.tzinfo is UTC:  # the usual case: only the microseconds are formatted anew
+        key = (value.year, value.month, value.day, value.hour, value.minute, value.second)
+        second = _SECONDS.get(key)
+        if second is None:
+            if len(_SECONDS) >= _SECONDS_KEPT:
+                _SECONDS.clear()
+            second = _SECONDS[key] = value.replace(microsecond=0, tzinfo=None).isoformat()
+        return f"{second}.{value.microsecond:06d}Z"
     if value.utcoffset() is None:
         raise ValueError(f"timestamp must be timezone-aware (UTC), got naive {value!r}")
     return value.astimezone(UTC).isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given
@@ -25,6 +25,7 @@ from evcharging.common.messages import (
     ValidationError,
     decode,
     encode,
+    format_ts,
 )
 
 TS = '"ts": "2026-01-02T03:04:05Z"'
@@ -135,3 +136,17 @@ def test_same_as_says_what_equality_says_of_two_session_ends(
                                                  euros=euros)))
     assert end.same_as(other) == (end == other) == other.same_as(end)
     assert end.same_as(end) and not end.same_as(None)
+
+
+EARLIEST, LATEST = datetime(1900, 1, 1), datetime(2200, 1, 1)  # noqa: DTZ001
+"""hypothesis wants naive bounds; the timestamps it draws carry UTC."""
+
+
+@given(when=st.datetimes(EARLIEST, LATEST, timezones=st.just(UTC)), hours=st.integers(-12, 12))
+def test_format_ts_writes_every_timestamp_in_its_one_form(when: datetime, hours: int) -> None:
+    expected = when.isoformat(timespec="microseconds").removesuffix("+00:00") + "Z"
+    assert format_ts(when) == expected  # from the seconds it remembers, or anew
+    assert format_ts(when) == expected
+    assert format_ts(when.astimezone(timezone(timedelta(hours=hours)))) == expected
+    with pytest.raises(ValueError, match="naive"):
+        format_ts(when.replace(tzinfo=None))
