@@ -300,3 +300,43 @@ async def test_two_centrals_keep_a_site_under_its_limit(
                          "over the limit:\n" + "".join(
                              f"  {change}: at most {kw:.3f} kW over, for {seconds:.2f} s\n"
                              for change, (kw, seconds) in site.over.items()))
+
+
+async def test_the_other_central_allocates_when_the_leader_is_killed(
+    kafka_bootstrap: str, database_url: str, tmp_path: Path,
+) -> None:
+    async with smart_network(kafka_bootstrap, tmp_path, database_url) as (centrals, site):
+        cps = site.cps
+        for count, share in ((1, KW), (2, 20.0), (3, 40.0 / 3), (4, 10.0)):
+            since = site.mark()
+            site.changing(f"start {count} ({cps[count - 1]})")
+            await site.start(cps[count - 1])
+            await site.phase(cps[:count], since, LIMIT, share)
+        allocating = await leader(centrals)
+        survivor = centrals.instances[centrals.other(allocating.id)]
+        site.changing(f"{allocating.id} killed")
+        await centrals.kill(allocating.id)
+        await centrals.wait_all_on(survivor.id, timeout=30)
+
+        async def allocates() -> bool:
+            answer = await survivor.http.get("/energy/charging", headers=AUTH)
+            part = answer.json()
+            return bool(part["leader"] and len(part["sessions"]) == 4)
+
+        await poll(allocates, timeout=30, what=f"{survivor.id} allocates for the four",
+                   retry_on=(httpx.HTTPError,))
+        # The sessions kept their limits through the take-over; a session ends: the
+        # survivor shares its power among the other three, whoever owned them.
+        stopped = cps[0]
+        since = site.mark()
+        site.changing(f"end ({stopped}) after the take-over")
+        answer = await survivor.http.post(f"/cp/{stopped}/stop", headers=AUTH)
+        assert answer.status_code == 200, answer.text
+        site.ended(stopped)
+        await site.phase(cps[1:], since, LIMIT, 40.0 / 3)
+        killed, _ = site.over[f"{allocating.id} killed"]
+        assert killed <= EPS, site.over  # the limits in force held through the take-over
+        sys.stderr.write("smart charging across Centrals, a leader killed, the sum of the "
+                         "latest reports over the limit:\n" + "".join(
+                             f"  {change}: at most {kw:.3f} kW over, for {seconds:.2f} s\n"
+                             for change, (kw, seconds) in site.over.items()))
