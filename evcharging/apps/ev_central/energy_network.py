@@ -39,8 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
@@ -54,6 +53,7 @@ from evcharging.apps.ev_central.energy import Charging, Energy, Sent, SetLimit, 
 from evcharging.apps.ev_central.errors import CentralError, NotOwner
 from evcharging.apps.ev_central.network import FORWARDED, Gathered, Network
 from evcharging.apps.ev_central.peers import Peer
+from evcharging.apps.ev_central.views import ActiveSession, CPView
 from evcharging.common.http import GuardedRoute
 from evcharging.common.messages import ID_PATTERN, utcnow
 
@@ -81,9 +81,6 @@ LIMITS_PATH = "/energy/limits"
 REPLAN_PATH = "/energy/replan"
 POST_TIMEOUT = 2.0
 """Seconds an owner gets to take a batch of limits (it writes them to its database)."""
-REMEMBER_ABSENT = 10.0
-"""Seconds a peer's last part stands for it while it does not answer (SPEC §9's take-over
-time: by then its CPs have another owner, which reports them)."""
 RETRY_AFTER = 0.2
 """Seconds before planning again after an owner refused limits (not_owner) or failed."""
 
@@ -270,16 +267,16 @@ class NotLeader(CentralError):
 class EnergyNetwork:
     """:class:`~.energy.Energy` across Centrals (see the module's text)."""
 
-    def __init__(self, energy: Energy, network: Network, *, token: str | None = None,
-                 timer: Any = time.monotonic) -> None:
+    def __init__(self, energy: Energy, network: Network, *, token: str | None = None) -> None:
         self.energy = energy
         self.controller = energy.controller
         self.network = network
         self.active = False
         """Other live Centrals share the sessions (as the last look found)."""
-        self.view: dict[str, tuple[float, Part]] = {}
-        """Each peer's last part, and when it came (``timer``)."""
-        self._timer = timer
+        self.view: dict[str, Part] = {}
+        """Each live peer's last part: it stands for the peer while the peer does not
+        answer, until the peer is no longer live (its CPs then have another owner, which
+        reports them)."""
         self._headers = {FORWARDED: network.instance}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -376,7 +373,7 @@ class EnergyNetwork:
                 self.view.clear()
                 return False
             gathered = await self.network.gather(PART_PATH)
-            self._learn(gathered)
+            self._learn(gathered, peers)
             if self.energy.leader:
                 async with self._plan_lock:
                     await self._plan(gathered, resend=resend)
@@ -385,18 +382,15 @@ class EnergyNetwork:
             logger.exception("smart charging across Centrals: the tick failed")
         return self.active
 
-    def _learn(self, gathered: Gathered) -> dict[str, Part]:
+    def _learn(self, gathered: Gathered, peers: Sequence[Peer]) -> None:
         parts = {p.instance: p for p in gathered.parse(
             lambda body: PartOut.model_validate(body).part())}
-        now = self._timer()
-        for instance, part in parts.items():
-            self.view[instance] = (now, part)
+        self.view.update(parts)
+        live = {peer.instance for peer in peers}
+        for instance in [i for i in self.view if i not in live]:
+            del self.view[instance]
         leaders = [p.instance for p in parts.values() if p.leader]
         self.leader_instance = leaders[0] if leaders else None
-        for instance in [i for i, (at, _) in self.view.items()
-                         if now - at > REMEMBER_ABSENT]:
-            del self.view[instance]
-        return parts
 
     # ------------------------------------------------------------------ planning
 
@@ -444,8 +438,9 @@ class EnergyNetwork:
             return 0
         try:
             async with self._plan_lock:
+                peers = await self.network.peers()
                 gathered = await self.network.gather(PART_PATH)
-                self._learn(gathered)
+                self._learn(gathered, peers)
                 return await self._plan(gathered, resend=resend)
         except Exception:  # noqa: BLE001 - a bug here must not stop Central: logged, counted
             self.controller.stats["allocation_errors"] += 1
@@ -454,10 +449,9 @@ class EnergyNetwork:
 
     async def _plan(self, gathered: Gathered, *, resend: bool) -> int:
         own = self.local_part()
-        answered = {instance: part for instance, (_, part) in self.view.items()
+        answered = {instance: part for instance, part in self.view.items()
                     if instance in gathered.parts and instance not in gathered.missing}
-        absent = [part for instance, (_, part) in self.view.items()
-                  if instance not in answered]
+        absent = [part for instance, part in self.view.items() if instance not in answered]
         union = merge_parts([own, *answered.values()])
         limits = reserve(self.energy.limits, union, absent)
         result = plan(limits, union.sessions, {} if resend else union.sent,
@@ -517,17 +511,16 @@ class EnergyNetwork:
 
     def _in_force_at(self, instance: str, commands: Iterable[SetLimit]) -> None:
         """The view of a peer's part, with the limits it just took in force."""
-        seen = self.view.get(instance)
-        if seen is None:
+        part = self.view.get(instance)
+        if part is None:
             return
-        at, part = seen
         sent = dict(part.sent)
         for command in commands:
             if command.kw is None:
                 sent.pop(command.session_id, None)
             else:
                 sent[command.session_id] = Sent(command.cp_id, command.kw)
-        self.view[instance] = (at, Part(part.instance, part.sessions, sent, part.leader))
+        self.view[instance] = Part(part.instance, part.sessions, sent, part.leader)
 
     def _failed(self, peer: Peer, why: str) -> None:
         self.controller.stats["set_limits_forward_failures"] += 1
@@ -547,10 +540,10 @@ class EnergyNetwork:
 
     # ------------------------------------------------------------------ starts and ends
 
-    def _on_session(self, cp: Any, session: Any, started: bool) -> None:
+    def _on_session(self, cp: CPView, session: ActiveSession, started: bool) -> None:
         """The controller's hook: a session that starts at a limited site gets a
         provisional limit right before the flush carrying its START_SUPPLY."""
-        if started and self.active and cp.site in self.energy.limits:
+        if started and self.active and cp.site is not None and cp.site in self.energy.limits:
             self._started[session.session_id] = (cp.cp_id, cp.site)
 
     def _provisional(self) -> None:
@@ -577,7 +570,7 @@ class EnergyNetwork:
         if not by_site:
             return
         own = self.local_part()
-        parts = [own, *(part for _, part in self.view.values())]
+        parts = [own, *self.view.values()]
         union = merge_parts(parts)
         for site, new in by_site.items():
             new_ids = {sid for sid, _ in new}
@@ -611,7 +604,7 @@ class EnergyNetwork:
                 return
         self.controller.stats["energy_replans_unanswered"] += 1
 
-    def _spawn(self, job: Any) -> None:
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(job)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
