@@ -136,6 +136,10 @@ def snapshot_health(central: Controller) -> int:
     return count
 
 
+RETENTION_LOCK = "retention"
+"""The job lock under which one Central prunes the network's health history."""
+
+
 def prune_history(central: Controller, retention_days: float) -> None:
     """Forget health snapshots older than the retention."""
     central.outbox.write(writes.HealthPruned(utcnow() - timedelta(days=retention_days)))
@@ -156,7 +160,10 @@ async def run(central: Controller, interval: float, retention_days: float) -> No
         snapshot_health(central)
         since_prune += interval
         if since_prune >= PRUNE_EVERY:
-            prune_history(central, retention_days)
+            # Once for the network (SPEC §9): the instance holding the lock prunes.
+            with contextlib.suppress(StorageError):
+                if await central.repo.hold_lock(RETENTION_LOCK):
+                    prune_history(central, retention_days)
             since_prune = 0.0
         # A database error is logged by the repository; the writes stay in the outbox.
         with contextlib.suppress(StorageError):
