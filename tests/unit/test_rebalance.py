@@ -11,6 +11,7 @@ from datetime import timedelta
 import pytest
 from aiokafka import TopicPartition
 
+from evcharging.apps.ev_central import controller as controller_module
 from evcharging.apps.ev_central import writes
 from evcharging.apps.ev_central.controller import CentralOptions, Controller
 from evcharging.apps.ev_central.errors import NotOwner
@@ -95,9 +96,11 @@ async def test_an_instance_owns_and_loads_only_the_cps_of_its_partitions(
     two = Instance("c-2", repo, kafka, fenced)
     await one.rebalancer.revoked()
     assert not one.controller.ownership.owns(a)  # nothing decided while rebalancing
-    with pytest.raises(NotOwner):
-        await one.controller.stop_cp(a)
+    stopping = asyncio.create_task(one.controller.stop_cp(a))  # waits for the assignment
+    await asyncio.sleep(0)
+    assert not stopping.done()
     await one.assign(0, 1)
+    assert (await stopping).cp_id == a
     await two.assign(2, 3)
     assert fenced == []  # c-1 gave them up cleanly: nobody fences it
     assert set(one.controller.cps) == {a} and set(two.controller.cps) == {b}
@@ -107,6 +110,16 @@ async def test_an_instance_owns_and_loads_only_the_cps_of_its_partitions(
     await two.controller.stop_cp(b)
     centrals = {c.instance: c.partitions for c in await repo.load_centrals()}
     assert centrals == {"c-1": frozenset({0, 1}), "c-2": frozenset({2, 3})}
+
+
+async def test_a_change_waits_for_a_rebalance_only_so_long(
+    shared: tuple[SqliteRepository, TransactionalBus], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    repo, kafka = shared
+    monkeypatch.setattr(controller_module, "OWNER_WAIT", 0.05)
+    one = Instance("c-1", repo, kafka, [])
+    with pytest.raises(NotOwner):  # no assignment yet (a Central that is starting)
+        await one.controller.register(CPRegistration(cp_id=cp_on(0)))
 
 
 async def test_a_crashed_instances_last_flush_is_sent_once_by_its_successor(

@@ -94,6 +94,8 @@ SEEN_REQUESTS_KEPT = 100_000
 CLOSED_SESSIONS_KEPT = 50_000
 OVERLOADED = "Central overloaded"
 START_POLL = 0.1
+OWNER_WAIT = 10.0
+"""Seconds a change waits for a rebalance (or the first assignment) to end."""
 REBALANCE_WAIT = 60.0
 """Seconds a start timeout waits for a rebalance to end before it lets the session go
 (the CP's owner loads it as a running session)."""
@@ -234,8 +236,12 @@ class Controller:
             logger.info("gave up {} CP(s) to other Centrals", len(dropped))
         return len(dropped)
 
-    def _check_owner(self, cp_id: str) -> None:
-        """NotOwner when another Central decides for the CP (or a rebalance is on)."""
+    async def _check_owner(self, cp_id: str) -> None:
+        """NotOwner when another Central decides for the CP. While a rebalance is under
+        way (or before the first assignment) it waits up to :data:`OWNER_WAIT` seconds
+        for it to end, so that a Central that is starting answers once it can."""
+        if not self.ownership.settled:
+            await self.ownership.wait_settled(OWNER_WAIT)
         if not self.ownership.owns(cp_id):
             self.stats["not_owner"] += 1
             raise NotOwner(cp_id)
@@ -781,7 +787,7 @@ class Controller:
 
     async def register(self, registration: CPRegistration) -> CPView:
         """Register or update a CP (TooManyCPs, 409: a new one past ``max_cps``)."""
-        self._check_owner(registration.cp_id)
+        await self._check_owner(registration.cp_id)
         known = self.cps.get(registration.cp_id)
         self._check_room(int(known is None or not known.registered))
         cp = self._register(registration)
@@ -795,7 +801,7 @@ class Controller:
         none of the call is taken (TooManyCPs, 409), updates included, so a fleet never
         runs half registered without knowing it."""
         for registration in registrations:
-            self._check_owner(registration.cp_id)
+            await self._check_owner(registration.cp_id)
         joining = {reg.cp_id for reg in registrations
                    if reg.cp_id not in self.cps or not self.cps[reg.cp_id].registered}
         self._check_room(len(joining))
@@ -842,7 +848,7 @@ class Controller:
     async def report_fault(self, cp_id: str, is_faulty: bool, reason: str) -> CPView:
         """A monitor's (or operator's) fault or recovery report; recorded before it answers
         (StorageError: try again; a repeated report records no second event)."""
-        self._check_owner(cp_id)
+        await self._check_owner(cp_id)
         cp = self.get(cp_id)
         if is_faulty:
             self._mark_faulty(cp, reason or "fault reported")
@@ -892,7 +898,7 @@ class Controller:
     async def _operator_command(
         self, cp_id: str, event: CPEvent, command: CommandType, reason: str
     ) -> CPView:
-        self._check_owner(cp_id)
+        await self._check_owner(cp_id)
         cp = self.get(cp_id)
         try:
             next_state(cp.state, event)
@@ -905,7 +911,7 @@ class Controller:
 
     async def monitor_report(self, cp_id: str, interval: float, healthy: bool) -> CPView:
         """A CP's monitor says it is alive (every health interval, SPEC §5 ``monitored``)."""
-        self._check_owner(cp_id)
+        await self._check_owner(cp_id)
         cp = self._monitor_seen(self.get(cp_id), interval, healthy)
         await self.outbox.flush()
         return cp
@@ -916,7 +922,7 @@ class Controller:
         """A fleet's liveness reports for many CPs; returns the ids Central does not know
         (the fleet registers them again)."""
         for cp_id, _ in reports:
-            self._check_owner(cp_id)
+            await self._check_owner(cp_id)
         unknown = []
         for cp_id, healthy in reports:
             cp = self.cps.get(cp_id)
