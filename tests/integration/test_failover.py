@@ -8,10 +8,11 @@ own disjoint sets of partitions that cover 0..11. The instance that owns the fir
 SIGKILLed while sessions run: the other lists all 12 partitions and has a request on a
 CP of the dead one ACCEPTED within 10 s, and every CP takes new sessions. It is started
 again with the same id: the partitions are split again, and every CP takes new sessions
-from both. Once the load stops and the CPs are idle, every request has its final status
-and the ledger in PostgreSQL is exact (:func:`tests.chaos.ledger.check_ledger`: billed
-exactly the CPs' meters, no session ACTIVE, none repeated or started twice), and no
-session is FAILED (the CPs worked all along).
+from both. After the kill and again after the rejoin, once the load stops and the CPs
+are idle, every request has its final status and the ledger in PostgreSQL is exact
+(:func:`tests.chaos.ledger.check_ledger`: billed exactly the CPs' meters, no session
+ACTIVE, none repeated or started twice), no session is FAILED (the CPs worked all along),
+and every CP of the killed instance completed a metered session.
 """
 
 from __future__ import annotations
@@ -55,6 +56,27 @@ async def every_cp_accepts(run: ChaosRun, since: float, what: str) -> None:
         run.answers(cp) for cp in late)
 
 
+async def exact(run: ChaosRun, orphans: list[str], what: str) -> None:
+    """Stop the load; once every request has its final status and the CPs are idle, the
+    ledger in PostgreSQL is exact, no session FAILED, and each of `orphans` (the killed
+    instance's CPs) completed a metered session."""
+    await run.stop_load()
+    unanswered = await run.drain(timeout=60)
+    assert not unanswered, f"{what}: {len(unanswered)} request(s) without a final status: " + (
+        "; ".join(run.observer.whereabouts(r, 0.0) for r in unanswered[:5]))
+    await run.settle()
+    rows, breaches = await run.check(exactly_once=True)
+    assert not breaches, f"{what}:\n" + "\n".join(map(str, breaches))
+    failed = [f"{r.session_id} on {r.cp_id}: {r.reason!r}, its driver saw "
+              f"{describe(run.observer.updates.get(r.request_id, ()))}"
+              for r in rows if r.status == "FAILED"]
+    assert not failed, f"{what}: {failed}"
+    completed = [r for r in rows if r.status == "COMPLETED" and r.kwh > 0
+                 and run.observer.meter.last(r.session_id) is not None]
+    assert {r.cp_id for r in completed} >= set(orphans), (
+        f"{what}: the killed instance's CPs {orphans} did not all complete a metered session")
+
+
 async def test_sigkill_and_rejoin_keep_the_ledger_exact(
     kafka_bootstrap: str, database_url: str, tmp_path: Path
 ) -> None:
@@ -77,25 +99,12 @@ async def test_sigkill_and_rejoin_keep_the_ledger_exact(
         assert window.takeover is not None and window.takeover <= TAKEOVER_TARGET, window.notes
         assert (await centrals.layout()) == {survivor: ALL}
         await every_cp_accepts(run, window.start, f"after {victim} was killed")
+        await exact(run, orphans, f"after {victim} was killed")
 
         await faults.rejoin(run, victim, window)
         assert not window.problems, window.problems
+        assert_split(await centrals.layout(), centrals.ids)
         rejoined = now()
-        after = await centrals.layout()
-        assert_split(after, centrals.ids)
+        run.start_load()
         await every_cp_accepts(run, rejoined, f"after {victim} rejoined")
-        await run.stop_load()
-
-        unanswered = await run.drain(timeout=60)
-        assert not unanswered, f"{len(unanswered)} request(s) without a final status"
-        await run.settle()
-        rows, breaches = await run.check(exactly_once=True)
-        assert not breaches, "\n".join(map(str, breaches))
-        failed = [f"{r.session_id} on {r.cp_id}: {r.reason!r}, its driver saw "
-                  f"{describe(run.observer.updates.get(r.request_id, ()))}"
-                  for r in rows if r.status == "FAILED"]
-        assert not failed, failed
-        completed = [r for r in rows if r.status == "COMPLETED" and r.kwh > 0]
-        assert {r.cp_id for r in completed} >= set(orphans), (
-            f"the dead one's CPs {orphans} did not all complete sessions")
-        assert all(run.observer.meter.last(r.session_id) is not None for r in completed)
+        await exact(run, orphans, f"after {victim} rejoined")
