@@ -141,6 +141,11 @@ class Centrals:
         """The clients' list of Central addresses (``--central-host``)."""
         return ",".join(f"127.0.0.1:{i.http_port}" for i in self.instances.values())
 
+    @property
+    def urls(self) -> str:
+        """The same as base URLs (the load generator's ``--central-url``)."""
+        return ",".join(i.url for i in self.instances.values())
+
     def any_door(self) -> httpx.AsyncClient:
         """A client of the whole API that goes to whichever instance answers."""
         first = next(iter(self.instances.values()))

@@ -725,7 +725,8 @@ class ChaosRun:
             "-m", "evcharging.apps.ev_load.main", "--kafka-bootstrap", system.bootstrap,
             "--topic-prefix", system.prefix, "--rate", f"{rate:g}",
             "--duration", f"{duration:g}", "--seed", "1", "--driver-prefix", DRIVER_LOAD_PREFIX,
-            "--central-url", f"http://127.0.0.1:{system.http_port}", "--cps", str(cps),
+            "--central-url", (f"http://127.0.0.1:{system.http_port}" if self.centrals is None
+                              else self.centrals.urls), "--cps", str(cps),
             "--cp-prefix", "CP-", "--refresh-interval", "1", "--progress-interval", "10",
         ], system.env(), system.tmp).start()
         system.procs.append(proc)

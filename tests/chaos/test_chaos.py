@@ -42,7 +42,8 @@ each round, during the outage and after, is a line of the table.
 Issue 16 runs several Centrals on one PostgreSQL (SPEC §9; :mod:`tests.chaos.centrals`), on
 two CPs whose partitions fall to different instances (``FAILOVER_CPS``):
 ``central-kill-one-of-two`` SIGKILLs the instance that owns the target CP mid-session and
-leaves it dead; the other must list every partition on its ``/health`` and have a request
+leaves it dead (``-fleet``: under the 1,000-CP fleet and the load generator's 40 drivers a
+second); the other must list every partition on its ``/health`` and have a request
 on a CP the dead one owned ACCEPTED within 10 s (the take-over column; the CPs work all
 along, so no session may fail and none may be shown faulty or disconnected).
 ``central-rejoin`` then restarts it with the same id (its partitions come back);
@@ -193,12 +194,13 @@ or together (even and odd) own one each; the first is the target, whose owner th
 failover faults hit."""
 
 def failover(fault: str, hold: float, phases: tuple[Phase, ...], centrals: int = 2,
-             steps: tuple[str, ...] = ()) -> Scenario:
+             steps: tuple[str, ...] = (), fleet: int = 0, driver_load: float = 0.0) -> Scenario:
     """A row of several Centrals: SPEC §9, no session lost, failed, left open or billed
     twice because an instance stopped, crashed or joined, and §4 across the handover (no
     CP shown silent, no final update repeated)."""
     return Scenario(fault, hold, phases, centrals=centrals, steps=steps, central_only=True,
-                    calm=True, meter_settles=True, exactly_once=True)
+                    calm=True, meter_settles=True, exactly_once=True, fleet=fleet,
+                    driver_load=driver_load)
 
 
 FULL = [
@@ -241,6 +243,8 @@ FULL = [
              exactly_once=True, site_limit=SITE_LIMIT, session=LIMITED_SESSION),
     # issue 16: several Centrals on PostgreSQL
     failover("central-kill-one-of-two", 5, (LATE,)),
+    failover("central-kill-one-of-two-fleet", 5, (MID,), fleet=FLEET, driver_load=DRIVER_LOAD,
+             steps=(f"5s, {FLEET:,} CPs,",)),
     failover("central-rejoin", 3, (MID, END), steps=("SIGKILL, back after 3s,",) * 2),
     failover("central-rolling-restart", 0, (MID,), steps=("SIGTERM each in turn,",)),
     failover("postgres-restart", 5, (MID, RECORDED)),
@@ -317,6 +321,7 @@ PLAIN_FAULTS: dict[str, faults.Fault] = {
 }
 FAILOVER_FAULTS: dict[str, faults.Fault] = {
     "central-kill-one-of-two": faults.central_kill_one,
+    "central-kill-one-of-two-fleet": faults.central_kill_one,
     "central-rejoin": faults.central_rejoin,
     "central-rolling-restart": faults.central_rolling_restart,
 }
@@ -380,8 +385,8 @@ async def one_round(
     failed sessions)."""
     began = now()
     run.start_load()
-    if scenario.driver_load:
-        run.start_driver_load(scenario.driver_load, DRIVER_LOAD_SECONDS, scenario.fleet)
+    load = (run.start_driver_load(scenario.driver_load, DRIVER_LOAD_SECONDS, scenario.fleet)
+            if scenario.driver_load else None)
     try:
         await run.wait_phase(phase, faults.target(run))
     except AssertionError:
@@ -392,6 +397,9 @@ async def one_round(
     recovered = await run.recover(window.end)
     outcome.notes += window.notes
     outcome.problems += window.problems
+    if load is not None and load.popen is not None and load.popen.poll() not in (None, 0):
+        outcome.problems.append(f"the load generator exited {load.popen.returncode}: "
+                                f"{load.log()[-300:]!r}")
     outcome.takeover = window.takeover
 
     detected = window.detect()
