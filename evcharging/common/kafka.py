@@ -939,6 +939,7 @@ class KafkaConsumerLoop:
         assignor: Any = None,
         session_timeout_ms: int = 10000,
         rebalance: Rebalance | None = None,
+        max_records: int | None = None,
     ) -> None:
         if not routes:
             raise ValueError("a consumer needs at least one topic")
@@ -984,6 +985,11 @@ class KafkaConsumerLoop:
         """The group's partition assignor (None: aiokafka's round robin)."""
         self.session_timeout_ms = session_timeout_ms
         self.rebalance = rebalance
+        self.max_records = max_records
+        """The most messages one batch hands out (None: all that were fetched). A
+        backlog then comes in batches of a bounded time to handle: Central, whose batch
+        is handled without a pause and then flushed in one transaction, answers HTTP and
+        runs its watchdogs between them instead of seconds later."""
         self._batch_lock = asyncio.Lock()
         """Held while a batch is handled and while a rebalance is told: never both."""
         self._generation = 0
@@ -1117,7 +1123,7 @@ class KafkaConsumerLoop:
         while True:
             generation = self._generation
             try:
-                batch = await consumer.getmany(timeout_ms=1000)
+                batch = await consumer.getmany(timeout_ms=1000, max_records=self.max_records)
             except KafkaError as exc:
                 if failing_since is None:
                     failing_since = time.monotonic()

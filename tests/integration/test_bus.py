@@ -34,6 +34,7 @@ from evcharging.common.messages import (
     Message,
     SessionResult,
 )
+from tests.polling import poll
 
 pytestmark = pytest.mark.integration
 
@@ -264,5 +265,32 @@ async def test_a_consumer_with_keys_reads_only_their_partitions(
         await bus.publish(CentralCommand(cp_id=mine, cmd=CommandType.RESUME_CP))
         await inbox.wait_for(2)
         assert [m.cp_id for m in inbox.items] == [mine, mine]
+    finally:
+        await stop_loop(loop, task)
+
+
+async def test_a_backlog_comes_in_batches_of_at_most_max_records(
+    config: KafkaConfig, bus: KafkaBus
+) -> None:
+    def request(n: int) -> DriverRequest:
+        return DriverRequest(request_id=f"r{n}", driver_id="driver-alice", cp_id="CP-001")
+
+    for n in range(25):  # a backlog before the consumer starts
+        await bus.publish(request(n), wait=False)
+    await bus.flush()
+    inbox = Inbox()
+    batches: list[int] = []
+
+    async def after_batch() -> None:
+        batches.append(len(inbox.items) - sum(batches))
+
+    loop = KafkaConsumerLoop(config, Routes().add(DriverRequest, inbox.handler()),
+                             start_at="earliest", after_batch=after_batch, max_records=10)
+    task = await run_loop(loop)
+    try:
+        received = await inbox.wait_for(25, timeout=40)
+        assert [m.request_id for m in received] == [f"r{n}" for n in range(25)]  # one key
+        await poll(lambda: sum(batches) == 25, timeout=20, what="the last batch settled")
+        assert max(batches) <= 10 and len(batches) >= 3
     finally:
         await stop_loop(loop, task)

@@ -71,6 +71,10 @@ DESCRIPTION = "EV Central: the controller of the EV charging network."
 SESSION_TIMEOUT_MS = 6000
 """How long the group waits for a silent instance before its partitions move: with a
 rebalance and the successor's loading, inside SPEC §9's 10 s take-over."""
+BATCH_MAX = 4000
+"""The most messages Central handles in one batch (one transaction): about 0.3 s of work.
+Unbounded, a backlog read with 12 partitions came as one batch of tens of thousands,
+handled for seconds without answering HTTP (the fleet's liveness reports timed out)."""
 
 
 def make_repository(url: str) -> tuple[Repository, str]:
@@ -156,6 +160,7 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             after_batch=controller.flush,  # the batch's decisions, in one transaction
             observe=metrics.handler_observer(),
             clock=readclock,
+            max_records=BATCH_MAX,  # a backlog in steps of ~0.3 s, not one of seconds
         )
         async def recreated(names: list[str]) -> None:
             """The broker lost its topics and Central recreated them (SPEC §4): read them
