@@ -248,6 +248,30 @@ def test_the_cli_keeps_its_servers_in_the_checkouts_cache(monkeypatch: pytest.Mo
     checkout = Path(__file__).resolve().parents[2]
     monkeypatch.chdir(home)  # not found through the working directory
     monkeypatch.delenv(postgres.HOME_ENV, raising=False)
-    assert postgres.run_dir(55432) == checkout / ".cache" / "postgres" / "55432"
+    user = postgres.service_user()
+    if user is None or postgres.unreachable_parent(checkout / ".cache", user) is None:
+        assert postgres.run_dir(55432) == checkout / ".cache" / "postgres" / "55432"
+    else:  # a checkout the server's user may not enter (a clone in `mktemp -d`)
+        assert postgres.run_dir(55432).parent.name.startswith("evcharging-postgres-")
     monkeypatch.setenv(postgres.HOME_ENV, str(home))
     assert postgres.run_dir(55432) == home / "55432"
+
+
+def test_a_checkout_the_server_user_cannot_enter_keeps_its_servers_in_tmp(
+    monkeypatch: pytest.MonkeyPatch, home: Path
+) -> None:
+    from evcharging.devtools.postgres import config
+
+    closed = home / "closed"
+    (closed / "checkout").mkdir(parents=True)
+    closed.chmod(0o700)
+    other = postgres.RunAs("someone", uid=os.getuid() + 4242, gid=os.getgid() + 4242)
+    monkeypatch.delenv(postgres.HOME_ENV, raising=False)
+    monkeypatch.setattr(config, "repo_root", lambda: closed / "checkout")
+    monkeypatch.setattr(config, "service_user", lambda: other)
+    first = config.home_dir()
+    assert first.parent == Path(tempfile.gettempdir())
+    assert first.name.startswith("evcharging-postgres-")
+    assert config.home_dir() == first  # the same checkout, the same folder
+    closed.chmod(0o711)
+    assert config.home_dir() == closed / "checkout" / ".cache" / "postgres"

@@ -313,8 +313,14 @@ def test_a_busy_port_of_the_second_central_stops_the_launcher(
 
 
 def test_make_run_passes_centrals_and_stays_as_it_was_without() -> None:
+    # Under `make test` the outer make's variables (ARGS=...) and flags reach a child make
+    # through the environment: the dry run must not see them.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "ARGS")}
+
     def dry(*variables: str) -> str:
-        return subprocess.run(["make", "-n", "-o", STAMP, "run", *variables], cwd=ROOT,
+        return subprocess.run(["make", "--no-print-directory", "-n", "-o", STAMP, "run",
+                               *variables], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=30, check=True
                               ).stdout.replace("\\\n", " ")
 

@@ -4,6 +4,7 @@ which binaries run, as which user, and the cluster's credentials."""
 from __future__ import annotations
 
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -12,6 +13,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,11 +49,22 @@ def repo_root() -> Path:
 
 
 def home_dir() -> Path:
-    """Where the CLI's servers live: ``$EVCHARGING_POSTGRES_HOME`` or ``<repo>/.cache/postgres``."""
+    """Where the CLI's servers live: ``$EVCHARGING_POSTGRES_HOME``, else
+    ``<repo>/.cache/postgres``; as root, when the ``postgres`` user may not enter the
+    checkout (a clone in a ``mktemp -d`` folder, mode 700), a folder of this checkout's own
+    under the system's temporary folder."""
     override = os.environ.get(HOME_ENV)
     if override:
         return Path(override).expanduser().resolve()
-    return repo_root() / ".cache" / "postgres"
+    home = repo_root() / ".cache" / "postgres"
+    try:
+        user = service_user()
+    except PostgresError:
+        return home  # reported when a server starts
+    if user is None or unreachable_parent(home, user) is None:
+        return home
+    digest = hashlib.sha256(str(repo_root()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"evcharging-postgres-{digest}"
 
 
 def run_dir(port: int) -> Path:
