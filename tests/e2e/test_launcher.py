@@ -232,8 +232,8 @@ def test_run_charges_restarts_and_stops_cleanly(
     assert f"localhost:{listen}" in out
     assert "Ctrl-C" in out
     # One Central is the instance central-1 (SPEC §9), its lines still prefixed "central".
-    assert re.search(r"^central +\| .*EV Central ready: .*\(instance central-1;", out,
-                     re.MULTILINE), out
+    assert re.search(r"^central +\| .*EV Central ready: .*\(instance central-1, "
+                     r"partitions \[0, 1", out, re.MULTILINE), out
     assert re.search(r"^cp-e CP-001 \| ", out, re.MULTILINE)
 
     with httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=5, trust_env=False) as client:

@@ -68,6 +68,8 @@ from evcharging.common.service import (
 )
 
 DESCRIPTION = "EV Central: the controller of the EV charging network."
+READY_WAIT = 30.0
+"""Seconds Central waits for its first partitions before it says it is ready anyway."""
 SESSION_TIMEOUT_MS = 6000
 """How long the group waits for a silent instance before its partitions move: with a
 rebalance and the successor's loading, inside SPEC §9's 10 s take-over."""
@@ -229,9 +231,14 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             tasks.spawn(energy.run(), "smart charging", forever=True)
             tasks.spawn(feeds.run(), "dashboard peers", forever=True)
             tasks.spawn(Membership(rebalancer).run(), "membership", forever=True)
-            logger.info("EV Central ready: dashboard http://localhost:{}/ (instance {}; its "
-                        "CPs come with the partitions the group assigns)", http.port,
-                        settings.instance)
+            # Ready once the group has given this instance its partitions and their CPs
+            # are loaded (another instance may hold them all: then ready without).
+            if not await until_stopped(stop, ownership.wait_settled(READY_WAIT)):
+                logger.warning("no partitions assigned within {:g}s (the group's other "
+                               "Centrals may hold them all)", READY_WAIT)
+            logger.info("EV Central ready: dashboard http://localhost:{}/ (instance {}, "
+                        "partitions {})", http.port, settings.instance,
+                        sorted(ownership.owned))
             return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)
