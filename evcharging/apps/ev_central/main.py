@@ -232,14 +232,23 @@ async def run(settings: CentralSettings, stop: asyncio.Event) -> int:
             tasks.spawn(feeds.run(), "dashboard peers", forever=True)
             tasks.spawn(Membership(rebalancer).run(), "membership", forever=True)
             # Ready once the group has given this instance its partitions and their CPs
-            # are loaded (another instance may hold them all: then ready without).
-            if not await until_stopped(stop, ownership.wait_settled(READY_WAIT)):
-                logger.warning("no partitions assigned within {:g}s (the group's other "
-                               "Centrals may hold them all)", READY_WAIT)
-            logger.info("EV Central ready: dashboard http://localhost:{}/ (instance {}, "
-                        "partitions {})", http.port, settings.instance,
-                        sorted(ownership.owned))
-            return EXIT_FAILURE if await tasks.wait(stop) else EXIT_OK
+            # are loaded (another instance may hold them all: then ready without), unless
+            # it is stopped or a task fails first.
+            ended = asyncio.ensure_future(tasks.wait(stop))
+            settled = asyncio.ensure_future(ownership.wait_settled(READY_WAIT))
+            try:
+                await asyncio.wait({ended, settled}, return_when=asyncio.FIRST_COMPLETED)
+                if not ended.done():
+                    if not settled.result():
+                        logger.warning("no partitions assigned within {:g}s (the group's "
+                                       "other Centrals may hold them all)", READY_WAIT)
+                    logger.info("EV Central ready: dashboard http://localhost:{}/ (instance "
+                                "{}, partitions {})", http.port, settings.instance,
+                                sorted(ownership.owned))
+                return EXIT_FAILURE if await ended else EXIT_OK
+            finally:
+                for waiting in (ended, settled):
+                    waiting.cancel()
         except OSError as exc:
             logger.critical("{} (change --http-port / --listen-port)", exc)
             return EXIT_FAILURE
