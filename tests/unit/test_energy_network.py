@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -35,11 +35,8 @@ from evcharging.apps.ev_central.energy_network import (
     reserve,
 )
 from evcharging.apps.ev_central.network import Network
-from evcharging.apps.ev_central.ownership import Ownership
 from evcharging.apps.ev_central.peers import Directory
-from evcharging.apps.ev_central.records import CentralRecord
 from evcharging.apps.ev_central.repository import SqliteRepository
-from evcharging.common.kafka import partition_for_key
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
@@ -50,10 +47,10 @@ from evcharging.common.messages import (
     DriverStatus,
     DriverUpdate,
     new_id,
-    utcnow,
 )
 from tests.polling import poll
 from tests.unit.conftest import FlushingController
+from tests.unit.doors import Doors, cps_of, directory_rows, members, url
 from tests.unit.fakes import RecordingPublisher
 
 
@@ -156,34 +153,9 @@ def test_a_part_crosses_the_wire_as_it_is() -> None:
 
 # ------------------------------------------------------------- two Centrals over ASGI
 
-PARTITIONS = 4
-OWNED = {"central-1": {0, 1}, "central-2": {2, 3}}
 TOKEN = "energy-network-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SITE = "site-S"
-
-
-def url(instance: str) -> str:
-    return f"http://{instance}.test"
-
-
-def cps_of(instance: str, count: int) -> list[str]:
-    found = [cp for cp in (f"CP-{n:03d}" for n in range(1000))
-             if partition_for_key(cp, range(PARTITIONS)) in OWNED[instance]]
-    return found[:count]
-
-
-class Doors(httpx.AsyncBaseTransport):
-    """Each request to the app of its host; a host taken away does not answer."""
-
-    def __init__(self) -> None:
-        self.apps: dict[str, httpx.ASGITransport] = {}
-        self.down: set[str] = set()
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if request.url.host in self.down:
-            raise httpx.ConnectError("down", request=request)
-        return await self.apps[request.url.host].handle_async_request(request)
 
 
 @dataclass
@@ -222,49 +194,35 @@ class Two:
 @pytest.fixture
 async def two() -> AsyncIterator[Two]:
     doors = Doors()
-
-    async def load() -> list[CentralRecord]:
-        seen = utcnow() - timedelta(seconds=1)
-        return [CentralRecord(name, url(name), f"tx-{name}", frozenset(parts), PARTITIONS,
-                              seen) for name, parts in OWNED.items()]
-
     made: list[Central] = []
-    repos = []
-    for name, parts in OWNED.items():
-        repo = SqliteRepository(":memory:")
-        await repo.open()
-        repos.append(repo)
-        bus = RecordingPublisher()
-        ownership = Ownership(name, standalone=False)
-        ownership.assign(parts, PARTITIONS)
-        controller = FlushingController(bus, repo, CentralOptions(start_timeout=30.0),
-                                        ownership=ownership)
-        network = Network(Directory(ownership, load), token=TOKEN,
-                          client=httpx.AsyncClient(transport=doors), stats=controller.stats)
-        energy = Energy(controller, interval=1.0)
-        smart = EnergyNetwork(energy, network, token=TOKEN)
-        app = create_api(controller, api_token=TOKEN, energy=energy, network=network)
-        smart.mount(app)
-        doors.apps[f"{name}.test"] = httpx.ASGITransport(app)
-        for cp_id in cps_of(name, 2):
-            await controller.register(CPRegistration(cp_id=cp_id, site=SITE, kw_rate=22.0))
-            await controller.handle_status(CPStatus(cp_id=cp_id, state=CPState.ACTIVATED))
-        await energy.load({SITE: 40.0})
-        made.append(Central(name, controller, bus,
-                            httpx.AsyncClient(transport=doors, base_url=url(name)), network,
-                            energy, smart))
-    one, other = made
-    other.energy.leader = False  # SQLite always holds the lock: central-1 allocates here
-    for central in made:
-        assert await central.smart.tick()  # each sees the other: the network plans
-    yield Two(one, other, doors)
-    for central in made:
-        await central.http.aclose()
-        await central.energy.close()
-        await central.network.close()
-        await central.controller.close()
-    for repo in repos:
-        await repo.close()
+    async with members() as both:
+        for member in both:
+            name, controller = member.instance, member.controller
+            network = Network(Directory(member.ownership, directory_rows()), token=TOKEN,
+                              client=httpx.AsyncClient(transport=doors),
+                              stats=controller.stats)
+            energy = Energy(controller, interval=1.0)
+            smart = EnergyNetwork(energy, network, token=TOKEN)
+            app = create_api(controller, api_token=TOKEN, energy=energy, network=network)
+            smart.mount(app)
+            doors.apps[f"{name}.test"] = httpx.ASGITransport(app)
+            for cp_id in cps_of(name, 2):
+                await controller.register(CPRegistration(cp_id=cp_id, site=SITE,
+                                                         kw_rate=22.0))
+                await controller.handle_status(CPStatus(cp_id=cp_id, state=CPState.ACTIVATED))
+            await energy.load({SITE: 40.0})
+            made.append(Central(name, controller, member.bus,
+                                httpx.AsyncClient(transport=doors, base_url=url(name)),
+                                network, energy, smart))
+        one, other = made
+        other.energy.leader = False  # SQLite always holds the lock: central-1 allocates here
+        for central in made:
+            assert await central.smart.tick()  # each sees the other: the network plans
+        yield Two(one, other, doors)
+        for central in made:
+            await central.http.aclose()
+            await central.energy.close()
+            await central.network.close()
 
 
 async def test_starts_at_either_central_share_the_site_through_the_owners(two: Two) -> None:

@@ -8,61 +8,26 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 
 from evcharging.apps.ev_central.api import create_api
-from evcharging.apps.ev_central.controller import CentralOptions, Controller
+from evcharging.apps.ev_central.controller import Controller
 from evcharging.apps.ev_central.ctl import ControlClient
 from evcharging.apps.ev_central.network import FORWARDED, Network
-from evcharging.apps.ev_central.ownership import Ownership
 from evcharging.apps.ev_central.peers import Directory
-from evcharging.apps.ev_central.records import CentralRecord
-from evcharging.apps.ev_central.repository import SqliteRepository
 from evcharging.apps.ev_central.tcp_server import TcpControlServer
-from evcharging.common.kafka import partition_for_key
 from evcharging.common.messages import (
     CentralCommand,
     CommandType,
     CPRegistration,
     CPState,
     CPStatus,
-    utcnow,
 )
-from tests.unit.conftest import FlushingController
+from tests.unit.doors import Doors, cps_of, directory_rows, members, url
 from tests.unit.fakes import RecordingPublisher
-
-PARTITIONS = 4
-OWNED = {"central-1": {0, 1}, "central-2": {2, 3}}
-
-
-def url(instance: str) -> str:
-    return f"http://{instance}.test"
-
-
-def cps_of(instance: str, count: int, prefix: str = "CP") -> list[str]:
-    """`count` CP ids the instance owns."""
-    found = []
-    for n in range(10_000):
-        cp_id = f"{prefix}-{n:03d}"
-        if partition_for_key(cp_id, range(PARTITIONS)) in OWNED[instance]:
-            found.append(cp_id)
-            if len(found) == count:
-                return found
-    raise AssertionError("not enough ids")
-
-
-class Doors(httpx.AsyncBaseTransport):
-    """Routes each request to the app of its host (central-1.test, central-2.test)."""
-
-    def __init__(self) -> None:
-        self.apps: dict[str, httpx.ASGITransport] = {}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self.apps[request.url.host].handle_async_request(request)
 
 
 @dataclass
@@ -80,43 +45,27 @@ class Central:
 @pytest.fixture
 async def centrals() -> AsyncIterator[dict[str, Central]]:
     doors = Doors()
-    rows = [CentralRecord(name, url(name), f"tx-{name}", frozenset(parts), PARTITIONS,
-                          utcnow()) for name, parts in OWNED.items()]
-
-    async def load() -> list[CentralRecord]:
-        now = utcnow()
-        return [CentralRecord(r.instance, r.peer_url, r.transactional_id, r.partitions,
-                              r.partition_count, now - timedelta(seconds=1)) for r in rows]
-
     made: dict[str, Central] = {}
-    repos = []
-    for name, parts in OWNED.items():
-        repo = SqliteRepository(":memory:")
-        await repo.open()
-        repos.append(repo)
-        bus = RecordingPublisher()
-        ownership = Ownership(name, standalone=False)
-        ownership.assign(parts, PARTITIONS)
-        controller = FlushingController(bus, repo, CentralOptions(start_timeout=30.0),
-                                        ownership=ownership)
-        network = Network(Directory(ownership, load),
-                          client=httpx.AsyncClient(transport=doors), stats=controller.stats,
-                          wait_for_owner=0.5)
-        doors.apps[f"{name}.test"] = httpx.ASGITransport(create_api(controller, network=network))
-        made[name] = Central(name, controller, bus,
-                             httpx.AsyncClient(transport=doors, base_url=url(name)), network)
-    for central in made.values():
-        for cp_id in cps_of(central.instance, 3):
-            await central.controller.register(CPRegistration(cp_id=cp_id, site="depot"))
-            await central.controller.handle_status(CPStatus(cp_id=cp_id,
-                                                            state=CPState.ACTIVATED))
-    yield made
-    for central in made.values():
-        await central.http.aclose()
-        await central.network.close()
-        await central.controller.close()
-    for repo in repos:
-        await repo.close()
+    async with members() as both:
+        for member in both:
+            name, controller = member.instance, member.controller
+            network = Network(Directory(member.ownership, directory_rows()),
+                              client=httpx.AsyncClient(transport=doors),
+                              stats=controller.stats, wait_for_owner=0.5)
+            doors.apps[f"{name}.test"] = httpx.ASGITransport(
+                create_api(controller, network=network))
+            made[name] = Central(name, controller, member.bus,
+                                 httpx.AsyncClient(transport=doors, base_url=url(name)),
+                                 network)
+        for central in made.values():
+            for cp_id in cps_of(central.instance, 3):
+                await central.controller.register(CPRegistration(cp_id=cp_id, site="depot"))
+                await central.controller.handle_status(CPStatus(cp_id=cp_id,
+                                                                state=CPState.ACTIVATED))
+        yield made
+        for central in made.values():
+            await central.http.aclose()
+            await central.network.close()
 
 
 async def test_a_stop_sent_to_the_non_owner_reaches_the_owner(

@@ -54,7 +54,7 @@ class Instance:
     def __init__(self, name: str, repo: SqliteRepository, kafka: TransactionalBus,
                  fenced: list[str]) -> None:
         self.kafka = kafka
-        self.controller = Controller(kafka, repo, CentralOptions(start_timeout=0.2),  # type: ignore[arg-type]
+        self.controller = Controller(kafka, repo, CentralOptions(start_timeout=0.2),
                                      ownership=Ownership(name, standalone=False))
 
         async def fence(transactional_id: str) -> None:
@@ -73,6 +73,17 @@ class Instance:
 async def shared(tmp_path: object) -> AsyncIterator[tuple[SqliteRepository, TransactionalBus]]:
     async with SqliteRepository(":memory:") as repo:
         yield repo, TransactionalBus()
+
+
+async def split(repo: SqliteRepository, kafka: TransactionalBus
+                ) -> tuple[Instance, Instance, list[str]]:
+    """c-1 owns partitions 0 and 1, c-2 owns 2 and 3; the ids either fenced."""
+    fenced: list[str] = []
+    one = Instance("c-1", repo, kafka, fenced)
+    two = Instance("c-2", repo, kafka, fenced)
+    await one.assign(0, 1)
+    await two.assign(2, 3)
+    return one, two, fenced
 
 
 async def register(instance: Instance, *cp_ids: str) -> None:
@@ -126,11 +137,7 @@ async def test_a_crashed_instances_last_flush_is_sent_once_by_its_successor(
     shared: tuple[SqliteRepository, TransactionalBus],
 ) -> None:
     repo, kafka = shared
-    fenced: list[str] = []
-    one = Instance("c-1", repo, kafka, fenced)
-    two = Instance("c-2", repo, kafka, fenced)
-    await one.assign(0, 1)
-    await two.assign(2, 3)
+    one, two, fenced = await split(repo, kafka)
     cp = cp_on(2)
     await register(two, cp)
     # c-2 records a flush (a session accepted) and dies before Kafka has it.
@@ -169,11 +176,7 @@ async def test_a_crashed_instances_flush_that_kafka_has_is_not_sent_again(
     shared: tuple[SqliteRepository, TransactionalBus],
 ) -> None:
     repo, kafka = shared
-    fenced: list[str] = []
-    one = Instance("c-1", repo, kafka, fenced)
-    two = Instance("c-2", repo, kafka, fenced)
-    await one.assign(0, 1)
-    await two.assign(2, 3)
+    one, two, fenced = await split(repo, kafka)
     await register(two, cp_on(3))
     two.controller.outbox.consumed(("cp.status", 3), 5)
     await two.controller.outbox.flush()
