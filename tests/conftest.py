@@ -77,3 +77,14 @@ def postgres_url(postgres_server: LocalPostgres) -> Iterator[str]:
     url = postgres_server.create_database(name)
     yield url
     postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def database_url(postgres_server: LocalPostgres, request: pytest.FixtureRequest
+                 ) -> Iterator[str]:
+    """CENTRAL_DB_URL of a database of the test's own (named after its module), dropped
+    after it: a Central (or several) that starts empty."""
+    module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")[:30]
+    name = f"{module}_{uuid.uuid4().hex[:12]}"
+    yield postgres_server.create_database(name)
+    postgres_server.drop_database(name)

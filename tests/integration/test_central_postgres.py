@@ -8,7 +8,6 @@ recorded is there for the next one (the CP registry, the ledger, the outbox's fl
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -17,7 +16,6 @@ from evcharging.apps.ev_central.pg_repository import PostgresRepository
 from evcharging.common.config import CentralSettings, CPEngineSettings
 from evcharging.common.kafka import Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
-from evcharging.devtools.postgres import LocalPostgres
 from evcharging.devtools.process import free_port
 from tests.integration.services import services
 from tests.polling import poll
@@ -27,13 +25,6 @@ pytestmark = pytest.mark.integration
 SESSION_SECONDS = 3.0
 KW = 22.0
 CP = "CP-PG1"
-
-
-@pytest.fixture
-def database_url(postgres_server: LocalPostgres) -> Iterator[str]:
-    name = f"central_{uuid.uuid4().hex[:12]}"
-    yield postgres_server.create_database(name)
-    postgres_server.drop_database(name)
 
 
 async def test_central_on_postgresql_records_the_ledger_there(

@@ -17,13 +17,10 @@ and every CP of the killed instance completed a metered session.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from evcharging.devtools.postgres import LocalPostgres
 from tests.chaos import faults
 from tests.chaos.centrals import ALL, TAKEOVER_TARGET, describe_layout, owner_of, partition_of
 from tests.chaos.harness import FLEET_PACE, ChaosRun, Phase, chaos_system, now
@@ -33,13 +30,6 @@ pytestmark = pytest.mark.integration
 
 FLEET = 24
 """CPs of the fleet, all asked for sessions: they fall on most of the 12 partitions."""
-
-
-@pytest.fixture
-def database_url(postgres_server: LocalPostgres) -> Iterator[str]:
-    name = f"failover_{uuid.uuid4().hex[:12]}"
-    yield postgres_server.create_database(name)
-    postgres_server.drop_database(name)
 
 
 def assert_split(layout: dict[str, frozenset[int]], ids: list[str]) -> None:

@@ -17,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,6 @@ from evcharging.common.messages import (
     DriverUpdate,
     new_id,
 )
-from evcharging.devtools.postgres import LocalPostgres
 from evcharging.devtools.process import free_port
 from tests.chaos.centrals import Centrals, Instance, owner_of
 from tests.e2e.conftest import System
@@ -52,13 +50,6 @@ SITE = "site-N"
 LIMIT = 40.0
 TELEMETRY = 0.5
 EPS = 0.01
-
-
-@pytest.fixture
-def database_url(postgres_server: LocalPostgres) -> Iterator[str]:
-    name = f"smart_centrals_{uuid.uuid4().hex[:12]}"
-    yield postgres_server.create_database(name)
-    postgres_server.drop_database(name)
 
 
 @dataclass

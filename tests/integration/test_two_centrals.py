@@ -13,8 +13,7 @@ import asyncio
 import json
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,6 @@ from websockets.asyncio.client import connect
 from evcharging.apps.ev_central.ctl import ControlClient
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import CentralCommand, CommandType, CPState, CPStatus
-from evcharging.devtools.postgres import LocalPostgres
 from tests.chaos.centrals import Centrals, owner_of
 from tests.e2e.conftest import System
 from tests.polling import poll
@@ -36,13 +34,6 @@ pytestmark = pytest.mark.integration
 TOKEN = "two-centrals-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 PER_CENTRAL = 3
-
-
-@pytest.fixture
-def database_url(postgres_server: LocalPostgres) -> Iterator[str]:
-    name = f"two_centrals_{uuid.uuid4().hex[:12]}"
-    yield postgres_server.create_database(name)
-    postgres_server.drop_database(name)
 
 
 @asynccontextmanager
@@ -151,10 +142,10 @@ async def test_any_door_two_centrals(
             # So does the TCP plane's (its answer carries the owner's).
             other = theirs[1]
             async with ControlClient("127.0.0.1", one.tcp_port) as control:
-                answer = await control.request({"cmd": "STOP_CP", "cp_id": other,
-                                                "token": TOKEN})
-                assert answer["ok"] is True, answer
-                assert (answer["sent"], answer["cp"]["cp_id"]) == ("STOP_CP", other)
+                reply = await control.request({"cmd": "STOP_CP", "cp_id": other,
+                                               "token": TOKEN})
+                assert reply["ok"] is True, reply
+                assert (reply["sent"], reply["cp"]["cp_id"]) == ("STOP_CP", other)
                 status = await control.request({"cmd": "STATUS", "token": TOKEN})
                 assert [cp["cp_id"] for cp in status["cps"]] == every
             await poll(lambda: [c for c in commands if c.cp_id == other
