@@ -9,6 +9,7 @@ SIGTERM, then SIGKILL (:func:`terminate`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
@@ -62,12 +63,22 @@ def port_free(port: int, host: str = "0.0.0.0") -> bool:
         return True
 
 
+_HANDED_OUT: collections.deque[int] = collections.deque(maxlen=4096)
+"""The ports :func:`free_port` gave lately: the kernel may offer one again before the
+caller has bound it (two ports asked for in a row, for a server's HTTP and TCP)."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on ``host`` that nothing listens on right now, and that this process was
+    not given lately."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.append(port)
+            return port
+    raise OSError(f"no free port on {host} that was not handed out already")
 
 
 def tcp_accepts(host: str, port: int, timeout: float) -> bool:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from playwright.async_api import Browser, Page, async_playwright
 
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
+from evcharging.devtools.process import free_port
 from tests.e2e.browser import VIEWPORT, PageLog, launch_chromium
 from tests.polling import poll
 
@@ -48,12 +48,6 @@ FAST_CENTRAL = {
     "CENTRAL_START_TIMEOUT": "3",
     "CENTRAL_HEALTH_SNAPSHOT_INTERVAL": "1",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def eventually(

@@ -29,7 +29,7 @@ from evcharging.common.config import (
     OcppSettings,
 )
 from evcharging.devtools.kafka_broker.sasl import SaslUsers
-from evcharging.devtools.process import port_free, terminate
+from evcharging.devtools.process import free_port, port_free, terminate
 from evcharging.launcher.broker import (
     SASL_DATA_DIR,
     StopRequest,
@@ -104,12 +104,6 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
         if name.startswith(SERVICE_PREFIXES) or name in LAUNCHER_VARIABLES | {"NO_COLOR"}:
             monkeypatch.delenv(name)
     return tmp_path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def parse(*argv: str) -> argparse.Namespace:
