@@ -31,7 +31,7 @@ from evcharging.apps.ev_ocpp import main as ocpp_main
 from evcharging.common.config import CentralSettings, OcppSettings
 from evcharging.common.kafka import KafkaBus, KafkaConfig, KafkaConsumerLoop, Routes
 from evcharging.common.messages import DriverRequest, DriverStatus, DriverUpdate, new_id
-from evcharging.devtools.process import free_port
+from evcharging.devtools.process import free_port, tcp_accepts
 from tests.integration.ocpp_helpers import assert_tx_profile_16, assert_tx_profile_201
 from tests.integration.test_ocpp import OCPP16, Charger, Station, now
 from tests.polling import poll
@@ -119,10 +119,12 @@ async def network(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Network
         for run in runs:
             if run.done():
                 raise AssertionError(f"a service exited with {run.result()}")
-        return (await probe.central.get("/health")).status_code == 200
+        return ((await probe.central.get("/health")).status_code == 200
+                and tcp_accepts("127.0.0.1", ws_port, 0.5))  # the gateway listens too
 
     try:
-        await poll(up, timeout=60, what="Central's /health", retry_on=(httpx.HTTPError,))
+        await poll(up, timeout=60, what="Central's /health and the gateway's port",
+                   retry_on=(httpx.HTTPError,))
         yield probe
     finally:
         stop.set()
