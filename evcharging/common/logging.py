@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, ClassVar
 
 from loguru import logger
 
@@ -49,31 +49,45 @@ class _DropConnectRetries(logging.Filter):
         return not str(record.msg).startswith(self.NOISE)
 
 
-class _QuietProduceRetries(logging.Filter):
-    """Say aiokafka's retried produce errors once per kind, then at DEBUG.
+class _SayOncePerKind(logging.Filter):
+    """Say aiokafka's retried errors once per kind, then at DEBUG.
 
-    A broker that verifies transactions (Kafka's default since 3.6) answers a produce
-    ``NotEnoughReplicasError`` while the producer's previous transaction is still being
-    completed; aiokafka retries it, and the record is written once (the bus counts what
-    fails for good in ``publish_errors``). Logged at WARNING every time it buried the log
-    of a healthy ``make run``.
+    * A broker that verifies transactions (Kafka's default since 3.6) answers a produce
+      ``NotEnoughReplicasError`` while the producer's previous transaction is still being
+      completed; aiokafka retries it, and the record is written once (the bus counts what
+      fails for good in ``publish_errors``). Logged at WARNING every time it buried the log
+      of a healthy ``make run``.
+    * A consumer group that still holds a member with another partition assignor (a
+      Central of an older version, until its session times out) refuses a join with
+      ``InconsistentGroupProtocolError``; aiokafka logs an ERROR a second until it is gone.
     """
 
-    PREFIX = "Got error produce response"
+    NOTES: ClassVar[dict[str, str]] = {
+        "Got error produce response": "retried; said once per kind, then at DEBUG",
+        "Attempt to join group failed": "retried; said once per kind: another member of "
+        "the group uses another partition assignor (an older Central, until its session "
+        "times out)",
+    }
 
     def __init__(self) -> None:
         super().__init__()
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.PREFIX) or record.levelno != logging.WARNING:
+        if record.levelno < logging.WARNING:
             return True
-        kind = str(record.args[-1]) if isinstance(record.args, tuple) and record.args else ""
+        text = str(record.msg)
+        prefix = next((p for p in self.NOTES if text.startswith(p)), None)
+        if prefix is None:
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        kind = (prefix, type(args[-1]).__name__ if args and isinstance(args[-1], BaseException)
+                else str(args[-1]) if args else "")
         if kind in self._seen:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         self._seen.add(kind)
-        record.msg = f"{record.msg} (retried; said once per kind, then at DEBUG)"
+        record.msg = f"{record.msg} ({self.NOTES[prefix]})"
         return True
 
 
@@ -107,7 +121,7 @@ def setup_logging(
     )
     handler = _InterceptHandler()
     handler.addFilter(_DropConnectRetries())
-    handler.addFilter(_QuietProduceRetries())
+    handler.addFilter(_SayOncePerKind())
     logging.basicConfig(handlers=[handler], level=logging.WARNING, force=True)
     for noisy in ("aiokafka", "kafka", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
